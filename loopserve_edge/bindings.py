@@ -1,0 +1,59 @@
+"""ctypes bindings to the llama_loopserve_* functions of the patched libllama.
+
+Thin on purpose, like llama_cpp.llama_cpp: one Python function per C function, no
+policy. The library is the one llama-cpp-python already loaded, so both see the same
+contexts.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from .errors import RuntimeBuildError
+
+API_VERSION = 1
+
+_HOW_TO_BUILD = (
+    "loopserve-edge needs the patched llama-cpp-python runtime: run ./scripts/setup.sh "
+    "(or python scripts/build_runtime.py) in the loopserve-edge checkout"
+)
+
+try:
+    import llama_cpp
+    import llama_cpp.llama_cpp as llama_c
+except ImportError as e:  # pragma: no cover - exercised by users without the runtime
+    raise RuntimeBuildError(f"llama-cpp-python is not installed ({e}); {_HOW_TO_BUILD}") from None
+
+lib = llama_c._lib
+
+
+def _bind(name: str, argtypes: list, restype):
+    fn = getattr(lib, name, None)
+    if fn is None:
+        raise RuntimeBuildError(
+            f"the installed llama-cpp-python {llama_cpp.__version__} ({lib._name}) is not the "
+            f"loopserve-edge runtime (no {name}); {_HOW_TO_BUILD}")
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+llama_loopserve_api_version = _bind("llama_loopserve_api_version", [], ctypes.c_int32)
+llama_loopserve_patch_hash = _bind("llama_loopserve_patch_hash", [], ctypes.c_char_p)
+llama_loopserve_seq_n_cells = _bind(
+    "llama_loopserve_seq_n_cells", [llama_c.llama_context_p_ctypes, ctypes.c_int32], ctypes.c_int32)
+
+if llama_loopserve_api_version() != API_VERSION:
+    raise RuntimeBuildError(
+        f"the installed runtime has loopserve API {llama_loopserve_api_version()}, this "
+        f"controller needs {API_VERSION}; {_HOW_TO_BUILD}")
+
+
+def runtime_info() -> dict:
+    """What the CLI's `info` shows about the build."""
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "patch_hash": llama_loopserve_patch_hash().decode(),
+        "api_version": llama_loopserve_api_version(),
+        "backend": "CUDA" if llama_c.llama_supports_gpu_offload() else "CPU",
+        "library": lib._name,
+    }

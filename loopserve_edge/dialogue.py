@@ -1,0 +1,244 @@
+"""A dialogue: messages, the tokens its KV state holds, and the turn loop over them.
+
+The KV state always corresponds to `kv_text` (the rendered conversation up to the last
+decoded token), so a new turn renders the template, checks that the old text is a prefix
+of the new, and prefills only the difference.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from . import state_file
+from .errors import ContextFullError, LoopServeError, StateFileError
+from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .llama import Llama
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    prompt_tokens: int      # tokens in the context once the user message is prefilled
+    reused_tokens: int      # of those, tokens already in the KV cache
+    prefilled_tokens: int   # of those, tokens computed this turn
+    ttft_s: float           # send() to the first reply token chosen
+    decode_tokens: int
+    decode_s: float
+    kv_cells: int           # cells the dialogue holds after the turn
+    kv_capacity: int
+    finish_reason: str      # stop | length | context_full
+    swapped_in: bool        # the dialogue was not resident when the turn began
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), decode_tps=self.decode_tps)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Dialogue:
+    def __init__(self, llm: "Llama", system: str | None = None, name: str | None = None):
+        self.llm = llm
+        self.name = name
+        self.system = system
+        self.messages: list[dict] = []
+        self.tokens: list[int] = []
+        self.positions: list[int] = []
+        self.kv_text = ""
+        self.turns = 0
+        self.created = self.updated = time.time()
+        self.last_stats: TurnStats | None = None
+        # Logits the first token of the last reply was chosen from (checks and tests).
+        self.first_token_logits: np.ndarray | None = None
+        self._seq: int | None = None        # llama.cpp sequence while resident
+        self._swapped: bytes | None = None  # sequence state while not resident
+
+    # -- turns -------------------------------------------------------------------------
+
+    def send(self, text: str, stream: bool = False, **sampling) -> str | Iterator[str]:
+        """Add a user message and generate the reply. Prefill happens here, before
+        returning, so a context that is too small raises at once even when streaming."""
+        params = SamplingParams(**sampling)
+        t0 = time.perf_counter()
+        swapped_in = self._seq is None and self._swapped is not None
+        logits, reused, prefilled = self._prefill(text)
+        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in)
+        return gen if stream else "".join(gen)
+
+    def _render(self, messages: list[dict]) -> str:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return self.llm.template.render(head + messages)
+
+    def _prefill(self, text: str) -> tuple[np.ndarray, int, int]:
+        llm = self.llm
+        messages = self.messages + [{"role": "user", "content": text}]
+        rendered = self._render(messages)
+        if self.tokens and rendered.startswith(self.kv_text):
+            keep = len(self.tokens)
+            new = llm.tokenize(rendered[len(self.kv_text):])
+        else:
+            # The template rewrote earlier text (or this is the first turn): reuse the
+            # longest common token prefix and recompute the rest.
+            bos = llm.template._fmt.bos_token
+            full = llm.tokenize(rendered, add_bos=llm.add_bos and not (bos and rendered.startswith(bos)))
+            keep = _common_prefix(self.tokens, full)
+            new = full[keep:]
+        if not new:  # nothing new to compute, but the last token's logits are needed
+            keep -= 1
+            new = self.tokens[keep:keep + 1]
+        if keep + len(new) >= llm.n_ctx:
+            raise ContextFullError(
+                f"this turn needs {keep + len(new)} tokens of context but n_ctx={llm.n_ctx}; "
+                "start a new dialogue (/reset) or use a larger --n-ctx")
+        start = self.positions[keep - 1] + 1 if keep else 0
+        if keep < len(self.tokens):
+            llm.make_resident(self)
+            llm.remove_positions(self._seq, self.positions[keep])
+            del self.tokens[keep:], self.positions[keep:]
+            self.kv_text = ""  # no longer a rendered text; the next turn compares tokens
+        positions = list(range(start, start + len(new)))
+        logits = llm.decode(self, new, positions)
+        self.tokens += new
+        self.positions += positions
+        self.kv_text = rendered
+        self.messages = messages
+        return logits, keep, len(new)
+
+    def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
+                  prefilled: int, swapped_in: bool) -> Iterator[str]:
+        llm = self.llm
+        sampler = Sampler(params)
+        self.first_token_logits = logits
+        out: list[int] = []
+        pending = b""
+        ttft = None
+        t_dec = time.perf_counter()
+        finish = "length"
+        try:
+            for _ in range(params.max_tokens):
+                tok = sampler(logits)
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                    t_dec = time.perf_counter()
+                if llm.is_eog(tok):
+                    # Not decoded: the next turn's render supplies the end-of-turn text.
+                    finish = "stop"
+                    break
+                if len(self.positions) + 1 >= llm.n_ctx:
+                    finish = "context_full"
+                    break
+                pos = self.positions[-1] + 1
+                try:
+                    logits = llm.decode(self, [tok], [pos])
+                except ContextFullError:
+                    finish = "context_full"
+                    break
+                self.tokens.append(tok)
+                self.positions.append(pos)
+                out.append(tok)
+                pending += llm._piece(tok, special=False)
+                text, pending = _split_utf8(pending)
+                if text:
+                    yield text
+            if pending:
+                yield pending.decode(errors="replace")
+        finally:
+            reply = llm.detokenize(out, special=False)
+            self.kv_text += llm.detokenize(out, special=True)
+            self.messages.append({"role": "assistant", "content": reply})
+            self.turns += 1
+            self.updated = time.time()
+            self.last_stats = TurnStats(
+                prompt_tokens=reused + prefilled, reused_tokens=reused, prefilled_tokens=prefilled,
+                ttft_s=ttft if ttft is not None else time.perf_counter() - t0,
+                decode_tokens=len(out), decode_s=time.perf_counter() - t_dec,
+                kv_cells=self.n_cells, kv_capacity=llm.n_ctx, finish_reason=finish,
+                swapped_in=swapped_in)
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def n_cells(self) -> int:
+        return self.llm.seq_cells(self._seq) if self._seq is not None else len(self.positions)
+
+    @property
+    def resident(self) -> bool:
+        return self._seq is not None
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.llm.forget(self)
+        self.messages, self.tokens, self.positions = [], [], []
+        self.kv_text = ""
+        self.turns = 0
+        self.last_stats = None
+
+    def close(self) -> None:
+        self.llm.forget(self)
+
+    def to_header(self) -> dict:
+        llm = self.llm
+        return {
+            "model": {"fingerprint": llm.fingerprint, "name": llm.model_path.name,
+                      "path": str(llm.model_path),
+                      "desc": llm.metadata.get("general.name", "")},
+            "context": llm.context_settings(),
+            "loopserve": llm.config.to_dict(),
+            "dialogue": {"name": self.name, "system": self.system, "messages": self.messages,
+                         "tokens": self.tokens, "positions": self.positions,
+                         "kv_text": self.kv_text, "turns": self.turns,
+                         "created": self.created, "updated": self.updated},
+        }
+
+    @classmethod
+    def from_header(cls, llm: "Llama", header: dict, path: Path) -> "Dialogue":
+        try:
+            d = header["dialogue"]
+            dlg = cls(llm, system=d["system"], name=d["name"])
+            dlg.messages = list(d["messages"])
+            dlg.tokens = [int(t) for t in d["tokens"]]
+            dlg.positions = [int(p) for p in d["positions"]]
+            dlg.kv_text = str(d["kv_text"])
+            dlg.turns = int(d["turns"])
+            dlg.created, dlg.updated = float(d["created"]), float(d["updated"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateFileError(f"{path}: malformed dialogue header ({e!r})") from None
+        if len(dlg.tokens) != len(dlg.positions):
+            raise StateFileError(f"{path}: token and position lists differ in length")
+        return dlg
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the state file (atomically); default: the dialogue's file by name."""
+        if path is None:
+            if not self.name:
+                raise LoopServeError("this dialogue has no name: pass a path to save()")
+            path = self.name
+        target = self.llm.dialogue_path(path)
+        seq_state = self.llm.sequence_state(self._seq) if self._seq is not None else (self._swapped or b"")
+        state_file.write(target, state_file.StateFile(self.to_header(), seq_state))
+        return target
+
+
+def _split_utf8(data: bytes) -> tuple[str, bytes]:
+    """Decode what is complete; keep a trailing partial UTF-8 sequence for later."""
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            return data[:cut].decode(), data[cut:]
+        except UnicodeDecodeError:
+            continue
+    return data.decode(errors="replace"), b""

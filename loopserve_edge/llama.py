@@ -1,0 +1,253 @@
+"""`Llama`: one loaded model, one llama.cpp context, several dialogues.
+
+Each resident dialogue owns a llama.cpp sequence with its own KV stream of n_ctx cells
+(not a shared pool: a dialogue's numbers then never depend on which others are resident,
+so interleaved dialogues reply exactly as they would alone). Beyond `max_resident` the
+least recently used dialogue is swapped out to RAM (its sequence state as bytes) and
+swapped back in on its next turn, so no dialogue's history is ever prefilled twice.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from . import bindings, state_file
+from .bindings import llama_c, llama_cpp
+from .chat_template import ChatTemplate
+from .config import LoopServeConfig
+from .dialogue import Dialogue
+from .errors import ContextFullError, DialogueNotFoundError, ModelFileError, StateFileError
+from .model_file import check_model_file, fingerprint
+from .paths import dialogues_dir
+
+DEFAULT_N_CTX = 4096
+
+
+class _NoSlot(Exception):
+    """llama_decode found no free KV cells."""
+
+
+class Llama:
+    def __init__(self, model_path: str | os.PathLike, *, loopserve: LoopServeConfig | None = None,
+                 dialogues_dir: str | os.PathLike | None = None, **kwargs):
+        """`kwargs` are llama_cpp.Llama's constructor arguments (n_ctx, n_gpu_layers,
+        n_threads, flash_attn, type_k, seed, verbose, ...)."""
+        self.config = loopserve or LoopServeConfig()
+        self.model_path = check_model_file(model_path)
+        self._dialogues_dir = dialogues_dir
+        kwargs.setdefault("n_ctx", DEFAULT_N_CTX)
+        kwargs.setdefault("verbose", False)
+        try:
+            self._llm = llama_cpp.Llama(str(self.model_path), **kwargs)
+        except ValueError as e:
+            raise ModelFileError(f"{self.model_path}: llama.cpp could not load it ({e})") from None
+        self.verbose = kwargs["verbose"]
+        self._ctx = self._multi_sequence_context()
+        self._mem = llama_c.llama_get_memory(self._ctx.ctx)
+        self.n_ctx = llama_c.llama_n_ctx_seq(self._ctx.ctx)
+        self.n_batch = self._llm.n_batch
+        self._batch = llama_c.llama_batch_init(self.n_batch, 0, 1)
+        self._vocab = self._llm._model.vocab
+        self.n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
+        self.metadata: dict[str, str] = dict(self._llm.metadata)
+        self.fingerprint = fingerprint(self.model_path, self.metadata)
+        self.template = ChatTemplate(
+            self.metadata.get("tokenizer.chat_template"),
+            bos_token=self._piece(llama_c.llama_vocab_bos(self._vocab)).decode(errors="replace"),
+            eos_token=self._piece(llama_c.llama_vocab_eos(self._vocab)).decode(errors="replace"),
+        )
+        self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
+        # seq id -> resident dialogue, in least-recently-used order (dicts keep order)
+        self._resident: dict[int, Dialogue] = {}
+
+    # -- construction ------------------------------------------------------------------
+
+    def _multi_sequence_context(self):
+        """Replace llama_cpp.Llama's single-sequence context by one with a KV stream of
+        n_ctx cells for each of `max_resident` sequences."""
+        from llama_cpp import _internals
+
+        params = llama_c.llama_context_params.from_buffer_copy(self._llm.context_params)
+        params.n_seq_max = self.config.max_resident
+        params.n_ctx = self._llm.context_params.n_ctx * self.config.max_resident
+        params.kv_unified = False
+        self._llm._ctx.close()
+        ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=self.verbose)
+        self._llm._ctx = ctx
+        self.context_params = params
+        return ctx
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_c.llama_batch_free(self._batch)
+            self._batch = None
+        self._ctx.close()
+        self._llm.close()
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self._llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    def _piece(self, token: int, special: bool = True) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Iterable[int], special: bool = True) -> str:
+        return b"".join(self._piece(t, special) for t in tokens).decode(errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_c.llama_vocab_is_eog(self._vocab, token))
+
+    def context_settings(self) -> dict:
+        p = self.context_params
+        return {"n_ctx": self.n_ctx, "n_batch": self.n_batch, "type_k": int(p.type_k),
+                "type_v": int(p.type_v), "flash_attn_type": int(p.flash_attn_type)}
+
+    # -- dialogues ---------------------------------------------------------------------
+
+    def dialogue(self, system: str | None = None, name: str | None = None) -> Dialogue:
+        return Dialogue(self, system=system, name=name)
+
+    def dialogues_dir(self) -> Path:
+        return dialogues_dir(self._dialogues_dir)
+
+    def dialogue_path(self, name_or_path: str | os.PathLike) -> Path:
+        """A path as given, or the default file of a dialogue name."""
+        p = Path(name_or_path)
+        if p.suffix == state_file.SUFFIX or os.sep in str(name_or_path):
+            return p
+        return self.dialogues_dir() / f"{name_or_path}{state_file.SUFFIX}"
+
+    def load_dialogue(self, name_or_path: str | os.PathLike) -> Dialogue:
+        """Resume a saved dialogue. Every check runs before the live context is touched."""
+        path = self.dialogue_path(name_or_path)
+        if not path.exists() and path.suffix == state_file.SUFFIX and os.sep not in str(name_or_path):
+            raise DialogueNotFoundError(f"no saved dialogue {name_or_path!r} (looked for {path})")
+        st = state_file.read(path)
+        h = st.header
+        if h["model"].get("fingerprint") != self.fingerprint:
+            raise StateFileError(
+                f"{path}: made with another model ({h['model'].get('name', '?')}, fingerprint "
+                f"{h['model'].get('fingerprint')}); this model is {self.fingerprint}")
+        mine, theirs = self.context_settings(), h["context"]
+        for key in ("type_k", "type_v"):
+            if theirs.get(key) != mine[key]:
+                raise StateFileError(f"{path}: KV cache {key}={theirs.get(key)} in the file, "
+                                     f"{mine[key]} in this context; load it with the same setting")
+        dlg = Dialogue.from_header(self, h, path)
+        if len(dlg.positions) >= self.n_ctx:
+            raise StateFileError(f"{path}: holds {len(dlg.positions)} cells, more than this "
+                                 f"context's n_ctx={self.n_ctx}; load it with a larger n_ctx")
+        dlg._swapped = st.seq_state
+        try:
+            self.make_resident(dlg)
+        except StateFileError as e:
+            raise StateFileError(f"{path}: {e}") from None
+        return dlg
+
+    # -- sequences ---------------------------------------------------------------------
+
+    def make_resident(self, dlg: Dialogue) -> int:
+        """Give `dlg` a sequence (swapping its state in) and mark it most recently used."""
+        if dlg._seq is not None:
+            self._resident.pop(dlg._seq)
+            self._resident[dlg._seq] = dlg
+            return dlg._seq
+        free = [s for s in range(self.config.max_resident) if s not in self._resident]
+        if not free:
+            self.swap_out(next(iter(self._resident.values())))
+            free = [s for s in range(self.config.max_resident) if s not in self._resident]
+        seq = free[0]
+        if dlg._swapped:
+            blob = dlg._swapped
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+            if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), seq) == 0:
+                llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                raise StateFileError("llama.cpp rejected the sequence state")
+        dlg._swapped = None
+        dlg._seq = seq
+        self._resident[seq] = dlg
+        return seq
+
+    def swap_out(self, dlg: Dialogue) -> None:
+        """Move a resident dialogue's KV state to RAM and free its cells."""
+        if dlg._seq is None:
+            return
+        dlg._swapped = self.sequence_state(dlg._seq)
+        llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
+        del self._resident[dlg._seq]
+        dlg._seq = None
+
+    def forget(self, dlg: Dialogue) -> None:
+        """Drop a dialogue's KV state (resident or swapped)."""
+        if dlg._seq is not None:
+            llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
+            del self._resident[dlg._seq]
+            dlg._seq = None
+        dlg._swapped = None
+
+    def sequence_state(self, seq: int) -> bytes:
+        size = llama_c.llama_state_seq_get_size(self._ctx.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_c.llama_state_seq_get_data(self._ctx.ctx, buf, size, seq)
+        return bytes(buf)[:n]
+
+    def seq_cells(self, seq: int) -> int:
+        return bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq)
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
+        llama_c.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    def decode(self, dlg: Dialogue, tokens: list[int], positions: list[int]) -> np.ndarray:
+        """Append tokens at positions to dlg's sequence; returns the logits of the last.
+        On a full context nothing is kept and ContextFullError is raised."""
+        seq = self.make_resident(dlg)
+        try:
+            for i in range(0, len(tokens), self.n_batch):
+                self._decode_chunk(seq, tokens[i:i + self.n_batch], positions[i:i + self.n_batch],
+                                   last=i + self.n_batch >= len(tokens))
+        except _NoSlot:
+            self.remove_positions(seq, positions[0])
+            raise ContextFullError(f"the KV cache has no room for {len(tokens)} more tokens "
+                                   f"(n_ctx={self.n_ctx})") from None
+        except BaseException:
+            self.remove_positions(seq, positions[0])
+            raise
+        ptr = llama_c.llama_get_logits_ith(self._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _decode_chunk(self, seq: int, tokens: list[int], positions: list[int], last: bool) -> None:
+        b = self._batch
+        n = len(tokens)
+        b.n_tokens = n
+        ctypes.memmove(b.token, np.asarray(tokens, dtype=np.int32).ctypes.data, 4 * n)
+        ctypes.memmove(b.pos, np.asarray(positions, dtype=np.int32).ctypes.data, 4 * n)
+        ctypes.memset(b.logits, 0, n)
+        for i in range(n):
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+        if last:
+            b.logits[n - 1] = 1
+        rc = llama_c.llama_decode(self._ctx.ctx, b)
+        if rc == 1:
+            raise _NoSlot()
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+

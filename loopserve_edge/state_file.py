@@ -1,0 +1,131 @@
+"""The dialogue state file: everything needed to resume a dialogue without prefilling it.
+
+Layout (little endian):
+    magic        8 bytes  b"LSEDGE\\x00\\x01"
+    version      u32
+    header_len   u64, then a UTF-8 JSON header: model fingerprint, context settings,
+                 LoopServe config, messages, token and position lists
+    blob_len     u64, then the llama.cpp sequence state (llama_state_seq_get_data)
+    checksum     32 bytes, SHA-256 of everything before it
+
+A file is validated whole (size, magic, version, checksum, header) before any of it is
+used, and written to a temporary file that is renamed over the old one only when
+complete, so a crash mid-save leaves the previous file as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StateFileError
+
+MAGIC = b"LSEDGE\x00\x01"
+VERSION = 1
+SUFFIX = ".lsd"
+_HEAD = struct.Struct("<8sIQ")
+_LEN = struct.Struct("<Q")
+_SUM = 32
+
+
+@dataclass
+class StateFile:
+    header: dict
+    seq_state: bytes
+
+
+def encode(state: StateFile) -> bytes:
+    header = json.dumps(state.header, ensure_ascii=False, separators=(",", ":")).encode()
+    body = b"".join([_HEAD.pack(MAGIC, VERSION, len(header)), header,
+                     _LEN.pack(len(state.seq_state)), state.seq_state])
+    return body + hashlib.sha256(body).digest()
+
+
+def decode(data: bytes, name: str = "state file") -> StateFile:
+    def bad(why: str) -> StateFileError:
+        return StateFileError(f"{name}: {why}")
+
+    if len(data) < _HEAD.size + _LEN.size + _SUM:
+        raise bad(f"too short to be a loopserve-edge state file ({len(data)} bytes)")
+    magic, version, header_len = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise bad("not a loopserve-edge state file (wrong magic)")
+    if version != VERSION:
+        raise bad(f"state file format version {version}; this loopserve-edge reads version {VERSION}")
+    body, digest = data[:-_SUM], data[-_SUM:]
+    if hashlib.sha256(body).digest() != digest:
+        raise bad("checksum mismatch: the file is truncated or corrupt")
+    off = _HEAD.size
+    if off + header_len + _LEN.size > len(body):
+        raise bad("header length runs past the end of the file")
+    try:
+        header = json.loads(body[off:off + header_len].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"unreadable header ({e})") from None
+    off += header_len
+    (blob_len,) = _LEN.unpack_from(body, off)
+    off += _LEN.size
+    if off + blob_len != len(body):
+        raise bad("sequence state length does not match the file size")
+    if not isinstance(header, dict) or not {"model", "context", "dialogue"} <= header.keys():
+        raise bad("header lacks model, context or dialogue")
+    return StateFile(header, body[off:])
+
+
+def read(path: str | os.PathLike) -> StateFile:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: no such state file") from None
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read ({e.strerror})") from None
+    return decode(data, str(path))
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """Just the header, for listings: the checksum over the sequence state is not checked."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD.size)
+            if len(head) < _HEAD.size or head[:8] != MAGIC:
+                raise StateFileError(f"{path}: not a loopserve-edge state file")
+            _, version, header_len = _HEAD.unpack(head)
+            if version != VERSION:
+                raise StateFileError(f"{path}: state file format version {version}")
+            header = json.loads(f.read(header_len).decode())
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise StateFileError(f"{path}: unreadable header") from None
+    if not isinstance(header, dict) or "dialogue" not in header or "model" not in header:
+        raise StateFileError(f"{path}: header lacks model or dialogue")
+    return header
+
+
+def write(path: str | os.PathLike, state: StateFile) -> int:
+    """Atomically replace `path` with `state`; returns the size written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = encode(state)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename itself must reach the disk before we call the save done.
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return len(data)

