@@ -15,6 +15,7 @@ CHATML = (
 class ChatTemplate:
     def __init__(self, template: str | None, bos_token: str, eos_token: str):
         self.source = template or CHATML
+        self.bos_token = bos_token
         self._fmt = Jinja2ChatFormatter(self.source, eos_token=eos_token, bos_token=bos_token,
                                         add_generation_prompt=True)
 

@@ -94,7 +94,7 @@ class Dialogue:
         else:
             # The template rewrote earlier text (or this is the first turn): reuse the
             # longest common token prefix and recompute the rest.
-            bos = llm.template._fmt.bos_token
+            bos = llm.template.bos_token
             full = llm.tokenize(rendered, add_bos=llm.add_bos and not (bos and rendered.startswith(bos)))
             keep = _common_prefix(self.tokens, full)
             new = full[keep:]

@@ -126,17 +126,20 @@ class Llama:
     def dialogues_dir(self) -> Path:
         return dialogues_dir(self._dialogues_dir)
 
+    @staticmethod
+    def _is_name(name_or_path: str | os.PathLike) -> bool:
+        return Path(name_or_path).suffix != state_file.SUFFIX and os.sep not in str(name_or_path)
+
     def dialogue_path(self, name_or_path: str | os.PathLike) -> Path:
         """A path as given, or the default file of a dialogue name."""
-        p = Path(name_or_path)
-        if p.suffix == state_file.SUFFIX or os.sep in str(name_or_path):
-            return p
-        return self.dialogues_dir() / f"{name_or_path}{state_file.SUFFIX}"
+        if self._is_name(name_or_path):
+            return self.dialogues_dir() / f"{name_or_path}{state_file.SUFFIX}"
+        return Path(name_or_path)
 
     def load_dialogue(self, name_or_path: str | os.PathLike) -> Dialogue:
         """Resume a saved dialogue. Every check runs before the live context is touched."""
         path = self.dialogue_path(name_or_path)
-        if not path.exists() and path.suffix == state_file.SUFFIX and os.sep not in str(name_or_path):
+        if self._is_name(name_or_path) and not path.exists():
             raise DialogueNotFoundError(f"no saved dialogue {name_or_path!r} (looked for {path})")
         st = state_file.read(path)
         h = st.header
@@ -237,8 +240,10 @@ class Llama:
         b = self._batch
         n = len(tokens)
         b.n_tokens = n
-        ctypes.memmove(b.token, np.asarray(tokens, dtype=np.int32).ctypes.data, 4 * n)
-        ctypes.memmove(b.pos, np.asarray(positions, dtype=np.int32).ctypes.data, 4 * n)
+        tok = np.asarray(tokens, dtype=np.int32)  # held: memmove reads it after this line
+        pos = np.asarray(positions, dtype=np.int32)
+        ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
+        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
         ctypes.memset(b.logits, 0, n)
         for i in range(n):
             b.n_seq_id[i] = 1

@@ -53,11 +53,11 @@ def decode(data: bytes, name: str = "state file") -> StateFile:
     magic, version, header_len = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise bad("not a loopserve-edge state file (wrong magic)")
-    if version != VERSION:
-        raise bad(f"state file format version {version}; this loopserve-edge reads version {VERSION}")
     body, digest = data[:-_SUM], data[-_SUM:]
     if hashlib.sha256(body).digest() != digest:
         raise bad("checksum mismatch: the file is truncated or corrupt")
+    if version != VERSION:
+        raise bad(f"state file format version {version}; this loopserve-edge reads version {VERSION}")
     off = _HEAD.size
     if off + header_len + _LEN.size > len(body):
         raise bad("header length runs past the end of the file")

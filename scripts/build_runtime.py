@@ -39,7 +39,7 @@ BUILD_HEADER = Path("vendor/llama.cpp/src/llama-loopserve-build.h")
 # Trees of the sdist the runtime build never reads: dropped from the slim archive.
 SLIM_DROP = [
     ".git", "docs", "examples", "docker", "tests", "scripts",
-    "vendor/llama.cpp/vendor/miniaudio", "vendor/llama.cpp/.devops", "vendor/llama.cpp/.github",
+    "vendor/llama.cpp/.devops", "vendor/llama.cpp/.github",
     "vendor/llama.cpp/docs", "vendor/llama.cpp/models", "vendor/llama.cpp/media",
     "vendor/llama.cpp/examples", "vendor/llama.cpp/tools", "vendor/llama.cpp/benches",
     "vendor/llama.cpp/gguf-py", "vendor/llama.cpp/conversion", "vendor/llama.cpp/app",

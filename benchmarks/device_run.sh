@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On the GPU box (run by the device tool with .carry carried; see README "Development"):
+#   build  - the CUDA runtime from the slim archive, offline (sm_90a)
+#   test   - the test suite's model-free parts with every layer on the GPU
+#   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
+# Steps are arguments, so one call can do several: device_run.sh build test turns
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+export LOOPSERVE_DATA=$PWD/.carry/data
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+for step in "$@"; do
+  case $step in
+    build)
+      python3 scripts/build_runtime.py --source .carry/slim.tar.gz --cuda on --cuda-arch 90a ;;
+    test)
+      # One OpenMP thread: with more, the CUDA build segfaulted loading a model inside
+      # pytest on this box (not outside it; see benchmarks/results/device-foundation.md).
+      OMP_NUM_THREADS=1 LOOPSERVE_TEST_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider \
+          tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py ;;
+    turns)
+      for shape in 135m 1b; do
+        [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+        python3 benchmarks/turns.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn --reply-tokens 32
+      done ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done

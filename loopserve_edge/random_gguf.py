@@ -1,0 +1,156 @@
+"""Random-weight Llama-shaped GGUF models, for tests and speed benchmarks.
+
+The weights are noise, so the text is gibberish, but the file goes through exactly the
+same llama.cpp paths as a real model: tokenizer, chat template, KV cache, sampling. The
+tokenizer is either a tiny self-contained byte-level BPE (fast tests) or copied from a
+real GGUF (benchmarks at real shapes, where token counts must match real text). Same
+arguments -> byte-identical file.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import gguf
+import numpy as np
+
+from .chat_template import CHATML
+
+# name: (n_embd, n_layer, n_head, n_head_kv, n_ff), after public Llama-family configs
+SHAPES = {
+    "135m": (576, 30, 9, 3, 1536),     # SmolLM2-135M
+    "1b": (2048, 16, 32, 8, 8192),     # Llama-3.2-1B
+    "3b": (3072, 28, 24, 8, 8192),     # Llama-3.2-3B
+    "8b": (4096, 32, 32, 8, 14336),    # Llama-3.1-8B
+}
+
+# The role names become single tokens, as in real ChatML vocabularies, so the template's
+# glue around a message costs ~5 tokens rather than one per letter.
+ROLE_WORDS = ("system", "user", "assistant")
+# llama.cpp refuses a "gpt2" tokenizer without a merges key, and the gguf writer drops
+# empty arrays, so merges are needed anyway; these also make BPE merging get exercised.
+# Role-word merges rank first so that no other merge can split a role word.
+MERGES = [f"{w[:i]} {w[i]}" for w in ROLE_WORDS for i in range(1, len(w))]
+MERGES += ["Ġ t", "h e", "Ġt he", "i n", "e r", "o n", "Ġ a", "r e"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte -> printable character table, in byte order (token id == byte value)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            table[b] = chr(b)
+        else:  # unprintable bytes are shifted past 255 so every byte gets a visible symbol
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _vocab() -> tuple[list[str], list[int]]:
+    merged = list(dict.fromkeys(m.replace(" ", "") for m in MERGES))  # a vocab has no duplicates
+    tokens = _byte_symbols() + merged + SPECIALS
+    types = [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIALS))
+    types += [gguf.TokenType.CONTROL] * len(SPECIALS)
+    return tokens, [int(t) for t in types]
+
+
+def _copy_tokenizer(w: gguf.GGUFWriter, source: pathlib.Path) -> int:
+    """Copy every tokenizer.* key of `source`; returns its vocabulary size."""
+    n_vocab = 0
+    for name, field in gguf.GGUFReader(source).fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, value, field.types[0], sub_type=sub)
+        if name == "tokenizer.ggml.tokens":
+            n_vocab = len(value)
+    return n_vocab
+
+
+def _byte_tokenizer(w: gguf.GGUFWriter) -> int:
+    tokens, types = _vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")  # SmolLM2's pre-tokenizer regex; plain GPT-2-style splitting
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))  # so a chat reply ends on <|im_end|>
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHATML)
+    return len(tokens)
+
+
+def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128,
+                       n_ctx_train=4096, tokenizer_from=None, dtype=np.float32,
+                       std=0.02) -> pathlib.Path:
+    """Write a Llama-architecture GGUF with N(0, std) weights (norms are ones).
+
+    tokenizer_from: a GGUF whose tokenizer is copied; None for the tiny byte-level one.
+    dtype: np.float32 or np.float16 (half the file for large shapes).
+    The default head size, n_embd / n_head = 32, is the smallest a quantized KV cache
+    accepts: llama.cpp wants it to be a multiple of q8_0's block of 32.
+    """
+    path = pathlib.Path(path)
+    head_dim = n_embd // n_head
+    n_embd_kv = head_dim * n_head_kv
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape):  # numpy shape is ggml's reversed: (rows=out, cols=in)
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(f"random-llama-{n_embd}x{n_layer}-{seed}")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
+    n_vocab = _copy_tokenizer(w, pathlib.Path(tokenizer_from)) if tokenizer_from else _byte_tokenizer(w)
+    w.add_vocab_size(n_vocab)
+
+    # Norm weights are ones (and f32, as llama.cpp expects): random norms add nothing.
+    ones = np.ones(n_embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", rand(n_vocab, n_embd))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.attn_q.weight", rand(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rand(n_embd_kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_v.weight", rand(n_embd_kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_output.weight", rand(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(n_embd, n_ff))
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", rand(n_vocab, n_embd))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_shape(path, shape: str, tokenizer_from, seed=0) -> pathlib.Path:
+    """A benchmark model: a named shape from SHAPES, f16 weights, a real tokenizer."""
+    n_embd, n_layer, n_head, n_head_kv, n_ff = SHAPES[shape]
+    return write_random_llama(path, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                              n_head_kv=n_head_kv, n_ff=n_ff, n_ctx_train=131072,
+                              tokenizer_from=tokenizer_from, dtype=np.float16)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[2] not in SHAPES:
+        sys.exit(f"usage: python -m loopserve_edge.random_gguf OUT.gguf {{{','.join(SHAPES)}}} TOKENIZER.gguf")
+    print(write_shape(sys.argv[1], sys.argv[2], sys.argv[3]))

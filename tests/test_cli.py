@@ -1,0 +1,101 @@
+"""The loopserve-edge command, end to end, on the real default model."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "loopserve_edge.cli"]
+FAST = ["--temperature", "0", "--max-tokens", "24", "--threads", "2", "--n-ctx", "2048"]
+
+
+def run(args, stdin="", home=None, timeout=300):
+    env = dict(os.environ)
+    if home is not None:
+        env["LOOPSERVE_EDGE_HOME"] = str(home)
+    return subprocess.run(CLI + args, input=stdin, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_scripted_chat_resumes_in_a_new_process_like_in_process(default_model, tmp_path):
+    turns = ["My name is Ada.", "What is my name?", "Say it once more."]
+    one = run(["chat", "--dialogue", "t1", *FAST], "\n".join(turns) + "\n", home=tmp_path / "a")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip() and "Traceback" not in one.stderr
+
+    first = run(["chat", "--dialogue", "t1", *FAST], "\n".join(turns[:2]) + "\n", home=tmp_path / "b")
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "b/dialogues/t1.lsd").is_file()
+    second = run(["chat", "--dialogue", "t1", *FAST], turns[2] + "\n", home=tmp_path / "b")
+    assert second.returncode == 0, second.stderr
+    assert first.stdout + second.stdout == one.stdout
+
+    listing = run(["dialogues"], home=tmp_path / "b")
+    assert listing.returncode == 0
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("t1 "))
+    assert "SmolLM2-135M-Instruct" in row and " 3 " in row
+
+
+def test_in_chat_commands(default_model, tmp_path):
+    script = "Hello!\n/stats\n/save " + str(tmp_path / "x.lsd") + "\n/reset\n/stats\n/help\n/quit\nnever sent\n"
+    r = run(["chat", *FAST], script, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") >= 1
+    assert "turn 1: prompt" in r.stderr and "reused" in r.stderr and "KV " in r.stderr
+    assert "no turn yet" in r.stderr and "/load path" in r.stderr
+    assert (tmp_path / "x.lsd").is_file()
+    loaded = run(["chat", *FAST], f"/load {tmp_path / 'x.lsd'}\n/stats\n", home=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "loaded" in loaded.stderr and "1 turns" in loaded.stderr
+
+
+def _one_error_line(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_bad_model_paths(tmp_path):
+    assert "no such model file" in _one_error_line(run(["chat", str(tmp_path / "none.gguf")], ""))
+    notgguf = tmp_path / "notes.gguf"
+    notgguf.write_text("hello")
+    assert "not a GGUF model file" in _one_error_line(run(["chat", str(notgguf)], ""))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))
+    assert "could not load" in _one_error_line(run(["chat", str(broken)], ""))
+
+
+def test_corrupt_or_unknown_dialogue(default_model, tmp_path):
+    home = tmp_path / "home"
+    (home / "dialogues").mkdir(parents=True)
+    (home / "dialogues/bad.lsd").write_bytes(b"LSEDGE\x00\x01" + bytes(60))
+    line = _one_error_line(run(["chat", "--dialogue", "bad", *FAST], "hi\n", home=home))
+    assert "bad.lsd" in line and ("checksum" in line or "short" in line)
+    line = _one_error_line(run(["chat", *FAST], "/load ghost\n", home=home))
+    assert "no saved dialogue 'ghost'" in line
+    listing = run(["dialogues"], home=home)
+    assert listing.returncode == 0 and "unreadable" in listing.stdout
+
+
+def test_context_overflow_is_reported(default_model, tmp_path):
+    r = run(["chat", "--n-ctx", "256", "--temperature", "0", "--max-tokens", "4"],
+            "word " * 400 + "\n", home=tmp_path)
+    assert "n_ctx=256" in _one_error_line(r)
+
+
+def test_info_reports_model_and_runtime(default_model):
+    r = run(["info"])
+    assert r.returncode == 0, r.stderr
+    assert "runtime.patch_hash:" in r.stdout and "runtime.backend: C" in r.stdout
+    assert "model.architecture: llama" in r.stdout and "model.params: 134,515,008" in r.stdout
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("loopserve-edge", path=str(Path(sys.executable).parent))
+    assert exe, "setup installs the loopserve-edge command into the environment"
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "chat" in r.stdout and "dialogues" in r.stdout

@@ -1,0 +1,128 @@
+"""Multi-turn dialogues: prefix reuse, several dialogues on one model, full contexts."""
+import numpy as np
+import pytest
+
+from loopserve_edge import ContextFullError, LoopServeConfig
+
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+def test_turn_k_prefills_only_the_new_tokens(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    d = llm.dialogue(system="You are terse.")
+    d.send("first question about apples", **GREEDY)
+    s1 = d.last_stats
+    assert s1.reused_tokens == 0 and s1.prefilled_tokens == s1.prompt_tokens
+    for k, text in enumerate(["second one, about pears", "third: plums?"], start=2):
+        before = len(d.tokens)
+        d.send(text, **GREEDY)
+        s = d.last_stats
+        assert s.reused_tokens == before          # the whole history stayed in the cache
+        assert s.prompt_tokens == before + s.prefilled_tokens
+        # new tokens: the message (byte-level vocab, a few merges) and the template glue
+        assert len(text.encode()) - 4 <= s.prefilled_tokens <= len(text.encode()) + 24
+        assert s.kv_cells == len(d.tokens) == s.prompt_tokens + s.decode_tokens
+        assert s.kv_capacity == llm.n_ctx
+        assert s.ttft_s > 0 and d.turns == k
+
+
+def test_reuse_gives_the_same_logits_as_prefilling_everything(tiny_model, make_llm):
+    llm = make_llm(tiny_model, loopserve=LoopServeConfig(max_resident=2))
+    d = llm.dialogue()
+    d.send("tell me a story", **GREEDY)
+    history = len(d.tokens)
+    d.send("and another", **GREEDY)
+    prompt = d.tokens[:d.last_stats.prompt_tokens]
+    # The same tokens, computed in one go by a dialogue that has no cache yet.
+    fresh = llm.dialogue()
+    logits = llm.decode(fresh, prompt, list(range(len(prompt))))
+    assert d.last_stats.reused_tokens == history > 0
+    np.testing.assert_allclose(d.first_token_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_yields_the_reply_in_pieces(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    a, b = llm.dialogue(), llm.dialogue()
+    pieces = list(a.send("hello there", stream=True, **GREEDY))
+    assert "".join(pieces) == b.send("hello there", **GREEDY)
+    assert a.messages[-1]["content"] == "".join(pieces)
+    assert len(pieces) >= 1
+
+
+def _run(d, turns):
+    return [d.send(t, **GREEDY) for t in turns]
+
+
+TURNS = {
+    "a": ["alpha one", "alpha two", "alpha three"],
+    "b": ["beta one", "beta two", "beta three"],
+    "c": ["gamma one", "gamma two", "gamma three"],
+}
+
+
+@pytest.mark.parametrize("max_resident", [1, 2, 3])
+def test_interleaved_dialogues_reply_as_if_alone(tiny_model, make_llm, max_resident):
+    alone = {}
+    llm = make_llm(tiny_model, loopserve=LoopServeConfig(max_resident=1))
+    for name, turns in TURNS.items():
+        alone[name] = _run(llm.dialogue(system=name), turns)
+
+    llm2 = make_llm(tiny_model, loopserve=LoopServeConfig(max_resident=max_resident))
+    ds = {name: llm2.dialogue(system=name) for name in TURNS}
+    got = {name: [] for name in TURNS}
+    for i in range(3):
+        for name, d in ds.items():
+            got[name].append(d.send(TURNS[name][i], **GREEDY))
+            # switching back never prefills the history again
+            assert d.last_stats.reused_tokens == len(d.tokens) - d.last_stats.prefilled_tokens - d.last_stats.decode_tokens
+            if i > 0:
+                assert d.last_stats.reused_tokens > 0
+                assert d.last_stats.swapped_in == (max_resident < len(TURNS))
+    assert got == alone
+    assert len(llm2._resident) <= max_resident
+
+
+def test_prompt_that_does_not_fit_leaves_the_dialogue_intact(tiny_model, make_llm):
+    llm = make_llm(tiny_model, n_ctx=256)
+    d = llm.dialogue()
+    first = d.send("short", **GREEDY)
+    snapshot = (list(d.tokens), list(d.positions), [dict(m) for m in d.messages], d.kv_text)
+    with pytest.raises(ContextFullError, match="n_ctx=256"):
+        d.send("x" * 400, **GREEDY)
+    assert (d.tokens, d.positions, d.messages, d.kv_text) == snapshot
+    assert d.n_cells == len(d.tokens)
+    # and the dialogue goes on as if the failed turn never happened
+    twin = llm.dialogue()
+    twin.send("short", **GREEDY)
+    assert d.send("next", **GREEDY) == twin.send("next", **GREEDY)
+    assert first == twin.messages[1]["content"]
+
+
+def test_reply_stops_when_the_context_fills(tiny_model, make_llm):
+    llm = make_llm(tiny_model, n_ctx=256)
+    d = llm.dialogue()
+    d.send("y" * 200, temperature=0.9, seed=3, max_tokens=200)
+    # the random model never says <|im_end|> on purpose: it runs into the limit
+    assert d.last_stats.finish_reason in ("context_full", "stop")
+    assert len(d.tokens) <= llm.n_ctx - 1
+    if d.last_stats.finish_reason == "context_full":
+        assert len(d.tokens) == llm.n_ctx - 1
+        with pytest.raises(ContextFullError):
+            d.send("more", **GREEDY)
+
+
+def test_reset_forgets_the_conversation(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    d = llm.dialogue(system="sys")
+    d.send("one", **GREEDY)
+    d.reset()
+    assert d.tokens == [] and d.messages == [] and d.n_cells == 0 and d.system == "sys"
+    e = llm.dialogue(system="sys")
+    assert d.send("two", **GREEDY) == e.send("two", **GREEDY)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    r = [llm.dialogue().send("hi", temperature=1.0, seed=7, max_tokens=16) for _ in range(2)]
+    assert r[0] == r[1]
+    assert llm.dialogue().send("hi", temperature=1.0, seed=8, max_tokens=16) != r[0]
