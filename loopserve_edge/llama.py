@@ -298,8 +298,10 @@ class Llama:
         b = self._batch
         n = len(tokens)
         b.n_tokens = n
-        ctypes.memmove(b.token, np.asarray(tokens, dtype=np.int32).ctypes.data, 4 * n)
-        ctypes.memmove(b.pos, np.asarray(positions, dtype=np.int32).ctypes.data, 4 * n)
+        tok = np.asarray(tokens, dtype=np.int32)  # held: memmove reads it after this line
+        pos = np.asarray(positions, dtype=np.int32)
+        ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
+        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
         ctypes.memset(b.logits, 0, n)
         for i in range(n):
             b.n_seq_id[i] = 1
