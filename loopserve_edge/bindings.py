@@ -42,6 +42,26 @@ llama_loopserve_patch_hash = _bind("llama_loopserve_patch_hash", [], ctypes.c_ch
 llama_loopserve_seq_n_cells = _bind(
     "llama_loopserve_seq_n_cells", [llama_c.llama_context_p_ctypes, ctypes.c_int32], ctypes.c_int32)
 
+# observation-window attention scores (semantics in include/llama-loopserve.h)
+_ctx = llama_c.llama_context_p_ctypes
+_f32p = ctypes.POINTER(ctypes.c_float)
+_i32p = ctypes.POINTER(ctypes.c_int32)
+llama_loopserve_scores_set = _bind(
+    "llama_loopserve_scores_set", [_ctx, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_scores_window = _bind(
+    "llama_loopserve_scores_window", [_ctx], ctypes.c_int32)
+llama_loopserve_scores_reset = _bind(
+    "llama_loopserve_scores_reset", [_ctx, ctypes.c_int32], None)
+llama_loopserve_scores_n_rows = _bind(
+    "llama_loopserve_scores_n_rows", [_ctx, ctypes.c_int32], ctypes.c_int64)
+llama_loopserve_scores_get = _bind(
+    "llama_loopserve_scores_get", [_ctx, ctypes.c_int32, _i32p, _f32p, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_scores_n_head_kv = _bind(
+    "llama_loopserve_scores_n_head_kv", [_ctx, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_scores_get_layer = _bind(
+    "llama_loopserve_scores_get_layer", [_ctx, ctypes.c_int32, ctypes.c_int32, _f32p, ctypes.c_int32],
+    ctypes.c_int32)
+
 if llama_loopserve_api_version() != API_VERSION:
     raise RuntimeBuildError(
         f"the installed runtime has loopserve API {llama_loopserve_api_version()}, this "

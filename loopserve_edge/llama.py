@@ -20,7 +20,8 @@ from .bindings import llama_c, llama_cpp
 from .chat_template import ChatTemplate
 from .config import LoopServeConfig
 from .dialogue import Dialogue
-from .errors import ContextFullError, DialogueNotFoundError, ModelFileError, StateFileError
+from .errors import (ContextFullError, DialogueNotFoundError, LoopServeError, ModelFileError,
+                     StateFileError)
 from .model_file import check_model_file, fingerprint
 from .paths import dialogues_dir
 
@@ -212,6 +213,66 @@ class Llama:
 
     def seq_cells(self, seq: int) -> int:
         return bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq)
+
+    # -- attention scores ----------------------------------------------------------------
+
+    def set_score_window(self, n_window: int) -> None:
+        """From the next decode on, score the cache with the attention of the last
+        `n_window` tokens of every decode (one generated token: that token); 0 turns it
+        off. Scores accumulate per KV cell until reset_scores (see llama-loopserve.h)."""
+        if bindings.llama_loopserve_scores_set(self._ctx.ctx, int(n_window)) != 0:
+            raise LoopServeError(f"this model/context cannot be scored (window {n_window}): "
+                                 "it needs a decoder-only model with a KV cache")
+
+    @property
+    def score_window(self) -> int:
+        return bindings.llama_loopserve_scores_window(self._ctx.ctx)
+
+    def reset_scores(self, dlg: Dialogue | None = None) -> None:
+        """Zero the scores of dlg's cells (all dialogues when None)."""
+        if dlg is None:
+            bindings.llama_loopserve_scores_reset(self._ctx.ctx, -1)
+        elif dlg._seq is not None:
+            bindings.llama_loopserve_scores_reset(self._ctx.ctx, dlg._seq)
+
+    def score_rows(self, dlg: Dialogue) -> int:
+        """Query rows accumulated into dlg's scores since the last reset."""
+        return bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
+
+    def attention_scores(self, dlg: Dialogue) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, scores) of dlg's cells in position order; a score is the attention
+        mass summed over window rows, scored layers and all query heads. Empty when dlg is
+        not resident (a swapped-out dialogue's scores are not kept)."""
+        if dlg._seq is None:
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        n = self.seq_cells(dlg._seq)
+        pos, sc = np.zeros(n, np.int32), np.zeros(n, np.float32)
+        got = bindings.llama_loopserve_scores_get(
+            self._ctx.ctx, dlg._seq, pos.ctypes.data_as(bindings._i32p),
+            sc.ctypes.data_as(bindings._f32p), n)
+        if got != n:
+            raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {n}")
+        return pos, sc
+
+    def attention_scores_by_layer(self, dlg: Dialogue) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """(positions, {layer: scores [n_head_kv, n_cells]}) for the scored layers (all but
+        sliding-window ones), per KV head summed over its query heads and the window rows."""
+        pos, _ = self.attention_scores(dlg)
+        out: dict[int, np.ndarray] = {}
+        if dlg._seq is None:
+            return pos, out
+        n_layer = llama_c.llama_model_n_layer(self._llm._model.model)
+        for il in range(n_layer):
+            h = bindings.llama_loopserve_scores_n_head_kv(self._ctx.ctx, il)
+            if h == 0:
+                continue
+            buf = np.zeros((h, len(pos)), np.float32)
+            got = bindings.llama_loopserve_scores_get_layer(
+                self._ctx.ctx, dlg._seq, il, buf.ctypes.data_as(bindings._f32p), len(pos))
+            if got != len(pos):
+                raise RuntimeError(f"llama_loopserve_scores_get_layer returned {got}, expected {len(pos)}")
+            out[il] = buf
+        return pos, out
 
     # -- decoding ----------------------------------------------------------------------
 

@@ -1,0 +1,343 @@
+"""Observation-window attention scores (llama_loopserve_scores_*) against a numpy
+reference computed from the GGUF weights.
+
+The model is written here rather than by tests/tiny_model.py: the reference is only a
+strong check when attention is far from uniform, so Q/K weights get a larger scale than
+the tiny chat models use (with N(0, 0.02) weights every row attends almost uniformly, and
+a wrong head or row mapping would still match).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import gguf
+import numpy as np
+import pytest
+
+from loopserve_edge import Llama, LoopServeConfig
+from loopserve_edge.bindings import llama_c
+from loopserve_edge.chat_template import CHATML
+
+THREADS = min(2, os.cpu_count() or 1)
+SHAPE = dict(n_layer=3, n_embd=64, n_head=4, n_head_kv=2, n_ff=96)
+ROPE_BASE = 10000.0
+EPS = 1e-5
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte, in byte order (token id == byte)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in kept:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def write_model(path, *, seed, n_layer, n_embd, n_head, n_head_kv, n_ff, qk_std=0.35, std=0.05):
+    head_dim = n_embd // n_head
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, s=std):
+        return (rng.standard_normal(shape, dtype=np.float32) * s).astype(np.float32)
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(f"scores-test-{seed}")
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(EPS)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(ROPE_BASE)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # byte-level BPE vocab (GPT-2 byte symbols, one merge: the loader wants merges); the
+    # tests feed token ids directly
+    tokens = _byte_symbols() + ["\u0120t", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([int(gguf.TokenType.NORMAL)] * 257 + [int(gguf.TokenType.CONTROL)] * 3)
+    w.add_token_merges(["\u0120 t"])
+    w.add_bos_token_id(257)
+    w.add_eos_token_id(259)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    w.add_vocab_size(len(tokens))
+    ones = np.ones(n_embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", rand(len(tokens), n_embd, s=1.0))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.attn_q.weight", rand(n_embd, n_embd, s=qk_std))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rand(head_dim * n_head_kv, n_embd, s=qk_std))
+        w.add_tensor(f"blk.{i}.attn_v.weight", rand(head_dim * n_head_kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_output.weight", rand(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(n_embd, n_ff))
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", rand(len(tokens), n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# -- numpy reference ------------------------------------------------------------------
+
+def read_weights(path) -> dict[str, np.ndarray]:
+    r = gguf.GGUFReader(path)
+    return {t.name: np.asarray(t.data, dtype=np.float32) for t in r.tensors}
+
+
+def rms_norm(x, w):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * w
+
+
+def rope_norm(x, pos):
+    """llama.cpp's LLAMA_ROPE_TYPE_NORM (arch llama): rotates adjacent pairs."""
+    d = x.shape[-1]
+    theta = pos[:, None].astype(np.float64) * ROPE_BASE ** (-np.arange(0, d, 2) / d)  # [T, d/2]
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out.astype(np.float32)
+
+
+def f16(x):
+    # the KV cache holds f16, and the Q.K product runs in f16 on the CPU
+    return x.astype(np.float16).astype(np.float32)
+
+
+def reference_probs(weights, tokens, shape) -> list[np.ndarray]:
+    """Per layer, attention probabilities [n_head, T, T] of a causal pass over tokens at
+    positions 0..T-1."""
+    n_head, n_head_kv = shape["n_head"], shape["n_head_kv"]
+    hd = shape["n_embd"] // n_head
+    gqa = n_head // n_head_kv
+    T = len(tokens)
+    pos = np.arange(T)
+    x = weights["token_embd.weight"][np.asarray(tokens)]
+    causal = np.where(pos[None, :] <= pos[:, None], 0.0, -np.inf)
+    probs = []
+    for il in range(shape["n_layer"]):
+        b = f"blk.{il}."
+        h = rms_norm(x, weights[b + "attn_norm.weight"])
+        q = rope_norm((h @ weights[b + "attn_q.weight"].T).reshape(T, n_head, hd), pos)
+        k = rope_norm((h @ weights[b + "attn_k.weight"].T).reshape(T, n_head_kv, hd), pos)
+        v = (h @ weights[b + "attn_v.weight"].T).reshape(T, n_head_kv, hd)
+        q, k, v = f16(q), f16(k), f16(v)
+        kh = np.repeat(k, gqa, axis=1)  # query head j uses KV head j // gqa
+        vh = np.repeat(v, gqa, axis=1)
+        logits = np.einsum("thd,shd->hts", q, kh) / np.sqrt(hd) + causal
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        probs.append(p)
+        att = np.einsum("hts,shd->thd", p, vh).reshape(T, n_head * hd)
+        x = x + att @ weights[b + "attn_output.weight"].T
+        h = rms_norm(x, weights[b + "ffn_norm.weight"])
+        g = h @ weights[b + "ffn_gate.weight"].T
+        u = h @ weights[b + "ffn_up.weight"].T
+        x = x + ((g / (1 + np.exp(-g))) * u) @ weights[b + "ffn_down.weight"].T
+    return probs
+
+
+def reference_scores(probs, rows, n_head_kv) -> dict[int, np.ndarray]:
+    """{layer: [n_head_kv, T]}: probabilities of the query rows `rows`, summed over the
+    rows and over the query heads of each KV head."""
+    out = {}
+    for il, p in enumerate(probs):
+        n_head, T, _ = p.shape
+        s = p[:, rows, :].sum(axis=1)  # [n_head, T]
+        out[il] = s.reshape(n_head_kv, n_head // n_head_kv, T).sum(axis=1)
+    return out
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("models") / "scores.gguf", seed=3, **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def weights(model):
+    return read_weights(model)
+
+
+@pytest.fixture
+def make_llm():
+    made = []
+
+    def make(path, **kw):
+        kw.setdefault("n_ctx", 256)
+        kw.setdefault("n_threads", THREADS)
+        llm = Llama(path, **kw)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.close()
+
+
+def tokens_for(seed, n):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 256, n)]
+
+
+def check_close(got: dict, want: dict, positions, label=""):
+    for il, w in want.items():
+        g = got[il]
+        assert g.shape == (w.shape[0], len(positions)), label
+        # layer 0 differs from the reference only where q or k rounds to another f16
+        # value (llama.cpp's f32 RoPE vs numpy's f64); deeper layers also inherit the f16
+        # rounding of V and of the probabilities (differently with and without FA). A wrong
+        # row, head or cell mapping is off by O(0.1..1).
+        tol = dict(rtol=5e-3, atol=2e-3) if il == 0 else dict(rtol=2e-2, atol=5e-3)
+        np.testing.assert_allclose(g, w[:, positions], **tol, err_msg=f"{label} layer {il}")
+
+
+# -- tests ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_scores_match_numpy(model, weights, make_llm, flash_attn):
+    """A prompt batch (window = its last 8 tokens) then three single-token decodes:
+    per-layer, per-KV-head accumulators equal the reference sums."""
+    llm = make_llm(model, flash_attn=flash_attn)
+    dlg = llm.dialogue()
+    prompt = tokens_for(1, 40)
+    gen = tokens_for(2, 3)
+    llm.set_score_window(8)
+    assert llm.score_window == 8
+    llm.decode(dlg, prompt, list(range(40)))
+    for i, t in enumerate(gen):
+        llm.decode(dlg, [t], [40 + i])
+
+    probs = reference_probs(weights, prompt + gen, SHAPE)
+    rows = list(range(32, 43))  # the prompt's last 8, then each generated token
+    want = reference_scores(probs, rows, SHAPE["n_head_kv"])
+
+    pos, by_layer = llm.attention_scores_by_layer(dlg)
+    assert list(pos) == list(range(43))
+    assert sorted(by_layer) == list(range(SHAPE["n_layer"]))
+    check_close(by_layer, want, pos, f"fa={flash_attn}")
+
+    # the aggregate is the sum over layers and KV heads; every row spreads n_head units of
+    # probability per layer over the cells
+    pos2, total = llm.attention_scores(dlg)
+    assert list(pos2) == list(pos)
+    np.testing.assert_allclose(total, sum(v.sum(0) for v in by_layer.values()), rtol=1e-5, atol=1e-6)
+    assert llm.score_rows(dlg) == len(rows)
+    np.testing.assert_allclose(total.sum(), len(rows) * SHAPE["n_layer"] * SHAPE["n_head"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_window_spans_ubatches(model, weights, make_llm, flash_attn):
+    """A window larger than the last ubatch: its rows come from two ubatches, and a second
+    resident dialogue (another KV stream) is scored on its own cells."""
+    llm = make_llm(model, flash_attn=flash_attn, n_ubatch=16, n_batch=64)
+    other = llm.dialogue()
+    llm.decode(other, tokens_for(7, 5), list(range(5)))  # seq 0 busy, unscored
+    dlg = llm.dialogue()
+    prompt = tokens_for(4, 40)
+    llm.set_score_window(20)
+    llm.decode(dlg, prompt, list(range(40)))
+    assert dlg._seq == 1
+
+    want = reference_scores(reference_probs(weights, prompt, SHAPE), list(range(20, 40)), SHAPE["n_head_kv"])
+    pos, by_layer = llm.attention_scores_by_layer(dlg)
+    check_close(by_layer, want, pos, f"fa={flash_attn}")
+    assert llm.score_rows(dlg) == 20
+    _, other_scores = llm.attention_scores(other)
+    assert not other_scores.any()
+
+
+def test_disabled_and_reset(model, make_llm):
+    llm = make_llm(model)
+    dlg = llm.dialogue()
+    llm.decode(dlg, tokens_for(5, 20), list(range(20)))
+    pos, sc = llm.attention_scores(dlg)
+    assert len(pos) == 20 and not sc.any() and llm.score_rows(dlg) == 0
+    assert llm.score_window == 0
+
+    llm.set_score_window(4)
+    llm.decode(dlg, [1], [20])
+    _, sc = llm.attention_scores(dlg)
+    assert sc.sum() == pytest.approx(SHAPE["n_layer"] * SHAPE["n_head"], rel=1e-4)
+    assert llm.score_rows(dlg) == 1
+
+    llm.reset_scores(dlg)
+    _, sc = llm.attention_scores(dlg)
+    assert not sc.any() and llm.score_rows(dlg) == 0
+
+    # off again: decoding adds nothing, and what was accumulated stays
+    llm.decode(dlg, [2], [21])
+    before = llm.attention_scores(dlg)[1]
+    llm.set_score_window(0)
+    llm.decode(dlg, [3], [22])
+    _, after = llm.attention_scores(dlg)
+    np.testing.assert_array_equal(after[:22], before)
+    assert after[22] == 0 and llm.score_rows(dlg) == 1
+
+
+@pytest.mark.parametrize("score_new", [False, True], ids=["refill-unscored", "refill-scored"])
+def test_reused_cells_start_from_zero(model, weights, make_llm, score_new):
+    """Cells freed with llama_memory_seq_rm and filled again hold new tokens: they must not
+    keep the old tokens' scores, whether or not the refill itself is scored."""
+    llm = make_llm(model)
+    dlg = llm.dialogue()
+    first = tokens_for(8, 30)
+    llm.set_score_window(30)
+    llm.decode(dlg, first, list(range(30)))
+    _, old = llm.attention_scores(dlg)
+    assert (old > 0).all()
+
+    llm.remove_positions(dlg._seq, 20)
+    second = tokens_for(9, 10)
+    llm.set_score_window(1 if score_new else 0)
+    llm.decode(dlg, second, list(range(20, 30)))
+    pos, new = llm.attention_scores(dlg)
+    assert list(pos) == list(range(30))
+
+    # the last decode's only scored row is the new token at position 29
+    fresh = np.zeros(30, np.float32)
+    if score_new:
+        ref = reference_scores(reference_probs(weights, first[:20] + second, SHAPE), [29], SHAPE["n_head_kv"])
+        fresh = sum(v.sum(0) for v in ref.values())
+    np.testing.assert_allclose(new[20:], fresh[20:], rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(new[:20], old[:20] + fresh[:20], rtol=2e-2, atol=2e-3)
+
+
+def test_state_load_restarts_scores(model, make_llm):
+    """A dialogue swapped out and back in gets its cells from a state load: scores restart."""
+    llm = make_llm(model, loopserve=LoopServeConfig(max_resident=1))
+    a, b = llm.dialogue(), llm.dialogue()
+    llm.set_score_window(4)
+    llm.decode(a, tokens_for(10, 12), list(range(12)))
+    assert llm.attention_scores(a)[1].any()
+    llm.decode(b, tokens_for(11, 12), list(range(12)))  # swaps a out (one resident)
+    assert a._seq is None and llm.attention_scores(a)[0].size == 0
+    llm.make_resident(a)  # swaps b out, loads a's state into the same cells
+    pos, sc = llm.attention_scores(a)
+    assert len(pos) == 12 and not sc.any() and llm.score_rows(a) == 0
+
+
+def test_bad_window_and_layer_queries(model, make_llm):
+    llm = make_llm(model)
+    with pytest.raises(Exception):
+        llm.set_score_window(-1)
+    # per-layer queries outside the model say "not scored"
+    from loopserve_edge import bindings
+    assert bindings.llama_loopserve_scores_n_head_kv(llm._ctx.ctx, SHAPE["n_layer"]) == 0
+    assert bindings.llama_loopserve_scores_n_head_kv(llm._ctx.ctx, 0) == SHAPE["n_head_kv"]
