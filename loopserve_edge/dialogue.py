@@ -34,6 +34,8 @@ class TurnStats:
     kv_capacity: int
     finish_reason: str      # stop | length | context_full
     swapped_in: bool        # the dialogue was not resident when the turn began
+    kv_evicted: int = 0     # cells evicted from the dialogue so far (all turns)
+    evict_s: float = 0.0    # time spent choosing and removing cells this turn
 
     @property
     def decode_tps(self) -> float:
@@ -61,6 +63,8 @@ class Dialogue:
         self.positions: list[int] = []
         self.kv_text = ""
         self.turns = 0
+        self.evicted = 0       # cells removed by the eviction policy, all turns
+        self.evict_s = 0.0     # time spent evicting, this turn
         self.created = self.updated = time.time()
         self.last_stats: TurnStats | None = None
         # Logits the first token of the last reply was chosen from (checks and tests).
@@ -70,14 +74,18 @@ class Dialogue:
 
     # -- turns -------------------------------------------------------------------------
 
-    def send(self, text: str, stream: bool = False, **sampling) -> str | Iterator[str]:
+    def send(self, text: str, stream: bool = False, token_fn=None, **sampling) -> str | Iterator[str]:
         """Add a user message and generate the reply. Prefill happens here, before
-        returning, so a context that is too small raises at once even when streaming."""
+        returning, so a context that is too small raises at once even when streaming.
+
+        token_fn(logits) -> token replaces sampling (evaluations: teacher forcing, logit
+        capture)."""
         params = SamplingParams(**sampling)
         t0 = time.perf_counter()
+        self.evict_s = 0.0
         swapped_in = self._seq is None and self._swapped is not None
         logits, reused, prefilled = self._prefill(text)
-        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in)
+        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn)
         return gen if stream else "".join(gen)
 
     def _render(self, messages: list[dict]) -> str:
@@ -101,6 +109,9 @@ class Dialogue:
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
             new = self.tokens[keep:keep + 1]
+        if keep + len(new) >= llm.n_ctx and keep == len(self.tokens):
+            llm.evictor.make_room(self, len(new))
+            keep = len(self.tokens)
         if keep + len(new) >= llm.n_ctx:
             raise ContextFullError(
                 f"this turn needs {keep + len(new)} tokens of context but n_ctx={llm.n_ctx}; "
@@ -112,17 +123,19 @@ class Dialogue:
             del self.tokens[keep:], self.positions[keep:]
             self.kv_text = ""  # no longer a rendered text; the next turn compares tokens
         positions = list(range(start, start + len(new)))
+        llm.evictor.begin_prefill(self, len(new))
         logits = llm.decode(self, new, positions)
         self.tokens += new
         self.positions += positions
         self.kv_text = rendered
         self.messages = messages
+        llm.evictor.after_prefill(self)
         return logits, keep, len(new)
 
     def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
-                  prefilled: int, swapped_in: bool) -> Iterator[str]:
+                  prefilled: int, swapped_in: bool, token_fn=None) -> Iterator[str]:
         llm = self.llm
-        sampler = Sampler(params)
+        sampler = token_fn or Sampler(params)
         self.first_token_logits = logits
         out: list[int] = []
         pending = b""
@@ -151,6 +164,7 @@ class Dialogue:
                 self.tokens.append(tok)
                 self.positions.append(pos)
                 out.append(tok)
+                llm.evictor.after_token(self, len(out))
                 pending += llm._piece(tok, special=False)
                 text, pending = _split_utf8(pending)
                 if text:
@@ -158,6 +172,7 @@ class Dialogue:
             if pending:
                 yield pending.decode(errors="replace")
         finally:
+            llm.evictor.end_turn(self)
             reply = llm.detokenize(out, special=False)
             self.kv_text += llm.detokenize(out, special=True)
             self.messages.append({"role": "assistant", "content": reply})
@@ -168,7 +183,7 @@ class Dialogue:
                 ttft_s=ttft if ttft is not None else time.perf_counter() - t0,
                 decode_tokens=len(out), decode_s=time.perf_counter() - t_dec,
                 kv_cells=self.n_cells, kv_capacity=llm.n_ctx, finish_reason=finish,
-                swapped_in=swapped_in)
+                swapped_in=swapped_in, kv_evicted=self.evicted, evict_s=self.evict_s)
 
     # -- state -------------------------------------------------------------------------
 
@@ -186,6 +201,7 @@ class Dialogue:
         self.messages, self.tokens, self.positions = [], [], []
         self.kv_text = ""
         self.turns = 0
+        self.evicted = 0
         self.last_stats = None
 
     def close(self) -> None:
@@ -201,7 +217,7 @@ class Dialogue:
             "loopserve": llm.config.to_dict(),
             "dialogue": {"name": self.name, "system": self.system, "messages": self.messages,
                          "tokens": self.tokens, "positions": self.positions,
-                         "kv_text": self.kv_text, "turns": self.turns,
+                         "kv_text": self.kv_text, "turns": self.turns, "evicted": self.evicted,
                          "created": self.created, "updated": self.updated},
         }
 
@@ -215,6 +231,7 @@ class Dialogue:
             dlg.positions = [int(p) for p in d["positions"]]
             dlg.kv_text = str(d["kv_text"])
             dlg.turns = int(d["turns"])
+            dlg.evicted = int(d.get("evicted", 0))
             dlg.created, dlg.updated = float(d["created"]), float(d["updated"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{path}: malformed dialogue header ({e!r})") from None

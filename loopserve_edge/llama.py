@@ -20,6 +20,7 @@ from .bindings import llama_c, llama_cpp
 from .chat_template import ChatTemplate
 from .config import LoopServeConfig
 from .dialogue import Dialogue
+from .eviction import Evictor
 from .errors import (ContextFullError, DialogueNotFoundError, LoopServeError, ModelFileError,
                      StateFileError)
 from .model_file import check_model_file, fingerprint
@@ -64,6 +65,7 @@ class Llama:
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
         # seq id -> resident dialogue, in least-recently-used order (dicts keep order)
         self._resident: dict[int, Dialogue] = {}
+        self.evictor = Evictor(self, self.config)
 
     # -- construction ------------------------------------------------------------------
 
@@ -204,6 +206,18 @@ class Llama:
             del self._resident[dlg._seq]
             dlg._seq = None
         dlg._swapped = None
+
+    def compact(self, dlg: Dialogue) -> None:
+        """Move a resident dialogue's cells to the start of its KV stream. Attention runs
+        over every cell up to the highest one in use, so after a large eviction the holes
+        would still cost time; a state round trip packs the kept cells together."""
+        if dlg._seq is None:
+            return
+        blob = self.sequence_state(dlg._seq)
+        llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), dlg._seq) == 0:
+            raise RuntimeError("llama.cpp could not reload a sequence it had just saved")
 
     def sequence_state(self, seq: int) -> bytes:
         size = llama_c.llama_state_seq_get_size(self._ctx.ctx, seq)

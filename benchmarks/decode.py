@@ -1,0 +1,165 @@
+"""Decode speed at depth and fidelity to full attention, per KV eviction policy.
+
+    python benchmarks/decode.py speed [--model M] [--depths 0,16384,65536] [--budget 2048] [--n-gpu-layers -1]
+    python benchmarks/decode.py fidelity [--model M] [--budgets 256,512,1024] [--prompts 3]
+
+speed: a dialogue is prefilled with `depth` tokens of Wikipedia passages, then generates
+`--tokens` tokens; decode tokens/s for `full` and for `loopserve` at the budget (which
+compresses after the prefill and every `interval` tokens while decoding). The last column
+is the speed relative to full attention at depth 0.
+
+fidelity: for each long prompt, `full` generates `--tokens` greedy tokens; every other
+policy then reads the same prompt and is teacher-forced along full's tokens, and at each
+step its next-token distribution is compared with full's: the share of steps whose greedy
+choice equals full's token, and the mean KL(full || policy).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from turns import passages_and_questions  # noqa: E402
+
+
+def long_text(n_tokens: int, count_tokens, skip: int = 0) -> str:
+    parts, total = [], 0
+    for i, (title, text, _) in enumerate(passages_and_questions(100000)):
+        if i < skip:
+            continue
+        parts.append(f"{title}: {text}")
+        total += count_tokens(text) + 8
+        if total >= n_tokens:
+            break
+    return "\n\n".join(parts)
+
+
+def make(model, cfg, a, n_ctx):
+    from loopserve_edge import Llama
+
+    return Llama(model, loopserve=cfg, n_ctx=n_ctx, n_gpu_layers=a.n_gpu_layers,
+                 n_threads=a.threads, flash_attn=a.flash_attn, n_batch=2048, n_ubatch=512)
+
+
+def speed(a, model):
+    from loopserve_edge import LoopServeConfig
+
+    depths = [int(x) for x in a.depths.split(",")]
+    n_ctx = max(depths) + a.tokens + 1024
+    methods = {"full": LoopServeConfig(max_resident=1),
+               f"loopserve@{a.budget}": LoopServeConfig(max_resident=1, policy="loopserve",
+                                                        budget=a.budget)}
+    print(f"| method | depth | cells while decoding | decode tok/s | vs. full @ 0 |")
+    print("|---|---:|---:|---:|---:|")
+    base = None
+    for name, cfg in methods.items():
+        llm = make(model, cfg, a, n_ctx)
+        count = lambda t: len(llm.tokenize(t))  # noqa: E731
+        text = long_text(max(depths) + 512, count)
+        eog = np.array([llm.is_eog(t) for t in range(llm.n_vocab)])
+        no_stop = lambda l: int(np.argmax(np.where(eog, -np.inf, l)))  # noqa: E731  full length
+        toks = llm.tokenize(text)
+        for depth in depths:
+            d = llm.dialogue()
+            # the prompt is cut at `depth` tokens of text: a user message of that size
+            msg = llm.detokenize(toks[:max(depth - 16, 8)], special=False)
+            d.send(msg, max_tokens=4, temperature=0)  # prefill (+ compression) and warm-up
+            t0 = time.perf_counter()
+            d.send("Continue.", max_tokens=a.tokens, temperature=0, token_fn=no_stop)
+            s = d.last_stats
+            tps = s.decode_tps
+            if base is None:
+                base = tps
+            print(f"| {name} | {depth} | {s.kv_cells} | {tps:.1f} | {tps / base:.0%} |", flush=True)
+            d.close()
+        llm.close()
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    p = p_logits.astype(np.float64) - p_logits.max()
+    q = q_logits.astype(np.float64) - q_logits.max()
+    lp = p - np.log(np.exp(p).sum())
+    lq = q - np.log(np.exp(q).sum())
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
+def fidelity(a, model):
+    from loopserve_edge import LoopServeConfig
+
+    budgets = [int(x) for x in a.budgets.split(",")]
+    policies = ["streaming", "snapkv", "h2o", "loopserve"]
+    n_ctx = a.prompt_tokens + a.tokens + 256
+    full = make(model, LoopServeConfig(max_resident=1), a, n_ctx)
+    count = lambda t: len(full.tokenize(t))  # noqa: E731
+    prompts = [long_text(a.prompt_tokens, count, skip=40 * i) + "\n\nSummarise the documents above."
+               for i in range(a.prompts)]
+    refs = []
+    for p in prompts:
+        d = full.dialogue()
+        logits: list[np.ndarray] = []
+
+        def greedy(l):
+            logits.append(l.copy())
+            return int(np.argmax(l))
+
+        d.send(p, max_tokens=a.tokens, token_fn=greedy)
+        refs.append(([int(np.argmax(l)) for l in logits], logits))
+        d.close()
+    full.close()
+    print(f"prompts: {a.prompts} x ~{a.prompt_tokens} tokens, {a.tokens} teacher-forced tokens each")
+    print()
+    print("| policy | budget | same greedy token | mean KL(full ‖ policy) |")
+    print("|---|---:|---:|---:|")
+    for policy in policies:
+        for budget in budgets:
+            cfg = LoopServeConfig(max_resident=1, policy=policy, budget=budget)
+            llm = make(model, cfg, a, n_ctx)
+            same, kls = [], []
+            for p, (tokens, ref_logits) in zip(prompts, refs):
+                d = llm.dialogue()
+                step = iter(range(len(tokens)))
+
+                def forced(l):
+                    i = next(step)
+                    same.append(int(np.argmax(l)) == tokens[i])
+                    kls.append(kl(ref_logits[i], l))
+                    return tokens[i]
+
+                d.send(p, max_tokens=len(tokens), token_fn=forced)
+                d.close()
+            print(f"| {policy} | {budget} | {np.mean(same):.1%} | {np.mean(kls):.4f} |", flush=True)
+            llm.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["speed", "fidelity"])
+    ap.add_argument("--model")
+    ap.add_argument("--depths", default="0,2048,4096")
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--budgets", default="256,512,1024")
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--flash-attn", action="store_true")
+    a = ap.parse_args()
+
+    from loopserve_edge import runtime_info
+    from loopserve_edge.paths import default_model
+
+    model = Path(a.model) if a.model else default_model()
+    print(f"# decode benchmark ({a.what}): {model.name}, backend {runtime_info()['backend']}, "
+          f"n_gpu_layers {a.n_gpu_layers}, flash_attn {a.flash_attn}, threads {a.threads or 'default'}")
+    print()
+    (speed if a.what == "speed" else fidelity)(a, model)
+
+
+if __name__ == "__main__":
+    main()

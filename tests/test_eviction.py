@@ -1,0 +1,184 @@
+"""Progressive KV compression: budgets hold, positions stay right, nothing else changes."""
+import numpy as np
+import pytest
+
+from loopserve_edge import LoopServeConfig
+from loopserve_edge.eviction import choose_keep, drop_runs, pool
+
+GREEDY = dict(temperature=0)
+SCORED_POLICIES = ["snapkv", "h2o", "loopserve"]
+
+
+def cfg(policy, budget, **kw):
+    kw.setdefault("sink", 4)
+    kw.setdefault("recent", 16)
+    kw.setdefault("interval", 8)
+    kw.setdefault("window", 4)
+    return LoopServeConfig(policy=policy, budget=budget, **kw)
+
+
+# -- selection, without a model ---------------------------------------------------------
+
+def test_choose_keep_keeps_sinks_recent_and_the_best_scores():
+    c = cfg("loopserve", budget=24, pooling=1)
+    scores = np.zeros(100)
+    scores[[30, 50, 60, 70]] = [5, 4, 3, 2]
+    keep = choose_keep(100, scores, c, budget=24)
+    assert keep.sum() == 24
+    assert keep[:4].all() and keep[-16:].all()
+    assert keep[[30, 50, 60, 70]].all()
+    recency = choose_keep(100, None, c, budget=24)
+    assert recency[:4].all() and recency[-20:].all() and recency.sum() == 24
+
+
+def test_pooling_spreads_a_peak_to_its_neighbours():
+    s = np.zeros(20)
+    s[10] = 7.0
+    p = pool(s, 7)
+    assert p.shape == s.shape
+    assert np.allclose(p[7:14], 1.0) and p[6] == 0 and p[14] == 0
+
+
+def test_drop_runs_cover_exactly_the_dropped_positions():
+    positions = np.array([0, 1, 2, 5, 6, 7, 9, 12, 13])
+    keep = np.array([1, 0, 0, 1, 0, 1, 0, 0, 1], dtype=bool)
+    runs = drop_runs(positions, keep)
+    assert runs == [(1, 3), (6, 7), (9, 13)]
+    dropped = {p for a, b in runs for p in positions if a <= p < b}
+    assert dropped == set(positions[~keep])
+
+
+def test_config_refuses_nonsense():
+    with pytest.raises(ValueError, match="needs a budget"):
+        LoopServeConfig(policy="loopserve")
+    with pytest.raises(ValueError, match="no room"):
+        LoopServeConfig(policy="streaming", budget=10, sink=4, recent=16)
+    with pytest.raises(ValueError, match="unknown policy"):
+        LoopServeConfig(policy="lru", budget=100)
+
+
+# -- on a model -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["streaming", *SCORED_POLICIES])
+def test_a_budget_above_the_context_changes_nothing(tiny_model, make_llm, policy):
+    full = make_llm(tiny_model).dialogue()
+    ref = [full.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")]
+    ref_logits = full.first_token_logits
+    llm = make_llm(tiny_model, loopserve=cfg(policy, budget=4096))
+    d = llm.dialogue()
+    got = [d.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")]
+    assert got == ref
+    np.testing.assert_array_equal(d.first_token_logits, ref_logits)
+    assert d.evicted == 0
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "loopserve"])
+def test_cells_never_exceed_budget_plus_interval(tiny_model, make_llm, policy):
+    c = cfg(policy, budget=64)
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    most = 0
+    for _ in d.send("x" * 40, stream=True, max_tokens=300, temperature=0.8, seed=1):
+        most = max(most, d.n_cells)
+        assert d.n_cells == len(d.tokens) == len(d.positions)
+    assert most <= c.budget + c.interval
+    assert d.evicted > 0 and d.last_stats.kv_evicted == d.evicted
+    assert d.last_stats.kv_cells <= c.budget + c.interval
+
+
+@pytest.mark.parametrize("policy", ["streaming", *SCORED_POLICIES])
+def test_kept_cells_keep_their_positions_and_new_tokens_follow(tiny_model, make_llm, policy):
+    c = cfg(policy, budget=48)
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    d.send("y" * 120, max_tokens=20, **GREEDY)
+    before = list(d.positions)
+    grown = d.last_stats.decode_tokens if policy == "snapkv" else c.interval  # snapkv: prefill only
+    assert len(before) <= c.budget + grown and d.evicted > 0
+    assert before == sorted(before) and before[: c.sink] == list(range(c.sink))
+    top = before[-1]
+    d.send("z", max_tokens=20, **GREEDY)
+    after = d.positions
+    kept_old = [p for p in after if p <= top]
+    assert set(kept_old) <= set(before)
+    s = d.last_stats
+    # new tokens continue after the highest position (no reuse of freed positions)
+    assert after == sorted(set(after))
+    assert after[-1] == top + s.prefilled_tokens + s.decode_tokens
+    # the cache really holds exactly these positions
+    pos, _ = llm.attention_scores(d) if policy in SCORED_POLICIES else (np.array(after), None)
+    assert list(pos) == after
+
+
+def test_snapkv_compresses_once_per_prefill(tiny_model, make_llm):
+    c = cfg("snapkv", budget=48)
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    d.send("w" * 120, max_tokens=40, **GREEDY)
+    # after the prefill's cut only generated tokens are added
+    assert d.n_cells == c.budget + d.last_stats.decode_tokens
+    assert llm.score_window == 0
+
+
+def test_compressed_dialogue_saves_loads_and_continues_identically(tiny_model, make_llm, tmp_path):
+    c = cfg("loopserve", budget=48)
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    d.send("v" * 150, max_tokens=30, **GREEDY)
+    assert d.evicted > 0
+    path = d.save(tmp_path / "c.lsd")
+    full_size = len(d.tokens) + d.evicted
+    other = make_llm(tiny_model, loopserve=c)
+    e = other.load_dialogue(path)
+    assert e.positions == d.positions and e.evicted == d.evicted and e.n_cells == d.n_cells
+    assert d.send("next", max_tokens=30, **GREEDY) == e.send("next", max_tokens=30, **GREEDY)
+    # the loaded cells are packed, the live ones have holes: summation order differs
+    np.testing.assert_allclose(d.first_token_logits, e.first_token_logits, atol=1e-5)
+    assert d.positions == e.positions
+    assert e.n_cells < full_size
+
+
+def test_a_turn_larger_than_the_context_fits_after_eviction(tiny_model, make_llm):
+    c = cfg("loopserve", budget=64)
+    llm = make_llm(tiny_model, n_ctx=256, loopserve=c)
+    d = llm.dialogue()
+    for i in range(6):  # ~6 x 120 tokens through a 256-cell context
+        d.send(f"{i}" * 120, max_tokens=8, **GREEDY)
+        assert d.n_cells <= c.budget + c.interval
+    assert d.turns == 6
+
+
+def test_long_dialogue_keeps_memory_flat(tiny_model, make_llm):
+    psutil = pytest.importorskip("psutil")
+    c = cfg("loopserve", budget=96)
+    llm = make_llm(tiny_model, n_ctx=512, loopserve=c)
+    d = llm.dialogue()
+    proc = psutil.Process()
+    rss, cells = [], []
+    for i in range(1000):
+        d.send(f"turn {i}: more words", max_tokens=4, **GREEDY)
+        cells.append(d.n_cells)
+        if i % 100 == 99:
+            rss.append(proc.memory_info().rss)
+    assert max(cells) <= c.budget + c.interval
+    assert d.turns == 1000 and d.evicted > 10000
+    # messages grow (they are text), the KV cache and the process do not
+    assert rss[-1] - rss[1] < 32 * 2**20, [r // 2**20 for r in rss]
+
+
+FILLER = ("The committee met on a grey morning to review the quarterly figures, the staffing plan "
+          "and the schedule for the new building, and then adjourned without a decision. ") * 12
+
+
+@pytest.mark.parametrize("policy", ["full", "streaming", "loopserve"])
+def test_model_still_answers_about_kept_content(default_model, make_llm, policy):
+    c = LoopServeConfig(policy=policy, budget=None if policy == "full" else 160,
+                        sink=4, recent=96, interval=16, window=8)
+    llm = make_llm(default_model, n_ctx=2048, loopserve=c)
+    d = llm.dialogue()
+    d.send(FILLER + "Summarise this in one sentence.", max_tokens=48, **GREEDY)
+    reply = d.send("My cat is called Pixel. What is my cat called? Answer with the name only.",
+                   max_tokens=12, **GREEDY)
+    assert "Pixel" in reply
+    if policy != "full":
+        assert d.evicted > 200 and d.positions[-1] > 300  # positions run far past the cells kept
