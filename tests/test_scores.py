@@ -183,6 +183,8 @@ def make_llm():
     def make(path, **kw):
         kw.setdefault("n_ctx", 256)
         kw.setdefault("n_threads", THREADS)
+        # LOOPSERVE_TEST_GPU_LAYERS=-1 runs the same checks on the GPU backend
+        kw.setdefault("n_gpu_layers", int(os.environ.get("LOOPSERVE_TEST_GPU_LAYERS", "0")))
         llm = Llama(path, **kw)
         made.append(llm)
         return llm
