@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import loopserve_edge  # noqa: F401  before numpy: see tests/conftest.py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

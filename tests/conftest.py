@@ -2,6 +2,10 @@ import os
 import sys
 from pathlib import Path
 
+# llama.cpp's library must load before numpy: on the GPU box's Python the other order
+# crashes the first model load (the tokenizer's std::regex, a libstdc++ clash).
+import loopserve_edge  # noqa: F401,E402  (first import on purpose)
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
