@@ -77,8 +77,8 @@ def _stats_line(dlg) -> str:
 @click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True,
               help="KV eviction policy (loopserve: progressive compression while decoding)")
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps (+ --kv-interval)")
-@click.option("--kv-interval", type=int, default=16, show_default=True, help="compress every N generated tokens")
-@click.option("--kv-window", type=int, default=16, show_default=True, help="recent tokens that score the cache")
+@click.option("--kv-interval", type=int, default=32, show_default=True, help="compress every N generated tokens")
+@click.option("--kv-window", type=int, default=8, show_default=True, help="recent tokens that score the cache")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard

@@ -24,8 +24,8 @@ class LoopServeConfig:
     # does). A dialogue holds at most budget + interval cells; None = never evict.
     policy: str = "full"
     budget: int | None = None
-    interval: int = 16      # compress every `interval` generated tokens
-    window: int = 16        # recent tokens whose attention scores the cache
+    interval: int = 32      # compress every `interval` generated tokens
+    window: int = 8         # recent tokens whose attention scores the cache
     sink: int = 4           # first cells, always kept
     recent: int = 64        # last cells, always kept
     pooling: int = 7        # smoothing kernel over positions (1 = none)

@@ -115,24 +115,33 @@ class Evictor:
         if not self.active:
             return
         self.compress(dlg)
-        if self.scored:
-            if self.cfg.policy == "snapkv":
-                self.llm.set_score_window(0)  # no decode-time scoring
-            else:
-                self.llm.set_score_window(1)  # each generated token scores the cache
-                if self.cfg.policy == "loopserve":
-                    self.llm.reset_scores(dlg)
+        if self.cfg.policy == "h2o":
+            self.llm.set_score_window(1)  # every generated token adds to the scores
+        elif self.cfg.policy == "loopserve":
+            self._watch(dlg, 0)
+        elif self.scored:
+            self.llm.set_score_window(0)  # snapkv: no decode-time scoring
 
     def after_token(self, dlg: "Dialogue", n_generated: int) -> None:
         if not self.active or self.cfg.policy == "snapkv":
             return
-        cfg = self.cfg
-        if n_generated % cfg.interval == 0:
+        if n_generated % self.cfg.interval == 0:
             self.compress(dlg)
-        if cfg.policy == "loopserve" and \
-                n_generated % cfg.interval == (cfg.interval - min(cfg.window, cfg.interval)) % cfg.interval:
-            # the next `window` tokens are the ones that will score the next compression
+        if self.cfg.policy == "loopserve":
+            self._watch(dlg, n_generated)
+
+    def _watch(self, dlg: "Dialogue", n_generated: int) -> None:
+        """LoopServe scores with the `window` tokens just before each compression only:
+        scoring is switched on for those and off for the rest of the interval (scoring a
+        token costs about as much as its attention)."""
+        cfg = self.cfg
+        phase = n_generated % cfg.interval
+        start = (cfg.interval - min(cfg.window, cfg.interval)) % cfg.interval
+        if phase == start:
             self.llm.reset_scores(dlg)
+            self.llm.set_score_window(1)
+        elif phase == 0:
+            self.llm.set_score_window(0)
 
     def end_turn(self, dlg: "Dialogue") -> None:
         if self.scored:

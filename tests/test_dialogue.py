@@ -37,7 +37,8 @@ def test_reuse_gives_the_same_logits_as_prefilling_everything(tiny_model, make_l
     fresh = llm.dialogue()
     logits = llm.decode(fresh, prompt, list(range(len(prompt))))
     assert d.last_stats.reused_tokens == history > 0
-    np.testing.assert_allclose(d.first_token_logits, logits, rtol=1e-4, atol=1e-4)
+    # (CPU agrees to ~1e-6; CUDA kernels differ with the batch size at ~2e-4)
+    np.testing.assert_allclose(d.first_token_logits, logits, rtol=1e-3, atol=1e-3)
 
 
 def test_stream_yields_the_reply_in_pieces(tiny_model, make_llm):
