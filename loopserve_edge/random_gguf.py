@@ -88,11 +88,13 @@ def _byte_tokenizer(w: gguf.GGUFWriter) -> int:
 
 def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128,
                        n_ctx_train=4096, tokenizer_from=None, dtype=np.float32,
-                       std=0.02) -> pathlib.Path:
+                       std=0.02, qk_std=None, embd_std=None) -> pathlib.Path:
     """Write a Llama-architecture GGUF with N(0, std) weights (norms are ones).
 
     tokenizer_from: a GGUF whose tokenizer is copied; None for the tiny byte-level one.
     dtype: np.float32 or np.float16 (half the file for large shapes).
+    qk_std, embd_std: other scales for attn_q/attn_k and token_embd (default: std); large
+    Q/K scales make attention far from uniform, which attention-score checks need.
     The default head size, n_embd / n_head = 32, is the smallest a quantized KV cache
     accepts: llama.cpp wants it to be a multiple of q8_0's block of 32.
     """
@@ -101,8 +103,8 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     n_embd_kv = head_dim * n_head_kv
     rng = np.random.default_rng(seed)
 
-    def rand(*shape):  # numpy shape is ggml's reversed: (rows=out, cols=in)
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
+    def rand(*shape, s=std):  # numpy shape is ggml's reversed: (rows=out, cols=in)
+        return (rng.standard_normal(shape, dtype=np.float32) * s).astype(dtype)
 
     w = gguf.GGUFWriter(path, "llama")
     w.add_name(f"random-llama-{n_embd}x{n_layer}-{seed}")
@@ -121,11 +123,11 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
 
     # Norm weights are ones (and f32, as llama.cpp expects): random norms add nothing.
     ones = np.ones(n_embd, dtype=np.float32)
-    w.add_tensor("token_embd.weight", rand(n_vocab, n_embd))
+    w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, s=embd_std or std))
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.attn_q.weight", rand(n_embd, n_embd))
-        w.add_tensor(f"blk.{i}.attn_k.weight", rand(n_embd_kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_q.weight", rand(n_embd, n_embd, s=qk_std or std))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rand(n_embd_kv, n_embd, s=qk_std or std))
         w.add_tensor(f"blk.{i}.attn_v.weight", rand(n_embd_kv, n_embd))
         w.add_tensor(f"blk.{i}.attn_output.weight", rand(n_embd, n_embd))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)

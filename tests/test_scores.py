@@ -1,10 +1,9 @@
 """Observation-window attention scores (llama_loopserve_scores_*) against a numpy
 reference computed from the GGUF weights.
 
-The model is written here rather than by tests/tiny_model.py: the reference is only a
-strong check when attention is far from uniform, so Q/K weights get a larger scale than
-the tiny chat models use (with N(0, 0.02) weights every row attends almost uniformly, and
-a wrong head or row mapping would still match).
+The model gets far larger Q/K weights than the tiny chat models: the reference is only a
+strong check when attention is far from uniform (with N(0, 0.02) weights every row
+attends almost uniformly, and a wrong head or row mapping would still match).
 """
 from __future__ import annotations
 
@@ -17,79 +16,18 @@ import pytest
 
 from loopserve_edge import Llama, LoopServeConfig
 from loopserve_edge.bindings import llama_c
-from loopserve_edge.chat_template import CHATML
+from loopserve_edge.random_gguf import write_random_llama
 
-THREADS = min(2, os.cpu_count() or 1)
 SHAPE = dict(n_layer=3, n_embd=64, n_head=4, n_head_kv=2, n_ff=96)
 ROPE_BASE = 10000.0
 EPS = 1e-5
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each byte, in byte order (token id == byte)."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-            *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    out, extra = [], 0
-    for b in range(256):
-        if b in kept:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
-def write_model(path, *, seed, n_layer, n_embd, n_head, n_head_kv, n_ff, qk_std=0.35, std=0.05):
-    head_dim = n_embd // n_head
-    rng = np.random.default_rng(seed)
-
-    def rand(*shape, s=std):
-        return (rng.standard_normal(shape, dtype=np.float32) * s).astype(np.float32)
-
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name(f"scores-test-{seed}")
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_layer_norm_rms_eps(EPS)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(ROPE_BASE)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    # byte-level BPE vocab (GPT-2 byte symbols, one merge: the loader wants merges); the
-    # tests feed token ids directly
-    tokens = _byte_symbols() + ["\u0120t", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([int(gguf.TokenType.NORMAL)] * 257 + [int(gguf.TokenType.CONTROL)] * 3)
-    w.add_token_merges(["\u0120 t"])
-    w.add_bos_token_id(257)
-    w.add_eos_token_id(259)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
-    w.add_vocab_size(len(tokens))
-    ones = np.ones(n_embd, dtype=np.float32)
-    w.add_tensor("token_embd.weight", rand(len(tokens), n_embd, s=1.0))
-    for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.attn_q.weight", rand(n_embd, n_embd, s=qk_std))
-        w.add_tensor(f"blk.{i}.attn_k.weight", rand(head_dim * n_head_kv, n_embd, s=qk_std))
-        w.add_tensor(f"blk.{i}.attn_v.weight", rand(head_dim * n_head_kv, n_embd))
-        w.add_tensor(f"blk.{i}.attn_output.weight", rand(n_embd, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(n_embd, n_ff))
-    w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", rand(len(tokens), n_embd))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def write_model(path, *, seed, n_layer, n_embd, n_head, n_head_kv, n_ff):
+    # Q/K far larger than the chat models' N(0, 0.02): attention must be peaked for a
+    # wrong head or row mapping to show. The tests feed byte token ids directly.
+    return write_random_llama(path, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                              n_head_kv=n_head_kv, n_ff=n_ff, std=0.05, qk_std=0.35, embd_std=1.0)
 
 
 # -- numpy reference ------------------------------------------------------------------
@@ -174,24 +112,6 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(model):
     return read_weights(model)
-
-
-@pytest.fixture
-def make_llm():
-    made = []
-
-    def make(path, **kw):
-        kw.setdefault("n_ctx", 256)
-        kw.setdefault("n_threads", THREADS)
-        # LOOPSERVE_TEST_GPU_LAYERS=-1 runs the same checks on the GPU backend
-        kw.setdefault("n_gpu_layers", int(os.environ.get("LOOPSERVE_TEST_GPU_LAYERS", "0")))
-        llm = Llama(path, **kw)
-        made.append(llm)
-        return llm
-
-    yield make
-    for llm in made:
-        llm.close()
 
 
 def tokens_for(seed, n):
