@@ -5,6 +5,7 @@
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
+#   cmd:CMD - CMD in the same environment (wheels, PYTHONPATH, data)
 # Steps are arguments, so one call can do several: device_run.sh build test turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,9 @@ for step in "$@"; do
         python3 benchmarks/decode.py speed --model /tmp/random-1b.gguf \
             --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile
       done ;;
+    cmd:*)
+      # any command in this environment: device_run.sh 'cmd:python3 benchmarks/x.py ...'
+      bash -c "${step#cmd:}" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
