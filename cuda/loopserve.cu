@@ -130,8 +130,8 @@ static __global__ void ls_select_kernel(const float * sc, int32_t * out, int64_t
 
     const float total = mass_ge(1u);
     const int   n_pos = count_ge(1u);
-    int k = 0;
-    if (total > 0.0f) {
+    int k = alpha >= 1.0f ? n_pos : 0; // alpha = 1: every line with mass
+    if (total > 0.0f && alpha < 1.0f) {
         const float target = alpha*total;
         uint32_t L = 1u, H = 0x7f800000u; // mass_ge(L) >= target
         while (H - L > 1) {
@@ -172,23 +172,8 @@ static __global__ void ls_select_kernel(const float * sc, int32_t * out, int64_t
     }
     int dummy;
     int tie_rank = ls_block_exscan(my_ties, shi, &dummy);
-    int my_pick = 0;
-    {
-        int tr = tie_rank;
-        for (int64_t j = j0; j < j1; ++j) {
-            const bool pos = x[j] > 0.0f;
-            const uint32_t b = __float_as_uint(x[j]);
-            bool pick = j < n_force || (pos && Tk != 0xffffffffu && b > Tk);
-            if (pos && b == Tk) {
-                pick = pick || tr < ties;
-                tr++;
-            }
-            my_pick += pick;
-        }
-    }
-    int n_out;
-    int slot = ls_block_exscan(my_pick, shi, &n_out);
-    {
+    // the lines of this thread's chunk, in order: visit(j) for each pick
+    auto for_picks = [&](auto visit) {
         int tr = tie_rank;
         for (int64_t j = j0; j < j1; ++j) {
             const bool pos = x[j] > 0.0f;
@@ -199,10 +184,15 @@ static __global__ void ls_select_kernel(const float * sc, int32_t * out, int64_t
                 tr++;
             }
             if (pick) {
-                o[1 + slot++] = (int32_t) j;
+                visit(j);
             }
         }
-    }
+    };
+    int my_pick = 0;
+    for_picks([&](int64_t) { my_pick++; });
+    int n_out;
+    int slot = ls_block_exscan(my_pick, shi, &n_out);
+    for_picks([&](int64_t j) { o[1 + slot++] = (int32_t) j; });
     if (threadIdx.x == 0) {
         o[0] = n_out;
     }

@@ -99,7 +99,7 @@ def ref_select(scores, alpha, n_min_v=0, n_max_v=0, n_min_s=0, n_max_s=0, n_sink
             total = float(np.sum(x[pos], dtype=np.float64))
             csum = np.cumsum(x[order], dtype=np.float64)
             hit = np.flatnonzero(csum >= alpha * total)
-            k = int(hit[0]) + 1 if len(hit) else len(order)
+            k = int(hit[0]) + 1 if len(hit) and alpha < 1.0 else len(order)
             k = max(k, n_min)
             if n_max > 0:
                 k = min(k, n_max)
