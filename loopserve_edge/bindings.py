@@ -62,6 +62,13 @@ llama_loopserve_scores_get_layer = _bind(
     "llama_loopserve_scores_get_layer", [_ctx, ctypes.c_int32, ctypes.c_int32, _f32p, ctypes.c_int32],
     ctypes.c_int32)
 
+llama_loopserve_scores_get_heads = _bind(
+    "llama_loopserve_scores_get_heads", [_ctx, ctypes.c_int32, _f32p, ctypes.c_int64], ctypes.c_int32)
+
+# bulk removal of a sequence's positions (patch 0006)
+llama_loopserve_seq_rm_positions = _bind(
+    "llama_loopserve_seq_rm_positions", [_ctx, ctypes.c_int32, _i32p, ctypes.c_int32], ctypes.c_int32)
+
 # adaptive sparse prefill (semantics in include/llama-loopserve.h)
 class llama_loopserve_prefill_params(ctypes.Structure):
     _fields_ = [("alpha", ctypes.c_float), ("last_q", ctypes.c_int32),

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import state_file
-from .config import POLICIES
+from .config import POLICIES, LoopServeConfig
 from .errors import LoopServeError
 from .paths import ENV_DIALOGUES, default_model
 
@@ -80,8 +80,10 @@ def _stats_line(dlg) -> str:
 @click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True,
               help="KV eviction policy (loopserve: progressive compression while decoding)")
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps (+ --kv-interval)")
-@click.option("--kv-interval", type=int, default=32, show_default=True, help="compress every N generated tokens")
-@click.option("--kv-window", type=int, default=8, show_default=True, help="recent tokens that score the cache")
+@click.option("--kv-interval", type=int, default=LoopServeConfig.interval, show_default=True,
+              help="compress every N generated tokens")
+@click.option("--kv-window", type=int, default=LoopServeConfig.window, show_default=True,
+              help="recent tokens that score the cache")
 @click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
 @click.option("--alpha", type=float, default=0.95, show_default=True, help="sparse prefill: attention mass kept per head")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
@@ -94,7 +96,6 @@ def chat(model, name, system, n_ctx, max_tokens, temperature, top_k, top_p, seed
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
     line is one user turn and each reply is printed on its own line.
     """
-    from .config import LoopServeConfig
     from .llama import Llama
 
     interactive = sys.stdin.isatty()

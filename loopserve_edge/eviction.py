@@ -41,12 +41,14 @@ def pool(scores: np.ndarray, kernel: int) -> np.ndarray:
     return (c[kernel:] - c[:-kernel])[: scores.size] / kernel
 
 
-def aggregate(per_layer: dict[int, np.ndarray], how: str) -> np.ndarray:
-    """One score per cell from [n_head_kv, n_cells] arrays: each (layer, head) row is
-    normalised to sum 1 first so that no layer dominates, then mean or max over rows."""
-    rows = np.concatenate(list(per_layer.values()), axis=0).astype(np.float64)
-    rows /= np.maximum(rows.sum(axis=1, keepdims=True), 1e-30)
-    return rows.max(axis=0) if how == "max" else rows.mean(axis=0)
+def aggregate(rows: np.ndarray, how: str) -> np.ndarray:
+    """One score per cell from [n_heads, n_cells] scores (a row per layer and KV head):
+    each row is normalised to sum 1 first so that no layer dominates, then mean or max
+    over rows."""
+    inv = (1.0 / np.maximum(rows.sum(axis=1), 1e-30)).astype(rows.dtype)
+    if how == "max":
+        return (rows * inv[:, None]).max(axis=0)
+    return inv @ rows / len(rows)  # the mean of the normalised rows, one product
 
 
 def choose_keep(n: int, scores: np.ndarray | None, cfg: LoopServeConfig, budget: int) -> np.ndarray:
@@ -67,15 +69,6 @@ def choose_keep(n: int, scores: np.ndarray | None, cfg: LoopServeConfig, budget:
             s[keep] = -np.inf
             keep[np.argpartition(-s, left - 1)[:left]] = True
     return keep
-
-
-def drop_runs(positions: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
-    """[p0, p1) position ranges to remove: runs of dropped cells that are adjacent in
-    the dialogue's order, so each run is one llama_memory_seq_rm call."""
-    edges = np.diff(np.concatenate([[0], (~keep).astype(np.int8), [0]]))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    positions = np.asarray(positions)
-    return [(int(positions[s]), int(positions[e - 1]) + 1) for s, e in zip(starts, ends)]
 
 
 class Evictor:
@@ -150,10 +143,10 @@ class Evictor:
             return
         scores = None
         if self.scored:
-            pos, per_layer = self.llm.attention_scores_by_layer(dlg)
+            pos, rows = self.llm.attention_scores_by_head(dlg)
             if len(pos) != len(dlg.positions) or not np.array_equal(pos, dlg.positions):
                 raise RuntimeError("attention scores do not cover the dialogue's cells")
-            scores = aggregate(per_layer, self.cfg.aggregate) if per_layer else None
+            scores = aggregate(rows, self.cfg.aggregate) if len(rows) else None
         self._compress(dlg, scores, self.cfg.budget)
 
     def _compress(self, dlg: "Dialogue", scores: np.ndarray | None, budget: int) -> None:
@@ -161,12 +154,11 @@ class Evictor:
         positions = np.asarray(dlg.positions)
         keep = choose_keep(len(positions), scores, self.cfg, budget)
         self.llm.make_resident(dlg)
-        for p0, p1 in drop_runs(positions, keep):
-            self.llm.remove_positions(dlg._seq, p0, p1)
+        self.llm.remove_cells(dlg._seq, positions[~keep])
         dropped = int((~keep).sum())
         if dropped > keep.sum():  # a big cut (typically after a prefill) leaves big holes
             self.llm.compact(dlg)
-        dlg.tokens = [t for t, k in zip(dlg.tokens, keep) if k]
-        dlg.positions = [int(p) for p in positions[keep]]
+        dlg.tokens = np.asarray(dlg.tokens)[keep].tolist()
+        dlg.positions = positions[keep].tolist()
         dlg.evicted += dropped
         dlg.evict_s += time.perf_counter() - t0

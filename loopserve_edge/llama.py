@@ -57,6 +57,7 @@ class Llama:
         self.verbose = kwargs["verbose"]
         self._ctx = self._multi_sequence_context()
         self._mem = llama_c.llama_get_memory(self._ctx.ctx)
+        self._heads: dict[int, int] | None = None
         self.n_ctx = llama_c.llama_n_ctx_seq(self._ctx.ctx)
         self.n_batch = self._llm.n_batch
         self._batch = llama_c.llama_batch_init(self.n_batch, 0, 1)
@@ -277,18 +278,44 @@ class Llama:
             raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {n}")
         return pos, sc
 
+    def _score_positions(self, dlg: Dialogue) -> np.ndarray:
+        pos = np.zeros(self.seq_cells(dlg._seq), np.int32)
+        got = bindings.llama_loopserve_scores_get(
+            self._ctx.ctx, dlg._seq, pos.ctypes.data_as(bindings._i32p), None, len(pos))
+        if got != len(pos):
+            raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {len(pos)}")
+        return pos
+
+    def _scored_heads(self) -> dict[int, int]:
+        """{layer: KV heads} of the scored layers (all but sliding-window ones)."""
+        if self._heads is None:
+            n_layer = llama_c.llama_model_n_layer(self._llm._model.model)
+            heads = {il: bindings.llama_loopserve_scores_n_head_kv(self._ctx.ctx, il) for il in range(n_layer)}
+            self._heads = {il: h for il, h in heads.items() if h > 0}
+        return self._heads
+
+    def attention_scores_by_head(self, dlg: Dialogue) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, scores [n_heads, n_cells]): one row per KV head of every scored
+        layer in layer order, each summed over its query heads and the window rows."""
+        n_heads = sum(self._scored_heads().values())
+        if dlg._seq is None:
+            return np.zeros(0, np.int32), np.zeros((n_heads, 0), np.float32)
+        pos = self._score_positions(dlg)
+        rows = np.zeros((n_heads, len(pos)), np.float32)
+        got = bindings.llama_loopserve_scores_get_heads(
+            self._ctx.ctx, dlg._seq, rows.ctypes.data_as(bindings._f32p), rows.size)
+        if got != len(pos):
+            raise RuntimeError(f"llama_loopserve_scores_get_heads returned {got}, expected {len(pos)}")
+        return pos, rows
+
     def attention_scores_by_layer(self, dlg: Dialogue) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """(positions, {layer: scores [n_head_kv, n_cells]}) for the scored layers (all but
-        sliding-window ones), per KV head summed over its query heads and the window rows."""
-        pos, _ = self.attention_scores(dlg)
+        """(positions, {layer: scores [n_head_kv, n_cells]}) for the scored layers, read
+        layer by layer (llama_loopserve_scores_get_layer)."""
         out: dict[int, np.ndarray] = {}
         if dlg._seq is None:
-            return pos, out
-        n_layer = llama_c.llama_model_n_layer(self._llm._model.model)
-        for il in range(n_layer):
-            h = bindings.llama_loopserve_scores_n_head_kv(self._ctx.ctx, il)
-            if h == 0:
-                continue
+            return np.zeros(0, np.int32), out
+        pos = self._score_positions(dlg)
+        for il, h in self._scored_heads().items():
             buf = np.zeros((h, len(pos)), np.float32)
             got = bindings.llama_loopserve_scores_get_layer(
                 self._ctx.ctx, dlg._seq, il, buf.ctypes.data_as(bindings._f32p), len(pos))
@@ -349,6 +376,14 @@ class Llama:
 
     def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
         llama_c.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    def remove_cells(self, seq: int, positions: np.ndarray) -> None:
+        """Remove the cells of seq at these positions, in one pass over its cells."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        got = bindings.llama_loopserve_seq_rm_positions(
+            self._ctx.ctx, seq, pos.ctypes.data_as(bindings._i32p), len(pos))
+        if got != len(pos):
+            raise RuntimeError(f"llama_loopserve_seq_rm_positions removed {got} of {len(pos)} cells")
 
     def decode(self, dlg: Dialogue, tokens: list[int], positions: list[int]) -> np.ndarray:
         """Append tokens at positions to dlg's sequence; returns the logits of the last.

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from loopserve_edge import LoopServeConfig
-from loopserve_edge.eviction import choose_keep, drop_runs, pool
+from loopserve_edge.eviction import aggregate, choose_keep, pool
 
 GREEDY = dict(temperature=0)
 SCORED_POLICIES = ["snapkv", "h2o", "loopserve"]
@@ -31,21 +31,20 @@ def test_choose_keep_keeps_sinks_recent_and_the_best_scores():
     assert recency[:4].all() and recency[-20:].all() and recency.sum() == 24
 
 
+def test_aggregate_normalises_each_row_then_takes_mean_or_max():
+    rows = np.array([[1.0, 1.0, 2.0], [0.0, 30.0, 10.0]], np.float32)
+    norm = rows / rows.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(aggregate(rows, "mean"), norm.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(aggregate(rows, "max"), norm.max(axis=0), rtol=1e-6)
+    assert aggregate(np.zeros((2, 3), np.float32), "mean").tolist() == [0, 0, 0]  # nothing scored yet
+
+
 def test_pooling_spreads_a_peak_to_its_neighbours():
     s = np.zeros(20)
     s[10] = 7.0
     p = pool(s, 7)
     assert p.shape == s.shape
     assert np.allclose(p[7:14], 1.0) and p[6] == 0 and p[14] == 0
-
-
-def test_drop_runs_cover_exactly_the_dropped_positions():
-    positions = np.array([0, 1, 2, 5, 6, 7, 9, 12, 13])
-    keep = np.array([1, 0, 0, 1, 0, 1, 0, 0, 1], dtype=bool)
-    runs = drop_runs(positions, keep)
-    assert runs == [(1, 3), (6, 7), (9, 13)]
-    dropped = {p for a, b in runs for p in positions if a <= p < b}
-    assert dropped == set(positions[~keep])
 
 
 def test_config_refuses_nonsense():
@@ -58,6 +57,28 @@ def test_config_refuses_nonsense():
 
 
 # -- on a model -------------------------------------------------------------------------
+
+def test_bulk_removal_equals_range_removal(tiny_model, make_llm):
+    """llama_loopserve_seq_rm_positions leaves the cache exactly as one seq_rm per run."""
+    rng = np.random.default_rng(3)
+    toks = [int(t) for t in rng.integers(3, 200, 120)]
+    drop = np.sort(rng.choice(np.arange(4, 110), 40, replace=False))
+    logits = []
+    for bulk in (False, True):
+        llm = make_llm(tiny_model, n_ctx=256, loopserve=LoopServeConfig(max_resident=1))
+        d = llm.dialogue()
+        llm.decode(d, toks, list(range(len(toks))))
+        if bulk:
+            llm.remove_cells(d._seq, drop)
+        else:
+            for p in drop:
+                llm.remove_positions(d._seq, int(p), int(p) + 1)
+        pos, _ = llm.attention_scores(d)
+        assert list(pos) == sorted(set(range(len(toks))) - set(drop.tolist()))
+        logits.append(llm.decode(d, [5, 6], [120, 121]))
+    assert np.array_equal(logits[0], logits[1])
+
+
 
 @pytest.mark.parametrize("policy", ["streaming", *SCORED_POLICIES])
 def test_a_budget_above_the_context_changes_nothing(tiny_model, make_llm, policy):

@@ -154,6 +154,9 @@ def test_scores_match_numpy(model, weights, make_llm, flash_attn):
     assert list(pos) == list(range(43))
     assert sorted(by_layer) == list(range(SHAPE["n_layer"]))
     check_close(by_layer, want, pos, f"fa={flash_attn}")
+    pos_h, by_head = llm.attention_scores_by_head(dlg)  # all layers in one call
+    assert list(pos_h) == list(pos)
+    assert np.array_equal(by_head, np.concatenate([by_layer[il] for il in sorted(by_layer)]))
 
     # the aggregate is the sum over layers and KV heads; every row spreads n_head units of
     # probability per layer over the cells
