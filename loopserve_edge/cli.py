@@ -59,7 +59,8 @@ def _stats_line(dlg) -> str:
             f"{s.prefilled_tokens} prefilled{', swapped in' if s.swapped_in else ''}), "
             f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens} tok at {s.decode_tps:.1f} tok/s, "
             f"KV {s.kv_cells}/{s.kv_capacity} cells ({s.kv_evicted} evicted so far, "
-            f"eviction {s.evict_s * 1000:.1f} ms this turn), "
+            f"eviction {s.evict_s * 1000:.1f} ms this turn; {s.scored_tokens} tok scored, "
+            f"+{s.score_overhead_s * 1000:.1f} ms), "
             + (f"sparse prefill {s.sparse_tokens} tok at density {s.prefill_density:.1%}, "
                if s.prefill_density is not None else "")
             + f"finish: {s.finish_reason}")

@@ -35,7 +35,9 @@ class TurnStats:
     finish_reason: str      # stop | length | context_full
     swapped_in: bool        # the dialogue was not resident when the turn began
     kv_evicted: int = 0     # cells evicted from the dialogue so far (all turns)
-    evict_s: float = 0.0    # time spent choosing and removing cells this turn
+    evict_s: float = 0.0    # time spent reading scores, choosing and removing cells this turn
+    scored_tokens: int = 0  # generated tokens decoded with attention scoring on
+    score_overhead_s: float = 0.0  # their decode time beyond that of unscored tokens
     sparse_tokens: int = 0  # prefilled tokens that went through the sparse prefill path
     prefill_density: float | None = None  # share of their causal attention computed
 
@@ -51,6 +53,15 @@ def _sparse_fields(ps: dict | None) -> dict:
     if not ps or not ps["n_ubatch_sparse"]:
         return {}
     return {"sparse_tokens": ps["n_tokens_sparse"], "prefill_density": ps["density"]}
+
+
+def _overhead(times: dict[bool, list[float]]) -> float:
+    """Time of the scored decodes beyond what as many unscored ones took on average."""
+    scored, plain = times[True], times[False]
+    if not scored:
+        return 0.0
+    base = sum(plain) / len(plain) if plain else 0.0
+    return max(0.0, sum(scored) - base * len(scored))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -152,6 +163,7 @@ class Dialogue:
         ttft = None
         t_dec = time.perf_counter()
         finish = "length"
+        decode_times: dict[bool, list[float]] = {False: [], True: []}  # by scoring on/off
         try:
             for _ in range(params.max_tokens):
                 tok = sampler(logits)
@@ -166,11 +178,14 @@ class Dialogue:
                     finish = "context_full"
                     break
                 pos = self.positions[-1] + 1
+                scored = llm.score_window > 0
+                t_tok = time.perf_counter()
                 try:
                     logits = llm.decode(self, [tok], [pos])
                 except ContextFullError:
                     finish = "context_full"
                     break
+                decode_times[scored].append(time.perf_counter() - t_tok)
                 self.tokens.append(tok)
                 self.positions.append(pos)
                 out.append(tok)
@@ -194,6 +209,7 @@ class Dialogue:
                 decode_tokens=len(out), decode_s=time.perf_counter() - t_dec,
                 kv_cells=self.n_cells, kv_capacity=llm.n_ctx, finish_reason=finish,
                 swapped_in=swapped_in, kv_evicted=self.evicted, evict_s=self.evict_s,
+                scored_tokens=len(decode_times[True]), score_overhead_s=_overhead(decode_times),
                 **_sparse_fields(self._prefill_stats))
 
     # -- state -------------------------------------------------------------------------

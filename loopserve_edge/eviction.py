@@ -141,12 +141,14 @@ class Evictor:
     def compress(self, dlg: "Dialogue") -> None:
         if len(dlg.positions) <= self.cfg.budget:
             return
+        t0 = time.perf_counter()
         scores = None
         if self.scored:
             pos, rows = self.llm.attention_scores_by_head(dlg)
             if len(pos) != len(dlg.positions) or not np.array_equal(pos, dlg.positions):
                 raise RuntimeError("attention scores do not cover the dialogue's cells")
             scores = aggregate(rows, self.cfg.aggregate) if len(rows) else None
+        dlg.evict_s += time.perf_counter() - t0  # _compress adds its own part
         self._compress(dlg, scores, self.cfg.budget)
 
     def _compress(self, dlg: "Dialogue", scores: np.ndarray | None, budget: int) -> None:

@@ -44,6 +44,7 @@ def test_in_chat_commands(default_model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") >= 1
     assert "turn 1: prompt" in r.stderr and "reused" in r.stderr and "KV " in r.stderr
+    assert "evicted so far" in r.stderr and "tok scored" in r.stderr
     assert "no turn yet" in r.stderr and "/load path" in r.stderr
     assert (tmp_path / "x.lsd").is_file()
     loaded = run(["chat", *FAST], f"/load {tmp_path / 'x.lsd'}\n/stats\n", home=tmp_path)

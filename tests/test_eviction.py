@@ -105,6 +105,14 @@ def test_cells_never_exceed_budget_plus_interval(tiny_model, make_llm, policy):
     assert most <= c.budget + c.interval
     assert d.evicted > 0 and d.last_stats.kv_evicted == d.evicted
     assert d.last_stats.kv_cells <= c.budget + c.interval
+    # which generated tokens paid for scoring: none, all, or the window before each cut
+    s = d.last_stats
+    if policy == "streaming":
+        assert s.scored_tokens == 0 and s.score_overhead_s == 0
+    elif policy == "h2o":
+        assert s.scored_tokens == s.decode_tokens
+    else:
+        assert 0 < s.scored_tokens <= s.decode_tokens * c.window // c.interval + c.window
 
 
 @pytest.mark.parametrize("policy", ["streaming", *SCORED_POLICIES])
