@@ -77,6 +77,16 @@ class GreedyRecorder:
     def steps(self) -> list[RefStep]:
         return [RefStep.of(lg, self.top_k) for lg in self._logits]
 
+    def forced_along(self, refs: list[RefStep]) -> "TeacherForcer | None":
+        """When this greedy run chose exactly full's tokens, it *is* the teacher-forced run:
+        the comparison, without a second pass (else None)."""
+        if self.tokens != [r.token for r in refs]:
+            return None
+        f = TeacherForcer(refs)
+        for lg in self._logits:
+            f(lg)
+        return f
+
 
 @dataclass
 class TeacherForcer:

@@ -140,16 +140,15 @@ def run_dialogue(llm, case: Case, run: Run, *, full: dict | None = None,
     reset_peak_rss()
     t0 = time.perf_counter()
     dlg = llm.dialogue(system=case.system)
-    turns, my_refs = [], []
+    turns, recorders = [], []
     try:
         for i, t in enumerate(case.turns):
-            rec = fidelity.GreedyRecorder(top_k) if is_full else None
+            rec = fidelity.GreedyRecorder(top_k) if is_full or refs is not None else None
             reply = dlg.send(t.user, max_tokens=t.max_tokens, temperature=0, token_fn=rec)
             tr = _turn_record(dlg.last_stats, reply)
             tr["prefill_density"] = getattr(dlg.last_stats, "prefill_density",
                                             None if run.method.sparse_prefill else 1.0)
-            if rec is not None:
-                my_refs.append(rec.steps)
+            recorders.append(rec)
             if t.scorer is not None:
                 full_reply = reply if is_full else (full["turns"][i]["reply"] if full and "turns" in full else None)
                 tr["score"] = (score(t.scorer, reply, t.answers, t.choices, full_reply)
@@ -163,9 +162,13 @@ def run_dialogue(llm, case: Case, run: Run, *, full: dict | None = None,
     scored = [tr["score"] for tr in turns if tr.get("score") is not None]
     record["score"] = sum(scored) / len(scored) if scored else None
     if refs is not None and not is_full:
-        record["fidelity"] = teacher_forced(llm, case, refs)
+        same_run = [rec.forced_along(steps) for rec, steps in zip(recorders, refs)]
+        if all(f is not None for f in same_run):  # replied as full did: no second pass
+            record["fidelity"] = dict(fidelity.summary(same_run), second_pass=False)
+        else:
+            record["fidelity"] = dict(teacher_forced(llm, case, refs), second_pass=True)
     record["wall_s"] = time.perf_counter() - t0
-    return record, (my_refs if is_full else None)
+    return record, ([rec.steps for rec in recorders] if is_full else None)
 
 
 def teacher_forced(llm, case: Case, refs: list) -> dict:
