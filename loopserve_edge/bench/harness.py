@@ -204,8 +204,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def append_jsonl(path: Path, obj: dict) -> None:
+    cut = False
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
     with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+        f.write(("\n" if cut else "") + json.dumps(obj) + "\n")  # after a line cut short
         f.flush()
         os.fsync(f.fileno())
 
