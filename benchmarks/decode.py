@@ -70,15 +70,35 @@ def speed(a, model):
             # the prompt is cut at `depth` tokens of text: a user message of that size
             msg = llm.detokenize(toks[:max(depth - 16, 8)], special=False)
             d.send(msg, max_tokens=4, temperature=0)  # prefill (+ compression) and warm-up
-            t0 = time.perf_counter()
-            d.send("Continue.", max_tokens=a.tokens, temperature=0, token_fn=no_stop)
+            stamps: list[float] = []
+
+            def timed(l):
+                stamps.append(time.perf_counter())
+                return no_stop(l)
+
+            d.send("Continue.", max_tokens=a.tokens, temperature=0, token_fn=timed)
             s = d.last_stats
             tps = s.decode_tps
             if base is None:
                 base = tps
             print(f"| {name} | {depth} | {s.kv_cells} | {tps:.1f} | {tps / base:.0%} |", flush=True)
+            if a.profile:
+                profile_line(np.diff(stamps), cfg)
             d.close()
         llm.close()
+
+
+def profile_line(dt: np.ndarray, cfg) -> None:
+    """Where decode time goes inside an interval. Step g (between sampling generated
+    token g and g+1) runs the hooks after token g (compression when g is a multiple of
+    `interval`) and decodes it (scored for the `window` steps before a compression)."""
+    phase = np.arange(1, len(dt) + 1) % cfg.interval
+    start = cfg.interval - min(cfg.window, cfg.interval)
+    scored = (phase >= start) & (phase != 0)
+    groups = {"compress": phase == 0, "first scored": phase == start,
+              "scored": scored & (phase != start), "plain": ~scored & (phase != 0)}
+    parts = [f"{k} {1e3 * np.median(dt[m]):.2f} ms x{int(m.sum())}" for k, m in groups.items() if m.any()]
+    print(f"|   | per step (median) | {', '.join(parts)} | | |", flush=True)
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -150,6 +170,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="speed: per-step times by phase")
     a = ap.parse_args()
 
     from loopserve_edge import runtime_info

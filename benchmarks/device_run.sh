@@ -4,6 +4,7 @@
 #   test   - the test suite's model-free parts with every layer on the GPU
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
+#   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
 # Steps are arguments, so one call can do several: device_run.sh build test turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,15 @@ for step in "$@"; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
             --depths 0,16384,65536 --budget 2048 --tokens 256
+      done ;;
+    profile)
+      # where decode time goes per step of an interval, with and without CUDA graphs
+      [ -f /tmp/random-1b.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-1b.gguf 1b .carry/smollm2-tokenizer.gguf
+      for graphs in on off; do
+        echo "CUDA graphs $graphs"
+        [ $graphs = on ] && unset GGML_CUDA_DISABLE_GRAPHS || export GGML_CUDA_DISABLE_GRAPHS=1
+        python3 benchmarks/decode.py speed --model /tmp/random-1b.gguf \
+            --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile
       done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

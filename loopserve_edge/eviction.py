@@ -72,16 +72,10 @@ def choose_keep(n: int, scores: np.ndarray | None, cfg: LoopServeConfig, budget:
 def drop_runs(positions: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
     """[p0, p1) position ranges to remove: runs of dropped cells that are adjacent in
     the dialogue's order, so each run is one llama_memory_seq_rm call."""
-    runs: list[tuple[int, int]] = []
-    start = None
-    for i in range(len(positions)):
-        if not keep[i] and start is None:
-            start = i
-        if start is not None and (keep[i] or i == len(positions) - 1):
-            end = i if keep[i] else i + 1
-            runs.append((int(positions[start]), int(positions[end - 1]) + 1))
-            start = None
-    return runs
+    edges = np.diff(np.concatenate([[0], (~keep).astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    positions = np.asarray(positions)
+    return [(int(positions[s]), int(positions[e - 1]) + 1) for s, e in zip(starts, ends)]
 
 
 class Evictor:
@@ -139,7 +133,9 @@ class Evictor:
         start = (cfg.interval - min(cfg.window, cfg.interval)) % cfg.interval
         if phase == start:
             self.llm.reset_scores(dlg)
-            self.llm.set_score_window(1)
+            # no cut is due at the coming compression: leave the decodes unscored
+            due = len(dlg.positions) + cfg.interval - phase > cfg.budget
+            self.llm.set_score_window(1 if due else 0)
         elif phase == 0:
             self.llm.set_score_window(0)
 

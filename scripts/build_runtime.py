@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import io
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -57,6 +58,13 @@ CMAKE_COMMON = [
     "-DLLAMA_BUILD_SERVER=OFF",
 ]
 
+# Compiler flags for every build. The CPU backend is built for the building machine
+# (GGML_NATIVE), but without Intel AMX: some sandboxes report AMX and grant its
+# permission, then fault on the first tile instruction (seen on this project's dev
+# machines), and AMX only speeds up batched matmuls of a few quant types on server CPUs.
+NATIVE_EXTRA = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+HOST_FLAGS = NATIVE_EXTRA if platform.machine().lower() in ("x86_64", "amd64") else ""
+
 T0 = time.monotonic()
 
 
@@ -72,7 +80,7 @@ def fail(msg: str) -> "NoReturn":  # noqa: F821
 
 def patch_hash() -> str:
     """Hash of everything we add to upstream: the runtime is current iff this matches."""
-    h = hashlib.sha256(f"{PACKAGE}=={VERSION}\n".encode())
+    h = hashlib.sha256(f"{PACKAGE}=={VERSION}\n{HOST_FLAGS}\n".encode())
     files = sorted(PATCH_DIR.glob("*.patch"))
     if CUDA_DIR.is_dir():
         files += sorted(p for p in CUDA_DIR.rglob("*") if p.is_file())
@@ -228,6 +236,8 @@ def build(tree: Path, build_dir: Path, cuda: bool, jobs: int | None, cuda_arch: 
     cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps",
            "--force-reinstall", "-C", f"build-dir={build_dir}", "-C", "cmake.verbose=false",
            "-C", "build.verbose=false", str(tree)]
+    if HOST_FLAGS:  # a config setting, not CMAKE_ARGS: the value holds spaces
+        cmd[-1:-1] = [f"-Ccmake.define.CMAKE_{lang}_FLAGS={HOST_FLAGS}" for lang in ("C", "CXX")]
     log(f"building {'CUDA (' + cuda_arch + ')' if cuda else 'CPU'} runtime in {build_dir}")
     tail: list[str] = []
     step = re.compile(r"^\s*\[(\d+)/(\d+)\]\s+(.*)$")
