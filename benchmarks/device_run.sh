@@ -5,6 +5,10 @@
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
+#   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
+#            method, into $OUT/bench-gpu (plots need matplotlib; without it, make them here with
+#            `loopserve-edge bench --report-only --out DIR`). The default model is not carried:
+#            pass one that is. BENCH_CTX, BENCH_CASES, BENCH_BUDGETS change the size.
 # Steps are arguments, so one call can do several: device_run.sh build test turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +47,12 @@ for step in "$@"; do
         python3 benchmarks/decode.py speed --model /tmp/random-1b.gguf \
             --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile
       done ;;
+    bench|bench=*)
+      model=${step#bench}; model=${model#=}
+      [ -n "$model" ] || { echo "the bench step needs a model: bench=/path/to/model.gguf"; exit 2; }
+      python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K,4K,8K}" --turns 2 \
+          --cases-per-task "${BENCH_CASES:-2}" --budgets "${BENCH_BUDGETS:-256,1024}" --methods all \
+          --n-gpu-layers -1 --flash-attn --out "${OUT:-/tmp}/bench-gpu" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
