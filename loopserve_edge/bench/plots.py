@@ -46,6 +46,7 @@ def write_plots(folder: Path, spec, rows, cases, records) -> list[Path] | None:
             if full is not None and key == "score" and full.score is not None:
                 ax.axhline(full.score, color="black", linestyle="--", label="full")
             ax.set_xlabel("KV budget (cells)")
+            ax.set_ylim(0, 1.05)
             ax.set_ylabel(name)
             ax.set_title(f"context {ctx}")
             ax.grid(alpha=0.3)
