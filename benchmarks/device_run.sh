@@ -4,11 +4,15 @@
 #   test   - the test suite's model-free parts with every layer on the GPU
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
+#   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
+#   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
+#   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
 #   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
 #            method, into $OUT/bench-gpu (plots need matplotlib; without it, make them here with
 #            `loopserve-edge bench --report-only --out DIR`). The default model is not carried:
 #            pass one that is. BENCH_CTX, BENCH_CASES, BENCH_BUDGETS change the size.
+#   cmd:CMD - CMD in the same environment (wheels, PYTHONPATH, data)
 # Steps are arguments, so one call can do several: device_run.sh build test turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +30,7 @@ for step in "$@"; do
       # crashes the first model load on this box (see tests/conftest.py).
       PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 LOOPSERVE_TEST_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider \
           tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py \
-          tests/test_scores.py tests/test_eviction.py -k 'not default_model and not kept_content' ;;
+          tests/test_scores.py tests/test_eviction.py tests/test_prefill.py -k 'not default_model and not kept_content' ;;
     turns)
       for shape in 135m 1b; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
@@ -37,6 +41,18 @@ for step in "$@"; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
             --depths 0,16384,65536 --budget 2048 --tokens 256
+      done ;;
+    prefill-check)
+      python3 benchmarks/prefill.py check ;;
+    prefill-ops)
+      for shape in 135m 1b; do
+        python3 benchmarks/prefill.py ops --shape $shape --lengths 8192,32768,65536,131072
+      done ;;
+    prefill-ttft)
+      for shape in 135m 1b; do
+        [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+        python3 benchmarks/prefill.py ttft --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
+            --lengths 8192,32768,65536,131072 --ubatch 4096 --threads 8 --profile
       done ;;
     profile)
       # where decode time goes per step of an interval, with and without CUDA graphs
@@ -53,6 +69,9 @@ for step in "$@"; do
       python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K,4K,8K}" --turns 2 \
           --cases-per-task "${BENCH_CASES:-2}" --budgets "${BENCH_BUDGETS:-256,1024}" --methods all \
           --n-gpu-layers -1 --flash-attn --out "${OUT:-/tmp}/bench-gpu" ;;
+    cmd:*)
+      # any command in this environment: device_run.sh 'cmd:python3 benchmarks/x.py ...'
+      bash -c "${step#cmd:}" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

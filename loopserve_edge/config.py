@@ -15,10 +15,22 @@ class LoopServeConfig:
     # swapped out to RAM and swapped back on its next turn.
     max_resident: int = 2
 
-    # Phase 1, adaptive sparse prefill (off until its issue lands).
+    # Phase 1, adaptive vertical-slash sparse prefill (README "Sparse prefill"). Per
+    # full-attention layer of a prompt ubatch of at least `sparse_min_tokens` tokens, the
+    # last `last_q` queries estimate per KV head which key columns (vertical) and diagonals
+    # (slash) carry the attention mass; the fewest lines reaching `alpha` of it (clamped to
+    # [min, max]; max None = no cap), the first `prefill_sink` columns and the
+    # `local_window` diagonals next to the main one are attended, with exact softmax.
     sparse_prefill: bool = False
     alpha: float = 0.95
     last_q: int = 64
+    min_vertical: int = 16
+    max_vertical: int | None = None
+    min_slash: int = 16
+    max_slash: int | None = None
+    prefill_sink: int = 4
+    local_window: int = 64
+    sparse_min_tokens: int = 1024
 
     # Phase 2, progressive KV compression in decoding (eviction.py says what each policy
     # does). A dialogue holds at most budget + interval cells; None = never evict.
@@ -45,10 +57,16 @@ class LoopServeConfig:
                              f"recent={self.recent} cells")
         if self.policy != "full" and self.budget is None:
             raise ValueError(f"policy {self.policy!r} needs a budget")
-        if self.sparse_prefill:
-            raise ValueError("sparse prefill is not implemented yet")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError("alpha must be in (0, 1]")
+        if self.last_q < 1 or self.sparse_min_tokens < 2:
+            raise ValueError("last_q must be >= 1 and sparse_min_tokens >= 2")
+        if min(self.min_vertical, self.min_slash, self.prefill_sink, self.local_window) < 0:
+            raise ValueError("min_vertical, min_slash, prefill_sink and local_window must be >= 0")
+        for lo, hi, what in ((self.min_vertical, self.max_vertical, "vertical"),
+                             (self.min_slash, self.max_slash, "slash")):
+            if hi is not None and hi < max(lo, 1):
+                raise ValueError(f"max_{what} must be >= max(min_{what}, 1) or None")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,6 +36,8 @@ class TurnStats:
     swapped_in: bool        # the dialogue was not resident when the turn began
     kv_evicted: int = 0     # cells evicted from the dialogue so far (all turns)
     evict_s: float = 0.0    # time spent choosing and removing cells this turn
+    sparse_tokens: int = 0  # prefilled tokens that went through the sparse prefill path
+    prefill_density: float | None = None  # share of their causal attention computed
 
     @property
     def decode_tps(self) -> float:
@@ -43,6 +45,12 @@ class TurnStats:
 
     def to_dict(self) -> dict:
         return dict(asdict(self), decode_tps=self.decode_tps)
+
+
+def _sparse_fields(ps: dict | None) -> dict:
+    if not ps or not ps["n_ubatch_sparse"]:
+        return {}
+    return {"sparse_tokens": ps["n_tokens_sparse"], "prefill_density": ps["density"]}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -69,6 +77,7 @@ class Dialogue:
         self.last_stats: TurnStats | None = None
         # Logits the first token of the last reply was chosen from (checks and tests).
         self.first_token_logits: np.ndarray | None = None
+        self._prefill_stats: dict | None = None  # llm.prefill_stats() of this turn's prefill
         self._seq: int | None = None        # llama.cpp sequence while resident
         self._swapped: bytes | None = None  # sequence state while not resident
 
@@ -125,6 +134,7 @@ class Dialogue:
         positions = list(range(start, start + len(new)))
         llm.evictor.begin_prefill(self, len(new))
         logits = llm.decode(self, new, positions)
+        self._prefill_stats = llm.prefill_stats() if llm.config.sparse_prefill else None
         self.tokens += new
         self.positions += positions
         self.kv_text = rendered
@@ -183,7 +193,8 @@ class Dialogue:
                 ttft_s=ttft if ttft is not None else time.perf_counter() - t0,
                 decode_tokens=len(out), decode_s=time.perf_counter() - t_dec,
                 kv_cells=self.n_cells, kv_capacity=llm.n_ctx, finish_reason=finish,
-                swapped_in=swapped_in, kv_evicted=self.evicted, evict_s=self.evict_s)
+                swapped_in=swapped_in, kv_evicted=self.evicted, evict_s=self.evict_s,
+                **_sparse_fields(self._prefill_stats))
 
     # -- state -------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from .model_file import check_model_file, fingerprint
 from .paths import dialogues_dir
 
 DEFAULT_N_CTX = 4096
+SPARSE_N_BATCH = 2048    # n_batch/n_ubatch default with sparse prefill on
+SPARSE_BLOCK_Q = 64      # query rows per block of the sparse attention op
 
 
 class _NoSlot(Exception):
@@ -43,6 +45,11 @@ class Llama:
         self._dialogues_dir = dialogues_dir
         kwargs.setdefault("n_ctx", DEFAULT_N_CTX)
         kwargs.setdefault("verbose", False)
+        if self.config.sparse_prefill:
+            # the sparse path runs per ubatch of >= sparse_min_tokens tokens: prefill in
+            # large ubatches unless told otherwise
+            kwargs.setdefault("n_batch", SPARSE_N_BATCH)
+            kwargs.setdefault("n_ubatch", kwargs["n_batch"])
         try:
             self._llm = llama_cpp.Llama(str(self.model_path), **kwargs)
         except ValueError as e:
@@ -63,6 +70,8 @@ class Llama:
             eos_token=self._piece(llama_c.llama_vocab_eos(self._vocab)).decode(errors="replace"),
         )
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
+        if self.config.sparse_prefill:
+            self.set_sparse_prefill(self.config)
         # seq id -> resident dialogue, in least-recently-used order (dicts keep order)
         self._resident: dict[int, Dialogue] = {}
         self.evictor = Evictor(self, self.config)
@@ -288,6 +297,54 @@ class Llama:
             out[il] = buf
         return pos, out
 
+    # -- sparse prefill ------------------------------------------------------------------
+
+    def set_sparse_prefill(self, cfg: LoopServeConfig | None) -> None:
+        """Enable the adaptive sparse prefill with cfg's prefill fields (None or
+        cfg.sparse_prefill False: the stock path). See include/llama-loopserve.h."""
+        if cfg is None or not cfg.sparse_prefill:
+            bindings.llama_loopserve_prefill_set(self._ctx.ctx, None)
+            return
+        p = bindings.llama_loopserve_prefill_default_params()
+        p.alpha, p.last_q = cfg.alpha, cfg.last_q
+        p.n_min_vertical, p.n_max_vertical = cfg.min_vertical, cfg.max_vertical or 0
+        p.n_min_slash, p.n_max_slash = cfg.min_slash, cfg.max_slash or 0
+        p.n_sink, p.n_local = cfg.prefill_sink, cfg.local_window
+        p.n_min_tokens, p.block_q = cfg.sparse_min_tokens, SPARSE_BLOCK_Q
+        rc = bindings.llama_loopserve_prefill_set(self._ctx.ctx, ctypes.byref(p))
+        if rc == -2:
+            raise LoopServeError("sparse prefill needs a KV cache of type f16, q8_0 or f32 "
+                                 "(type_k/type_v); see the log for the types in use")
+        if rc != 0:
+            raise LoopServeError("sparse prefill cannot run on this model/context "
+                                 "(it needs a decoder-only model with a KV cache)")
+
+    def set_prefill_profile(self, on: bool) -> None:
+        """Time estimation vs attention of the sparse path (runs the graph in pieces,
+        slower; for measurements)."""
+        if bindings.llama_loopserve_prefill_set_profile(self._ctx.ctx, bool(on)) != 0:
+            raise LoopServeError("prefill profiling needs sparse prefill enabled and no eval callback")
+
+    def prefill_stats(self) -> dict:
+        """What the sparse prefill did in the last multi-token decode call: ubatches
+        that ran sparse / kept the stock path, their tokens, the density (share of the
+        causal attention matrix computed, in KV cells) overall and per layer (None for
+        layers that ran stock), and times in ms (estimate/attend only in profile mode)."""
+        s = bindings.llama_loopserve_prefill_stats()
+        enabled = bindings.llama_loopserve_prefill_stats_get(self._ctx.ctx, ctypes.byref(s))
+        n_layer = bindings.llama_loopserve_prefill_layer_pairs(self._ctx.ctx, None, None, 0)
+        comp = (ctypes.c_double * n_layer)()
+        caus = (ctypes.c_double * n_layer)()
+        bindings.llama_loopserve_prefill_layer_pairs(self._ctx.ctx, comp, caus, n_layer)
+        return {
+            "enabled": bool(enabled),
+            "n_ubatch_sparse": s.n_ubatch_sparse, "n_ubatch_stock": s.n_ubatch_stock,
+            "n_tokens_sparse": s.n_tokens_sparse,
+            "density": s.density if s.n_ubatch_sparse else None,
+            "layer_density": [c / d if d > 0 else None for c, d in zip(comp, caus)],
+            "t_sparse_ms": s.t_sparse_ms, "t_estimate_ms": s.t_estimate_ms, "t_attend_ms": s.t_attend_ms,
+        }
+
     # -- decoding ----------------------------------------------------------------------
 
     def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
@@ -297,6 +354,8 @@ class Llama:
         """Append tokens at positions to dlg's sequence; returns the logits of the last.
         On a full context nothing is kept and ContextFullError is raised."""
         seq = self.make_resident(dlg)
+        if len(tokens) > 1:
+            bindings.llama_loopserve_prefill_stats_reset(self._ctx.ctx)  # stats are per prefill call
         try:
             for i in range(0, len(tokens), self.n_batch):
                 self._decode_chunk(seq, tokens[i:i + self.n_batch], positions[i:i + self.n_batch],

@@ -1,5 +1,6 @@
 """The installed llama-cpp-python is the patched runtime this checkout builds."""
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ def test_patch_hash_changes_with_patches(tmp_path, monkeypatch):
     for p in (ROOT / "patches").glob("*.patch"):
         (extra / p.name).write_bytes(p.read_bytes() + b"\n")
     monkeypatch.setattr(mod, "PATCH_DIR", extra)
+    monkeypatch.setattr(mod, "CUDA_DIR", tmp_path / "cuda")  # hashed too; paths relative to ROOT
+    if (ROOT / "cuda").is_dir():
+        shutil.copytree(ROOT / "cuda", tmp_path / "cuda")
     monkeypatch.setattr(mod, "ROOT", tmp_path)
     assert mod.patch_hash() != before
 

@@ -146,8 +146,11 @@ def run_dialogue(llm, case: Case, run: Run, *, full: dict | None = None,
             rec = fidelity.GreedyRecorder(top_k) if is_full or refs is not None else None
             reply = dlg.send(t.user, max_tokens=t.max_tokens, temperature=0, token_fn=rec)
             tr = _turn_record(dlg.last_stats, reply)
-            tr["prefill_density"] = getattr(dlg.last_stats, "prefill_density",
-                                            None if run.method.sparse_prefill else 1.0)
+            # share of the causal attention the prefill computed (1: dense, also for
+            # prompts too short for the sparse path)
+            density = getattr(dlg.last_stats, "prefill_density", None)
+            tr["prefill_density"] = 1.0 if density is None else density
+            tr["sparse_tokens"] = getattr(dlg.last_stats, "sparse_tokens", 0)
             recorders.append(rec)
             if t.scorer is not None:
                 full_reply = reply if is_full else (full["turns"][i]["reply"] if full and "turns" in full else None)
@@ -267,9 +270,13 @@ def claim_folder(out: Path, spec: BenchSpec, fingerprint: str, runtime: dict) ->
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def llama_kwargs(spec: BenchSpec, n_ctx: int) -> dict:
+def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
+    """Prompts go in batches of 2048 tokens, computed in ubatches of 512 (as the other
+    benchmarks do), or of 2048 with sparse prefill: its path runs only on ubatches of at
+    least `sparse_min_tokens` (Llama's own default with it on)."""
     return dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
-                flash_attn=spec.flash_attn, n_batch=2048, n_ubatch=512)
+                flash_attn=spec.flash_attn, n_batch=2048,
+                n_ubatch=2048 if run.method.sparse_prefill else 512)
 
 
 def make_cases(spec: BenchSpec) -> tuple[dict[int, list[Case]], str]:
@@ -322,7 +329,7 @@ def run_bench(spec: BenchSpec, out: Path, progress=None, log=print) -> Folder:
 def _run_method(spec: BenchSpec, folder: Folder, ctx: int, run: Run, cases: list[Case], bar) -> None:
     from ..llama import Llama
 
-    with Llama(spec.model, loopserve=run.config(), **llama_kwargs(spec, ctx)) as llm:
+    with Llama(spec.model, loopserve=run.config(), **llama_kwargs(spec, run, ctx)) as llm:
         warm = llm.dialogue()
         warm.send("Hello.", max_tokens=2, temperature=0)  # allocation, graph capture
         warm.close()

@@ -1,0 +1,202 @@
+"""Sparse prefill (issue 5): checks and benchmarks.
+
+  check  - CUDA against the CPU reference on random inputs (head dim 64/128, GQA 1/3/4/8,
+           lengths not a multiple of the block, f16/q8_0 K/V, transposed V): vs_scores,
+           select and sparse attention; prints a pass/fail table (exit 1 on a failure)
+  ops    - attention op time at several lengths: stock ggml_flash_attn_ext vs the sparse
+           op (last ubatch of a prompt of that length, a fixed selection), density reached,
+           and the estimation ops' time
+  ttft   - end-to-end prefill time (TTFT) of a prompt, stock vs sparse, with the density
+           (and, with --profile, estimation vs attention time of the sparse run)
+
+  python benchmarks/prefill.py check
+  python benchmarks/prefill.py ops --lengths 8192,32768,65536,131072 --shape 1b
+  python benchmarks/prefill.py ttft --model M.gguf --lengths 2048,4096,8192 [--n-gpu-layers -1]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import loopserve_edge  # noqa: E402,F401  (llama.cpp's library before numpy)
+from loopserve_edge import sparse_ops as so  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+SHAPES = {"135m": (9, 3, 64), "1b": (32, 8, 64)}  # n_head, n_head_kv, head dim
+
+
+def rand_lists(r, n_kv, n_head_kv, n_col, n_off):
+    lists = []
+    for _ in range(n_head_kv):
+        cols = sorted(set(r.integers(0, n_kv, n_col).tolist()) | {0, 1, 2, 3})
+        offs = sorted(set(r.integers(0, n_kv, n_off).tolist()) | set(range(min(64, n_kv))))
+        lists.append([cols, offs])
+    return lists
+
+
+# -- check ------------------------------------------------------------------------------
+
+def check(args) -> int:
+    rows, fails = [], 0
+    r = np.random.default_rng(0)
+
+    def row(what, shape, ok, err):
+        nonlocal fails
+        fails += not ok
+        rows.append((what, shape, "PASS" if ok else "FAIL", err))
+
+    for d in (64, 128):
+        for gqa in (1, 3, 4, 8):
+            n_head_kv = 2
+            n_head = n_head_kv * gqa
+            for n_tok, hist, tk, vt in ((300, 0, "f16", False), (333, 517, "q8_0", False), (130, 70, "f16", True)):
+                n_kv = hist + n_tok + 11
+                q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
+                k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+                v = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+                cells = np.arange(hist, hist + n_tok)
+                mask = so.causal_mask(cells, n_kv)
+                sel = so.sel_array(rand_lists(r, n_kv, n_head_kv, 20, 12), n_kv)
+                kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, sel=sel, type_k=tk, type_v=tk, v_trans=vt,
+                          mask_f16=True, scale=1 / np.sqrt(d))
+                cpu, _ = so.run(so.OP_SPARSE, **kw, n_threads=8)
+                try:
+                    gpu, _ = so.run(so.OP_SPARSE, gpu=True, **kw)
+                    err = float(np.max(np.abs(gpu - cpu)))
+                    ok = err < (2e-2 if tk == "q8_0" else 5e-3)
+                except RuntimeError as e:
+                    err, ok = str(e), False
+                row("sparse_attn", f"d={d} gqa={gqa} tok={n_tok} kv={n_kv} {tk}{' vT' if vt else ''}", ok, err)
+    for n_head, n_head_kv in ((4, 4), (24, 8), (9, 3)):
+        for n_kv in (1000, 4097):
+            p = r.random((n_head, 64, n_kv)).astype(np.float32) / n_kv
+            cells = np.arange(n_kv - 64, n_kv)
+            cpu, _ = so.run(so.OP_VS, p=p, cells=cells, n_head_kv=n_head_kv)
+            gpu, _ = so.run(so.OP_VS, p=p, cells=cells, n_head_kv=n_head_kv, gpu=True)
+            err = float(np.max(np.abs(gpu - cpu) / (np.abs(cpu) + 1e-3)))
+            row("vs_scores", f"heads={n_head}/{n_head_kv} kv={n_kv}", err < 1e-3, err)
+            sc = cpu
+            for kw in (dict(alpha=0.9), dict(alpha=0.5, n_min_v=30, n_max_s=50, n_sink=4, n_local=64),
+                       dict(alpha=1.0)):
+                a, _ = so.run(so.OP_SELECT, scores=sc, **kw)
+                b, _ = so.run(so.OP_SELECT, scores=sc, gpu=True, **kw)
+                worst = 0
+                for g in range(n_head_kv):
+                    for kind in range(2):
+                        sa = set(a[g, kind, 1:1 + a[g, kind, 0]].tolist())
+                        sb = set(b[g, kind, 1:1 + b[g, kind, 0]].tolist())
+                        worst = max(worst, len(sa ^ sb))
+                # float sums in another order may move the alpha cut by a line
+                row("select", f"heads_kv={n_head_kv} kv={n_kv} {kw}", worst <= 2, f"max sym. diff {worst}")
+    w = max(len(x[1]) for x in rows)
+    for what, shape, res, err in rows:
+        print(f"{what:12s} {shape:{w}s} {res}  {err}")
+    print(f"{len(rows) - fails}/{len(rows)} passed")
+    return 1 if fails else 0
+
+
+# -- ops ----------------------------------------------------------------------------------
+
+def ops(args) -> int:
+    n_head, n_head_kv, d = SHAPES[args.shape]
+    r = np.random.default_rng(1)
+    print(f"shape {args.shape}: {n_head} heads, {n_head_kv} KV heads, d={d}; last ubatch of {args.ubatch} "
+          f"queries; selection {args.n_vertical} columns + {args.n_slash} diagonals (incl. 64 local) per KV head")
+    print(f"{'length':>8} {'FA ms':>9} {'sparse ms':>10} {'speedup':>8} {'density':>8} {'vs+select ms':>13}")
+    for L in [int(x) for x in args.lengths.split(",")]:
+        n_tok = min(args.ubatch, L)
+        q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
+        k = r.standard_normal((n_head_kv, L, d)).astype(np.float32)
+        v = r.standard_normal((n_head_kv, L, d)).astype(np.float32)
+        cells = np.arange(L - n_tok, L)
+        mask = so.causal_mask(cells, L)
+        kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, type_k="f16", type_v="f16", mask_f16=True,
+                  scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
+        _, t_fa = so.run(so.OP_FLASH, **kw)
+        sel = so.sel_array(rand_lists(r, L, n_head_kv, args.n_vertical, args.n_slash), L)
+        out, t_sp = so.run(so.OP_SPARSE, sel=sel, **kw)
+        density = float(out[n_tok, :, 0].sum() / out[n_tok, :, 1].sum())
+        p = (r.random((n_head, 64, L)) / L).astype(np.float32)
+        sc, t_vs = so.run(so.OP_VS, p=p, cells=cells[-64:], n_head_kv=n_head_kv, gpu=args.gpu, n_iter=args.iters,
+                          n_threads=args.threads)
+        _, t_sel = so.run(so.OP_SELECT, scores=sc, alpha=0.95, gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
+        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_vs + t_sel:13.3f}", flush=True)
+    return 0
+
+
+# -- ttft ---------------------------------------------------------------------------------
+
+def ttft(args) -> int:
+    from loopserve_edge import Llama, LoopServeConfig
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    model = args.model
+    if model is None:
+        from loopserve_edge.paths import default_model
+        model = default_model()
+    print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
+          f"ubatch {args.ubatch}, alpha {args.alpha}")
+    print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
+          f"{'est/attn ms (profile)':>22}")
+    rng = np.random.default_rng(2)
+    for L in lengths:
+        toks = [int(t) for t in rng.integers(100, 20000 if args.model else 256, L)]
+        res = {}
+        for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
+            cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, max_resident=1)
+            llm = Llama(model, loopserve=cfg, n_ctx=L + 64, n_batch=args.ubatch, n_ubatch=args.ubatch,
+                        n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
+                        n_threads_batch=args.threads)
+            if mode == "profile":
+                llm.set_prefill_profile(True)
+            dlg = llm.dialogue()
+            llm.decode(dlg, toks[:64], list(range(64)))  # warm-up (graph build, allocations)
+            llm.forget(dlg)
+            dlg = llm.dialogue()
+            t0 = time.perf_counter()
+            llm.decode(dlg, toks, list(range(L)))
+            res[mode] = (time.perf_counter() - t0, llm.prefill_stats())
+            llm.close()
+        ts, (tp, st) = res["stock"][0], res["sparse"]
+        dens = f"{st['density']:.3f}" if st["density"] is not None else "-"
+        prof = ""
+        if "profile" in res:
+            sp = res["profile"][1]
+            prof = f"{sp['t_estimate_ms']:.0f}/{sp['t_attend_ms']:.0f}"
+        print(f"{L:8d} {ts:9.3f} {tp:9.3f} {ts / tp:7.2f}x {dens:>8} "
+              f"{st['n_ubatch_sparse']:>7}/{st['n_ubatch_sparse'] + st['n_ubatch_stock']:<8} {prof:>22}", flush=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check")
+    o = sub.add_parser("ops")
+    o.add_argument("--shape", choices=SHAPES, default="1b")
+    o.add_argument("--lengths", default="8192,32768,65536,131072")
+    o.add_argument("--ubatch", type=int, default=2048)
+    o.add_argument("--n-vertical", type=int, default=1024)
+    o.add_argument("--n-slash", type=int, default=512)
+    o.add_argument("--iters", type=int, default=5)
+    o.add_argument("--threads", type=int, default=4)
+    o.add_argument("--cpu", dest="gpu", action="store_false")
+    t = sub.add_parser("ttft")
+    t.add_argument("--model", default=None, help="GGUF (default: the default model)")
+    t.add_argument("--lengths", default="2048,4096,8192")
+    t.add_argument("--ubatch", type=int, default=2048)
+    t.add_argument("--alpha", type=float, default=0.95)
+    t.add_argument("--n-gpu-layers", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--flash-attn", action="store_true")
+    t.add_argument("--profile", action="store_true", help="also a profiled sparse run (estimation vs attention)")
+    a = ap.parse_args()
+    return {"check": check, "ops": ops, "ttft": ttft}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

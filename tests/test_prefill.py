@@ -1,0 +1,237 @@
+"""Adaptive vertical-slash sparse prefill: the ggml ops on the CPU backend against numpy
+(through llama_loopserve_op_test_run), and the model path end to end."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loopserve_edge import LoopServeConfig
+from loopserve_edge import sparse_ops as so
+from loopserve_edge.random_gguf import write_random_llama
+
+RNG = np.random.default_rng
+
+
+def qkv(seed, n_head, n_head_kv, n_tokens, n_kv, d):
+    r = RNG(seed)
+    q = r.standard_normal((n_head, n_tokens, d)).astype(np.float32)
+    k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    v = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    return q, k, v
+
+
+def f16(x):
+    return x.astype(np.float16).astype(np.float32)
+
+
+# -- sparse attention op ------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_k,v_trans", [("f32", False), ("f16", False), ("f16", True)])
+def test_all_lines_equal_dense(type_k, v_trans):
+    """Every column selected (or every diagonal): dense causal attention."""
+    n_head, n_head_kv, n_tok, d = 6, 2, 150, 64
+    start = 37  # the prompt follows 37 cells of history
+    n_kv = start + n_tok + 5
+    q, k, v = qkv(0, n_head, n_head_kv, n_tok, n_kv, d)
+    cells = np.arange(start, start + n_tok)
+    mask = so.causal_mask(cells, n_kv)
+    scale = 1 / np.sqrt(d)
+    kk, vv = (k, v) if type_k == "f32" else (f16(k), f16(v))
+    want = so.ref_attention(q if type_k == "f32" else f16(q), kk, vv, mask, scale=scale)
+    for lists in ([[list(range(n_kv)), []]] * n_head_kv, [[[], list(range(n_kv))]] * n_head_kv):
+        out, _ = so.run(so.OP_SPARSE, q=q, k=k, v=v, mask=mask, cells=cells, sel=so.sel_array(lists, n_kv),
+                        type_k=type_k, type_v=type_k, v_trans=v_trans, scale=scale)
+        np.testing.assert_allclose(out[:n_tok], want, rtol=2e-3, atol=2e-3)
+        # statistics row: everything causal computed
+        causal = float(np.sum(cells + 1))
+        np.testing.assert_allclose(out[n_tok, :, 0], causal, rtol=1e-6)
+        np.testing.assert_allclose(out[n_tok, :, 1], causal, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("n_head,n_head_kv,d,block_q", [(4, 4, 32, 16), (6, 2, 64, 64), (8, 1, 32, 32)])
+def test_random_selection_equals_masked_dense(seed, n_head, n_head_kv, d, block_q):
+    """Hand-built selections: dense attention under the equivalent mask, and the stats."""
+    r = RNG(seed)
+    n_tok = 97 + seed          # not a multiple of the block
+    start = int(r.integers(0, 50))
+    n_kv = start + n_tok + 3
+    q, k, v = qkv(seed, n_head, n_head_kv, n_tok, n_kv, d)
+    cells = np.arange(start, start + n_tok)
+    mask = so.causal_mask(cells, n_kv)
+    lists = []
+    for _ in range(n_head_kv):
+        cols = sorted(set(r.integers(0, n_kv, int(r.integers(0, 20))).tolist()))
+        offs = sorted(set(r.integers(0, n_kv, int(r.integers(1, 15))).tolist()) | {0})
+        lists.append([cols, offs])
+    allowed = so.sparse_mask(lists, cells, n_kv, n_head, block_q)
+    scale = 0.3
+    want = so.ref_attention(q, k, v, mask, allowed, scale=scale, softcap=0.0)
+    out, _ = so.run(so.OP_SPARSE, q=q, k=k, v=v, mask=mask, cells=cells, sel=so.sel_array(lists, n_kv),
+                    type_k="f32", type_v="f32", scale=scale, block_q=block_q)
+    np.testing.assert_allclose(out[:n_tok], want, rtol=1e-4, atol=1e-5)
+    # computed pairs: allowed keys at or before each row's cell
+    comp = (allowed & (np.arange(n_kv)[None, None, :] <= cells[None, :, None])).sum(axis=(1, 2))
+    np.testing.assert_allclose(out[n_tok, :, 0], comp, rtol=1e-6)
+
+
+def test_softcap_q8_0_and_f16_mask():
+    n_head, n_head_kv, n_tok, d = 4, 2, 70, 32
+    n_kv = n_tok
+    q, k, v = qkv(7, n_head, n_head_kv, n_tok, n_kv, d)
+    cells = np.arange(n_tok)
+    mask = so.causal_mask(cells, n_kv)
+    lists = [[[0, 5, 9], [0, 1, 2, 30]], [[3], [0, 4]]]
+    allowed = so.sparse_mask(lists, cells, n_kv, n_head, 64)
+    want = so.ref_attention(q, k, v, mask, allowed, scale=0.5, softcap=3.0)
+    out, _ = so.run(so.OP_SPARSE, q=q, k=k, v=v, mask=mask, cells=cells, sel=so.sel_array(lists, n_kv),
+                    type_k="q8_0", type_v="q8_0", mask_f16=True, scale=0.5, softcap=3.0)
+    np.testing.assert_allclose(out[:n_tok], want, atol=6e-2)  # q8_0 rounding of Q, K and V
+
+
+def test_cells_modulo_stream_offset():
+    """q_cells of stream s are offset by s * size: taken modulo cell_mod."""
+    n_head, n_tok, n_kv, d = 2, 40, 50, 32
+    q, k, v = qkv(9, n_head, n_head, n_tok, n_kv, d)
+    cells = np.arange(10, 10 + n_tok)
+    mask = so.causal_mask(cells, n_kv)
+    lists = [[[1, 2], [0, 3]]] * n_head
+    a, _ = so.run(so.OP_SPARSE, q=q, k=k, v=v, mask=mask, cells=cells, sel=so.sel_array(lists, n_kv),
+                  type_k="f32", type_v="f32", cell_mod=512)
+    b, _ = so.run(so.OP_SPARSE, q=q, k=k, v=v, mask=mask, cells=cells + 3 * 512, sel=so.sel_array(lists, n_kv),
+                  type_k="f32", type_v="f32", cell_mod=512)
+    np.testing.assert_array_equal(a, b)
+
+
+# -- estimation and selection ops -------------------------------------------------------------
+
+@pytest.mark.parametrize("n_head,n_head_kv", [(4, 4), (6, 2)])
+def test_vs_scores_match_numpy(n_head, n_head_kv):
+    r = RNG(4)
+    n_rows, n_kv = 9, 130
+    p = r.random((n_head, n_rows, n_kv)).astype(np.float32)
+    cells = np.arange(n_kv - n_rows - 4, n_kv - 4)
+    out, _ = so.run(so.OP_VS, p=p, cells=cells, n_head_kv=n_head_kv)
+    np.testing.assert_allclose(out, so.ref_vs_scores(p, cells, n_head_kv), rtol=1e-5, atol=1e-5)
+
+
+def test_select_alpha_clamps_sinks_local():
+    r = RNG(5)
+    n_kv, n_head_kv = 300, 3
+    sc = (r.random((n_head_kv, 2, n_kv)) ** 8).astype(np.float32)
+    sc[:, :, 250:] = 0.0  # lines without mass are never chosen by score
+    for kw in (dict(alpha=0.5), dict(alpha=0.9), dict(alpha=1.0),
+               dict(alpha=0.5, n_min_v=40, n_min_s=7), dict(alpha=0.99, n_max_v=10, n_max_s=3),
+               dict(alpha=0.3, n_sink=4, n_local=64), dict(alpha=1.0, n_min_v=280)):
+        out, _ = so.run(so.OP_SELECT, scores=sc, **kw)
+        want = so.ref_select(sc, **kw)
+        for g in range(n_head_kv):
+            for kind in range(2):
+                n = out[g, kind, 0]
+                got = out[g, kind, 1:1 + n].tolist()
+                assert got == want[g][kind], (kw, g, kind)
+    # alpha semantics directly: the selection reaches alpha of the mass with the fewest lines
+    out, _ = so.run(so.OP_SELECT, scores=sc, alpha=0.8)
+    for g in range(n_head_kv):
+        for kind in range(2):
+            x = sc[g, kind]
+            sel = out[g, kind, 1:1 + out[g, kind, 0]]
+            assert x[sel].sum() >= 0.8 * x.sum() * (1 - 1e-6)
+            rest = np.sort(x[sel])[1:]  # dropping the weakest must fall below alpha
+            assert rest.sum() < 0.8 * x.sum()
+    # alpha = 1: every line with mass, none without
+    out, _ = so.run(so.OP_SELECT, scores=sc, alpha=1.0)
+    assert out[0, 0, 0] == np.count_nonzero(sc[0, 0])
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+SHAPE = dict(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_random_llama(tmp_path_factory.mktemp("models") / "prefill.gguf", seed=11, std=0.05,
+                              qk_std=0.35, embd_std=1.0, **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def flat_model(tmp_path_factory):
+    # N(0, 0.02) weights: every probability of the estimation rows is far from f32 underflow,
+    # so alpha = 1 really selects every column (a peaked model may round some to 0)
+    return write_random_llama(tmp_path_factory.mktemp("models") / "flat.gguf", seed=12, **SHAPE)
+
+
+def tokens(seed, n):
+    return [int(t) for t in RNG(seed).integers(0, 256, n)]
+
+
+def prefill(llm, toks, history=0):
+    dlg = llm.dialogue()
+    if history:
+        llm.decode(dlg, toks[:history], list(range(history)))
+    logits = llm.decode(dlg, toks[history:], list(range(history, len(toks))))
+    return logits, llm.prefill_stats()
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_alpha_one_matches_stock(flat_model, make_llm, flash_attn):
+    """alpha = 1 selects every column the last row sees: the stock path's logits."""
+    toks = tokens(1, 300)
+    kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=flash_attn)
+    model = flat_model
+    stock = make_llm(model, **kw)
+    want, st0 = prefill(stock, toks, history=40)
+    assert st0["n_ubatch_sparse"] == 0
+    cfg = LoopServeConfig(sparse_prefill=True, alpha=1.0, min_vertical=0, min_slash=0, local_window=0,
+                          prefill_sink=0, sparse_min_tokens=100, last_q=16)
+    sparse = make_llm(model, loopserve=cfg, **kw)
+    got, st = prefill(sparse, toks, history=40)
+    assert st["n_ubatch_sparse"] == 1 and st["n_tokens_sparse"] == 256
+    assert st["n_ubatch_stock"] == 1  # the 4-token tail
+    assert st["density"] == pytest.approx(1.0)
+    assert all(d == pytest.approx(1.0) for d in st["layer_density"])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_sparse_selection_runs(model, make_llm, flash_attn):
+    """alpha < 1 computes less than the causal matrix, and stays close to dense."""
+    toks = tokens(2, 500)
+    kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=flash_attn)
+    want, _ = prefill(make_llm(model, **kw), toks)
+    # a random model has no vertical-slash structure and 64-row blocks widen each diagonal
+    # into a 64-key range: on 500 tokens only a small alpha leaves part of the matrix out
+    cfg = LoopServeConfig(sparse_prefill=True, alpha=0.05, min_vertical=1, min_slash=1, local_window=8,
+                          prefill_sink=2, sparse_min_tokens=256)
+    got, st = prefill(make_llm(model, loopserve=cfg, **kw), toks)
+    assert st["n_ubatch_sparse"] == 1
+    assert 0.0 < st["density"] < 0.99
+    assert all(0.0 < d < 1.0 for d in st["layer_density"])
+    assert np.isfinite(got).all()
+    assert np.corrcoef(got, want)[0, 1] > 0.5
+
+
+def test_off_and_short_batches_are_stock(model, make_llm):
+    cfg = LoopServeConfig(sparse_prefill=True, sparse_min_tokens=400)
+    llm = make_llm(model, loopserve=cfg, n_ctx=512)
+    _, st = prefill(llm, tokens(3, 100))
+    assert st["enabled"] and st["n_ubatch_sparse"] == 0 and st["density"] is None
+    llm.set_sparse_prefill(None)
+    assert not llm.prefill_stats()["enabled"]
+
+
+def test_refuses_unsupported_kv_type(model, make_llm):
+    from loopserve_edge.errors import LoopServeError
+    with pytest.raises(LoopServeError, match="f16, q8_0"):
+        make_llm(model, loopserve=LoopServeConfig(sparse_prefill=True), type_k=2, type_v=2,
+                 flash_attn=True)  # q4_0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        LoopServeConfig(sparse_prefill=True, alpha=0.0)
+    with pytest.raises(ValueError):
+        LoopServeConfig(sparse_prefill=True, min_vertical=10, max_vertical=5)
+    c = LoopServeConfig(sparse_prefill=True)
+    assert LoopServeConfig.from_dict(c.to_dict()) == c
