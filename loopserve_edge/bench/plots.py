@@ -82,6 +82,7 @@ def write_plots(folder: Path, spec, rows, cases, records) -> list[Path] | None:
         if per_turn:
             ks = sorted(per_turn)
             ax.plot(ks, [sum(per_turn[k]) / len(per_turn[k]) for k in ks], marker="o", label=m)
+            ax.set_xticks(ks)
     ax.set_xlabel("turn")
     ax.set_ylabel("KV cells after the turn (mean)")
     ax.set_title(f"context {ctx}")
