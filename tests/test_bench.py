@@ -319,7 +319,11 @@ def test_bench_resumes_without_rerunning(small_run):
     third = bench(SMALL + ["--out", str(out)])
     assert third.returncode == 0, third.stderr
     assert "resuming: 7 of 8 runs already done" in third.stderr
-    redone = lines(out / "runs.jsonl")[-1]
+    from loopserve_edge.bench.harness import read_jsonl
+
+    kept = read_jsonl(out / "runs.jsonl")        # the cut line is passed over
+    assert len(kept) == 8
+    redone = kept[-1]
     assert (redone["case"], redone["method"]) == (json.loads(before[-1])["case"], json.loads(before[-1])["method"])
     report = bench(["--report-only", "--out", str(out)])
     assert report.returncode == 0 and "| passkey |" in report.stdout
