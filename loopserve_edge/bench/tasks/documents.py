@@ -48,7 +48,7 @@ def _draw(rng: random.Random, n_gold: int) -> tuple[list[NQItem], list[NQItem]]:
     return items[:n_gold], items[n_gold:]
 
 
-def _depths(numbers: dict[int, int], n_docs_text: str) -> dict:
+def _doc_meta(numbers: dict[int, int], n_docs_text: str) -> dict:
     total = n_docs_text.count("Document [")
     return {"gold_docs": list(numbers.values()), "n_docs": total}
 
@@ -58,7 +58,7 @@ def qa(rng: random.Random, budget: int, n_q: int, tokens: Tokens):
     golds, pool = _draw(rng, n_q)
     text, numbers = _documents(rng, budget, golds, pool, tokens)
     blocks = [Block(text if i == 0 else "", _ask(g)) for i, g in enumerate(golds)]
-    return blocks, _depths(numbers, text)
+    return blocks, _doc_meta(numbers, text)
 
 
 def docs_over_turns(rng: random.Random, budget: int, n_q: int, tokens: Tokens):
@@ -86,5 +86,5 @@ def open_generation(rng: random.Random, budget: int, n_q: int, tokens: Tokens):
     golds, pool = _draw(rng, n_q)
     text, numbers = _documents(rng, budget, golds, pool, tokens)
     blocks = [Block(text if i == 0 else "", _describe(numbers[g.index])) for i, g in enumerate(golds)]
-    return blocks, _depths(numbers, text)
+    return blocks, _doc_meta(numbers, text)
 
