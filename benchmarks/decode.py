@@ -106,16 +106,9 @@ def profile_line(dt: np.ndarray, cfg) -> None:
     print(f"|   | per step (mean) | {', '.join(parts)} | | |", flush=True)
 
 
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p = p_logits.astype(np.float64) - p_logits.max()
-    q = q_logits.astype(np.float64) - q_logits.max()
-    lp = p - np.log(np.exp(p).sum())
-    lq = q - np.log(np.exp(q).sum())
-    return float((np.exp(lp) * (lp - lq)).sum())
-
-
 def fidelity(a, model):
     from loopserve_edge import LoopServeConfig
+    from loopserve_edge.bench.fidelity import GreedyRecorder, TeacherForcer, summary
 
     budgets = [int(x) for x in a.budgets.split(",")]
     policies = ["streaming", "snapkv", "h2o", "loopserve"]
@@ -127,14 +120,9 @@ def fidelity(a, model):
     refs = []
     for p in prompts:
         d = full.dialogue()
-        logits: list[np.ndarray] = []
-
-        def greedy(l):
-            logits.append(l.copy())
-            return int(np.argmax(l))
-
-        d.send(p, max_tokens=a.tokens, token_fn=greedy)
-        refs.append(([int(np.argmax(l)) for l in logits], logits))
+        rec = GreedyRecorder(top_k=None)  # the whole distribution: exact KL
+        d.send(p, max_tokens=a.tokens, token_fn=rec)
+        refs.append(rec.steps)
         d.close()
     full.close()
     print(f"prompts: {a.prompts} x ~{a.prompt_tokens} tokens, {a.tokens} teacher-forced tokens each")
@@ -145,20 +133,14 @@ def fidelity(a, model):
         for budget in budgets:
             cfg = LoopServeConfig(max_resident=1, policy=policy, budget=budget)
             llm = make(model, cfg, a, n_ctx)
-            same, kls = [], []
-            for p, (tokens, ref_logits) in zip(prompts, refs):
+            forcers = []
+            for p, steps in zip(prompts, refs):
                 d = llm.dialogue()
-                step = iter(range(len(tokens)))
-
-                def forced(l):
-                    i = next(step)
-                    same.append(int(np.argmax(l)) == tokens[i])
-                    kls.append(kl(ref_logits[i], l))
-                    return tokens[i]
-
-                d.send(p, max_tokens=len(tokens), token_fn=forced)
+                forcers.append(TeacherForcer(steps))
+                d.send(p, max_tokens=len(steps), token_fn=forcers[-1])
                 d.close()
-            print(f"| {policy} | {budget} | {np.mean(same):.1%} | {np.mean(kls):.4f} |", flush=True)
+            s = summary(forcers)
+            print(f"| {policy} | {budget} | {s['same_greedy']:.1%} | {s['mean_kl']:.4f} |", flush=True)
             llm.close()
 
 

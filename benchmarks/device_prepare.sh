@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fills .carry/ (git-ignored) with what a run on the GPU box needs and cannot download:
-# the slim runtime source, wheels the box lacks, SmolLM2's tokenizer (a vocab-only GGUF,
-# the 92 MB model itself does not fit the 64 MB carry limit) and the benchmark's data.
+# the slim runtime source, wheels the box lacks (click: for `loopserve-edge bench`),
+# SmolLM2's tokenizer (a vocab-only GGUF, the 92 MB model itself does not fit the 64 MB
+# carry limit) and the benchmark's data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -9,7 +10,7 @@ mkdir -p .carry/whl .carry/data/lost-in-the-middle
 $PY scripts/build_runtime.py --write-slim .carry/slim.tar.gz
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .carry/whl \
-    diskcache==5.6.3 platformdirs==4.14.7 gguf==0.19.0
+    diskcache==5.6.3 platformdirs==4.14.7 gguf==0.19.0 click==8.5.1
 $PY - <<'PY'
 import gguf
 from loopserve_edge.paths import default_model
@@ -18,5 +19,6 @@ w = gguf.GGUFWriter(".carry/smollm2-tokenizer.gguf", "llama")
 _copy_tokenizer(w, default_model())
 w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 PY
-cp ../shared/data/lost-in-the-middle/nq-open-oracle.jsonl.gz .carry/data/lost-in-the-middle/
+cp ../shared/data/lost-in-the-middle/nq-open-oracle.jsonl.gz \
+   ../shared/data/lost-in-the-middle/kv-retrieval-75_keys.jsonl.gz .carry/data/lost-in-the-middle/
 du -sh .carry

@@ -8,6 +8,10 @@
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
+#   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
+#            method, into $OUT/bench-gpu (plots need matplotlib; without it, make them here with
+#            `loopserve-edge bench --report-only --out DIR`). The default model is not carried:
+#            pass one that is. BENCH_CTX, BENCH_CASES, BENCH_BUDGETS change the size.
 #   cmd:CMD - CMD in the same environment (wheels, PYTHONPATH, data)
 # Steps are arguments, so one call can do several: device_run.sh build test turns
 set -euo pipefail
@@ -59,6 +63,12 @@ for step in "$@"; do
         python3 benchmarks/decode.py speed --model /tmp/random-1b.gguf \
             --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile
       done ;;
+    bench|bench=*)
+      model=${step#bench}; model=${model#=}
+      [ -n "$model" ] || { echo "the bench step needs a model: bench=/path/to/model.gguf"; exit 2; }
+      python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K,4K,8K}" --turns 2 \
+          --cases-per-task "${BENCH_CASES:-2}" --budgets "${BENCH_BUDGETS:-256,1024}" --methods all \
+          --n-gpu-layers -1 --flash-attn --out "${OUT:-/tmp}/bench-gpu" ;;
     cmd:*)
       # any command in this environment: device_run.sh 'cmd:python3 benchmarks/x.py ...'
       bash -c "${step#cmd:}" ;;

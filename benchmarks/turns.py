@@ -13,26 +13,14 @@ prefilling the same history from scratch.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("LOOPSERVE_DATA", ROOT.parent / "shared" / "data")) / "lost-in-the-middle"
-
-
-def passages_and_questions(n: int):
-    with gzip.open(DATA / "nq-open-oracle.jsonl.gz", "rt") as f:
-        for i, line in enumerate(f):
-            if i >= n:
-                return
-            r = json.loads(line)
-            yield r["ctxs"][0]["title"], r["ctxs"][0]["text"], r["question"]
+# real passages and questions, read in place (LOOPSERVE_DATA); loads llama.cpp before numpy
+from loopserve_edge.bench.data import passages_and_questions  # noqa: F401  (decode.py imports it from here)
 
 
 def turn_messages(turns: int, tokens: int, count_tokens) -> list[str]:

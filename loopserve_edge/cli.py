@@ -1,4 +1,4 @@
-"""`loopserve-edge`: chat, list saved dialogues, show model and runtime info."""
+"""`loopserve-edge`: chat, list saved dialogues, show model and runtime info, benchmark."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -219,6 +219,43 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--tasks", default="all", show_default=True, help="comma-separated task families, or all")
+@click.option("--methods", default="full,streaming,snapkv,h2o,loopserve", show_default=True,
+              help="comma-separated methods, or all (full always runs: the others are compared with it)")
+@click.option("--ctx", default="1024", show_default=True, help="context lengths in tokens, e.g. 1K,2K,8K")
+@click.option("--turns", default=2, show_default=True, help="question turns per dialogue")
+@click.option("--budgets", default="256", show_default=True, help="KV budgets (cells) for the eviction methods")
+@click.option("--alphas", default="0.95", show_default=True, help="attention-mass targets for sparse prefill")
+@click.option("--positions", default=None, help="question positions before,after,later (default: each task's own)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--cases-per-task", default=2, show_default=True)
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False),
+              help="results folder; a run into a folder that has results resumes it")
+@click.option("--fidelity/--no-fidelity", default=True, show_default=True,
+              help="teacher-force each method along full's replies (a second pass)")
+@click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
+@click.option("--flash-attn", is_flag=True, help="flash attention")
+@click.option("--report-only", is_flag=True, help="only rewrite the summary and plots of --out")
+@click.option("--list", "list_", is_flag=True, help="list the tasks and methods and exit")
+@_guard
+def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, cases_per_task, out,
+          fidelity, n_gpu_layers, threads, flash_attn, report_only, list_):
+    """The multi-turn long-context benchmark: every method on the same generated dialogues.
+
+    MODEL defaults to SmolLM2-135M-Instruct. Writes one JSON line per (dialogue, method)
+    to OUT/runs.jsonl, OUT/summary.md, OUT/summary.csv and OUT/plots/*.png.
+    """
+    from .bench import cli as bench_cli
+
+    bench_cli.main(model, tasks=tasks, methods=methods, ctx=ctx, turns=turns, budgets=budgets,
+                   alphas=alphas, positions=positions, seed=seed, cases_per_task=cases_per_task,
+                   out=out, fidelity=fidelity, n_gpu_layers=n_gpu_layers, threads=threads,
+                   flash_attn=flash_attn, report_only=report_only, list_=list_)
 
 
 @main.command()

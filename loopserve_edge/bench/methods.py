@@ -1,0 +1,86 @@
+"""The methods the benchmark compares, each a LoopServeConfig.
+
+A method with a KV budget runs once per budget (`snapkv@512`); one with sparse prefill once
+per alpha (`loopserve-prefill@a0.95`). A method whose configuration the installed package
+refuses (sparse prefill before its issue lands) is reported as not available, with the
+reason, and never run: enabling it is then a matter of the config accepting it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import LoopServeConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    policy: str                  # decode-phase KV policy (config.POLICIES)
+    sparse_prefill: bool = False
+    describe: str = ""
+
+    @property
+    def uses_budget(self) -> bool:
+        return self.policy != "full"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("full", "full", describe="full attention, the reference"),
+    Method("streaming", "streaming", describe="first `sink` cells and the most recent ones"),
+    Method("snapkv", "snapkv", describe="compress once after each prefill, scored by the input's last tokens"),
+    Method("h2o", "h2o", describe="heavy hitters: scores accumulated over every token"),
+    Method("loopserve", "loopserve", describe="LoopServe decode only: progressive compression "
+           "scored by recent output tokens"),
+    Method("loopserve-prefill", "full", True, "LoopServe sparse prefill only"),
+    Method("loopserve-both", "loopserve", True, "LoopServe sparse prefill and progressive decode compression"),
+)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One method at one budget / alpha: what the harness runs and the tables list."""
+    method: Method
+    budget: int | None = None
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [self.method.name]
+        if self.budget is not None:
+            parts.append(f"@{self.budget}")
+        if self.alpha is not None:
+            parts.append(f"@a{self.alpha:g}")
+        return "".join(parts)
+
+    def config(self, **extra) -> LoopServeConfig:
+        """The configuration; ValueError when this package cannot run it."""
+        kw = dict(max_resident=1, policy=self.method.policy, **extra)
+        if self.budget is not None:
+            kw["budget"] = self.budget
+        if self.method.sparse_prefill:
+            kw["sparse_prefill"] = True
+            kw["alpha"] = self.alpha
+        return LoopServeConfig(**kw)
+
+    def unavailable(self) -> str | None:
+        """None, or why this run cannot be made (e.g. 'sparse prefill not implemented')."""
+        try:
+            self.config()
+        except ValueError as e:
+            msg = str(e)
+            return "sparse prefill not implemented" if "sparse prefill" in msg and "not implemented" in msg else msg
+        return None
+
+
+def expand(names, budgets, alphas) -> list[Run]:
+    """The runs for these method names: `full` first (every other method is compared with
+    it, so it runs whether asked or not), then each method at each budget / alpha."""
+    runs = [Run(METHODS["full"])]
+    for name in names:
+        m = METHODS[name]
+        if name == "full":
+            continue
+        for b in (budgets if m.uses_budget else [None]):
+            for a in (alphas if m.sparse_prefill else [None]):
+                runs.append(Run(m, b, a))
+    return runs

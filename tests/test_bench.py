@@ -1,0 +1,348 @@
+"""The multi-turn benchmark: task generators, scorers, fidelity, methods, and the harness
+end to end (the default model on CPU, through the CLI)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import loopserve_edge  # noqa: F401  (before numpy: see conftest.py)
+import numpy as np
+import pytest
+
+from loopserve_edge.bench import fidelity, scoring
+from loopserve_edge.bench.dialogues import ACK, Block, Question, Tokens, layout
+from loopserve_edge.bench.methods import METHODS, Run, expand
+from loopserve_edge.bench.tasks import FAMILIES, TASKS, generate
+
+CLI = [sys.executable, "-m", "loopserve_edge.cli", "bench"]
+
+
+@pytest.fixture(scope="module")
+def tokens(default_model):
+    from loopserve_edge import Llama, LoopServeConfig
+
+    llm = Llama(default_model, n_ctx=256, n_threads=2, loopserve=LoopServeConfig(max_resident=1))
+    yield Tokens(llm)
+    llm.close()
+
+
+def text_before(case, turn_index):
+    """Everything the user has said up to and including a turn."""
+    return "\n\n".join(t.user for t in case.turns[:turn_index + 1])
+
+
+# -- generators ---------------------------------------------------------------------------
+
+def resolve_var(text, name):
+    assigns = dict(re.findall(r"VAR (\w+) = ((?:VAR )?\w+)\.", text))
+    value = assigns[name]
+    while value.startswith("VAR "):
+        value = assigns[value[4:]]
+    return value
+
+
+def check_answer_in_context(case, i, turn):
+    """The reference answer of a scored turn really follows from what was said."""
+    seen = text_before(case, i)
+    task = case.task
+    if task == "open_generation":
+        k = re.search(r"Document \[(\d+)\]", turn.user).group(1)
+        assert f"Document [{k}] (Title:" in seen
+        return
+    (answer,) = turn.answers[:1]
+    if task == "aggregation":
+        log = re.findall(r"Entry \d+: a visitor brought a (\w+)\.", seen)
+        counts = Counter(log)
+        if turn.scorer == "choice":
+            (top, n), (_, n2) = counts.most_common(2)
+            assert answer == top and n > n2 and set(turn.choices) >= set(counts)
+        else:
+            item = re.search(r"brought a (\w+)\?", turn.user).group(1)
+            assert int(answer) == counts[item]
+    elif task == "variable_tracking":
+        name = re.search(r"value of VAR (\w+)\?", turn.user).group(1)
+        assert resolve_var(seen, name) == answer
+    elif task == "state_tracking":
+        attr = re.search(r"What is my (.+?) now\?", turn.user).group(1)
+        values = re.findall(rf"my {attr} is (?:now )?(\d+)\.", seen)
+        assert values and values[-1] == answer
+    elif task == "chained":
+        if i == next(k for k, t in enumerate(case.turns) if t.scorer):
+            subject = re.search(r"does agent (\w+) report", turn.user).group(1)
+        else:
+            subject = case.turns[i - 1].answers[0]
+        assert f"Agent {subject} reports to agent {answer}." in seen
+        assert answer in turn.choices and subject not in turn.choices
+    elif task == "kv_retrieval":
+        key = re.search(r'key "([0-9a-f-]+)"', turn.user).group(1)
+        assert f'"{key}": "{answer}"' in seen
+    elif task == "passkey":
+        assert f"The pass key is {answer}." in seen
+    elif task == "multi_needle":
+        city = re.search(r"number for (\w+)\?", turn.user).group(1)
+        assert f"The special magic number for {city} is {answer}." in seen
+    else:  # NQ question answering: the gold passage is in the context
+        assert any(a in seen for a in turn.answers), (turn.user[-200:], turn.answers)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generator_answers_are_in_the_context_and_fit_the_length(task, tokens):
+    for ctx, turns in ((1024, 2), (4096, 3)):
+        case = generate(task, ctx=ctx, turns=turns, seed=0, index=0, tokens=tokens)
+        scored = [(i, t) for i, t in enumerate(case.turns) if t.scorer]
+        assert len(scored) == turns
+        for i, t in scored:
+            check_answer_in_context(case, i, t)
+        n = tokens.dialogue(case.system, case.turns)
+        assert 0.9 * ctx <= n <= ctx, (task, ctx, n)
+        assert case.meta["tokens"] == n
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generators_are_deterministic_per_seed(task, tokens):
+    a = generate(task, ctx=1024, turns=2, seed=3, index=1, tokens=tokens)
+    b = generate(task, ctx=1024, turns=2, seed=3, index=1, tokens=tokens)
+    c = generate(task, ctx=1024, turns=2, seed=4, index=1, tokens=tokens)
+    assert a == b and a.digest() == b.digest()
+    assert c.digest() != a.digest()
+
+
+@pytest.mark.parametrize("task", ["passkey", "kv_retrieval", "chained", "docs_over_turns"])
+def test_question_positions(task, tokens):
+    cases = {p: generate(task, ctx=1024, turns=2, seed=0, index=0, tokens=tokens, position=p)
+             for p in ("before", "after", "later")}
+    before, after, later = cases["before"].turns, cases["after"].turns, cases["later"].turns
+    first = next(t for t in after if t.scorer)
+    question = first.user.rsplit("\n\n", 1)[1]
+    assert len(first.user) > 4 * len(question)              # material, then the question
+    first_b = next(t for t in before if t.scorer)
+    assert first_b.user.startswith(question)                # the question, then the material
+    assert later[0].scorer is None and later[0].user.endswith(ACK)
+    asked = next(t for t in later if t.scorer)
+    assert asked.user == question                          # on its own, in a later turn
+    assert len(later) > len(after)
+
+
+def test_families_refuse_positions_they_do_not_have(tokens):
+    assert FAMILIES["nq_qa_first"].positions == ("before",)
+    with pytest.raises(ValueError, match="no 'before' variant"):
+        generate("state_tracking", ctx=1024, turns=2, seed=0, index=0, tokens=tokens, position="before")
+
+
+def test_layout_without_a_model():
+    q = Question("Q?", ("a",), "contains")
+    blocks = [Block("M1", None), Block("M2", q), Block("", q)]
+    assert [t.user for t in layout(blocks, "after")] == [f"M1\n\n{ACK}", "M2\n\nQ?", "Q?"]
+    assert [t.user for t in layout(blocks, "before")] == [f"M1\n\n{ACK}", "Q?\n\nM2", "Q?"]
+    assert [t.user for t in layout(blocks, "later")] == [f"M1\n\n{ACK}", f"M2\n\n{ACK}", "Q?", "Q?"]
+    assert [t.scorer for t in layout(blocks, "later")] == [None, None, "contains", "contains"]
+
+
+# -- scorers ------------------------------------------------------------------------------
+
+def test_scorers_on_hand_cases():
+    assert scoring.exact("The Beatles.", ["beatles"]) == 1.0
+    assert scoring.exact("The Beatles were a band", ["beatles"]) == 0.0
+    assert scoring.contains("It was Wilhelm Conrad Röntgen, in 1901.", ["Wilhelm Conrad Röntgen"]) == 1.0
+    assert scoring.contains("Röntgenology", ["Röntgen"]) == 0.0          # whole words only
+    assert scoring.contains("anything", ["x", "anything else", "anything"]) == 1.0
+    assert scoring.numeric("The pass key is 29,325.", ["29325"]) == 1.0
+    assert scoring.numeric("It is 4416950, not 6710281", ["6710281"]) == 0.0  # the first number counts
+    assert scoring.numeric("no number here", ["7"]) == 0.0
+    assert scoring.numeric("Seven: 7.", ["7"]) == 1.0
+    items = ("lantern", "kite", "teapot")
+    assert scoring.choice("Mostly a kite, then a lantern.", ["kite"], items) == 1.0
+    assert scoring.choice("A lantern; a kite less often.", ["kite"], items) == 0.0
+    assert scoring.choice("I don't know.", ["kite"], items) == 0.0
+
+
+def test_rouge_l_by_lcs():
+    assert scoring.lcs_length("a b c d e".split(), "a c e x".split()) == 3
+    assert scoring.rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    # normalised words: cat sat on mat / cat lay on mat -> LCS 3 of 4 and 4
+    assert scoring.rouge_l("The cat sat on the mat.", "A cat lay on a mat") == pytest.approx(0.75)
+    assert scoring.rouge_l("completely different", "nothing shared here") == 0.0
+    assert scoring.score("rouge_full", "a b", (), full_reply="a b") == 1.0
+    with pytest.raises(ValueError):
+        scoring.score("rouge_full", "a b", ())
+
+
+# -- fidelity -----------------------------------------------------------------------------
+
+def test_top_k_kl_is_a_close_lower_bound_of_the_exact_kl():
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=5000) * 3
+    q = p + rng.normal(size=5000) * 0.5
+    exact = fidelity.kl_to(fidelity.RefStep.of(p, None), q)
+    top = fidelity.kl_to(fidelity.RefStep.of(p, 256), q)
+    assert exact > 0 and 0 <= top <= exact + 1e-9
+    assert top == pytest.approx(exact, rel=0.2)
+    assert fidelity.kl_to(fidelity.RefStep.of(p, 64), p) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_teacher_forcing_and_the_shortcut_for_identical_replies(tmp_path):
+    rng = np.random.default_rng(1)
+    logits = [rng.normal(size=100) for _ in range(5)]
+    rec = fidelity.GreedyRecorder(top_k=16)
+    assert [rec(lg) for lg in logits] == [int(np.argmax(lg)) for lg in logits]
+    refs = rec.steps
+    fidelity.save_refs(tmp_path / "r.npz", [refs, refs[:2]])
+    back = fidelity.load_refs(tmp_path / "r.npz")
+    assert [s.token for s in back[0]] == rec.tokens and len(back[1]) == 2
+    # a method whose distributions differ only in the last step
+    other = [lg.copy() for lg in logits]
+    other[-1][refs[-1].token] -= 100
+    f = fidelity.TeacherForcer(back[0])
+    assert [f(lg) for lg in other] == rec.tokens         # forced along full's tokens
+    s = fidelity.summary([f])
+    assert s["same_greedy"] == pytest.approx(0.8) and s["steps"] == 5 and s["mean_kl"] > 0
+    same = fidelity.GreedyRecorder()
+    for lg in logits:
+        same(lg)
+    assert fidelity.summary([same.forced_along(back[0])])["same_greedy"] == 1.0
+    diverged = fidelity.GreedyRecorder()
+    for lg in other:
+        diverged(lg)
+    assert diverged.forced_along(back[0]) is None        # needs the second pass
+
+
+# -- methods ------------------------------------------------------------------------------
+
+def test_methods_expand_full_first_and_report_missing_sparse_prefill():
+    runs = expand(["snapkv", "loopserve", "loopserve-prefill"], [128, 512], [0.9])
+    assert [r.label for r in runs] == ["full", "snapkv@128", "snapkv@512", "loopserve@128",
+                                       "loopserve@512", "loopserve-prefill@a0.9"]
+    assert runs[1].config().policy == "snapkv" and runs[1].config().budget == 128
+    assert runs[0].unavailable() is None and runs[2].unavailable() is None
+    from loopserve_edge import LoopServeConfig
+
+    try:
+        LoopServeConfig(sparse_prefill=True)
+        prefill_ready = True
+    except ValueError:
+        prefill_ready = False
+    assert (runs[-1].unavailable() is None) == prefill_ready
+    if not prefill_ready:
+        assert runs[-1].unavailable() == "sparse prefill not implemented"
+    assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-prefill",
+                            "loopserve-both"}
+    assert Run(METHODS["loopserve-both"], 256, 0.95).label == "loopserve-both@256@a0.95"
+
+
+# -- the harness, end to end, through the CLI -------------------------------------------
+
+SMALL = ["--tasks", "passkey,open_generation", "--methods", "full,streaming", "--budgets", "128",
+         "--ctx", "1024", "--turns", "2", "--cases-per-task", "2", "--threads", "2"]
+
+
+def bench(args, env=None, timeout=900):
+    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def small_run(default_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    r = bench(SMALL + ["--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_bench_records_every_metric_and_writes_the_summary(small_run):
+    out, r = small_run
+    runs = lines(out / "runs.jsonl")
+    assert sorted(Counter(x["method"] for x in runs).items()) == [("full", 4), ("streaming@128", 4)]
+    for x in runs:
+        assert "error" not in x, x["error"]
+        assert x["state_bytes"] > 0 and x["peak_rss_mb"] > 50
+        assert len(x["turns"]) >= 2
+        for t in x["turns"]:
+            assert t["ttft_s"] > 0 and t["decode_tokens"] >= 1 and t["prompt_tokens"] > 0
+        if x["method"] == "streaming@128":
+            assert all(t["kv_cells"] <= 128 + 32 for t in x["turns"])
+            assert 0 <= x["fidelity"]["same_greedy"] <= 1 and x["fidelity"]["mean_kl"] >= 0
+        else:
+            assert x["turns"][0]["kv_cells"] > 800   # the whole context is kept
+    assert len(list((out / "refs").glob("*.npz"))) == 4
+    md = (out / "summary.md").read_text()
+    assert "| passkey |" in md and "| open_generation |" in md and "streaming@128" in md
+    assert md in r.stdout
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("ctx,task,method") and len(rows) == 1 + 2 * 3
+    for name in ("score_vs_budget", "ttft_vs_context", "kv_cells_vs_turn"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_scores_what_a_hand_check_says(small_run):
+    """The 135M model finds a pass key at 1K tokens; open generation is scored against full."""
+    out, _ = small_run
+    from loopserve_edge.bench.scoring import rouge_l
+
+    cases = {c["id"]: c for c in lines(out / "cases.jsonl")}
+    runs = {(x["case"], x["method"]): x for x in lines(out / "runs.jsonl")}
+    checked = 0
+    for (cid, method), x in runs.items():
+        case = cases[cid]
+        if method != "full":
+            if case["task"] == "open_generation":
+                full = runs[(cid, "full")]
+                for t, mine, ref in zip(case["turns"], x["turns"], full["turns"]):
+                    if t["scorer"]:
+                        assert mine["score"] == pytest.approx(rouge_l(mine["reply"], ref["reply"]))
+            continue
+        if case["task"] == "passkey":
+            key = re.search(r"The pass key is (\d+)\. Remember it", case["turns"][0]["user"]).group(1)
+            for t, rec in zip(case["turns"], x["turns"]):
+                if t["scorer"]:
+                    assert key in rec["reply"] and rec["score"] == 1.0, rec["reply"]
+                    checked += 1
+        else:
+            assert x["score"] == 1.0   # full attention is its own reference
+    assert checked == 4
+
+
+def test_bench_resumes_without_rerunning(small_run):
+    out, _ = small_run
+    before = (out / "runs.jsonl").read_text().splitlines()
+    again = bench(SMALL + ["--out", str(out)])
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 8 of 8 runs already done" in again.stderr
+    assert (out / "runs.jsonl").read_text().splitlines() == before
+    # a run lost (say, cut short) is the only one done again
+    (out / "runs.jsonl").write_text("\n".join(before[:-1]) + "\n" + before[-1][:40])
+    third = bench(SMALL + ["--out", str(out)])
+    assert third.returncode == 0, third.stderr
+    assert "resuming: 7 of 8 runs already done" in third.stderr
+    from loopserve_edge.bench.harness import read_jsonl
+
+    kept = read_jsonl(out / "runs.jsonl")        # the cut line is passed over
+    assert len(kept) == 8
+    redone = kept[-1]
+    assert (redone["case"], redone["method"]) == (json.loads(before[-1])["case"], json.loads(before[-1])["method"])
+    report = bench(["--report-only", "--out", str(out)])
+    assert report.returncode == 0 and "| passkey |" in report.stdout
+
+
+def one_error_line(r):
+    assert r.returncode != 0
+    err = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    return err[0]
+
+
+def test_bench_bad_input_is_one_line(tmp_path):
+    out = ["--out", str(tmp_path / "o")]
+    assert "unknown task 'nope'" in one_error_line(bench(["--tasks", "passkey,nope"] + out))
+    assert "unknown method 'lru'" in one_error_line(bench(["--methods", "lru"] + out))
+    assert "not a number" in one_error_line(bench(["--ctx", "big"] + out))
+    assert "no such model file" in one_error_line(bench([str(tmp_path / "none.gguf")] + out))
+    line = one_error_line(bench(out, env={"LOOPSERVE_DATA": str(tmp_path / "nodata")}))
+    assert "benchmark data not found" in line and "LOOPSERVE_DATA" in line
+    assert "holds no benchmark results" in one_error_line(bench(["--report-only"] + out))
+    assert not (tmp_path / "o").exists()
