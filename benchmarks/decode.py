@@ -95,13 +95,13 @@ def speed(a, model):
 
 def profile_line(dt: np.ndarray, cfg) -> None:
     """Where decode time goes inside an interval. Step g (between sampling generated
-    token g and g+1) runs the hooks after token g (compression when g is a multiple of
-    `interval`) and decodes it (scored for the `window` steps before a compression)."""
+    tokens g and g+1) decodes token g, then runs the hooks after it: at the window's start
+    they turn scoring on, so the next `window` decodes are scored; every `interval` tokens
+    the last of them is followed by the compression, which turns scoring off."""
     phase = np.arange(1, len(dt) + 1) % cfg.interval
     start = cfg.interval - min(cfg.window, cfg.interval)
-    scored = (phase >= start) & (phase != 0)
-    groups = {"compress": phase == 0, "first scored": phase == start,
-              "scored": scored & (phase != start), "plain": ~scored & (phase != 0)}
+    groups = {"scored + compress": phase == 0, "scoring on": phase == start,
+              "scored": phase > start, "plain": (phase < start) & (phase != 0)}
     parts = [f"{k} {1e3 * np.mean(dt[m]):.2f} ms x{int(m.sum())}" for k, m in groups.items() if m.any()]
     print(f"|   | per step (mean) | {', '.join(parts)} | | |", flush=True)
 
