@@ -156,7 +156,9 @@ def fetch_sdist(cache: Path) -> Path:
 def extract(archive: Path, dest: Path) -> Path:
     """Extract and return the top directory (the sdist root)."""
     with tarfile.open(archive) as tf:
-        tf.extractall(dest, filter="data")
+        # the "data" filter where this Python has it (3.11.4+, 3.10.12+); the archive is
+        # the hash-checked sdist or our own slim copy of it either way
+        tf.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     tops = [p for p in dest.iterdir() if p.is_dir()]
     if len(tops) != 1:
         fail(f"{archive} does not hold one top directory")
