@@ -81,8 +81,8 @@ def _stats_line(dlg) -> str:
 @click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True,
               help="KV eviction policy (loopserve: progressive compression while decoding)")
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps (+ --kv-interval)")
-@click.option("--kv-interval", type=int, default=LoopServeConfig.interval, show_default=True,
-              help="compress every N generated tokens")
+@click.option("--kv-interval", type=int, default=None,
+              help="compress every N generated tokens  [default: budget/16, 16-128]")
 @click.option("--kv-window", type=int, default=LoopServeConfig.window, show_default=True,
               help="recent tokens that score the cache")
 @click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")

@@ -47,6 +47,16 @@ def test_pooling_spreads_a_peak_to_its_neighbours():
     assert np.allclose(p[7:14], 1.0) and p[6] == 0 and p[14] == 0
 
 
+def test_default_interval_follows_the_budget():
+    assert LoopServeConfig(policy="loopserve", budget=2048).interval == 128
+    assert LoopServeConfig(policy="loopserve", budget=1024).interval == 64
+    assert LoopServeConfig(policy="loopserve", budget=128).interval == 16
+    assert LoopServeConfig(policy="loopserve", budget=1 << 20).interval == 128
+    assert LoopServeConfig(policy="loopserve", budget=1024, interval=7).interval == 7
+    c = LoopServeConfig(policy="h2o", budget=512)
+    assert LoopServeConfig.from_dict(c.to_dict()) == c
+
+
 def test_config_refuses_nonsense():
     with pytest.raises(ValueError, match="needs a budget"):
         LoopServeConfig(policy="loopserve")
