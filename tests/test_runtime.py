@@ -30,8 +30,11 @@ def test_build_is_skipped_when_current():
     from loopserve_edge import runtime_info
 
     cuda = "on" if runtime_info()["backend"] == "CUDA" else "off"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts/build_runtime.py"), "--cuda", cuda],
-                       capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, str(ROOT / "scripts/build_runtime.py"), "--cuda", cuda]
+    # --check first: on a stale runtime the plain command would start a real build
+    check = subprocess.run(cmd + ["--check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, f"the installed runtime is not current: {check.stdout}"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "nothing to build" in r.stdout
 
