@@ -37,7 +37,7 @@ class TurnStats:
     kv_evicted: int = 0     # cells evicted from the dialogue so far (all turns)
     evict_s: float = 0.0    # time spent reading scores, choosing and removing cells this turn
     scored_tokens: int = 0  # generated tokens decoded with attention scoring on
-    score_overhead_s: float = 0.0  # their decode time beyond that of unscored tokens
+    score_overhead_s: float = 0.0  # their decode time beyond that of unscored tokens (0 if none)
     sparse_tokens: int = 0  # prefilled tokens that went through the sparse prefill path
     prefill_density: float | None = None  # share of their causal attention computed
 
@@ -56,12 +56,12 @@ def _sparse_fields(ps: dict | None) -> dict:
 
 
 def _overhead(times: dict[bool, list[float]]) -> float:
-    """Time of the scored decodes beyond what as many unscored ones took on average."""
+    """Time of the scored decodes beyond what as many unscored ones took on average (0
+    when either kind is missing: with every token scored, as by h2o, there is no base)."""
     scored, plain = times[True], times[False]
-    if not scored:
+    if not scored or not plain:
         return 0.0
-    base = sum(plain) / len(plain) if plain else 0.0
-    return max(0.0, sum(scored) - base * len(scored))
+    return max(0.0, sum(scored) - sum(plain) / len(plain) * len(scored))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
