@@ -49,8 +49,6 @@ def make(model, cfg, a, n_ctx):
 
 
 def speed(a, model):
-    from loopserve_edge import LoopServeConfig
-
     depths = [int(x) for x in a.depths.split(",")]
     n_ctx = max(depths) + a.tokens + 1024
     methods = {"full": LoopServeConfig(max_resident=1),
@@ -107,7 +105,6 @@ def profile_line(dt: np.ndarray, cfg) -> None:
 
 
 def fidelity(a, model):
-    from loopserve_edge import LoopServeConfig
     from loopserve_edge.bench.fidelity import GreedyRecorder, TeacherForcer, summary
 
     budgets = [int(x) for x in a.budgets.split(",")]
