@@ -5,7 +5,7 @@
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
-#   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
+#   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
 #   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
@@ -45,14 +45,21 @@ for step in "$@"; do
     prefill-check)
       python3 benchmarks/prefill.py check ;;
     prefill-ops)
-      for shape in 135m 1b; do
-        python3 benchmarks/prefill.py ops --shape $shape --lengths 8192,32768,65536,131072
+      # 512 diagonals: a dense selection (density ~0.23 at 128K); 128: the issue's <= 10%
+      for n_slash in 512 128; do
+        for shape in 135m 1b; do
+          python3 benchmarks/prefill.py ops --shape $shape --lengths 8192,32768,65536,131072 --n-slash $n_slash
+        done
       done ;;
     prefill-ttft)
       for shape in 135m 1b; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
-        python3 benchmarks/prefill.py ttft --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
-            --lengths 8192,32768,65536,131072 --ubatch 4096 --threads 8 --profile
+        # as configured by default (alpha 0.95), then with the lines capped: random weights
+        # spread attention evenly, so alpha alone keeps most lines
+        for caps in "" "--max-vertical 1024 --max-slash 128"; do
+          python3 benchmarks/prefill.py ttft --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
+              --lengths 8192,32768,65536,131072 --ubatch 4096 --threads 8 --profile $caps
+        done
       done ;;
     profile)
       # where decode time goes per step of an interval, with and without CUDA graphs

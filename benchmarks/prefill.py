@@ -53,16 +53,24 @@ def check(args) -> int:
         for gqa in (1, 3, 4, 8):
             n_head_kv = 2
             n_head = n_head_kv * gqa
-            for n_tok, hist, tk, vt in ((300, 0, "f16", False), (333, 517, "q8_0", False), (130, 70, "f16", True)):
+            # f16 K/V with V rows go to the tensor-core kernel, the rest to the SIMT one; the
+            # bigger lists span several steps of 128 offsets / columns; "gaps": the batch's
+            # cells are scattered (a block's cell range is wider than the block)
+            for n_tok, hist, tk, vt, n_lines, how in (
+                    (300, 0, "f16", False, (20, 12), ""), (333, 517, "q8_0", False, (20, 12), ""),
+                    (130, 70, "f16", True, (20, 12), ""), (700, 400, "f16", False, (300, 200), "f32 mask"),
+                    (200, 900, "f16", False, (40, 30), "gaps")):
                 n_kv = hist + n_tok + 11
                 q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
                 k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
                 v = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
                 cells = np.arange(hist, hist + n_tok)
+                if how == "gaps":
+                    cells = np.sort(r.choice(n_kv, n_tok, replace=False))
                 mask = so.causal_mask(cells, n_kv)
-                sel = so.sel_array(rand_lists(r, n_kv, n_head_kv, 20, 12), n_kv)
+                sel = so.sel_array(rand_lists(r, n_kv, n_head_kv, *n_lines), n_kv)
                 kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, sel=sel, type_k=tk, type_v=tk, v_trans=vt,
-                          mask_f16=True, scale=1 / np.sqrt(d))
+                          mask_f16=how != "f32 mask", scale=1 / np.sqrt(d))
                 cpu, _ = so.run(so.OP_SPARSE, **kw, n_threads=8)
                 try:
                     gpu, _ = so.run(so.OP_SPARSE, gpu=True, **kw)
@@ -70,7 +78,8 @@ def check(args) -> int:
                     ok = err < (2e-2 if tk == "q8_0" else 5e-3)
                 except RuntimeError as e:
                     err, ok = str(e), False
-                row("sparse_attn", f"d={d} gqa={gqa} tok={n_tok} kv={n_kv} {tk}{' vT' if vt else ''}", ok, err)
+                row("sparse_attn", f"d={d} gqa={gqa} tok={n_tok} kv={n_kv} {tk}{' vT' if vt else ''} {how}".rstrip(),
+                    ok, err)
     for n_head, n_head_kv in ((4, 4), (24, 8), (9, 3)):
         for n_kv in (1000, 4097):
             p = r.random((n_head, 64, n_kv)).astype(np.float32) / n_kv
@@ -106,7 +115,10 @@ def ops(args) -> int:
     r = np.random.default_rng(1)
     print(f"shape {args.shape}: {n_head} heads, {n_head_kv} KV heads, d={d}; last ubatch of {args.ubatch} "
           f"queries; selection {args.n_vertical} columns + {args.n_slash} diagonals (incl. 64 local) per KV head")
-    print(f"{'length':>8} {'FA ms':>9} {'sparse ms':>10} {'speedup':>8} {'density':>8} {'vs+select ms':>13}")
+    # FA@set: stock flash attention over a dense K/V as long as the mean key set, a lower
+    # bound for gathering the set into fattn.cu's sparse path
+    print(f"{'length':>8} {'FA ms':>9} {'sparse ms':>10} {'speedup':>8} {'density':>8} {'FA@set ms':>10} "
+          f"{'vs+select ms':>13}")
     for L in [int(x) for x in args.lengths.split(",")]:
         n_tok = min(args.ubatch, L)
         q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
@@ -120,11 +132,15 @@ def ops(args) -> int:
         sel = so.sel_array(rand_lists(r, L, n_head_kv, args.n_vertical, args.n_slash), L)
         out, t_sp = so.run(so.OP_SPARSE, sel=sel, **kw)
         density = float(out[n_tok, :, 0].sum() / out[n_tok, :, 1].sum())
+        n_set = max(1, int(density * float(np.mean(cells + 1))))
+        _, t_set = so.run(so.OP_FLASH, **{**kw, "k": k[:, :n_set], "v": v[:, :n_set],
+                                            "mask": np.zeros((n_tok, n_set), np.float32)})
         p = (r.random((n_head, 64, L)) / L).astype(np.float32)
         sc, t_vs = so.run(so.OP_VS, p=p, cells=cells[-64:], n_head_kv=n_head_kv, gpu=args.gpu, n_iter=args.iters,
                           n_threads=args.threads)
         _, t_sel = so.run(so.OP_SELECT, scores=sc, alpha=0.95, gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
-        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_vs + t_sel:13.3f}", flush=True)
+        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_set:10.3f} {t_vs + t_sel:13.3f}",
+              flush=True)
     return 0
 
 
@@ -139,7 +155,7 @@ def ttft(args) -> int:
         from loopserve_edge.paths import default_model
         model = default_model()
     print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
-          f"ubatch {args.ubatch}, alpha {args.alpha}")
+          f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}")
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
           f"{'est/attn ms (profile)':>22}")
     rng = np.random.default_rng(2)
@@ -147,7 +163,8 @@ def ttft(args) -> int:
         toks = [int(t) for t in rng.integers(100, 20000 if args.model else 256, L)]
         res = {}
         for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
-            cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, max_resident=1)
+            cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, max_vertical=args.max_vertical,
+                                  max_slash=args.max_slash, max_resident=1)
             llm = Llama(model, loopserve=cfg, n_ctx=L + 64, n_batch=args.ubatch, n_ubatch=args.ubatch,
                         n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
                         n_threads_batch=args.threads)
@@ -190,6 +207,8 @@ def main() -> int:
     t.add_argument("--lengths", default="2048,4096,8192")
     t.add_argument("--ubatch", type=int, default=2048)
     t.add_argument("--alpha", type=float, default=0.95)
+    t.add_argument("--max-vertical", type=int, default=None)
+    t.add_argument("--max-slash", type=int, default=None)
     t.add_argument("--n-gpu-layers", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--flash-attn", action="store_true")

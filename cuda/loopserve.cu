@@ -6,15 +6,19 @@
 //   pattern (scores are >= 0, so bit order is value order), ties broken by index like the
 //   reference's (score desc, index asc) order; the lists are written ascending with a
 //   block scan, no sort.
-// - sparse attention: one block per (block of 64 query rows, KV head); a warp owns one
+// - sparse attention: f16 K/V of head dim 64/128 on sm_80+ go to the tensor-core kernel
+//   (loopserve-attn-mma.cu); everything else to the SIMT kernel here, the first version,
+//   kept for q8_0/f32 K/V, transposed V and older GPUs. It runs one block per (block of
+//   64 query rows, KV head); a warp owns one
 //   row at a time for all query heads of the group (each K/V row is read once per row
 //   for the group). The key set is walked without materialising it: offset i of the
 //   ascending slash list owns the keys [lo - s_i, min(hi - s_i, lo - s_{i-1} - 1)], which
 //   are disjoint across i, so the union of the diagonals' ranges needs no merge; then the
 //   vertical columns that no range covers (binary search in the slash list). Online
-//   softmax in f32, 32 keys per step (one per lane). SIMT, no tensor cores yet.
+//   softmax in f32, 32 keys per step (one per lane).
 
 #include "loopserve.cuh"
+#include "loopserve-attn.cuh"
 #include "ggml-loopserve.h"
 
 #include <cstdint>
@@ -23,11 +27,6 @@
 #define LS_SEL_THREADS 1024
 // warps per block: the group's queries of every warp sit in shared memory (<= 32 KiB)
 template <int D> static constexpr __host__ __device__ int ls_attn_warps() { return D >= 256 ? 4 : 8; }
-
-static __device__ __forceinline__ int64_t ls_cell(const void * cells, bool i64, int64_t i, int64_t mod) {
-    const int64_t c = i64 ? ((const int64_t *) cells)[i] : (int64_t) ((const int32_t *) cells)[i];
-    return c % mod;
-}
 
 //
 // vs_scores
@@ -222,28 +221,7 @@ static __device__ __forceinline__ float ls_load_any(ggml_type t, const char * ba
     }
 }
 
-struct ls_attn_args {
-    const float * q; const char * k; const char * v; const char * mask;
-    const void * cells; const int32_t * sel; float * dst;
-    int64_t n_kv, n_tokens, n_head, n_gqa;
-    int64_t q_nb1, q_nb2, k_nb1, k_nb2, v_nb0, v_nb1, v_nb2, mask_nb1;
-    int64_t dst_nb1, dst_nb2; // in floats
-    bool cells_i64, mask_f16;
-    ggml_type v_type;
-    float scale, softcap;
-    int block_q;
-    int64_t cell_mod;
-};
 
-// first index i in [0, n) with a[i] >= v (a ascending)
-static __device__ __forceinline__ int ls_lower_bound(const int32_t * a, int n, int64_t v) {
-    int lo = 0, hi = n;
-    while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (a[mid] < v) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-}
 
 template <int D, ggml_type KT>
 static __global__ void __launch_bounds__(ls_attn_warps<D>()*WARP_SIZE)
@@ -504,7 +482,7 @@ void ggml_cuda_op_loopserve(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
             a.mask_nb1 = mask ? mask->nb[1] : 0;
             a.dst_nb1 = dst->nb[1]/sizeof(float); a.dst_nb2 = dst->nb[2]/sizeof(float);
             a.cells_i64 = cells->type == GGML_TYPE_I64; a.mask_f16 = mask && mask->type == GGML_TYPE_F16;
-            a.v_type = v->type;
+            a.k_type = k->type; a.v_type = v->type;
             memcpy(&a.scale, &dst->op_params[1], sizeof(float));
             memcpy(&a.softcap, &dst->op_params[2], sizeof(float));
             if (a.softcap != 0.0f) {
@@ -514,6 +492,9 @@ void ggml_cuda_op_loopserve(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
             a.cell_mod = dst->op_params[4];
             // statistics row: zeroed, then accumulated atomically
             CUDA_CHECK(cudaMemsetAsync(a.dst + a.n_tokens*a.dst_nb2, 0, dst->nb[2], st));
+            if (ls_sparse_attn_mma(a, k->ne[0], ggml_cuda_info().devices[ctx.device].cc, st)) {
+                break;
+            }
             const dim3 grid((a.n_tokens + a.block_q - 1)/a.block_q, k->ne[2]);
             switch (k->ne[0]) {
                 case 64:  ls_launch_attn_d<64> (a, k->type, grid, st); break;

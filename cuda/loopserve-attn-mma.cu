@@ -1,0 +1,451 @@
+// loopserve-edge: the tensor-core kernel of the sparse attention op (semantics in
+// ggml-loopserve.h, reference in ggml-cpu/loopserve.cpp), for f16 K/V of head dim 64/128.
+//
+// A CTA of 4 warps owns 64 (query, head) rows of one query block b and KV head g: the
+// block's rows times the group's heads, flattened, so every row of a CTA shares one key
+// set K(b, g) and each K/V tile is used by all of the group's heads. The key set is
+// walked in tiles of 64 keys, built in shared memory as they go, never stored:
+//   1. diagonal ranges, 128 offsets at a time: offset i (ascending list) owns keys
+//      [lo - s_i, min(hi - s_i, lo - s_{i-1} - 1)], disjoint across i, so their union
+//      needs no merge; a scan of the lengths and a bisection per slot give the keys;
+//   2. vertical columns no range covers, compacted and queued until a tile is full.
+// Tiles are gathered row by row with cp.async (zero-filled past the set), V while QK^T
+// runs; QK^T and PV are mma.sync m16n8k16 (f16 in, f32 accumulation), online softmax in
+// f32 on the accumulator fragments, which are reused as the A operand of PV.
+
+#include "loopserve-attn.cuh"
+
+#include <cstdint>
+
+#define LS_MMA_WARPS   4
+#define LS_MMA_THREADS (LS_MMA_WARPS*WARP_SIZE)
+#define LS_MMA_ROWS    (LS_MMA_WARPS*16)  // (query, head) rows of a CTA
+#define LS_MMA_KEYS    64                 // keys of a tile
+#define LS_MMA_CHUNK   LS_MMA_THREADS     // diagonal offsets / columns examined per step
+
+// distinct queries among a CTA's rows: at most 64/n_gqa + 1, or 64
+static __host__ __device__ int ls_mma_max_queries(int n_gqa) {
+    return min(LS_MMA_ROWS, LS_MMA_ROWS/n_gqa + 1);
+}
+
+template <int D>
+static __host__ __device__ constexpr int ls_mma_row_halves() {
+    return D + 8; // padding: ldmatrix rows land on distinct banks
+}
+
+template <int D>
+static size_t ls_mma_smem_bytes(int n_gqa) {
+    return 2*LS_MMA_KEYS*ls_mma_row_halves<D>()*sizeof(half)                 // K, V tiles
+         + (size_t) ls_mma_max_queries(n_gqa)*LS_MMA_KEYS*sizeof(float)    // mask tile
+         + (LS_MMA_KEYS + 3*LS_MMA_KEYS + 2*LS_MMA_CHUNK + 32 + 2*LS_MMA_ROWS)*sizeof(int); // tile, queue, scan, per query
+}
+
+// the instructions below need sm_80; older archs compile the kernel to a stub the host never launches
+static __device__ __forceinline__ void ls_mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+static __device__ __forceinline__ void ls_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+static __device__ __forceinline__ void ls_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+// 16 bytes global -> shared; zero-filled when !ok
+static __device__ __forceinline__ void ls_cp_async_16(uint32_t dst, const void * src, bool ok) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+static __device__ __forceinline__ uint32_t ls_pack_half2(float x, float y) {
+    const half2 h = __floats2half2_rn(x, y);
+    return *(const uint32_t *) &h;
+}
+
+// exclusive scan of one int per thread over the CTA; *total gets the sum
+static __device__ int ls_cta_exscan(int v, int * sh, int * total) {
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < WARP_SIZE; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffff, x, o);
+        if (lane >= o) x += y;
+    }
+    __syncthreads();
+    if (lane == WARP_SIZE - 1) {
+        sh[warp] = x;
+    }
+    __syncthreads();
+    int before = 0, all = 0;
+#pragma unroll
+    for (int w = 0; w < LS_MMA_WARPS; ++w) {
+        before += w < warp ? sh[w] : 0;
+        all += sh[w];
+    }
+    *total = all;
+    return before + x - v;
+}
+
+template <int D>
+static __global__ void __launch_bounds__(LS_MMA_THREADS, D == 64 ? 3 : 2)
+ls_sparse_attn_mma_kernel(const ls_attn_args a) {
+#ifndef AMPERE_MMA_AVAILABLE
+    NO_DEVICE_CODE;
+#else
+    constexpr int RH = ls_mma_row_halves<D>();
+    constexpr int KT = LS_MMA_KEYS;
+    constexpr int NT = KT/8;   // n-tiles of S
+    constexpr int NO = D/8;    // n-tiles of O
+    constexpr int KS = D/16;   // k-steps of QK^T
+    constexpr float LOG2E = 1.4426950408889634f;
+
+    extern __shared__ __align__(16) char ls_smem[];
+    half  * Ks    = (half *) ls_smem;
+    half  * Vs    = Ks + KT*RH;
+    const int n_gqa = (int) a.n_gqa;
+    const int max_q = ls_mma_max_queries(n_gqa);
+    float * Ms    = (float *) (Vs + KT*RH);
+    int   * tile  = (int *) (Ms + max_q*KT); // keys of the tile being built (diagonal phase)
+    int   * queue = tile + KT;               // uncovered columns waiting for a full tile
+    int   * scan  = queue + 3*KT;            // per offset: first slot, key of slot 0
+    int   * shi   = scan + 2*LS_MMA_CHUNK;
+    int   * q_cell = shi + 32;             // per distinct query of the CTA: its cell,
+    int   * q_seen = q_cell + LS_MMA_ROWS; // and the keys computed with cell <= it
+
+    const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
+    const int64_t g = blockIdx.y;
+    const int n_chunk = (a.block_q*n_gqa + LS_MMA_ROWS - 1) / LS_MMA_ROWS;
+    const int64_t b = blockIdx.x / n_chunk;
+    const int chunk = blockIdx.x % n_chunk;
+    const int64_t r0 = b*a.block_q, r1 = min(a.n_tokens, r0 + a.block_q);
+    const int n_rows = (int) (r1 - r0)*n_gqa;
+    const int row_cta = chunk*LS_MMA_ROWS;
+    if (row_cta >= n_rows) {
+        return;
+    }
+    const int q_first = row_cta / n_gqa;
+    const int n_q = min(max_q, (int) (r1 - r0) - q_first);
+
+    // cell range of the block (cells < n_kv < 2^31)
+    __shared__ int sh_lo, sh_hi;
+    if (tid == 0) {
+        sh_lo = INT32_MAX; sh_hi = -1;
+    }
+    if (tid < n_q) {
+        q_seen[tid] = 0;
+        q_cell[tid] = (int) ls_cell(a.cells, a.cells_i64, r0 + q_first + tid, a.cell_mod);
+    }
+    __syncthreads();
+    for (int64_t r = r0 + tid; r < r1; r += LS_MMA_THREADS) {
+        const int c = (int) ls_cell(a.cells, a.cells_i64, r, a.cell_mod);
+        atomicMin(&sh_lo, c);
+        atomicMax(&sh_hi, c);
+    }
+    __syncthreads();
+    const int lo = sh_lo, hi = sh_hi;
+
+    // this lane's two rows: fragment rows lane/4 and lane/4 + 8 of the warp's 16
+    // (rows past the block read query q_first's mask and are not written)
+    int  row_ql[2], row_h[2], row_m[2];
+    bool row_ok[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int rho = row_cta + warp*16 + lane/4 + 8*i;
+        row_ok[i] = rho < n_rows;
+        row_ql[i] = row_ok[i] ? rho / n_gqa : q_first;
+        row_h[i]  = (int) g*n_gqa + rho % n_gqa;
+        row_m[i]  = (row_ql[i] - q_first)*KT;
+    }
+
+    // Q as A fragments, prescaled (the order of ggml's flash attention)
+    uint32_t qa[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int part = 0; part < 4; ++part) {
+            const int i = part & 1;
+            const int d = ks*16 + (part >> 1)*8 + 2*(lane % 4);
+            float x = 0.0f, y = 0.0f;
+            if (row_ok[i]) {
+                const float * qr = a.q + (r0 + row_ql[i])*a.q_nb1 + row_h[i]*a.q_nb2;
+                x = qr[d]*a.scale;
+                y = qr[d + 1]*a.scale;
+            }
+            qa[ks][part] = ls_pack_half2(x, y);
+        }
+    }
+
+    float O[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        O[n][0] = O[n][1] = O[n][2] = O[n][3] = 0.0f;
+    }
+    float M[2] = {-INFINITY, -INFINITY}, L[2] = {0.0f, 0.0f};
+
+    const char * kbase = a.k + g*a.k_nb2;
+    const char * vbase = a.v + g*a.v_nb2;
+    const uint32_t Ks_s = (uint32_t) __cvta_generic_to_shared(Ks);
+    const uint32_t Vs_s = (uint32_t) __cvta_generic_to_shared(Vs);
+
+    // one tile of 64 keys (tk[i] < 0: empty slot); every thread calls it
+    auto process = [&](const int * tk) {
+        __syncthreads(); // tk written; the previous tile's K/V/mask no longer read
+        constexpr int CPR = D/8; // 16-byte pieces per row
+        for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
+            const int key = tk[i / CPR], piece = i % CPR;
+            const int64_t j = key < 0 ? 0 : key;
+            ls_cp_async_16(Ks_s + ((i / CPR)*RH + piece*8)*sizeof(half), kbase + j*a.k_nb1 + piece*16, key >= 0);
+        }
+        asm volatile("cp.async.commit_group;");
+        for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
+            const int key = tk[i / CPR], piece = i % CPR;
+            const int64_t j = key < 0 ? 0 : key;
+            ls_cp_async_16(Vs_s + ((i / CPR)*RH + piece*8)*sizeof(half), vbase + j*a.v_nb1 + piece*16, key >= 0);
+        }
+        asm volatile("cp.async.commit_group;");
+        // a warp's 32 slots belong to one query: count its keys <= the query's cell
+        for (int i = tid; i < n_q*KT; i += LS_MMA_THREADS) {
+            const int ql = i / KT, key = tk[i % KT];
+            float m = key < 0 ? -INFINITY : 0.0f;
+            if (key >= 0 && a.mask) {
+                const char * mr = a.mask + (r0 + q_first + ql)*a.mask_nb1;
+                m = a.mask_f16 ? __half2float(((const half *) mr)[key]) : ((const float *) mr)[key];
+            }
+            Ms[i] = m;
+            const int n_le = __popc(__ballot_sync(0xffffffff, key >= 0 && key <= q_cell[ql]));
+            if (lane == 0) {
+                atomicAdd(&q_seen[ql], n_le);
+            }
+        }
+        asm volatile("cp.async.wait_group 1;");
+        __syncthreads();
+
+        // S = Q K^T: B fragments of two k-steps per ldmatrix.x4
+        float S[NT][4];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            S[t][0] = S[t][1] = S[t][2] = S[t][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ks += 2) {
+                uint32_t kb[4];
+                const int key = t*8 + lane % 8, d = ks*16 + (lane / 8)*8;
+                ls_ldmatrix_x4(kb, Ks_s + (key*RH + d)*sizeof(half));
+                ls_mma_16816(S[t], qa[ks], kb[0], kb[1]);
+                ls_mma_16816(S[t], qa[ks + 1], kb[2], kb[3]);
+            }
+        }
+
+        // softcap, mask, online softmax; the rows' maxima over the 4 lanes of a row
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = e >> 1, col = t*8 + 2*(lane % 4) + (e & 1);
+                float s = S[t][e];
+                if (a.softcap != 0.0f) {
+                    s = a.softcap*tanhf(s);
+                }
+                const float m = Ms[row_m[i] + col];
+                s = m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
+                S[t][e] = s;
+                mx[i] = fmaxf(mx[i], s);
+            }
+        }
+        float corr[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+            const float Mn = fmaxf(M[i], mx[i]);
+            corr[i] = Mn == -INFINITY ? 1.0f : exp2f(M[i] - Mn);
+            M[i] = Mn;
+            L[i] *= corr[i];
+        }
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            O[n][0] *= corr[0]; O[n][1] *= corr[0];
+            O[n][2] *= corr[1]; O[n][3] *= corr[1];
+        }
+
+        asm volatile("cp.async.wait_group 0;");
+        __syncthreads();
+
+        // O += P V, 16 keys at a time: the C fragments of S's n-tiles 2kk, 2kk+1 are the A
+        // fragment of k-step kk; V^T fragments of two n-tiles per ldmatrix.x4.trans
+#pragma unroll
+        for (int kk = 0; kk < KT/16; ++kk) {
+            uint32_t pa[4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float p[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1;
+                    p[e] = M[i] == -INFINITY ? 0.0f : exp2f(S[2*kk + h][e] - M[i]);
+                    L[i] += p[e];
+                }
+                pa[2*h + 0] = ls_pack_half2(p[0], p[1]);
+                pa[2*h + 1] = ls_pack_half2(p[2], p[3]);
+            }
+#pragma unroll
+            for (int n = 0; n < NO; n += 2) {
+                uint32_t vb[4];
+                const int m = lane / 8;
+                const int key = kk*16 + (m & 1)*8 + lane % 8, d = n*8 + (m >> 1)*8;
+                ls_ldmatrix_x4_trans(vb, Vs_s + (key*RH + d)*sizeof(half));
+                ls_mma_16816(O[n],     pa, vb[0], vb[1]);
+                ls_mma_16816(O[n + 1], pa, vb[2], vb[3]);
+            }
+        }
+    };
+
+    const int32_t * cols = a.sel + (2*g + 0)*(a.n_kv + 1);
+    const int32_t * offs = a.sel + (2*g + 1)*(a.n_kv + 1);
+    const int n_col = cols[0], n_off = offs[0];
+
+    // 1. diagonal ranges
+    for (int i0 = 0; i0 < n_off; i0 += LS_MMA_CHUNK) {
+        const int i = i0 + tid;
+        int len = 0, k0 = 0;
+        if (i < n_off) {
+            const int s = offs[1 + i];
+            int e = min(hi - s, (int) a.n_kv - 1);
+            if (i > 0) e = min(e, lo - offs[i] - 1);
+            k0  = max(lo - s, 0);
+            len = max(e - k0 + 1, 0);
+        }
+        int total;
+        const int first = ls_cta_exscan(len, shi, &total);
+        scan[tid] = first + len;                 // inclusive
+        scan[LS_MMA_CHUNK + tid] = k0 - first;   // key of slot o in this offset's range: o + this
+        __syncthreads();
+        for (int base = 0; base < total; base += KT) {
+            if (tid < KT) {
+                const int o = base + tid;
+                int key = -1;
+                if (o < total) {
+                    int l = 0, h = LS_MMA_CHUNK - 1; // first entry with inclusive end > o
+                    while (l < h) {
+                        const int mid = (l + h) / 2;
+                        if (scan[mid] <= o) l = mid + 1; else h = mid;
+                    }
+                    key = scan[LS_MMA_CHUNK + l] + o;
+                }
+                tile[tid] = key;
+            }
+            process(tile);
+        }
+        __syncthreads(); // scan reused
+    }
+
+    // 2. vertical columns outside every range
+    int n_queued = 0;
+    for (int i0 = 0; i0 < n_col; i0 += LS_MMA_CHUNK) {
+        const int i = i0 + tid;
+        int j = -1;
+        if (i < n_col) {
+            j = cols[1 + i];
+            const int e = ls_lower_bound(offs + 1, n_off, lo - j);
+            if (e < n_off && offs[1 + e] <= hi - j) {
+                j = -1;
+            }
+        }
+        int total;
+        const int slot = ls_cta_exscan(j >= 0, shi, &total);
+        if (j >= 0) {
+            queue[n_queued + slot] = j;
+        }
+        n_queued += total;
+        int done = 0;
+        for (; n_queued - done >= KT; done += KT) {
+            process(queue + done);
+        }
+        __syncthreads();
+        // move the rest (< 64) to the front; the regions do not overlap
+        if (done > 0 && tid < n_queued - done) {
+            queue[tid] = queue[done + tid];
+        }
+        n_queued -= done;
+    }
+    if (n_queued > 0) {
+        __syncthreads();
+        if (tid >= n_queued && tid < KT) {
+            queue[tid] = -1;
+        }
+        process(queue);
+    }
+
+    // normalize and write; statistics per query head
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        L[i] += __shfl_xor_sync(0xffffffff, L[i], 1);
+        L[i] += __shfl_xor_sync(0xffffffff, L[i], 2);
+        if (!row_ok[i]) {
+            continue;
+        }
+        const float inv = L[i] == 0.0f ? 0.0f : 1.0f/L[i];
+        float * out = a.dst + row_h[i]*a.dst_nb1 + (r0 + row_ql[i])*a.dst_nb2;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            const int d = n*8 + 2*(lane % 4);
+            out[d]     = O[n][2*i + 0]*inv;
+            out[d + 1] = O[n][2*i + 1]*inv;
+        }
+        if (lane % 4 == 0) {
+            const int ql = row_ql[i] - q_first;
+            float * st = a.dst + row_h[i]*a.dst_nb1 + a.n_tokens*a.dst_nb2;
+            atomicAdd(st + 0, (float) q_seen[ql]);
+            atomicAdd(st + 1, (float) (q_cell[ql] + 1));
+        }
+    }
+#endif // AMPERE_MMA_AVAILABLE
+}
+
+template <int D>
+static void ls_launch_mma(const ls_attn_args & a, cudaStream_t st) {
+    const int n_chunk = (a.block_q*(int) a.n_gqa + LS_MMA_ROWS - 1) / LS_MMA_ROWS;
+    const int64_t n_block = (a.n_tokens + a.block_q - 1) / a.block_q;
+    const dim3 grid((unsigned) (n_block*n_chunk), (unsigned) (a.n_head/a.n_gqa));
+    const size_t smem = ls_mma_smem_bytes<D>((int) a.n_gqa);
+    CUDA_CHECK(cudaFuncSetAttribute(ls_sparse_attn_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
+    ls_sparse_attn_mma_kernel<D><<<grid, LS_MMA_THREADS, smem, st>>>(a);
+}
+
+bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int cc, cudaStream_t st) {
+    auto a16 = [](uint64_t x) { return x % 16 == 0; };
+    const bool ok = ampere_mma_available(cc) && (D == 64 || D == 128) &&
+        a.k_type == GGML_TYPE_F16 && a.v_type == GGML_TYPE_F16 && a.v_nb0 == sizeof(half) &&
+        a16((uintptr_t) a.k) && a16((uintptr_t) a.v) && a16(a.k_nb1) && a16(a.k_nb2) && a16(a.v_nb1) && a16(a.v_nb2) &&
+        a.n_kv < INT32_MAX && (int64_t) a.block_q*a.n_gqa < INT32_MAX;
+    if (!ok) {
+        return false;
+    }
+    if (D == 64) {
+        ls_launch_mma<64>(a, st);
+    } else {
+        ls_launch_mma<128>(a, st);
+    }
+    return true;
+}
