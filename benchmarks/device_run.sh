@@ -12,13 +12,33 @@
 #            method, into $OUT/bench-gpu (plots need matplotlib; without it, make them here with
 #            `loopserve-edge bench --report-only --out DIR`). The default model is not carried:
 #            pass one that is. BENCH_CTX, BENCH_CASES, BENCH_BUDGETS change the size.
+#   stash  - copy what .carry-g*/ hold (Gemma's parts, matplotlib wheels; from
+#            benchmarks/device_prepare_gemma.sh) to /tmp/carried, where later calls find it
+#   gemma  - join Gemma-3-270M from the stashed parts (/tmp/gemma.gguf, SHA-256 checked) and run
+#            the benchmark on it at 8K/16K/32K into /tmp/bench-gemma, stopped after GEMMA_TIMEOUT
+#            seconds (default 480; the same step again resumes it); the summary, runs and plots
+#            go to $OUT/bench-gemma. GEMMA_CTX, GEMMA_METHODS, GEMMA_BUDGETS, GEMMA_CASES,
+#            GEMMA_TASKS change the size.
+#   report=DIR - rewrite DIR's summary and plots (bench --report-only) and copy them to $OUT/report
 #   cmd:CMD - CMD in the same environment (wheels, PYTHONPATH, data)
 # Steps are arguments, so one call can do several: device_run.sh build test turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+# matplotlib (for the plots) and its dependencies, each only where the box lacks it
+mkdir -p /tmp/carried
+for w in .carry-g*/whl/*.whl /tmp/carried/whl/*.whl; do
+  [ -f "$w" ] || continue
+  name=$(basename "$w"); name=${name%%-*}
+  case $name in
+    pillow) mod=PIL ;; python_dateutil) mod=dateutil ;; fonttools) mod=fontTools ;; *) mod=$name ;;
+  esac
+  PYTHONPATH=/tmp/site-plots python3 -c "import $mod" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-plots "$w" ||
+    echo "could not install $w: plots may be skipped"
+done
+export PYTHONPATH=/tmp/site:$PWD:/tmp/site-plots
 export LOOPSERVE_DATA=$PWD/.carry/data
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for step in "$@"; do
@@ -76,6 +96,35 @@ for step in "$@"; do
       python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K,4K,8K}" --turns 2 \
           --cases-per-task "${BENCH_CASES:-2}" --budgets "${BENCH_BUDGETS:-256,1024}" --methods all \
           --n-gpu-layers -1 --flash-attn --out "${OUT:-/tmp}/bench-gpu" ;;
+    stash)
+      for d in .carry-g*/; do [ -d "$d" ] && cp -r "$d". /tmp/carried/; done
+      ls -la /tmp/carried ;;
+    gemma)
+      for d in .carry-g*/; do [ -d "$d" ] && cp -r "$d". /tmp/carried/; done
+      [ -f /tmp/gemma.gguf ] || python3 - <<'PY'
+import glob
+from loopserve_edge.paths import GEMMA_SHA256, assemble_gguf
+parts = sorted(glob.glob("/tmp/carried/gemma.gguf.part*"))
+print("joining", len(parts), "parts:", ", ".join(p.rsplit(".", 1)[1] for p in parts))
+assemble_gguf(parts, "/tmp/gemma.gguf", GEMMA_SHA256)
+PY
+      rc=0
+      timeout "${GEMMA_TIMEOUT:-480}" python3 -m loopserve_edge.cli bench /tmp/gemma.gguf \
+          --ctx "${GEMMA_CTX:-8K,16K,32K}" --turns 2 --cases-per-task "${GEMMA_CASES:-1}" \
+          --tasks "${GEMMA_TASKS:-all}" --methods "${GEMMA_METHODS:-full,streaming,snapkv,loopserve}" \
+          --budgets "${GEMMA_BUDGETS:-1024,4096}" --n-gpu-layers -1 --flash-attn \
+          --out /tmp/bench-gemma 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa' || rc=$?
+      [ $rc = 0 ] || echo "gemma: the bench stopped (status $rc); the same step again resumes it"
+      python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gemma >/dev/null
+      mkdir -p "$OUT/bench-gemma/plots"
+      cp /tmp/bench-gemma/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gemma/"
+      cp /tmp/bench-gemma/plots/*.png "$OUT/bench-gemma/plots/" 2>/dev/null || true ;;
+    report=*)
+      dir=${step#report=}
+      python3 -m loopserve_edge.cli bench --report-only --out "$dir" >/dev/null
+      mkdir -p "$OUT/report/plots"
+      cp "$dir"/summary.md "$dir"/summary.csv "$OUT/report/"
+      cp "$dir"/plots/*.png "$OUT/report/plots/" 2>/dev/null || true ;;
     cmd:*)
       # any command in this environment: device_run.sh 'cmd:python3 benchmarks/x.py ...'
       bash -c "${step#cmd:}" ;;

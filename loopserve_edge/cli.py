@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import state_file
+from . import chat_template, state_file
 from .config import POLICIES, LoopServeConfig
 from .errors import LoopServeError
 from .paths import ENV_DIALOGUES, default_model
@@ -281,7 +281,8 @@ def info(model):
     click.echo(f"model.size: {_size(llama_c.llama_model_size(m))}")
     click.echo(f"model.n_ctx_train: {llama_c.llama_model_n_ctx_train(m)}")
     click.echo(f"model.n_vocab: {llm.n_vocab}")
-    click.echo(f"model.chat_template: {'yes' if 'tokenizer.chat_template' in md else 'no (ChatML used)'}")
+    fallback_name = chat_template.fallback(md.get("general.architecture"))[0]
+    click.echo(f"model.chat_template: {'yes' if 'tokenizer.chat_template' in md else f'no ({fallback_name} used)'}")
     click.echo(f"model.fingerprint: {llm.fingerprint}")
     llm.close()
 

@@ -69,6 +69,7 @@ class Llama:
             self.metadata.get("tokenizer.chat_template"),
             bos_token=self._piece(llama_c.llama_vocab_bos(self._vocab)).decode(errors="replace"),
             eos_token=self._piece(llama_c.llama_vocab_eos(self._vocab)).decode(errors="replace"),
+            architecture=self.metadata.get("general.architecture"),
         )
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
         if self.config.sparse_prefill:

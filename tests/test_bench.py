@@ -328,6 +328,15 @@ def test_bench_resumes_without_rerunning(small_run):
     assert (redone["case"], redone["method"]) == (json.loads(before[-1])["case"], json.loads(before[-1])["method"])
     report = bench(["--report-only", "--out", str(out)])
     assert report.returncode == 0 and "| passkey |" in report.stdout
+    # a folder brought back without cases.jsonl (the GPU box's) reports the same from its runs
+    bare = out.parent / "bare"
+    bare.mkdir()
+    for name in ("bench.json", "runs.jsonl"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    again = bench(["--report-only", "--out", str(bare)])
+    assert again.returncode == 0, again.stderr
+    assert (bare / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    assert (bare / "plots" / "kv_cells_vs_turn.png").exists()
 
 
 def one_error_line(r):

@@ -69,13 +69,34 @@ class Row:
         return [getattr(self, c) for c in COLUMNS]
 
 
-def load(out: Path) -> tuple[BenchSpec, dict, list[Case], list[dict]]:
+@dataclass(frozen=True)
+class CaseRef:
+    """What the summary and plots need of a dialogue, when only its runs are at hand."""
+    id: str
+    ctx: int
+    task: str
+
+
+def load(out: Path) -> tuple[BenchSpec, dict, list, list[dict]]:
+    """The spec, bench.json, the dialogues and the latest record per (dialogue, method).
+    Without cases.jsonl (a folder brought back without the dialogues' text, which quotes
+    the shared data) the dialogues are known from the runs: each by the text digest its
+    `full` run had (else its latest run's), and runs of another text are left out."""
     meta = json.loads((out / "bench.json").read_text())
     spec = BenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
-    cases = [Case.from_dict(c) for c in read_jsonl(out / "cases.jsonl")]
-    digests = {c.id: c.digest() for c in cases}
+    runs = read_jsonl(out / "runs.jsonl")
+    if (out / "cases.jsonl").exists():
+        cases = [Case.from_dict(c) for c in read_jsonl(out / "cases.jsonl")]
+        digests = {c.id: c.digest() for c in cases}
+    else:
+        refs, digests = {}, {}
+        for r in runs:
+            if r["method"] == "full" or r["case"] not in digests:
+                refs[r["case"]] = CaseRef(r["case"], r["ctx"], r["task"])
+                digests[r["case"]] = r.get("digest")
+        cases = list(refs.values())
     latest = {}
-    for r in read_jsonl(out / "runs.jsonl"):
+    for r in runs:
         if digests.get(r["case"]) == r.get("digest"):
             latest[(r["case"], r["method"])] = r
     return spec, meta, cases, list(latest.values())

