@@ -83,30 +83,6 @@ static __device__ __forceinline__ uint32_t ls_pack_half2(float x, float y) {
     return *(const uint32_t *) &h;
 }
 
-// exclusive scan of one int per thread over the CTA; *total gets the sum
-static __device__ int ls_cta_exscan(int v, int * sh, int * total) {
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    int x = v;
-#pragma unroll
-    for (int o = 1; o < WARP_SIZE; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffff, x, o);
-        if (lane >= o) x += y;
-    }
-    __syncthreads();
-    if (lane == WARP_SIZE - 1) {
-        sh[warp] = x;
-    }
-    __syncthreads();
-    int before = 0, all = 0;
-#pragma unroll
-    for (int w = 0; w < LS_MMA_WARPS; ++w) {
-        before += w < warp ? sh[w] : 0;
-        all += sh[w];
-    }
-    *total = all;
-    return before + x - v;
-}
-
 template <int D>
 static __global__ void __launch_bounds__(LS_MMA_THREADS, D == 64 ? 3 : 2)
 ls_sparse_attn_mma_kernel(const ls_attn_args a) {
@@ -337,7 +313,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
             len = max(e - k0 + 1, 0);
         }
         int total;
-        const int first = ls_cta_exscan(len, shi, &total);
+        const int first = ls_block_exscan(len, shi, &total);
         scan[tid] = first + len;                 // inclusive
         scan[LS_MMA_CHUNK + tid] = k0 - first;   // key of slot o in this offset's range: o + this
         __syncthreads();
@@ -373,7 +349,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
             }
         }
         int total;
-        const int slot = ls_cta_exscan(j >= 0, shi, &total);
+        const int slot = ls_block_exscan(j >= 0, shi, &total);
         if (j >= 0) {
             queue[n_queued + slot] = j;
         }

@@ -33,6 +33,29 @@ static __device__ __forceinline__ int ls_lower_bound(const int32_t * a, int n, i
     return lo;
 }
 
+// exclusive scan of one value per thread, block-wide
+static __device__ int ls_block_exscan(int v, int * sh, int * total) {
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < WARP_SIZE; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffff, x, o);
+        if (lane >= o) x += y;
+    }
+    __syncthreads();
+    if (lane == WARP_SIZE - 1) {
+        sh[warp] = x;
+    }
+    __syncthreads();
+    int before = 0, all = 0;
+    for (int w = 0; w < (int) blockDim.x / WARP_SIZE; ++w) {
+        before += w < warp ? sh[w] : 0;
+        all += sh[w];
+    }
+    *total = all;
+    return before + x - v;
+}
+
 // Runs the tensor-core kernel if it covers these inputs (f16 K and V with rows of 16-byte
 // aligned head dim 64 or 128, sm_80 or newer); false leaves the work to the SIMT kernel.
 bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int cc, cudaStream_t st);

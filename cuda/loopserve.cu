@@ -76,29 +76,6 @@ static __device__ T ls_block_sum(T v, T * sh) {
     return r;
 }
 
-// exclusive scan of one value per thread, block-wide
-static __device__ int ls_block_exscan(int v, int * sh, int * total) {
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    int x = v;
-#pragma unroll
-    for (int o = 1; o < WARP_SIZE; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffff, x, o);
-        if (lane >= o) x += y;
-    }
-    __syncthreads();
-    if (lane == WARP_SIZE - 1) {
-        sh[warp] = x;
-    }
-    __syncthreads();
-    int before = 0, all = 0;
-    for (int w = 0; w < (int) blockDim.x / WARP_SIZE; ++w) {
-        before += w < warp ? sh[w] : 0;
-        all += sh[w];
-    }
-    *total = all;
-    return before + x - v;
-}
-
 static __global__ void ls_select_kernel(const float * sc, int32_t * out, int64_t n_kv, float alpha,
         int n_min_v, int n_max_v, int n_min_s, int n_max_s, int n_sink, int n_local) {
     __shared__ float shf[32];
