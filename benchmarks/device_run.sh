@@ -111,7 +111,7 @@ PY
       rc=0
       timeout "${GEMMA_TIMEOUT:-480}" python3 -m loopserve_edge.cli bench /tmp/gemma.gguf \
           --ctx "${GEMMA_CTX:-8K,16K,32K}" --turns 2 --cases-per-task "${GEMMA_CASES:-1}" \
-          --tasks "${GEMMA_TASKS:-all}" --methods "${GEMMA_METHODS:-full,streaming,snapkv,loopserve}" \
+          --tasks "${GEMMA_TASKS:-all}" --methods "${GEMMA_METHODS:-full,streaming,loopserve,loopserve-defer}" \
           --budgets "${GEMMA_BUDGETS:-1024,4096}" --n-gpu-layers -1 --flash-attn \
           --out /tmp/bench-gemma 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa' || rc=$?
       [ $rc = 0 ] || echo "gemma: the bench stopped (status $rc); the same step again resumes it"

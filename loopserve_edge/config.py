@@ -42,6 +42,10 @@ class LoopServeConfig:
     # at 94-95% of its depth-0 speed at 64K; benchmarks/results/decode.md)
     interval: int | None = None
     window: int = 4         # recent tokens whose attention scores the cache
+    # loopserve: the cut after a prefill waits for the first `defer_cut` generated tokens and
+    # is scored by them as well as by the input's last `window` tokens (0: cut as soon as the
+    # prefill ends, scored by the input alone). The output says best what the reply needs.
+    defer_cut: int = 0
     sink: int = 4           # first cells, always kept
     recent: int = 64        # last cells, always kept
     pooling: int = 7        # smoothing kernel over positions (1 = none)
@@ -58,6 +62,9 @@ class LoopServeConfig:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}")
         if min(self.interval, self.window, self.pooling) < 1 or min(self.sink, self.recent) < 0:
             raise ValueError("interval, window and pooling must be >= 1; sink and recent >= 0")
+        if not 0 <= self.defer_cut <= self.interval - min(self.window, self.interval):
+            raise ValueError(f"defer_cut must be in 0..interval - window "
+                             f"({self.interval - min(self.window, self.interval)})")
         if self.budget is not None and self.budget < self.sink + self.recent + 1:
             raise ValueError(f"budget {self.budget} leaves no room beside sink={self.sink} and "
                              f"recent={self.recent} cells")

@@ -9,6 +9,8 @@ Policies (LoopServeConfig.policy):
              never reset) and compresses every `interval` generated tokens.
 - loopserve  scores with the most recent `window` output tokens and compresses every
              `interval` generated tokens (progressive: each turn builds on the last).
+             After a prefill it cuts at once, scored by the input's last `window` tokens,
+             or, with `defer_cut` > 0, after that many generated tokens, scored by them too.
 
 Always kept: the first `sink` cells and the last `recent` cells. The rest of the budget
 goes to the cells with the highest pooled score. Kept cells keep their positions; new
@@ -79,6 +81,7 @@ class Evictor:
         self.cfg = cfg
         self.active = cfg.policy != "full" and cfg.budget is not None
         self.scored = self.active and cfg.policy in SCORED
+        self.deferred: "Dialogue | None" = None  # whose post-prefill cut waits (defer_cut)
 
     # -- turn hooks ----------------------------------------------------------------------
 
@@ -101,6 +104,12 @@ class Evictor:
     def after_prefill(self, dlg: "Dialogue") -> None:
         if not self.active:
             return
+        if (self.cfg.policy == "loopserve" and self.cfg.defer_cut > 0
+                and len(dlg.positions) > self.cfg.budget):
+            # the first generated tokens add to the input window's scores, then the cut
+            self.deferred = dlg
+            self.llm.set_score_window(1)
+            return
         self.compress(dlg)
         if self.cfg.policy == "h2o":
             self.llm.set_score_window(1)  # every generated token adds to the scores
@@ -112,10 +121,19 @@ class Evictor:
     def after_token(self, dlg: "Dialogue", n_generated: int) -> None:
         if not self.active or self.cfg.policy == "snapkv":
             return
+        if self.deferred is dlg:
+            if n_generated < self.cfg.defer_cut:
+                return
+            self._deferred_cut(dlg)
         if n_generated % self.cfg.interval == 0:
             self.compress(dlg)
         if self.cfg.policy == "loopserve":
             self._watch(dlg, n_generated)
+
+    def _deferred_cut(self, dlg: "Dialogue") -> None:
+        self.deferred = None
+        self.compress(dlg)
+        self.llm.set_score_window(0)  # until the window before the next compression
 
     def _watch(self, dlg: "Dialogue", n_generated: int) -> None:
         """LoopServe scores with the `window` tokens just before each compression only:
@@ -133,6 +151,8 @@ class Evictor:
             self.llm.set_score_window(0)
 
     def end_turn(self, dlg: "Dialogue") -> None:
+        if self.deferred is dlg:  # a reply shorter than defer_cut: cut with what was scored
+            self._deferred_cut(dlg)
         if self.scored:
             self.llm.set_score_window(0)
 

@@ -392,10 +392,20 @@ class Llama:
         seq = self.make_resident(dlg)
         if len(tokens) > 1:
             bindings.llama_loopserve_prefill_stats_reset(self._ctx.ctx)  # stats are per prefill call
+        starts = list(range(0, len(tokens), self.n_batch))
+        # llama.cpp scores the last `window` tokens of every llama_decode call: a prompt of
+        # several batches must be scored by its own last tokens only, not also by the last
+        # tokens of each batch (arbitrary places in the middle of the text). So the batches
+        # before the last are decoded unscored, and the last one holds the whole window.
+        window = self.score_window if len(starts) > 1 else 0
+        if window:
+            starts[-1] = min(starts[-1], len(tokens) - min(window, self.n_batch))
         try:
-            for i in range(0, len(tokens), self.n_batch):
-                self._decode_chunk(seq, tokens[i:i + self.n_batch], positions[i:i + self.n_batch],
-                                   last=i + self.n_batch >= len(tokens))
+            for k, i in enumerate(starts):
+                j = starts[k + 1] if k + 1 < len(starts) else len(tokens)
+                if window:
+                    self.set_score_window(window if j == len(tokens) else 0)
+                self._decode_chunk(seq, tokens[i:j], positions[i:j], last=j == len(tokens))
         except _NoSlot:
             self.remove_positions(seq, positions[0])
             raise ContextFullError(f"the KV cache has no room for {len(tokens)} more tokens "
@@ -403,6 +413,9 @@ class Llama:
         except BaseException:
             self.remove_positions(seq, positions[0])
             raise
+        finally:
+            if window:
+                self.set_score_window(window)
         ptr = llama_c.llama_get_logits_ith(self._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 

@@ -226,8 +226,9 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     assert (runs[-1].unavailable() is None) == prefill_ready
     if not prefill_ready:
         assert runs[-1].unavailable() == "sparse prefill not implemented"
-    assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-prefill",
-                            "loopserve-both"}
+    assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-defer",
+                            "loopserve-prefill", "loopserve-both"}
+    assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
     assert Run(METHODS["loopserve-both"], 256, 0.95).label == "loopserve-both@256@a0.95"
 
 

@@ -221,3 +221,34 @@ def test_model_still_answers_about_kept_content(default_model, make_llm, policy)
     assert "Pixel" in reply
     if policy != "full":
         assert d.evicted > 200 and d.positions[-1] > 300  # positions run far past the cells kept
+
+
+@pytest.mark.parametrize("defer", [0, 4])
+def test_loopserve_can_defer_the_post_prefill_cut_to_the_first_generated_tokens(tiny_model, make_llm, defer):
+    c = cfg("loopserve", budget=48, defer_cut=defer)
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    cells = []
+
+    def greedy(logits):  # called before each generated token is decoded
+        cells.append(d.n_cells)
+        return int(np.argmax(logits))
+
+    d.send("u" * 120, max_tokens=20, token_fn=greedy)
+    prompt = d.last_stats.prompt_tokens
+    if defer:
+        # the first `defer` tokens are decoded over the whole prompt, then the cut
+        assert cells[:defer] == [prompt + k for k in range(defer)]
+        assert cells[defer] <= c.budget
+    else:
+        assert cells[0] <= c.budget
+    assert max(cells[defer:]) <= c.budget + c.interval
+    # a reply that ends before `defer` tokens is cut when the turn ends
+    d.send("v" * 120, max_tokens=2, **GREEDY)
+    assert d.n_cells <= c.budget + (0 if defer else 2) and llm.score_window == 0
+
+
+def test_defer_cut_must_leave_room_for_the_scoring_window():
+    assert LoopServeConfig(policy="loopserve", budget=256, defer_cut=12).defer_cut == 12
+    with pytest.raises(ValueError, match="defer_cut"):
+        LoopServeConfig(policy="loopserve", budget=256, defer_cut=13)  # interval 16, window 4

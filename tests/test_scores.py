@@ -266,3 +266,21 @@ def test_bad_window_and_layer_queries(model, make_llm):
     from loopserve_edge import bindings
     assert bindings.llama_loopserve_scores_n_head_kv(llm._ctx.ctx, SHAPE["n_layer"]) == 0
     assert bindings.llama_loopserve_scores_n_head_kv(llm._ctx.ctx, 0) == SHAPE["n_head_kv"]
+
+
+@pytest.mark.parametrize("n_prompt", [150, 130], ids=["long-tail", "short-tail"])
+def test_prompt_of_several_batches_is_scored_by_its_own_last_tokens(model, weights, make_llm, n_prompt):
+    """llama.cpp scores the last tokens of each llama_decode call; Llama.decode splits a
+    prompt longer than n_batch so that only the prompt's last `window` tokens are scored
+    (with 130 tokens and batches of 64 the last batch has 2 tokens: it grows to hold the
+    window), and leaves the window as it was."""
+    llm = make_llm(model, n_batch=64, n_ubatch=16)
+    dlg = llm.dialogue()
+    prompt = tokens_for(12, n_prompt)
+    llm.set_score_window(8)
+    llm.decode(dlg, prompt, list(range(n_prompt)))
+    assert llm.score_window == 8 and llm.score_rows(dlg) == 8
+    want = reference_scores(reference_probs(weights, prompt, SHAPE), list(range(n_prompt - 8, n_prompt)),
+                            SHAPE["n_head_kv"])
+    pos, by_layer = llm.attention_scores_by_layer(dlg)
+    check_close(by_layer, want, pos, "multi-batch")

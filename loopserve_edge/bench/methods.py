@@ -18,6 +18,7 @@ class Method:
     policy: str                  # decode-phase KV policy (config.POLICIES)
     sparse_prefill: bool = False
     describe: str = ""
+    options: tuple = ()          # further LoopServeConfig fields, as (name, value) pairs
 
     @property
     def uses_budget(self) -> bool:
@@ -31,6 +32,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("h2o", "h2o", describe="heavy hitters: scores accumulated over every token"),
     Method("loopserve", "loopserve", describe="LoopServe decode only: progressive compression "
            "scored by recent output tokens"),
+    Method("loopserve-defer", "loopserve", describe="loopserve whose cut after each prefill waits for "
+           "the first 4 generated tokens and is scored by them too", options=(("defer_cut", 4),)),
     Method("loopserve-prefill", "full", True, "LoopServe sparse prefill only"),
     Method("loopserve-both", "loopserve", True, "LoopServe sparse prefill and progressive decode compression"),
 )}
@@ -54,7 +57,7 @@ class Run:
 
     def config(self, **extra) -> LoopServeConfig:
         """The configuration; ValueError when this package cannot run it."""
-        kw = dict(max_resident=1, policy=self.method.policy, **extra)
+        kw = dict(max_resident=1, policy=self.method.policy, **dict(self.method.options), **extra)
         if self.budget is not None:
             kw["budget"] = self.budget
         if self.method.sparse_prefill:
