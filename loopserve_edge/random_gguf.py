@@ -87,6 +87,19 @@ def _byte_tokenizer(w: gguf.GGUFWriter) -> int:
     return len(tokens)
 
 
+def _writer(path, arch, seed, *, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv) -> "gguf.GGUFWriter":
+    """A GGUF writer with the name and the shape every architecture here shares."""
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"random-{arch}-{n_embd}x{n_layer}-{seed}")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    return w
+
+
 def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128,
                        n_ctx_train=4096, tokenizer_from=None, dtype=np.float32,
                        std=0.02, qk_std=None, embd_std=None) -> pathlib.Path:
@@ -107,14 +120,8 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     def rand(*shape, s=std):  # numpy shape is ggml's reversed: (rows=out, cols=in)
         return (rng.standard_normal(shape, dtype=np.float32) * s).astype(dtype)
 
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name(f"random-llama-{n_embd}x{n_layer}-{seed}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w = _writer(path, "llama", seed, n_ctx_train=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                n_head=n_head, n_head_kv=n_head_kv)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
@@ -159,14 +166,8 @@ def write_random_gemma3(path, *, seed=0, n_layer=4, n_embd=128, n_head=4, n_head
     def rand(*shape, s=std):
         return rng.standard_normal(shape, dtype=np.float32) * s
 
-    w = gguf.GGUFWriter(path, "gemma3")
-    w.add_name(f"random-gemma3-{n_embd}x{n_layer}-{seed}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w = _writer(path, "gemma3", seed, n_ctx_train=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                n_head=n_head, n_head_kv=n_head_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-6)
