@@ -69,8 +69,10 @@ def check(args) -> int:
                     cells = np.sort(r.choice(n_kv, n_tok, replace=False))
                 mask = so.causal_mask(cells, n_kv)
                 sel = so.sel_array(rand_lists(r, n_kv, n_head_kv, *n_lines), n_kv)
+                # blocks as the runtime's default (64 / gqa, at least 16), and 64 for one case
+                block = 64 if how == "f32 mask" else max(16, 64 // gqa)
                 kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, sel=sel, type_k=tk, type_v=tk, v_trans=vt,
-                          mask_f16=how != "f32 mask", scale=1 / np.sqrt(d))
+                          mask_f16=how != "f32 mask", scale=1 / np.sqrt(d), block_q=block)
                 cpu, _ = so.run(so.OP_SPARSE, **kw, n_threads=8)
                 try:
                     gpu, _ = so.run(so.OP_SPARSE, gpu=True, **kw)
@@ -78,7 +80,8 @@ def check(args) -> int:
                     ok = err < (2e-2 if tk == "q8_0" else 5e-3)
                 except RuntimeError as e:
                     err, ok = str(e), False
-                row("sparse_attn", f"d={d} gqa={gqa} tok={n_tok} kv={n_kv} {tk}{' vT' if vt else ''} {how}".rstrip(),
+                row("sparse_attn", f"d={d} gqa={gqa} tok={n_tok} kv={n_kv} block={block} {tk}{' vT' if vt else ''} "
+                    f"{how}".rstrip(),
                     ok, err)
     for n_head, n_head_kv in ((4, 4), (24, 8), (9, 3)):
         for n_kv in (1000, 4097):
@@ -112,13 +115,15 @@ def check(args) -> int:
 
 def ops(args) -> int:
     n_head, n_head_kv, d = SHAPES[args.shape]
+    block = args.block or max(16, 64 // (n_head // n_head_kv))  # the runtime's default
     r = np.random.default_rng(1)
     print(f"shape {args.shape}: {n_head} heads, {n_head_kv} KV heads, d={d}; last ubatch of {args.ubatch} "
-          f"queries; selection {args.n_vertical} columns + {args.n_slash} diagonals (incl. 64 local) per KV head")
+          f"queries; selection {args.n_vertical} columns + {args.n_slash} diagonals (incl. 64 local) per KV head; "
+          f"blocks of {block} queries")
     # FA@set: stock flash attention over a dense K/V as long as the mean key set, a lower
     # bound for gathering the set into fattn.cu's sparse path
     print(f"{'length':>8} {'FA ms':>9} {'sparse ms':>10} {'speedup':>8} {'density':>8} {'FA@set ms':>10} "
-          f"{'vs+select ms':>13}")
+          f"{'vs ms':>7} {'select ms':>10}")
     for L in [int(x) for x in args.lengths.split(",")]:
         n_tok = min(args.ubatch, L)
         q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
@@ -130,7 +135,7 @@ def ops(args) -> int:
                   scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
         _, t_fa = so.run(so.OP_FLASH, **kw)
         sel = so.sel_array(rand_lists(r, L, n_head_kv, args.n_vertical, args.n_slash), L)
-        out, t_sp = so.run(so.OP_SPARSE, sel=sel, **kw)
+        out, t_sp = so.run(so.OP_SPARSE, sel=sel, block_q=block, **kw)
         density = float(out[n_tok, :, 0].sum() / out[n_tok, :, 1].sum())
         n_set = max(1, int(density * float(np.mean(cells + 1))))
         _, t_set = so.run(so.OP_FLASH, **{**kw, "k": k[:, :n_set], "v": v[:, :n_set],
@@ -139,7 +144,7 @@ def ops(args) -> int:
         sc, t_vs = so.run(so.OP_VS, p=p, cells=cells[-64:], n_head_kv=n_head_kv, gpu=args.gpu, n_iter=args.iters,
                           n_threads=args.threads)
         _, t_sel = so.run(so.OP_SELECT, scores=sc, alpha=0.95, gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
-        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_set:10.3f} {t_vs + t_sel:13.3f}",
+        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_set:10.3f} {t_vs:7.3f} {t_sel:10.3f}",
               flush=True)
     return 0
 
@@ -155,7 +160,8 @@ def ttft(args) -> int:
         from loopserve_edge.paths import default_model
         model = default_model()
     print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
-          f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}")
+          f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}, "
+          f"block {args.block or 'default'}")
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
           f"{'est/attn ms (profile)':>22}")
     rng = np.random.default_rng(2)
@@ -164,7 +170,7 @@ def ttft(args) -> int:
         res = {}
         for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
             cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, max_vertical=args.max_vertical,
-                                  max_slash=args.max_slash, max_resident=1)
+                                  max_slash=args.max_slash, prefill_block=args.block, max_resident=1)
             llm = Llama(model, loopserve=cfg, n_ctx=L + 64, n_batch=args.ubatch, n_ubatch=args.ubatch,
                         n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
                         n_threads_batch=args.threads)
@@ -199,6 +205,7 @@ def main() -> int:
     o.add_argument("--ubatch", type=int, default=2048)
     o.add_argument("--n-vertical", type=int, default=1024)
     o.add_argument("--n-slash", type=int, default=512)
+    o.add_argument("--block", type=int, default=None, help="query rows per block (default: the runtime's)")
     o.add_argument("--iters", type=int, default=5)
     o.add_argument("--threads", type=int, default=4)
     o.add_argument("--cpu", dest="gpu", action="store_false")
@@ -209,6 +216,7 @@ def main() -> int:
     t.add_argument("--alpha", type=float, default=0.95)
     t.add_argument("--max-vertical", type=int, default=None)
     t.add_argument("--max-slash", type=int, default=None)
+    t.add_argument("--block", type=int, default=None, help="prefill_block (default: the runtime's)")
     t.add_argument("--n-gpu-layers", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--flash-attn", action="store_true")

@@ -36,8 +36,8 @@ static __host__ __device__ constexpr int ls_mma_row_halves() {
 template <int D>
 static size_t ls_mma_smem_bytes(int n_gqa) {
     return 2*LS_MMA_KEYS*ls_mma_row_halves<D>()*sizeof(half)                 // K, V tiles
-         + (size_t) ls_mma_max_queries(n_gqa)*LS_MMA_KEYS*sizeof(float)    // mask tile
-         + (LS_MMA_KEYS + 3*LS_MMA_KEYS + 2*LS_MMA_CHUNK + 32 + 2*LS_MMA_ROWS)*sizeof(int); // tile, queue, scan, per query
+         + (size_t) ls_mma_max_queries(n_gqa)*LS_MMA_KEYS*sizeof(uint32_t) // mask tile
+         + (2*LS_MMA_KEYS + 3*LS_MMA_KEYS + 2*LS_MMA_CHUNK + 32 + 2*LS_MMA_ROWS)*sizeof(int); // tile, queue, scan, per query
 }
 
 // the instructions below need sm_80; older archs compile the kernel to a stub the host never launches
@@ -78,6 +78,15 @@ static __device__ __forceinline__ void ls_cp_async_16(uint32_t dst, const void *
 #endif
 }
 
+// 4 bytes global -> shared; zero-filled when !ok
+static __device__ __forceinline__ void ls_cp_async_4(uint32_t dst, const void * src, bool ok) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(ok ? 4 : 0));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
 static __device__ __forceinline__ uint32_t ls_pack_half2(float x, float y) {
     const half2 h = __floats2half2_rn(x, y);
     return *(const uint32_t *) &h;
@@ -101,8 +110,9 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     half  * Vs    = Ks + KT*RH;
     const int n_gqa = (int) a.n_gqa;
     const int max_q = ls_mma_max_queries(n_gqa);
-    float * Ms    = (float *) (Vs + KT*RH);
-    int   * tile  = (int *) (Ms + max_q*KT); // keys of the tile being built (diagonal phase)
+    uint32_t * Ms = (uint32_t *) (Vs + KT*RH); // mask words of the tile, per query
+    int   * ksel  = (int *) (Ms + max_q*KT);   // per slot: which half of the word; 2 = empty
+    int   * tile  = ksel + KT;                 // keys of the tile being built (diagonal phase)
     int   * queue = tile + KT;               // uncovered columns waiting for a full tile
     int   * scan  = queue + 3*KT;            // per offset: first slot, key of slot 0
     int   * shi   = scan + 2*LS_MMA_CHUNK;
@@ -143,7 +153,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 
     // this lane's two rows: fragment rows lane/4 and lane/4 + 8 of the warp's 16
     // (rows past the block read query q_first's mask and are not written)
-    int  row_ql[2], row_h[2], row_m[2];
+    int  row_ql[2], row_h[2], row_m[2], row_par[2];
     bool row_ok[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -152,6 +162,8 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         row_ql[i] = row_ok[i] ? rho / n_gqa : q_first;
         row_h[i]  = (int) g*n_gqa + rho % n_gqa;
         row_m[i]  = (row_ql[i] - q_first)*KT;
+        // an f16 mask row starting at an odd half (n_kv odd) shifts its keys in the words
+        row_par[i] = a.mask ? (int) (((uintptr_t) (a.mask + (r0 + row_ql[i])*a.mask_nb1) >> 1) & 1) : 0;
     }
 
     // Q as A fragments, prescaled (the order of ggml's flash attention)
@@ -183,6 +195,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     const char * vbase = a.v + g*a.v_nb2;
     const uint32_t Ks_s = (uint32_t) __cvta_generic_to_shared(Ks);
     const uint32_t Vs_s = (uint32_t) __cvta_generic_to_shared(Vs);
+    const uint32_t Ms_s = (uint32_t) __cvta_generic_to_shared(Ms);
 
     // one tile of 64 keys (tk[i] < 0: empty slot); every thread calls it
     auto process = [&](const int * tk) {
@@ -194,6 +207,20 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
             ls_cp_async_16(Ks_s + ((i / CPR)*RH + piece*8)*sizeof(half), kbase + j*a.k_nb1 + piece*16, key >= 0);
         }
         asm volatile("cp.async.commit_group;");
+        // mask values in flight with K, as 4-byte words: for an f16 mask the aligned pair
+        // holding the key's half, which the key's and the row's parities pick
+        if (tid < KT) {
+            const int key = tk[tid];
+            ksel[tid] = key < 0 ? 2 : key & 1;
+        }
+        for (int i = tid; i < n_q*KT; i += LS_MMA_THREADS) {
+            const int ql = i / KT, key = tk[i % KT];
+            const char * mr = a.mask ? a.mask + (r0 + q_first + ql)*a.mask_nb1 : nullptr;
+            const char * src = mr == nullptr || key < 0 ? (const char *) a.q : !a.mask_f16 ? mr + key*sizeof(float) :
+                (const char *) ((uintptr_t) (mr + key*sizeof(half)) & ~(uintptr_t) 3);
+            ls_cp_async_4(Ms_s + i*sizeof(uint32_t), src, mr != nullptr && key >= 0);
+        }
+        asm volatile("cp.async.commit_group;");
         for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
             const int key = tk[i / CPR], piece = i % CPR;
             const int64_t j = key < 0 ? 0 : key;
@@ -203,12 +230,6 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         // a warp's 32 slots belong to one query: count its keys <= the query's cell
         for (int i = tid; i < n_q*KT; i += LS_MMA_THREADS) {
             const int ql = i / KT, key = tk[i % KT];
-            float m = key < 0 ? -INFINITY : 0.0f;
-            if (key >= 0 && a.mask) {
-                const char * mr = a.mask + (r0 + q_first + ql)*a.mask_nb1;
-                m = a.mask_f16 ? __half2float(((const half *) mr)[key]) : ((const float *) mr)[key];
-            }
-            Ms[i] = m;
             const int n_le = __popc(__ballot_sync(0xffffffff, key >= 0 && key <= q_cell[ql]));
             if (lane == 0) {
                 atomicAdd(&q_seen[ql], n_le);
@@ -243,7 +264,10 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
                 if (a.softcap != 0.0f) {
                     s = a.softcap*tanhf(s);
                 }
-                const float m = Ms[row_m[i] + col];
+                const uint32_t w = Ms[row_m[i] + col];
+                const int ks = ksel[col];
+                const float m = ks == 2 ? -INFINITY : !a.mask_f16 ? __uint_as_float(w) :
+                    __half2float(__ushort_as_half((unsigned short) (w >> 16*((ks + row_par[i]) & 1))));
                 s = m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
                 S[t][e] = s;
                 mx[i] = fmaxf(mx[i], s);

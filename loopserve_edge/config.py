@@ -31,6 +31,9 @@ class LoopServeConfig:
     prefill_sink: int = 4
     local_window: int = 64
     sparse_min_tokens: int = 1024
+    # query rows that share one key set in the attention (a diagonal costs ~this many keys
+    # per block); None: 64 / the GQA ratio, at least 16
+    prefill_block: int | None = None
 
     # Phase 2, progressive KV compression in decoding (eviction.py says what each policy
     # does). A dialogue holds at most budget + interval cells; None = never evict.
@@ -74,6 +77,8 @@ class LoopServeConfig:
             raise ValueError("alpha must be in (0, 1]")
         if self.last_q < 1 or self.sparse_min_tokens < 2:
             raise ValueError("last_q must be >= 1 and sparse_min_tokens >= 2")
+        if self.prefill_block is not None and self.prefill_block < 1:
+            raise ValueError("prefill_block must be >= 1 or None")
         if min(self.min_vertical, self.min_slash, self.prefill_sink, self.local_window) < 0:
             raise ValueError("min_vertical, min_slash, prefill_sink and local_window must be >= 0")
         for lo, hi, what in ((self.min_vertical, self.max_vertical, "vertical"),

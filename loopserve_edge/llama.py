@@ -28,7 +28,6 @@ from .paths import dialogues_dir
 
 DEFAULT_N_CTX = 4096
 SPARSE_N_BATCH = 2048    # n_batch/n_ubatch default with sparse prefill on
-SPARSE_BLOCK_Q = 64      # query rows per block of the sparse attention op
 
 
 class _NoSlot(Exception):
@@ -338,7 +337,7 @@ class Llama:
         p.n_min_vertical, p.n_max_vertical = cfg.min_vertical, cfg.max_vertical or 0
         p.n_min_slash, p.n_max_slash = cfg.min_slash, cfg.max_slash or 0
         p.n_sink, p.n_local = cfg.prefill_sink, cfg.local_window
-        p.n_min_tokens, p.block_q = cfg.sparse_min_tokens, SPARSE_BLOCK_Q
+        p.n_min_tokens, p.block_q = cfg.sparse_min_tokens, cfg.prefill_block or 0
         rc = bindings.llama_loopserve_prefill_set(self._ctx.ctx, ctypes.byref(p))
         if rc == -2:
             raise LoopServeError("sparse prefill needs a KV cache of type f16, q8_0 or f32 "
