@@ -83,6 +83,24 @@ def check(args) -> int:
                 row("sparse_attn", f"d={d} gqa={gqa} tok={n_tok} kv={n_kv} block={block} {tk}{' vT' if vt else ''} "
                     f"{how}".rstrip(),
                     ok, err)
+    # the fused estimation against the CPU's, last 64 rows of a batch (a history before it)
+    for n_head, n_head_kv, d, softcap, mf16 in ((4, 4, 64, 0.0, True), (24, 8, 64, 0.0, True), (9, 3, 64, 0.0, False),
+                                                (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True)):
+        for n_kv in (1000, 4097):
+            q = r.standard_normal((n_head, 64, d)).astype(np.float32)
+            k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+            cells = np.arange(n_kv - 64 - 7, n_kv - 7)
+            kw = dict(q=q, k=k, mask=so.causal_mask(cells, n_kv), cells=cells, type_k="f16", mask_f16=mf16,
+                      scale=1 / np.sqrt(d), softcap=softcap)
+            cpu, _ = so.run(so.OP_ESTIMATE, **kw, n_threads=8)
+            try:
+                gpu, _ = so.run(so.OP_ESTIMATE, **kw, gpu=True)
+                err = float(np.max(np.abs(gpu - cpu) / (np.abs(cpu) + 1e-3)))
+                ok = err < 2e-3
+            except RuntimeError as e:
+                err, ok = str(e), False
+            row("vs_estimate", f"heads={n_head}/{n_head_kv} d={d} kv={n_kv}{' softcap' if softcap else ''}"
+                f"{'' if mf16 else ' f32 mask'}", ok, err)
     for n_head, n_head_kv in ((4, 4), (24, 8), (9, 3)):
         for n_kv in (1000, 4097):
             p = r.random((n_head, 64, n_kv)).astype(np.float32) / n_kv
@@ -123,7 +141,7 @@ def ops(args) -> int:
     # FA@set: stock flash attention over a dense K/V as long as the mean key set, a lower
     # bound for gathering the set into fattn.cu's sparse path
     print(f"{'length':>8} {'FA ms':>9} {'sparse ms':>10} {'speedup':>8} {'density':>8} {'FA@set ms':>10} "
-          f"{'vs ms':>7} {'select ms':>10}")
+          f"{'est chain ms':>13} {'est fused ms':>13} {'select ms':>10}")
     for L in [int(x) for x in args.lengths.split(",")]:
         n_tok = min(args.ubatch, L)
         q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
@@ -140,11 +158,14 @@ def ops(args) -> int:
         n_set = max(1, int(density * float(np.mean(cells + 1))))
         _, t_set = so.run(so.OP_FLASH, **{**kw, "k": k[:, :n_set], "v": v[:, :n_set],
                                             "mask": np.zeros((n_tok, n_set), np.float32)})
-        p = (r.random((n_head, 64, L)) / L).astype(np.float32)
-        sc, t_vs = so.run(so.OP_VS, p=p, cells=cells[-64:], n_head_kv=n_head_kv, gpu=args.gpu, n_iter=args.iters,
-                          n_threads=args.threads)
+        # the estimation of the ubatch's last 64 queries: the mul_mat/soft_max/vs_scores chain vs the fused op
+        ekw = dict(q=q[:, -64:], k=k, mask=mask[-64:], cells=cells[-64:], type_k="f16", mask_f16=True,
+                   scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
+        _, t_chain = so.run(so.OP_ESTIMATE_CHAIN, **ekw)
+        sc, t_est = so.run(so.OP_ESTIMATE, **ekw)
         _, t_sel = so.run(so.OP_SELECT, scores=sc, alpha=0.95, gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
-        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_set:10.3f} {t_vs:7.3f} {t_sel:10.3f}",
+        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_set:10.3f} {t_chain:13.3f} "
+              f"{t_est:13.3f} {t_sel:10.3f}",
               flush=True)
     return 0
 

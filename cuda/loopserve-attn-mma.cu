@@ -40,58 +40,6 @@ static size_t ls_mma_smem_bytes(int n_gqa) {
          + (2*LS_MMA_KEYS + 3*LS_MMA_KEYS + 2*LS_MMA_CHUNK + 32 + 2*LS_MMA_ROWS)*sizeof(int); // tile, queue, scan, per query
 }
 
-// the instructions below need sm_80; older archs compile the kernel to a stub the host never launches
-static __device__ __forceinline__ void ls_mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    NO_DEVICE_CODE;
-#endif
-}
-
-static __device__ __forceinline__ void ls_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-#ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-#else
-    NO_DEVICE_CODE;
-#endif
-}
-
-static __device__ __forceinline__ void ls_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-#ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-#else
-    NO_DEVICE_CODE;
-#endif
-}
-
-// 16 bytes global -> shared; zero-filled when !ok
-static __device__ __forceinline__ void ls_cp_async_16(uint32_t dst, const void * src, bool ok) {
-#ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
-#else
-    NO_DEVICE_CODE;
-#endif
-}
-
-// 4 bytes global -> shared; zero-filled when !ok
-static __device__ __forceinline__ void ls_cp_async_4(uint32_t dst, const void * src, bool ok) {
-#ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(ok ? 4 : 0));
-#else
-    NO_DEVICE_CODE;
-#endif
-}
-
-static __device__ __forceinline__ uint32_t ls_pack_half2(float x, float y) {
-    const half2 h = __floats2half2_rn(x, y);
-    return *(const uint32_t *) &h;
-}
-
 template <int D>
 static __global__ void __launch_bounds__(LS_MMA_THREADS, D == 64 ? 3 : 2)
 ls_sparse_attn_mma_kernel(const ls_attn_args a) {

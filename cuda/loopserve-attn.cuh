@@ -1,7 +1,8 @@
 #pragma once
 
-// loopserve-edge: what the two sparse attention kernels share (loopserve.cu: SIMT, any
-// K/V type; loopserve-attn-mma.cu: tensor cores, f16 K/V).
+// loopserve-edge: what the sparse prefill kernels share (loopserve.cu: SIMT attention for any
+// K/V type and the other ops; loopserve-attn-mma.cu: tensor-core attention, f16 K/V;
+// loopserve-estimate.cu: the fused estimation).
 
 #include "../common.cuh"
 
@@ -56,6 +57,63 @@ static __device__ int ls_block_exscan(int v, int * sh, int * total) {
     return before + x - v;
 }
 
+// tensor-core and async-copy instructions of the mma kernels (sm_80; older archs compile the
+// kernels to stubs the host never launches)
+static __device__ __forceinline__ void ls_mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+static __device__ __forceinline__ void ls_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+static __device__ __forceinline__ void ls_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+// 16 bytes global -> shared; zero-filled when !ok
+static __device__ __forceinline__ void ls_cp_async_16(uint32_t dst, const void * src, bool ok) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+// 4 bytes global -> shared; zero-filled when !ok
+static __device__ __forceinline__ void ls_cp_async_4(uint32_t dst, const void * src, bool ok) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(ok ? 4 : 0));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
+static __device__ __forceinline__ uint32_t ls_pack_half2(float x, float y) {
+    const half2 h = __floats2half2_rn(x, y);
+    return *(const uint32_t *) &h;
+}
+
 // Runs the tensor-core kernel if it covers these inputs (f16 K and V with rows of 16-byte
 // aligned head dim 64 or 128, sm_80 or newer); false leaves the work to the SIMT kernel.
 bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int cc, cudaStream_t st);
+
+// The fused estimation (loopserve-estimate.cu): f16 K of head dim 64/128/256, sm_80+.
+bool ls_vs_estimate_supported(int64_t D, ggml_type k_type);
+void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst);

@@ -2,6 +2,7 @@
 // those of the CPU reference (ggml/src/ggml-cpu/loopserve.cpp); see ggml-loopserve.h.
 //
 // - vs_scores: one thread per (output index, KV head), summing over rows and query heads.
+// - vs_estimate: the estimation's softmax and these sums fused (loopserve-estimate.cu).
 // - select: one block per (KV head, kind); thresholds found by bisection on the float bit
 //   pattern (scores are >= 0, so bit order is value order), ties broken by index like the
 //   reference's (score desc, index asc) order; the lists are written ascending with a
@@ -88,25 +89,37 @@ static __global__ void ls_select_kernel(const float * sc, int32_t * out, int64_t
     const int n_max = kind == 0 ? n_max_v : n_max_s;
     const int n_force = kind == 0 ? n_sink : n_local;
 
-    // mass and count of the lines with bits >= tb (tb >= 1: positive scores only)
-    auto mass_ge = [&](uint32_t tb) {
+    // mass (or count) of the lines with bits >= tb (tb >= 1: positive scores only); 16-byte
+    // loads, several in flight per thread: each of the ~60 calls is a pass over n_kv floats
+    auto sum_ge = [&](uint32_t tb, bool mass) {
+        auto f = [&](float v) { return v > 0.0f && __float_as_uint(v) >= tb ? (mass ? v : 1.0f) : 0.0f; };
         float m = 0.0f;
-        for (int64_t j = threadIdx.x; j < n_kv; j += blockDim.x) {
-            m += __float_as_uint(x[j]) >= tb && x[j] > 0.0f ? x[j] : 0.0f;
+        int64_t j1 = 0;
+        if ((uintptr_t) x % 16 == 0) {
+            const float4 * x4 = (const float4 *) x;
+            j1 = n_kv/4;
+#pragma unroll 4
+            for (int64_t i = threadIdx.x; i < j1; i += blockDim.x) {
+                const float4 v = x4[i];
+                m += (f(v.x) + f(v.y)) + (f(v.z) + f(v.w));
+            }
+            j1 *= 4;
+        }
+        for (int64_t j = j1 + threadIdx.x; j < n_kv; j += blockDim.x) {
+            m += f(x[j]);
         }
         return ls_block_sum(m, shf);
     };
-    auto count_ge = [&](uint32_t tb) {
-        int c = 0;
-        for (int64_t j = threadIdx.x; j < n_kv; j += blockDim.x) {
-            c += __float_as_uint(x[j]) >= tb && x[j] > 0.0f;
-        }
-        return ls_block_sum(c, shi);
-    };
+    auto mass_ge  = [&](uint32_t tb) { return sum_ge(tb, true); };
+    // counts as floats: exact below 2^24 lines
+    auto count_ge = [&](uint32_t tb) { return (int) (sum_ge(tb, false) + 0.5f); };
 
     const float total = mass_ge(1u);
     const int   n_pos = count_ge(1u);
     int k = alpha >= 1.0f ? n_pos : 0; // alpha = 1: every line with mass
+    // the k-th line's threshold, when the mass search found it already
+    uint32_t Tk = 0xffffffffu;
+    int ties = 0, k_mass = -1;
     if (total > 0.0f && alpha < 1.0f) {
         const float target = alpha*total;
         uint32_t L = 1u, H = 0x7f800000u; // mass_ge(L) >= target
@@ -121,15 +134,22 @@ static __global__ void ls_select_kernel(const float * sc, int32_t * out, int64_t
         int need = (int) ceilf((target - m_gt) / T);
         need = max(0, min(need, c_eq));
         k = c_gt + need;
+        if (need > 0) {
+            k_mass = k;
+            Tk = L;
+            ties = need;
+        }
     }
     k = max(k, n_min);
     if (n_max > 0) k = min(k, n_max);
     k = min(k, n_pos);
 
-    // threshold of the k-th line in (score desc, index asc) order
-    uint32_t Tk = 0xffffffffu;
-    int ties = 0;
-    if (k > 0) {
+    // threshold of the k-th line in (score desc, index asc) order (unless the clamps kept k)
+    if (k != k_mass) {
+        Tk = 0xffffffffu;
+        ties = 0;
+    }
+    if (k > 0 && k != k_mass) {
         uint32_t L = 1u, H = 0x7f800000u; // count_ge(L) >= k
         while (H - L > 1) {
             const uint32_t mid = L + (H - L)/2;
@@ -406,6 +426,11 @@ bool ggml_cuda_loopserve_supported(const ggml_tensor * op) {
                    op->src[0]->nb[1] % sizeof(float) == 0 && op->src[0]->nb[2] % sizeof(float) == 0;
         case GGML_LOOPSERVE_OP_SELECT:
             return ggml_is_contiguous(op->src[0]);
+        case GGML_LOOPSERVE_OP_VS_ESTIMATE:
+            return ls_vs_estimate_supported(op->src[1]->ne[0], op->src[1]->type) &&
+                   ampere_mma_available(ggml_cuda_info().devices[ggml_cuda_get_device()].cc) &&
+                   op->src[0]->nb[1] % sizeof(float) == 0 && op->src[0]->nb[2] % sizeof(float) == 0 &&
+                   op->src[1]->nb[1] % 16 == 0 && op->src[1]->nb[2] % 16 == 0;
         case GGML_LOOPSERVE_OP_SPARSE_ATTN: {
             const ggml_tensor * q = op->src[0];
             const ggml_tensor * k = op->src[1];
@@ -441,6 +466,9 @@ void ggml_cuda_op_loopserve(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
             ls_select_kernel<<<2*sc->ne[2], LS_SEL_THREADS, 0, st>>>((const float *) sc->data, (int32_t *) dst->data,
                     sc->ne[0], alpha, p[2], p[3], p[4], p[5], p[6], p[7]);
         } break;
+        case GGML_LOOPSERVE_OP_VS_ESTIMATE:
+            ls_vs_estimate(ctx, dst);
+            break;
         case GGML_LOOPSERVE_OP_SPARSE_ATTN: {
             const ggml_tensor * q = dst->src[0];
             const ggml_tensor * k = dst->src[1];

@@ -12,6 +12,7 @@ from . import bindings
 
 GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 OP_VS, OP_SELECT, OP_SPARSE, OP_FLASH = 0, 1, 2, 3
+OP_ESTIMATE, OP_ESTIMATE_CHAIN = 4, 5  # fused estimation; the mul_mat/soft_max/vs_scores it replaces
 
 
 def _f32(a):
@@ -49,6 +50,12 @@ def run(op: int, *, gpu=False, n_threads=2, n_iter=0, type_k="f16", type_v="f16"
         t.cells, t.sel = ptr(cells, "i"), ptr(sel, "i")
         shape = (n_tokens + 1, n_head, v.shape[2]) if op == OP_SPARSE else (n_tokens, n_head, v.shape[2])
         out = np.zeros(shape, np.float32)
+    elif op in (OP_ESTIMATE, OP_ESTIMATE_CHAIN):
+        n_head, n_tokens, dk = q.shape
+        n_head_kv, n_kv, _ = k.shape
+        t.dk, t.n_kv, t.n_tokens, t.n_head, t.n_head_kv = dk, n_kv, n_tokens, n_head, n_head_kv
+        t.q, t.k, t.mask, t.cells = ptr(q, "f"), ptr(k, "f"), ptr(mask, "f"), ptr(cells, "i")
+        out = np.zeros((n_head_kv, 2, n_kv), np.float32)
     elif op == OP_VS:
         n_head, n_rows, n_kv = p.shape
         t.n_kv, t.n_rows, t.n_head, t.n_head_kv = n_kv, n_rows, n_head, n_head_kv
@@ -84,6 +91,25 @@ def ref_vs_scores(p, cells, n_head_kv):
             s = np.arange(0, min(c, n_kv - 1) + 1)
             out[h // g, 1, s] += p[h, r, c - s]
     return out
+
+
+def ref_probs(q, k, mask, scale=1.0, softcap=0.0):
+    """softmax(scale * q k^T + mask) per head, [n_head, n_rows, n_kv] (softcap: the order of
+    ggml_flash_attn_ext); a row that sees no key is 0."""
+    n_head = q.shape[0]
+    g = n_head // k.shape[0]
+    p = np.zeros((n_head, q.shape[1], k.shape[1]), np.float64)
+    for h in range(n_head):
+        s = (q[h].astype(np.float64) @ k[h // g].T.astype(np.float64)) * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        if mask is not None:
+            s = s + mask
+        mx = np.max(s, axis=1, keepdims=True)
+        e = np.where(np.isfinite(mx), np.exp(s - np.where(np.isfinite(mx), mx, 0.0)), 0.0)
+        den = e.sum(1, keepdims=True)
+        p[h] = e / np.where(den > 0, den, 1.0)
+    return p
 
 
 def ref_select(scores, alpha, n_min_v=0, n_max_v=0, n_min_s=0, n_max_s=0, n_sink=0, n_local=0):

@@ -115,6 +115,30 @@ def test_vs_scores_match_numpy(n_head, n_head_kv):
     np.testing.assert_allclose(out, so.ref_vs_scores(p, cells, n_head_kv), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_head,n_head_kv,d,softcap", [(4, 4, 64, 0.0), (6, 2, 128, 0.0), (8, 2, 64, 30.0)])
+def test_fused_estimate_matches_numpy(n_head, n_head_kv, d, softcap):
+    # vs_estimate = vs_scores of the softmax; K goes to f16 (and Q with it for the dot)
+    r = RNG(7)
+    n_rows, n_kv = 11, 203
+    q = r.standard_normal((n_head, n_rows, d)).astype(np.float32)
+    k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    cells = np.arange(n_kv - n_rows - 5, n_kv - 5)
+    mask = so.causal_mask(cells, n_kv)
+    mask[3] = -np.inf  # a row that sees nothing adds nothing
+    scale = 1 / np.sqrt(d)
+    out, _ = so.run(so.OP_ESTIMATE, q=q, k=k, mask=mask, cells=cells, type_k="f16", scale=scale, softcap=softcap)
+    p = so.ref_probs(q.astype(np.float16), k.astype(np.float16), mask, scale, softcap)
+    ref = so.ref_vs_scores(p, cells, n_head_kv)
+    np.testing.assert_allclose(out, ref, rtol=2e-3, atol=2e-5)
+    assert ref[:, 0].sum() == pytest.approx(n_head * (n_rows - 1), rel=1e-6)
+    # the chain it replaces agrees where every row sees a key
+    mask[3] = so.causal_mask(cells[3:4], n_kv)[0]
+    fused, _ = so.run(so.OP_ESTIMATE, q=q, k=k, mask=mask, cells=cells, type_k="f16", scale=scale, softcap=softcap)
+    chain, _ = so.run(so.OP_ESTIMATE_CHAIN, q=q, k=k, mask=mask, cells=cells, type_k="f16", scale=scale,
+                      softcap=softcap)
+    np.testing.assert_allclose(fused, chain, rtol=2e-3, atol=2e-5)
+
+
 def test_select_alpha_clamps_sinks_local():
     r = RNG(5)
     n_kv, n_head_kv = 300, 3
