@@ -59,7 +59,8 @@ def check(args) -> int:
             for n_tok, hist, tk, vt, n_lines, how in (
                     (300, 0, "f16", False, (20, 12), ""), (333, 517, "q8_0", False, (20, 12), ""),
                     (130, 70, "f16", True, (20, 12), ""), (700, 400, "f16", False, (300, 200), "f32 mask"),
-                    (200, 900, "f16", False, (40, 30), "gaps")):
+                    (200, 900, "f16", False, (40, 30), "gaps"), (260, 333, "f16", False, (30, 20), "no mask"),
+                    (190, 250, "q8_0", False, (30, 20), "no mask")):
                 n_kv = hist + n_tok + 11
                 q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
                 k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
@@ -67,7 +68,7 @@ def check(args) -> int:
                 cells = np.arange(hist, hist + n_tok)
                 if how == "gaps":
                     cells = np.sort(r.choice(n_kv, n_tok, replace=False))
-                mask = so.causal_mask(cells, n_kv)
+                mask = None if how == "no mask" else so.causal_mask(cells, n_kv)
                 sel = so.sel_array(rand_lists(r, n_kv, n_head_kv, *n_lines), n_kv)
                 # blocks as the runtime's default (64 / gqa, at least 16), and 64 for one case
                 block = 64 if how == "f32 mask" else max(16, 64 // gqa)
@@ -85,13 +86,14 @@ def check(args) -> int:
                     ok, err)
     # the fused estimation against the CPU's, last 64 rows of a batch (a history before it)
     for n_head, n_head_kv, d, softcap, mf16 in ((4, 4, 64, 0.0, True), (24, 8, 64, 0.0, True), (9, 3, 64, 0.0, False),
-                                                (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True)):
+                                                (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True), (32, 8, 64, 0.0, None)):
         for n_kv in (1000, 4097):
             q = r.standard_normal((n_head, 64, d)).astype(np.float32)
             k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
             cells = np.arange(n_kv - 64 - 7, n_kv - 7)
-            kw = dict(q=q, k=k, mask=so.causal_mask(cells, n_kv), cells=cells, type_k="f16", mask_f16=mf16,
-                      scale=1 / np.sqrt(d), softcap=softcap)
+            # mf16 None: no mask (causal in cells)
+            kw = dict(q=q, k=k, mask=None if mf16 is None else so.causal_mask(cells, n_kv), cells=cells,
+                      type_k="f16", mask_f16=bool(mf16), scale=1 / np.sqrt(d), softcap=softcap)
             cpu, _ = so.run(so.OP_ESTIMATE, **kw, n_threads=8)
             try:
                 gpu, _ = so.run(so.OP_ESTIMATE, **kw, gpu=True)
@@ -100,7 +102,7 @@ def check(args) -> int:
             except RuntimeError as e:
                 err, ok = str(e), False
             row("vs_estimate", f"heads={n_head}/{n_head_kv} d={d} kv={n_kv}{' softcap' if softcap else ''}"
-                f"{'' if mf16 else ' f32 mask'}", ok, err)
+                f"{' no mask' if mf16 is None else '' if mf16 else ' f32 mask'}", ok, err)
     for n_head, n_head_kv in ((4, 4), (24, 8), (9, 3)):
         for n_kv in (1000, 4097):
             p = r.random((n_head, 64, n_kv)).astype(np.float32) / n_kv
@@ -140,8 +142,10 @@ def ops(args) -> int:
           f"blocks of {block} queries")
     # FA@set: stock flash attention over a dense K/V as long as the mean key set, a lower
     # bound for gathering the set into fattn.cu's sparse path
-    print(f"{'length':>8} {'FA ms':>9} {'sparse ms':>10} {'speedup':>8} {'density':>8} {'FA@set ms':>10} "
-          f"{'est chain ms':>13} {'est fused ms':>13} {'select ms':>10}")
+    # sparse and est fused: without a mask (causal in cells), as the runtime runs them for a
+    # sequence in cell order; "w/ mask": the sparse op reading the KQ mask
+    print(f"{'length':>8} {'FA ms':>9} {'sparse ms':>10} {'speedup':>8} {'density':>8} {'w/ mask':>8} "
+          f"{'FA@set ms':>10} {'est chain ms':>13} {'est fused ms':>13} {'select ms':>10}")
     for L in [int(x) for x in args.lengths.split(",")]:
         n_tok = min(args.ubatch, L)
         q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
@@ -153,7 +157,9 @@ def ops(args) -> int:
                   scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
         _, t_fa = so.run(so.OP_FLASH, **kw)
         sel = so.sel_array(rand_lists(r, L, n_head_kv, args.n_vertical, args.n_slash), L)
-        out, t_sp = so.run(so.OP_SPARSE, sel=sel, block_q=block, **kw)
+        # the runtime passes no mask when the sequence sits in its cells in order (causal in cells)
+        out, t_sp = so.run(so.OP_SPARSE, sel=sel, block_q=block, **{**kw, "mask": None})
+        _, t_spm = so.run(so.OP_SPARSE, sel=sel, block_q=block, **kw)
         density = float(out[n_tok, :, 0].sum() / out[n_tok, :, 1].sum())
         n_set = max(1, int(density * float(np.mean(cells + 1))))
         _, t_set = so.run(so.OP_FLASH, **{**kw, "k": k[:, :n_set], "v": v[:, :n_set],
@@ -162,9 +168,9 @@ def ops(args) -> int:
         ekw = dict(q=q[:, -64:], k=k, mask=mask[-64:], cells=cells[-64:], type_k="f16", mask_f16=True,
                    scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
         _, t_chain = so.run(so.OP_ESTIMATE_CHAIN, **ekw)
-        sc, t_est = so.run(so.OP_ESTIMATE, **ekw)
+        sc, t_est = so.run(so.OP_ESTIMATE, **{**ekw, "mask": None})
         _, t_sel = so.run(so.OP_SELECT, scores=sc, alpha=0.95, gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
-        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_set:10.3f} {t_chain:13.3f} "
+        print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_spm:8.3f} {t_set:10.3f} {t_chain:13.3f} "
               f"{t_est:13.3f} {t_sel:10.3f}",
               flush=True)
     return 0
@@ -183,8 +189,9 @@ def ttft(args) -> int:
     print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
           f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}, "
           f"block {args.block or 'default'}")
+    # "in cell order": sparse ubatches whose mask was causal in cells (the GPU path skips the mask)
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
-          f"{'est/attn ms (profile)':>22}")
+          f"{'in cell order':>14} {'est/attn ms (profile)':>22}")
     rng = np.random.default_rng(2)
     for L in lengths:
         toks = [int(t) for t in rng.integers(100, 20000 if args.model else 256, L)]
@@ -212,7 +219,8 @@ def ttft(args) -> int:
             sp = res["profile"][1]
             prof = f"{sp['t_estimate_ms']:.0f}/{sp['t_attend_ms']:.0f}"
         print(f"{L:8d} {ts:9.3f} {tp:9.3f} {ts / tp:7.2f}x {dens:>8} "
-              f"{st['n_ubatch_sparse']:>7}/{st['n_ubatch_sparse'] + st['n_ubatch_stock']:<8} {prof:>22}", flush=True)
+              f"{st['n_ubatch_sparse']:>7}/{st['n_ubatch_sparse'] + st['n_ubatch_stock']:<8} "
+              f"{st['n_ubatch_cell_causal']:>14} {prof:>22}", flush=True)
     return 0
 
 

@@ -59,7 +59,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     const int n_gqa = (int) a.n_gqa;
     const int max_q = ls_mma_max_queries(n_gqa);
     uint32_t * Ms = (uint32_t *) (Vs + KT*RH); // mask words of the tile, per query
-    int   * ksel  = (int *) (Ms + max_q*KT);   // per slot: which half of the word; 2 = empty
+    int   * ksel  = (int *) (Ms + max_q*KT);   // per slot: -1 empty; else the key's parity (mask) or the key
     int   * tile  = ksel + KT;                 // keys of the tile being built (diagonal phase)
     int   * queue = tile + KT;               // uncovered columns waiting for a full tile
     int   * scan  = queue + 3*KT;            // per offset: first slot, key of slot 0
@@ -101,7 +101,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 
     // this lane's two rows: fragment rows lane/4 and lane/4 + 8 of the warp's 16
     // (rows past the block read query q_first's mask and are not written)
-    int  row_ql[2], row_h[2], row_m[2], row_par[2];
+    int  row_ql[2], row_h[2], row_m[2], row_x[2];
     bool row_ok[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -110,8 +110,10 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         row_ql[i] = row_ok[i] ? rho / n_gqa : q_first;
         row_h[i]  = (int) g*n_gqa + rho % n_gqa;
         row_m[i]  = (row_ql[i] - q_first)*KT;
-        // an f16 mask row starting at an odd half (n_kv odd) shifts its keys in the words
-        row_par[i] = a.mask ? (int) (((uintptr_t) (a.mask + (r0 + row_ql[i])*a.mask_nb1) >> 1) & 1) : 0;
+        // f16 mask: the parity of the row's first half in its words (n_kv odd shifts the
+        // keys); no mask: the row's cell (causal in cells)
+        row_x[i] = a.mask ? (int) (((uintptr_t) (a.mask + (r0 + row_ql[i])*a.mask_nb1) >> 1) & 1)
+                          : q_cell[row_ql[i] - q_first];
     }
 
     // Q as A fragments, prescaled (the order of ggml's flash attention)
@@ -156,12 +158,13 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         }
         asm volatile("cp.async.commit_group;");
         // mask values in flight with K, as 4-byte words: for an f16 mask the aligned pair
-        // holding the key's half, which the key's and the row's parities pick
+        // holding the key's half, which the key's and the row's parities pick (no mask:
+        // nothing to load, the key against the row's cell)
         if (tid < KT) {
             const int key = tk[tid];
-            ksel[tid] = key < 0 ? 2 : key & 1;
+            ksel[tid] = key < 0 ? -1 : a.mask ? key & 1 : key;
         }
-        for (int i = tid; i < n_q*KT; i += LS_MMA_THREADS) {
+        for (int i = tid; a.mask && i < n_q*KT; i += LS_MMA_THREADS) {
             const int ql = i / KT, key = tk[i % KT];
             const char * mr = a.mask ? a.mask + (r0 + q_first + ql)*a.mask_nb1 : nullptr;
             const char * src = mr == nullptr || key < 0 ? (const char *) a.q : !a.mask_f16 ? mr + key*sizeof(float) :
@@ -214,8 +217,9 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
                 }
                 const uint32_t w = Ms[row_m[i] + col];
                 const int ks = ksel[col];
-                const float m = ks == 2 ? -INFINITY : !a.mask_f16 ? __uint_as_float(w) :
-                    __half2float(__ushort_as_half((unsigned short) (w >> 16*((ks + row_par[i]) & 1))));
+                const float m = ks < 0 ? -INFINITY : !a.mask ? (ks <= row_x[i] ? 0.0f : -INFINITY) :
+                    !a.mask_f16 ? __uint_as_float(w) :
+                    __half2float(__ushort_as_half((unsigned short) (w >> 16*((ks + row_x[i]) & 1))));
                 s = m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
                 S[t][e] = s;
                 mx[i] = fmaxf(mx[i], s);

@@ -20,7 +20,7 @@
 #define LS_EST_THREADS (LS_EST_WARPS*WARP_SIZE)
 #define LS_EST_ROWS    (LS_EST_WARPS*16)
 #define LS_EST_KEYS    64     // keys of a tile
-#define LS_EST_CHUNK   2048   // keys of a CTA
+#define LS_EST_CHUNK   512    // keys of a CTA (more CTAs at short lengths; the partials are small)
 #define LS_EST_SPAN    1024   // query cell spread the shared slash sums allow (else global atomics)
 
 struct ls_est_args {
@@ -86,7 +86,7 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         atomicMax(&sh_hi, c);
     }
 
-    int row_ql[2], row_m[2], row_par[2];
+    int row_ql[2], row_m[2], row_x[2];
     bool row_ok[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -94,8 +94,8 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         row_ok[i] = rho < n_rows;
         row_ql[i] = row_ok[i] ? rho/n_gqa - q_first : 0;
         row_m[i]  = row_ql[i]*KT;
-        // parity of the row's first half in its words (jt is even, so the key's is col's)
-        row_par[i] = a.mask ? (int) (((uintptr_t) (a.mask + (q_first + row_ql[i])*a.mask_nb1) >> 1) & 1) : 0;
+        // f16 mask: the parity of the row's first half in its words (jt is even, so the
+        // key's is col's); no mask: the row's cell (causal in cells), set below
     }
     uint32_t qa[KS][4];
 #pragma unroll
@@ -140,6 +140,11 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         s_shared = (int64_t) sh_hi - j0 - s_base + 1 <= LS_EST_CHUNK + LS_EST_SPAN;
     }
     __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        row_x[i] = a.mask ? (int) (((uintptr_t) (a.mask + (q_first + row_ql[i])*a.mask_nb1) >> 1) & 1)
+                          : q_cell[row_ql[i]];
+    }
 
     const char * kbase = a.k + g*a.k_nb2;
     const uint32_t Ks_s = (uint32_t) __cvta_generic_to_shared(Ks);
@@ -155,9 +160,9 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         // the tile's mask values, also in flight: 4-byte words (for an f16 mask the aligned
         // pair holding the key's half, picked by the row's and the key's parities)
         const uint32_t Mb_s = Ms_s + buf*max_q*KT*sizeof(uint32_t);
-        for (int i = tid; i < n_q*KT; i += LS_EST_THREADS) {
+        for (int i = tid; a.mask && i < n_q*KT; i += LS_EST_THREADS) {
             const int64_t j = jt + i % KT;
-            const bool ok = a.mask != nullptr && j < j1;
+            const bool ok = j < j1;
             const char * mr = ok ? a.mask + (q_first + i/KT)*a.mask_nb1 : (const char *) a.q;
             const char * src = !ok ? mr : !a.mask_f16 ? mr + j*sizeof(float) :
                 (const char *) ((uintptr_t) (mr + j*sizeof(half)) & ~(uintptr_t) 3);
@@ -205,8 +210,9 @@ ls_vs_estimate_kernel(const ls_est_args a) {
                     s = a.softcap*tanhf(s);
                 }
                 const uint32_t w = Mb[row_m[i] + col];
-                const float m = jt + col >= j1 ? -INFINITY : !a.mask_f16 ? __uint_as_float(w) :
-                    __half2float(__ushort_as_half((unsigned short) (w >> 16*((row_par[i] + col) & 1))));
+                const float m = jt + col >= j1 ? -INFINITY : !a.mask ? (jt + col <= row_x[i] ? 0.0f : -INFINITY) :
+                    !a.mask_f16 ? __uint_as_float(w) :
+                    __half2float(__ushort_as_half((unsigned short) (w >> 16*((row_x[i] + col) & 1))));
                 S[t][e] = row_ok[i] && m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
             }
         }

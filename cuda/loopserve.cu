@@ -281,6 +281,8 @@ ls_sparse_attn_kernel(const ls_attn_args a) {
                 const char * mr = a.mask + r*a.mask_nb1;
                 mv = a.mask_f16 ? __half2float(((const half *) mr)[j]) : ((const float *) mr)[j];
                 ok = mv != -INFINITY;
+            } else if (ok) {
+                ok = j <= c; // no mask: causal in cells
             }
             n_causal += j >= 0 && j <= c;
 #pragma unroll

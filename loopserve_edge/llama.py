@@ -366,6 +366,8 @@ class Llama:
         return {
             "enabled": bool(enabled),
             "n_ubatch_sparse": s.n_ubatch_sparse, "n_ubatch_stock": s.n_ubatch_stock,
+            # sparse ubatches whose mask was causal in cells: on the GPU they ran without it
+            "n_ubatch_cell_causal": s.n_ubatch_cell_causal,
             "n_tokens_sparse": s.n_tokens_sparse,
             "density": s.density if s.n_ubatch_sparse else None,
             "layer_density": [c / d if d > 0 else None for c, d in zip(comp, caus)],

@@ -139,6 +139,27 @@ def test_fused_estimate_matches_numpy(n_head, n_head_kv, d, softcap):
     np.testing.assert_allclose(fused, chain, rtol=2e-3, atol=2e-5)
 
 
+def test_no_mask_is_causal_in_cells():
+    # without a mask the ops let a row see the keys whose cell is <= its own
+    r = RNG(8)
+    n_head, n_head_kv, d, n_tok, n_kv = 4, 2, 64, 70, 150
+    q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
+    k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    v = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    cells = np.arange(n_kv - n_tok - 9, n_kv - 9)
+    mask = so.causal_mask(cells, n_kv)
+    lists = [[sorted(r.choice(n_kv, 20, replace=False).tolist()), sorted({0, 1, 2, 7, 30, 64})]
+             for _ in range(n_head_kv)]
+    kw = dict(q=q, k=k, v=v, cells=cells, sel=so.sel_array(lists, n_kv), type_k="f16", type_v="f16", block_q=16)
+    a, _ = so.run(so.OP_SPARSE, mask=mask, **kw)
+    b, _ = so.run(so.OP_SPARSE, mask=None, **kw)
+    np.testing.assert_array_equal(a, b)
+    ekw = dict(q=q[:, -16:], k=k, cells=cells[-16:], type_k="f16", scale=0.125)
+    a, _ = so.run(so.OP_ESTIMATE, mask=mask[-16:], **ekw)
+    b, _ = so.run(so.OP_ESTIMATE, mask=None, **ekw)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_select_alpha_clamps_sinks_local():
     r = RNG(5)
     n_kv, n_head_kv = 300, 3
@@ -212,9 +233,31 @@ def test_alpha_one_matches_stock(flat_model, make_llm, flash_attn):
     sparse = make_llm(model, loopserve=cfg, **kw)
     got, st = prefill(sparse, toks, history=40)
     assert st["n_ubatch_sparse"] == 1 and st["n_tokens_sparse"] == 256
+    assert st["n_ubatch_cell_causal"] == 1  # one sequence, cells in position order
     assert st["n_ubatch_stock"] == 1  # the 4-token tail
     assert st["density"] == pytest.approx(1.0)
     assert all(d == pytest.approx(1.0) for d in st["layer_density"])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+def test_alpha_one_matches_stock_with_holes(flat_model, make_llm):
+    """Cells freed in the middle of the history take the new input's first tokens, out of
+    position order: the KQ mask is then no longer causal in cells, and the sparse path must
+    keep reading it (on the GPU it otherwise does without it) to match the stock path."""
+    toks = tokens(3, 300)
+    kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=True)
+
+    def run(llm):
+        dlg = llm.dialogue()
+        llm.decode(dlg, toks[:40], list(range(40)))
+        llm.remove_positions(dlg._seq, 10, 20)
+        return llm.decode(dlg, toks[40:], list(range(40, 300))), llm.prefill_stats()
+
+    want, _ = run(make_llm(flat_model, **kw))
+    cfg = LoopServeConfig(sparse_prefill=True, alpha=1.0, min_vertical=0, min_slash=0, local_window=0,
+                          prefill_sink=0, sparse_min_tokens=100, last_q=16)
+    got, st = run(make_llm(flat_model, loopserve=cfg, **kw))
+    assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 0
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
