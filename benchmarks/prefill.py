@@ -86,7 +86,8 @@ def check(args) -> int:
                     ok, err)
     # the fused estimation against the CPU's, last 64 rows of a batch (a history before it)
     for n_head, n_head_kv, d, softcap, mf16 in ((4, 4, 64, 0.0, True), (24, 8, 64, 0.0, True), (9, 3, 64, 0.0, False),
-                                                (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True), (32, 8, 64, 0.0, None)):
+                                                (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True), (32, 8, 64, 0.0, None),
+                                                (16, 2, 64, 0.0, None), (6, 3, 128, 0.0, None)):
         for n_kv in (1000, 4097):
             q = r.standard_normal((n_head, 64, d)).astype(np.float32)
             k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)

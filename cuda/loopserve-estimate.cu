@@ -115,6 +115,8 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         }
     }
 
+    const bool gqa_pow2 = n_gqa <= 8 && (n_gqa & (n_gqa - 1)) == 0;
+
     // pass 2: the rows' final maximum and 1 / sum; shared sums zeroed
     int64_t s_base = 0;
     bool s_shared = false;
@@ -248,20 +250,35 @@ ls_vs_estimate_kernel(const ls_est_args a) {
 #pragma unroll
                     for (int i = 0; i < 2; ++i) {
                         p[i] = S[t][2*i + c] == -INFINITY ? 0.0f : exp2f(S[t][2*i + c] - Mr[i])*Ir[i];
-                        if (p[i] != 0.0f) {
-                            const int64_t off = (int64_t) q_cell[row_ql[i]] - j;
-                            if (s_shared) {
-                                atomicAdd(&sacc[off - s_base], p[i]);
-                            } else if (off >= 0 && off < a.n_kv) {
-                                atomicAdd(&dst_s[off], p[i]);
+                    }
+                    // A query's heads are n_gqa consecutive fragment rows (rows lane/4 and
+                    // lane/4 + 8): for a power-of-two ratio they are the lanes xor 4, 8, ..,
+                    // summed first, so one atomic per query and column adds to its offset.
+                    int o = 4;
+                    if (gqa_pow2) {
+                        for (; o < 4*n_gqa; o <<= 1) {
+                            p[0] += __shfl_xor_sync(0xffffffff, p[0], o);
+                            p[1] += __shfl_xor_sync(0xffffffff, p[1], o);
+                        }
+                    }
+                    if (!gqa_pow2 || (lane/4) % n_gqa == 0) {
+#pragma unroll
+                        for (int i = 0; i < 2; ++i) {
+                            if (p[i] != 0.0f) {
+                                const int64_t off = (int64_t) q_cell[row_ql[i]] - j;
+                                if (s_shared) {
+                                    atomicAdd(&sacc[off - s_base], p[i]);
+                                } else if (off >= 0 && off < a.n_kv) {
+                                    atomicAdd(&dst_s[off], p[i]);
+                                }
                             }
                         }
                     }
-                    // the column over the warp's 16 rows: lanes with the same lane % 4
+                    // the column over the warp's 16 rows: the remaining lanes with the same lane % 4
                     float v = p[0] + p[1];
-                    v += __shfl_xor_sync(0xffffffff, v, 4);
-                    v += __shfl_xor_sync(0xffffffff, v, 8);
-                    v += __shfl_xor_sync(0xffffffff, v, 16);
+                    for (; o < WARP_SIZE; o <<= 1) {
+                        v += __shfl_xor_sync(0xffffffff, v, o);
+                    }
                     if (lane < 4 && v != 0.0f) {
                         atomicAdd(&vacc[j - j0], v);
                     }
