@@ -118,21 +118,8 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 
     // Q as A fragments, prescaled (the order of ggml's flash attention)
     uint32_t qa[KS][4];
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-#pragma unroll
-        for (int part = 0; part < 4; ++part) {
-            const int i = part & 1;
-            const int d = ks*16 + (part >> 1)*8 + 2*(lane % 4);
-            float x = 0.0f, y = 0.0f;
-            if (row_ok[i]) {
-                const float * qr = a.q + (r0 + row_ql[i])*a.q_nb1 + row_h[i]*a.q_nb2;
-                x = qr[d]*a.scale;
-                y = qr[d + 1]*a.scale;
-            }
-            qa[ks][part] = ls_pack_half2(x, y);
-        }
-    }
+    ls_mma_load_q<D>(qa, row_ok, [&](int i) { return a.q + (r0 + row_ql[i])*a.q_nb1 + row_h[i]*a.q_nb2; },
+                     a.scale, lane);
 
     float O[NO][4];
 #pragma unroll
@@ -189,20 +176,8 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         asm volatile("cp.async.wait_group 1;");
         __syncthreads();
 
-        // S = Q K^T: B fragments of two k-steps per ldmatrix.x4
         float S[NT][4];
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            S[t][0] = S[t][1] = S[t][2] = S[t][3] = 0.0f;
-#pragma unroll
-            for (int ks = 0; ks < KS; ks += 2) {
-                uint32_t kb[4];
-                const int key = t*8 + lane % 8, d = ks*16 + (lane / 8)*8;
-                ls_ldmatrix_x4(kb, Ks_s + (key*RH + d)*sizeof(half));
-                ls_mma_16816(S[t], qa[ks], kb[0], kb[1]);
-                ls_mma_16816(S[t], qa[ks + 1], kb[2], kb[3]);
-            }
-        }
+        ls_mma_qk<D, RH>(S, qa, Ks_s, lane);
 
         // softcap, mask, online softmax; the rows' maxima over the 4 lanes of a row
         float mx[2] = {-INFINITY, -INFINITY};
@@ -215,11 +190,9 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
                 if (a.softcap != 0.0f) {
                     s = a.softcap*tanhf(s);
                 }
-                const uint32_t w = Ms[row_m[i] + col];
                 const int ks = ksel[col];
                 const float m = ks < 0 ? -INFINITY : !a.mask ? (ks <= row_x[i] ? 0.0f : -INFINITY) :
-                    !a.mask_f16 ? __uint_as_float(w) :
-                    __half2float(__ushort_as_half((unsigned short) (w >> 16*((ks + row_x[i]) & 1))));
+                    ls_mask_word(Ms[row_m[i] + col], a.mask_f16, (ks + row_x[i]) & 1);
                 s = m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
                 S[t][e] = s;
                 mx[i] = fmaxf(mx[i], s);

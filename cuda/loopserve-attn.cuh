@@ -110,6 +110,54 @@ static __device__ __forceinline__ uint32_t ls_pack_half2(float x, float y) {
     return *(const uint32_t *) &h;
 }
 
+// A warp's 16 rows of Q as the A fragments of m16n8k16, prescaled and rounded to f16 like
+// ggml's flash attention: row(i) is the lane's fragment row lane/4 + 8*i, zero where !ok[i]
+// (a function, not two pointers kept live: registers are tight at head dim 128)
+template <int D, typename R>
+static __device__ __forceinline__ void ls_mma_load_q(uint32_t (&qa)[D/16][4], const bool (&ok)[2], R row,
+                                                     float scale, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < D/16; ++ks) {
+#pragma unroll
+        for (int part = 0; part < 4; ++part) {
+            const int i = part & 1;
+            const int d = ks*16 + (part >> 1)*8 + 2*(lane % 4);
+            float x = 0.0f, y = 0.0f;
+            if (ok[i]) {
+                const float * qr = row(i);
+                x = qr[d]*scale;
+                y = qr[d + 1]*scale;
+            }
+            qa[ks][part] = ls_pack_half2(x, y);
+        }
+    }
+}
+
+// S = Q K^T for a tile of 64 keys in shared memory (rows of RH halves from address ks_s):
+// B fragments of two k-steps per ldmatrix.x4
+template <int D, int RH>
+static __device__ __forceinline__ void ls_mma_qk(float (&S)[8][4], const uint32_t (&qa)[D/16][4], uint32_t ks_s,
+                                                 int lane) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        S[t][0] = S[t][1] = S[t][2] = S[t][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < D/16; ks += 2) {
+            uint32_t kb[4];
+            const int key = t*8 + lane % 8, d = ks*16 + (lane / 8)*8;
+            ls_ldmatrix_x4(kb, ks_s + (key*RH + d)*sizeof(half));
+            ls_mma_16816(S[t], qa[ks], kb[0], kb[1]);
+            ls_mma_16816(S[t], qa[ks + 1], kb[2], kb[3]);
+        }
+    }
+}
+
+// a mask value from a 4-byte word that cp.async brought (f32, or the f16 pair holding it:
+// half 0 or 1 picks the value)
+static __device__ __forceinline__ float ls_mask_word(uint32_t w, bool f16, int half) {
+    return !f16 ? __uint_as_float(w) : __half2float(__ushort_as_half((unsigned short) (w >> 16*half)));
+}
+
 // Runs the tensor-core kernel if it covers these inputs (f16 K and V with rows of 16-byte
 // aligned head dim 64 or 128, sm_80 or newer); false leaves the work to the SIMT kernel.
 bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int cc, cudaStream_t st);

@@ -98,22 +98,10 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         // key's is col's); no mask: the row's cell (causal in cells), set below
     }
     uint32_t qa[KS][4];
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-#pragma unroll
-        for (int part = 0; part < 4; ++part) {
-            const int i = part & 1;
-            const int d = ks*16 + (part >> 1)*8 + 2*(lane % 4);
-            float x = 0.0f, y = 0.0f;
-            if (row_ok[i]) {
-                const int rho = row_cta + warp*16 + lane/4 + 8*i;
-                const float * qr = a.q + (rho/n_gqa)*a.q_nb1 + (g*n_gqa + rho % n_gqa)*a.q_nb2;
-                x = qr[d]*a.scale;
-                y = qr[d + 1]*a.scale;
-            }
-            qa[ks][part] = ls_pack_half2(x, y);
-        }
-    }
+    ls_mma_load_q<D>(qa, row_ok, [&](int i) {
+        const int rho = row_cta + warp*16 + lane/4 + 8*i;
+        return a.q + (rho/n_gqa)*a.q_nb1 + (g*n_gqa + rho % n_gqa)*a.q_nb2;
+    }, a.scale, lane);
 
     const bool gqa_pow2 = n_gqa <= 8 && (n_gqa & (n_gqa - 1)) == 0;
 
@@ -189,32 +177,16 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         __syncthreads();
 
         float S[NT][4];
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            S[t][0] = S[t][1] = S[t][2] = S[t][3] = 0.0f;
-#pragma unroll
-            for (int ks = 0; ks < KS; ks += 2) {
-                uint32_t kb[4];
-                const int key = t*8 + lane % 8, d = ks*16 + (lane / 8)*8;
-                ls_ldmatrix_x4(kb, Ks_s + ((buf*KT + key)*RH + d)*sizeof(half));
-                ls_mma_16816(S[t], qa[ks], kb[0], kb[1]);
-                ls_mma_16816(S[t], qa[ks + 1], kb[2], kb[3]);
-            }
-        }
+        ls_mma_qk<D, RH>(S, qa, Ks_s + buf*KT*RH*sizeof(half), lane);
         const uint32_t * Mb = Ms + buf*max_q*KT;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = e >> 1, col = t*8 + 2*(lane % 4) + (e & 1);
-                float s = S[t][e];
-                if (a.softcap != 0.0f) {
-                    s = a.softcap*tanhf(s);
-                }
-                const uint32_t w = Mb[row_m[i] + col];
+                const float s = a.softcap != 0.0f ? a.softcap*tanhf(S[t][e]) : S[t][e];
                 const float m = jt + col >= j1 ? -INFINITY : !a.mask ? (jt + col <= row_x[i] ? 0.0f : -INFINITY) :
-                    !a.mask_f16 ? __uint_as_float(w) :
-                    __half2float(__ushort_as_half((unsigned short) (w >> 16*((row_x[i] + col) & 1))));
+                    ls_mask_word(Mb[row_m[i] + col], a.mask_f16, (row_x[i] + col) & 1);
                 S[t][e] = row_ok[i] && m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
             }
         }
