@@ -49,6 +49,19 @@ def check(args) -> int:
         fails += not ok
         rows.append((what, shape, "PASS" if ok else "FAIL", err))
 
+    def check_select(sc, label, configs):
+        for kw in configs:
+            a, _ = so.run(so.OP_SELECT, scores=sc, **kw)
+            b, _ = so.run(so.OP_SELECT, scores=sc, gpu=True, **kw)
+            worst = 0
+            for g in range(sc.shape[0]):
+                for kind in range(2):
+                    sa = set(a[g, kind, 1:1 + a[g, kind, 0]].tolist())
+                    sb = set(b[g, kind, 1:1 + b[g, kind, 0]].tolist())
+                    worst = max(worst, len(sa ^ sb))
+            # float sums in another order may move the alpha cut by a line
+            row("select", f"{label} {kw}", worst <= 2, f"max sym. diff {worst}")
+
     for d in (64, 128):
         for gqa in (1, 3, 4, 8):
             n_head_kv = 2
@@ -87,7 +100,8 @@ def check(args) -> int:
     # the fused estimation against the CPU's, last 64 rows of a batch (a history before it)
     for n_head, n_head_kv, d, softcap, mf16 in ((4, 4, 64, 0.0, True), (24, 8, 64, 0.0, True), (9, 3, 64, 0.0, False),
                                                 (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True), (32, 8, 64, 0.0, None),
-                                                (16, 2, 64, 0.0, None), (6, 3, 128, 0.0, None)):
+                                                (16, 2, 64, 0.0, None), (6, 3, 128, 0.0, None), (4, 4, 64, 0.0, None),
+                                                (9, 3, 64, 0.0, None)):
         for n_kv in (1000, 4097):
             q = r.standard_normal((n_head, 64, d)).astype(np.float32)
             k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
@@ -112,19 +126,14 @@ def check(args) -> int:
             gpu, _ = so.run(so.OP_VS, p=p, cells=cells, n_head_kv=n_head_kv, gpu=True)
             err = float(np.max(np.abs(gpu - cpu) / (np.abs(cpu) + 1e-3)))
             row("vs_scores", f"heads={n_head}/{n_head_kv} kv={n_kv}", err < 1e-3, err)
-            sc = cpu
-            for kw in (dict(alpha=0.9), dict(alpha=0.5, n_min_v=30, n_max_s=50, n_sink=4, n_local=64),
-                       dict(alpha=1.0)):
-                a, _ = so.run(so.OP_SELECT, scores=sc, **kw)
-                b, _ = so.run(so.OP_SELECT, scores=sc, gpu=True, **kw)
-                worst = 0
-                for g in range(n_head_kv):
-                    for kind in range(2):
-                        sa = set(a[g, kind, 1:1 + a[g, kind, 0]].tolist())
-                        sb = set(b[g, kind, 1:1 + b[g, kind, 0]].tolist())
-                        worst = max(worst, len(sa ^ sb))
-                # float sums in another order may move the alpha cut by a line
-                row("select", f"heads_kv={n_head_kv} kv={n_kv} {kw}", worst <= 2, f"max sym. diff {worst}")
+            check_select(cpu, f"heads_kv={n_head_kv} kv={n_kv}", (
+                dict(alpha=0.9), dict(alpha=0.5, n_min_v=30, n_max_s=50, n_sink=4, n_local=64), dict(alpha=1.0)))
+    # long score rows as the runtime sees them at 128K: heavy-tailed, and with many ties
+    sc = np.exp(3 * r.standard_normal((8, 2, 131072))).astype(np.float32)
+    check_select(sc, "heads_kv=8 kv=131072 lognormal", (
+        dict(alpha=0.95), dict(alpha=0.95, n_max_v=1024, n_max_s=128, n_sink=4, n_local=64)))
+    check_select(np.round(sc, 0), "heads_kv=8 kv=131072 ties", (
+        dict(alpha=0.9), dict(alpha=0.99, n_min_v=3000, n_max_s=128, n_local=64)))
     w = max(len(x[1]) for x in rows)
     for what, shape, res, err in rows:
         print(f"{what:12s} {shape:{w}s} {res}  {err}")

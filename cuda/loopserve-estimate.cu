@@ -11,6 +11,8 @@
 //   pass 2:         the probabilities, summed per key column (vertical) and per diagonal
 //                   offset (slash) in shared memory, then added to the result atomically.
 // K tiles of 64 keys are double buffered with cp.async (the keys of a chunk are contiguous).
+// Chunks that need no masking (no mask, no softcap, every key at or below every row's cell:
+// all but the last one or two at long lengths) run a lean variant of each pass.
 
 #include "loopserve-attn.cuh"
 
@@ -21,7 +23,8 @@
 #define LS_EST_ROWS    (LS_EST_WARPS*16)
 #define LS_EST_KEYS    64     // keys of a tile
 #define LS_EST_CHUNK   512    // keys of a CTA (more CTAs at short lengths; the partials are small)
-#define LS_EST_SPAN    1024   // query cell spread the shared slash sums allow (else global atomics)
+#define LS_EST_SPAN    256    // query cell spread the shared slash sums allow (else global atomics)
+#define LS_EST_SACC    (LS_EST_CHUNK + LS_EST_SPAN)
 
 struct ls_est_args {
     const float * q; const char * k; const char * mask; const void * cells; float * dst;
@@ -38,12 +41,64 @@ static __host__ __device__ int ls_est_max_queries(int n_gqa) {
 }
 
 template <int D>
-static size_t ls_est_smem_bytes(int n_gqa, bool stats) {
-    return 2*LS_EST_KEYS*(D + 8)*sizeof(half) + 2*(size_t) ls_est_max_queries(n_gqa)*LS_EST_KEYS*sizeof(uint32_t) +
-           (stats ? 0 : (2*LS_EST_CHUNK + LS_EST_SPAN + 2*LS_EST_ROWS)*sizeof(float)) + LS_EST_ROWS*sizeof(int);
+static size_t ls_est_smem_bytes(int n_gqa, bool stats, bool mask) {
+    return 2*LS_EST_KEYS*(D + 8)*sizeof(half) + (mask ? 2*(size_t) ls_est_max_queries(n_gqa)*LS_EST_KEYS*sizeof(uint32_t) : 0) +
+           (stats ? 0 : (LS_EST_WARPS*(LS_EST_CHUNK + LS_EST_SACC) + 2*LS_EST_ROWS)*sizeof(float)) + LS_EST_ROWS*sizeof(int);
 }
 
-template <int D, bool STATS>
+// Pass 2 on a tile that needs no masking (every key below every row's cell, no mask, no
+// softcap), with a power-of-two ratio G and the slash sums in shared memory: the general
+// path's per-element mask, bounds and 64-bit offsets are most of its instructions, and at
+// long contexts all tiles but the last few are such tiles. The sums are the warp's own
+// (shared float atomics are compare-and-swap loops): a key column is the warp's once per
+// chunk, so it is stored; a query's offsets repeat, so they are added, in 4/G rounds for
+// G < 4, whose lanes (query q, column 2m) and (q + 2, 2m + 2) would meet on one offset.
+template <int G>
+static __device__ __forceinline__ void ls_est_pass2_tile(const float (&S)[8][4], const float (&M2)[2], const int (&sb)[2],
+                                                         float * sacc, float * vacc, int lane) {
+    constexpr int ROUNDS = G >= 4 ? 1 : 4/G;
+    const bool lead = ((lane/4) & (G - 1)) == 0;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int col = t*8 + 2*(lane % 4) + c;
+            float p0 = exp2f(S[t][c] - M2[0]);
+            float p1 = exp2f(S[t][2 + c] - M2[1]);
+            // a query's G heads are the lanes xor 4, .., 2G
+#pragma unroll
+            for (int o = 4; o < 4*G; o <<= 1) {
+                p0 += __shfl_xor_sync(0xffffffff, p0, o);
+                p1 += __shfl_xor_sync(0xffffffff, p1, o);
+            }
+            // the two rows' offsets can meet across lanes too: one store at a time
+#pragma unroll
+            for (int r = 0; r < ROUNDS; ++r) {
+                if (lead && (lane % 4) % ROUNDS == r) {
+                    sacc[sb[0] - col] += p0;
+                }
+                __syncwarp();
+                if (lead && (lane % 4) % ROUNDS == r) {
+                    sacc[sb[1] - col] += p1;
+                }
+                __syncwarp();
+            }
+            float v = p0 + p1;
+#pragma unroll
+            for (int o = 4*G; o < WARP_SIZE; o <<= 1) {
+                v += __shfl_xor_sync(0xffffffff, v, o);
+            }
+            if (lane < 4) {
+                vacc[col] = v;
+            }
+        }
+    }
+}
+
+// FAST: the CTAs whose tiles all take the fast path (ls_est_pass2_tile; the others return),
+// else the others: a kernel of its own, so that the general path's registers do not limit
+// its occupancy
+template <int D, bool STATS, bool FAST>
 static __global__ void __launch_bounds__(LS_EST_THREADS)
 ls_vs_estimate_kernel(const ls_est_args a) {
 #ifndef AMPERE_MMA_AVAILABLE
@@ -67,12 +122,14 @@ ls_vs_estimate_kernel(const ls_est_args a) {
 
     extern __shared__ __align__(16) char ls_smem[];
     half  * Ks = (half *) ls_smem;                          // 2 buffers
-    uint32_t * Ms = (uint32_t *) (Ks + 2*KT*RH);            // 2 buffers of [n_q][KT] mask words
-    int   * q_cell = (int *) (Ms + 2*max_q*KT);
-    float * vacc = (float *) (q_cell + LS_EST_ROWS);        // pass 2: per key of the chunk
-    float * sacc = vacc + LS_EST_CHUNK;                     // per offset in [s_base, s_base + span)
-    float * row_M = sacc + LS_EST_CHUNK + LS_EST_SPAN;
+    uint32_t * Ms = (uint32_t *) (Ks + 2*KT*RH);            // with a mask: 2 buffers of [n_q][KT] mask words
+    int   * q_cell = (int *) (Ms + (a.mask ? 2*max_q*KT : 0));
+    float * vacc = (float *) (q_cell + LS_EST_ROWS);        // pass 2, per warp: per key of the chunk
+    float * sacc = vacc + LS_EST_WARPS*LS_EST_CHUNK;        // per warp: per offset in [s_base, s_base + LS_EST_SACC)
+    float * row_M = sacc + LS_EST_WARPS*LS_EST_SACC;
     float * row_I = row_M + LS_EST_ROWS;
+    float * vacc_w = vacc + warp*LS_EST_CHUNK;
+    float * sacc_w = sacc + warp*LS_EST_SACC;
 
     __shared__ int sh_lo, sh_hi;
     if (tid == 0) {
@@ -97,11 +154,12 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         // f16 mask: the parity of the row's first half in its words (jt is even, so the
         // key's is col's); no mask: the row's cell (causal in cells), set below
     }
+    // scores in log2 units from the start (the exponentials are exp2), except under a softcap
     uint32_t qa[KS][4];
     ls_mma_load_q<D>(qa, row_ok, [&](int i) {
         const int rho = row_cta + warp*16 + lane/4 + 8*i;
         return a.q + (rho/n_gqa)*a.q_nb1 + (g*n_gqa + rho % n_gqa)*a.q_nb2;
-    }, a.scale, lane);
+    }, a.softcap != 0.0f ? a.scale : a.scale*LOG2E, lane);
 
     const bool gqa_pow2 = n_gqa <= 8 && (n_gqa & (n_gqa - 1)) == 0;
 
@@ -109,13 +167,15 @@ ls_vs_estimate_kernel(const ls_est_args a) {
     int64_t s_base = 0;
     bool s_shared = false;
     float Mr[2] = {-INFINITY, -INFINITY}, Ir[2] = {0.0f, 0.0f};
+    float M2[2] = {INFINITY, INFINITY}; // exp2(s - M2) = exp2(s - M)/sum; +inf: the row adds nothing
+    int sb[2] = {0, 0};                  // the row's cell - s_base
     if constexpr (!STATS) {
         if (tid < LS_EST_ROWS) {
             const float2 mi = a.part[(g*a.n_chunk)*a.n_rows_pad + row_cta + tid];
             row_M[tid] = mi.x;
             row_I[tid] = mi.y;
         }
-        for (int i = tid; i < 2*LS_EST_CHUNK + LS_EST_SPAN; i += LS_EST_THREADS) {
+        for (int i = tid; i < LS_EST_WARPS*(LS_EST_CHUNK + LS_EST_SACC); i += LS_EST_THREADS) {
             vacc[i] = 0.0f;
         }
         __syncthreads();
@@ -124,16 +184,23 @@ ls_vs_estimate_kernel(const ls_est_args a) {
             const int r = warp*16 + lane/4 + 8*i;
             Mr[i] = row_ok[i] ? row_M[r] : -INFINITY;
             Ir[i] = row_ok[i] ? row_I[r] : 0.0f;
+            M2[i] = Ir[i] > 0.0f ? Mr[i] - log2f(Ir[i]) : INFINITY;
         }
         // offsets c - j of this chunk lie in [lo - j1 + 1, hi - j0]
         s_base = (int64_t) sh_lo - j1 + 1;
-        s_shared = (int64_t) sh_hi - j0 - s_base + 1 <= LS_EST_CHUNK + LS_EST_SPAN;
+        s_shared = (int64_t) sh_hi - j0 - s_base + 1 <= LS_EST_SACC;
     }
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         row_x[i] = a.mask ? (int) (((uintptr_t) (a.mask + (q_first + row_ql[i])*a.mask_nb1) >> 1) & 1)
                           : q_cell[row_ql[i]];
+        sb[i] = (int) (q_cell[row_ql[i]] - s_base);
+    }
+    // tiles with keys at or below every row's cell need no masking (see ls_est_pass2_tile)
+    const bool fast = !a.mask && a.softcap == 0.0f && (STATS || (s_shared && gqa_pow2)) && j1 <= (int64_t) sh_lo + 1;
+    if (fast != FAST) {
+        return;
     }
 
     const char * kbase = a.k + g*a.k_nb2;
@@ -178,16 +245,46 @@ ls_vs_estimate_kernel(const ls_est_args a) {
 
         float S[NT][4];
         ls_mma_qk<D, RH>(S, qa, Ks_s + buf*KT*RH*sizeof(half), lane);
+        if constexpr (FAST) {
+            if constexpr (STATS) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    float mx = M[i];
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        mx = fmaxf(mx, fmaxf(S[t][2*i], S[t][2*i + 1]));
+                    }
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        sum += exp2f(S[t][2*i] - mx) + exp2f(S[t][2*i + 1] - mx);
+                    }
+                    L[i] = L[i]*exp2f(M[i] - mx) + sum; // M = -inf on the first tile: exp2 gives 0
+                    M[i] = mx;
+                }
+            } else {
+                const int sbt[2] = {sb[0] - (int) jt, sb[1] - (int) jt};
+                float * vt = vacc_w + (jt - j0);
+                switch (n_gqa) {
+                    case 1: ls_est_pass2_tile<1>(S, M2, sbt, sacc_w, vt, lane); break;
+                    case 2: ls_est_pass2_tile<2>(S, M2, sbt, sacc_w, vt, lane); break;
+                    case 4: ls_est_pass2_tile<4>(S, M2, sbt, sacc_w, vt, lane); break;
+                    default: ls_est_pass2_tile<8>(S, M2, sbt, sacc_w, vt, lane); break;
+                }
+            }
+            __syncthreads(); // this buffer is reloaded two tiles on
+            continue;
+        }
         const uint32_t * Mb = Ms + buf*max_q*KT;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = e >> 1, col = t*8 + 2*(lane % 4) + (e & 1);
-                const float s = a.softcap != 0.0f ? a.softcap*tanhf(S[t][e]) : S[t][e];
+                const float s = a.softcap != 0.0f ? a.softcap*tanhf(S[t][e])*LOG2E : S[t][e];
                 const float m = jt + col >= j1 ? -INFINITY : !a.mask ? (jt + col <= row_x[i] ? 0.0f : -INFINITY) :
                     ls_mask_word(Mb[row_m[i] + col], a.mask_f16, (row_x[i] + col) & 1);
-                S[t][e] = row_ok[i] && m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
+                S[t][e] = row_ok[i] && m != -INFINITY ? s + m*LOG2E : -INFINITY;
             }
         }
 
@@ -239,7 +336,7 @@ ls_vs_estimate_kernel(const ls_est_args a) {
                             if (p[i] != 0.0f) {
                                 const int64_t off = (int64_t) q_cell[row_ql[i]] - j;
                                 if (s_shared) {
-                                    atomicAdd(&sacc[off - s_base], p[i]);
+                                    atomicAdd(&sacc_w[off - s_base], p[i]);
                                 } else if (off >= 0 && off < a.n_kv) {
                                     atomicAdd(&dst_s[off], p[i]);
                                 }
@@ -252,7 +349,7 @@ ls_vs_estimate_kernel(const ls_est_args a) {
                         v += __shfl_xor_sync(0xffffffff, v, o);
                     }
                     if (lane < 4 && v != 0.0f) {
-                        atomicAdd(&vacc[j - j0], v);
+                        vacc_w[j - j0] = v;
                     }
                 }
             }
@@ -280,15 +377,25 @@ ls_vs_estimate_kernel(const ls_est_args a) {
     } else {
         // add the chunk's sums to the result
         for (int i = tid; i < j1 - j0; i += LS_EST_THREADS) {
-            if (vacc[i] != 0.0f) {
-                atomicAdd(&dst_v[j0 + i], vacc[i]);
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < LS_EST_WARPS; ++w) {
+                v += vacc[w*LS_EST_CHUNK + i];
+            }
+            if (v != 0.0f) {
+                atomicAdd(&dst_v[j0 + i], v);
             }
         }
         if (s_shared) {
-            for (int i = tid; i < LS_EST_CHUNK + LS_EST_SPAN; i += LS_EST_THREADS) {
+            for (int i = tid; i < LS_EST_SACC; i += LS_EST_THREADS) {
                 const int64_t off = s_base + i;
-                if (sacc[i] != 0.0f && off >= 0 && off < a.n_kv) {
-                    atomicAdd(&dst_s[off], sacc[i]);
+                float s = 0.0f;
+#pragma unroll
+                for (int w = 0; w < LS_EST_WARPS; ++w) {
+                    s += sacc[w*LS_EST_SACC + i];
+                }
+                if (s != 0.0f && off >= 0 && off < a.n_kv) {
+                    atomicAdd(&dst_s[off], s);
                 }
             }
         }
@@ -319,13 +426,17 @@ static __global__ void ls_vs_estimate_combine(const ls_est_args a) {
 template <int D>
 static void ls_launch_estimate(const ls_est_args & a, int64_t n_head_kv, cudaStream_t st) {
     const dim3 grid((unsigned) a.n_chunk, (unsigned) (a.n_rows_pad/LS_EST_ROWS), (unsigned) n_head_kv);
-    const size_t smem1 = ls_est_smem_bytes<D>((int) a.n_gqa, true);
-    const size_t smem2 = ls_est_smem_bytes<D>((int) a.n_gqa, false);
-    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, true>,  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem1));
-    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem2));
-    ls_vs_estimate_kernel<D, true><<<grid, LS_EST_THREADS, smem1, st>>>(a);
+    const size_t smem1 = ls_est_smem_bytes<D>((int) a.n_gqa, true, a.mask != nullptr);
+    const size_t smem2 = ls_est_smem_bytes<D>((int) a.n_gqa, false, a.mask != nullptr);
+    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, true, true>,   cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem1));
+    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, true, false>,  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem1));
+    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, false, true>,  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem2));
+    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, false, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem2));
+    ls_vs_estimate_kernel<D, true, true> <<<grid, LS_EST_THREADS, smem1, st>>>(a);
+    ls_vs_estimate_kernel<D, true, false><<<grid, LS_EST_THREADS, smem1, st>>>(a);
     ls_vs_estimate_combine<<<dim3((unsigned) ((a.n_rows_pad + 127)/128), (unsigned) n_head_kv), 128, 0, st>>>(a);
-    ls_vs_estimate_kernel<D, false><<<grid, LS_EST_THREADS, smem2, st>>>(a);
+    ls_vs_estimate_kernel<D, false, true> <<<grid, LS_EST_THREADS, smem2, st>>>(a);
+    ls_vs_estimate_kernel<D, false, false><<<grid, LS_EST_THREADS, smem2, st>>>(a);
 }
 
 bool ls_vs_estimate_supported(int64_t D, ggml_type k_type) {

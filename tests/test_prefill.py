@@ -75,6 +75,28 @@ def test_random_selection_equals_masked_dense(seed, n_head, n_head_kv, d, block_
     np.testing.assert_allclose(out[n_tok, :, 0], comp, rtol=1e-6)
 
 
+@pytest.mark.parametrize("v_trans", [False, True])
+def test_key_sets_longer_than_a_cpu_chunk(v_trans):
+    """Key sets spanning several of the CPU kernel's 1024-key chunks (online softmax across
+    them, peaky scores), with the mask and without it (causal in cells: the same numbers)."""
+    n_head, n_head_kv, n_tok, d, block_q = 6, 2, 40, 64, 16
+    start = 2600
+    n_kv = start + n_tok
+    q, k, v = qkv(5, n_head, n_head_kv, n_tok, n_kv, d)
+    cells = np.arange(start, start + n_tok)
+    mask = so.causal_mask(cells, n_kv)
+    lists = [[list(range(0, n_kv, 2)), list(range(64))], [list(range(1, n_kv, 3)), list(range(0, 900, 7))]]
+    allowed = so.sparse_mask(lists, cells, n_kv, n_head, block_q)
+    scale = 0.5
+    want = so.ref_attention(q, k, v, mask, allowed, scale=scale, softcap=0.0)
+    kw = dict(q=q, k=k, v=v, cells=cells, sel=so.sel_array(lists, n_kv), type_k="f32", type_v="f32",
+              v_trans=v_trans, scale=scale, block_q=block_q)
+    out, _ = so.run(so.OP_SPARSE, mask=mask, **kw)
+    np.testing.assert_allclose(out[:n_tok], want, rtol=1e-4, atol=1e-5)
+    bare, _ = so.run(so.OP_SPARSE, mask=None, **kw)
+    np.testing.assert_array_equal(bare, out)
+
+
 def test_softcap_q8_0_and_f16_mask():
     n_head, n_head_kv, n_tok, d = 4, 2, 70, 32
     n_kv = n_tok
