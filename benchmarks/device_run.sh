@@ -7,6 +7,7 @@
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
+#                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
 #   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
 #            method, into $OUT/bench-gpu (plots need matplotlib; without it, make them here with
@@ -52,7 +53,8 @@ for step in "$@"; do
       # crashes the first model load on this box (see tests/conftest.py).
       PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 LOOPSERVE_TEST_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider \
           tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py \
-          tests/test_scores.py tests/test_eviction.py tests/test_prefill.py -k 'not default_model and not kept_content' ;;
+          tests/test_scores.py tests/test_eviction.py tests/test_prefill.py tests/test_gemma.py \
+          -k 'not default_model and not kept_content' ;;
     turns)
       for shape in 135m 1b; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
@@ -69,12 +71,12 @@ for step in "$@"; do
     prefill-ops)
       # 512 diagonals: a dense selection (density ~0.23 at 128K); 128: the issue's <= 10%
       for n_slash in 512 128; do
-        for shape in 135m 1b; do
+        for shape in ${PREFILL_SHAPES:-135m 1b}; do
           python3 benchmarks/prefill.py ops --shape $shape --lengths 8192,32768,65536,131072 --n-slash $n_slash
         done
       done ;;
     prefill-ttft)
-      for shape in 135m 1b; do
+      for shape in ${PREFILL_SHAPES:-135m 1b}; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         # as configured by default (alpha 0.95), then with the lines capped: random weights
         # spread attention evenly, so alpha alone keeps most lines

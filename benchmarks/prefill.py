@@ -26,7 +26,7 @@ from loopserve_edge import sparse_ops as so  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-SHAPES = {"135m": (9, 3, 64), "1b": (32, 8, 64)}  # n_head, n_head_kv, head dim
+SHAPES = {"135m": (9, 3, 64), "1b": (32, 8, 64), "gemma3-270m": (4, 1, 256)}  # n_head, n_head_kv, head dim
 
 
 def rand_lists(r, n_kv, n_head_kv, n_col, n_off):
@@ -62,8 +62,8 @@ def check(args) -> int:
             # float sums in another order may move the alpha cut by a line
             row("select", f"{label} {kw}", worst <= 2, f"max sym. diff {worst}")
 
-    for d in (64, 128):
-        for gqa in (1, 3, 4, 8):
+    for d, gqas in ((64, (1, 3, 4, 8)), (128, (1, 3, 4, 8)), (256, (2, 4))):
+        for gqa in gqas:
             n_head_kv = 2
             n_head = n_head_kv * gqa
             # f16 K/V with V rows go to the tensor-core kernel, the rest to the SIMT one; the
@@ -198,20 +198,24 @@ def ttft(args) -> int:
         model = default_model()
     print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
           f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}, "
-          f"block {args.block or 'default'}")
+          f"block {args.block or 'default'}{', SWA cache sized to the window' if args.no_swa_full else ''}")
     # "in cell order": sparse ubatches whose mask was causal in cells (the GPU path skips the mask)
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
           f"{'in cell order':>14} {'est/attn ms (profile)':>22}")
+    # token ids within the vocabulary (the random Gemma shape's byte tokenizer has ~260)
+    import gguf
+    n_vocab = len(gguf.GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
+    hi = min(20000 if args.model else 256, n_vocab)
     rng = np.random.default_rng(2)
     for L in lengths:
-        toks = [int(t) for t in rng.integers(100, 20000 if args.model else 256, L)]
+        toks = [int(t) for t in rng.integers(min(100, hi // 2), hi, L)]
         res = {}
         for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
             cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, max_vertical=args.max_vertical,
                                   max_slash=args.max_slash, prefill_block=args.block, max_resident=1)
             llm = Llama(model, loopserve=cfg, n_ctx=L + 64, n_batch=args.ubatch, n_ubatch=args.ubatch,
                         n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
-                        n_threads_batch=args.threads)
+                        n_threads_batch=args.threads, **({"swa_full": False} if args.no_swa_full else {}))
             if mode == "profile":
                 llm.set_prefill_profile(True)
             dlg = llm.dialogue()
@@ -260,6 +264,9 @@ def main() -> int:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--flash-attn", action="store_true")
     t.add_argument("--profile", action="store_true", help="also a profiled sparse run (estimation vs attention)")
+    t.add_argument("--no-swa-full", action="store_true",
+                   help="sliding-window caches sized to the window (llama.cpp's swa_full=False; the runtime's "
+                        "dialogues keep them full-size), to measure what the full-size one costs")
     a = ap.parse_args()
     return {"check": check, "ops": ops, "ttft": ttft}[a.cmd](a)
 

@@ -1,10 +1,10 @@
 // loopserve-edge: the tensor-core kernel of the sparse attention op (semantics in
-// ggml-loopserve.h, reference in ggml-cpu/loopserve.cpp), for f16 K/V of head dim 64/128.
+// ggml-loopserve.h, reference in ggml-cpu/loopserve.cpp), for f16 K/V of head dim 64/128/256.
 //
 // A CTA of 4 warps owns 64 (query, head) rows of one query block b and KV head g: the
 // block's rows times the group's heads, flattened, so every row of a CTA shares one key
 // set K(b, g) and each K/V tile is used by all of the group's heads. The key set is
-// walked in tiles of 64 keys, built in shared memory as they go, never stored:
+// walked in tiles of 64 keys (32 at head dim 256), built in shared memory as they go, never stored:
 //   1. diagonal ranges, 128 offsets at a time: offset i (ascending list) owns keys
 //      [lo - s_i, min(hi - s_i, lo - s_{i-1} - 1)], disjoint across i, so their union
 //      needs no merge; a scan of the lengths and a bisection per slot give the keys;
@@ -12,6 +12,8 @@
 // Tiles are gathered row by row with cp.async (zero-filled past the set), V while QK^T
 // runs; QK^T and PV are mma.sync m16n8k16 (f16 in, f32 accumulation), online softmax in
 // f32 on the accumulator fragments, which are reused as the A operand of PV.
+// At head dim 256 the O accumulators alone take 128 registers a thread, so Q stays in shared
+// memory (A fragments by ldmatrix) and tiles are halved to fit consumer GPUs' 99 KiB a block.
 
 #include "loopserve-attn.cuh"
 
@@ -20,8 +22,11 @@
 #define LS_MMA_WARPS   4
 #define LS_MMA_THREADS (LS_MMA_WARPS*WARP_SIZE)
 #define LS_MMA_ROWS    (LS_MMA_WARPS*16)  // (query, head) rows of a CTA
-#define LS_MMA_KEYS    64                 // keys of a tile
 #define LS_MMA_CHUNK   LS_MMA_THREADS     // diagonal offsets / columns examined per step
+
+// keys of a tile; Q in shared memory rather than registers
+template <int D> static __host__ __device__ constexpr int  ls_mma_keys()     { return D >= 256 ? 32 : 64; }
+template <int D> static __host__ __device__ constexpr bool ls_mma_q_shared() { return D >= 256; }
 
 // distinct queries among a CTA's rows: at most 64/n_gqa + 1, or 64
 static __host__ __device__ int ls_mma_max_queries(int n_gqa) {
@@ -35,9 +40,37 @@ static __host__ __device__ constexpr int ls_mma_row_halves() {
 
 template <int D>
 static size_t ls_mma_smem_bytes(int n_gqa) {
-    return 2*LS_MMA_KEYS*ls_mma_row_halves<D>()*sizeof(half)                 // K, V tiles
-         + (size_t) ls_mma_max_queries(n_gqa)*LS_MMA_KEYS*sizeof(uint32_t) // mask tile
-         + (2*LS_MMA_KEYS + 3*LS_MMA_KEYS + 2*LS_MMA_CHUNK + 32 + 2*LS_MMA_ROWS)*sizeof(int); // tile, queue, scan, per query
+    constexpr int KT = ls_mma_keys<D>();
+    return (2*KT + (ls_mma_q_shared<D>() ? LS_MMA_ROWS : 0))*ls_mma_row_halves<D>()*sizeof(half) // K, V tiles, Q
+         + (size_t) ls_mma_max_queries(n_gqa)*KT*sizeof(uint32_t)                            // mask tile
+         + (2*KT + (KT + LS_MMA_CHUNK) + 2*LS_MMA_CHUNK + 32 + 2*LS_MMA_ROWS)*sizeof(int); // tile, queue, scan, per query
+}
+
+// S = Q K^T for a tile in shared memory, with the warp's 16 rows of Q there too (qs_s): each
+// A fragment is loaded once and used for every n-tile
+template <int D, int RH, int NT>
+static __device__ __forceinline__ void ls_mma_qk_shared(float (&S)[NT][4], uint32_t qs_s, uint32_t ks_s, int lane) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        S[t][0] = S[t][1] = S[t][2] = S[t][3] = 0.0f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < D/16; ks += 2) {
+        uint32_t qa[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = lane % 8 + ((lane / 8) & 1)*8, d = (ks + h)*16 + (lane / 16)*8;
+            ls_ldmatrix_x4(qa[h], qs_s + (row*RH + d)*sizeof(half));
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            uint32_t kb[4];
+            const int key = t*8 + lane % 8, d = ks*16 + (lane / 8)*8;
+            ls_ldmatrix_x4(kb, ks_s + (key*RH + d)*sizeof(half));
+            ls_mma_16816(S[t], qa[0], kb[0], kb[1]);
+            ls_mma_16816(S[t], qa[1], kb[2], kb[3]);
+        }
+    }
 }
 
 template <int D>
@@ -47,7 +80,8 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     NO_DEVICE_CODE;
 #else
     constexpr int RH = ls_mma_row_halves<D>();
-    constexpr int KT = LS_MMA_KEYS;
+    constexpr int KT = ls_mma_keys<D>();
+    constexpr bool QS = ls_mma_q_shared<D>();
     constexpr int NT = KT/8;   // n-tiles of S
     constexpr int NO = D/8;    // n-tiles of O
     constexpr int KS = D/16;   // k-steps of QK^T
@@ -56,13 +90,14 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     extern __shared__ __align__(16) char ls_smem[];
     half  * Ks    = (half *) ls_smem;
     half  * Vs    = Ks + KT*RH;
+    half  * Qs    = Vs + KT*RH;                // QS: the CTA's rows of Q
     const int n_gqa = (int) a.n_gqa;
     const int max_q = ls_mma_max_queries(n_gqa);
-    uint32_t * Ms = (uint32_t *) (Vs + KT*RH); // mask words of the tile, per query
+    uint32_t * Ms = (uint32_t *) (Qs + (QS ? LS_MMA_ROWS*RH : 0)); // mask words of the tile, per query
     int   * ksel  = (int *) (Ms + max_q*KT);   // per slot: -1 empty; else the key's parity (mask) or the key
     int   * tile  = ksel + KT;                 // keys of the tile being built (diagonal phase)
     int   * queue = tile + KT;               // uncovered columns waiting for a full tile
-    int   * scan  = queue + 3*KT;            // per offset: first slot, key of slot 0
+    int   * scan  = queue + KT + LS_MMA_CHUNK; // per offset: first slot, key of slot 0
     int   * shi   = scan + 2*LS_MMA_CHUNK;
     int   * q_cell = shi + 32;             // per distinct query of the CTA: its cell,
     int   * q_seen = q_cell + LS_MMA_ROWS; // and the keys computed with cell <= it
@@ -116,10 +151,24 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
                           : q_cell[row_ql[i] - q_first];
     }
 
-    // Q as A fragments, prescaled (the order of ggml's flash attention)
-    uint32_t qa[KS][4];
-    ls_mma_load_q<D>(qa, row_ok, [&](int i) { return a.q + (r0 + row_ql[i])*a.q_nb1 + row_h[i]*a.q_nb2; },
-                     a.scale, lane);
+    // Q prescaled and rounded to f16 (the order of ggml's flash attention): as A fragments, or
+    // in shared memory, a warp writing its own 16 rows (read after process's first barrier)
+    uint32_t qa[QS ? 1 : KS][4];
+    if constexpr (QS) {
+        for (int i = lane; i < 16*(D/2); i += WARP_SIZE) {
+            const int rr = i / (D/2), d = 2*(i % (D/2));
+            const int rho = row_cta + warp*16 + rr;
+            float2 x = make_float2(0.0f, 0.0f);
+            if (rho < n_rows) {
+                const float * qr = a.q + (r0 + rho / n_gqa)*a.q_nb1 + (g*n_gqa + rho % n_gqa)*a.q_nb2;
+                x = make_float2(qr[d]*a.scale, qr[d + 1]*a.scale);
+            }
+            *(half2 *) (Qs + (warp*16 + rr)*RH + d) = __floats2half2_rn(x.x, x.y);
+        }
+    } else {
+        ls_mma_load_q<D>(qa, row_ok, [&](int i) { return a.q + (r0 + row_ql[i])*a.q_nb1 + row_h[i]*a.q_nb2; },
+                         a.scale, lane);
+    }
 
     float O[NO][4];
 #pragma unroll
@@ -133,8 +182,9 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     const uint32_t Ks_s = (uint32_t) __cvta_generic_to_shared(Ks);
     const uint32_t Vs_s = (uint32_t) __cvta_generic_to_shared(Vs);
     const uint32_t Ms_s = (uint32_t) __cvta_generic_to_shared(Ms);
+    const uint32_t Qs_s = (uint32_t) __cvta_generic_to_shared(Qs + warp*16*RH);
 
-    // one tile of 64 keys (tk[i] < 0: empty slot); every thread calls it
+    // one tile of KT keys (tk[i] < 0: empty slot); every thread calls it
     auto process = [&](const int * tk) {
         __syncthreads(); // tk written; the previous tile's K/V/mask no longer read
         constexpr int CPR = D/8; // 16-byte pieces per row
@@ -177,7 +227,11 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         __syncthreads();
 
         float S[NT][4];
-        ls_mma_qk<D, RH>(S, qa, Ks_s, lane);
+        if constexpr (QS) {
+            ls_mma_qk_shared<D, RH, NT>(S, Qs_s, Ks_s, lane);
+        } else {
+            ls_mma_qk<D, RH>(S, qa, Ks_s, lane);
+        }
 
         // softcap, mask, online softmax; the rows' maxima over the 4 lanes of a row
         float mx[2] = {-INFINITY, -INFINITY};
@@ -308,7 +362,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
             process(queue + done);
         }
         __syncthreads();
-        // move the rest (< 64) to the front; the regions do not overlap
+        // move the rest (< KT) to the front; the regions do not overlap
         if (done > 0 && tid < n_queued - done) {
             queue[tid] = queue[done + tid];
         }
@@ -358,19 +412,22 @@ static void ls_launch_mma(const ls_attn_args & a, cudaStream_t st) {
     ls_sparse_attn_mma_kernel<D><<<grid, LS_MMA_THREADS, smem, st>>>(a);
 }
 
-bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int cc, cudaStream_t st) {
+bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStream_t st) {
     auto a16 = [](uint64_t x) { return x % 16 == 0; };
-    const bool ok = ampere_mma_available(cc) && (D == 64 || D == 128) &&
+    const auto & dev = ggml_cuda_info().devices[device];
+    const size_t smem = D == 64 ? ls_mma_smem_bytes<64>((int) a.n_gqa) : D == 128 ? ls_mma_smem_bytes<128>((int) a.n_gqa) :
+                        ls_mma_smem_bytes<256>((int) a.n_gqa);
+    const bool ok = ampere_mma_available(dev.cc) && (D == 64 || D == 128 || D == 256) && smem <= dev.smpbo &&
         a.k_type == GGML_TYPE_F16 && a.v_type == GGML_TYPE_F16 && a.v_nb0 == sizeof(half) &&
         a16((uintptr_t) a.k) && a16((uintptr_t) a.v) && a16(a.k_nb1) && a16(a.k_nb2) && a16(a.v_nb1) && a16(a.v_nb2) &&
         a.n_kv < INT32_MAX && (int64_t) a.block_q*a.n_gqa < INT32_MAX;
     if (!ok) {
         return false;
     }
-    if (D == 64) {
-        ls_launch_mma<64>(a, st);
-    } else {
-        ls_launch_mma<128>(a, st);
+    switch (D) {
+        case 64:  ls_launch_mma<64>(a, st);  break;
+        case 128: ls_launch_mma<128>(a, st); break;
+        default:  ls_launch_mma<256>(a, st); break;
     }
     return true;
 }

@@ -158,9 +158,10 @@ static __device__ __forceinline__ float ls_mask_word(uint32_t w, bool f16, int h
     return !f16 ? __uint_as_float(w) : __half2float(__ushort_as_half((unsigned short) (w >> 16*half)));
 }
 
-// Runs the tensor-core kernel if it covers these inputs (f16 K and V with rows of 16-byte
-// aligned head dim 64 or 128, sm_80 or newer); false leaves the work to the SIMT kernel.
-bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int cc, cudaStream_t st);
+// Runs the tensor-core kernel if it covers these inputs (f16 K and V with 16-byte aligned
+// rows of head dim 64, 128 or 256, sm_80 or newer, its shared memory within the device's
+// limit); false leaves the work to the SIMT kernel.
+bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStream_t st);
 
 // The fused estimation (loopserve-estimate.cu): f16 K of head dim 64/128/256, sm_80+.
 bool ls_vs_estimate_supported(int64_t D, ggml_type k_type);

@@ -7,7 +7,7 @@
 //   bit pattern (scores are >= 0, so bit order is value order), ties broken by index like the
 //   reference's (score desc, index asc) order; the lists are written ascending with a
 //   block scan, no sort.
-// - sparse attention: f16 K/V of head dim 64/128 on sm_80+ go to the tensor-core kernel
+// - sparse attention: f16 K/V on sm_80+ go to the tensor-core kernel
 //   (loopserve-attn-mma.cu); everything else to the SIMT kernel here, the first version,
 //   kept for q8_0/f32 K/V, transposed V and older GPUs. It runs one block per (block of
 //   64 query rows, KV head); a warp owns one
@@ -580,7 +580,7 @@ void ggml_cuda_op_loopserve(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
             a.cell_mod = dst->op_params[4];
             // statistics row: zeroed, then accumulated atomically
             CUDA_CHECK(cudaMemsetAsync(a.dst + a.n_tokens*a.dst_nb2, 0, dst->nb[2], st));
-            if (ls_sparse_attn_mma(a, k->ne[0], ggml_cuda_info().devices[ctx.device].cc, st)) {
+            if (ls_sparse_attn_mma(a, k->ne[0], ctx.device, st)) {
                 break;
             }
             const dim3 grid((a.n_tokens + a.block_q - 1)/a.block_q, k->ne[2]);

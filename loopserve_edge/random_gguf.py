@@ -24,6 +24,10 @@ SHAPES = {
     "3b": (3072, 28, 24, 8, 8192),     # Llama-3.2-3B
     "8b": (4096, 32, 32, 8, 14336),    # Llama-3.1-8B
 }
+# Gemma-3-270M's attention and layers (its 262K-token vocabulary aside): head dim 256, and
+# every sixth layer global, the others in a window of 512
+GEMMA3_270M = dict(n_layer=18, n_embd=640, n_head=4, n_head_kv=1, head_dim=256, n_ff=2048, n_swa=512,
+                   swa_pattern=6)
 
 # The role names become single tokens, as in real ChatML vocabularies, so the template's
 # glue around a message costs ~5 tokens rather than one per letter.
@@ -204,7 +208,10 @@ def write_random_gemma3(path, *, seed=0, n_layer=4, n_embd=128, n_head=4, n_head
 
 
 def write_shape(path, shape: str, tokenizer_from, seed=0) -> pathlib.Path:
-    """A benchmark model: a named shape from SHAPES, f16 weights, a real tokenizer."""
+    """A benchmark model: a named shape from SHAPES, f16 weights, a real tokenizer; or
+    Gemma-3-270M's shape (GEMMA3_270M: f32 weights, the byte tokenizer)."""
+    if shape == "gemma3-270m":
+        return write_random_gemma3(path, seed=seed, n_ctx_train=131072, **GEMMA3_270M)
     n_embd, n_layer, n_head, n_head_kv, n_ff = SHAPES[shape]
     return write_random_llama(path, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                               n_head_kv=n_head_kv, n_ff=n_ff, n_ctx_train=131072,
@@ -212,6 +219,6 @@ def write_shape(path, shape: str, tokenizer_from, seed=0) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[2] not in SHAPES:
-        sys.exit(f"usage: python -m loopserve_edge.random_gguf OUT.gguf {{{','.join(SHAPES)}}} TOKENIZER.gguf")
+    if len(sys.argv) != 4 or sys.argv[2] not in [*SHAPES, "gemma3-270m"]:
+        sys.exit(f"usage: python -m loopserve_edge.random_gguf OUT.gguf {{{','.join(SHAPES)},gemma3-270m}} TOKENIZER.gguf")
     print(write_shape(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -229,6 +229,11 @@ def flat_model(tmp_path_factory):
     return write_random_llama(tmp_path_factory.mktemp("models") / "flat.gguf", seed=12, **SHAPE)
 
 
+# alpha = 1 and no lines added: the sparse path computes the stock path's attention
+ALL_LINES = LoopServeConfig(sparse_prefill=True, alpha=1.0, min_vertical=0, min_slash=0, local_window=0,
+                            prefill_sink=0, sparse_min_tokens=100, last_q=16)
+
+
 def tokens(seed, n):
     return [int(t) for t in RNG(seed).integers(0, 256, n)]
 
@@ -250,9 +255,7 @@ def test_alpha_one_matches_stock(flat_model, make_llm, flash_attn):
     stock = make_llm(model, **kw)
     want, st0 = prefill(stock, toks, history=40)
     assert st0["n_ubatch_sparse"] == 0
-    cfg = LoopServeConfig(sparse_prefill=True, alpha=1.0, min_vertical=0, min_slash=0, local_window=0,
-                          prefill_sink=0, sparse_min_tokens=100, last_q=16)
-    sparse = make_llm(model, loopserve=cfg, **kw)
+    sparse = make_llm(model, loopserve=ALL_LINES, **kw)
     got, st = prefill(sparse, toks, history=40)
     assert st["n_ubatch_sparse"] == 1 and st["n_tokens_sparse"] == 256
     assert st["n_ubatch_cell_causal"] == 1  # one sequence, cells in position order
@@ -276,10 +279,28 @@ def test_alpha_one_matches_stock_with_holes(flat_model, make_llm):
         return llm.decode(dlg, toks[40:], list(range(40, 300))), llm.prefill_stats()
 
     want, _ = run(make_llm(flat_model, **kw))
-    cfg = LoopServeConfig(sparse_prefill=True, alpha=1.0, min_vertical=0, min_slash=0, local_window=0,
-                          prefill_sink=0, sparse_min_tokens=100, last_q=16)
-    got, st = run(make_llm(flat_model, loopserve=cfg, **kw))
+    got, st = run(make_llm(flat_model, loopserve=ALL_LINES, **kw))
     assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 0
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_alpha_one_matches_stock_at_head_dim_256(tmp_path, make_llm, flash_attn):
+    """Gemma 3's head dim (on the GPU, the tensor-core kernel's variant with Q in shared
+    memory): the full-attention layers run sparse, the sliding-window ones stock, and the
+    logits are the stock path's."""
+    from loopserve_edge.random_gguf import write_random_gemma3
+
+    model = write_random_gemma3(tmp_path / "g256.gguf", n_layer=4, n_embd=256, n_head=4, n_head_kv=1,
+                                head_dim=256, n_swa=32, swa_pattern=2)
+    toks = tokens(6, 300)
+    kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=flash_attn)
+    want, _ = prefill(make_llm(model, **kw), toks, history=40)
+    got, st = prefill(make_llm(model, loopserve=ALL_LINES, **kw), toks, history=40)
+    assert st["n_ubatch_sparse"] == 1 and st["n_tokens_sparse"] == 256
+    # layers 1 and 3 see every position, 0 and 2 the last 32
+    assert [d is not None for d in st["layer_density"]] == [False, True, False, True]
+    assert st["density"] == pytest.approx(1.0)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
