@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loopserve_edge  # noqa: E402,F401  (llama.cpp's library before numpy)
 from loopserve_edge import sparse_ops as so  # noqa: E402
 
+import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 
 SHAPES = {"135m": (9, 3, 64), "1b": (32, 8, 64), "gemma3-270m": (4, 1, 256)}  # n_head, n_head_kv, head dim
@@ -203,7 +204,6 @@ def ttft(args) -> int:
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
           f"{'in cell order':>14} {'est/attn ms (profile)':>22}")
     # token ids within the vocabulary (the random Gemma shape's byte tokenizer has ~260)
-    import gguf
     n_vocab = len(gguf.GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
     hi = min(20000 if args.model else 256, n_vocab)
     rng = np.random.default_rng(2)

@@ -402,22 +402,25 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 #endif // AMPERE_MMA_AVAILABLE
 }
 
+// false: its shared memory exceeds what the device gives a block (the SIMT kernel runs)
 template <int D>
-static void ls_launch_mma(const ls_attn_args & a, cudaStream_t st) {
+static bool ls_launch_mma(const ls_attn_args & a, size_t smem_max, cudaStream_t st) {
+    const size_t smem = ls_mma_smem_bytes<D>((int) a.n_gqa);
+    if (smem > smem_max) {
+        return false;
+    }
     const int n_chunk = (a.block_q*(int) a.n_gqa + LS_MMA_ROWS - 1) / LS_MMA_ROWS;
     const int64_t n_block = (a.n_tokens + a.block_q - 1) / a.block_q;
     const dim3 grid((unsigned) (n_block*n_chunk), (unsigned) (a.n_head/a.n_gqa));
-    const size_t smem = ls_mma_smem_bytes<D>((int) a.n_gqa);
     CUDA_CHECK(cudaFuncSetAttribute(ls_sparse_attn_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
     ls_sparse_attn_mma_kernel<D><<<grid, LS_MMA_THREADS, smem, st>>>(a);
+    return true;
 }
 
 bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStream_t st) {
     auto a16 = [](uint64_t x) { return x % 16 == 0; };
     const auto & dev = ggml_cuda_info().devices[device];
-    const size_t smem = D == 64 ? ls_mma_smem_bytes<64>((int) a.n_gqa) : D == 128 ? ls_mma_smem_bytes<128>((int) a.n_gqa) :
-                        ls_mma_smem_bytes<256>((int) a.n_gqa);
-    const bool ok = ampere_mma_available(dev.cc) && (D == 64 || D == 128 || D == 256) && smem <= dev.smpbo &&
+    const bool ok = ampere_mma_available(dev.cc) &&
         a.k_type == GGML_TYPE_F16 && a.v_type == GGML_TYPE_F16 && a.v_nb0 == sizeof(half) &&
         a16((uintptr_t) a.k) && a16((uintptr_t) a.v) && a16(a.k_nb1) && a16(a.k_nb2) && a16(a.v_nb1) && a16(a.v_nb2) &&
         a.n_kv < INT32_MAX && (int64_t) a.block_q*a.n_gqa < INT32_MAX;
@@ -425,9 +428,9 @@ bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStrea
         return false;
     }
     switch (D) {
-        case 64:  ls_launch_mma<64>(a, st);  break;
-        case 128: ls_launch_mma<128>(a, st); break;
-        default:  ls_launch_mma<256>(a, st); break;
+        case 64:  return ls_launch_mma<64>(a, dev.smpbo, st);
+        case 128: return ls_launch_mma<128>(a, dev.smpbo, st);
+        case 256: return ls_launch_mma<256>(a, dev.smpbo, st);
+        default:  return false;
     }
-    return true;
 }
