@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from . import state_file
+from . import paths, state_file
 from .errors import ContextFullError, LoopServeError, StateFileError
 from .sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from .llama import Llama
+    from .context import Context
+    from .eviction import Evictor
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Dialogue:
-    def __init__(self, llm: "Llama", system: str | None = None, name: str | None = None):
+    def __init__(self, llm: "Context", evictor: "Evictor", system: str | None = None,
+                 name: str | None = None, dialogues_dir: str | os.PathLike | None = None):
+        """`llm`: the context the dialogue's KV state lives in; `evictor`: the eviction
+        policy run at each turn; `dialogues_dir`: where save() puts a named dialogue
+        (None: paths.dialogues_dir())."""
         self.llm = llm
+        self.evictor = evictor
+        self.dialogues_dir = dialogues_dir
         self.name = name
         self.system = system
         self.messages: list[dict] = []
@@ -130,7 +137,7 @@ class Dialogue:
             keep -= 1
             new = self.tokens[keep:keep + 1]
         if keep + len(new) >= llm.n_ctx and keep == len(self.tokens):
-            llm.evictor.make_room(self, len(new))
+            self.evictor.make_room(self, len(new))
             keep = len(self.tokens)
         if keep + len(new) >= llm.n_ctx:
             raise ContextFullError(
@@ -143,14 +150,14 @@ class Dialogue:
             del self.tokens[keep:], self.positions[keep:]
             self.kv_text = ""  # no longer a rendered text; the next turn compares tokens
         positions = list(range(start, start + len(new)))
-        llm.evictor.begin_prefill(self, len(new))
+        self.evictor.begin_prefill(self, len(new))
         logits = llm.decode(self, new, positions)
         self._prefill_stats = llm.prefill_stats() if llm.config.sparse_prefill else None
         self.tokens += new
         self.positions += positions
         self.kv_text = rendered
         self.messages = messages
-        llm.evictor.after_prefill(self)
+        self.evictor.after_prefill(self)
         return logits, keep, len(new)
 
     def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
@@ -189,7 +196,7 @@ class Dialogue:
                 self.tokens.append(tok)
                 self.positions.append(pos)
                 out.append(tok)
-                llm.evictor.after_token(self, len(out))
+                self.evictor.after_token(self, len(out))
                 pending += llm._piece(tok, special=False)
                 text, pending = _split_utf8(pending)
                 if text:
@@ -197,7 +204,7 @@ class Dialogue:
             if pending:
                 yield pending.decode(errors="replace")
         finally:
-            llm.evictor.end_turn(self)
+            self.evictor.end_turn(self)
             reply = llm.detokenize(out, special=False)
             self.kv_text += llm.detokenize(out, special=True)
             self.messages.append({"role": "assistant", "content": reply})
@@ -249,10 +256,11 @@ class Dialogue:
         }
 
     @classmethod
-    def from_header(cls, llm: "Llama", header: dict, path: Path) -> "Dialogue":
+    def from_header(cls, llm: "Context", evictor: "Evictor", header: dict, path: Path,
+                    dialogues_dir: str | os.PathLike | None = None) -> "Dialogue":
         try:
             d = header["dialogue"]
-            dlg = cls(llm, system=d["system"], name=d["name"])
+            dlg = cls(llm, evictor, system=d["system"], name=d["name"], dialogues_dir=dialogues_dir)
             dlg.messages = list(d["messages"])
             dlg.tokens = [int(t) for t in d["tokens"]]
             dlg.positions = [int(p) for p in d["positions"]]
@@ -272,7 +280,7 @@ class Dialogue:
             if not self.name:
                 raise LoopServeError("this dialogue has no name: pass a path to save()")
             path = self.name
-        target = self.llm.dialogue_path(path)
+        target = paths.dialogue_path(path, self.dialogues_dir)
         seq_state = self.llm.sequence_state(self._seq) if self._seq is not None else (self._swapped or b"")
         state_file.write(target, state_file.StateFile(self.to_header(), seq_state))
         return target

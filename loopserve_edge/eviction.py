@@ -19,15 +19,14 @@ tokens continue after the highest position.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from .config import LoopServeConfig
 
 if TYPE_CHECKING:
-    from .dialogue import Dialogue
-    from .llama import Llama
+    from .context import Context
 
 SCORED = ("snapkv", "h2o", "loopserve")
 
@@ -73,19 +72,32 @@ def choose_keep(n: int, scores: np.ndarray | None, cfg: LoopServeConfig, budget:
     return keep
 
 
-class Evictor:
-    """Runs one LoopServeConfig's policy for the dialogues of one Llama."""
+class Tracked(Protocol):
+    """What the evictor works on: the KV cells of one sequence owner (a dialogue), as
+    token and position lists in cell order, with its sequence in the context."""
 
-    def __init__(self, llm: "Llama", cfg: LoopServeConfig):
+    tokens: list[int]
+    positions: list[int]
+    evicted: int      # cells removed so far
+    evict_s: float    # time spent evicting, this turn
+    _seq: int | None
+    _swapped: bytes | None
+
+
+class Evictor:
+    """Runs one LoopServeConfig's policy over the sequences of one context: it reads their
+    attention scores and removes their cells there."""
+
+    def __init__(self, llm: "Context", cfg: LoopServeConfig):
         self.llm = llm
         self.cfg = cfg
         self.active = cfg.policy != "full" and cfg.budget is not None
         self.scored = self.active and cfg.policy in SCORED
-        self.deferred: "Dialogue | None" = None  # whose post-prefill cut waits (defer_cut)
+        self.deferred: Tracked | None = None  # whose post-prefill cut waits (defer_cut)
 
     # -- turn hooks ----------------------------------------------------------------------
 
-    def make_room(self, dlg: "Dialogue", n_new: int) -> None:
+    def make_room(self, dlg: Tracked, n_new: int) -> None:
         """Before a prefill that would not fit in the context, cut the history back by
         recency (the new input cannot be scored before it is computed)."""
         if not self.active:
@@ -94,14 +106,14 @@ class Evictor:
         if len(dlg.positions) + n_new >= self.llm.n_ctx and target >= self.cfg.sink + self.cfg.recent:
             self._compress(dlg, None, target)
 
-    def begin_prefill(self, dlg: "Dialogue", n_new: int) -> None:
+    def begin_prefill(self, dlg: Tracked, n_new: int) -> None:
         if not self.scored:
             return
         if self.cfg.policy != "h2o":
             self.llm.reset_scores(dlg)
         self.llm.set_score_window(min(self.cfg.window, n_new))
 
-    def after_prefill(self, dlg: "Dialogue") -> None:
+    def after_prefill(self, dlg: Tracked) -> None:
         if not self.active:
             return
         if (self.cfg.policy == "loopserve" and self.cfg.defer_cut > 0
@@ -118,7 +130,7 @@ class Evictor:
         elif self.scored:
             self.llm.set_score_window(0)  # snapkv: no decode-time scoring
 
-    def after_token(self, dlg: "Dialogue", n_generated: int) -> None:
+    def after_token(self, dlg: Tracked, n_generated: int) -> None:
         if not self.active or self.cfg.policy == "snapkv":
             return
         if self.deferred is dlg:
@@ -130,12 +142,12 @@ class Evictor:
         if self.cfg.policy == "loopserve":
             self._watch(dlg, n_generated)
 
-    def _deferred_cut(self, dlg: "Dialogue") -> None:
+    def _deferred_cut(self, dlg: Tracked) -> None:
         self.deferred = None
         self.compress(dlg)
         self.llm.set_score_window(0)  # until the window before the next compression
 
-    def _watch(self, dlg: "Dialogue", n_generated: int) -> None:
+    def _watch(self, dlg: Tracked, n_generated: int) -> None:
         """LoopServe scores with the `window` tokens just before each compression only:
         scoring is switched on for those and off for the rest of the interval (scoring a
         token costs about as much as its attention)."""
@@ -150,7 +162,7 @@ class Evictor:
         elif phase == 0:
             self.llm.set_score_window(0)
 
-    def end_turn(self, dlg: "Dialogue") -> None:
+    def end_turn(self, dlg: Tracked) -> None:
         if self.deferred is dlg:  # a reply shorter than defer_cut: cut with what was scored
             self._deferred_cut(dlg)
         if self.scored:
@@ -158,7 +170,7 @@ class Evictor:
 
     # -- compression ---------------------------------------------------------------------
 
-    def compress(self, dlg: "Dialogue") -> None:
+    def compress(self, dlg: Tracked) -> None:
         if len(dlg.positions) <= self.cfg.budget:
             return
         t0 = time.perf_counter()
@@ -171,7 +183,7 @@ class Evictor:
         dlg.evict_s += time.perf_counter() - t0  # _compress adds its own part
         self._compress(dlg, scores, self.cfg.budget)
 
-    def _compress(self, dlg: "Dialogue", scores: np.ndarray | None, budget: int) -> None:
+    def _compress(self, dlg: Tracked, scores: np.ndarray | None, budget: int) -> None:
         t0 = time.perf_counter()
         positions = np.asarray(dlg.positions)
         keep = choose_keep(len(positions), scores, self.cfg, budget)

@@ -1,158 +1,48 @@
-"""`Llama`: one loaded model, one llama.cpp context, several dialogues.
+"""`Llama`: the object users hold: a `Context` (one model, one llama.cpp context, several
+KV sequences) with dialogues on top, the eviction policy of its `LoopServeConfig`, and the
+state files dialogues are saved to.
 
-Each resident dialogue owns a llama.cpp sequence with its own KV stream of n_ctx cells
-(not a shared pool: a dialogue's numbers then never depend on which others are resident,
-so interleaved dialogues reply exactly as they would alone). Beyond `max_resident` the
-least recently used dialogue is swapped out to RAM (its sequence state as bytes) and
-swapped back in on its next turn, so no dialogue's history is ever prefilled twice.
+Layers, each importing only those before it: context.py (llama.cpp) -> eviction.py (which
+cells to keep) -> dialogue.py (turns) -> llama.py (dialogues of one model).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
-from typing import Iterable
 
-import numpy as np
-
-from . import bindings, state_file
-from .bindings import llama_c, llama_cpp
-from .chat_template import ChatTemplate
+from . import paths, state_file
 from .config import LoopServeConfig
+from .context import Context
 from .dialogue import Dialogue
+from .errors import DialogueNotFoundError, StateFileError
 from .eviction import Evictor
-from .errors import (ContextFullError, DialogueNotFoundError, LoopServeError, ModelFileError,
-                     StateFileError)
-from .model_file import check_model_file, fingerprint
-from .paths import dialogues_dir
-
-DEFAULT_N_CTX = 4096
-SPARSE_N_BATCH = 2048    # n_batch/n_ubatch default with sparse prefill on
 
 
-class _NoSlot(Exception):
-    """llama_decode found no free KV cells."""
-
-
-class Llama:
+class Llama(Context):
     def __init__(self, model_path: str | os.PathLike, *, loopserve: LoopServeConfig | None = None,
                  dialogues_dir: str | os.PathLike | None = None, **kwargs):
         """`kwargs` are llama_cpp.Llama's constructor arguments (n_ctx, n_gpu_layers,
         n_threads, flash_attn, type_k, seed, verbose, ...)."""
-        self.config = loopserve or LoopServeConfig()
-        self.model_path = check_model_file(model_path)
+        super().__init__(model_path, loopserve=loopserve, **kwargs)
         self._dialogues_dir = dialogues_dir
-        kwargs.setdefault("n_ctx", DEFAULT_N_CTX)
-        kwargs.setdefault("verbose", False)
-        if self.config.sparse_prefill:
-            # the sparse path runs per ubatch of >= sparse_min_tokens tokens: prefill in
-            # large ubatches unless told otherwise
-            kwargs.setdefault("n_batch", SPARSE_N_BATCH)
-            kwargs.setdefault("n_ubatch", kwargs["n_batch"])
-        try:
-            self._llm = llama_cpp.Llama(str(self.model_path), **kwargs)
-        except ValueError as e:
-            raise ModelFileError(f"{self.model_path}: llama.cpp could not load it ({e})") from None
-        self.verbose = kwargs["verbose"]
-        self._ctx = self._multi_sequence_context()
-        self._mem = llama_c.llama_get_memory(self._ctx.ctx)
-        self._heads: dict[int, int] | None = None
-        self.n_ctx = llama_c.llama_n_ctx_seq(self._ctx.ctx)
-        self.n_batch = self._llm.n_batch
-        self._batch = llama_c.llama_batch_init(self.n_batch, 0, 1)
-        self._vocab = self._llm._model.vocab
-        self.n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
-        self.metadata: dict[str, str] = dict(self._llm.metadata)
-        self.fingerprint = fingerprint(self.model_path, self.metadata)
-        self.template = ChatTemplate(
-            self.metadata.get("tokenizer.chat_template"),
-            bos_token=self._piece(llama_c.llama_vocab_bos(self._vocab)).decode(errors="replace"),
-            eos_token=self._piece(llama_c.llama_vocab_eos(self._vocab)).decode(errors="replace"),
-            architecture=self.metadata.get("general.architecture"),
-        )
-        self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
-        if self.config.sparse_prefill:
-            self.set_sparse_prefill(self.config)
-        # seq id -> resident dialogue, in least-recently-used order (dicts keep order)
-        self._resident: dict[int, Dialogue] = {}
         self.evictor = Evictor(self, self.config)
-
-    # -- construction ------------------------------------------------------------------
-
-    def _multi_sequence_context(self):
-        """Replace llama_cpp.Llama's single-sequence context by one with a KV stream of
-        n_ctx cells for each of `max_resident` sequences."""
-        from llama_cpp import _internals
-
-        params = llama_c.llama_context_params.from_buffer_copy(self._llm.context_params)
-        params.n_seq_max = self.config.max_resident
-        params.n_ctx = self._llm.context_params.n_ctx * self.config.max_resident
-        params.kv_unified = False
-        self._llm._ctx.close()
-        ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=self.verbose)
-        self._llm._ctx = ctx
-        self.context_params = params
-        return ctx
-
-    def close(self) -> None:
-        if self._batch is not None:
-            llama_c.llama_batch_free(self._batch)
-            self._batch = None
-        self._ctx.close()
-        self._llm.close()
-
-    def __enter__(self) -> "Llama":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- tokens ------------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
-        return self._llm.tokenize(text.encode(), add_bos=add_bos, special=True)
-
-    def _piece(self, token: int, special: bool = True) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = llama_c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
-
-    def detokenize(self, tokens: Iterable[int], special: bool = True) -> str:
-        return b"".join(self._piece(t, special) for t in tokens).decode(errors="replace")
-
-    def is_eog(self, token: int) -> bool:
-        return bool(llama_c.llama_vocab_is_eog(self._vocab, token))
-
-    def context_settings(self) -> dict:
-        p = self.context_params
-        return {"n_ctx": self.n_ctx, "n_batch": self.n_batch, "type_k": int(p.type_k),
-                "type_v": int(p.type_v), "flash_attn_type": int(p.flash_attn_type)}
 
     # -- dialogues ---------------------------------------------------------------------
 
     def dialogue(self, system: str | None = None, name: str | None = None) -> Dialogue:
-        return Dialogue(self, system=system, name=name)
+        return Dialogue(self, self.evictor, system=system, name=name, dialogues_dir=self._dialogues_dir)
 
     def dialogues_dir(self) -> Path:
-        return dialogues_dir(self._dialogues_dir)
-
-    @staticmethod
-    def _is_name(name_or_path: str | os.PathLike) -> bool:
-        return Path(name_or_path).suffix != state_file.SUFFIX and os.sep not in str(name_or_path)
+        return paths.dialogues_dir(self._dialogues_dir)
 
     def dialogue_path(self, name_or_path: str | os.PathLike) -> Path:
         """A path as given, or the default file of a dialogue name."""
-        if self._is_name(name_or_path):
-            return self.dialogues_dir() / f"{name_or_path}{state_file.SUFFIX}"
-        return Path(name_or_path)
+        return paths.dialogue_path(name_or_path, self._dialogues_dir)
 
     def load_dialogue(self, name_or_path: str | os.PathLike) -> Dialogue:
         """Resume a saved dialogue. Every check runs before the live context is touched."""
         path = self.dialogue_path(name_or_path)
-        if self._is_name(name_or_path) and not path.exists():
+        if paths.is_dialogue_name(name_or_path) and not path.exists():
             raise DialogueNotFoundError(f"no saved dialogue {name_or_path!r} (looked for {path})")
         st = state_file.read(path)
         h = st.header
@@ -165,7 +55,7 @@ class Llama:
             if theirs.get(key) != mine[key]:
                 raise StateFileError(f"{path}: KV cache {key}={theirs.get(key)} in the file, "
                                      f"{mine[key]} in this context; load it with the same setting")
-        dlg = Dialogue.from_header(self, h, path)
+        dlg = Dialogue.from_header(self, self.evictor, h, path, dialogues_dir=self._dialogues_dir)
         if len(dlg.positions) >= self.n_ctx:
             raise StateFileError(f"{path}: holds {len(dlg.positions)} cells, more than this "
                                  f"context's n_ctx={self.n_ctx}; load it with a larger n_ctx")
@@ -175,268 +65,3 @@ class Llama:
         except StateFileError as e:
             raise StateFileError(f"{path}: {e}") from None
         return dlg
-
-    # -- sequences ---------------------------------------------------------------------
-
-    def make_resident(self, dlg: Dialogue) -> int:
-        """Give `dlg` a sequence (swapping its state in) and mark it most recently used."""
-        if dlg._seq is not None:
-            self._resident.pop(dlg._seq)
-            self._resident[dlg._seq] = dlg
-            return dlg._seq
-        free = [s for s in range(self.config.max_resident) if s not in self._resident]
-        if not free:
-            self.swap_out(next(iter(self._resident.values())))
-            free = [s for s in range(self.config.max_resident) if s not in self._resident]
-        seq = free[0]
-        if dlg._swapped:
-            blob = dlg._swapped
-            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-            if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), seq) == 0:
-                llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
-                raise StateFileError("llama.cpp rejected the sequence state")
-        dlg._swapped = None
-        dlg._seq = seq
-        self._resident[seq] = dlg
-        return seq
-
-    def swap_out(self, dlg: Dialogue) -> None:
-        """Move a resident dialogue's KV state to RAM and free its cells."""
-        if dlg._seq is None:
-            return
-        dlg._swapped = self.sequence_state(dlg._seq)
-        llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
-        del self._resident[dlg._seq]
-        dlg._seq = None
-
-    def forget(self, dlg: Dialogue) -> None:
-        """Drop a dialogue's KV state (resident or swapped)."""
-        if dlg._seq is not None:
-            llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
-            del self._resident[dlg._seq]
-            dlg._seq = None
-        dlg._swapped = None
-
-    def compact(self, dlg: Dialogue) -> None:
-        """Move a resident dialogue's cells to the start of its KV stream. Attention runs
-        over every cell up to the highest one in use, so after a large eviction the holes
-        would still cost time; a state round trip packs the kept cells together."""
-        if dlg._seq is None:
-            return
-        blob = self.sequence_state(dlg._seq)
-        llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), dlg._seq) == 0:
-            raise RuntimeError("llama.cpp could not reload a sequence it had just saved")
-
-    def sequence_state(self, seq: int) -> bytes:
-        size = llama_c.llama_state_seq_get_size(self._ctx.ctx, seq)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_c.llama_state_seq_get_data(self._ctx.ctx, buf, size, seq)
-        return bytes(buf)[:n]
-
-    def seq_cells(self, seq: int) -> int:
-        return bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq)
-
-    # -- attention scores ----------------------------------------------------------------
-
-    def set_score_window(self, n_window: int) -> None:
-        """From the next decode on, score the cache with the attention of the last
-        `n_window` tokens of every decode (one generated token: that token); 0 turns it
-        off. Scores accumulate per KV cell until reset_scores (see llama-loopserve.h)."""
-        if bindings.llama_loopserve_scores_set(self._ctx.ctx, int(n_window)) != 0:
-            raise LoopServeError(f"this model/context cannot be scored (window {n_window}): "
-                                 "it needs a decoder-only model with a KV cache")
-
-    @property
-    def score_window(self) -> int:
-        return bindings.llama_loopserve_scores_window(self._ctx.ctx)
-
-    def reset_scores(self, dlg: Dialogue | None = None) -> None:
-        """Zero the scores of dlg's cells (all dialogues when None)."""
-        if dlg is None:
-            bindings.llama_loopserve_scores_reset(self._ctx.ctx, -1)
-        elif dlg._seq is not None:
-            bindings.llama_loopserve_scores_reset(self._ctx.ctx, dlg._seq)
-
-    def score_rows(self, dlg: Dialogue) -> int:
-        """Query rows accumulated into dlg's scores since the last reset."""
-        return bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
-
-    def attention_scores(self, dlg: Dialogue) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, scores) of dlg's cells in position order; a score is the attention
-        mass summed over window rows, scored layers and all query heads. Empty when dlg is
-        not resident (a swapped-out dialogue's scores are not kept)."""
-        if dlg._seq is None:
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        n = self.seq_cells(dlg._seq)
-        pos, sc = np.zeros(n, np.int32), np.zeros(n, np.float32)
-        got = bindings.llama_loopserve_scores_get(
-            self._ctx.ctx, dlg._seq, pos.ctypes.data_as(bindings._i32p),
-            sc.ctypes.data_as(bindings._f32p), n)
-        if got != n:
-            raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {n}")
-        return pos, sc
-
-    def _score_positions(self, dlg: Dialogue) -> np.ndarray:
-        pos = np.zeros(self.seq_cells(dlg._seq), np.int32)
-        got = bindings.llama_loopserve_scores_get(
-            self._ctx.ctx, dlg._seq, pos.ctypes.data_as(bindings._i32p), None, len(pos))
-        if got != len(pos):
-            raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {len(pos)}")
-        return pos
-
-    def _scored_heads(self) -> dict[int, int]:
-        """{layer: KV heads} of the scored layers (all but sliding-window ones)."""
-        if self._heads is None:
-            n_layer = llama_c.llama_model_n_layer(self._llm._model.model)
-            heads = {il: bindings.llama_loopserve_scores_n_head_kv(self._ctx.ctx, il) for il in range(n_layer)}
-            self._heads = {il: h for il, h in heads.items() if h > 0}
-        return self._heads
-
-    def attention_scores_by_head(self, dlg: Dialogue) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, scores [n_heads, n_cells]): one row per KV head of every scored
-        layer in layer order, each summed over its query heads and the window rows."""
-        n_heads = sum(self._scored_heads().values())
-        if dlg._seq is None:
-            return np.zeros(0, np.int32), np.zeros((n_heads, 0), np.float32)
-        pos = self._score_positions(dlg)
-        rows = np.zeros((n_heads, len(pos)), np.float32)
-        got = bindings.llama_loopserve_scores_get_heads(
-            self._ctx.ctx, dlg._seq, rows.ctypes.data_as(bindings._f32p), rows.size)
-        if got != len(pos):
-            raise RuntimeError(f"llama_loopserve_scores_get_heads returned {got}, expected {len(pos)}")
-        return pos, rows
-
-    def attention_scores_by_layer(self, dlg: Dialogue) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """(positions, {layer: scores [n_head_kv, n_cells]}) for the scored layers, read
-        layer by layer (llama_loopserve_scores_get_layer)."""
-        out: dict[int, np.ndarray] = {}
-        if dlg._seq is None:
-            return np.zeros(0, np.int32), out
-        pos = self._score_positions(dlg)
-        for il, h in self._scored_heads().items():
-            buf = np.zeros((h, len(pos)), np.float32)
-            got = bindings.llama_loopserve_scores_get_layer(
-                self._ctx.ctx, dlg._seq, il, buf.ctypes.data_as(bindings._f32p), len(pos))
-            if got != len(pos):
-                raise RuntimeError(f"llama_loopserve_scores_get_layer returned {got}, expected {len(pos)}")
-            out[il] = buf
-        return pos, out
-
-    # -- sparse prefill ------------------------------------------------------------------
-
-    def set_sparse_prefill(self, cfg: LoopServeConfig | None) -> None:
-        """Enable the adaptive sparse prefill with cfg's prefill fields (None or
-        cfg.sparse_prefill False: the stock path). See include/llama-loopserve.h."""
-        if cfg is None or not cfg.sparse_prefill:
-            bindings.llama_loopserve_prefill_set(self._ctx.ctx, None)
-            return
-        p = bindings.llama_loopserve_prefill_default_params()
-        p.alpha, p.last_q = cfg.alpha, cfg.last_q
-        p.n_min_vertical, p.n_max_vertical = cfg.min_vertical, cfg.max_vertical or 0
-        p.n_min_slash, p.n_max_slash = cfg.min_slash, cfg.max_slash or 0
-        p.n_sink, p.n_local = cfg.prefill_sink, cfg.local_window
-        p.n_min_tokens, p.block_q = cfg.sparse_min_tokens, cfg.prefill_block or 0
-        rc = bindings.llama_loopserve_prefill_set(self._ctx.ctx, ctypes.byref(p))
-        if rc == -2:
-            raise LoopServeError("sparse prefill needs a KV cache of type f16, q8_0 or f32 "
-                                 "(type_k/type_v); see the log for the types in use")
-        if rc != 0:
-            raise LoopServeError("sparse prefill cannot run on this model/context "
-                                 "(it needs a decoder-only model with a KV cache)")
-
-    def set_prefill_profile(self, on: bool) -> None:
-        """Time estimation vs attention of the sparse path (runs the graph in pieces,
-        slower; for measurements)."""
-        if bindings.llama_loopserve_prefill_set_profile(self._ctx.ctx, bool(on)) != 0:
-            raise LoopServeError("prefill profiling needs sparse prefill enabled and no eval callback")
-
-    def prefill_stats(self) -> dict:
-        """What the sparse prefill did in the last multi-token decode call: ubatches
-        that ran sparse / kept the stock path, their tokens, the density (share of the
-        causal attention matrix computed, in KV cells) overall and per layer (None for
-        layers that ran stock), and times in ms (estimate/attend only in profile mode)."""
-        s = bindings.llama_loopserve_prefill_stats()
-        enabled = bindings.llama_loopserve_prefill_stats_get(self._ctx.ctx, ctypes.byref(s))
-        n_layer = bindings.llama_loopserve_prefill_layer_pairs(self._ctx.ctx, None, None, 0)
-        comp = (ctypes.c_double * n_layer)()
-        caus = (ctypes.c_double * n_layer)()
-        bindings.llama_loopserve_prefill_layer_pairs(self._ctx.ctx, comp, caus, n_layer)
-        return {
-            "enabled": bool(enabled),
-            "n_ubatch_sparse": s.n_ubatch_sparse, "n_ubatch_stock": s.n_ubatch_stock,
-            # sparse ubatches whose mask was causal in cells: on the GPU they ran without it
-            "n_ubatch_cell_causal": s.n_ubatch_cell_causal,
-            "n_tokens_sparse": s.n_tokens_sparse,
-            "density": s.density if s.n_ubatch_sparse else None,
-            "layer_density": [c / d if d > 0 else None for c, d in zip(comp, caus)],
-            "t_sparse_ms": s.t_sparse_ms, "t_estimate_ms": s.t_estimate_ms, "t_attend_ms": s.t_attend_ms,
-        }
-
-    # -- decoding ----------------------------------------------------------------------
-
-    def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
-        llama_c.llama_memory_seq_rm(self._mem, seq, p0, p1)
-
-    def remove_cells(self, seq: int, positions: np.ndarray) -> None:
-        """Remove the cells of seq at these positions, in one pass over its cells."""
-        pos = np.ascontiguousarray(positions, dtype=np.int32)
-        got = bindings.llama_loopserve_seq_rm_positions(
-            self._ctx.ctx, seq, pos.ctypes.data_as(bindings._i32p), len(pos))
-        if got != len(pos):
-            raise RuntimeError(f"llama_loopserve_seq_rm_positions removed {got} of {len(pos)} cells")
-
-    def decode(self, dlg: Dialogue, tokens: list[int], positions: list[int]) -> np.ndarray:
-        """Append tokens at positions to dlg's sequence; returns the logits of the last.
-        On a full context nothing is kept and ContextFullError is raised."""
-        seq = self.make_resident(dlg)
-        if len(tokens) > 1:
-            bindings.llama_loopserve_prefill_stats_reset(self._ctx.ctx)  # stats are per prefill call
-        starts = list(range(0, len(tokens), self.n_batch))
-        # llama.cpp scores the last `window` tokens of every llama_decode call: a prompt of
-        # several batches must be scored by its own last tokens only, not also by the last
-        # tokens of each batch (arbitrary places in the middle of the text). So the batches
-        # before the last are decoded unscored, and the last one holds the whole window.
-        window = self.score_window if len(starts) > 1 else 0
-        if window:
-            starts[-1] = min(starts[-1], len(tokens) - min(window, self.n_batch))
-        try:
-            for k, i in enumerate(starts):
-                j = starts[k + 1] if k + 1 < len(starts) else len(tokens)
-                if window:
-                    self.set_score_window(window if j == len(tokens) else 0)
-                self._decode_chunk(seq, tokens[i:j], positions[i:j], last=j == len(tokens))
-        except _NoSlot:
-            self.remove_positions(seq, positions[0])
-            raise ContextFullError(f"the KV cache has no room for {len(tokens)} more tokens "
-                                   f"(n_ctx={self.n_ctx})") from None
-        except BaseException:
-            self.remove_positions(seq, positions[0])
-            raise
-        finally:
-            if window:
-                self.set_score_window(window)
-        ptr = llama_c.llama_get_logits_ith(self._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def _decode_chunk(self, seq: int, tokens: list[int], positions: list[int], last: bool) -> None:
-        b = self._batch
-        n = len(tokens)
-        b.n_tokens = n
-        tok = np.asarray(tokens, dtype=np.int32)  # held: memmove reads it after this line
-        pos = np.asarray(positions, dtype=np.int32)
-        ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
-        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
-        ctypes.memset(b.logits, 0, n)
-        for i in range(n):
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-        if last:
-            b.logits[n - 1] = 1
-        rc = llama_c.llama_decode(self._ctx.ctx, b)
-        if rc == 1:
-            raise _NoSlot()
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc})")
-

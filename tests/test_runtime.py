@@ -39,19 +39,43 @@ def test_build_is_skipped_when_current():
     assert "nothing to build" in r.stdout
 
 
-def test_patch_hash_changes_with_patches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["patch", "csrc", "cuda", "new csrc file", "cmake flags"])
+def test_patch_hash_covers_every_build_input(tmp_path, monkeypatch, change):
     mod = _build_script()
     before = mod.patch_hash()
-    extra = tmp_path / "patches"
-    extra.mkdir()
-    for p in (ROOT / "patches").glob("*.patch"):
-        (extra / p.name).write_bytes(p.read_bytes() + b"\n")
-    monkeypatch.setattr(mod, "PATCH_DIR", extra)
-    monkeypatch.setattr(mod, "CUDA_DIR", tmp_path / "cuda")  # hashed too; paths relative to ROOT
-    if (ROOT / "cuda").is_dir():
-        shutil.copytree(ROOT / "cuda", tmp_path / "cuda")
-    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    for d in ("patches", "csrc", "cuda"):
+        shutil.copytree(ROOT / d, tmp_path / d)
+    monkeypatch.setattr(mod, "ROOT", tmp_path)  # inputs are hashed with their paths under ROOT
+    for name, d in (("PATCH_DIR", "patches"), ("CSRC_DIR", "csrc"), ("CUDA_DIR", "cuda")):
+        monkeypatch.setattr(mod, name, tmp_path / d)
+    assert mod.patch_hash() == before  # the same files elsewhere: the same hash
+    if change == "cmake flags":
+        monkeypatch.setattr(mod, "CMAKE_COMMON", mod.CMAKE_COMMON + ["-DGGML_NATIVE=OFF"])
+    elif change == "new csrc file":
+        (tmp_path / "csrc/src/llama-loopserve-new.cpp").write_text("// new\n")
+    else:
+        folder, pattern = {"patch": ("patches", "*.patch"), "csrc": ("csrc", "**/*.cpp"),
+                           "cuda": ("cuda", "*.cu")}[change]
+        f = sorted((tmp_path / folder).glob(pattern))[0]
+        f.write_bytes(f.read_bytes() + b"\n")
     assert mod.patch_hash() != before
+
+
+def test_csrc_adds_files_and_patches_only_touch_upstream():
+    """csrc/ holds files llama.cpp does not have; no patch creates a file (every hunk's
+    source side is an upstream file), and none touches a file of csrc/."""
+    mod = _build_script()
+    ours = {str(p.relative_to(mod.CSRC_DIR)) for p in mod.CSRC_DIR.rglob("*") if p.is_file()}
+    assert ours, "csrc/ is empty"
+    for patch in sorted(mod.PATCH_DIR.glob("*.patch")):
+        lines = patch.read_text().splitlines()
+        assert not lines[0].startswith(("---", "diff")), f"{patch.name} has no header"
+        targets = [l[4:].split("\t")[0] for l in lines if l.startswith("--- ")]
+        assert targets, f"{patch.name} has no hunks"
+        for t in targets:
+            assert t.startswith("a/") and t != "/dev/null", f"{patch.name}: {t} is not an upstream file"
+            assert t[2:] not in ours, f"{patch.name} patches {t[2:]}, which is ours (csrc/)"
+        assert "@@ -0,0 " not in patch.read_text(), f"{patch.name} creates a file"
 
 
 def test_slim_archive_keeps_build_inputs_and_drops_the_rest():

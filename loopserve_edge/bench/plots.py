@@ -16,16 +16,14 @@ def _pyplot():
     return plt
 
 
-def write_plots(folder: Path, spec, rows, cases, records) -> list[Path] | None:
-    """The plots, or None without matplotlib."""
+def write_plots(folder: Path, spec, totals, cases, records) -> list[Path] | None:
+    """The plots, or None without matplotlib. `totals`: the summary rows over all tasks of
+    the runs that ran (report.py makes them; plots.py only draws)."""
     plt = _pyplot()
     if plt is None:
         return None
-    from .report import ALL
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    totals = [r for r in rows if r.task == ALL and r.status == "ok"]
     made = []
 
     # score and same-greedy share vs. budget, one column per context length

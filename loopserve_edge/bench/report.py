@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import plots
 from .dialogues import Case
 from .harness import BenchSpec, read_jsonl
 from .methods import Run, expand
@@ -207,9 +208,8 @@ def write_report(out: Path, log=print) -> list[Row]:
         w.writerow(COLUMNS)
         for r in rows:
             w.writerow(["" if x is None else (round(x, 6) if isinstance(x, float) else x) for x in r.csv()])
-    from . import plots
-
-    made = plots.write_plots(out / "plots", spec, rows, cases, records)
+    totals = [r for r in rows if r.task == ALL and r.status == "ok"]
+    made = plots.write_plots(out / "plots", spec, totals, cases, records)
     if made is None:
         log("plots skipped: matplotlib is not installed (pip install matplotlib)")
     return rows

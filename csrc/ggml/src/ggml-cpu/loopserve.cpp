@@ -1,0 +1,639 @@
+// loopserve-edge: CPU implementation of GGML_OP_LOOPSERVE, the reference for the
+// vertical-slash sparse prefill ops (semantics in ggml/include/ggml-loopserve.h).
+// Multi-threaded; correct for any input the constructors accept.
+
+#include "loopserve.h"
+
+#include "ggml-cpu-impl.h"
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "ggml-loopserve.h"
+#include "simd-mappings.h"
+#include "traits.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+// the sparse attention's chunks of keys (scratch per thread: (DK + DV) x 4 x this bytes),
+// (row, head) pairs and keys per register block
+#define LS_CPU_CHUNK 1024
+#define LS_CPU_PAIRS 8
+#define LS_CPU_LANES 16
+
+// S[p][i] = sum_d Q[p][d] KT[d][i] for LS_CPU_PAIRS rows of Q (DK apart) and i < n (rounded
+// up to LS_CPU_LANES), rows of S and KT LS_CPU_CHUNK apart
+static void ls_cpu_scores(float * S, const float * Q, const float * KT, int64_t DK, int64_t n) {
+    constexpr int NP = LS_CPU_PAIRS;
+#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE)
+    for (int64_t ib = 0; ib < n; ib += GGML_F32_EPR) {
+        GGML_F32_VEC acc[NP];
+        for (int p = 0; p < NP; ++p) {
+            acc[p] = GGML_F32_VEC_ZERO;
+        }
+        for (int64_t d = 0; d < DK; ++d) {
+            const GGML_F32_VEC k = GGML_F32_VEC_LOAD(KT + d * LS_CPU_CHUNK + ib);
+            for (int p = 0; p < NP; ++p) {
+                acc[p] = GGML_F32_VEC_FMA(acc[p], k, GGML_F32_VEC_SET1(Q[p * DK + d]));
+            }
+        }
+        for (int p = 0; p < NP; ++p) {
+            GGML_F32_VEC_STORE(S + p * LS_CPU_CHUNK + ib, acc[p]);
+        }
+    }
+#else
+    for (int64_t i = 0; i < n; ++i) {
+        for (int p = 0; p < NP; ++p) {
+            float s = 0.0f;
+            for (int64_t d = 0; d < DK; ++d) {
+                s += Q[p * DK + d] * KT[d * LS_CPU_CHUNK + i];
+            }
+            S[p * LS_CPU_CHUNK + i] = s;
+        }
+    }
+#endif
+}
+
+// x[p] = sum_i S[p][i] v[i] for LS_CPU_PAIRS rows of S (LS_CPU_CHUNK apart), i < n rounded
+// up to LS_CPU_LANES
+static void ls_cpu_dots(float * x, const float * S, const float * v, int64_t n) {
+    constexpr int NP = LS_CPU_PAIRS;
+#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE)
+    GGML_F32_VEC acc[NP];
+    for (int p = 0; p < NP; ++p) {
+        acc[p] = GGML_F32_VEC_ZERO;
+    }
+    for (int64_t ib = 0; ib < n; ib += GGML_F32_EPR) {
+        const GGML_F32_VEC vv = GGML_F32_VEC_LOAD(v + ib);
+        for (int p = 0; p < NP; ++p) {
+            acc[p] = GGML_F32_VEC_FMA(acc[p], vv, GGML_F32_VEC_LOAD(S + p * LS_CPU_CHUNK + ib));
+        }
+    }
+    for (int p = 0; p < NP; ++p) {
+        float lanes[GGML_F32_EPR];
+        GGML_F32_VEC_STORE(lanes, acc[p]);
+        x[p] = 0.0f;
+        for (int e = 0; e < GGML_F32_EPR; ++e) {
+            x[p] += lanes[e];
+        }
+    }
+#else
+    for (int p = 0; p < NP; ++p) {
+        x[p] = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+            x[p] += S[p * LS_CPU_CHUNK + i] * v[i];
+        }
+    }
+#endif
+}
+
+// floats of the sparse attention's per-thread scratch after the key list
+static int64_t ls_cpu_attn_floats(int64_t DK, int64_t DV, int64_t n_pair) {
+    return (DK + DV) * LS_CPU_CHUNK + LS_CPU_PAIRS * (LS_CPU_CHUNK + DK) + std::max(DK, DV) + n_pair * (DV + 2);
+}
+
+static float ls_param_f(const ggml_tensor * t, int i) {
+    float f;
+    memcpy(&f, &t->op_params[i], sizeof(f));
+    return f;
+}
+
+static int64_t ls_cell(const ggml_tensor * q_cells, int64_t i, int64_t cell_mod) {
+    const int64_t c =
+        q_cells->type == GGML_TYPE_I64 ? ((const int64_t *) q_cells->data)[i] : ((const int32_t *) q_cells->data)[i];
+    return c % cell_mod;
+}
+
+static size_t ls_align(size_t n) {
+    return (n + 63) & ~(size_t) 63;
+}
+
+//
+// vertical and slash scores
+//
+
+// sums of p [n_kv, n_rows, n_head] (byte strides p_nb1, p_nb2) into dst; tasks of this thread
+static void ls_vs_sums(const ggml_compute_params * params,
+                       const char *                p,
+                       size_t                      p_nb1,
+                       size_t                      p_nb2,
+                       int64_t                     n_rows,
+                       int64_t                     n_head,
+                       const ggml_tensor *         q_cells,
+                       int64_t                     cell_mod,
+                       ggml_tensor *               dst) {
+    const int64_t n_kv      = dst->ne[0];
+    const int64_t n_head_kv = dst->ne[2];
+    const int64_t n_gqa     = n_head / n_head_kv;
+
+    // tasks: (KV head, chunk of n_kv); each writes its own part of dst
+    const int64_t chunk   = 1024;
+    const int64_t n_chunk = (n_kv + chunk - 1) / chunk;
+    for (int64_t task = params->ith; task < n_head_kv * n_chunk; task += params->nth) {
+        const int64_t g     = task / n_chunk;
+        const int64_t j0    = (task % n_chunk) * chunk;
+        const int64_t j1    = std::min(n_kv, j0 + chunk);
+        float *       vert  = (float *) ((char *) dst->data + 0 * dst->nb[1] + g * dst->nb[2]);
+        float *       slash = (float *) ((char *) dst->data + 1 * dst->nb[1] + g * dst->nb[2]);
+        for (int64_t j = j0; j < j1; ++j) {
+            vert[j]  = 0.0f;
+            slash[j] = 0.0f;
+        }
+        for (int64_t h = g * n_gqa; h < (g + 1) * n_gqa; ++h) {
+            for (int64_t r = 0; r < n_rows; ++r) {
+                const float * pr = (const float *) (p + r * p_nb1 + h * p_nb2);
+                for (int64_t j = j0; j < j1; ++j) {
+                    vert[j] += pr[j];
+                }
+                // offset s covers key c - s
+                const int64_t c  = ls_cell(q_cells, r, cell_mod);
+                const int64_t s1 = std::min(j1, c + 1);
+                for (int64_t s = j0; s < s1; ++s) {
+                    if (c - s < n_kv) {
+                        slash[s] += pr[c - s];
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void ls_vs_scores(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * p = dst->src[0];
+    ls_vs_sums(params, (const char *) p->data, p->nb[1], p->nb[2], p->ne[1], p->ne[2], dst->src[1], dst->op_params[2],
+               dst);
+}
+
+// the probabilities in the work buffer ([n_kv, n_rows, n_head], shared by the threads),
+// then the sums as ggml_loopserve_vs_scores
+static void ls_vs_estimate(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * q       = dst->src[0];
+    const ggml_tensor * k       = dst->src[1];
+    const ggml_tensor * mask    = dst->src[2];
+    const ggml_tensor * q_cells = dst->src[3];
+    const int64_t       DK      = k->ne[0];
+    const int64_t       n_kv    = k->ne[1];
+    const int64_t       n_rows  = q->ne[1];
+    const int64_t       n_head  = q->ne[2];
+    const int64_t       n_gqa   = n_head / k->ne[2];
+    float               scale   = ls_param_f(dst, 1);
+    const float         softcap = ls_param_f(dst, 2);
+    if (softcap != 0.0f) {
+        scale /= softcap;
+    }
+
+    float *       P   = (float *) params->wdata;
+    ggml_fp16_t * Q16 = (ggml_fp16_t *) ((char *) params->wdata + ls_align(sizeof(float) * n_kv * n_rows * n_head) +
+                                         params->ith * ls_align(sizeof(ggml_fp16_t) * DK));
+    for (int64_t task = params->ith; task < n_rows * n_head; task += params->nth) {
+        const int64_t r = task % n_rows, h = task / n_rows;
+        const float * pq = (const float *) ((const char *) q->data + r * q->nb[1] + h * q->nb[2]);
+        ggml_cpu_fp32_to_fp16(pq, Q16, DK);
+        const char *  kh   = (const char *) k->data + (h / n_gqa) * k->nb[2];
+        const char *  mrow = mask ? (const char *) mask->data + r * mask->nb[1] : nullptr;
+        const int64_t c    = ls_cell(q_cells, r, dst->op_params[3]);
+        float *       pr   = P + (h * n_rows + r) * n_kv;
+        float         mx   = -INFINITY;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            float mv = 0.0f;
+            if (mrow) {
+                mv = mask->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) mrow)[j]) :
+                                                   ((const float *) mrow)[j];
+            }
+            float s = -INFINITY;
+            if (mv != -INFINITY && (mrow || j <= c)) {  // no mask: causal in cells
+                ggml_vec_dot_f16(DK, &s, 0, (ggml_fp16_t *) (kh + j * k->nb[1]), 0, Q16, 0, 1);
+                s *= scale;
+                if (softcap != 0.0f) {
+                    s = softcap * tanhf(s);
+                }
+                s += mv;
+            }
+            pr[j] = s;
+            mx    = std::max(mx, s);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            pr[j] = mx == -INFINITY ? 0.0f : expf(pr[j] - mx);
+            sum += pr[j];
+        }
+        const float inv = sum > 0.0 ? (float) (1.0 / sum) : 0.0f;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            pr[j] *= inv;
+        }
+    }
+    ggml_barrier(params->threadpool);
+    ls_vs_sums(params, (const char *) P, sizeof(float) * n_kv, sizeof(float) * n_kv * n_rows, n_rows, n_head, q_cells,
+               dst->op_params[3], dst);
+}
+
+//
+// selection
+//
+
+static void ls_select(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * sc        = dst->src[0];
+    const int64_t       n_kv      = sc->ne[0];
+    const int64_t       n_head_kv = sc->ne[2];
+    const float         alpha     = ls_param_f(dst, 1);
+
+    int32_t * order = (int32_t *) ((char *) params->wdata + params->ith * ggml_cpu_loopserve_work_size(dst, 1));
+    uint8_t * pick  = (uint8_t *) (order + n_kv);
+
+    for (int64_t task = params->ith; task < 2 * n_head_kv; task += params->nth) {
+        const int64_t kind    = task % 2;
+        const int64_t g       = task / 2;
+        const int32_t n_min   = dst->op_params[kind == 0 ? 2 : 4];
+        const int32_t n_max   = dst->op_params[kind == 0 ? 3 : 5];
+        const int32_t n_force = dst->op_params[kind == 0 ? 6 : 7];
+        const float * x       = (const float *) ((const char *) sc->data + kind * sc->nb[1] + g * sc->nb[2]);
+
+        double  total = 0.0;
+        int64_t n_pos = 0;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            if (x[j] > 0.0f) {
+                total += x[j];
+                order[n_pos++] = (int32_t) j;
+            }
+        }
+        std::sort(order, order + n_pos, [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+        // alpha = 1: every line with mass (a prefix sum may reach the total early by rounding)
+        int64_t      k      = n_pos;
+        const double target = (double) alpha * total;
+        double       acc    = 0.0;
+        for (int64_t i = 0; alpha < 1.0f && i < n_pos; ++i) {
+            acc += x[order[i]];
+            if (acc >= target) {
+                k = i + 1;
+                break;
+            }
+        }
+        k = std::max<int64_t>(k, n_min);
+        if (n_max > 0) {
+            k = std::min<int64_t>(k, n_max);
+        }
+        k = std::min(k, n_pos);
+
+        memset(pick, 0, n_kv);
+        for (int64_t i = 0; i < k; ++i) {
+            pick[order[i]] = 1;
+        }
+        for (int64_t j = 0; j < std::min<int64_t>(n_force, n_kv); ++j) {
+            pick[j] = 1;
+        }
+        int32_t * out = (int32_t *) ((char *) dst->data + kind * dst->nb[1] + g * dst->nb[2]);
+        int32_t   n   = 0;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            if (pick[j]) {
+                out[1 + n++] = (int32_t) j;
+            }
+        }
+        out[0] = n;
+    }
+}
+
+//
+// sparse attention
+//
+
+// The sorted key set K(b, g) of a query block with cells in [lo, hi] (ggml-loopserve.h):
+// the ranges of the slash offsets merged, plus the vertical columns outside them.
+static int64_t ls_block_keys(const int32_t * cols,
+                             const int32_t * offs,
+                             int64_t         lo,
+                             int64_t         hi,
+                             int64_t         n_kv,
+                             int32_t *       keys) {
+    const int32_t n_col           = cols[0];
+    const int32_t n_off           = offs[0];
+    int64_t       n               = 0;
+    int32_t       ic              = 1;
+    auto          emit_cols_below = [&](int64_t end) {  // columns < end
+        while (ic <= n_col && cols[ic] < end) {
+            keys[n++] = cols[ic++];
+        }
+    };
+    // offsets ascending -> ranges [lo - s, hi - s] descending: walk them backwards
+    int64_t cur0 = -1, cur1 = -2;
+    auto    flush = [&]() {
+        if (cur1 < cur0) {
+            return;
+        }
+        emit_cols_below(cur0);
+        for (int64_t j = cur0; j <= cur1; ++j) {
+            keys[n++] = (int32_t) j;
+        }
+        while (ic <= n_col && cols[ic] <= cur1) {
+            ic++;  // covered by the range
+        }
+    };
+    for (int32_t i = n_off; i >= 1; --i) {
+        const int64_t s  = offs[i];
+        int64_t       r0 = lo - s;
+        int64_t       r1 = std::min(hi - s, n_kv - 1);
+        if (r1 < 0) {
+            continue;
+        }
+        r0 = std::max<int64_t>(r0, 0);
+        if (r1 < r0) {
+            continue;
+        }
+        if (r0 <= cur1 + 1) {
+            cur1 = std::max(cur1, r1);
+        } else {
+            flush();
+            cur0 = r0;
+            cur1 = r1;
+        }
+    }
+    flush();
+    emit_cols_below(n_kv);
+    return n;
+}
+
+static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * q       = dst->src[0];
+    const ggml_tensor * k       = dst->src[1];
+    const ggml_tensor * v       = dst->src[2];
+    const ggml_tensor * mask    = dst->src[3];
+    const ggml_tensor * q_cells = dst->src[4];
+    const ggml_tensor * sel     = dst->src[5];
+
+    const int64_t DK        = k->ne[0];
+    const int64_t DV        = v->ne[0];
+    const int64_t n_kv      = k->ne[1];
+    const int64_t n_head_kv = k->ne[2];
+    const int64_t n_tokens  = q->ne[1];
+    const int64_t n_head    = q->ne[2];
+    const int64_t n_gqa     = n_head / n_head_kv;
+
+    float         scale    = ls_param_f(dst, 1);
+    const float   softcap  = ls_param_f(dst, 2);
+    const int64_t block_q  = dst->op_params[3];
+    const int64_t cell_mod = dst->op_params[4];
+    if (softcap != 0.0f) {
+        scale /= softcap;
+    }
+
+    const ggml_to_float_t k_to_float = ggml_get_type_traits(k->type)->to_float;
+    const ggml_to_float_t v_to_float = ggml_get_type_traits(v->type)->to_float;
+    const bool            v_rows     = v->nb[0] == ggml_type_size(v->type);  // else transposed f16/f32
+    GGML_ASSERT((k->type == GGML_TYPE_F32 || k_to_float) && "loopserve sparse attention: unsupported K type");
+    GGML_ASSERT((v->type == GGML_TYPE_F32 || v_to_float) && "loopserve sparse attention: unsupported V type");
+
+    // A task is a block of query rows and a KV head; its key set is walked in chunks of
+    // LS_CPU_CHUNK keys, gathered once for the block's rows and the group's heads as K^T and
+    // V^T in f32, and LS_CPU_PAIRS (row, head) pairs at a time go through small
+    // register-blocked products (scores: pairs x chunk, output: pairs x DV; SIMD through
+    // ggml's vector macros); each K/V row is converted once per block instead of once per
+    // query row and head. Online softmax across chunks. Rows with a mask and rows without
+    // one (causal in cells) compute the same arithmetic; chunks no key of which the pairs'
+    // rows see are skipped (exactly what a chunk of -inf scores adds: nothing).
+    constexpr int64_t CH = LS_CPU_CHUNK;
+    constexpr int     NP = LS_CPU_PAIRS, LN = LS_CPU_LANES;
+#if defined(GGML_SIMD)
+    static_assert(LN % GGML_F32_EPR == 0, "a register block of keys is whole registers");
+#endif
+    const int64_t n_pair = block_q * n_gqa;  // (row, head) pairs of a block
+    char *        wbase  = (char *) params->wdata + params->ith * ggml_cpu_loopserve_work_size(dst, 1);
+    int32_t *     keys   = (int32_t *) wbase;
+    float *       KT     = (float *) (wbase + ls_align(sizeof(int32_t) * n_kv));  // [DK][CH]
+    float *       VT     = KT + DK * CH;                                          // [DV][CH]
+    float *       S      = VT + DV * CH;                                          // [NP][CH]
+    float *       Qs     = S + NP * CH;                                           // [NP][DK]
+    float *       row    = Qs + NP * DK;                                          // [max(DK, DV)]
+    float *       O      = row + std::max(DK, DV);                                // [n_pair][DV]
+    float *       M      = O + n_pair * DV;                                       // [n_pair]
+    float *       L      = M + n_pair;                                            // [n_pair]
+    double *      stats  = (double *) ((char *) wbase + ls_align(sizeof(int32_t) * n_kv) +
+                                 ls_align(sizeof(float) * ls_cpu_attn_floats(DK, DV, n_pair)));
+    memset(stats, 0, 2 * n_head * sizeof(double));
+
+    const int64_t n_block = (n_tokens + block_q - 1) / block_q;
+    for (int64_t task = params->ith; task < n_block * n_head_kv; task += params->nth) {
+        const int64_t b  = task / n_head_kv;
+        const int64_t g  = task % n_head_kv;
+        const int64_t r0 = b * block_q;
+        const int64_t r1 = std::min(n_tokens, r0 + block_q);
+
+        int64_t lo = INT64_MAX, hi = -1;
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t c = ls_cell(q_cells, r, cell_mod);
+            lo              = std::min(lo, c);
+            hi              = std::max(hi, c);
+        }
+        const int32_t * cols   = (const int32_t *) ((const char *) sel->data + 0 * sel->nb[1] + g * sel->nb[2]);
+        const int32_t * offs   = (const int32_t *) ((const char *) sel->data + 1 * sel->nb[1] + g * sel->nb[2]);
+        const int64_t   n_keys = ls_block_keys(cols, offs, lo, hi, n_kv, keys);
+
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t c        = ls_cell(q_cells, r, cell_mod);
+            const int64_t n_causal = std::upper_bound(keys, keys + n_keys, (int32_t) c) - keys;
+            for (int64_t h = g * n_gqa; h < (g + 1) * n_gqa; ++h) {
+                stats[h] += (double) n_causal;
+                stats[n_head + h] += (double) (c + 1);
+            }
+        }
+        for (int64_t pr = 0; pr < n_pair; ++pr) {
+            M[pr] = -INFINITY;
+            L[pr] = 0.0f;
+        }
+        memset(O, 0, n_pair * DV * sizeof(float));
+
+        for (int64_t i0 = 0; i0 < n_keys; i0 += CH) {
+            const int64_t n_c  = std::min(CH, n_keys - i0);
+            // K^T and V^T of the chunk; V^T's columns up to the next multiple of LN zeroed
+            // (the products read them, with probabilities 0)
+            const int64_t n_cp = (n_c + LN - 1) / LN * LN;
+            for (int64_t i = 0; i < n_c; ++i) {
+                const char *  kr = (const char *) k->data + keys[i0 + i] * k->nb[1] + g * k->nb[2];
+                const float * kf = (const float *) kr;
+                if (k->type != GGML_TYPE_F32) {
+                    k_to_float(kr, row, DK);
+                    kf = row;
+                }
+                for (int64_t d = 0; d < DK; ++d) {
+                    KT[d * CH + i] = kf[d];
+                }
+            }
+            if (v_rows) {
+                for (int64_t i = 0; i < n_c; ++i) {
+                    const char *  vr = (const char *) v->data + keys[i0 + i] * v->nb[1] + g * v->nb[2];
+                    const float * vf = (const float *) vr;
+                    if (v->type != GGML_TYPE_F32) {
+                        v_to_float(vr, row, DV);
+                        vf = row;
+                    }
+                    for (int64_t d = 0; d < DV; ++d) {
+                        VT[d * CH + i] = vf[d];
+                    }
+                }
+            } else {
+                for (int64_t d = 0; d < DV; ++d) {
+                    const char * vt = (const char *) v->data + d * v->nb[0] + g * v->nb[2];
+                    for (int64_t i = 0; i < n_c; ++i) {
+                        const char * e = vt + keys[i0 + i] * v->nb[1];
+                        VT[d * CH + i] = v->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) e) :
+                                                                    *(const float *) e;
+                    }
+                }
+            }
+            for (int64_t d = 0; d < DV; ++d) {
+                for (int64_t i = n_c; i < n_cp; ++i) {
+                    VT[d * CH + i] = 0.0f;
+                }
+            }
+
+            for (int64_t p0 = 0; p0 < (r1 - r0) * n_gqa; p0 += NP) {
+                const int64_t np = std::min<int64_t>(NP, (r1 - r0) * n_gqa - p0);
+                if (!mask) {
+                    bool any = false;
+                    for (int64_t p = 0; p < np; ++p) {
+                        any = any || keys[i0] <= ls_cell(q_cells, r0 + (p0 + p) / n_gqa, cell_mod);
+                    }
+                    if (!any) {
+                        continue;  // no key of the chunk is visible to these rows (causal in cells)
+                    }
+                }
+                memset(Qs, 0, NP * DK * sizeof(float));  // pairs past the block: scores of nothing
+                for (int64_t p = 0; p < np; ++p) {
+                    const int64_t r = r0 + (p0 + p) / n_gqa, h = g * n_gqa + (p0 + p) % n_gqa;
+                    const float * pq = (const float *) ((const char *) q->data + r * q->nb[1] + h * q->nb[2]);
+                    for (int64_t d = 0; d < DK; ++d) {
+                        Qs[p * DK + d] = pq[d] * scale;
+                    }
+                }
+                // scores: S[p][i] = sum_d Qs[p][d] KT[d][i], a register of keys at a time
+                ls_cpu_scores(S, Qs, KT, DK, n_c);
+                // each pair's visible scores, softmax against its running maximum; S becomes
+                // the probabilities, 0 past the chunk and for pairs that see nothing in it
+                for (int64_t p = 0; p < NP; ++p) {
+                    float *       sp   = S + p * CH;
+                    float         mx   = -INFINITY;
+                    const int64_t r    = p < np ? r0 + (p0 + p) / n_gqa : -1;
+                    const int64_t c    = p < np ? ls_cell(q_cells, r, cell_mod) : -1;
+                    const char *  mrow = mask && p < np ? (const char *) mask->data + r * mask->nb[1] : nullptr;
+                    for (int64_t i = 0; p < np && i < n_c; ++i) {
+                        const int64_t j  = keys[i0 + i];
+                        float         mv = 0.0f;
+                        if (mrow) {
+                            mv = mask->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) mrow)[j]) :
+                                                               ((const float *) mrow)[j];
+                        } else if (j > c) {
+                            mv = -INFINITY;
+                        }
+                        const float s = softcap != 0.0f ? softcap * tanhf(sp[i]) : sp[i];
+                        sp[i]         = mv == -INFINITY ? -INFINITY : s + mv;
+                        mx            = std::max(mx, sp[i]);
+                    }
+                    if (mx == -INFINITY) {
+                        memset(sp, 0, n_cp * sizeof(float));
+                        continue;
+                    }
+                    const int64_t pr    = p0 + p;
+                    const float   m_new = std::max(M[pr], mx);
+                    const float   ms    = expf(M[pr] - m_new);  // 0 on the pair's first visible chunk
+                    if (ms != 1.0f) {
+                        ggml_vec_scale_f32((int) DV, O + pr * DV, ms);
+                    }
+                    L[pr] = L[pr] * ms + (float) ggml_vec_soft_max_f32((int) n_c, sp, sp, m_new);
+                    M[pr] = m_new;
+                    for (int64_t i = n_c; i < n_cp; ++i) {
+                        sp[i] = 0.0f;
+                    }
+                }
+                // output: O[p][d] += sum_i S[p][i] VT[d][i]
+                for (int64_t d = 0; d < DV; ++d) {
+                    float x[NP];
+                    ls_cpu_dots(x, S, VT + d * CH, n_c);
+                    for (int64_t p = 0; p < np; ++p) {
+                        O[(p0 + p) * DV + d] += x[p];
+                    }
+                }
+            }
+        }
+
+        for (int64_t r = r0; r < r1; ++r) {
+            for (int64_t hh = 0; hh < n_gqa; ++hh) {
+                const int64_t pr    = (r - r0) * n_gqa + hh;
+                const float   l_inv = L[pr] == 0.0f ? 0.0f : 1.0f / L[pr];
+                float *       out   = (float *) ((char *) dst->data + (g * n_gqa + hh) * dst->nb[1] + r * dst->nb[2]);
+                for (int64_t d = 0; d < DV; ++d) {
+                    out[d] = O[pr * DV + d] * l_inv;
+                }
+            }
+        }
+    }
+
+    // statistics row: sum the threads' partials
+    ggml_barrier(params->threadpool);
+    if (params->ith == 0) {
+        const size_t ws = ggml_cpu_loopserve_work_size(dst, 1);
+        for (int64_t h = 0; h < n_head; ++h) {
+            double computed = 0.0, causal = 0.0;
+            for (int t = 0; t < params->nth; ++t) {
+                const double * st = (const double *) ((char *) stats + t * ws);
+                computed += st[h];
+                causal += st[n_head + h];
+            }
+            float * out = (float *) ((char *) dst->data + h * dst->nb[1] + n_tokens * dst->nb[2]);
+            out[0]      = (float) computed;
+            out[1]      = (float) causal;
+            for (int64_t d = 2; d < DV; ++d) {
+                out[d] = 0.0f;
+            }
+        }
+    }
+}
+
+size_t ggml_cpu_loopserve_work_size(const ggml_tensor * node, int n_tasks) {
+    switch ((ggml_loopserve_op) node->op_params[0]) {
+        case GGML_LOOPSERVE_OP_VS_SCORES:
+            return 0;
+        case GGML_LOOPSERVE_OP_VS_ESTIMATE:
+            {
+                const ggml_tensor * q = node->src[0];
+                const ggml_tensor * k = node->src[1];
+                return ls_align(sizeof(float) * k->ne[1] * q->ne[1] * q->ne[2]) +
+                       ls_align(sizeof(ggml_fp16_t) * k->ne[0]) * n_tasks;
+            }
+        case GGML_LOOPSERVE_OP_SELECT:
+            {
+                const int64_t n_kv = node->src[0]->ne[0];
+                return ls_align(n_kv * (sizeof(int32_t) + 1)) * n_tasks;
+            }
+        case GGML_LOOPSERVE_OP_SPARSE_ATTN:
+            {
+                const int64_t n_kv   = node->src[1]->ne[1];
+                const int64_t DK     = node->src[1]->ne[0];
+                const int64_t DV     = node->src[2]->ne[0];
+                const int64_t n_head = node->src[0]->ne[2];
+                const int64_t n_pair = node->op_params[3] * (n_head / node->src[1]->ne[2]);
+                return (ls_align(sizeof(int32_t) * n_kv) +
+                        ls_align(sizeof(float) * ls_cpu_attn_floats(DK, DV, n_pair)) +
+                        ls_align(2 * n_head * sizeof(double))) *
+                       n_tasks;
+            }
+    }
+    return 0;
+}
+
+void ggml_compute_forward_loopserve(const ggml_compute_params * params, ggml_tensor * dst) {
+    switch ((ggml_loopserve_op) dst->op_params[0]) {
+        case GGML_LOOPSERVE_OP_VS_SCORES:
+            ls_vs_scores(params, dst);
+            break;
+        case GGML_LOOPSERVE_OP_SELECT:
+            ls_select(params, dst);
+            break;
+        case GGML_LOOPSERVE_OP_SPARSE_ATTN:
+            ls_sparse_attn(params, dst);
+            break;
+        case GGML_LOOPSERVE_OP_VS_ESTIMATE:
+            ls_vs_estimate(params, dst);
+            break;
+        default:
+            GGML_ABORT("unknown loopserve op %d", dst->op_params[0]);
+    }
+}

@@ -1,0 +1,76 @@
+#pragma once
+
+// Internal side of llama-loopserve.h: the hooks that llama-graph.cpp and
+// llama-context.cpp call. Kept out of the public header so that the upstream files only
+// gain one-line calls.
+
+#include "llama.h"
+
+#include <cstdint>
+#include <vector>
+
+struct ggml_context;
+struct ggml_tensor;
+struct ggml_backend_buffer;
+struct llama_ubatch;
+struct llama_context;
+class llm_graph_result;
+class llama_memory_context_i;
+
+// Per-context score accumulators, owned by llama_context (null until scoring is first
+// enabled, so a context that never scores carries nothing).
+struct llama_loopserve_scores_state {
+    int32_t n_window    = 0;  // tokens of each batch to score, 0 = off
+    int32_t n_window_ub = 0;  // rows of the ubatch being built that are scored
+
+    // scored layers: index of the layer's first KV head among all scored heads, -1 if unscored
+    std::vector<int32_t> layer_off;
+    std::vector<int32_t> layer_n_head_kv;
+    std::vector<int32_t> layer_n_gqa;       // query heads per KV head
+    int32_t              n_head_total = 0;  // KV heads summed over the scored layers
+
+    // per stream of the full-attention cache: [n_head_total][n_cells]
+    uint32_t                        n_cells = 0;
+    std::vector<std::vector<float>> acc;
+    std::vector<int64_t>            n_rows;  // per sequence
+
+    // a scored ubatch's [n_head_total][n_kv] as read from the backend: pinned host memory
+    // of the backend's device where it has some (a copy into pageable memory is a
+    // synchronous staged copy per layer), else `staging`
+    std::vector<float>    staging;
+    ggml_backend_buffer * staging_pinned = nullptr;
+    bool                  no_pinned      = false;
+
+    ~llama_loopserve_scores_state();
+};
+
+// graph side: the [n_kv, 1, n_head_kv] score tensor of one layer (means over the window
+// rows and the query heads of each KV head), from the attention
+// probabilities that the non-flash path already computed ([n_kv, n_tokens, n_head])
+ggml_tensor * llama_loopserve_scores_from_probs(ggml_context * ctx,
+                                                ggml_tensor *  kq_soft_max,
+                                                int64_t        n_head_kv,
+                                                int32_t        n_window);
+
+// graph side, flash attention: recompute the probabilities of the window rows only
+// (q [d, n_tokens, n_head], k [d, n_kv, n_head_kv]), the way ggml_flash_attn_ext does
+ggml_tensor * llama_loopserve_scores_from_qk(ggml_context * ctx,
+                                             ggml_tensor *  q,
+                                             ggml_tensor *  k,
+                                             ggml_tensor *  kq_mask,
+                                             ggml_tensor *  sinks,
+                                             float          kq_scale,
+                                             float          max_bias,
+                                             float          softcap,
+                                             int32_t        n_window);
+
+// context side: called by llama_context::decode around each ubatch
+void llama_loopserve_ubatch_begin(llama_context & lctx, const llama_ubatch & ubatch, uint32_t n_tokens_all);
+
+void llama_loopserve_ubatch_end(llama_context &                lctx,
+                                const llama_ubatch &           ubatch,
+                                const llm_graph_result *       res,
+                                const llama_memory_context_i * mctx);
+
+// context side: cells of seq_id were overwritten by a state load (seq_id < 0: all)
+void llama_loopserve_state_loaded(llama_context & lctx, llama_seq_id seq_id);
