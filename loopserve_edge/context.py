@@ -20,7 +20,7 @@ import numpy as np
 
 from . import bindings
 from .bindings import llama_c, llama_cpp
-from .chat_template import ChatTemplate
+from .chat_template import FORMATS, ChatTemplate
 from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileError
 from .model_file import check_model_file, fingerprint
@@ -43,9 +43,13 @@ class Resident(Protocol):
 
 class Context:
     def __init__(self, model_path: str | os.PathLike, *, loopserve: LoopServeConfig | None = None,
-                 **kwargs):
+                 prompt_format: str = "chat", **kwargs):
         """`kwargs` are llama_cpp.Llama's constructor arguments (n_ctx, n_gpu_layers,
-        n_threads, flash_attn, type_k, seed, verbose, ...)."""
+        n_threads, flash_attn, type_k, seed, verbose, ...). `prompt_format`: `chat` renders
+        dialogues with the model's chat template, `completion` as a plain transcript for
+        base models (chat_template.COMPLETION)."""
+        if prompt_format not in FORMATS:
+            raise LoopServeError(f"unknown prompt format {prompt_format!r}; choose from {', '.join(FORMATS)}")
         self.config = loopserve or LoopServeConfig()
         self.model_path = check_model_file(model_path)
         kwargs.setdefault("n_ctx", DEFAULT_N_CTX)
@@ -70,8 +74,9 @@ class Context:
         self.n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
         self.metadata: dict[str, str] = dict(self._llm.metadata)
         self.fingerprint = fingerprint(self.model_path, self.metadata)
-        self.template = ChatTemplate(
-            self.metadata.get("tokenizer.chat_template"),
+        self.prompt_format = prompt_format
+        self.template = ChatTemplate.for_format(
+            prompt_format, self.metadata.get("tokenizer.chat_template"),
             bos_token=self._piece(llama_c.llama_vocab_bos(self._vocab)).decode(errors="replace"),
             eos_token=self._piece(llama_c.llama_vocab_eos(self._vocab)).decode(errors="replace"),
             architecture=self.metadata.get("general.architecture"),
@@ -134,7 +139,8 @@ class Context:
     def context_settings(self) -> dict:
         p = self.context_params
         return {"n_ctx": self.n_ctx, "n_batch": self.n_batch, "type_k": int(p.type_k),
-                "type_v": int(p.type_v), "flash_attn_type": int(p.flash_attn_type)}
+                "type_v": int(p.type_v), "flash_attn_type": int(p.flash_attn_type),
+                "prompt_format": self.prompt_format}
 
     # -- sequences ---------------------------------------------------------------------
 
@@ -188,6 +194,10 @@ class Context:
         buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
         if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), dlg._seq) == 0:
             raise RuntimeError("llama.cpp could not reload a sequence it had just saved")
+
+    def sequence_state_size(self, seq: int) -> int:
+        """Bytes of sequence_state(seq), counted without copying the cells."""
+        return int(llama_c.llama_state_seq_get_size(self._ctx.ctx, seq))
 
     def sequence_state(self, seq: int) -> bytes:
         size = llama_c.llama_state_seq_get_size(self._ctx.ctx, seq)

@@ -101,18 +101,25 @@ class Dialogue:
 
     # -- turns -------------------------------------------------------------------------
 
-    def send(self, text: str, stream: bool = False, token_fn=None, **sampling) -> str | Iterator[str]:
+    def send(self, text: str, stream: bool = False, token_fn=None, stop: str | list[str] | None = None,
+             **sampling) -> str | Iterator[str]:
         """Add a user message and generate the reply. Prefill happens here, before
         returning, so a context that is too small raises at once even when streaming.
 
+        stop: strings that end the reply (with the prompt format's own, e.g. the end of the
+        line in the completion format); the reply is cut before the first one (the tokens
+        that made it stay in the KV cache, as an end-of-turn does).
         token_fn(logits) -> token replaces sampling (evaluations: teacher forcing, logit
         capture)."""
         params = SamplingParams(**sampling)
+        stops = tuple(self.llm.template.stops) + ((stop,) if isinstance(stop, str) else tuple(stop or ()))
+        if any(not s for s in stops):
+            raise LoopServeError("a stop string must not be empty")
         t0 = time.perf_counter()
         self.evict_s = 0.0
         swapped_in = self._seq is None and self._swapped is not None
         logits, reused, prefilled = self._prefill(text)
-        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn)
+        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops)
         return gen if stream else "".join(gen)
 
     def _render(self, messages: list[dict]) -> str:
@@ -161,12 +168,16 @@ class Dialogue:
         return logits, keep, len(new)
 
     def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
-                  prefilled: int, swapped_in: bool, token_fn=None) -> Iterator[str]:
+                  prefilled: int, swapped_in: bool, token_fn=None, stops: tuple[str, ...] = ()) -> Iterator[str]:
         llm = self.llm
         sampler = token_fn or Sampler(params)
         self.first_token_logits = logits
         out: list[int] = []
         pending = b""
+        reply_text = ""   # the reply decoded so far; with stops, text is held back until it
+        shown = 0         # cannot be the start of one, and `shown` chars have been yielded
+        hold = max((len(s) for s in stops), default=1) - 1
+        cut: int | None = None  # where the reply ends, when a stop string ended it
         ttft = None
         t_dec = time.perf_counter()
         finish = "length"
@@ -199,13 +210,30 @@ class Dialogue:
                 self.evictor.after_token(self, len(out))
                 pending += llm._piece(tok, special=False)
                 text, pending = _split_utf8(pending)
-                if text:
-                    yield text
-            if pending:
-                yield pending.decode(errors="replace")
+                if not stops:
+                    if text:
+                        yield text
+                    continue
+                reply_text += text
+                hits = [i for i in (reply_text.find(s, max(0, shown - hold)) for s in stops) if i >= 0]
+                if hits:
+                    cut = min(hits)
+                    finish = "stop"
+                    if cut > shown:
+                        yield reply_text[shown:cut]
+                    break
+                if len(reply_text) - hold > shown:
+                    yield reply_text[shown:len(reply_text) - hold]
+                    shown = len(reply_text) - hold
+            if cut is None:
+                rest = reply_text[shown:] + (pending.decode(errors="replace") if pending else "")
+                if rest:
+                    yield rest
         finally:
             self.evictor.end_turn(self)
             reply = llm.detokenize(out, special=False)
+            if cut is not None:
+                reply = reply_text[:cut]
             self.kv_text += llm.detokenize(out, special=True)
             self.messages.append({"role": "assistant", "content": reply})
             self.turns += 1
@@ -273,6 +301,11 @@ class Dialogue:
         if len(dlg.tokens) != len(dlg.positions):
             raise StateFileError(f"{path}: token and position lists differ in length")
         return dlg
+
+    def state_size(self) -> int:
+        """The size save() would write now, without writing (or copying) the KV state."""
+        n = self.llm.sequence_state_size(self._seq) if self._seq is not None else len(self._swapped or b"")
+        return state_file.encoded_size(self.to_header(), n)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the state file (atomically); default: the dialogue's file by name."""

@@ -37,8 +37,18 @@ class StateFile:
     seq_state: bytes
 
 
+def _header_bytes(header: dict) -> bytes:
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encoded_size(header: dict, seq_state_len: int) -> int:
+    """The size of the file `encode` writes for this header and a sequence state of
+    seq_state_len bytes, without building it."""
+    return _HEAD.size + len(_header_bytes(header)) + _LEN.size + seq_state_len + _SUM
+
+
 def encode(state: StateFile) -> bytes:
-    header = json.dumps(state.header, ensure_ascii=False, separators=(",", ":")).encode()
+    header = _header_bytes(state.header)
     body = b"".join([_HEAD.pack(MAGIC, VERSION, len(header)), header,
                      _LEN.pack(len(state.seq_state)), state.seq_state])
     return body + hashlib.sha256(body).digest()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from loopserve_edge import ContextFullError, LoopServeConfig
+from loopserve_edge import ContextFullError, LoopServeConfig, LoopServeError
 
 GREEDY = dict(temperature=0, max_tokens=12)
 
@@ -127,3 +127,40 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model, make_llm):
     r = [llm.dialogue().send("hi", temperature=1.0, seed=7, max_tokens=16) for _ in range(2)]
     assert r[0] == r[1]
     assert llm.dialogue().send("hi", temperature=1.0, seed=8, max_tokens=16) != r[0]
+
+
+def test_stop_strings_cut_the_reply_and_streaming_agrees(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    free = llm.dialogue()
+    text = free.send("say something long", temperature=0, max_tokens=40)
+    assert free.last_stats.finish_reason == "length" and len(text) > 12
+    stop = text[5:8]                      # three characters from inside the reply
+    cut = text.index(stop)
+    d = llm.dialogue()
+    reply = d.send("say something long", temperature=0, max_tokens=40, stop=["never there", stop])
+    assert reply == text[:cut] and d.last_stats.finish_reason == "stop"
+    assert d.messages[-1]["content"] == reply
+    # the tokens that made the stop string stay in the cache, as an end of turn does
+    assert d.last_stats.decode_tokens == len(d.tokens) - d.last_stats.prompt_tokens
+    s = llm.dialogue()
+    pieces = list(s.send("say something long", temperature=0, max_tokens=40, stream=True, stop=stop))
+    assert "".join(pieces) == reply and all(stop not in p for p in pieces)
+    with pytest.raises(LoopServeError, match="stop string"):
+        llm.dialogue().send("x", stop="")
+
+
+def test_completion_format_is_a_plain_transcript(tiny_model, make_llm):
+    llm = make_llm(tiny_model, prompt_format="completion")
+    assert llm.template.stops == ("\n",) and llm.context_settings()["prompt_format"] == "completion"
+    msgs = [{"role": "system", "content": "Examples."}, {"role": "user", "content": "Text.\n\nQ?"},
+            {"role": "assistant", "content": " A"}, {"role": "user", "content": "Q2?"}]
+    bos = llm.template.bos_token
+    assert llm.template.render(msgs) == bos + "Examples.\n\nText.\n\nQ?\nAnswer: A\n\nQ2?\nAnswer:"
+    # a message that ends with its own answer cue is completed, not given another cue
+    cued = msgs[:-1] + [{"role": "user", "content": "Q2?\nAnswer: The key is"}]
+    assert llm.template.render(cued).endswith("Answer: A\n\nQ2?\nAnswer: The key is")
+    d = llm.dialogue(system="Examples.")
+    reply = d.send("Text.\n\nQ?", temperature=0, max_tokens=30)
+    assert "\n" not in reply and "<|im_start|>" not in d.kv_text
+    with pytest.raises(LoopServeError, match="unknown prompt format"):
+        make_llm(tiny_model, prompt_format="markdown")

@@ -38,6 +38,15 @@ def test_loaded_dialogue_continues_exactly_like_the_live_one(saved, tiny_model, 
     assert loaded.last_stats.reused_tokens == live.last_stats.reused_tokens > 0
 
 
+def test_state_size_is_what_save_writes(saved, tiny_model, make_llm, tmp_path):
+    llm, live, path = saved
+    assert live.state_size() == path.stat().st_size
+    llm.swap_out(live)                    # swapped out: the size of the bytes it holds
+    assert live._seq is None and live.state_size() == live.save(tmp_path / "out.lsd").stat().st_size
+    live.send("a third message", **GREEDY)
+    assert live.state_size() == live.save(tmp_path / "more.lsd").stat().st_size > path.stat().st_size
+
+
 def test_named_dialogue_saves_to_the_data_dir(tiny_model, make_llm, isolated_home):
     llm = make_llm(tiny_model)
     d = llm.dialogue(name="notes")

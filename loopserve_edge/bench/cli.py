@@ -24,15 +24,23 @@ def _names(text: str, known, what: str) -> tuple[str, ...]:
     return items
 
 
-def _numbers(text: str, what: str, kind=int) -> tuple:
+def _numbers(text: str, what: str, kind=int, fractions: bool = False) -> tuple:
+    """Comma-separated numbers: ints may end in K (x1024); with `fractions`, a/b is a
+    fraction (of the context length, for budgets)."""
     out = []
     for x in (x.strip() for x in text.split(",") if x.strip()):
         scale = 1
-        if kind is int and x[-1:].lower() == "k":
-            x, scale = x[:-1], 1024
         try:
+            if fractions and "/" in x:
+                num, den = x.split("/")
+                out.append(float(num) / float(den))
+                if not 0 < out[-1] < 1:
+                    raise BenchError(f"{what}: {x!r} is not a fraction between 0 and 1")
+                continue
+            if kind is int and x[-1:].lower() == "k":
+                x, scale = x[:-1], 1024
             out.append(kind(float(x) * scale) if kind is int else kind(x))
-        except ValueError:
+        except (ValueError, ZeroDivisionError):
             raise BenchError(f"{what}: {x!r} is not a number") from None
     if not out:
         raise BenchError(f"{what}: give at least one value")
@@ -48,7 +56,8 @@ def _listing() -> str:
 
 
 def main(model, *, tasks, methods, ctx, turns, budgets, alphas, positions, seed, cases_per_task,
-         out, fidelity, n_gpu_layers, threads, flash_attn, report_only, list_) -> None:
+         out, fidelity, n_gpu_layers, threads, flash_attn, report_only, list_, split="dev",
+         prompt_format="auto", levels=None) -> None:
     if list_:
         click.echo(_listing())
         return
@@ -62,10 +71,11 @@ def main(model, *, tasks, methods, ctx, turns, budgets, alphas, positions, seed,
     spec = BenchSpec(
         model=str(Path(model) if model else default_model()),
         tasks=_names(tasks, TASKS, "task"), methods=_names(methods, METHODS, "method"),
-        ctxs=_numbers(ctx, "--ctx"), turns=turns, budgets=_numbers(budgets, "--budgets"),
+        ctxs=_numbers(ctx, "--ctx"), turns=turns, budgets=_numbers(budgets, "--budgets", fractions=True),
         alphas=_numbers(alphas, "--alphas", float),
         positions=_names(positions, ("before", "after", "later"), "question position") if positions else None,
-        seed=seed, cases_per_task=cases_per_task, fidelity=fidelity, n_gpu_layers=n_gpu_layers,
+        seed=seed, cases_per_task=cases_per_task, split=split, prompt_format=prompt_format, levels=levels,
+        fidelity=fidelity, n_gpu_layers=n_gpu_layers,
         threads=threads, flash_attn=flash_attn,
         command=shlex.join(["loopserve-edge", *sys.argv[1:]]))
 

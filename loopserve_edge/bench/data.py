@@ -67,6 +67,33 @@ def nq_items() -> tuple[NQItem, ...]:
     return tuple(out)
 
 
+SPLITS = ("dev", "test")
+
+
+def split_of(index: int) -> str:
+    """Which split a record of the shared data belongs to: even indices are `dev`, odd ones
+    `test`, in each file. Tuning runs read only `dev`; reported runs only `test`."""
+    return SPLITS[index % 2]
+
+
+class Corpus:
+    """One split's share of the shared data: the Natural Questions items and key-value
+    records whose index falls in it (generators read nothing else of the data)."""
+
+    def __init__(self, split: str):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        self.split = split
+
+    @functools.cached_property
+    def nq(self) -> tuple[NQItem, ...]:
+        return tuple(it for it in nq_items() if split_of(it.index) == self.split)
+
+    @functools.cached_property
+    def kv(self) -> tuple[tuple[tuple[str, str], ...], ...]:
+        return tuple(r for i, r in enumerate(kv_records()) if split_of(i) == self.split)
+
+
 def passages_and_questions(n: int):
     """(title, passage, question) of the first n items (benchmarks/turns.py, decode.py)."""
     for item in nq_items()[:n]:

@@ -32,6 +32,9 @@ class Question:
     scorer: str                  # see scoring.SCORERS
     max_tokens: int = 24
     choices: tuple[str, ...] = ()
+    # how the answer starts in the completion format ("The pass key is"): a base model
+    # completes a sentence far more reliably than it follows an instruction
+    cue: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,23 +90,31 @@ class Case:
         return sum(t.scorer is not None for t in self.turns)
 
 
-def layout(blocks: list[Block], position: str) -> tuple[Turn, ...]:
+def layout(blocks: list[Block], position: str, fmt: str = "chat") -> tuple[Turn, ...]:
+    """User turns for a question position; in the completion format a question with a cue
+    ends with the cue's answer line (chat_template.COMPLETION then adds no other)."""
     if position not in POSITIONS:
         raise ValueError(f"unknown question position {position!r}")
+
+    def ask(text: str, q: Question) -> Turn:
+        if fmt == "completion" and q.cue:
+            text = f"{text}\nAnswer: {q.cue}"
+        return Turn.asking(text, q)
+
     turns: list[Turn] = []
     for b in blocks:
         q = b.question
         if not b.material:
             if q is not None:
-                turns.append(Turn.asking(q.text, q))
+                turns.append(ask(q.text, q))
         elif q is None or position == "later":
             turns.append(Turn(f"{b.material}\n\n{ACK}"))
             if q is not None:
-                turns.append(Turn.asking(q.text, q))
+                turns.append(ask(q.text, q))
         elif position == "after":
-            turns.append(Turn.asking(f"{b.material}\n\n{q.text}", q))
+            turns.append(ask(f"{b.material}\n\n{q.text}", q))
         else:
-            turns.append(Turn.asking(f"{q.text}\n\n{b.material}", q))
+            turns.append(ask(f"{q.text}\n\n{b.material}", q))
     return tuple(turns)
 
 
@@ -137,7 +148,7 @@ def target_tokens(ctx: int) -> int:
 
 
 def fit(build: Callable[[int], tuple[list[Block], dict]], position: str, ctx: int,
-        tokens: Tokens, system: str = SYSTEM) -> tuple[tuple[Turn, ...], dict]:
+        tokens: Tokens, system: str = SYSTEM, fmt: str = "chat") -> tuple[tuple[Turn, ...], dict]:
     """Call build(material_budget) until the dialogue's tokens are within 2% of the target
     (never above `ctx`). `build` must be a function of the budget alone (seeded inside)."""
     target = target_tokens(ctx)
@@ -145,7 +156,7 @@ def fit(build: Callable[[int], tuple[list[Block], dict]], position: str, ctx: in
     best = None
     for _ in range(5):
         blocks, meta = build(max(budget, 16))
-        turns = layout(blocks, position)
+        turns = layout(blocks, position, fmt)
         n = tokens.dialogue(system, turns)
         if n <= ctx and (best is None or abs(n - target) < abs(best[2] - target)):
             best = (turns, meta, n)

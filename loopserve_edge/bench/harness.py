@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +23,11 @@ from ..errors import LoopServeError
 from ..model_file import check_model_file
 from . import data, fidelity
 from .dialogues import POSITIONS, Case, Tokens
+from .levels import levels_for, model_key
 from .methods import METHODS, Run, expand
 from .scoring import score
-from .tasks import TASKS, generate_all
+from .data import SPLITS
+from .tasks import FORMATS, TASKS, generate_all
 
 
 class BenchError(LoopServeError):
@@ -44,6 +45,9 @@ class BenchSpec:
     alphas: tuple[float, ...] = (0.95,)
     seed: int = 0
     cases_per_task: int = 2
+    split: str = "dev"           # which half of the shared data and seeds (data.SPLITS)
+    levels: str | None = None    # a difficulty file of calibrate.py (None: each family's defaults)
+    prompt_format: str = "auto"  # chat | completion | auto (chat when the GGUF has a template)
     positions: tuple[str, ...] | None = None
     fidelity: bool = True
     top_k: int = 64
@@ -65,17 +69,21 @@ class BenchSpec:
                 raise BenchError(f"unknown question position {p!r}; choose from {', '.join(POSITIONS)}")
         if not self.tasks or not self.ctxs:
             raise BenchError("no tasks or no context lengths to run")
+        if self.split not in SPLITS:
+            raise BenchError(f"unknown split {self.split!r}; choose from {', '.join(SPLITS)}")
+        if self.prompt_format not in ("auto",) + FORMATS:
+            raise BenchError(f"unknown prompt format {self.prompt_format!r}; choose from auto, {', '.join(FORMATS)}")
         if self.turns < 1 or self.cases_per_task < 1:
             raise BenchError("--turns and --cases-per-task must be at least 1")
         if min(self.ctxs) < 256:
             raise BenchError("--ctx must be at least 256 tokens")
         for b in self.budgets:
-            if b < 1:
-                raise BenchError(f"budget {b} must be positive")
+            if not (b >= 1 or 0 < b < 1):
+                raise BenchError(f"budget {b} must be a number of cells or a fraction of the context (1/8)")
         for a in self.alphas:
             if not 0.0 < a <= 1.0:
                 raise BenchError(f"alpha {a} must be in (0, 1]")
-        for r in self.runs():
+        for r in (r for ctx in self.ctxs for r in self.runs(ctx)):
             try:
                 r.config()
             except ValueError as e:
@@ -83,9 +91,15 @@ class BenchSpec:
                     raise BenchError(f"{r.label}: {e}") from None
         check_model_file(self.model)
         data.check_data()
+        if self.levels is not None:
+            read_levels(self.levels)
 
-    def runs(self) -> list[Run]:
-        return expand(self.methods, self.budgets, self.alphas)
+    def budgets_for(self, ctx: int) -> list[int]:
+        """The budgets at a context length: cells as given, fractions (< 1) of `ctx`."""
+        return list(dict.fromkeys(int(b) if b >= 1 else max(1, round(b * ctx)) for b in self.budgets))
+
+    def runs(self, ctx: int) -> list[Run]:
+        return expand(self.methods, self.budgets_for(ctx), self.alphas)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +146,7 @@ def _turn_record(stats, reply: str) -> dict:
 
 
 def run_dialogue(llm, case: Case, run: Run, *, full: dict | None = None,
-                 refs: list | None = None, top_k: int = 64, state_dir: Path | None = None) -> tuple[dict, list | None]:
+                 refs: list | None = None, top_k: int = 64) -> tuple[dict, list | None]:
     """Play one dialogue greedily with `llm` (configured for `run`). Returns the record and,
     for `full`, its next-token distributions per turn (the reference for the others).
     `full`'s record scores open generation; `refs` (None: no fidelity) are forced along."""
@@ -157,8 +171,8 @@ def run_dialogue(llm, case: Case, run: Run, *, full: dict | None = None,
                 tr["score"] = (score(t.scorer, reply, t.answers, t.choices, full_reply)
                                if t.scorer != "rouge_full" or full_reply is not None else None)
             turns.append(tr)
-        with tempfile.TemporaryDirectory(dir=state_dir) as tmp:
-            state_bytes = dlg.save(Path(tmp) / "state.lsd").stat().st_size
+        # what a save would write, counted without writing it (1 GB a dialogue at 32K)
+        state_bytes = dlg.state_size()
     finally:
         dlg.close()
     record = {"turns": turns, "state_bytes": state_bytes, "peak_rss_mb": peak_rss_mb()}
@@ -256,8 +270,9 @@ class Folder:
         tmp.replace(self.root / "cases.jsonl")
 
 
-def claim_folder(out: Path, spec: BenchSpec, fingerprint: str, runtime: dict) -> None:
-    """Create the folder, or check that it holds runs of the same model."""
+def claim_folder(out: Path, spec: BenchSpec, fingerprint: str, runtime: dict, fmt: str) -> None:
+    """Create the folder, or check that it holds runs of the same model, split and prompt
+    format (a summary never mixes them)."""
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "bench.json"
     if meta_path.exists():
@@ -265,8 +280,12 @@ def claim_folder(out: Path, spec: BenchSpec, fingerprint: str, runtime: dict) ->
         if old.get("fingerprint") != fingerprint:
             raise BenchError(f"{out} holds runs of another model ({old.get('spec', {}).get('model')}); "
                              "use another --out")
+        theirs = (old.get("spec", {}).get("split", "dev"), old.get("prompt_format", fmt))
+        if theirs != (spec.split, fmt):
+            raise BenchError(f"{out} holds runs of the {theirs[0]} split in the {theirs[1]} format; "
+                             f"this run is {spec.split}/{fmt}: use another --out")
     meta = {"spec": spec.to_dict(), "fingerprint": fingerprint, "runtime": runtime,
-            "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "prompt_format": fmt, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -279,18 +298,47 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
                 n_ubatch=2048 if run.method.sparse_prefill else 512)
 
 
-def make_cases(spec: BenchSpec) -> tuple[dict[int, list[Case]], str]:
-    """The dialogues for every context length, and the model's fingerprint."""
+def resolve_format(requested: str, metadata: dict) -> str:
+    """`auto`: the chat format for a GGUF that carries a chat template (an instruction-tuned
+    model), the completion format with worked examples for one that does not (a base model)."""
+    if requested != "auto":
+        return requested
+    return "chat" if metadata.get("tokenizer.chat_template") else "completion"
+
+
+def read_levels(path: str) -> dict:
+    try:
+        levels = json.loads(Path(path).read_text())
+        levels["levels"], levels["model"]
+    except OSError as e:
+        raise BenchError(f"{path}: cannot read the levels file ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError):
+        raise BenchError(f"{path}: not a levels file of loopserve_edge.bench.calibrate") from None
+    return levels
+
+
+def make_cases(spec: BenchSpec) -> tuple[dict[int, list[Case]], str, str]:
+    """The dialogues for every context length, the model's fingerprint and the prompt
+    format they are written in."""
     from ..config import LoopServeConfig
     from ..llama import Llama
 
     with Llama(spec.model, loopserve=LoopServeConfig(max_resident=1), n_ctx=256,
-               n_threads=spec.threads) as llm:
+               n_threads=spec.threads) as probe:
+        fmt = resolve_format(spec.prompt_format, probe.metadata)
+        key = model_key(probe.metadata)
+    levels = read_levels(spec.levels) if spec.levels else None
+    if levels and levels["model"] != key:
+        raise BenchError(f"{spec.levels} was calibrated for {levels['model']}, not for this model ({key})")
+    with Llama(spec.model, loopserve=LoopServeConfig(max_resident=1), n_ctx=256,
+               n_threads=spec.threads, prompt_format=fmt) as llm:
         tokens = Tokens(llm)
         cases = {ctx: generate_all(spec.tasks, ctx=ctx, turns=spec.turns, seed=spec.seed,
                                    cases_per_task=spec.cases_per_task, tokens=tokens,
-                                   positions=spec.positions) for ctx in spec.ctxs}
-        return cases, llm.fingerprint
+                                   positions=spec.positions, split=spec.split, fmt=fmt,
+                                   levels=levels_for(levels, ctx))
+                 for ctx in spec.ctxs}
+        return cases, llm.fingerprint, fmt
 
 
 def run_bench(spec: BenchSpec, out: Path, progress=None, log=print) -> Folder:
@@ -300,36 +348,38 @@ def run_bench(spec: BenchSpec, out: Path, progress=None, log=print) -> Folder:
 
     spec.check()
     out = Path(out)
-    cases, fp = make_cases(spec)
-    runs = []
-    for r in spec.runs():
-        why = r.unavailable()
-        if why:
-            log(f"{r.label}: n/a ({why})")
-        else:
-            runs.append(r)
-    claim_folder(out, spec, fp, runtime_info())
+    cases, fp, fmt = make_cases(spec)
+    runs = {ctx: [] for ctx in spec.ctxs}
+    for ctx in spec.ctxs:
+        for r in spec.runs(ctx):
+            why = r.unavailable()
+            if why:
+                log(f"{r.label}: n/a ({why})")
+            else:
+                runs[ctx].append(r)
+    claim_folder(out, spec, fp, runtime_info(), fmt)
     folder = Folder(out)
     folder.refs_dir.mkdir(exist_ok=True)
     folder.write_cases([c for cs in cases.values() for c in cs])
     # full first on each context length: the others are compared with it
     pending = [(ctx, r, [c for c in cs if not folder.done(c, r.label, need_refs=spec.fidelity)])
-               for ctx, cs in cases.items() for r in runs]
-    total = len(runs) * sum(len(cs) for cs in cases.values())
+               for ctx, cs in cases.items() for r in runs[ctx]]
+    total = sum(len(runs[ctx]) * len(cs) for ctx, cs in cases.items())
     n_pending = sum(len(cs) for _, _, cs in pending)
     if n_pending < total:
         log(f"resuming: {total - n_pending} of {total} runs already done in {out}")
     with (progress(n_pending) if progress else _NoBar()) as bar:
         for ctx, r, cs in pending:
             if cs:
-                _run_method(spec, folder, ctx, r, cs, bar)
+                _run_method(spec, folder, ctx, r, cs, bar, fmt)
     return folder
 
 
-def _run_method(spec: BenchSpec, folder: Folder, ctx: int, run: Run, cases: list[Case], bar) -> None:
+def _run_method(spec: BenchSpec, folder: Folder, ctx: int, run: Run, cases: list[Case], bar,
+                fmt: str) -> None:
     from ..llama import Llama
 
-    with Llama(spec.model, loopserve=run.config(), **llama_kwargs(spec, run, ctx)) as llm:
+    with Llama(spec.model, loopserve=run.config(), prompt_format=fmt, **llama_kwargs(spec, run, ctx)) as llm:
         warm = llm.dialogue()
         warm.send("Hello.", max_tokens=2, temperature=0)  # allocation, graph capture
         warm.close()
@@ -342,8 +392,7 @@ def _run_method(spec: BenchSpec, folder: Folder, ctx: int, run: Run, cases: list
                     "position": case.position, "ctx": ctx, "method": run.label,
                     "method_name": run.method.name, "budget": run.budget, "alpha": run.alpha}
             try:
-                record, my_refs = run_dialogue(llm, case, run, full=full, refs=refs,
-                                               top_k=spec.top_k, state_dir=folder.root)
+                record, my_refs = run_dialogue(llm, case, run, full=full, refs=refs, top_k=spec.top_k)
             except LoopServeError as e:
                 record, my_refs = {"error": str(e), "score": None}, None
             if my_refs is not None:

@@ -6,7 +6,6 @@ import random
 import string
 from typing import Iterable
 
-from .data import nq_items
 from .dialogues import Tokens
 
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quito", "Dublin", "Perth", "Tunis",
@@ -71,18 +70,16 @@ def fill(units: Iterable[str], budget: int, tokens: Tokens, sep_tokens: int = 1,
 
 
 class Haystack:
-    """Wikipedia passages (the NQ gold passages) in a seeded order, as filler."""
+    """Wikipedia passages (NQ gold passages, of one split) in a seeded order, as filler."""
 
-    def __init__(self, rng: random.Random, exclude: Iterable[int] = ()):
+    def __init__(self, rng: random.Random, items, exclude: Iterable[int] = ()):
         skip = set(exclude)
-        order = [i for i in range(len(nq_items())) if i not in skip]
-        rng.shuffle(order)
-        self._order = order
+        self._items = [it for it in items if it.index not in skip]
+        rng.shuffle(self._items)
 
     def units(self) -> Iterable[str]:
-        items = nq_items()
-        for i in self._order:
-            yield f"{items[i].title}. {items[i].text}"
+        for it in self._items:
+            yield f"{it.title}. {it.text}"
 
     def take(self, budget: int, tokens: Tokens) -> list[str]:
         return fill(self.units(), budget, tokens, sep_tokens=1, cut_last=True)

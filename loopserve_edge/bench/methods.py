@@ -19,6 +19,8 @@ class Method:
     sparse_prefill: bool = False
     describe: str = ""
     options: tuple = ()          # further LoopServeConfig fields, as (name, value) pairs
+    baseline: bool = False       # a prior method LoopServe is measured against: report.py
+                                 # compares the others with the best of these per budget
 
     @property
     def uses_budget(self) -> bool:
@@ -27,9 +29,10 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("full", "full", describe="full attention, the reference"),
-    Method("streaming", "streaming", describe="first `sink` cells and the most recent ones"),
-    Method("snapkv", "snapkv", describe="compress once after each prefill, scored by the input's last tokens"),
-    Method("h2o", "h2o", describe="heavy hitters: scores accumulated over every token"),
+    Method("streaming", "streaming", describe="first `sink` cells and the most recent ones", baseline=True),
+    Method("snapkv", "snapkv", describe="compress once after each prefill, scored by the input's "
+           "last tokens", baseline=True),
+    Method("h2o", "h2o", describe="heavy hitters: scores accumulated over every token", baseline=True),
     Method("loopserve", "loopserve", describe="LoopServe decode only: progressive compression "
            "scored by recent output tokens"),
     Method("loopserve-defer", "loopserve", describe="loopserve whose cut after each prefill waits for "

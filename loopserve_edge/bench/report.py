@@ -1,5 +1,10 @@
 """The summary of a benchmark folder: markdown and CSV tables (score and fidelity per task
-x method, relative to full; costs per method), and the plots (plots.py)."""
+x method, relative to full; costs per method), and the plots (plots.py).
+
+Scores and fidelity come with 95% bootstrap intervals over cases (stats.py), and each
+method is compared on the same cases, by the interval of the paired difference, with
+`full` (task score) and with the best baseline at its budget (task score, same-greedy
+share): a difference whose interval excludes 0 is marked in the tables."""
 from __future__ import annotations
 
 import csv
@@ -8,15 +13,25 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import plots
+from . import plots, stats
 from .dialogues import Case
 from .harness import BenchSpec, read_jsonl
-from .methods import Run, expand
+from .methods import METHODS, Run, expand
 
 ALL = "all tasks"
+# new columns go at the end: readers of older summaries index the first ones
 COLUMNS = ("ctx", "task", "method", "budget", "alpha", "status", "cases", "errors", "score",
            "score_vs_full", "same_greedy", "mean_kl", "ttft_first_ms", "ttft_later_ms",
-           "decode_tps", "kv_cells", "state_mb", "peak_rss_mb", "prefill_density")
+           "decode_tps", "kv_cells", "state_mb", "peak_rss_mb", "prefill_density",
+           "score_n", "score_lo", "score_hi", "fidelity_n", "same_greedy_lo", "same_greedy_hi",
+           "mean_kl_lo", "mean_kl_hi", "score_minus_full", "score_minus_full_lo",
+           "score_minus_full_hi", "score_baseline", "score_minus_baseline",
+           "score_minus_baseline_lo", "score_minus_baseline_hi", "same_greedy_baseline",
+           "same_greedy_minus_baseline", "same_greedy_minus_baseline_lo",
+           "same_greedy_minus_baseline_hi", "score_marks", "same_greedy_marks")
+FIDELITY = ("same_greedy", "mean_kl")
+UP_DOWN_FULL = {1: "↑", -1: "↓", 0: ""}
+UP_DOWN_BASELINE = {1: "+", -1: "−", 0: ""}
 
 
 def _mean(xs):
@@ -46,18 +61,41 @@ class Row:
     state_mb: float | None = None
     peak_rss_mb: float | None = None
     prefill_density: float | None = None
+    # 95% intervals over cases, and how many cases have the value
+    score_n: int = 0
+    score_lo: float | None = None
+    score_hi: float | None = None
+    fidelity_n: int = 0
+    same_greedy_lo: float | None = None
+    same_greedy_hi: float | None = None
+    mean_kl_lo: float | None = None
+    mean_kl_hi: float | None = None
+    # paired differences on the same cases, with their intervals: this method - full, and
+    # (non-baseline methods) this method - the best baseline at the same budget (its label)
+    score_minus_full: float | None = None
+    score_minus_full_lo: float | None = None
+    score_minus_full_hi: float | None = None
+    score_baseline: str | None = None
+    score_minus_baseline: float | None = None
+    score_minus_baseline_lo: float | None = None
+    score_minus_baseline_hi: float | None = None
+    same_greedy_baseline: str | None = None
+    same_greedy_minus_baseline: float | None = None
+    same_greedy_minus_baseline_lo: float | None = None
+    same_greedy_minus_baseline_hi: float | None = None
+    score_marks: str = ""        # ↓ / ↑ versus full, − / + versus the best baseline
+    same_greedy_marks: str = ""  # − / + versus the best baseline
 
     @classmethod
     def of(cls, ctx, task, run: Run, records: list[dict]) -> "Row":
+        """The cell of these records. Score and fidelity: the mean of the task means (for
+        one task, the mean over its cases), so that in 'all tasks' each task weighs the
+        same; with 95% intervals over cases."""
         ok = [r for r in records if "error" not in r]
         turns = [t for r in ok for t in r["turns"]]
-        fid = [r["fidelity"] for r in ok if r.get("fidelity")]
-        return cls(
+        row = cls(
             ctx, task, run.label, run.budget, run.alpha, cases=len(records),
             errors=len(records) - len(ok),
-            score=_mean(r.get("score") for r in ok),
-            same_greedy=_mean(f["same_greedy"] for f in fid),
-            mean_kl=_mean(f["mean_kl"] for f in fid),
             ttft_first_ms=_mean(r["turns"][0]["ttft_s"] * 1e3 for r in ok),
             ttft_later_ms=_mean(t["ttft_s"] * 1e3 for r in ok for t in r["turns"][1:]),
             decode_tps=_mean(t["decode_tps"] for t in turns if t["decode_tokens"] >= 4),
@@ -65,9 +103,46 @@ class Row:
             state_mb=_mean(r["state_bytes"] / 1e6 for r in ok),
             peak_rss_mb=_mean(r.get("peak_rss_mb") for r in ok),
             prefill_density=_mean(t.get("prefill_density") for t in turns))
+        values = {key: case_values(ok, key) for key in ("score",) + FIDELITY}
+        for key, v in values.items():
+            row.set_ci(key, stats.stratified_ci(_by_task(v)))
+        row.score_n, row.fidelity_n = len(values["score"]), len(values["same_greedy"])
+        return row
+
+    def set_ci(self, key: str, ci: tuple | None) -> None:
+        """key, key_lo and key_hi from (mean, lo, hi) (None: no values)."""
+        for name, x in zip((key, f"{key}_lo", f"{key}_hi"), ci or (None,) * 3):
+            setattr(self, name, x)
 
     def csv(self) -> list:
         return [getattr(self, c) for c in COLUMNS]
+
+
+def case_values(records: list[dict], key: str) -> dict[str, tuple[str, float]]:
+    """case id -> (task, value) of `key` (score, or a fidelity key) over the records that
+    have one (a failed run has none)."""
+    out = {}
+    for r in records:
+        if "error" in r:
+            continue
+        x = (r.get("fidelity") or {}).get(key) if key in FIDELITY else r.get(key)
+        if x is not None:
+            out[r["case"]] = (r["task"], x)
+    return out
+
+
+def _by_task(values: dict) -> dict[str, list[float]]:
+    groups: dict[str, list[float]] = {}
+    for task, x in values.values():
+        groups.setdefault(task, []).append(x)
+    return groups
+
+
+def paired(mine: dict, theirs: dict) -> tuple | None:
+    """(mean of mine - theirs, lo, hi) over the cases both have, resampled within tasks."""
+    return stats.paired_diff_ci({c: x for c, (_, x) in mine.items()},
+                                {c: x for c, (_, x) in theirs.items()},
+                                strata={c: t for c, (t, _) in mine.items()})
 
 
 @dataclass(frozen=True)
@@ -112,31 +187,98 @@ def summarise(spec: BenchSpec, cases: list[Case], records: list[dict]) -> list[R
     for r in records:
         if r["case"] in case_ids:
             by.setdefault((r["ctx"], r["task"], r["method"]), []).append(r)
-    rows = []
+    rows, of_row = [], {}
     for ctx in spec.ctxs:
         tasks = [t for t in spec.tasks if (ctx, t) in wanted]
-        for run in expand(spec.methods, spec.budgets, spec.alphas):
+        for run in spec.runs(ctx):
             why = run.unavailable()
-            mine = []
             for task in tasks:
-                row = Row.of(ctx, task, run, by.get((ctx, task, run.label), []))
+                of_row[(ctx, task, run.label)] = by.get((ctx, task, run.label), [])
+            of_row[(ctx, ALL, run.label)] = [r for t in tasks for r in of_row[(ctx, t, run.label)]]
+            for task in tasks + [ALL]:   # ALL: Row.of takes the mean of the task means
+                rows.append(Row.of(ctx, task, run, of_row[(ctx, task, run.label)]))
                 if why:
-                    row.status = f"n/a: {why}"
-                mine.append(row)
-            total = Row.of(ctx, ALL, run, [r for t in tasks for r in by.get((ctx, t, run.label), [])])
-            total.score = _mean(r.score for r in mine)
-            total.status = mine[0].status if mine else "ok"
-            rows += mine + [total]
+                    rows[-1].status = f"n/a: {why}"
     full = {(r.ctx, r.task): r.score for r in rows if r.method == "full"}
     for r in rows:
         f = full.get((r.ctx, r.task))
         if r.score is not None and f:
             r.score_vs_full = r.score / f
+    compare(rows, lambda r, key: case_values(of_row[(r.ctx, r.task, r.method)], key))
     return rows
+
+
+def _best_baselines(rows: list[Row]) -> dict:
+    """(key, ctx, task, budget) -> the baseline row with the highest mean of key there
+    (score, or same_greedy); the first listed on a tie."""
+    best = {}
+    for r in rows:
+        for key in ("score", "same_greedy"):
+            x = getattr(r, key)
+            if is_baseline(r.method) and r.status == "ok" and x is not None:
+                at = (key, r.ctx, r.task, r.budget)
+                if at not in best or x > getattr(best[at], key):
+                    best[at] = r
+    return best
+
+
+def compare(rows: list[Row], values) -> None:
+    """Paired differences on the same cases, and the marks where their 95% interval
+    excludes 0: every method against full (task score: ↓ / ↑), and each method that is no
+    baseline against the best baseline at its budget (task score and same-greedy share:
+    − / +). values(row, key) -> case id -> (task, value), the cases of that row."""
+    full = {(r.ctx, r.task): r for r in rows if r.method == "full" and r.status == "ok"}
+    best = _best_baselines(rows)
+    for r in rows:
+        if r.method == "full" or r.status != "ok":
+            continue
+        f = full.get((r.ctx, r.task))
+        if f is not None:
+            d = paired(values(r, "score"), values(f, "score"))
+            r.set_ci("score_minus_full", d)
+            r.score_marks += UP_DOWN_FULL[stats.direction(d)]
+        if is_baseline(r.method):
+            continue
+        for key in ("score", "same_greedy"):
+            b = best.get((key, r.ctx, r.task, r.budget))
+            if b is None:
+                continue
+            d = paired(values(r, key), values(b, key))
+            setattr(r, f"{key}_baseline", b.method)
+            r.set_ci(f"{key}_minus_baseline", d)
+            setattr(r, f"{key}_marks", getattr(r, f"{key}_marks") + UP_DOWN_BASELINE[stats.direction(d)])
+
+
+def is_baseline(label: str) -> bool:
+    return METHODS[label.split("@")[0]].baseline
 
 
 def _f(x, fmt="{:.2f}", none="—"):
     return none if x is None else fmt.format(x)
+
+
+def _ci(r: Row, key: str, fmt="{:.2f}") -> str:
+    """`0.62 [0.48, 0.75]`: the mean and its 95% interval."""
+    x = getattr(r, key)
+    if x is None:
+        return "—"
+    return f"{fmt.format(x)} [{fmt.format(getattr(r, key + '_lo'))}, {fmt.format(getattr(r, key + '_hi'))}]"
+
+
+def _tail(marks: str, n: int, cases: int) -> str:
+    """The marks, and the number of cases where a cell has fewer than its task."""
+    return (f" {marks}" if marks else "") + (f" n={n}" if 0 < n < cases else "")
+
+
+def _legend(vs_full: bool, baselines: list[str], best: str) -> str:
+    """What the marks of a table mean (nothing without marks to explain)."""
+    parts = ["↓/↑ below/above `full`"] if vs_full else []
+    if baselines:
+        names = ", ".join(f"`{b}`" for b in dict.fromkeys(b.split("@")[0] for b in baselines))
+        parts.append(f"−/+ below/above the best baseline at the same budget (the one of {names} "
+                     f"with the highest {best})")
+    return (" Marks where the 95% interval of the paired difference on the same cases excludes 0: "
+            + "; ".join(parts) + ".") if parts else ""
 
 
 def markdown(spec: BenchSpec, meta: dict, rows: list[Row]) -> str:
@@ -154,32 +296,48 @@ def markdown(spec: BenchSpec, meta: dict, rows: list[Row]) -> str:
         tasks = list(dict.fromkeys(r.task for r in mine))
         cell = {(r.task, r.method): r for r in mine}
         na = {r.method: r.status for r in mine if r.status != "ok"}
+        # the dialogues of a task: every method ran on them (a cell with fewer says n=)
+        cases = {t: max(cell[(t, m)].cases for m in labels) for t in tasks}
+        baselines = [m for m in labels if is_baseline(m)]
+        if all(m == "full" or is_baseline(m) for m in labels):
+            baselines = []   # no method to compare with them: no marks to explain
         lines += [f"## Context {ctx} tokens", "",
-                  "Task score (mean over cases, 0-1; in parentheses: relative to `full`):", "",
-                  "| task | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+                  "Task score: mean over cases (0-1) [95% bootstrap interval over cases] (relative to "
+                  "`full`); **all tasks**: the mean of the task means (resampled within tasks)."
+                  + _legend(True, baselines, "score"), "",
+                  "| task | cases | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
         for t in tasks:
             out = []
             for m in labels:
                 r = cell[(t, m)]
                 if m in na:
                     out.append("n/a")
-                elif m == "full" or r.score_vs_full is None:
-                    out.append(_f(r.score))
+                elif r.score is None:
+                    out.append("—")
                 else:
-                    out.append(f"{_f(r.score)} ({r.score_vs_full:.0%})")
+                    rel = "" if m == "full" or r.score_vs_full is None else f" ({r.score_vs_full:.0%})"
+                    out.append(_ci(r, "score") + rel + _tail(r.score_marks, r.score_n, cases[t]))
             name = f"**{t}**" if t == ALL else t
-            lines.append(f"| {name} | " + " | ".join(out) + " |")
+            lines.append(f"| {name} | {cases[t]} | " + " | ".join(out) + " |")
         lines += [""] + [f"{m}: {why}" for m, why in na.items()] + ([""] if na else [])
         others = [m for m in labels if m != "full"]
-        lines += ["Fidelity to `full` (teacher-forced along its replies): same greedy token / "
-                  "mean KL(full ‖ method):", "",
-                  "| task | " + " | ".join(others) + " |", "|---|" + "---:|" * len(others)]
+        lines += ["Fidelity to `full` (teacher-forced along its replies), mean over cases [95% interval]: "
+                  "same greedy token / mean KL(full ‖ method)."
+                  + _legend(False, baselines, "same-greedy share"), "",
+                  "| task | cases | " + " | ".join(others) + " |", "|---|---:|" + "---:|" * len(others)]
         for t in tasks:
-            out = ["n/a" if m in na else
-                   (f"{_f(cell[(t, m)].same_greedy, '{:.0%}')} / {_f(cell[(t, m)].mean_kl, '{:.3f}')}"
-                    if cell[(t, m)].same_greedy is not None else "—") for m in others]
+            out = []
+            for m in others:
+                r = cell[(t, m)]
+                if m in na:
+                    out.append("n/a")
+                elif r.same_greedy is None:
+                    out.append("—")
+                else:
+                    out.append(f"{_ci(r, 'same_greedy', '{:.0%}')} / {_ci(r, 'mean_kl', '{:.3f}')}"
+                               + _tail(r.same_greedy_marks, r.fidelity_n, cases[t]))
             name = f"**{t}**" if t == ALL else t
-            lines.append(f"| {name} | " + " | ".join(out) + " |")
+            lines.append(f"| {name} | {cases[t]} | " + " | ".join(out) + " |")
         lines += ["", "Cost (mean over all cases; TTFT of the first turn, which prefills the material, and "
                   "of later turns; KV cells held after the last turn):", "",
                   "| method | TTFT turn 1 ms | TTFT later ms | decode tok/s | KV cells | state file MB "
