@@ -68,6 +68,8 @@ llama_loopserve_scores_get_heads = _bind(
 # bulk removal of a sequence's positions (patch 0006)
 llama_loopserve_seq_rm_positions = _bind(
     "llama_loopserve_seq_rm_positions", [_ctx, ctypes.c_int32, _i32p, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_seq_compact_positions = _bind(
+    "llama_loopserve_seq_compact_positions", [_ctx, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
 
 # adaptive sparse prefill (semantics in include/llama-loopserve.h)
 class llama_loopserve_prefill_params(ctypes.Structure):

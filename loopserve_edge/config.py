@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 POLICIES = ("full", "streaming", "snapkv", "h2o", "loopserve")
+COMPACTIONS = ("auto", "always", "never")
 AGGREGATIONS = ("mean", "max")
 
 
@@ -49,6 +50,14 @@ class LoopServeConfig:
     # is scored by them as well as by the input's last `window` tokens (0: cut as soon as the
     # prefill ends, scored by the input alone). The output says best what the reply needs.
     defer_cut: int = 0
+    # Positions after a cut. "auto": once the highest position passes half the model's trained
+    # context, a cut gives the kept cells consecutive positions again (their keys re-rotated,
+    # as StreamingLLM does), so that positions stay within the trained range however long a
+    # dialogue grows (past it a model no longer attends well); below that, kept tokens keep
+    # their positions (compacting at every cut costs some fidelity: the history then sits
+    # nearer the new tokens than it did). "always": at every cut; "never": gaps stay. A model
+    # whose positions cannot be shifted is refused eviction past its trained context.
+    compact_positions: str = "auto"
     sink: int = 4           # first cells, always kept
     recent: int = 64        # last cells, always kept
     pooling: int = 7        # smoothing kernel over positions (1 = none)
@@ -61,6 +70,8 @@ class LoopServeConfig:
             raise ValueError("max_resident must be >= 1")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.compact_positions not in COMPACTIONS:
+            raise ValueError(f"compact_positions must be one of {', '.join(COMPACTIONS)}")
         if self.aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}")
         if min(self.interval, self.window, self.pooling) < 1 or min(self.sink, self.recent) < 0:

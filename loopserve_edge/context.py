@@ -349,6 +349,27 @@ class Context:
     def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
         llama_c.llama_memory_seq_rm(self._mem, seq, p0, p1)
 
+    @property
+    def can_shift(self) -> bool:
+        """Whether cells can be given new positions (keys re-rotated): RoPE models can."""
+        return bool(llama_c.llama_memory_can_shift(self._mem))
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(llama_c.llama_model_n_ctx_train(self._llm._model.model))
+
+    def compact_positions(self, dlg: Resident, p0: int = 0) -> int:
+        """Give dlg's cells, in position order, the positions p0, p0 + 1, ... with their keys
+        re-rotated (llama_loopserve_seq_compact_positions); returns the cells that moved."""
+        seq = self.make_resident(dlg)
+        rc = bindings.llama_loopserve_seq_compact_positions(self._ctx.ctx, seq, p0)
+        if rc == -2:
+            raise LoopServeError("this model's position encoding cannot be shifted, so the "
+                                 "positions an eviction frees cannot be reused")
+        if rc < 0:
+            raise RuntimeError(f"llama_loopserve_seq_compact_positions failed ({rc})")
+        return rc
+
     def remove_cells(self, seq: int, positions: np.ndarray) -> None:
         """Remove the cells of seq at these positions, in one pass over its cells."""
         pos = np.ascontiguousarray(positions, dtype=np.int32)

@@ -13,8 +13,10 @@ Policies (LoopServeConfig.policy):
              or, with `defer_cut` > 0, after that many generated tokens, scored by them too.
 
 Always kept: the first `sink` cells and the last `recent` cells. The rest of the budget
-goes to the cells with the highest pooled score. Kept cells keep their positions; new
-tokens continue after the highest position.
+goes to the cells with the highest pooled score. New tokens continue after the highest kept
+position; once that passes half the trained context (`compact_positions="auto"`; "always":
+at every cut) a cut gives the kept cells consecutive positions again, their keys re-rotated,
+so a dialogue's positions stay within the trained range however long it grows.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .config import LoopServeConfig
+from .errors import LoopServeError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -107,6 +110,13 @@ class Evictor:
             self._compress(dlg, None, target)
 
     def begin_prefill(self, dlg: Tracked, n_new: int) -> None:
+        if self.active and not self.llm.can_shift:
+            end = (dlg.positions[-1] + 1 if dlg.positions else 0) + n_new
+            if end > self.llm.n_ctx_train:
+                raise LoopServeError(
+                    f"this model's position encoding cannot be shifted, so eviction cannot take a "
+                    f"dialogue past its trained context ({self.llm.n_ctx_train} positions; this turn "
+                    f"would reach {end}): start a new dialogue")
         if not self.scored:
             return
         if self.cfg.policy != "h2o":
@@ -183,6 +193,12 @@ class Evictor:
         dlg.evict_s += time.perf_counter() - t0  # _compress adds its own part
         self._compress(dlg, scores, self.cfg.budget)
 
+    def _should_compact(self, dlg: Tracked) -> bool:
+        mode = self.cfg.compact_positions
+        if mode == "never" or not self.llm.can_shift or not dlg.positions:
+            return False
+        return mode == "always" or dlg.positions[-1] >= self.llm.n_ctx_train // 2
+
     def _compress(self, dlg: Tracked, scores: np.ndarray | None, budget: int) -> None:
         t0 = time.perf_counter()
         positions = np.asarray(dlg.positions)
@@ -194,5 +210,8 @@ class Evictor:
             self.llm.compact(dlg)
         dlg.tokens = np.asarray(dlg.tokens)[keep].tolist()
         dlg.positions = positions[keep].tolist()
+        if self._should_compact(dlg):
+            self.llm.compact_positions(dlg)
+            dlg.positions = list(range(len(dlg.tokens)))
         dlg.evicted += dropped
         dlg.evict_s += time.perf_counter() - t0

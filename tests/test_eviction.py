@@ -127,7 +127,9 @@ def test_cells_never_exceed_budget_plus_interval(tiny_model, make_llm, policy):
 
 @pytest.mark.parametrize("policy", ["streaming", *SCORED_POLICIES])
 def test_kept_cells_keep_their_positions_and_new_tokens_follow(tiny_model, make_llm, policy):
-    c = cfg(policy, budget=48)
+    """compact_positions="never" (and "auto" below half the trained context): each kept token
+    keeps its position, gaps stay."""
+    c = cfg(policy, budget=48, compact_positions="never")
     llm = make_llm(tiny_model, loopserve=c)
     d = llm.dialogue()
     d.send("y" * 120, max_tokens=20, **GREEDY)
@@ -147,6 +149,85 @@ def test_kept_cells_keep_their_positions_and_new_tokens_follow(tiny_model, make_
     # the cache really holds exactly these positions
     pos, _ = llm.attention_scores(d) if policy in SCORED_POLICIES else (np.array(after), None)
     assert list(pos) == after
+
+
+@pytest.mark.parametrize("policy", ["streaming", "loopserve"])
+def test_cuts_close_the_position_gaps(tiny_model, make_llm, policy):
+    """compact_positions="always": after each cut the kept cells hold positions 0..n-1, in the
+    cache as in the dialogue, and new tokens follow them."""
+    c = cfg(policy, budget=48, compact_positions="always")
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    for text in ("y" * 120, "z" * 60, "w" * 90):
+        d.send(text, max_tokens=20, **GREEDY)
+        assert d.positions == list(range(len(d.tokens))) and d.evicted > 0
+        pos, _ = llm.attention_scores(d) if policy == "loopserve" else (np.array(d.positions), None)
+        assert list(pos) == d.positions
+        assert d.positions[-1] < c.budget + c.interval + 120 + 20
+
+
+def test_auto_compacts_once_past_half_the_trained_context(tiny_model, make_llm, monkeypatch):
+    from loopserve_edge.context import Context
+
+    monkeypatch.setattr(Context, "n_ctx_train", property(lambda self: 400))
+    llm = make_llm(tiny_model, loopserve=cfg("streaming", budget=48))   # "auto", the default
+    d = llm.dialogue()
+    d.send("y" * 60, max_tokens=8, **GREEDY)
+    assert d.evicted > 0 and d.positions[-1] > len(d.positions)       # below 200: gaps stay
+    tops = []
+    for text in ("z" * 60, "w" * 60, "v" * 60, "u" * 60, "t" * 60):
+        d.send(text, max_tokens=8, **GREEDY)
+        tops.append(d.positions[-1])
+    assert max(tops) < 200 + 8 + 70 + 8        # compacted whenever a cut found it past 200
+    assert any(t < 200 for t in tops[1:])      # ... back to the cells' count, then growing again
+
+
+def test_compaction_re_rotates_keys_as_llama_cpp_context_shift_does(tiny_model, make_llm):
+    """One bulk call equals llama.cpp's own position shift (llama_memory_seq_add, one call per
+    run of kept positions, its K-shift graph at the next decode): the same logits after."""
+    from loopserve_edge.bindings import llama_c
+
+    text = "y" * 120 + " some more words to read"
+    d = make_llm(tiny_model, n_ctx=512, loopserve=cfg("streaming", budget=48, compact_positions="always")).dialogue()
+    d.send(text, max_tokens=6, **GREEDY)
+    old = make_llm(tiny_model, n_ctx=512, loopserve=cfg("streaming", budget=48, compact_positions="never"))
+    e = old.dialogue()
+    e.send(text, max_tokens=6, **GREEDY)
+    assert e.tokens == d.tokens and d.evicted > 0
+    assert d.positions == list(range(len(d.tokens))) and e.positions != d.positions
+    probe = d.llm.tokenize("abc")
+    n = len(d.tokens)
+    moved = d.llm.decode(d, probe, list(range(n, n + len(probe))))
+    # upstream: shift each run of consecutive kept positions down to its rank
+    runs, start = [], 0
+    for k in range(1, n + 1):
+        if k == n or e.positions[k] != e.positions[k - 1] + 1:
+            runs.append((e.positions[start], e.positions[k - 1] + 1, start - e.positions[start]))
+            start = k
+    assert len(runs) > 1
+    for p0, p1, delta in runs:
+        llama_c.llama_memory_seq_add(old._mem, e._seq, p0, p1, delta)
+    shifted = old.decode(e, probe, list(range(n, n + len(probe))))
+    np.testing.assert_allclose(moved, shifted, atol=1e-4, rtol=0)
+    # and the positions matter: without the shift the same cache gives other logits
+    f = make_llm(tiny_model, n_ctx=512, loopserve=cfg("streaming", budget=48, compact_positions="never")).dialogue()
+    f.send(text, max_tokens=6, **GREEDY)
+    gaps = f.llm.decode(f, probe, list(range(f.positions[-1] + 1, f.positions[-1] + 1 + len(probe))))
+    assert np.abs(gaps - shifted).max() > 10 * np.abs(moved - shifted).max()
+
+
+def test_a_model_that_cannot_shift_is_refused_past_its_trained_context(tiny_model, make_llm, monkeypatch):
+    from loopserve_edge import LoopServeError
+    from loopserve_edge.context import Context
+
+    monkeypatch.setattr(Context, "can_shift", property(lambda self: False))
+    monkeypatch.setattr(Context, "n_ctx_train", property(lambda self: 300))
+    llm = make_llm(tiny_model, loopserve=cfg("streaming", budget=48))
+    d = llm.dialogue()
+    d.send("y" * 120, max_tokens=8, **GREEDY)          # within 300 positions: fine
+    assert d.positions[-1] > len(d.positions)           # cut, and the gaps stay
+    with pytest.raises(LoopServeError, match="cannot be shifted.*trained context"):
+        d.send("z" * 200, max_tokens=8, **GREEDY)
 
 
 def test_snapkv_compresses_once_per_prefill(tiny_model, make_llm):
@@ -220,7 +301,8 @@ def test_model_still_answers_about_kept_content(default_model, make_llm, policy)
                    max_tokens=12, **GREEDY)
     assert "Pixel" in reply
     if policy != "full":
-        assert d.evicted > 200 and d.positions[-1] > 300  # positions run far past the cells kept
+        # far more was read than kept; well within the trained context the positions keep gaps
+        assert d.evicted > 200 and d.positions[-1] > 300
 
 
 @pytest.mark.parametrize("defer", [0, 4])

