@@ -30,17 +30,14 @@ GEMMA = (
 
 # Completion style, for base models prompted with worked examples rather than chat turns: a
 # plain transcript, with no control tokens. The system text (instructions, examples) comes
-# first; each user message is followed by "Answer:" and the reply follows it on the same
-# line, unless the message ends with its own answer cue (a last line "Answer: The pass key
-# is"), which the reply then completes. A base model never ends a turn by itself, so a reply
-# stops at the end of its line (COMPLETION_STOPS).
+# first; each user message ends with "Answer:" and the reply follows it on the same line (a
+# reply prefix such as " The pass key is" gives it a start to complete). A base model never
+# ends a turn by itself, so a reply stops at the end of its line (COMPLETION_STOPS).
 COMPLETION = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}"
-    "{% if message['content'].split('\n')[-1].startswith('Answer:') %}{{ message['content'] }}"
-    "{% else %}{{ message['content'] + '\nAnswer:' }}{% endif %}"
+    "{% elif message['role'] == 'user' %}{{ message['content'] + '\nAnswer:' }}"
     "{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
     "{% endfor %}"
 )

@@ -102,9 +102,13 @@ class Dialogue:
     # -- turns -------------------------------------------------------------------------
 
     def send(self, text: str, stream: bool = False, token_fn=None, stop: str | list[str] | None = None,
-             **sampling) -> str | Iterator[str]:
+             reply_prefix: str = "", **sampling) -> str | Iterator[str]:
         """Add a user message and generate the reply. Prefill happens here, before
         returning, so a context that is too small raises at once even when streaming.
+
+        reply_prefix: the start of the reply, given rather than generated ("The pass key is"):
+        the model continues it, and the assistant message holds both; what is returned is
+        the continuation.
 
         stop: strings that end the reply (with the prompt format's own, e.g. the end of the
         line in the completion format); the reply is cut before the first one (the tokens
@@ -118,18 +122,18 @@ class Dialogue:
         t0 = time.perf_counter()
         self.evict_s = 0.0
         swapped_in = self._seq is None and self._swapped is not None
-        logits, reused, prefilled = self._prefill(text)
-        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops)
+        logits, reused, prefilled = self._prefill(text, reply_prefix)
+        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops, reply_prefix)
         return gen if stream else "".join(gen)
 
     def _render(self, messages: list[dict]) -> str:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return self.llm.template.render(head + messages)
 
-    def _prefill(self, text: str) -> tuple[np.ndarray, int, int]:
+    def _prefill(self, text: str, reply_prefix: str = "") -> tuple[np.ndarray, int, int]:
         llm = self.llm
         messages = self.messages + [{"role": "user", "content": text}]
-        rendered = self._render(messages)
+        rendered = self._render(messages) + reply_prefix
         if self.tokens and rendered.startswith(self.kv_text):
             keep = len(self.tokens)
             new = llm.tokenize(rendered[len(self.kv_text):])
@@ -168,7 +172,8 @@ class Dialogue:
         return logits, keep, len(new)
 
     def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
-                  prefilled: int, swapped_in: bool, token_fn=None, stops: tuple[str, ...] = ()) -> Iterator[str]:
+                  prefilled: int, swapped_in: bool, token_fn=None, stops: tuple[str, ...] = (),
+                  reply_prefix: str = "") -> Iterator[str]:
         llm = self.llm
         sampler = token_fn or Sampler(params)
         self.first_token_logits = logits
@@ -235,7 +240,7 @@ class Dialogue:
             if cut is not None:
                 reply = reply_text[:cut]
             self.kv_text += llm.detokenize(out, special=True)
-            self.messages.append({"role": "assistant", "content": reply})
+            self.messages.append({"role": "assistant", "content": reply_prefix + reply})
             self.turns += 1
             self.updated = time.time()
             self.last_stats = TurnStats(

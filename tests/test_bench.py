@@ -133,11 +133,12 @@ def test_completion_format_puts_worked_examples_first(tokens):
     assert chat.system == "You answer questions about the text the user gives you. Answer briefly."
     assert case.digest() != chat.digest() and case.meta["format"] == "completion"
     asked = [t for t in case.turns if t.scorer]
-    # each question ends with its answer cue, which the model completes
-    assert all(t.user.endswith("\nAnswer: The pass key is") for t in asked)
-    assert not any("Answer: The pass key is" in t.user for t in chat.turns)
+    # each question's reply starts with its answer cue, which the model completes
+    assert all(t.cue == "The pass key is" for t in asked)
+    assert asked[0].reply_prefix("completion") == " The pass key is"     # after "Answer:"
+    assert asked[0].reply_prefix("chat") == "The pass key is"
     q2 = generate("nq_qa", ctx=1024, turns=2, seed=0, index=0, tokens=tokens, fmt="completion")
-    assert not any(t.user.split("\n")[-1].startswith("Answer:") for t in q2.turns)   # no cue: plain
+    assert all(t.reply_prefix("completion") == "" for t in q2.turns)     # no cue: a plain answer
     assert generate("open_generation", ctx=1024, turns=2, seed=0, index=0, tokens=tokens,
                     fmt="completion").system.count("Describe Document [1]") == 1     # its own example
 

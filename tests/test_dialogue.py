@@ -156,11 +156,28 @@ def test_completion_format_is_a_plain_transcript(tiny_model, make_llm):
             {"role": "assistant", "content": " A"}, {"role": "user", "content": "Q2?"}]
     bos = llm.template.bos_token
     assert llm.template.render(msgs) == bos + "Examples.\n\nText.\n\nQ?\nAnswer: A\n\nQ2?\nAnswer:"
-    # a message that ends with its own answer cue is completed, not given another cue
-    cued = msgs[:-1] + [{"role": "user", "content": "Q2?\nAnswer: The key is"}]
-    assert llm.template.render(cued).endswith("Answer: A\n\nQ2?\nAnswer: The key is")
+
     d = llm.dialogue(system="Examples.")
     reply = d.send("Text.\n\nQ?", temperature=0, max_tokens=30)
     assert "\n" not in reply and "<|im_start|>" not in d.kv_text
     with pytest.raises(LoopServeError, match="unknown prompt format"):
         make_llm(tiny_model, prompt_format="markdown")
+
+
+def test_a_reply_prefix_is_continued_and_kept_in_the_message(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    d = llm.dialogue()
+    reply = d.send("what is the key?", temperature=0, max_tokens=6, reply_prefix="The key is")
+    assert d.messages[-1]["content"] == "The key is" + reply
+    assert d.kv_text.endswith("The key is" + llm.detokenize(d.tokens[-d.last_stats.decode_tokens:]))
+    before = len(d.tokens)
+    d.send("and again?", temperature=0, max_tokens=4)
+    assert d.last_stats.reused_tokens == before          # the prefix is history like any reply
+    # the continuation conditions on the prompt and the prefix, as one prefill of both does
+    e = llm.dialogue()
+    e.send("what is the key?", temperature=0, max_tokens=1, reply_prefix="The key is")
+    text = llm.template.render([{"role": "user", "content": "what is the key?"}]) + "The key is"
+    bos = llm.template.bos_token
+    toks = llm.tokenize(text, add_bos=llm.add_bos and not (bos and text.startswith(bos)))
+    ref = llm.decode(llm.dialogue(), toks, list(range(len(toks))))
+    np.testing.assert_allclose(e.first_token_logits, ref, atol=1e-4)

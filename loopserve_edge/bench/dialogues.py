@@ -32,8 +32,8 @@ class Question:
     scorer: str                  # see scoring.SCORERS
     max_tokens: int = 24
     choices: tuple[str, ...] = ()
-    # how the answer starts in the completion format ("The pass key is"): a base model
-    # completes a sentence far more reliably than it follows an instruction
+    # how the answer starts ("The pass key is"), given as the start of the reply: a small or
+    # base model completes a sentence far more reliably than it follows an instruction
     cue: str = ""
 
 
@@ -50,10 +50,16 @@ class Turn:
     scorer: str | None = None    # None: not scored (an acknowledgement)
     max_tokens: int = ACK_TOKENS
     choices: tuple[str, ...] = ()
+    cue: str = ""                # the start of the reply, given to the model (Question.cue)
 
     @classmethod
     def asking(cls, text: str, q: Question) -> "Turn":
-        return cls(text, q.answers, q.scorer, q.max_tokens, q.choices)
+        return cls(text, q.answers, q.scorer, q.max_tokens, q.choices, q.cue)
+
+    def reply_prefix(self, fmt: str) -> str:
+        """What the reply starts with (Dialogue.send's reply_prefix): the cue, after the
+        completion format's "Answer:" with a space."""
+        return "" if not self.cue else f" {self.cue}" if fmt == "completion" else self.cue
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class Case:
     @classmethod
     def from_dict(cls, d: dict) -> "Case":
         turns = tuple(Turn(t["user"], tuple(t["answers"]), t["scorer"], t["max_tokens"],
-                           tuple(t["choices"])) for t in d["turns"])
+                           tuple(t["choices"]), t.get("cue", "")) for t in d["turns"])
         return cls(d["id"], d["task"], d["position"], d["ctx"], d["seed"], d["index"],
                    d["system"], turns, dict(d.get("meta", {})))
 
@@ -90,31 +96,23 @@ class Case:
         return sum(t.scorer is not None for t in self.turns)
 
 
-def layout(blocks: list[Block], position: str, fmt: str = "chat") -> tuple[Turn, ...]:
-    """User turns for a question position; in the completion format a question with a cue
-    ends with the cue's answer line (chat_template.COMPLETION then adds no other)."""
+def layout(blocks: list[Block], position: str) -> tuple[Turn, ...]:
     if position not in POSITIONS:
         raise ValueError(f"unknown question position {position!r}")
-
-    def ask(text: str, q: Question) -> Turn:
-        if fmt == "completion" and q.cue:
-            text = f"{text}\nAnswer: {q.cue}"
-        return Turn.asking(text, q)
-
     turns: list[Turn] = []
     for b in blocks:
         q = b.question
         if not b.material:
             if q is not None:
-                turns.append(ask(q.text, q))
+                turns.append(Turn.asking(q.text, q))
         elif q is None or position == "later":
             turns.append(Turn(f"{b.material}\n\n{ACK}"))
             if q is not None:
-                turns.append(ask(q.text, q))
+                turns.append(Turn.asking(q.text, q))
         elif position == "after":
-            turns.append(ask(f"{b.material}\n\n{q.text}", q))
+            turns.append(Turn.asking(f"{b.material}\n\n{q.text}", q))
         else:
-            turns.append(ask(f"{q.text}\n\n{b.material}", q))
+            turns.append(Turn.asking(f"{q.text}\n\n{b.material}", q))
     return tuple(turns)
 
 
@@ -136,7 +134,7 @@ class Tokens:
         each reply at its most tokens."""
         msgs = [{"role": "system", "content": system}]
         for t in turns:
-            msgs += [{"role": "user", "content": t.user}, {"role": "assistant", "content": ""}]
+            msgs += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.cue}]
         rendered = self.llm.template.render(msgs[:-1])
         return len(self.llm.tokenize(rendered)) + sum(t.max_tokens for t in turns)
 
@@ -148,7 +146,7 @@ def target_tokens(ctx: int) -> int:
 
 
 def fit(build: Callable[[int], tuple[list[Block], dict]], position: str, ctx: int,
-        tokens: Tokens, system: str = SYSTEM, fmt: str = "chat") -> tuple[tuple[Turn, ...], dict]:
+        tokens: Tokens, system: str = SYSTEM) -> tuple[tuple[Turn, ...], dict]:
     """Call build(material_budget) until the dialogue's tokens are within 2% of the target
     (never above `ctx`). `build` must be a function of the budget alone (seeded inside)."""
     target = target_tokens(ctx)
@@ -156,7 +154,7 @@ def fit(build: Callable[[int], tuple[list[Block], dict]], position: str, ctx: in
     best = None
     for _ in range(5):
         blocks, meta = build(max(budget, 16))
-        turns = layout(blocks, position, fmt)
+        turns = layout(blocks, position)
         n = tokens.dialogue(system, turns)
         if n <= ctx and (best is None or abs(n - target) < abs(best[2] - target)):
             best = (turns, meta, n)

@@ -151,6 +151,7 @@ def run_dialogue(llm, case: Case, run: Run, *, full: dict | None = None,
     for `full`, its next-token distributions per turn (the reference for the others).
     `full`'s record scores open generation; `refs` (None: no fidelity) are forced along."""
     is_full = run.method.name == "full"
+    fmt = case.meta.get("format", "chat")
     reset_peak_rss()
     t0 = time.perf_counter()
     dlg = llm.dialogue(system=case.system)
@@ -158,7 +159,8 @@ def run_dialogue(llm, case: Case, run: Run, *, full: dict | None = None,
     try:
         for i, t in enumerate(case.turns):
             rec = fidelity.GreedyRecorder(top_k) if is_full or refs is not None else None
-            reply = dlg.send(t.user, max_tokens=t.max_tokens, temperature=0, token_fn=rec)
+            reply = dlg.send(t.user, max_tokens=t.max_tokens, temperature=0, token_fn=rec,
+                             reply_prefix=t.reply_prefix(fmt))
             tr = _turn_record(dlg.last_stats, reply)
             # share of the causal attention the prefill computed (1: dense, also for
             # prompts too short for the sparse path)
@@ -196,7 +198,8 @@ def teacher_forced(llm, case: Case, refs: list) -> dict:
     try:
         for t, steps in zip(case.turns, refs):
             f = fidelity.TeacherForcer(steps)
-            dlg.send(t.user, max_tokens=len(steps), token_fn=f)
+            dlg.send(t.user, max_tokens=len(steps), token_fn=f,
+                     reply_prefix=t.reply_prefix(case.meta.get("format", "chat")))
             forcers.append(f)
     finally:
         dlg.close()

@@ -32,17 +32,23 @@ def codename(rng: random.Random, used: set[str]) -> str:
             return name
 
 
-def truncate(text: str, n_tokens: int, tokens: Tokens) -> str:
-    """The longest word prefix of `text` with at most n_tokens tokens."""
-    words = text.split()
-    lo, hi = 0, len(words)
+def longest(n: int, fits) -> int:
+    """The largest k in 0..n with fits(k), for a fits that holds up to some k and not after
+    (a prefix that fits a token budget): a binary search, so a text is counted log n times."""
+    lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tokens.count(" ".join(words[:mid])) <= n_tokens:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
-    return " ".join(words[:lo])
+    return lo
+
+
+def truncate(text: str, n_tokens: int, tokens: Tokens) -> str:
+    """The longest word prefix of `text` with at most n_tokens tokens."""
+    words = text.split()
+    return " ".join(words[:longest(len(words), lambda k: tokens.count(" ".join(words[:k])) <= n_tokens)])
 
 
 def fill(units: Iterable[str], budget: int, tokens: Tokens, sep_tokens: int = 1,

@@ -126,7 +126,7 @@ def generate(task: str, *, ctx: int, turns: int, seed: int, index: int, tokens: 
         rng = random.Random(f"{task}/{split}/{seed}/{index}")
         return fam.build(Gen(rng, budget, turns, tokens, corpus, knobs))
 
-    dialogue, meta = fit(build, position, ctx, tokens, system, fmt)
+    dialogue, meta = fit(build, position, ctx, tokens, system)
     return Case(case_id(task, position, ctx, turns, split, seed, index), task, position, ctx, seed, index,
                 system, dialogue, dict(meta, split=split, format=fmt, knobs=knobs))
 

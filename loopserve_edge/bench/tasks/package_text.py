@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from .. import package_files
 from ..dialogues import Block, Question, Tokens
+from ..material import longest
 from .gen import Gen
 
 DOCS_SHARE = 3        # the documentation takes at most 1/DOCS_SHARE of the material
@@ -84,22 +85,11 @@ def cut_lines(text: str, n_tokens: int, tokens: Tokens) -> str:
             break
         lines.append(line)
         total += len(line) + 1
-    lo, hi = 0, len(lines) - 1               # the last line in `lines` never fits whole
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tokens.count("\n".join(lines[:mid])) <= n_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
+    # whole lines (the last line in `lines` never fits whole), then words of the next one
+    lo = longest(len(lines) - 1, lambda k: tokens.count("\n".join(lines[:k])) <= n_tokens)
     head = "\n".join(lines[:lo] + [""]) if lo else ""
     ends = [m.end() for m in re.finditer(r"\S+", lines[lo])]
-    a, b = 0, len(ends)
-    while a < b:
-        mid = (a + b + 1) // 2
-        if tokens.count(head + lines[lo][:ends[mid - 1]]) <= n_tokens:
-            a = mid
-        else:
-            b = mid - 1
+    a = longest(len(ends), lambda k: tokens.count(head + lines[lo][:ends[k - 1]]) <= n_tokens)
     return (head + lines[lo][:ends[a - 1]] if a else head).rstrip()
 
 
