@@ -25,6 +25,7 @@
 #include "llama-impl.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache.h"
+#include "llama-loopserve-impl.h"
 #include "llama-loopserve.h"
 #include "llama-model.h"
 
@@ -46,7 +47,10 @@ llama_loopserve_prefill_cfg llama_loopserve_prefill_graph_cfg(const llama_contex
         if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
             kv = iswa->get_base();
         }
-        cfg.cell_causal = kv != nullptr && kv->loopserve_cells_causal(ubatch);
+        // a ubatch whose last rows score the cache (llama-loopserve.h) reads their mask rows,
+        // so it keeps the mask: the window's scores come from Q K^T as with flash attention
+        const bool scored = lctx.loopserve_scores && lctx.loopserve_scores->n_window_ub > 0;
+        cfg.cell_causal   = !scored && kv != nullptr && kv->loopserve_cells_causal(ubatch);
     }
     return cfg;
 }
@@ -146,6 +150,15 @@ ggml_tensor * llama_loopserve_prefill_attn(const llm_graph_context & g,
     g.res->loopserve_cell_causal = cfg.cell_causal;
     if (il >= 0 && il < (int) g.res->t_loopserve_prefill.size()) {
         g.res->t_loopserve_prefill[il] = st;
+    }
+
+    // the observation window's scores (the stock path computes them after its attention,
+    // which this layer skips): without them a cut after a sparse prefill chose blindly
+    if (g.loopserve_n_window > 0 && il >= 0 && il < (int) g.res->t_loopserve_scores.size()) {
+        ggml_tensor * scores =
+            llama_loopserve_scores_from_qk(ctx0, q, k, kq_mask, nullptr, kq_scale, 0.0f, softcap, g.loopserve_n_window);
+        ggml_build_forward_expand(g.gf, scores);
+        g.res->t_loopserve_scores[il] = scores;
     }
 
     ggml_tensor * cur = ggml_view_3d(ctx0, out, out->ne[0], n_head, n_tokens, out->nb[1], out->nb[2], 0);
