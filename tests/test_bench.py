@@ -421,4 +421,8 @@ def test_bench_bad_input_is_one_line(tmp_path):
     line = one_error_line(bench(out, env={"LOOPSERVE_DATA": str(tmp_path / "nodata")}))
     assert "benchmark data not found" in line and "LOOPSERVE_DATA" in line
     assert "holds no benchmark results" in one_error_line(bench(["--report-only"] + out))
+    other = tmp_path / "levels.json"
+    other.write_text(json.dumps({"model": "gemma-3-270m", "levels": {"8192": {}}}))
+    assert "calibrated for gemma-3-270m" in one_error_line(
+        bench(["--levels", str(other), "--tasks", "passkey", "--cases-per-task", "1"] + out))
     assert not (tmp_path / "o").exists()
