@@ -51,10 +51,12 @@ def make(model, cfg, a, n_ctx):
 def speed(a, model):
     depths = [int(x) for x in a.depths.split(",")]
     n_ctx = max(depths) + a.tokens + 1024
-    methods = {"full": LoopServeConfig(max_resident=1),
-               f"loopserve@{a.budget}": LoopServeConfig(max_resident=1, policy="loopserve",
-                                                        budget=a.budget, interval=a.interval,
-                                                        window=a.window)}
+    methods = {"full": LoopServeConfig(max_resident=1)}
+    for gran in a.granularity.split(","):
+        # head-wise cuts move each head's K/V rows in a graph: a cut costs more than cell-wise
+        methods[f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")] = LoopServeConfig(
+            max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
+            granularity=gran)
     print(f"| method | depth | cells while decoding | decode tok/s | vs. full @ 0 |")
     print("|---|---:|---:|---:|---:|")
     base = None
@@ -157,6 +159,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="speed: per-step times by phase")
     ap.add_argument("--interval", type=int, default=LoopServeConfig.interval, help="speed: loopserve's interval")
     ap.add_argument("--window", type=int, default=LoopServeConfig.window, help="speed: loopserve's window")
+    ap.add_argument("--granularity", default="cell", help="speed: loopserve's granularities, e.g. cell,head")
     a = ap.parse_args()
 
     from loopserve_edge import runtime_info

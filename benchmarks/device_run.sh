@@ -4,6 +4,7 @@
 #   test   - the test suite's model-free parts with every layer on the GPU
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
+#            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
@@ -15,6 +16,8 @@
 #            $OUT/bench-gpu (draw the plots here with `loopserve-edge bench --report-only`).
 #            The default model is not carried: pass one that is. BENCH_CTX, BENCH_CASES,
 #            BENCH_BUDGETS, BENCH_METHODS, BENCH_TASKS, BENCH_SPLIT, BENCH_LEVELS change it.
+#   bench-split=MODEL.gguf - the same as parallel processes, one per method group of BENCH_GROUPS
+#            ("a,b;c,d"), each with full, merged into /tmp/bench-gpu (2K, 20 cases, budget 1/8 unless told)
 #   calibrate=MODEL.gguf - difficulty levels on the dev split at CAL_CTX (8K), CAL_CASES (8)
 #            dev cases per level, to $OUT/levels.json
 #   stash  - copy what .carry-g*/ hold (Gemma's parts, matplotlib wheels; from
@@ -59,7 +62,7 @@ for step in "$@"; do
       # crashes the first model load on this box (see tests/conftest.py).
       PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 LOOPSERVE_TEST_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider \
           tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py \
-          tests/test_scores.py tests/test_eviction.py tests/test_prefill.py tests/test_gemma.py \
+          tests/test_scores.py tests/test_eviction.py tests/test_head_wise.py tests/test_prefill.py tests/test_gemma.py \
           -k 'not default_model and not kept_content' ;;
     turns)
       for shape in 135m 1b; do
@@ -67,10 +70,10 @@ for step in "$@"; do
         python3 benchmarks/turns.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn --reply-tokens 32
       done ;;
     decode)
-      for shape in 135m 1b; do
+      for shape in ${DECODE_SHAPES:-135m 1b}; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
-            --depths 0,16384,65536 --budget 2048 --tokens 256
+            --depths 0,16384,65536 --budget 2048 --tokens 256 --granularity "${DECODE_GRAN:-cell}"
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;
@@ -115,6 +118,32 @@ for step in "$@"; do
         echo "bench: the report failed; make it here with bench --report-only"
       mkdir -p "$OUT/bench-gpu"
       cp /tmp/bench-gpu/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gpu/" ;;
+    bench-split=*)
+      # the bench step's run as parallel processes, one per group of BENCH_GROUPS (method lists
+      # separated by ';', each run with full), merged (benchmarks/bench_merge.py) into /tmp/bench-gpu:
+      # a crash or a timeout costs one group, not the call (five groups of the 135M model ran at
+      # about one process's pace: sharing the GPU does not make it faster)
+      model=${step#bench-split=}
+      IFS=';' read -ra groups <<< "${BENCH_GROUPS:?BENCH_GROUPS: method lists separated by ;}"
+      pids=()
+      for i in "${!groups[@]}"; do
+        timeout "${BENCH_TIMEOUT:-540}" python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K}" \
+            --turns 2 --cases-per-task "${BENCH_CASES:-20}" --budgets "${BENCH_BUDGETS:-1/8}" \
+            --methods "full,${groups[$i]}" --tasks "${BENCH_TASKS:-all}" --split "${BENCH_SPLIT:-test}" \
+            ${BENCH_LEVELS:+--levels "$BENCH_LEVELS"} --n-gpu-layers -1 --flash-attn \
+            --out /tmp/bench-part$i > /tmp/bench-part$i.log 2>&1 &
+        pids+=($!)
+      done
+      for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || echo "bench group $i: stopped (status $?); tail of its log:"
+        tail -3 /tmp/bench-part$i.log
+        mkdir -p "$OUT/bench-part$i" && cp /tmp/bench-part$i/{bench.json,runs.jsonl,cases.jsonl} "$OUT/bench-part$i/" || true
+      done
+      rm -rf /tmp/bench-gpu
+      parts=(); for i in "${!groups[@]}"; do parts+=(/tmp/bench-part$i); done
+      python3 benchmarks/bench_merge.py /tmp/bench-gpu "${parts[@]}" || echo "merge failed: merge $OUT/bench-part* here"
+      python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gpu >/dev/null 2>&1 || echo "report failed"
+      mkdir -p "$OUT/bench-gpu" && cp /tmp/bench-gpu/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gpu/" || true ;;
     calibrate=*)
       # difficulty levels on the dev split (loopserve_edge.bench.calibrate) into $OUT
       model=${step#calibrate=}

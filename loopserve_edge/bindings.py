@@ -70,6 +70,8 @@ llama_loopserve_seq_rm_positions = _bind(
     "llama_loopserve_seq_rm_positions", [_ctx, ctypes.c_int32, _i32p, ctypes.c_int32], ctypes.c_int32)
 llama_loopserve_seq_compact_positions = _bind(
     "llama_loopserve_seq_compact_positions", [_ctx, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_seq_keep_per_head = _bind(
+    "llama_loopserve_seq_keep_per_head", [_ctx, ctypes.c_int32, _i32p, ctypes.c_int32], ctypes.c_int32)
 
 # adaptive sparse prefill (semantics in include/llama-loopserve.h)
 class llama_loopserve_prefill_params(ctypes.Structure):

@@ -54,6 +54,9 @@ class Context:
         self.model_path = check_model_file(model_path)
         kwargs.setdefault("n_ctx", DEFAULT_N_CTX)
         kwargs.setdefault("verbose", False)
+        if self.config.granularity == "head":
+            # head-wise cuts move rows of V: it must not be stored transposed
+            kwargs.setdefault("flash_attn", True)
         if self.config.sparse_prefill:
             # the sparse path runs per ubatch of >= sparse_min_tokens tokens: prefill in
             # large ubatches unless told otherwise
@@ -84,6 +87,8 @@ class Context:
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
         if self.config.sparse_prefill:
             self.set_sparse_prefill(self.config)
+        if self.config.granularity == "head" and self.config.policy != "full":
+            self._check_head_wise(kwargs)
         # seq id -> resident owner, in least-recently-used order (dicts keep order)
         self._resident: dict[int, Resident] = {}
 
@@ -368,6 +373,33 @@ class Context:
                                  "positions an eviction frees cannot be reused")
         if rc < 0:
             raise RuntimeError(f"llama_loopserve_seq_compact_positions failed ({rc})")
+        return rc
+
+    def _check_head_wise(self, kwargs: dict) -> None:
+        """Refuse, at construction, what head-wise cuts cannot do (llama_loopserve_seq_keep_per_head)."""
+        n_layer = llama_c.llama_model_n_layer(self._llm._model.model)
+        why = None
+        if len(self._scored_heads()) != n_layer:
+            why = "a model with sliding-window layers (they need each cell's true position)"
+        elif not {int(self.context_params.type_k), int(self.context_params.type_v)} <= {1, 8}:
+            why = "a KV cache other than f16 or q8_0 (type_k/type_v)"
+        elif kwargs.get("flash_attn") is False:
+            why = "flash attention off (V is then stored transposed)"
+        if why:
+            raise LoopServeError(f"granularity='head' cannot run with {why}; use granularity='cell'")
+
+    def keep_per_head(self, dlg: Resident, sel: np.ndarray) -> int:
+        """Keep, in each scored layer and KV head, its own cells of dlg: sel [n_heads, n_keep],
+        each row ascending indices into dlg's cells in position order (the columns of
+        attention_scores_by_head). Returns the number of cells freed."""
+        seq = self.make_resident(dlg)
+        sel = np.ascontiguousarray(sel, dtype=np.int32)
+        rc = bindings.llama_loopserve_seq_keep_per_head(self._ctx.ctx, seq, sel.ctypes.data_as(bindings._i32p),
+                                                        sel.shape[1])
+        if rc == -2:
+            raise LoopServeError("head-wise cuts need f16 or q8_0 K/V, flash attention and no sliding-window layers")
+        if rc < 0:
+            raise RuntimeError(f"llama_loopserve_seq_keep_per_head failed ({rc})")
         return rc
 
     def remove_cells(self, seq: int, positions: np.ndarray) -> None:

@@ -90,6 +90,7 @@ class Dialogue:
         self.kv_text = ""
         self.turns = 0
         self.evicted = 0       # cells removed by the eviction policy, all turns
+        self.layout = "cell"   # "head" once a head-wise cut gave each KV head its own tokens
         self.evict_s = 0.0     # time spent evicting, this turn
         self.created = self.updated = time.time()
         self.last_stats: TurnStats | None = None
@@ -269,6 +270,7 @@ class Dialogue:
         self.kv_text = ""
         self.turns = 0
         self.evicted = 0
+        self.layout = "cell"
         self.last_stats = None
 
     def close(self) -> None:
@@ -285,6 +287,7 @@ class Dialogue:
             "dialogue": {"name": self.name, "system": self.system, "messages": self.messages,
                          "tokens": self.tokens, "positions": self.positions,
                          "kv_text": self.kv_text, "turns": self.turns, "evicted": self.evicted,
+                         "layout": self.layout,
                          "created": self.created, "updated": self.updated},
         }
 
@@ -300,9 +303,12 @@ class Dialogue:
             dlg.kv_text = str(d["kv_text"])
             dlg.turns = int(d["turns"])
             dlg.evicted = int(d.get("evicted", 0))
+            dlg.layout = str(d.get("layout", "cell"))  # version 1: always cell-wise
             dlg.created, dlg.updated = float(d["created"]), float(d["updated"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{path}: malformed dialogue header ({e!r})") from None
+        if dlg.layout not in ("cell", "head"):
+            raise StateFileError(f"{path}: unknown cell layout {dlg.layout!r}")
         if len(dlg.tokens) != len(dlg.positions):
             raise StateFileError(f"{path}: token and position lists differ in length")
         return dlg

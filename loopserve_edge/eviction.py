@@ -82,6 +82,7 @@ class Tracked(Protocol):
     tokens: list[int]
     positions: list[int]
     evicted: int      # cells removed so far
+    layout: str       # "cell", or "head" after a head-wise cut
     evict_s: float    # time spent evicting, this turn
     _seq: int | None
     _swapped: bytes | None
@@ -184,14 +185,17 @@ class Evictor:
         if len(dlg.positions) <= self.cfg.budget:
             return
         t0 = time.perf_counter()
-        scores = None
+        rows = None
         if self.scored:
             pos, rows = self.llm.attention_scores_by_head(dlg)
             if len(pos) != len(dlg.positions) or not np.array_equal(pos, dlg.positions):
                 raise RuntimeError("attention scores do not cover the dialogue's cells")
-            scores = aggregate(rows, self.cfg.aggregate) if len(rows) else None
-        dlg.evict_s += time.perf_counter() - t0  # _compress adds its own part
-        self._compress(dlg, scores, self.cfg.budget)
+            rows = rows if len(rows) else None
+        dlg.evict_s += time.perf_counter() - t0  # the cut adds its own part
+        if rows is not None and self.cfg.granularity == "head":
+            self._cut_heads(dlg, rows, self.cfg.budget)
+        else:
+            self._compress(dlg, None if rows is None else aggregate(rows, self.cfg.aggregate), self.cfg.budget)
 
     def _should_compact(self, dlg: Tracked) -> bool:
         mode = self.cfg.compact_positions
@@ -200,16 +204,37 @@ class Evictor:
         return mode == "always" or dlg.positions[-1] >= self.llm.n_ctx_train // 2
 
     def _compress(self, dlg: Tracked, scores: np.ndarray | None, budget: int) -> None:
+        """Cell-wise: every layer and head keeps the same cells."""
         t0 = time.perf_counter()
         positions = np.asarray(dlg.positions)
         keep = choose_keep(len(positions), scores, self.cfg, budget)
         self.llm.make_resident(dlg)
         self.llm.remove_cells(dlg._seq, positions[~keep])
-        dropped = int((~keep).sum())
-        if dropped > keep.sum():  # a big cut (typically after a prefill) leaves big holes
+        kept = np.flatnonzero(keep)
+        self._after_cut(dlg, kept, len(positions) - len(kept), t0)
+
+    def _cut_heads(self, dlg: Tracked, rows: np.ndarray, budget: int) -> None:
+        """Head-wise: each KV head of each scored layer keeps its own `budget` tokens, by its
+        own row of scores; they move into the dialogue's lowest `budget` cells. The j-th cell's
+        bookkeeping (position, token) is that of the latest token any head keeps there, which
+        is what the runtime gives the cell as its position."""
+        t0 = time.perf_counter()
+        n = len(dlg.positions)
+        sel = np.stack([np.flatnonzero(choose_keep(n, row.astype(np.float64), self.cfg, budget)) for row in rows])
+        self.llm.keep_per_head(dlg, sel)
+        dlg.layout = "head"
+        positions = np.asarray(dlg.positions)
+        latest = sel[np.argmax(positions[sel], axis=0), np.arange(sel.shape[1])]
+        # the rows went to the dialogue's lowest cells: no holes to pack
+        self._after_cut(dlg, latest, n - sel.shape[1], t0, pack=False)
+
+    def _after_cut(self, dlg: Tracked, kept: np.ndarray, dropped: int, t0: float, pack: bool = True) -> None:
+        """The dialogue's token and position lists after a cut kept the cells `kept` (indices
+        into the lists before it), then packing and position compaction as due."""
+        if pack and dropped > len(kept):  # a big cut (typically after a prefill) leaves big holes
             self.llm.compact(dlg)
-        dlg.tokens = np.asarray(dlg.tokens)[keep].tolist()
-        dlg.positions = positions[keep].tolist()
+        dlg.tokens = np.asarray(dlg.tokens)[kept].tolist()
+        dlg.positions = np.asarray(dlg.positions)[kept].tolist()
         if self._should_compact(dlg):
             self.llm.compact_positions(dlg)
             dlg.positions = list(range(len(dlg.tokens)))

@@ -4,9 +4,14 @@ Layout (little endian):
     magic        8 bytes  b"LSEDGE\\x00\\x01"
     version      u32
     header_len   u64, then a UTF-8 JSON header: model fingerprint, context settings,
-                 LoopServe config, messages, token and position lists
+                 LoopServe config, messages, token and position lists, the cells' layout
     blob_len     u64, then the llama.cpp sequence state (llama_state_seq_get_data)
     checksum     32 bytes, SHA-256 of everything before it
+
+Version 2 added the layout: "cell" (every KV head of a cell holds the token at the cell's
+position) or "head" (after a head-wise cut each head holds its own tokens, the cell's
+position the latest of them). Version 1 files are all "cell" and are read as before; an
+older loopserve-edge refuses a version 2 file by its version, so none misreads one.
 
 A file is validated whole (size, magic, version, checksum, header) before any of it is
 used, and written to a temporary file that is renamed over the old one only when
@@ -24,7 +29,8 @@ from pathlib import Path
 from .errors import StateFileError
 
 MAGIC = b"LSEDGE\x00\x01"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)   # versions this one reads
 SUFFIX = ".lsd"
 _HEAD = struct.Struct("<8sIQ")
 _LEN = struct.Struct("<Q")
@@ -66,8 +72,9 @@ def decode(data: bytes, name: str = "state file") -> StateFile:
     body, digest = data[:-_SUM], data[-_SUM:]
     if hashlib.sha256(body).digest() != digest:
         raise bad("checksum mismatch: the file is truncated or corrupt")
-    if version != VERSION:
-        raise bad(f"state file format version {version}; this loopserve-edge reads version {VERSION}")
+    if version not in READABLE:
+        raise bad(f"state file format version {version}; this loopserve-edge reads versions "
+                  f"{', '.join(map(str, READABLE))}")
     off = _HEAD.size
     if off + header_len + _LEN.size > len(body):
         raise bad("header length runs past the end of the file")
@@ -105,7 +112,7 @@ def read_header(path: str | os.PathLike) -> dict:
             if len(head) < _HEAD.size or head[:8] != MAGIC:
                 raise StateFileError(f"{path}: not a loopserve-edge state file")
             _, version, header_len = _HEAD.unpack(head)
-            if version != VERSION:
+            if version not in READABLE:
                 raise StateFileError(f"{path}: state file format version {version}")
             header = json.loads(f.read(header_len).decode())
     except OSError as e:

@@ -292,8 +292,14 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     if not prefill_ready:
         assert runs[-1].unavailable() == "sparse prefill not implemented"
     assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-defer",
+                            "snapkv-head", "h2o-head", "loopserve-head", "loopserve-defer-head",
                             "loopserve-prefill", "loopserve-both"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
+    assert Run(METHODS["loopserve-defer"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
+    assert Run(METHODS["loopserve"], 256).config().defer_cut == 0
+    head = Run(METHODS["loopserve-defer-head"], 256).config()
+    assert (head.granularity, head.defer_cut, head.policy) == ("head", 4, "loopserve")
+    assert Run(METHODS["snapkv"], 256).config().granularity == "cell"
     assert Run(METHODS["loopserve-both"], 256, 0.95).label == "loopserve-both@256@a0.95"
 
 

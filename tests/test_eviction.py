@@ -330,6 +330,14 @@ def test_loopserve_can_defer_the_post_prefill_cut_to_the_first_generated_tokens(
     assert d.n_cells <= c.budget + (0 if defer else 2) and llm.score_window == 0
 
 
+def test_defer_cut_is_4_by_default_within_the_room_an_interval_leaves():
+    assert LoopServeConfig(policy="loopserve", budget=256).defer_cut == 4
+    assert LoopServeConfig(policy="loopserve", budget=256, interval=6, window=4).defer_cut == 2
+    assert LoopServeConfig(policy="loopserve", budget=256, interval=4, window=8).defer_cut == 0
+    c = LoopServeConfig(policy="loopserve", budget=256)
+    assert LoopServeConfig.from_dict(c.to_dict()) == c
+
+
 def test_defer_cut_must_leave_room_for_the_scoring_window():
     assert LoopServeConfig(policy="loopserve", budget=256, defer_cut=12).defer_cut == 12
     with pytest.raises(ValueError, match="defer_cut"):

@@ -101,9 +101,26 @@ def test_future_format_version_is_refused(saved, tmp_path):
     st = state_file.read(path)
     body = bytearray(state_file.encode(st)[:-32])
     body[8:12] = (state_file.VERSION + 1).to_bytes(4, "little")
-    bad = tmp_path / "v2.lsd"
+    bad = tmp_path / "v3.lsd"
     bad.write_bytes(bytes(body) + hashlib.sha256(body).digest())
-    _assert_refused(llm, bad, "format version 2")
+    _assert_refused(llm, bad, f"format version {state_file.VERSION + 1}")
+
+
+def test_a_version_1_file_is_read_as_before(saved, tmp_path):
+    """Version 2 added the cells' layout; a version 1 file (no layout: cell-wise) loads as it did."""
+    import json
+
+    llm, d, path = saved
+    st = state_file.read(path)
+    assert state_file.VERSION == 2 and st.header["dialogue"]["layout"] == "cell"
+    del st.header["dialogue"]["layout"]
+    header = json.dumps(st.header).encode()
+    body = (state_file._HEAD.pack(state_file.MAGIC, 1, len(header)) + header
+            + state_file._LEN.pack(len(st.seq_state)) + st.seq_state)
+    old = tmp_path / "v1.lsd"
+    old.write_bytes(body + hashlib.sha256(body).digest())
+    e = llm.load_dialogue(old)
+    assert (e.tokens, e.positions, e.layout) == (d.tokens, d.positions, "cell")
 
 
 def test_file_of_another_model_is_refused(saved, other_tiny_model, make_llm):

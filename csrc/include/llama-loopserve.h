@@ -239,6 +239,24 @@ LLAMA_API int32_t llama_loopserve_seq_rm_positions(struct llama_context * ctx,
 // cannot be shifted (llama_memory_can_shift is false).
 LLAMA_API int32_t llama_loopserve_seq_compact_positions(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0);
 
+// Head-wise KV compression: in each full-attention layer and each of its KV heads, keep that
+// head's own n_keep of seq_id's cells. sel is [n_heads][n_keep], n_heads the KV heads of the
+// scored layers in layer order (the rows of llama_loopserve_scores_get_heads), each row
+// strictly ascending indices into the sequence's cells in position order (the order of
+// llama_loopserve_scores_get). Each head's K and V rows of its kept cells move, on the cache's
+// backend, into the sequence's n_keep lowest cells (a packed sequence stays packed); the others
+// are freed. Keys keep the
+// rotation of their own positions; the j-th kept cell takes the latest position among its
+// heads' tokens (so causal masking holds for every later token), and the heads' scores move
+// with their tokens. Returns the number of cells freed; -1 on bad arguments or a cell shared
+// with another sequence; -2 where this cannot be done: an interleaved sliding-window cache
+// (its layers need their cells' true positions), V stored transposed (flash attention off),
+// K or V other than f16 or q8_0 (whole blocks per head); -3 if the graph failed.
+LLAMA_API int32_t llama_loopserve_seq_keep_per_head(struct llama_context * ctx,
+                                                    llama_seq_id           seq_id,
+                                                    const int32_t *        sel,
+                                                    int32_t                n_keep);
+
 #ifdef __cplusplus
 }
 #endif

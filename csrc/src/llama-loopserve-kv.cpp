@@ -1,11 +1,13 @@
 // loopserve-edge: what it needs of llama_kv_cache. The methods are declared in
-// llama-kv-cache.h (patches 0005, 0006 and 0007) and defined here: the cells, heads and
+// llama-kv-cache.h (patches 0005 to 0008) and defined here: the cells, heads, tensors and
 // stream map they work on are private to the cache.
 
 #include "llama-context.h"
+#include "llama-graph.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache.h"
 #include "llama-kv-cells.h"
+#include "llama-loopserve-impl.h"
 #include "llama-loopserve.h"
 
 #include <algorithm>
@@ -83,6 +85,111 @@ int32_t llama_kv_cache::loopserve_seq_remap_positions(llama_seq_id      seq_id,
     }
 
     return (int32_t) moves.size();
+}
+
+int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *                            lctx,
+                                                    llama_seq_id                               seq_id,
+                                                    const std::vector<std::vector<uint32_t>> & head_src,
+                                                    const std::vector<uint32_t> &              dst,
+                                                    const std::vector<llama_pos> &             pos) {
+    GGML_ASSERT(seq_id >= 0 && (size_t) seq_id < seq_to_stream.size());
+    // V stored transposed would need a gather along the cells of each row: not done
+    if (other || v_trans) {
+        return -2;
+    }
+    const uint32_t strm   = seq_to_stream[seq_id];
+    auto &         cells  = v_cells[strm];
+    const size_t   n_keep = dst.size();
+
+    // f16 rows move exactly (through f32); q8_0 ones are dequantized and quantized again,
+    // which gives back the same blocks (a block's largest value sets its scale); a head's part
+    // of a row must be whole blocks
+    const auto movable = [](const ggml_tensor * t, int64_t d) {
+        return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_Q8_0) && d % ggml_blck_size(t->type) == 0;
+    };
+    size_t n_heads = 0;
+    for (const auto & layer : layers) {
+        if (!movable(layer.k, hparams.n_embd_head_k(layer.il)) || !movable(layer.v, hparams.n_embd_head_v(layer.il))) {
+            return -2;
+        }
+        n_heads += hparams.n_head_kv(layer.il);
+    }
+    if (head_src.size() != n_heads || pos.size() != n_keep || n_keep == 0) {
+        return -1;
+    }
+    for (const auto & row : head_src) {
+        if (row.size() != n_keep) {
+            return -1;
+        }
+    }
+
+    // 1. move the rows: for each layer and KV head, get_rows of its part of the K and V rows
+    //    at its kept cells, set_rows into the destination cells, in one graph on the cache's
+    //    backend (the sources are read before anything is written: set_rows waits for them)
+    ggml_backend_sched_t sched = lctx->get_sched();
+    ggml_backend_sched_reset(sched);
+    llm_graph_result * res = lctx->get_gf_res_reserve();
+    res->reset();
+    ggml_context * ctx = res->get_ctx();
+    ggml_cgraph *  gf  = res->get_gf();
+
+    ggml_tensor * dst_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) n_keep);
+    ggml_set_input(dst_idx);
+    std::vector<ggml_tensor *> src_idx;
+    size_t                     h = 0;
+    for (const auto & layer : layers) {
+        const int64_t dk = hparams.n_embd_head_k(layer.il);
+        const int64_t dv = hparams.n_embd_head_v(layer.il);
+        for (int64_t hh = 0; hh < hparams.n_head_kv(layer.il); ++hh, ++h) {
+            ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) n_keep);
+            ggml_set_input(idx);
+            src_idx.push_back(idx);
+            for (auto [t, d] : {
+                     std::pair{ layer.k_stream[strm], dk },
+                     std::pair{ layer.v_stream[strm], dv }
+            }) {
+                ggml_tensor * part = ggml_view_2d(ctx, t, d, t->ne[1], t->nb[1], hh * ggml_row_size(t->type, d));
+                ggml_tensor * rows = ggml_get_rows(ctx, part, idx);
+                ggml_build_forward_expand(gf, ggml_set_rows(ctx, part, rows, dst_idx));
+            }
+        }
+    }
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        lctx->loopserve_graph_ran();
+        return -3;
+    }
+    static_assert(sizeof(uint32_t) == sizeof(int32_t), "cell indices are read as I32");
+    ggml_backend_tensor_set(dst_idx, dst.data(), 0, ggml_nbytes(dst_idx));
+    for (size_t i = 0; i < src_idx.size(); ++i) {
+        ggml_backend_tensor_set(src_idx[i], head_src[i].data(), 0, ggml_nbytes(src_idx[i]));
+    }
+    const bool ok = lctx->graph_compute(gf, false) == GGML_STATUS_SUCCESS;
+    lctx->loopserve_graph_ran();  // the scheduler's allocation is this graph's now
+    if (!ok) {
+        return -3;
+    }
+
+    // 2. the cells: every cell of the sequence is emptied, then the destinations hold it again
+    //    at their new positions (a position is the latest of the cell's heads' tokens, so every
+    //    new token still comes after all of them); pos_set records no shift
+    std::vector<uint32_t> all;
+    for (const auto & pc : cells.seq_pos_get(seq_id)) {
+        all.push_back(pc.second);
+    }
+    uint32_t new_head = cells.size();
+    for (uint32_t i : all) {
+        cells.seq_rm(i, seq_id);
+        new_head = std::min(new_head, i);
+    }
+    for (size_t j = 0; j < n_keep; ++j) {
+        cells.pos_set(dst[j], pos[j]);
+        cells.seq_add(dst[j], seq_id);
+    }
+    auto & head = v_heads[strm];
+    if (new_head < head) {
+        head = new_head;
+    }
+    return (int32_t) (all.size() - n_keep);
 }
 
 bool llama_kv_cache::loopserve_cells_causal(const llama_ubatch & ubatch, uint32_t n_kv) const {
@@ -175,4 +282,62 @@ int32_t llama_loopserve_seq_compact_positions(llama_context * ctx, llama_seq_id 
     // otherwise hold the new positions with keys rotated for the old ones
     ctx->memory_update(false);
     return moved;
+}
+
+int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
+                                          llama_seq_id    seq_id,
+                                          const int32_t * sel,
+                                          int32_t         n_keep) {
+    llama_kv_cache * caches[2];
+    loopserve_caches(ctx, caches);
+    if (caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max() || sel == nullptr ||
+        n_keep <= 0) {
+        return -1;
+    }
+    if (caches[1] != nullptr) {
+        return -2;  // sliding-window layers need their cells' true positions
+    }
+
+    // the sequence's cells in position order, each its own (a shared cell would move for both)
+    const llama_kv_cells & cells = caches[0]->get_cells(seq_id);
+    std::vector<uint32_t>  cell;
+    for (const auto & pc : cells.seq_pos_get(seq_id)) {
+        if (cells.seq_count(pc.second) != 1) {
+            return -1;
+        }
+        cell.push_back(pc.second);
+    }
+    if ((size_t) n_keep > cell.size()) {
+        return -1;
+    }
+
+    int32_t n_heads = 0;
+    for (int32_t il = 0; il < (int32_t) llama_model_n_layer(&ctx->get_model()); ++il) {
+        n_heads += llama_loopserve_scores_n_head_kv(ctx, il);
+    }
+    std::vector<std::vector<uint32_t>> head_src(n_heads, std::vector<uint32_t>(n_keep));
+    std::vector<llama_pos>             pos(n_keep, -1);
+    for (int32_t h = 0; h < n_heads; ++h) {
+        for (int32_t j = 0; j < n_keep; ++j) {
+            const int32_t k = sel[(size_t) h * n_keep + j];
+            if (k < 0 || (size_t) k >= cell.size() || (j > 0 && k <= sel[(size_t) h * n_keep + j - 1])) {
+                return -1;  // each head's cells: ascending indices into the sequence's cells
+            }
+            head_src[h][j] = cell[k];
+            pos[j]         = std::max(pos[j], cells.pos_get(cell[k]));
+        }
+    }
+    // the kept rows go to the sequence's lowest cells: a packed sequence stays packed, so no
+    // packing pass is needed after the cut
+    std::vector<uint32_t> slots(cell);
+    std::sort(slots.begin(), slots.end());
+    const std::vector<uint32_t> dst(slots.begin(), slots.begin() + n_keep);
+
+    const int32_t freed = caches[0]->loopserve_seq_keep_per_head(ctx, seq_id, head_src, dst, pos);
+    if (freed >= 0) {
+        // the scores of each head follow its tokens; the freed cells start over
+        llama_loopserve_scores_moved(*ctx, seq_id, head_src, dst,
+                                     std::vector<uint32_t>(slots.begin() + n_keep, slots.end()));
+    }
+    return freed;
 }

@@ -279,6 +279,32 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
     st->n_rows[ubatch.seq_id_unq[0]] += n_rows;
 }
 
+void llama_loopserve_scores_moved(llama_context &                            lctx,
+                                  llama_seq_id                               seq_id,
+                                  const std::vector<std::vector<uint32_t>> & head_src,
+                                  const std::vector<uint32_t> &              dst,
+                                  const std::vector<uint32_t> &              freed) {
+    auto *           st = lctx.loopserve_scores.get();
+    llama_kv_cache * kv = loopserve_full_cache(&lctx);
+    if (st == nullptr || kv == nullptr || st->acc.empty()) {
+        return;
+    }
+    const uint32_t strm = kv->get_stream(seq_id);
+    GGML_ASSERT((int32_t) head_src.size() == st->n_head_total);
+    std::vector<float> moved(dst.size());
+    for (int32_t h = 0; h < st->n_head_total; ++h) {
+        for (size_t j = 0; j < dst.size(); ++j) {
+            moved[j] = loopserve_acc(*st, strm, h, head_src[h][j]);
+        }
+        for (size_t j = 0; j < dst.size(); ++j) {
+            loopserve_acc(*st, strm, h, dst[j]) = moved[j];
+        }
+    }
+    for (uint32_t c : freed) {
+        loopserve_zero_cell(*st, strm, c);
+    }
+}
+
 void llama_loopserve_state_loaded(llama_context & lctx, llama_seq_id seq_id) {
     // a restored cell may have held anything before; its scores start over
     llama_loopserve_scores_reset(&lctx, seq_id);

@@ -295,9 +295,11 @@ def claim_folder(out: Path, spec: BenchSpec, fingerprint: str, runtime: dict, fm
 def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
     """Prompts go in batches of 2048 tokens, computed in ubatches of 512 (as the other
     benchmarks do), or of 2048 with sparse prefill: its path runs only on ubatches of at
-    least `sparse_min_tokens` (Llama's own default with it on)."""
+    least `sparse_min_tokens` (Llama's own default with it on). Head-wise cuts need flash
+    attention (V not transposed): their runs have it whatever the spec says."""
+    head_wise = dict(run.method.options).get("granularity") == "head"
     return dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
-                flash_attn=spec.flash_attn, n_batch=2048,
+                flash_attn=spec.flash_attn or head_wise, n_batch=2048,
                 n_ubatch=2048 if run.method.sparse_prefill else 512)
 
 
@@ -374,15 +376,27 @@ def run_bench(spec: BenchSpec, out: Path, progress=None, log=print) -> Folder:
     with (progress(n_pending) if progress else _NoBar()) as bar:
         for ctx, r, cs in pending:
             if cs:
-                _run_method(spec, folder, ctx, r, cs, bar, fmt)
+                try:
+                    _run_method(spec, folder, ctx, r, cs, bar, fmt)
+                except _ModelRefuses as e:
+                    log(f"{r.label}: n/a ({e})")
+                    bar.update(len(cs))
     return folder
+
+
+class _ModelRefuses(Exception):
+    """The model cannot run this method (e.g. head-wise cuts on sliding-window layers)."""
 
 
 def _run_method(spec: BenchSpec, folder: Folder, ctx: int, run: Run, cases: list[Case], bar,
                 fmt: str) -> None:
     from ..llama import Llama
 
-    with Llama(spec.model, loopserve=run.config(), prompt_format=fmt, **llama_kwargs(spec, run, ctx)) as llm:
+    try:
+        llm = Llama(spec.model, loopserve=run.config(), prompt_format=fmt, **llama_kwargs(spec, run, ctx))
+    except LoopServeError as e:
+        raise _ModelRefuses(str(e)) from None
+    with llm:
         warm = llm.dialogue()
         warm.send("Hello.", max_tokens=2, temperature=0)  # allocation, graph capture
         warm.close()

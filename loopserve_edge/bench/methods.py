@@ -33,10 +33,23 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("snapkv", "snapkv", describe="compress once after each prefill, scored by the input's "
            "last tokens", baseline=True),
     Method("h2o", "h2o", describe="heavy hitters: scores accumulated over every token", baseline=True),
+    # `loopserve` pins defer_cut=0 (its cut after a prefill scored by the input alone, the
+    # default before the dev split chose 4), `loopserve-defer` is the default configuration
     Method("loopserve", "loopserve", describe="LoopServe decode only: progressive compression "
-           "scored by recent output tokens"),
+           "scored by recent output tokens; the cut after each prefill right away (defer_cut=0)",
+           options=(("defer_cut", 0),)),
     Method("loopserve-defer", "loopserve", describe="loopserve whose cut after each prefill waits for "
            "the first 4 generated tokens and is scored by them too", options=(("defer_cut", 4),)),
+    # head-wise (LoopServeConfig.granularity): each KV head keeps its own tokens in the same
+    # number of cells; head-wise SnapKV and H2O are what their papers do, so they are baselines
+    Method("snapkv-head", "snapkv", describe="snapkv, each KV head keeping its own tokens", baseline=True,
+           options=(("granularity", "head"),)),
+    Method("h2o-head", "h2o", describe="h2o, each KV head keeping its own tokens", baseline=True,
+           options=(("granularity", "head"),)),
+    Method("loopserve-head", "loopserve", describe="loopserve, each KV head keeping its own tokens",
+           options=(("defer_cut", 0), ("granularity", "head"))),
+    Method("loopserve-defer-head", "loopserve", describe="loopserve-defer, each KV head keeping its own "
+           "tokens", options=(("defer_cut", 4), ("granularity", "head"))),
     Method("loopserve-prefill", "full", True, "LoopServe sparse prefill only"),
     Method("loopserve-both", "loopserve", True, "LoopServe sparse prefill and progressive decode compression"),
 )}

@@ -1,0 +1,211 @@
+"""Head-wise KV compression: each KV head keeps its own tokens, in fewer cells, for real."""
+import struct
+
+import numpy as np
+import pytest
+
+from loopserve_edge import LoopServeConfig, LoopServeError
+
+GREEDY = dict(temperature=0)
+F16, Q8_0 = 1, 8
+
+
+def cfg(policy="loopserve", budget=48, **kw):
+    kw.setdefault("sink", 4)
+    kw.setdefault("recent", 16)
+    kw.setdefault("interval", 8)
+    kw.setdefault("window", 4)
+    kw.setdefault("granularity", "head")
+    return LoopServeConfig(policy=policy, budget=budget, **kw)
+
+
+def parse_seq_state(blob: bytes, n_head_kv: int) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """llama_state_seq_get_data of one sequence (llama_kv_cache::state_write, V not
+    transposed, no cell extension): (cell positions, per layer K rows and V rows as
+    [n_cells, n_head_kv, bytes of one head's part])."""
+    off = 8  # magic, seq id
+    (n_stream,) = struct.unpack_from("<I", blob, off)
+    off += 4
+    for _ in range(n_stream):
+        (n_cells,) = struct.unpack_from("<I", blob, off)
+        off += 4
+        if n_cells:
+            break
+    pos = []
+    for _ in range(n_cells):
+        p, n_seq = struct.unpack_from("<iI", blob, off)
+        off += 8 + 4 * n_seq
+        pos.append(p)
+    v_trans, n_layer = struct.unpack_from("<II", blob, off)
+    off += 8
+    assert v_trans == 0
+    parts = []
+    for _ in range(2 * n_layer):  # every layer's K, then every layer's V
+        _type, row = struct.unpack_from("<iQ", blob, off)
+        off += 12
+        rows = np.frombuffer(blob, np.uint8, n_cells * row, off).reshape(n_cells, n_head_kv, row // n_head_kv)
+        off += n_cells * row
+        parts.append(rows)
+    assert blob[off:] == bytes(len(blob) - off) and (len(blob) - off) % 4 == 0  # empty streams after it
+    return pos, parts[:n_layer], parts[n_layer:]
+
+
+def filled(make_llm, model, c, n_tokens=120, **kw):
+    """A context with one sequence of n_tokens random tokens at positions 0.. (no cut yet)."""
+    llm = make_llm(model, loopserve=c, **kw)
+    d = llm.dialogue()
+    toks = [int(t) for t in np.random.default_rng(5).integers(3, 200, n_tokens)]
+    llm.decode(d, toks, list(range(n_tokens)))
+    d.tokens, d.positions = toks, list(range(n_tokens))
+    return llm, d
+
+
+def random_selection(n_heads, n, n_keep, seed=0):
+    """Each head its own n_keep cells, the last one among them (llama.cpp wants a new token
+    right after the highest position held)."""
+    rng = np.random.default_rng(seed)
+    rows = [np.sort(np.r_[rng.choice(n - 1, n_keep - 1, replace=False), n - 1]) for _ in range(n_heads)]
+    return np.stack(rows).astype(np.int32)
+
+
+@pytest.mark.parametrize("kv_type", [F16, Q8_0])
+def test_each_head_keeps_exactly_its_chosen_rows(tiny_model, make_llm, kv_type):
+    """The reference: per layer and KV head, the rows of its chosen cells, in order, byte for
+    byte (K and V), in the first n_keep cells; positions the latest of each cell's tokens."""
+    llm, d = filled(make_llm, tiny_model, cfg(), type_k=kv_type, type_v=kv_type)
+    n_head_kv = next(iter(llm._scored_heads().values()))
+    n_layer = len(llm._scored_heads())
+    pos0, k0, v0 = parse_seq_state(llm.sequence_state(d._seq), n_head_kv)
+    assert pos0 == list(range(120))
+    sel = random_selection(n_layer * n_head_kv, 120, 40)
+    assert llm.keep_per_head(d, sel) == 80
+    assert llm.seq_cells(d._seq) == 40
+    pos1, k1, v1 = parse_seq_state(llm.sequence_state(d._seq), n_head_kv)
+    assert pos1 == sel.max(axis=0).tolist()   # rows sorted by position: cell j, latest head token
+    for il in range(n_layer):
+        for h in range(n_head_kv):
+            row = sel[il * n_head_kv + h]
+            assert np.array_equal(k1[il][:, h], k0[il][row, h]), (il, h)
+            assert np.array_equal(v1[il][:, h], v0[il][row, h]), (il, h)
+    # the heads really differ: a cell holds rows of different tokens
+    assert (sel != sel[0]).any()
+
+
+def test_one_selection_for_every_head_is_the_cell_wise_cut(tiny_model, make_llm):
+    """Every head keeping the same cells is a cell-wise cut: the same next logits (bit for bit
+    once the cell-wise cut is packed too: flash attention on the CPU sums V in f16, so the
+    order of the cells shows at ~1e-4)."""
+    keep = random_selection(1, 120, 40, seed=1)[0]
+    out = []
+    for head_wise in (False, True):
+        llm, d = filled(make_llm, tiny_model, cfg(compact_positions="never"))
+        if head_wise:
+            n_heads = sum(llm._scored_heads().values())
+            llm.keep_per_head(d, np.tile(keep, (n_heads, 1)))
+        else:
+            llm.remove_cells(d._seq, np.setdiff1d(np.arange(120), keep))
+            llm.compact(d)
+        out.append(llm.decode(d, [7, 8, 9], [120, 121, 122]))
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_the_decode_after_a_cut_does_not_reuse_the_graph_before_it(tiny_model, make_llm):
+    """The move runs its own graph on the context's scheduler. A decode of the same shape as
+    the one before it (one token, scored: what h2o does at every step) would otherwise reuse
+    that earlier graph over the move's allocation. Reference: the same cache in a new context."""
+    c = cfg("h2o")
+    llm, d = filled(make_llm, tiny_model, c)
+    llm.set_score_window(1)
+    llm.decode(d, [11], [120])
+    n_heads = sum(llm._scored_heads().values())
+    sel = random_selection(n_heads, 121, 40, seed=4)
+    llm.keep_per_head(d, sel)
+    blob = llm.sequence_state(d._seq)
+    live = llm.decode(d, [12], [121])
+
+    other = make_llm(tiny_model, loopserve=c)
+    e = other.dialogue()
+    e._swapped = blob
+    other.set_score_window(1)
+    np.testing.assert_array_equal(other.decode(e, [12], [121]), live)
+
+
+def test_head_wise_cuts_change_the_cache_and_not_its_size(tiny_model, make_llm):
+    """Other selections per head give other logits than any one shared selection would."""
+    llm, d = filled(make_llm, tiny_model, cfg(compact_positions="never"))
+    n_heads = sum(llm._scored_heads().values())
+    sel = random_selection(n_heads, 120, 40, seed=2)
+    llm.keep_per_head(d, sel)
+    mixed = llm.decode(d, [7, 8, 9], [120, 121, 122])
+    llm2, d2 = filled(make_llm, tiny_model, cfg(compact_positions="never"))
+    llm2.keep_per_head(d2, np.tile(sel[0], (n_heads, 1)))
+    shared = llm2.decode(d2, [7, 8, 9], [120, 121, 122])
+    assert llm.seq_cells(d._seq) == llm2.seq_cells(d2._seq) == 43
+    assert np.abs(mixed - shared).max() > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "loopserve"])
+def test_a_budget_above_the_context_changes_nothing(tiny_model, make_llm, policy):
+    full = make_llm(tiny_model, flash_attn=True).dialogue()
+    ref = [full.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")]
+    d = make_llm(tiny_model, loopserve=cfg(policy, budget=4096)).dialogue()
+    assert [d.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")] == ref
+    np.testing.assert_array_equal(d.first_token_logits, full.first_token_logits)
+    assert d.evicted == 0 and d.layout == "cell"
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "loopserve"])
+def test_dialogues_cut_head_wise_stay_in_budget_and_differ_from_cell_wise(tiny_model, make_llm, policy):
+    replies = {}
+    for gran in ("cell", "head"):
+        c = cfg(policy, granularity=gran)
+        d = make_llm(tiny_model, loopserve=c, flash_attn=True).dialogue()
+        replies[gran] = [d.send(t, max_tokens=40, **GREEDY) for t in ("x" * 150, "y" * 90)]
+        assert d.evicted > 0 and d.n_cells <= c.budget + max(c.interval, d.last_stats.decode_tokens)
+        assert d.n_cells == len(d.tokens) == len(d.positions) == d.llm.seq_cells(d._seq)
+        assert d.positions == sorted(set(d.positions))
+        assert d.layout == gran
+    assert replies["cell"] != replies["head"]  # same budget, other tokens kept
+
+
+def test_a_head_wise_dialogue_saves_loads_and_continues_identically(tiny_model, make_llm, tmp_path):
+    from loopserve_edge import state_file
+
+    c = cfg("loopserve")
+    d = make_llm(tiny_model, loopserve=c).dialogue()
+    d.send("v" * 150, max_tokens=30, **GREEDY)
+    assert d.evicted > 0 and d.layout == "head"
+    path = d.save(tmp_path / "h.lsd")
+    assert state_file.read(path).header["dialogue"]["layout"] == "head"
+    e = make_llm(tiny_model, loopserve=c).load_dialogue(path)
+    assert (e.positions, e.tokens, e.layout) == (d.positions, d.tokens, "head")
+    assert d.send("next", max_tokens=30, **GREEDY) == e.send("next", max_tokens=30, **GREEDY)
+    np.testing.assert_allclose(d.first_token_logits, e.first_token_logits, atol=1e-5)
+
+
+def test_a_thousand_turns_keep_memory_flat(tiny_model, make_llm):
+    c = cfg("loopserve", budget=64, interval=16)
+    d = make_llm(tiny_model, n_ctx=256, loopserve=c).dialogue()
+    sizes, tops = [], []
+    for i in range(1000):
+        d.send(f"turn {i} " + "ab" * 8, max_tokens=4, **GREEDY)
+        assert d.n_cells <= c.budget + c.interval + 40
+        if i % 100 == 99:
+            sizes.append(d.llm.sequence_state_size(d._seq))  # the KV part of a state file
+            tops.append(d.positions[-1])
+    assert d.evicted > 20000 and d.layout == "head"
+    assert max(sizes) - min(sizes) < 0.05 * max(sizes)       # memory flat
+    # positions compacted whenever past half the trained context ("auto")
+    assert max(tops) < d.llm.n_ctx_train // 2 + c.budget + c.interval + 40 < d.llm.n_ctx_train
+
+
+def test_what_head_wise_cannot_do_is_refused_at_construction(tiny_model, make_llm):
+    with pytest.raises(LoopServeError, match="flash attention off"):
+        make_llm(tiny_model, loopserve=cfg(), flash_attn=False)
+    with pytest.raises(LoopServeError, match="other than f16 or q8_0"):
+        make_llm(tiny_model, loopserve=cfg(), type_k=2, type_v=2)   # q4_0
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        cfg(granularity="layer")
+    # full attention never cuts: nothing to refuse
+    make_llm(tiny_model, loopserve=LoopServeConfig(granularity="head"), flash_attn=False)
+
