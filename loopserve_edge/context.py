@@ -375,13 +375,15 @@ class Context:
             raise RuntimeError(f"llama_loopserve_seq_compact_positions failed ({rc})")
         return rc
 
+    @property
+    def sliding_window(self) -> bool:
+        """Whether some layers attend through a sliding window (not scored; Gemma 3)."""
+        return len(self._scored_heads()) != llama_c.llama_model_n_layer(self._llm._model.model)
+
     def _check_head_wise(self, kwargs: dict) -> None:
         """Refuse, at construction, what head-wise cuts cannot do (llama_loopserve_seq_keep_per_head)."""
-        n_layer = llama_c.llama_model_n_layer(self._llm._model.model)
         why = None
-        if len(self._scored_heads()) != n_layer:
-            why = "a model with sliding-window layers (they need each cell's true position)"
-        elif not {int(self.context_params.type_k), int(self.context_params.type_v)} <= {1, 8}:
+        if not {int(self.context_params.type_k), int(self.context_params.type_v)} <= {1, 8}:
             why = "a KV cache other than f16 or q8_0 (type_k/type_v)"
         elif kwargs.get("flash_attn") is False:
             why = "flash attention off (V is then stored transposed)"
@@ -397,7 +399,7 @@ class Context:
         rc = bindings.llama_loopserve_seq_keep_per_head(self._ctx.ctx, seq, sel.ctypes.data_as(bindings._i32p),
                                                         sel.shape[1])
         if rc == -2:
-            raise LoopServeError("head-wise cuts need f16 or q8_0 K/V, flash attention and no sliding-window layers")
+            raise LoopServeError("head-wise cuts need f16 or q8_0 K/V and flash attention")
         if rc < 0:
             raise RuntimeError(f"llama_loopserve_seq_keep_per_head failed ({rc})")
         return rc

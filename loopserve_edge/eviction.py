@@ -225,8 +225,9 @@ class Evictor:
         dlg.layout = "head"
         positions = np.asarray(dlg.positions)
         latest = sel[np.argmax(positions[sel], axis=0), np.arange(sel.shape[1])]
-        # the rows went to the dialogue's lowest cells: no holes to pack
-        self._after_cut(dlg, latest, n - sel.shape[1], t0, pack=False)
+        # the rows went to the dialogue's lowest cells: no holes to pack, but in the window
+        # cache of a sliding-window model, which is cut cell-wise
+        self._after_cut(dlg, latest, n - sel.shape[1], t0, pack=self.llm.sliding_window)
 
     def _after_cut(self, dlg: Tracked, kept: np.ndarray, dropped: int, t0: float, pack: bool = True) -> None:
         """The dialogue's token and position lists after a cut kept the cells `kept` (indices

@@ -161,18 +161,47 @@ def test_compacted_positions_in_both_caches_save_load_and_continue(tiny_gemma, m
     np.testing.assert_allclose(d.first_token_logits, e.first_token_logits, atol=1e-3)
 
 
-def test_head_wise_cuts_are_refused_for_sliding_window_models(tiny_gemma, make_llm):
-    """A sliding-window layer masks by each cell's position, which a head-wise cut leaves true
-    for one head only: the combination is refused when the context is made, and the C API
-    refuses it too."""
-    from loopserve_edge import LoopServeError
+def test_head_wise_cuts_keep_the_window_layers_cell_wise(tiny_gemma, make_llm):
+    """Head-wise on an interleaved model: the full-attention layers' cache moves each head's
+    rows; the window layers' cache keeps, cell-wise, the tokens at the moved cells' positions.
+    With one selection for every head that is exactly the cell-wise cut (same logits)."""
+    from test_head_wise import random_selection
 
-    with pytest.raises(LoopServeError, match="granularity='head' cannot run with a model with sliding-window"):
-        make_llm(tiny_gemma, loopserve=cfg("loopserve", 48, granularity="head"))
-    llm = make_llm(tiny_gemma, loopserve=cfg("loopserve", 48))
+    keep = random_selection(1, 120, 40, seed=3)[0]
+    toks = [int(t) for t in np.random.default_rng(6).integers(3, 200, 120)]
+    out = []
+    for head_wise in (False, True):
+        llm = make_llm(tiny_gemma, loopserve=cfg("loopserve", 48, granularity="head"))
+        d = llm.dialogue()
+        llm.decode(d, toks, list(range(120)))
+        if head_wise:
+            assert llm.sliding_window
+            n_heads = sum(llm._scored_heads().values())
+            assert llm.keep_per_head(d, np.tile(keep, (n_heads, 1))) == 80
+        else:
+            llm.remove_cells(d._seq, np.setdiff1d(np.arange(120), keep))
+        llm.compact(d)
+        assert llm.seq_cells(d._seq) == 40
+        out.append(llm.decode(d, [7, 8, 9], [120, 121, 122]))
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_head_wise_dialogues_on_a_sliding_window_model(tiny_gemma, make_llm, tmp_path):
+    c = cfg("loopserve", 48, granularity="head")
+    llm = make_llm(tiny_gemma, loopserve=c)
     d = llm.dialogue()
-    d.send("a" * 90, max_tokens=4, **GREEDY)
-    n = len(d.tokens)
-    with pytest.raises(LoopServeError, match="head-wise cuts need"):
-        llm.keep_per_head(d, np.tile(np.arange(n - 8), (sum(llm._scored_heads().values()), 1)))
-    assert len(d.tokens) == n and llm.seq_cells(d._seq) == n   # nothing lost
+    for text in ("a" * 90, "b" * 50):
+        d.send(text, max_tokens=12, **GREEDY)
+        assert d.n_cells <= c.budget + c.interval and d.layout == "head"
+        pos, _ = llm.attention_scores(d)   # the full-attention cache
+        assert list(pos) == d.positions
+    # the window cache holds the same positions: a state round trip (both caches) continues alike
+    path = d.save(tmp_path / "gh.lsd")
+    e = make_llm(tiny_gemma, loopserve=c).load_dialogue(path)
+    assert d.send("c" * 20, max_tokens=8, **GREEDY) == e.send("c" * 20, max_tokens=8, **GREEDY)
+    # a cell-wise dialogue of the same turns keeps other tokens
+    f = make_llm(tiny_gemma, loopserve=cfg("loopserve", 48)).dialogue()
+    for text in ("a" * 90, "b" * 50, "c" * 20):
+        f.send(text, max_tokens=12 if text != "c" * 20 else 8, **GREEDY)
+    assert f.first_token_logits is not None
+    assert not np.array_equal(f.first_token_logits, d.first_token_logits)

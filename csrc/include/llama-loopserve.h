@@ -245,13 +245,13 @@ LLAMA_API int32_t llama_loopserve_seq_compact_positions(struct llama_context * c
 // strictly ascending indices into the sequence's cells in position order (the order of
 // llama_loopserve_scores_get). Each head's K and V rows of its kept cells move, on the cache's
 // backend, into the sequence's n_keep lowest cells (a packed sequence stays packed); the others
-// are freed. Keys keep the
-// rotation of their own positions; the j-th kept cell takes the latest position among its
-// heads' tokens (so causal masking holds for every later token), and the heads' scores move
-// with their tokens. Returns the number of cells freed; -1 on bad arguments or a cell shared
-// with another sequence; -2 where this cannot be done: an interleaved sliding-window cache
-// (its layers need their cells' true positions), V stored transposed (flash attention off),
-// K or V other than f16 or q8_0 (whole blocks per head); -3 if the graph failed.
+// are freed. Keys keep the rotation of their own positions; the j-th kept cell takes the latest
+// position among its heads' tokens (so causal masking holds for every later token), and the
+// heads' scores move with their tokens. An interleaved sliding-window model's window cache is
+// cut cell-wise to those positions (its layers mask by each cell's true position). Returns the
+// number of cells freed; -1 on bad arguments or a cell shared with another sequence; -2 where
+// this cannot be done: V stored transposed (flash attention off), K or V other than f16 or
+// q8_0 (whole blocks per head); -3 if the graph failed.
 LLAMA_API int32_t llama_loopserve_seq_keep_per_head(struct llama_context * ctx,
                                                     llama_seq_id           seq_id,
                                                     const int32_t *        sel,

@@ -11,6 +11,7 @@
 #include "llama-loopserve.h"
 
 #include <algorithm>
+#include <iterator>
 #include <vector>
 
 uint32_t llama_kv_cache::loopserve_seq_rm_positions(llama_seq_id seq_id, const llama_pos * pos, uint32_t n) {
@@ -294,17 +295,16 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
         n_keep <= 0) {
         return -1;
     }
-    if (caches[1] != nullptr) {
-        return -2;  // sliding-window layers need their cells' true positions
-    }
 
     // the sequence's cells in position order, each its own (a shared cell would move for both)
     const llama_kv_cells & cells = caches[0]->get_cells(seq_id);
     std::vector<uint32_t>  cell;
+    std::vector<llama_pos> old_pos;
     for (const auto & pc : cells.seq_pos_get(seq_id)) {
         if (cells.seq_count(pc.second) != 1) {
             return -1;
         }
+        old_pos.push_back(pc.first);
         cell.push_back(pc.second);
     }
     if ((size_t) n_keep > cell.size()) {
@@ -338,6 +338,14 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
         // the scores of each head follow its tokens; the freed cells start over
         llama_loopserve_scores_moved(*ctx, seq_id, head_src, dst,
                                      std::vector<uint32_t>(slots.begin() + n_keep, slots.end()));
+        if (caches[1] != nullptr) {
+            // sliding-window layers mask by each cell's true position: their cache is cut
+            // cell-wise, keeping the tokens at the moved cells' positions (the latest token of
+            // each); those layers see only the window anyway
+            std::vector<llama_pos> gone;
+            std::set_difference(old_pos.begin(), old_pos.end(), pos.begin(), pos.end(), std::back_inserter(gone));
+            caches[1]->loopserve_seq_rm_positions(seq_id, gone.data(), (uint32_t) gone.size());
+        }
     }
     return freed;
 }
