@@ -385,7 +385,8 @@ def run_bench(spec: BenchSpec, out: Path, progress=None, log=print) -> Folder:
 
 
 class _ModelRefuses(Exception):
-    """The model cannot run this method (e.g. head-wise cuts on sliding-window layers)."""
+    """The model or its settings cannot run this method (e.g. head-wise cuts with a KV type
+    they cannot move): listed n/a, the other methods run."""
 
 
 def _run_method(spec: BenchSpec, folder: Folder, ctx: int, run: Run, cases: list[Case], bar,
