@@ -265,11 +265,13 @@ def build(tree: Path, build_dir: Path, cuda: bool, jobs: int | None, cuda_arch: 
     env = dict(os.environ, CMAKE_ARGS=" ".join(args))
     if jobs:
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
+    # --config-settings, not its short form -C: pip only has that from 23.1 (Debian 12's venvs
+    # come with 23.0.1)
     cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps",
-           "--force-reinstall", "-C", f"build-dir={build_dir}", "-C", "cmake.verbose=false",
-           "-C", "build.verbose=false", str(tree)]
+           "--force-reinstall", f"--config-settings=build-dir={build_dir}",
+           "--config-settings=cmake.verbose=false", "--config-settings=build.verbose=false", str(tree)]
     if HOST_FLAGS:  # a config setting, not CMAKE_ARGS: the value holds spaces
-        cmd[-1:-1] = [f"-Ccmake.define.CMAKE_{lang}_FLAGS={HOST_FLAGS}" for lang in ("C", "CXX")]
+        cmd[-1:-1] = [f"--config-settings=cmake.define.CMAKE_{lang}_FLAGS={HOST_FLAGS}" for lang in ("C", "CXX")]
     log(f"building {'CUDA (' + cuda_arch + ')' if cuda else 'CPU'} runtime in {build_dir}")
     tail: list[str] = []
     step = re.compile(r"^\s*\[(\d+)/(\d+)\]\s+(.*)$")
