@@ -39,7 +39,6 @@ def merge(out: Path, parts: list[Path]) -> int:
             sys.exit(f"{p}: other cases than {parts[0]}")
     if out.exists():
         sys.exit(f"{out} exists")
-    shutil.copytree(parts[0], out)
     runs = lines(parts[0] / "runs.jsonl")
     full = {r["case"]: [t["reply"] for t in r["turns"]] for r in runs if r["method"] == "full" and "turns" in r}
     seen = {r["method"] for r in runs}
@@ -56,6 +55,8 @@ def merge(out: Path, parts: list[Path]) -> int:
         seen |= {r["method"] for r in new}
         runs += new
         methods += [x for x in m["spec"]["methods"] if x not in methods]
+    # all checked: only now is anything written
+    shutil.copytree(parts[0], out)
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     first["spec"]["methods"] = methods
     first["merged_from"] = [{"folder": str(p), "command": m["spec"].get("command")} for p, m in zip(parts, metas)]

@@ -137,11 +137,10 @@ for step in "$@"; do
       for i in "${!pids[@]}"; do
         wait "${pids[$i]}" || echo "bench group $i: stopped (status $?); tail of its log:"
         tail -3 /tmp/bench-part$i.log
-        mkdir -p "$OUT/bench-part$i" && cp /tmp/bench-part$i/{bench.json,runs.jsonl,cases.jsonl} "$OUT/bench-part$i/" || true
       done
       rm -rf /tmp/bench-gpu
       parts=(); for i in "${!groups[@]}"; do parts+=(/tmp/bench-part$i); done
-      python3 benchmarks/bench_merge.py /tmp/bench-gpu "${parts[@]}" || echo "merge failed: merge $OUT/bench-part* here"
+      python3 benchmarks/bench_merge.py /tmp/bench-gpu "${parts[@]}" || echo "merge failed (its reason above)"
       python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gpu >/dev/null 2>&1 || echo "report failed"
       mkdir -p "$OUT/bench-gpu" && cp /tmp/bench-gpu/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gpu/" || true ;;
     calibrate=*)

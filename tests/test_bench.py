@@ -300,6 +300,12 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     head = Run(METHODS["loopserve-defer-head"], 256).config()
     assert (head.granularity, head.defer_cut, head.policy) == ("head", 4, "loopserve")
     assert Run(METHODS["snapkv"], 256).config().granularity == "cell"
+    # head-wise cuts cannot run with V transposed: their runs get flash attention regardless
+    from loopserve_edge.bench.harness import BenchSpec, llama_kwargs
+
+    spec = BenchSpec(model="m", flash_attn=False)
+    assert llama_kwargs(spec, Run(METHODS["snapkv-head"], 256), 2048)["flash_attn"] is True
+    assert llama_kwargs(spec, Run(METHODS["snapkv"], 256), 2048)["flash_attn"] is False
     assert Run(METHODS["loopserve-both"], 256, 0.95).label == "loopserve-both@256@a0.95"
 
 

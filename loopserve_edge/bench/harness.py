@@ -376,28 +376,15 @@ def run_bench(spec: BenchSpec, out: Path, progress=None, log=print) -> Folder:
     with (progress(n_pending) if progress else _NoBar()) as bar:
         for ctx, r, cs in pending:
             if cs:
-                try:
-                    _run_method(spec, folder, ctx, r, cs, bar, fmt)
-                except _ModelRefuses as e:
-                    log(f"{r.label}: n/a ({e})")
-                    bar.update(len(cs))
+                _run_method(spec, folder, ctx, r, cs, bar, fmt)
     return folder
-
-
-class _ModelRefuses(Exception):
-    """The model or its settings cannot run this method (e.g. head-wise cuts with a KV type
-    they cannot move): listed n/a, the other methods run."""
 
 
 def _run_method(spec: BenchSpec, folder: Folder, ctx: int, run: Run, cases: list[Case], bar,
                 fmt: str) -> None:
     from ..llama import Llama
 
-    try:
-        llm = Llama(spec.model, loopserve=run.config(), prompt_format=fmt, **llama_kwargs(spec, run, ctx))
-    except LoopServeError as e:
-        raise _ModelRefuses(str(e)) from None
-    with llm:
+    with Llama(spec.model, loopserve=run.config(), prompt_format=fmt, **llama_kwargs(spec, run, ctx)) as llm:
         warm = llm.dialogue()
         warm.send("Hello.", max_tokens=2, temperature=0)  # allocation, graph capture
         warm.close()
