@@ -12,10 +12,11 @@ AGGREGATIONS = ("mean", "max")
 
 @dataclass(frozen=True)
 class LoopServeConfig:
-    # Dialogues resident in the context at once, each a llama.cpp sequence with its own
-    # n_ctx cells (KV memory grows with it); the least recently used one beyond this is
-    # swapped out to RAM and swapped back on its next turn.
-    max_resident: int = 2
+    # Dialogues resident at once. They share the context's KV pool of n_ctx cells, each using
+    # only the cells it holds (so this costs no KV memory); when a turn needs more free
+    # cells than the pool has, or more dialogues want a place, the least recently used other
+    # one is swapped out to RAM and swapped back on its next turn.
+    max_resident: int = 4
 
     # Phase 1, adaptive vertical-slash sparse prefill (README "Sparse prefill"). Per
     # full-attention layer of a prompt ubatch of at least `sparse_min_tokens` tokens, the

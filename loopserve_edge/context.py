@@ -1,10 +1,13 @@
 """`Context`: one loaded model and one llama.cpp context holding several KV sequences.
 
-Each resident sequence owner (a dialogue) gets a llama.cpp sequence with its own KV stream
-of n_ctx cells (not a shared pool: its numbers then never depend on which others are
-resident, so interleaved dialogues reply exactly as they would alone). Beyond
-`max_resident` the least recently used one is swapped out to RAM (its sequence state as
-bytes) and swapped back in on its next turn, so no history is ever prefilled twice.
+The resident sequence owners (dialogues) share one KV pool of `n_ctx` cells (llama.cpp's
+unified KV cache): each holds only the cells its tokens use, so one dialogue costs what it
+costs in stock llama.cpp at the same n_ctx, and several small ones fit where one large one
+would. When a turn needs more free cells than the pool has, or more than `max_resident`
+dialogues want a sequence, the least recently used other dialogue is swapped out to RAM
+(its sequence state as bytes) and swapped back in on its next turn, so no history is ever
+prefilled twice. Attention masks out the other dialogues' cells, so a dialogue's replies do
+not depend on what else is resident beyond the order in which its own cells are summed.
 
 This layer knows tokens, sequences, attention scores, sparse prefill and decoding; it does
 not know dialogues. What it keeps per owner is the `Resident` protocol below, so eviction
@@ -26,7 +29,11 @@ from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileE
 from .model_file import check_model_file, fingerprint
 
 DEFAULT_N_CTX = 4096
+DEFAULT_N_BATCH = 512    # llama_cpp.Llama's n_batch/n_ubatch defaults
 SPARSE_N_BATCH = 2048    # n_batch/n_ubatch default with sparse prefill on
+# llama_cpp.Llama always creates a context of its own; it is made this small and closed
+# before the pool is created, so loading never holds two full-size KV caches at once
+BOOT_N_CTX = 64
 
 
 class _NoSlot(Exception):
@@ -35,8 +42,9 @@ class _NoSlot(Exception):
 
 class Resident(Protocol):
     """What the context keeps for an owner of KV state: its llama.cpp sequence while
-    resident, its sequence state (bytes) while swapped out."""
+    resident, its sequence state (bytes) while swapped out, and one position per cell."""
 
+    positions: list[int]
     _seq: int | None
     _swapped: bytes | None
 
@@ -52,26 +60,33 @@ class Context:
             raise LoopServeError(f"unknown prompt format {prompt_format!r}; choose from {', '.join(FORMATS)}")
         self.config = loopserve or LoopServeConfig()
         self.model_path = check_model_file(model_path)
-        kwargs.setdefault("n_ctx", DEFAULT_N_CTX)
         kwargs.setdefault("verbose", False)
         if self.config.granularity == "head":
             # head-wise cuts move rows of V: it must not be stored transposed
             kwargs.setdefault("flash_attn", True)
-        if self.config.sparse_prefill:
-            # the sparse path runs per ubatch of >= sparse_min_tokens tokens: prefill in
-            # large ubatches unless told otherwise
-            kwargs.setdefault("n_batch", SPARSE_N_BATCH)
-            kwargs.setdefault("n_ubatch", kwargs["n_batch"])
+        n_ctx = kwargs.pop("n_ctx", DEFAULT_N_CTX)
+        # the sparse path runs per ubatch of >= sparse_min_tokens tokens: with it, prefill in
+        # large ubatches unless told otherwise
+        n_batch = kwargs.pop("n_batch", SPARSE_N_BATCH if self.config.sparse_prefill else DEFAULT_N_BATCH)
+        n_ubatch = kwargs.pop("n_ubatch", n_batch if self.config.sparse_prefill else DEFAULT_N_BATCH)
+        if n_ctx < 0 or n_batch < 1 or n_ubatch < 1:
+            raise LoopServeError("n_ctx must be >= 0 (0: the model's trained context), n_batch and n_ubatch >= 1")
         try:
-            self._llm = llama_cpp.Llama(str(self.model_path), **kwargs)
+            self._llm = llama_cpp.Llama(str(self.model_path), n_ctx=BOOT_N_CTX, n_batch=BOOT_N_CTX,
+                                        n_ubatch=BOOT_N_CTX, **kwargs)
         except ValueError as e:
             raise ModelFileError(f"{self.model_path}: llama.cpp could not load it ({e})") from None
         self.verbose = kwargs["verbose"]
-        self._ctx = self._multi_sequence_context()
+        n_ctx = n_ctx or int(llama_c.llama_model_n_ctx_train(self._llm._model.model))
+        self.n_batch = min(n_ctx, n_batch)
+        try:
+            self._ctx = self._pool_context(n_ctx, self.n_batch, min(self.n_batch, n_ubatch))
+        except BaseException:
+            self._llm.close()
+            raise
         self._mem = llama_c.llama_get_memory(self._ctx.ctx)
         self._heads: dict[int, int] | None = None
-        self.n_ctx = llama_c.llama_n_ctx_seq(self._ctx.ctx)
-        self.n_batch = self._llm.n_batch
+        self.n_ctx = llama_c.llama_n_ctx(self._ctx.ctx)  # the pool, shared by the residents
         self._batch = llama_c.llama_batch_init(self.n_batch, 0, 1)
         self._vocab = self._llm._model.vocab
         self.n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
@@ -94,17 +109,20 @@ class Context:
 
     # -- construction ------------------------------------------------------------------
 
-    def _multi_sequence_context(self):
-        """Replace llama_cpp.Llama's single-sequence context by one with a KV stream of
-        n_ctx cells for each of `max_resident` sequences."""
+    def _pool_context(self, n_ctx: int, n_batch: int, n_ubatch: int):
+        """Replace llama_cpp.Llama's boot context by ours: one KV pool of n_ctx cells shared
+        by up to `max_resident` sequences."""
         from llama_cpp import _internals
 
         params = llama_c.llama_context_params.from_buffer_copy(self._llm.context_params)
         params.n_seq_max = self.config.max_resident
-        params.n_ctx = self._llm.context_params.n_ctx * self.config.max_resident
-        params.kv_unified = False
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch
+        params.kv_unified = True
         self._llm._ctx.close()
-        ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=self.verbose)
+        try:
+            ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=self.verbose)
+        except ValueError as e:
+            raise LoopServeError(f"llama.cpp could not create a context of {n_ctx} cells ({e})") from None
         self._llm._ctx = ctx
         self.context_params = params
         return ctx
@@ -150,17 +168,17 @@ class Context:
     # -- sequences ---------------------------------------------------------------------
 
     def make_resident(self, dlg: Resident) -> int:
-        """Give `dlg` a sequence (swapping its state in) and mark it most recently used."""
+        """Give `dlg` a sequence (swapping its state in, and others out if the pool or the
+        sequences run short) and mark it most recently used."""
         if dlg._seq is not None:
             self._resident.pop(dlg._seq)
             self._resident[dlg._seq] = dlg
             return dlg._seq
-        free = [s for s in range(self.config.max_resident) if s not in self._resident]
-        if not free:
+        if len(self._resident) >= self.config.max_resident:
             self.swap_out(next(iter(self._resident.values())))
-            free = [s for s in range(self.config.max_resident) if s not in self._resident]
-        seq = free[0]
+        seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
         if dlg._swapped:
+            self._free_cells(len(dlg.positions), keep=None)
             blob = dlg._swapped
             buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
             if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), seq) == 0:
@@ -170,6 +188,31 @@ class Context:
         dlg._seq = seq
         self._resident[seq] = dlg
         return seq
+
+    @property
+    def cells_used(self) -> int:
+        """Cells of the pool that the resident dialogues hold."""
+        return sum(self.seq_cells(s) for s in self._resident)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes allocated for the KV pool (all layers and cache parts, as llama.cpp counts)."""
+        return int(bindings.llama_loopserve_kv_bytes(self._ctx.ctx))
+
+    def kv_bytes_used(self, dlg: Resident | None = None) -> int:
+        """The pool's bytes in the cells that `dlg` holds (all residents when None), at the
+        pool's mean bytes per cell."""
+        cells = self.cells_used if dlg is None else (self.seq_cells(dlg._seq) if dlg._seq is not None else 0)
+        return self.kv_bytes * cells // self.n_ctx
+
+    def _free_cells(self, n: int, keep: Resident | None) -> None:
+        """Swap out the least recently used residents other than `keep` until `n` cells of
+        the pool are free (or none is left to swap: the decode then reports a full context)."""
+        while self.n_ctx - self.cells_used < n:
+            lru = next((d for d in self._resident.values() if d is not keep), None)
+            if lru is None:
+                return
+            self.swap_out(lru)
 
     def swap_out(self, dlg: Resident) -> None:
         """Move a resident dialogue's KV state to RAM and free its cells."""
@@ -189,7 +232,7 @@ class Context:
         dlg._swapped = None
 
     def compact(self, dlg: Resident) -> None:
-        """Move a resident dialogue's cells to the start of its KV stream. Attention runs
+        """Move a resident dialogue's cells into the pool's first free cells. Attention runs
         over every cell up to the highest one in use, so after a large eviction the holes
         would still cost time; a state round trip packs the kept cells together."""
         if dlg._seq is None:
@@ -416,6 +459,7 @@ class Context:
         """Append tokens at positions to dlg's sequence; returns the logits of the last.
         On a full context nothing is kept and ContextFullError is raised."""
         seq = self.make_resident(dlg)
+        self._free_cells(len(tokens), keep=dlg)
         if len(tokens) > 1:
             bindings.llama_loopserve_prefill_stats_reset(self._ctx.ctx)  # stats are per prefill call
         starts = list(range(0, len(tokens), self.n_batch))

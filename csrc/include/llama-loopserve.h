@@ -21,6 +21,10 @@ LLAMA_API const char * llama_loopserve_patch_hash(void);
 // also have a sliding-window cache). -1 if the context has no KV cache.
 LLAMA_API int32_t llama_loopserve_seq_n_cells(struct llama_context * ctx, llama_seq_id seq_id);
 
+// Bytes allocated for the context's KV memory (K and V of every layer, every cache part,
+// on every backend), as llama.cpp's memory breakdown counts them. -1 without a KV cache.
+LLAMA_API int64_t llama_loopserve_kv_bytes(struct llama_context * ctx);
+
 //
 // Observation-window attention scores
 //

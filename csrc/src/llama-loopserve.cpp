@@ -16,7 +16,7 @@
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 1
+#define LLAMA_LOOPSERVE_API_VERSION 2
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;
@@ -45,6 +45,18 @@ int32_t llama_loopserve_seq_n_cells(llama_context * ctx, llama_seq_id seq_id) {
         return -1;
     }
     return (int32_t) kv->get_cells(seq_id).seq_pos_get(seq_id).size();
+}
+
+int64_t llama_loopserve_kv_bytes(llama_context * ctx) {
+    const llama_memory_i * mem = ctx->get_memory();
+    if (mem == nullptr) {
+        return -1;
+    }
+    int64_t total = 0;
+    for (const auto & [buft, size] : mem->memory_breakdown()) {
+        total += (int64_t) size;
+    }
+    return total;
 }
 
 //
