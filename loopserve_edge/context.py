@@ -34,6 +34,19 @@ SPARSE_N_BATCH = 2048    # n_batch/n_ubatch default with sparse prefill on
 # llama_cpp.Llama always creates a context of its own; it is made this small and closed
 # before the pool is created, so loading never holds two full-size KV caches at once
 BOOT_N_CTX = 64
+# KV cache types by name (ggml type ids, llama_cpp.GGML_TYPE_*); quantized V needs flash attention
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+
+
+def kv_type_kwargs(name: str) -> dict:
+    """llama_cpp.Llama kwargs for K and V of this type (flash attention on for quantized V)."""
+    if name not in KV_TYPES:
+        raise LoopServeError(f"unknown KV type {name!r}; choose from {', '.join(KV_TYPES)}")
+    kw = {"type_k": KV_TYPES[name], "type_v": KV_TYPES[name]}
+    if name != "f16":
+        kw["flash_attn"] = True
+    return kw
+
 
 
 class _NoSlot(Exception):
@@ -243,6 +256,15 @@ class Context:
         if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), dlg._seq) == 0:
             raise RuntimeError("llama.cpp could not reload a sequence it had just saved")
 
+    def restore(self, dlg: Resident, state: bytes) -> None:
+        """Put dlg's sequence back to a state taken by sequence_state (undo of a failed turn)."""
+        seq = self.make_resident(dlg)
+        llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._free_cells(len(dlg.positions), keep=dlg)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), seq) == 0:
+            raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
+
     def sequence_state_size(self, seq: int) -> int:
         """Bytes of sequence_state(seq), counted without copying the cells."""
         return int(llama_c.llama_state_seq_get_size(self._ctx.ctx, seq))
@@ -426,8 +448,8 @@ class Context:
     def _check_head_wise(self, kwargs: dict) -> None:
         """Refuse, at construction, what head-wise cuts cannot do (llama_loopserve_seq_keep_per_head)."""
         why = None
-        if not {int(self.context_params.type_k), int(self.context_params.type_v)} <= {1, 8}:
-            why = "a KV cache other than f16 or q8_0 (type_k/type_v)"
+        if not {int(self.context_params.type_k), int(self.context_params.type_v)} <= {1, 2, 8}:
+            why = "a KV cache other than f16, q8_0 or q4_0 (type_k/type_v)"
         elif kwargs.get("flash_attn") is False:
             why = "flash attention off (V is then stored transposed)"
         if why:
@@ -442,7 +464,7 @@ class Context:
         rc = bindings.llama_loopserve_seq_keep_per_head(self._ctx.ctx, seq, sel.ctypes.data_as(bindings._i32p),
                                                         sel.shape[1])
         if rc == -2:
-            raise LoopServeError("head-wise cuts need f16 or q8_0 K/V and flash attention")
+            raise LoopServeError("head-wise cuts need f16, q8_0 or q4_0 K/V and flash attention")
         if rc < 0:
             raise RuntimeError(f"llama_loopserve_seq_keep_per_head failed ({rc})")
         return rc

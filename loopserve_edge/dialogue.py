@@ -41,6 +41,7 @@ class TurnStats:
     score_overhead_s: float = 0.0  # their decode time beyond that of unscored tokens (0 if none)
     sparse_tokens: int = 0  # prefilled tokens that went through the sparse prefill path
     prefill_density: float | None = None  # share of their causal attention computed
+    prefill_chunks: int = 1  # >1: the input went in as chunks, each cut back to the budget
 
     @property
     def decode_tps(self) -> float:
@@ -97,6 +98,7 @@ class Dialogue:
         # Logits the first token of the last reply was chosen from (checks and tests).
         self.first_token_logits: np.ndarray | None = None
         self._prefill_stats: dict | None = None  # llm.prefill_stats() of this turn's prefill
+        self.prefill_chunks = 0  # pieces this turn's input was prefilled in
         self._seq: int | None = None        # llama.cpp sequence while resident
         self._swapped: bytes | None = None  # sequence state while not resident
 
@@ -148,29 +150,59 @@ class Dialogue:
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
             new = self.tokens[keep:keep + 1]
-        if keep + len(new) >= llm.n_ctx and keep == len(self.tokens):
-            self.evictor.make_room(self, len(new))
-            keep = len(self.tokens)
-        if keep + len(new) >= llm.n_ctx:
+        chunked = keep == len(self.tokens) and self.evictor.active and keep + len(new) >= llm.n_ctx
+        if not chunked and keep + len(new) >= llm.n_ctx:
             raise ContextFullError(
                 f"this turn needs {keep + len(new)} tokens of context but n_ctx={llm.n_ctx}; "
                 "start a new dialogue (/reset) or use a larger --n-ctx")
-        start = self.positions[keep - 1] + 1 if keep else 0
         if keep < len(self.tokens):
             llm.make_resident(self)
             llm.remove_positions(self._seq, self.positions[keep])
             del self.tokens[keep:], self.positions[keep:]
             self.kv_text = ""  # no longer a rendered text; the next turn compares tokens
-        positions = list(range(start, start + len(new)))
-        self.evictor.begin_prefill(self, len(new))
-        logits = llm.decode(self, new, positions)
+        self.prefill_chunks = 0
+        if chunked:
+            logits = self._prefill_in_chunks(new)
+        else:
+            logits = self._prefill_chunk(new)
         self._prefill_stats = llm.prefill_stats() if llm.config.sparse_prefill else None
-        self.tokens += new
-        self.positions += positions
         self.kv_text = rendered
         self.messages = messages
         self.evictor.after_prefill(self)
         return logits, keep, len(new)
+
+    def _prefill_chunk(self, new: list[int]) -> np.ndarray:
+        start = self.positions[-1] + 1 if self.positions else 0
+        positions = list(range(start, start + len(new)))
+        self.evictor.begin_prefill(self, len(new))
+        logits = self.llm.decode(self, new, positions)
+        self.tokens += new
+        self.positions += positions
+        self.prefill_chunks += 1
+        return logits
+
+    def _prefill_in_chunks(self, new: list[int]) -> np.ndarray:
+        """Budgeted prefill of an input that does not fit beside the history: it goes in as
+        chunks that fill the free cells, each followed by a cut back to the budget scored by
+        the chunk's last tokens (llama.cpp needs every cell of a chunk at once, but not the
+        ones a cut dropped), so an input of any length passes through n_ctx cells. Should a
+        chunk fail, the dialogue is put back as it was before the turn."""
+        llm = self.llm
+        llm.make_resident(self)
+        saved = (llm.sequence_state(self._seq), list(self.tokens), list(self.positions), self.evicted, self.layout)
+        try:
+            done = 0
+            while True:
+                n = self.evictor.next_chunk(self, len(new) - done)
+                logits = self._prefill_chunk(new[done:done + n])
+                done += n
+                if done == len(new):
+                    return logits
+                self.evictor.after_chunk(self)
+        except BaseException:
+            state, self.tokens, self.positions, self.evicted, self.layout = saved
+            llm.restore(self, state)
+            raise
 
     def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
                   prefilled: int, swapped_in: bool, token_fn=None, stops: tuple[str, ...] = (),
@@ -251,6 +283,7 @@ class Dialogue:
                 kv_cells=self.n_cells, kv_capacity=llm.n_ctx, finish_reason=finish,
                 swapped_in=swapped_in, kv_evicted=self.evicted, evict_s=self.evict_s,
                 scored_tokens=len(decode_times[True]), score_overhead_s=_overhead(decode_times),
+                prefill_chunks=self.prefill_chunks,
                 **_sparse_fields(self._prefill_stats))
 
     # -- state -------------------------------------------------------------------------

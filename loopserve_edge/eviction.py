@@ -12,6 +12,10 @@ Policies (LoopServeConfig.policy):
              After a prefill it cuts at once, scored by the input's last `window` tokens,
              or, with `defer_cut` > 0, after that many generated tokens, scored by them too.
 
+An input that does not fit in n_ctx beside the history (with a policy that evicts) is
+prefilled in chunks that fill the free cells, each cut back to the budget scored by its own
+last `window` tokens (streaming: by recency), so any input passes through the budget's cells.
+
 Always kept: the first `sink` cells and the last `recent` cells. The rest of the budget
 goes to the cells with the highest pooled score. New tokens continue after the highest kept
 position; once that passes half the trained context (`compact_positions="auto"`; "always":
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .config import LoopServeConfig
-from .errors import LoopServeError
+from .errors import ContextFullError, LoopServeError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -101,14 +105,27 @@ class Evictor:
 
     # -- turn hooks ----------------------------------------------------------------------
 
-    def make_room(self, dlg: Tracked, n_new: int) -> None:
-        """Before a prefill that would not fit in the context, cut the history back by
-        recency (the new input cannot be scored before it is computed)."""
-        if not self.active:
-            return
-        target = min(self.cfg.budget, self.llm.n_ctx - n_new - 1)
-        if len(dlg.positions) + n_new >= self.llm.n_ctx and target >= self.cfg.sink + self.cfg.recent:
-            self._compress(dlg, None, target)
+    def next_chunk(self, dlg: Tracked, n_rest: int) -> int:
+        """Budgeted prefill (an input that does not fit beside the history): how many of its
+        remaining `n_rest` tokens go in next. As many as the free cells take, less the few
+        the reply needs before its first cut; each chunk but the last is followed by
+        after_chunk. If the history leaves too little room, it is first cut back to the
+        budget by recency (the input cannot be scored before it is computed)."""
+        cfg, n_ctx = self.cfg, self.llm.n_ctx
+        reserve = 1 + (cfg.defer_cut if cfg.policy == "loopserve" else 0)
+        free = n_ctx - 1 - len(dlg.positions) - reserve
+        if free < min(n_rest, cfg.window) and len(dlg.positions) > cfg.budget:
+            self._compress(dlg, None, cfg.budget)
+            free = n_ctx - 1 - len(dlg.positions) - reserve
+        if free < 1:
+            raise ContextFullError(
+                f"n_ctx={n_ctx} leaves no cells for new input beside the KV budget of {cfg.budget}: "
+                f"use an n_ctx well above the budget (the room beyond it is the prefill chunk)")
+        return min(n_rest, free)
+
+    def after_chunk(self, dlg: Tracked) -> None:
+        """The cut after a chunk of a budgeted prefill, scored by the chunk's last tokens."""
+        self.compress(dlg)
 
     def begin_prefill(self, dlg: Tracked, n_new: int) -> None:
         if self.active and not self.llm.can_shift:

@@ -7,7 +7,7 @@ import pytest
 from loopserve_edge import LoopServeConfig, LoopServeError
 
 GREEDY = dict(temperature=0)
-F16, Q8_0 = 1, 8
+F16, Q4_0, Q8_0 = 1, 2, 8
 
 
 def cfg(policy="loopserve", budget=48, **kw):
@@ -68,7 +68,7 @@ def random_selection(n_heads, n, n_keep, seed=0):
     return np.stack(rows).astype(np.int32)
 
 
-@pytest.mark.parametrize("kv_type", [F16, Q8_0])
+@pytest.mark.parametrize("kv_type", [F16, Q8_0, Q4_0])
 def test_each_head_keeps_exactly_its_chosen_rows(tiny_model, make_llm, kv_type):
     """The reference: per layer and KV head, the rows of its chosen cells, in order, byte for
     byte (K and V), in the first n_keep cells; positions the latest of each cell's tokens."""
@@ -202,8 +202,8 @@ def test_a_thousand_turns_keep_memory_flat(tiny_model, make_llm):
 def test_what_head_wise_cannot_do_is_refused_at_construction(tiny_model, make_llm):
     with pytest.raises(LoopServeError, match="flash attention off"):
         make_llm(tiny_model, loopserve=cfg(), flash_attn=False)
-    with pytest.raises(LoopServeError, match="other than f16 or q8_0"):
-        make_llm(tiny_model, loopserve=cfg(), type_k=2, type_v=2)   # q4_0
+    with pytest.raises(LoopServeError, match="other than f16, q8_0 or q4_0"):
+        make_llm(tiny_model, loopserve=cfg(), type_k=3, type_v=3)   # q4_1
     with pytest.raises(ValueError, match="granularity must be one of"):
         cfg(granularity="layer")
     # full attention never cuts: nothing to refuse

@@ -254,8 +254,8 @@ LLAMA_API int32_t llama_loopserve_seq_compact_positions(struct llama_context * c
 // heads' scores move with their tokens. An interleaved sliding-window model's window cache is
 // cut cell-wise to those positions (its layers mask by each cell's true position). Returns the
 // number of cells freed; -1 on bad arguments or a cell shared with another sequence; -2 where
-// this cannot be done: V stored transposed (flash attention off), K or V other than f16 or
-// q8_0 (whole blocks per head); -3 if the graph failed.
+// this cannot be done: V stored transposed (flash attention off), K or V other than f16,
+// q8_0 or q4_0 (whole blocks per head); -3 if the graph failed.
 LLAMA_API int32_t llama_loopserve_seq_keep_per_head(struct llama_context * ctx,
                                                     llama_seq_id           seq_id,
                                                     const int32_t *        sel,

@@ -102,11 +102,12 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
     auto &         cells  = v_cells[strm];
     const size_t   n_keep = dst.size();
 
-    // f16 rows move exactly (through f32); q8_0 ones are dequantized and quantized again,
-    // which gives back the same blocks (a block's largest value sets its scale); a head's part
-    // of a row must be whole blocks
+    // f16 rows move exactly (through f32); q8_0 and q4_0 ones are dequantized and quantized
+    // again, which gives back the same blocks (a block's largest magnitude sets its scale and
+    // comes back as the same extreme level); a head's part of a row must be whole blocks
     const auto movable = [](const ggml_tensor * t, int64_t d) {
-        return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_Q8_0) && d % ggml_blck_size(t->type) == 0;
+        return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_Q8_0 || t->type == GGML_TYPE_Q4_0) &&
+               d % ggml_blck_size(t->type) == 0;
     };
     size_t n_heads = 0;
     for (const auto & layer : layers) {

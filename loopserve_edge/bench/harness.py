@@ -296,8 +296,11 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
     """Prompts go in batches of 2048 tokens, computed in ubatches of 512 (as the other
     benchmarks do), or of 2048 with sparse prefill: its path runs only on ubatches of at
     least `sparse_min_tokens` (Llama's own default with it on). Head-wise cuts need flash
-    attention (V not transposed): their runs have it whatever the spec says."""
+    attention (V not transposed): their runs have it whatever the spec says. A budgeted-prefill
+    method (Method.pool) gets a context of `pool` times its budget instead of the dialogue's."""
     head_wise = dict(run.method.options).get("granularity") == "head"
+    if run.method.pool and run.budget:
+        n_ctx = min(n_ctx, run.method.pool * run.budget)
     return dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
                 flash_attn=spec.flash_attn or head_wise, n_batch=2048,
                 n_ubatch=2048 if run.method.sparse_prefill else 512)

@@ -21,6 +21,8 @@ class Method:
     options: tuple = ()          # further LoopServeConfig fields, as (name, value) pairs
     baseline: bool = False       # a prior method LoopServe is measured against: report.py
                                  # compares the others with the best of these per budget
+    pool: int | None = None      # budgeted prefill: n_ctx is this many times the budget (not
+                                 # the dialogue's length), so inputs go in as chunks
 
     @property
     def uses_budget(self) -> bool:
@@ -50,6 +52,19 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            options=(("defer_cut", 0), ("granularity", "head"))),
     Method("loopserve-defer-head", "loopserve", describe="loopserve-defer, each KV head keeping its own "
            "tokens", options=(("defer_cut", 4), ("granularity", "head"))),
+    # budgeted prefill: a context of twice the budget, so each input that does not fit goes in
+    # as chunks of about the budget, each cut back to it; StreamingLLM and SnapKV on the same
+    # chunks are the baselines
+    Method("streaming-chunked", "streaming", describe="streaming, n_ctx 2x the budget: inputs in chunks",
+           baseline=True, pool=2),
+    Method("snapkv-chunked", "snapkv", describe="snapkv, n_ctx 2x the budget: inputs in chunks, each cut "
+           "scored by its last tokens", baseline=True, pool=2),
+    Method("snapkv-head-chunked", "snapkv", describe="snapkv-head, n_ctx 2x the budget", baseline=True,
+           pool=2, options=(("granularity", "head"),)),
+    Method("loopserve-defer-chunked", "loopserve", describe="loopserve-defer, n_ctx 2x the budget",
+           pool=2, options=(("defer_cut", 4),)),
+    Method("loopserve-defer-head-chunked", "loopserve", describe="loopserve-defer-head, n_ctx 2x the budget",
+           pool=2, options=(("defer_cut", 4), ("granularity", "head"))),
     Method("loopserve-prefill", "full", True, "LoopServe sparse prefill only"),
     Method("loopserve-both", "loopserve", True, "LoopServe sparse prefill and progressive decode compression"),
 )}
