@@ -74,6 +74,9 @@ class Context:
         self.config = loopserve or LoopServeConfig()
         self.model_path = check_model_file(model_path)
         kwargs.setdefault("verbose", False)
+        # sliding-window layers (Gemma 3) get a cache of their window (plus a ubatch) per
+        # dialogue, as llama.cpp gives them, not one of n_ctx cells
+        kwargs.setdefault("swa_full", False)
         if self.config.granularity == "head":
             # head-wise cuts move rows of V: it must not be stored transposed
             kwargs.setdefault("flash_attn", True)
@@ -439,6 +442,18 @@ class Context:
         if rc < 0:
             raise RuntimeError(f"llama_loopserve_seq_compact_positions failed ({rc})")
         return rc
+
+    def can_truncate(self, dlg: Resident, p: int) -> bool:
+        """Whether dlg's cells from position p on can be dropped and new tokens computed from
+        there: a window-sized sliding-window cache (llama.cpp drops the cells that fell out of
+        the window) must still hold every kept position within the window before p."""
+        n_swa = int(llama_c.llama_model_n_swa(self._llm._model.model))
+        if not n_swa or not self.sliding_window or not dlg.positions:
+            return True
+        self.make_resident(dlg)
+        lo = int(llama_c.llama_memory_seq_pos_min(self._mem, dlg._seq))  # of the window cache
+        need = [q for q in dlg.positions if p - n_swa < q < p]
+        return not need or lo <= need[0]
 
     @property
     def sliding_window(self) -> bool:

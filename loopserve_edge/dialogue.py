@@ -137,20 +137,25 @@ class Dialogue:
         llm = self.llm
         messages = self.messages + [{"role": "user", "content": text}]
         rendered = self._render(messages) + reply_prefix
+        bos = llm.template.bos_token
+        add_bos = llm.add_bos and not (bos and rendered.startswith(bos))
         if self.tokens and rendered.startswith(self.kv_text):
             keep = len(self.tokens)
             new = llm.tokenize(rendered[len(self.kv_text):])
         else:
             # The template rewrote earlier text (or this is the first turn): reuse the
             # longest common token prefix and recompute the rest.
-            bos = llm.template.bos_token
-            full = llm.tokenize(rendered, add_bos=llm.add_bos and not (bos and rendered.startswith(bos)))
+            full = llm.tokenize(rendered, add_bos=add_bos)
             keep = _common_prefix(self.tokens, full)
             new = full[keep:]
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
             new = self.tokens[keep:keep + 1]
-        chunked = keep == len(self.tokens) and self.evictor.active and keep + len(new) >= llm.n_ctx
+        if keep < len(self.tokens) and not llm.can_truncate(self, self.positions[keep]):
+            # a sliding-window cache no longer holds the window the recomputed tokens attend
+            # to (llama.cpp drops older cells from it): recompute everything
+            keep, new = 0, llm.tokenize(rendered, add_bos=add_bos)
+        chunked = self.evictor.active and keep + len(new) >= llm.n_ctx
         if not chunked and keep + len(new) >= llm.n_ctx:
             raise ContextFullError(
                 f"this turn needs {keep + len(new)} tokens of context but n_ctx={llm.n_ctx}; "

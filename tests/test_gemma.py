@@ -204,3 +204,37 @@ def test_head_wise_dialogues_on_a_sliding_window_model(tiny_gemma, make_llm, tmp
     for text, n in (("a" * 90, 12), ("b" * 50, 12), ("c" * 20, 8)):
         f.send(text, max_tokens=n, **GREEDY)
     assert not np.array_equal(f.first_token_logits, d.first_token_logits)
+
+
+def test_window_layers_get_a_window_sized_cache(tiny_gemma, make_llm):
+    """As llama.cpp gives them (swa_full off): the window cache costs about the window per
+    dialogue, not n_ctx cells; swa_full=True gives the old full-size one back."""
+    small = make_llm(tiny_gemma, n_ctx=4096, loopserve=LoopServeConfig(max_resident=1))
+    full = make_llm(tiny_gemma, n_ctx=4096, swa_full=True, loopserve=LoopServeConfig(max_resident=1))
+    # two of the four layers slide: the full-size cache is twice the full-attention part
+    assert small.kv_bytes < 0.6 * full.kv_bytes
+
+
+@pytest.mark.parametrize("edit", ["early", "late"])
+def test_an_edited_history_is_recomputed_when_the_window_cache_lost_it(tiny_gemma, make_llm, edit):
+    """Editing a message makes the next turn recompute from the first changed token. The window
+    layers need the window before it, which a window-sized cache may have dropped: then the
+    whole conversation is computed again (an early edit), else only the rest (a late one).
+    Either way the logits are those of computing the edited conversation from scratch."""
+    # small ubatches: a window cache of a few hundred cells, which the history outgrows
+    llm = make_llm(tiny_gemma, n_ctx=2048, n_batch=64, n_ubatch=64, loopserve=LoopServeConfig(max_resident=2))
+    d = llm.dialogue()
+    d.send("first " * 60, max_tokens=12, **GREEDY)
+    d.send("second " * 60, max_tokens=12, **GREEDY)
+    assert len(d.tokens) > 700
+    i = 0 if edit == "early" else -1
+    d.messages[i] = dict(d.messages[i], content=d.messages[i]["content"] + " (edited)")
+    d.send("third", max_tokens=4, **GREEDY)
+    s = d.last_stats
+    if edit == "early":
+        assert s.reused_tokens == 0 and s.prefilled_tokens == s.prompt_tokens
+    else:
+        assert s.reused_tokens > 2 * N_SWA
+    prompt = d.tokens[:s.prompt_tokens]
+    fresh = llm.decode(llm.dialogue(), prompt, list(range(len(prompt))))
+    np.testing.assert_allclose(d.first_token_logits, fresh, rtol=1e-3, atol=1e-3)
