@@ -203,6 +203,66 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
         sys.exit(1)
 
 
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (localhost only by default)")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="LOOPSERVE_API_KEY",
+              help="require 'Authorization: Bearer KEY' on /v1/ (also $LOOPSERVE_API_KEY)")
+@click.option("--model-name", default=None, help="the model's id in the API  [default: the file's stem]")
+@click.option("--n-ctx", default=8192, show_default=True, help="KV pool in cells, shared by the resident dialogues")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True)
+@click.option("--max-resident", default=4, show_default=True, help="dialogues in the KV pool at once")
+@click.option("--ram-limit-mb", default=1024, show_default=True,
+              help="swapped-out dialogues kept in RAM; beyond, the least recently used live on disk only")
+@click.option("--max-queue", default=16, show_default=True, help="requests waiting; beyond, 503 with Retry-After")
+@click.option("--max-tokens", default=512, show_default=True, help="a reply's length when the request gives none")
+@click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
+@click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True, help="KV eviction policy")
+@click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="cell", show_default=True)
+@click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
+@click.option("--verbose", is_flag=True, help="show llama.cpp's log")
+@dialogues_dir_option
+@_guard
+def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
+          max_tokens, n_gpu_layers, threads, policy, kv_budget, granularity, sparse_prefill, verbose,
+          dialogues_dir):
+    """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health,
+    /metrics, a chat page at /) whose dialogues persist: a request that repeats a known
+    conversation prefills only its new messages. Dialogues are saved to
+    DIALOGUES_DIR/server/<model> when idle and on shutdown, and found again after a restart.
+    LoopServe settings may also be given per request in a "loopserve" object (policy, budget,
+    interval, window, defer_cut)."""
+    import uvicorn
+
+    from .context import kv_type_kwargs
+    from .llama import Llama
+    from .paths import dialogues_dir as resolve
+    from .server.app import create_app
+    from .server.engine import Engine, ServeOptions
+
+    try:
+        config = LoopServeConfig(max_resident=max_resident, policy=policy, budget=kv_budget,
+                                 granularity=granularity, sparse_prefill=sparse_prefill)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    model_path = Path(model) if model else default_model()
+    llm = Llama(model_path, loopserve=config, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
+                verbose=verbose, **kv_type_kwargs(kv_type))
+    name = model_name or model_path.stem
+    opts = ServeOptions(model_name=name, dialogues_dir=resolve(dialogues_dir) / "server" / llm.fingerprint,
+                        ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens)
+    engine = Engine(llm, opts)
+    click.echo(f"loopserve-edge serve: {name} on http://{host}:{port} (n_ctx {llm.n_ctx}, "
+               f"{engine.restored} saved dialogues found in {opts.dialogues_dir})", err=True)
+    try:
+        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning")
+    finally:
+        llm.close()
+
+
 @main.command("dialogues")
 @dialogues_dir_option
 @_guard

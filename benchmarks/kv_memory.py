@@ -1,0 +1,133 @@
+"""KV memory: what a context allocates, against stock llama-cpp-python / llama.cpp at the same
+n_ctx, and what a budgeted dialogue needs for a long input (issue 16).
+
+    python benchmarks/kv_memory.py alloc  [--models default,gemma] [--n-ctx 8192,32768]
+    python benchmarks/kv_memory.py budget [--tokens 8192,32768] [--budget 1024] [--threads 2]
+
+`alloc` prints, per model, n_ctx and KV type, the bytes of KV that each allocates
+(llama_loopserve_kv_bytes: llama.cpp's own memory breakdown): stock llama-cpp-python (one
+sequence; its default swa_full=True), stock llama.cpp's tools (swa_full=False), and
+loopserve-edge's pool for 1 and 4 (the default) resident dialogues, with the ratio to
+llama.cpp's.
+
+`budget` feeds one dialogue an input of real passages of each length and prints, for full
+attention with n_ctx large enough and for a budgeted dialogue (loopserve, budget B, n_ctx 2B:
+budgeted prefill in chunks), the KV bytes allocated, the cells held after the turn, the
+chunks, the time to the first token and the peak RSS of the process so far.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+# real passages, read in place (LOOPSERVE_DATA); loads llama.cpp before numpy
+from loopserve_edge.bench.data import passages_and_questions
+
+TYPES = ("f16", "q8_0", "q4_0")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _model(name: str) -> Path:
+    from loopserve_edge.paths import data_dir, default_model
+
+    if name == "default":
+        return default_model()
+    if name == "gemma":
+        path = data_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: python scripts/get_gemma.py")
+        return path
+    return Path(name)
+
+
+def alloc(a) -> None:
+    import llama_cpp
+
+    from loopserve_edge import Llama, LoopServeConfig, bindings
+    from loopserve_edge.context import kv_type_kwargs
+
+    print("| model | n_ctx | KV type | llama-cpp-python MiB | llama.cpp (swa_full off) MiB | "
+          "loopserve-edge MiB, max_resident 1 / 4 | ratio to llama.cpp, 1 / 4 |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for name in a.models.split(","):
+        path = _model(name)
+        for n_ctx in (int(x) for x in a.n_ctx.split(",")):
+            for t in TYPES:
+                kw = dict(kv_type_kwargs(t), n_ctx=n_ctx, n_threads=a.threads, verbose=False)
+                stock = {}
+                for swa_full in (True, False):
+                    s = llama_cpp.Llama(str(path), swa_full=swa_full, **kw)
+                    stock[swa_full] = int(bindings.llama_loopserve_kv_bytes(s._ctx.ctx))
+                    s.close()
+                ours = []
+                for resident in (1, 4):
+                    with Llama(path, loopserve=LoopServeConfig(max_resident=resident), **kw) as llm:
+                        ours.append(llm.kv_bytes)
+                print(f"| {path.name} | {n_ctx} | {t} | {_mib(stock[True])} | {_mib(stock[False])} | "
+                      f"{_mib(ours[0])} / {_mib(ours[1])} | "
+                      f"{ours[0] / stock[False]:.2f} / {ours[1] / stock[False]:.2f} |", flush=True)
+
+
+def _document(llm, n_tokens: int) -> str:
+    parts, total = [], 0
+    for title, text, _ in passages_and_questions(100000):
+        piece = f"Document ({title}): {text}\n\n"
+        parts.append(piece)
+        total += len(llm.tokenize(piece))
+        if total >= n_tokens:
+            break
+    return "".join(parts) + "Question: which documents above mention a year?"
+
+
+def budget(a) -> None:
+    from loopserve_edge import Llama, LoopServeConfig
+
+    path = _model(a.model)
+    print(f"{path.name}, {a.threads} threads, reply {a.reply_tokens} tokens greedy, n_batch 2048 / "
+          f"n_ubatch 512; budgeted: policy loopserve, budget {a.budget}, n_ctx {2 * a.budget}\n")
+    print("| input tokens | setting | n_ctx | KV MiB allocated | cells held | chunks | TTFT s | peak RSS MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for n in (int(x) for x in a.tokens.split(",")):
+        for label in ("full", "budgeted"):
+            if label == "full":
+                cfg, n_ctx = LoopServeConfig(max_resident=1), n + 1024
+            else:
+                cfg = LoopServeConfig(max_resident=1, policy="loopserve", budget=a.budget)
+                n_ctx = 2 * a.budget
+            with Llama(path, loopserve=cfg, n_ctx=n_ctx, n_threads=a.threads, n_batch=2048,
+                       n_ubatch=512) as llm:
+                text = _document(llm, n)
+                d = llm.dialogue()
+                t0 = time.perf_counter()
+                d.send(text, max_tokens=a.reply_tokens, temperature=0)
+                s = d.last_stats
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"| {s.prompt_tokens} | {label} | {llm.n_ctx} | {_mib(llm.kv_bytes)} | {s.kv_cells} | "
+                      f"{s.prefill_chunks} | {s.ttft_s:.1f} | {rss:.0f} |", flush=True)
+                del t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("alloc")
+    p.add_argument("--models", default="default,gemma")
+    p.add_argument("--n-ctx", default="8192,32768")
+    p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("budget")
+    p.add_argument("--model", default="default")
+    p.add_argument("--tokens", default="8192,32768")
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--reply-tokens", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    {"alloc": alloc, "budget": budget}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The HTTP API (FastAPI/Starlette, served by uvicorn): OpenAI's /v1/chat/completions and
+/v1/models, /health, Prometheus /metrics and a small chat page at /.
+
+Every error is an OpenAI-style JSON body; the server keeps serving after any of them.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol
+from .engine import Engine
+from .protocol import ApiError
+
+log = logging.getLogger("loopserve_edge.server")
+STATIC = Path(__file__).parent / "static"
+DIALOGUE_HEADER = "X-Dialogue-Id"
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    opts = engine.opts
+    stop_saver = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        saver = threading.Thread(target=engine.saver, args=(stop_saver,), daemon=True)
+        saver.start()
+        try:
+            yield
+        finally:
+            # SIGTERM / SIGINT end up here through uvicorn: every changed dialogue is saved
+            stop_saver.set()
+            saver.join(timeout=5)
+            n = engine.save()
+            log.info("saved %d dialogues to %s", n, opts.dialogues_dir)
+
+    app = FastAPI(title="loopserve-edge", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        engine.metrics.request(request.url.path, e.status)
+        return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        engine.metrics.request(request.url.path, e.status_code)
+        code = "not_found" if e.status_code == 404 else None
+        return _error(ApiError(e.status_code, str(e.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        engine.metrics.request(request.url.path, 500)
+        return _error(ApiError(500, f"internal error ({type(e).__name__})", type="server_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+                engine.metrics.request(request.url.path, 401)
+                return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                       code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": opts.model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        engine.metrics.request("/v1/models", 200)
+        return {"object": "list", "data": [{"id": opts.model_name, "object": "model",
+                                            "created": int(engine.llm.model_path.stat().st_mtime),
+                                            "owned_by": "loopserve-edge"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        gauges = await anyio.to_thread.run_sync(engine.gauges)
+        return PlainTextResponse(engine.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = protocol.parse_chat_request(await request.body())
+        if req.model != opts.model_name:
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server has {opts.model_name!r}",
+                           param="model", code="model_not_found")
+        dialogue_id = request.headers.get(DIALOGUE_HEADER)
+        engine.admit()
+        cid = protocol.completion_id()
+        fp = engine.llm.fingerprint
+        if not req.stream:
+            try:
+                text, stats, did = await anyio.to_thread.run_sync(
+                    engine.run, req, dialogue_id, lambda _: None, threading.Event())
+            finally:
+                engine.release()
+            engine.metrics.request("/v1/chat/completions", 200)
+            return JSONResponse(protocol.response(cid, opts.model_name, fp, text, stats, did),
+                                headers={DIALOGUE_HEADER: did})
+        return await _stream(request, req, dialogue_id, cid, fp)
+
+    async def _stream(request: Request, req, dialogue_id, cid: str, fp: str):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(piece: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+
+        def started(did: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("start", did))
+
+        async def work():
+            try:
+                result = await anyio.to_thread.run_sync(engine.run, req, dialogue_id, emit, cancelled, started)
+                queue.put_nowait(("done", result))
+            except ApiError as e:
+                queue.put_nowait(("error", e))
+            except Exception as e:  # noqa: BLE001 (reported in the stream, the server goes on)
+                log.exception("internal error in a stream")
+                queue.put_nowait(("error", ApiError(500, f"internal error ({type(e).__name__})",
+                                                    type="server_error")))
+            finally:
+                engine.release()
+
+        task = asyncio.create_task(work())
+        # the first event decides the status: an error before the prompt is in is a plain error
+        # reply; after it, the stream starts, with the dialogue's id in a header
+        kind, value = await queue.get()
+        if kind == "error":
+            await task
+            engine.metrics.request("/v1/chat/completions", value.status)
+            return _error(value)
+        engine.metrics.request("/v1/chat/completions", 200)
+
+        async def events():
+            try:
+                yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {"role": "assistant", "content": ""}))
+                item = await queue.get()
+                while True:
+                    k, v = item
+                    if k == "piece":
+                        yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {"content": v}))
+                    elif k == "error":
+                        yield protocol.sse(v.body())
+                        break
+                    else:
+                        _, stats, did = v
+                        yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {},
+                                                          protocol.FINISH[stats.finish_reason]))
+                        if req.include_usage:
+                            yield protocol.sse({"id": cid, "object": "chat.completion.chunk",
+                                                "created": int(time.time()), "model": opts.model_name,
+                                                "system_fingerprint": fp, "choices": [],
+                                                "usage": protocol.usage(stats),
+                                                "loopserve": protocol.extras(did, stats)})
+                        break
+                    item = await queue.get()
+                yield b"data: [DONE]\n\n"
+            finally:
+                cancelled.set()   # a client gone mid-stream: the worker stops at the next token
+                await asyncio.shield(task)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", DIALOGUE_HEADER: value})
+
+    return app

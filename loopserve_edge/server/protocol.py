@@ -1,0 +1,216 @@
+"""OpenAI's chat-completions shapes: a request validated into a `ChatRequest`, the response,
+stream chunks and error bodies (https://platform.openai.com/docs/api-reference/chat).
+
+Validation is by hand so that every error is an OpenAI-style body naming the parameter, never
+a framework's own format or a traceback.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..config import LoopServeConfig
+
+# per-request LoopServe settings (the request's "loopserve" object) and their types
+LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int, "defer_cut": int,
+                    "granularity": str, "sparse_prefill": bool, "alpha": float}
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {...}} with this HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    system: str | None                 # the leading system/developer message(s), joined
+    history: tuple[dict, ...]          # user/assistant messages before the last one
+    prompt: str                        # the last user message
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    loopserve: dict = field(default_factory=dict)
+
+
+def _bad(msg: str, param: str | None, code: str | None = None) -> ApiError:
+    return ApiError(400, msg, param=param, code=code)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return None
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if not ok or isinstance(v, bool) or (not integer and not math.isfinite(v)):
+        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}", name)
+    if not lo <= v <= hi:
+        raise _bad(f"'{name}' must be between {lo:g} and {hi:g}, got {v}", name)
+    return v
+
+
+def _text(content, where: str) -> str:
+    """A message's content: a string, or a list of parts of which only text is accepted."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"{where}.content[{i}]: only text parts are supported", f"{where}.content")
+            out.append(part["text"])
+        return "".join(out)
+    raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"the request body is not valid JSON ({e})", None) from None
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required and must be a string", "model")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' is required and must be a non-empty list", "messages")
+    system_parts, rest = [], []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise _bad(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
+        text = _text(m.get("content"), where)
+        if m["role"] in ("system", "developer"):
+            if rest:
+                raise _bad(f"{where}: system messages must come before the conversation", f"{where}.role")
+            system_parts.append(text)
+            continue
+        want = "user" if len(rest) % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise _bad(f"{where}: expected a {want} message (turns alternate, starting with the user)",
+                       f"{where}.role")
+        rest.append({"role": m["role"], "content": text})
+    if not rest or rest[-1]["role"] != "user":
+        raise _bad("the last message must be a user message", "messages")
+    if body.get("n", 1) != 1:
+        raise _bad("only n=1 is supported", "n")
+    max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, 1 << 20, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+        stop = tuple(stop)
+    else:
+        raise _bad("'stop' must be a string or a list of at most 4 strings", "stop")
+    if any(not s for s in stop):
+        raise _bad("'stop' strings must not be empty", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
+    return ChatRequest(
+        model=model, system="\n\n".join(system_parts) if system_parts else None,
+        history=tuple(rest[:-1]), prompt=rest[-1]["content"], max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
+        top_k=_number(body, "top_k", 0, 1 << 20, integer=True),
+        seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True), stop=stop, stream=stream,
+        include_usage=bool(opts.get("include_usage", False)), loopserve=_loopserve(body.get("loopserve")))
+
+
+def _loopserve(v) -> dict:
+    """The request's LoopServe settings, checked by type here and by LoopServeConfig later."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _bad("'loopserve' must be an object", "loopserve")
+    for k, x in v.items():
+        t = LOOPSERVE_FIELDS.get(k)
+        if t is None:
+            raise _bad(f"unknown loopserve setting {k!r}; known: {', '.join(LOOPSERVE_FIELDS)}", f"loopserve.{k}")
+        if not (_is(x, t) or (k == "budget" and x is None)):
+            raise _bad(f"loopserve.{k} must be of type {t.__name__}", f"loopserve.{k}")
+    return dict(v)
+
+
+def _is(x, t) -> bool:
+    if t is bool or isinstance(x, bool):
+        return t is bool and isinstance(x, bool)
+    return isinstance(x, (int, float)) if t is float else isinstance(x, t)
+
+
+def merged_config(base: LoopServeConfig, settings: dict) -> LoopServeConfig:
+    """base with the request's settings; a combination LoopServeConfig refuses is a 400."""
+    if not settings:
+        return base
+    d = base.to_dict()
+    d.update(settings)
+    if "interval" not in settings and "budget" in settings:
+        d["interval"] = None    # derived from the budget again
+    if "defer_cut" not in settings:
+        d["defer_cut"] = None
+    try:
+        return LoopServeConfig.from_dict(d)
+    except ValueError as e:
+        raise _bad(f"loopserve settings: {e}", "loopserve") from None
+
+
+FINISH = {"stop": "stop", "length": "length", "context_full": "length"}
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def usage(stats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.decode_tokens,
+            "total_tokens": stats.prompt_tokens + stats.decode_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
+
+
+def extras(dialogue_id: str, stats) -> dict:
+    """What the response adds to OpenAI's shape (clients ignore unknown fields)."""
+    return {"dialogue_id": dialogue_id, "kv_cells": stats.kv_cells, "kv_evicted": stats.kv_evicted,
+            "ttft_s": round(stats.ttft_s, 4), "prefill_chunks": stats.prefill_chunks}
+
+
+def response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": FINISH[stats.finish_reason]}],
+            "usage": usage(stats), "loopserve": extras(dialogue_id, stats)}
+
+
+def chunk(cid: str, model: str, fingerprint: str, delta: dict, finish: str | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def sse(obj) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"

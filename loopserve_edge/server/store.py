@@ -1,0 +1,194 @@
+"""The server's dialogues: found again from stateless requests, kept in RAM within a limit,
+saved as state files and restored after a restart.
+
+OpenAI-style clients resend the whole conversation each time. Every dialogue is indexed by a
+hash of (system prompt, messages[:j]) for every message boundary j, so a request's history
+finds the dialogue that holds its longest prefix. A dialogue whose every message the request
+repeats goes on in place (the new messages are prefilled, the rest reused); one that shares
+only part of it (an edited or regenerated turn) is branched: a copy of its KV state goes on
+with the request's history and recomputes from the first token that differs, and the original
+stays for whoever continues it.
+
+Not thread-safe: the engine calls it under its lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import state_file
+from ..dialogue import Dialogue
+from ..errors import LoopServeError
+from ..eviction import Evictor
+
+log = logging.getLogger("loopserve_edge.server")
+
+
+def prefix_key(system: str | None, messages) -> str:
+    data = json.dumps([system, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    id: str
+    system: str | None
+    messages: list[dict]                  # as the dialogue holds them (also while on disk)
+    dialogue: Dialogue | None = None      # None: only in its state file
+    keys: list[str] = field(default_factory=list)
+    used: float = field(default_factory=time.time)
+    dirty: bool = False                   # changed since its state file was written
+
+
+class DialogueStore:
+    def __init__(self, llm, root: Path, ram_limit: int):
+        """llm: the Llama the dialogues live in; root: their state files; ram_limit: bytes of
+        swapped-out KV state kept in RAM before the least recently used go to disk only."""
+        self.llm, self.root, self.ram_limit = llm, Path(root), ram_limit
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.entries: dict[str, Entry] = {}
+        self.index: dict[str, set[str]] = {}  # prefix key -> ids of the entries that hold it
+
+    # -- finding a request's dialogue --------------------------------------------------------
+
+    def _register(self, e: Entry) -> None:
+        for k in e.keys:
+            ids = self.index.get(k)
+            if ids is not None:
+                ids.discard(e.id)
+                if not ids:
+                    del self.index[k]
+        e.keys = [prefix_key(e.system, e.messages[:j]) for j in range(len(e.messages) + 1)]
+        for k in e.keys:
+            self.index.setdefault(k, set()).add(e.id)
+
+    def match(self, system: str | None, history: list[dict]) -> tuple[Entry | None, int]:
+        """The entry holding the longest prefix of (system, history) (the most recently used of
+        several), and the prefix's length in messages."""
+        for j in range(len(history), -1, -1):
+            ids = self.index.get(prefix_key(system, history[:j]))
+            if ids:
+                return max((self.entries[i] for i in ids), key=lambda e: e.used), j
+        return None, 0
+
+    def for_request(self, system: str | None, history: list[dict], prompt: str, dialogue_id: str | None,
+                    evictor: Evictor) -> tuple[Entry, Dialogue]:
+        """The dialogue to run a request in, its messages set to the request's history (the
+        prompt, its last user message, is sent to it next). The match covers the prompt too,
+        so that a regenerated reply reuses the whole prompt."""
+        if dialogue_id is not None:
+            e = self.entries.get(dialogue_id)
+            if e is None:
+                e = self._new(system, dialogue_id)
+            elif e.system != system:
+                raise LoopServeError(f"dialogue {dialogue_id} has another system prompt")
+        else:
+            e, j = self.match(system, history + [{"role": "user", "content": prompt}])
+            if e is None or (j == 0 and e.messages):
+                e = self._new(system)           # only the system prompt in common: start afresh
+            elif j < len(e.messages):
+                e = self._branch(e, j)
+        d = self._live(e)
+        d.evictor = evictor
+        if d.messages != list(history):
+            d.messages = list(history)          # rendered and compared with the cache at send()
+        e.used = time.time()
+        return e, d
+
+    def _new(self, system: str | None, eid: str | None = None) -> Entry:
+        e = Entry(eid or uuid.uuid4().hex, system, [])
+        e.dialogue = self.llm.dialogue(system=system, name=e.id)
+        self.entries[e.id] = e
+        self._register(e)
+        return e
+
+    def _branch(self, src: Entry, j: int) -> Entry:
+        """A copy of src's dialogue (KV state and all) under a new id."""
+        d = self._live(src)
+        e = Entry(uuid.uuid4().hex, src.system, [])
+        c = self.llm.dialogue(system=src.system, name=e.id)
+        for f in ("messages", "tokens", "positions"):
+            setattr(c, f, list(getattr(d, f)))
+        c.kv_text, c.turns, c.evicted, c.layout = d.kv_text, d.turns, d.evicted, d.layout
+        c._swapped = self.llm.sequence_state(d._seq) if d._seq is not None else d._swapped
+        e.dialogue, e.messages = c, list(d.messages)
+        self.entries[e.id] = e
+        self._register(e)
+        log.info("branched dialogue %s from %s at message %d", e.id, src.id, j)
+        return e
+
+    def _live(self, e: Entry) -> Dialogue:
+        if e.dialogue is None:
+            e.dialogue = self.llm.load_dialogue(self._path(e.id))
+        return e.dialogue
+
+    # -- after a turn ----------------------------------------------------------------------
+
+    def updated(self, e: Entry) -> None:
+        e.messages = list(e.dialogue.messages)
+        e.dirty = True
+        e.used = time.time()
+        self._register(e)
+        self._limit_ram(keep=e)
+
+    def _limit_ram(self, keep: Entry) -> None:
+        swapped = [x for x in self.entries.values()
+                   if x is not keep and x.dialogue is not None and x.dialogue._seq is None]
+        total = sum(len(x.dialogue._swapped or b"") for x in swapped)
+        for x in sorted(swapped, key=lambda x: x.used):
+            if total <= self.ram_limit:
+                break
+            total -= len(x.dialogue._swapped or b"")
+            self._to_disk(x)
+
+    def _to_disk(self, e: Entry) -> None:
+        if e.dirty or not self._path(e.id).exists():
+            e.dialogue.save(self._path(e.id))
+            e.dirty = False
+        e.dialogue.close()
+        e.dialogue = None
+
+    # -- state files ---------------------------------------------------------------------
+
+    def _path(self, eid: str) -> Path:
+        return self.root / f"{eid}{state_file.SUFFIX}"
+
+    def save(self, idle_s: float = 0.0) -> int:
+        """Write the state files of the dialogues changed and idle for idle_s seconds."""
+        n, now = 0, time.time()
+        for e in self.entries.values():
+            if e.dirty and e.dialogue is not None and now - e.used >= idle_s:
+                e.dialogue.save(self._path(e.id))
+                e.dirty = False
+                n += 1
+        return n
+
+    def restore(self) -> int:
+        """Index the state files of this model found in root (loaded when a request needs one)."""
+        n = 0
+        for path in sorted(self.root.glob(f"*{state_file.SUFFIX}")):
+            try:
+                h = state_file.read_header(path)
+                if h["model"].get("fingerprint") != self.llm.fingerprint:
+                    continue
+                d = h["dialogue"]
+                e = Entry(path.stem, d["system"], list(d["messages"]), used=float(d["updated"]))
+            except (LoopServeError, KeyError, TypeError, ValueError) as err:
+                log.warning("skipped %s: %s", path, err)
+                continue
+            self.entries[e.id] = e
+            self._register(e)
+            n += 1
+        return n
+
+    def stats(self) -> dict:
+        live = [e for e in self.entries.values() if e.dialogue is not None]
+        return {"resident": sum(e.dialogue._seq is not None for e in live),
+                "in_ram": sum(e.dialogue._seq is None for e in live),
+                "on_disk": sum(self._path(e.id).exists() for e in self.entries.values()),
+                "total": len(self.entries)}

@@ -1,0 +1,248 @@
+"""`loopserve-edge serve` with the real default model, talked to as clients do: the official
+`openai` package and plain HTTP."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from conftest import THREADS  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, *args: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, LOOPSERVE_EDGE_HOME=str(home))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loopserve_edge.cli", "serve", "--port", str(self.port),
+             "--threads", str(THREADS), "--n-ctx", "2048", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("the server did not start")
+
+    def client(self, key: str = "none"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        return out
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def server(home):
+    s = Server(home)
+    yield s
+    s.stop()
+
+
+def _chat(client, messages, **kw):
+    return client.chat.completions.create(model=MODEL, messages=messages, **dict(GREEDY, **kw))
+
+
+def test_health_models_and_the_chat_page(server):
+    assert httpx.get(server.url + "/health").json()["model"] == MODEL
+    assert [m.id for m in server.client().models.list().data] == [MODEL]
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+
+
+def test_a_reply_is_the_one_a_local_dialogue_gives(server, default_model):
+    from loopserve_edge import Llama
+
+    msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."}]
+    r = _chat(server.client(), msgs)
+    with Llama(default_model, n_ctx=2048, n_threads=THREADS) as llm:
+        want = llm.dialogue(system="You are brief.").send("Name a colour.", **GREEDY)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason in ("stop", "length") and r.model == MODEL
+    u = r.usage
+    assert u.completion_tokens >= 1 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens_details.cached_tokens == 0
+
+
+def test_streaming_gives_the_same_reply_in_pieces_with_usage(server):
+    msgs = [{"role": "user", "content": "Tell me about the sea."}]
+    whole = _chat(server.client(), msgs).choices[0].message.content
+    pieces, usage, finish = [], None, None
+    for ch in _chat(server.client(), msgs, stream=True, stream_options={"include_usage": True}):
+        if ch.usage is not None:
+            usage = ch.usage
+        for c in ch.choices:
+            if c.delta.content:
+                pieces.append(c.delta.content)
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == whole and len(pieces) > 1
+    assert finish in ("stop", "length") and usage.completion_tokens >= len(pieces) - 1
+    # the same first message again: its dialogue is found, the prompt is all reused
+    assert usage.prompt_tokens_details.cached_tokens >= usage.prompt_tokens - 1
+
+
+def test_turns_of_a_stateless_client_reuse_the_history(server):
+    client, msgs, last = server.client(), [], None
+    for text in ("My name is Ada.", "What is my name?", "Say it once more."):
+        msgs.append({"role": "user", "content": text})
+        r = _chat(client, msgs)
+        if last is not None:
+            # everything the previous turn left in the cache: its prompt and its reply
+            assert r.usage.prompt_tokens_details.cached_tokens == last.prompt_tokens + last.completion_tokens
+        last = r.usage
+        msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+
+
+def test_an_edited_history_branches_and_the_original_goes_on(server):
+    client = server.client()
+    m = [{"role": "user", "content": "Pick a fruit."}]
+    a = _chat(client, m).choices[0].message.content
+    edited = _chat(client, m + [{"role": "assistant", "content": "Zzz, qwerty."},
+                                {"role": "user", "content": "Why?"}])
+    # the first user message is shared; the edited reply is recomputed
+    cached = edited.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < edited.usage.prompt_tokens
+    orig = _chat(client, m + [{"role": "assistant", "content": a}, {"role": "user", "content": "Why?"}])
+    u = orig.usage
+    assert u.prompt_tokens_details.cached_tokens > cached
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
+    post = lambda body: httpx.post(server.url + "/v1/chat/completions", content=body,  # noqa: E731
+                                   headers={"Content-Type": "application/json"})
+    r = post(b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = post(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = post(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                         "loopserve": {"policy": "loopserve"}}))   # a policy without a budget
+    assert r.status_code == 400 and "budget" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(server.client(), [{"role": "user", "content": "word " * 3000}])
+    assert e.value.code == "context_length_exceeded" and "n_ctx=2048" in e.value.message
+    with pytest.raises(openai.BadRequestError, match="last message must be a user message"):
+        _chat(server.client(), [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    with pytest.raises(openai.BadRequestError, match="turns alternate"):
+        _chat(server.client(), [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}])
+    assert _chat(server.client(), [{"role": "user", "content": "still there?"}]).choices[0].message.content
+
+
+def test_a_budget_per_request_keeps_the_dialogue_within_it(server):
+    r = _chat(server.client(), [{"role": "user", "content": "Describe a harbour. " * 40}], max_tokens=40,
+              extra_body={"loopserve": {"policy": "loopserve", "budget": 128}})
+    extra = r.model_extra["loopserve"]
+    assert extra["kv_evicted"] > 0 and extra["kv_cells"] <= 128 + 16
+
+
+def test_clients_at_once_all_get_their_turns(server):
+    results, errors = {}, []
+
+    def one(i):
+        try:
+            c, msgs = server.client(), [{"role": "user", "content": f"Client {i}: count to {i + 2}."}]
+            r1 = _chat(c, msgs, max_tokens=8)
+            msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "Thanks."}]
+            results[i] = _chat(c, msgs, max_tokens=8).usage.prompt_tokens_details.cached_tokens
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(results) == list(range(8))
+    assert all(n > 0 for n in results.values())   # each found its own dialogue again
+
+
+def _generated(server) -> int:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith('loopserve_tokens_total{kind="generated"}'):
+            return int(line.split()[-1])
+    raise AssertionError("no generated-token counter")
+
+
+def test_a_client_gone_mid_stream_leaves_a_consistent_dialogue(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about ships."}],
+            "stream": True, "temperature": 0, "max_tokens": 400, "stop": ["zzzz"]}
+    before = _generated(server)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        n = 0
+        for line in r.iter_lines():
+            n += line.startswith("data: ")
+            if n >= 3:
+                break
+    # the server stopped that reply early and serves the next request from a consistent state
+    again = _chat(server.client(), body["messages"], max_tokens=4)
+    assert again.choices[0].message.content
+    assert _generated(server) - before < 100
+    # (uninterrupted, the same reply runs much longer)
+    assert _chat(server.client(), body["messages"], max_tokens=400).usage.completion_tokens > 150
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'loopserve_tokens_total{kind="reused"}' in metrics and "loopserve_ttft_seconds_bucket" in metrics
+    assert "loopserve_kv_cells_used" in metrics and "loopserve_dialogues_resident" in metrics
+
+
+def test_dialogues_survive_a_restart(tmp_path):
+    s = Server(tmp_path)
+    msgs = [{"role": "user", "content": "Remember the number 41."}]
+    try:
+        r = _chat(s.client(), msgs)
+    finally:
+        s.stop()
+    saved = list((tmp_path / "dialogues" / "server").glob("*/*.lsd"))
+    assert len(saved) == 1
+    s = Server(tmp_path)
+    try:
+        msgs += [{"role": "assistant", "content": r.choices[0].message.content},
+                 {"role": "user", "content": "Which number?"}]
+        r2 = _chat(s.client(), msgs)
+        assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    finally:
+        s.stop()
+
+
+def test_an_api_key_is_required_when_set(tmp_path):
+    s = Server(tmp_path, "--api-key", "s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            _chat(s.client("wrong"), [{"role": "user", "content": "hi"}])
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert _chat(s.client("s3cret"), [{"role": "user", "content": "hi"}]).choices[0].message.content
+        assert httpx.get(s.url + "/health").status_code == 200   # health checks need no key
+    finally:
+        s.stop()
