@@ -3,6 +3,7 @@ n_ctx, and what a budgeted dialogue needs for a long input (issue 16).
 
     python benchmarks/kv_memory.py alloc  [--models default,gemma] [--n-ctx 8192,32768]
     python benchmarks/kv_memory.py budget [--tokens 8192,32768] [--budget 1024] [--threads 2]
+    python benchmarks/kv_memory.py fits   [--budget 8192] [--pool 14336]
 
 `alloc` prints, per model, n_ctx and KV type, the bytes of KV that each allocates
 (llama_loopserve_kv_bytes: llama.cpp's own memory breakdown): stock llama-cpp-python (one
@@ -14,6 +15,9 @@ llama.cpp's.
 attention with n_ctx large enough and for a budgeted dialogue (loopserve, budget B, n_ctx 2B:
 budgeted prefill in chunks), the KV bytes allocated, the cells held after the turn, the
 chunks, the time to the first token and the peak RSS of the process so far.
+
+`fits` computes (does not measure) a "what fits" table for the 1B/3B/8B shapes at 32K and
+128K inputs: stock vs. a budgeted dialogue, f16 and q8_0 KV, against 8/12/16/24 GB cards.
 """
 from __future__ import annotations
 
@@ -26,6 +30,17 @@ from pathlib import Path
 from loopserve_edge.bench.data import passages_and_questions
 
 TYPES = ("f16", "q8_0", "q4_0")
+TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}   # per element (ggml blocks of 32)
+# the speed shapes (random_gguf.SHAPES): layers, KV heads, head dim; published parameter counts
+# (Llama-3.2-1B/3B, Llama-3.1-8B model cards)
+FIT_SHAPES = {"1B": (16, 8, 64, 1.24e9), "3B": (28, 8, 128, 3.21e9), "8B": (32, 8, 128, 8.03e9)}
+Q4_K_M_BITS = 4.85   # llama.cpp's Q4_K_M: about this many bits per weight on average
+CARDS_GB = (8, 12, 16, 24)
+
+
+def bytes_per_cell(n_layer: int, n_head_kv: int, head_dim: int, kv_type: str) -> float:
+    """K and V of one cell in every layer (all layers full-attention)."""
+    return 2 * n_layer * n_head_kv * head_dim * TYPE_BYTES[kv_type]
 
 
 def _mib(n: int) -> str:
@@ -52,8 +67,9 @@ def alloc(a) -> None:
     from loopserve_edge.context import kv_type_kwargs
 
     print("| model | n_ctx | KV type | llama-cpp-python MiB | llama.cpp (swa_full off) MiB | "
-          "loopserve-edge MiB, max_resident 1 / 4 | ratio to llama.cpp, 1 / 4 |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+          "loopserve-edge MiB, max_resident 1 / 4 | ratio to llama.cpp, 1 / 4 | "
+          "formula, all layers full-attention MiB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name in a.models.split(","):
         path = _model(name)
         for n_ctx in (int(x) for x in a.n_ctx.split(",")):
@@ -68,9 +84,15 @@ def alloc(a) -> None:
                 for resident in (1, 4):
                     with Llama(path, loopserve=LoopServeConfig(max_resident=resident), **kw) as llm:
                         ours.append(llm.kv_bytes)
+                        md = llm.metadata
+                arch = md["general.architecture"]
+                shape = (int(md[f"{arch}.block_count"]), int(md[f"{arch}.attention.head_count_kv"]),
+                         int(md.get(f"{arch}.attention.key_length") or
+                             int(md[f"{arch}.embedding_length"]) // int(md[f"{arch}.attention.head_count"])))
+                formula = bytes_per_cell(*shape, t) * n_ctx
                 print(f"| {path.name} | {n_ctx} | {t} | {_mib(stock[True])} | {_mib(stock[False])} | "
                       f"{_mib(ours[0])} / {_mib(ours[1])} | "
-                      f"{ours[0] / stock[False]:.2f} / {ours[1] / stock[False]:.2f} |", flush=True)
+                      f"{ours[0] / stock[False]:.2f} / {ours[1] / stock[False]:.2f} | {_mib(formula)} |", flush=True)
 
 
 def _document(llm, n_tokens: int) -> str:
@@ -112,6 +134,29 @@ def budget(a) -> None:
                 del t0
 
 
+def fits(a) -> None:
+    """Computed, not measured: weights at Q4_K_M's average bits plus KV by bytes_per_cell (which
+    `alloc` checks against llama.cpp's own count); compute buffers and the CUDA context excluded."""
+    gb = 1e9
+    print(f"GB of GPU memory: weights (Q4_K_M, ~{Q4_K_M_BITS} bits per weight) + KV. stock: n_ctx = the "
+          f"input; loopserve-edge: budget {a.budget}, n_ctx {a.pool} (budgeted prefill in chunks of "
+          f"{a.pool - a.budget}). The smallest of {'/'.join(map(str, CARDS_GB))} GB cards that holds it "
+          "(compute buffers and the CUDA context, ~0.5-1 GB, not counted).\n")
+    print("| shape | input | weights | stock f16 KV | stock q8_0 KV | loopserve-edge f16 | loopserve-edge q8_0 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def cell(total: float) -> str:
+        card = next((c for c in CARDS_GB if total <= c), None)
+        return f"{total:.1f} ({f'{card} GB' if card else 'none'})"
+
+    for name, (n_layer, n_kv, hd, params) in FIT_SHAPES.items():
+        w = params * Q4_K_M_BITS / 8 / gb
+        for n in (32768, 131072):
+            row = [w + bytes_per_cell(n_layer, n_kv, hd, t) * n / gb for t in ("f16", "q8_0")]
+            row += [w + bytes_per_cell(n_layer, n_kv, hd, t) * a.pool / gb for t in ("f16", "q8_0")]
+            print(f"| {name} | {n // 1024}K | {w:.1f} | " + " | ".join(cell(x) for x in row) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -125,8 +170,11 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--reply-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("fits")
+    p.add_argument("--budget", type=int, default=8192)
+    p.add_argument("--pool", type=int, default=14336, help="n_ctx of the budgeted dialogue")
     a = ap.parse_args()
-    {"alloc": alloc, "budget": budget}[a.cmd](a)
+    {"alloc": alloc, "budget": budget, "fits": fits}[a.cmd](a)
 
 
 if __name__ == "__main__":

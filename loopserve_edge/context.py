@@ -526,6 +526,45 @@ class Context:
         ptr = llama_c.llama_get_logits_ith(self._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    def decode_batch(self, steps: list[tuple[Resident, int, int]], scored: bool = False) -> list[np.ndarray]:
+        """Decode one token in each of several dialogues in one llama_decode: steps are
+        (dialogue, token, position), at most one per dialogue and at most max_resident. Returns
+        each token's logits. `scored`: every row of the batch scores its own dialogue's cells (a
+        row attends to its own sequence only), else none does. A full pool raises
+        ContextFullError and keeps none of the tokens."""
+        if len(steps) > self.config.max_resident or len({id(d) for d, _, _ in steps}) != len(steps):
+            raise ValueError("one step per dialogue, at most max_resident of them")
+        if len(steps) > self.n_batch:
+            raise ValueError(f"at most n_batch={self.n_batch} steps")
+        # each made resident becomes the most recently used, so a later one of the batch swaps
+        # out an older dialogue, never one of the batch
+        seqs = [self.make_resident(d) for d, _, _ in steps]
+        batch = {id(d) for d, _, _ in steps}
+        while self.n_ctx - self.cells_used < len(steps):
+            lru = next((d for d in self._resident.values() if id(d) not in batch), None)
+            if lru is None:
+                break
+            self.swap_out(lru)
+        window = self.score_window
+        self.set_score_window(len(steps) if scored else 0)
+        b = self._batch
+        n = b.n_tokens = len(steps)
+        for i, ((_, tok, pos), seq) in enumerate(zip(steps, seqs)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, 1
+            b.seq_id[i][0] = seq
+        try:
+            rc = llama_c.llama_decode(self._ctx.ctx, b)
+        finally:
+            self.set_score_window(window)
+        if rc == 1:
+            raise ContextFullError(f"the KV pool has no room for {n} more tokens (n_ctx={self.n_ctx})")
+        if rc != 0:
+            for (_, _, pos), seq in zip(steps, seqs):
+                self.remove_positions(seq, pos)
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        return [np.ctypeslib.as_array(llama_c.llama_get_logits_ith(self._ctx.ctx, i), shape=(self.n_vocab,)).copy()
+                for i in range(n)]
+
     def _decode_chunk(self, seq: int, tokens: list[int], positions: list[int], last: bool) -> None:
         b = self._batch
         n = len(tokens)

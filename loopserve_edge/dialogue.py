@@ -66,6 +66,13 @@ def _overhead(times: dict[bool, list[float]]) -> float:
     return max(0.0, sum(scored) - sum(plain) / len(plain) * len(scored))
 
 
+@dataclass(frozen=True)
+class Step:
+    """A generated token that send_steps() needs decoded (and its logits sent back)."""
+    token: int
+    pos: int
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -92,6 +99,7 @@ class Dialogue:
         self.turns = 0
         self.evicted = 0       # cells removed by the eviction policy, all turns
         self.layout = "cell"   # "head" once a head-wise cut gave each KV head its own tokens
+        self.score_window = 0  # attention scoring its next decodes want (set by the evictor)
         self.evict_s = 0.0     # time spent evicting, this turn
         self.created = self.updated = time.time()
         self.last_stats: TurnStats | None = None
@@ -118,6 +126,17 @@ class Dialogue:
         that made it stay in the KV cache, as an end-of-turn does).
         token_fn(logits) -> token replaces sampling (evaluations: teacher forcing, logit
         capture)."""
+        gen = self._drive(self.send_steps(text, token_fn=token_fn, stop=stop, reply_prefix=reply_prefix,
+                                          **sampling))
+        return gen if stream else "".join(gen)
+
+    def send_steps(self, text: str, token_fn=None, stop: str | list[str] | None = None,
+                   reply_prefix: str = "", **sampling) -> Iterator:
+        """send() for a caller that decodes the reply's tokens itself, so that several dialogues
+        can be decoded in one batch (Context.decode_batch): the prompt is prefilled here, then
+        the generator yields the reply's text pieces and `Step`s; for each Step the caller
+        decodes Step.token at Step.pos in this dialogue and sends the logits back (or throws
+        ContextFullError in)."""
         params = SamplingParams(**sampling)
         stops = tuple(self.llm.template.stops) + ((stop,) if isinstance(stop, str) else tuple(stop or ()))
         if any(not s for s in stops):
@@ -126,8 +145,27 @@ class Dialogue:
         self.evict_s = 0.0
         swapped_in = self._seq is None and self._swapped is not None
         logits, reused, prefilled = self._prefill(text, reply_prefix)
-        gen = self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops, reply_prefix)
-        return gen if stream else "".join(gen)
+        return self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops, reply_prefix)
+
+    def _drive(self, steps: Iterator) -> Iterator[str]:
+        """The text of send_steps(), each Step decoded on its own."""
+        try:
+            item = next(steps)
+            while True:
+                if isinstance(item, Step):
+                    try:
+                        logits = self.llm.decode(self, [item.token], [item.pos])
+                    except ContextFullError as e:
+                        item = steps.throw(e)
+                        continue
+                    item = steps.send(logits)
+                else:
+                    yield item
+                    item = next(steps)
+        except StopIteration:
+            return
+        finally:
+            steps.close()
 
     def _render(self, messages: list[dict]) -> str:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -211,7 +249,7 @@ class Dialogue:
 
     def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
                   prefilled: int, swapped_in: bool, token_fn=None, stops: tuple[str, ...] = (),
-                  reply_prefix: str = "") -> Iterator[str]:
+                  reply_prefix: str = "") -> Iterator:
         llm = self.llm
         sampler = token_fn or Sampler(params)
         self.first_token_logits = logits
@@ -242,7 +280,7 @@ class Dialogue:
                 scored = llm.score_window > 0
                 t_tok = time.perf_counter()
                 try:
-                    logits = llm.decode(self, [tok], [pos])
+                    logits = yield Step(tok, pos)
                 except ContextFullError:
                     finish = "context_full"
                     break

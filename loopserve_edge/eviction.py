@@ -87,6 +87,7 @@ class Tracked(Protocol):
     positions: list[int]
     evicted: int      # cells removed so far
     layout: str       # "cell", or "head" after a head-wise cut
+    score_window: int  # the scoring its next decodes want (Evictor._window)
     evict_s: float    # time spent evicting, this turn
     _seq: int | None
     _swapped: bytes | None
@@ -101,7 +102,9 @@ class Evictor:
         self.cfg = cfg
         self.active = cfg.policy != "full" and cfg.budget is not None
         self.scored = self.active and cfg.policy in SCORED
-        self.deferred: Tracked | None = None  # whose post-prefill cut waits (defer_cut)
+        # the dialogues whose post-prefill cut waits (defer_cut), by id: several may be
+        # generating at once (a server decoding them in one batch)
+        self.deferred: set[int] = set()
 
     # -- turn hooks ----------------------------------------------------------------------
 
@@ -139,7 +142,7 @@ class Evictor:
             return
         if self.cfg.policy != "h2o":
             self.llm.reset_scores(dlg)
-        self.llm.set_score_window(min(self.cfg.window, n_new))
+        self._window(dlg, min(self.cfg.window, n_new))
 
     def after_prefill(self, dlg: Tracked) -> None:
         if not self.active:
@@ -147,21 +150,21 @@ class Evictor:
         if (self.cfg.policy == "loopserve" and self.cfg.defer_cut > 0
                 and len(dlg.positions) > self.cfg.budget):
             # the first generated tokens add to the input window's scores, then the cut
-            self.deferred = dlg
-            self.llm.set_score_window(1)
+            self.deferred.add(id(dlg))
+            self._window(dlg, 1)
             return
         self.compress(dlg)
         if self.cfg.policy == "h2o":
-            self.llm.set_score_window(1)  # every generated token adds to the scores
+            self._window(dlg, 1)  # every generated token adds to the scores
         elif self.cfg.policy == "loopserve":
             self._watch(dlg, 0)
         elif self.scored:
-            self.llm.set_score_window(0)  # snapkv: no decode-time scoring
+            self._window(dlg, 0)  # snapkv: no decode-time scoring
 
     def after_token(self, dlg: Tracked, n_generated: int) -> None:
         if not self.active or self.cfg.policy == "snapkv":
             return
-        if self.deferred is dlg:
+        if id(dlg) in self.deferred:
             if n_generated < self.cfg.defer_cut:
                 return
             self._deferred_cut(dlg)
@@ -171,9 +174,9 @@ class Evictor:
             self._watch(dlg, n_generated)
 
     def _deferred_cut(self, dlg: Tracked) -> None:
-        self.deferred = None
+        self.deferred.discard(id(dlg))
         self.compress(dlg)
-        self.llm.set_score_window(0)  # until the window before the next compression
+        self._window(dlg, 0)  # until the window before the next compression
 
     def _watch(self, dlg: Tracked, n_generated: int) -> None:
         """LoopServe scores with the `window` tokens just before each compression only:
@@ -186,15 +189,22 @@ class Evictor:
             self.llm.reset_scores(dlg)
             # no cut is due at the coming compression: leave the decodes unscored
             due = len(dlg.positions) + cfg.interval - phase > cfg.budget
-            self.llm.set_score_window(1 if due else 0)
+            self._window(dlg, 1 if due else 0)
         elif phase == 0:
-            self.llm.set_score_window(0)
+            self._window(dlg, 0)
 
     def end_turn(self, dlg: Tracked) -> None:
-        if self.deferred is dlg:  # a reply shorter than defer_cut: cut with what was scored
+        if id(dlg) in self.deferred:  # a reply shorter than defer_cut: cut with what was scored
             self._deferred_cut(dlg)
         if self.scored:
-            self.llm.set_score_window(0)
+            self._window(dlg, 0)
+
+    def _window(self, dlg: Tracked, n: int) -> None:
+        """Score the next decodes of dlg with their last n tokens (0: not at all). Recorded on the
+        dialogue as well: a batch of several dialogues' tokens is scored if any of them wants it
+        (Context.decode_batch)."""
+        dlg.score_window = n
+        self.llm.set_score_window(n)
 
     # -- compression ---------------------------------------------------------------------
 

@@ -186,6 +186,10 @@ def test_clients_at_once_all_get_their_turns(server):
         t.join()
     assert not errors and sorted(results) == list(range(8))
     assert all(n > 0 for n in results.values())   # each found its own dialogue again
+    # their tokens were decoded together, several replies per llama_decode
+    batch = [ln for ln in httpx.get(server.url + "/metrics").text.splitlines()
+             if ln.startswith("loopserve_decode_batch_mean ")]
+    assert float(batch[0].split()[1]) > 1.2
 
 
 def _generated(server) -> int:

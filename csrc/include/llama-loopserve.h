@@ -39,8 +39,10 @@ LLAMA_API int64_t llama_loopserve_kv_bytes(struct llama_context * ctx);
 // What is scored:
 // - layers that attend over the full cache; the sliding-window layers of an
 //   interleaved cache (Gemma-3 style) are not scored;
-// - ubatches that hold a single sequence. A ubatch mixing sequences is decoded
-//   normally but adds nothing (the controller decodes one dialogue per batch);
+// - ubatches that hold a single sequence, or several in batch order (the next token of
+//   several dialogues decoded together): each row attends to its own sequence's cells only,
+//   so each sequence's cells get its own rows' scores. Another ubatch mixing sequences is
+//   decoded normally but adds nothing;
 // - the window is the last n_window tokens in batch order, so it may span the last
 //   ubatches of a batch that is larger than n_ubatch.
 //

@@ -211,14 +211,23 @@ ggml_tensor * llama_loopserve_scores_from_qk(ggml_context * ctx,
 void llama_loopserve_ubatch_begin(llama_context & lctx, const llama_ubatch & ubatch, uint32_t n_tokens_all) {
     auto * st       = lctx.loopserve_scores.get();
     st->n_window_ub = 0;
-    if (st->n_window <= 0 || ubatch.n_seqs_unq != 1 || !ubatch.data ||
-        ubatch.data->batch_idxs.size() != ubatch.n_tokens) {
+    if (st->n_window <= 0 || !ubatch.data || ubatch.data->batch_idxs.size() != ubatch.n_tokens) {
         return;
+    }
+    const auto & idxs = ubatch.data->batch_idxs;
+    if (ubatch.n_seqs_unq != 1) {
+        // several sequences (one token each of several dialogues, decoded together): scored only
+        // when the ubatch keeps batch order, so that the window is still a suffix of it; each
+        // row attends to its own sequence's cells only, so the sums stay apart
+        for (uint32_t i = 1; i < ubatch.n_tokens; ++i) {
+            if (idxs[i] != idxs[i - 1] + 1) {
+                return;
+            }
+        }
     }
     // the window is the batch's last n_window tokens; with one sequence per ubatch the
     // ubatches keep batch order, so the window is a suffix of the ubatch
     const int64_t first = (int64_t) n_tokens_all - st->n_window;
-    const auto &  idxs  = ubatch.data->batch_idxs;
     int32_t       n     = 0;
     for (int64_t i = (int64_t) ubatch.n_tokens - 1; i >= 0 && idxs[i] >= first; --i) {
         n++;
@@ -288,7 +297,9 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
         }
     }
 
-    st->n_rows[ubatch.seq_id_unq[0]] += n_rows;
+    for (uint32_t i = ubatch.n_tokens - (uint32_t) n_rows; i < ubatch.n_tokens; ++i) {
+        st->n_rows[ubatch.seq_id[i][0]] += 1;  // the rows' own sequences
+    }
 }
 
 void llama_loopserve_scores_moved(llama_context &                            lctx,

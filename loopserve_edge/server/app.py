@@ -45,6 +45,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             # SIGTERM / SIGINT end up here through uvicorn: every changed dialogue is saved
             stop_saver.set()
             saver.join(timeout=5)
+            await anyio.to_thread.run_sync(engine.stop)
             n = engine.save()
             log.info("saved %d dialogues to %s", n, opts.dialogues_dir)
 

@@ -1,23 +1,28 @@
-"""One model serving chat requests: each request runs in a worker thread, one at a time on the
-llama.cpp context (it is not thread-safe), with a bounded number waiting.
-
-Requests are served in turn, not decoded together in one batch: several sequences per
-llama_decode (issue 17) is not done yet.
+"""One model serving chat requests. A scheduler thread owns the llama.cpp context (it is not
+thread-safe): it prefills each new request, one per step so that replies in progress keep
+going, and decodes the next token of every reply in progress together, one llama_decode for
+all of them (Context.decode_batch). Requests beyond the batch wait in line; beyond
+`max_queue`, they are refused (503).
 """
 from __future__ import annotations
 
+import collections
+import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..config import LoopServeConfig
+from ..dialogue import Step
 from ..errors import ContextFullError, LoopServeError
 from ..eviction import Evictor
 from . import protocol
 from .metrics import Metrics
 from .protocol import ApiError, ChatRequest
-from .store import DialogueStore
+from .store import DialogueBusy, DialogueStore, Entry
+
+log = logging.getLogger("loopserve_edge.server")
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,24 @@ class ServeOptions:
     save_idle_s: float = 5.0          # a changed dialogue is saved once idle this long
 
 
-class Busy(Exception):
-    pass
+@dataclass(eq=False)
+class _Job:
+    req: ChatRequest
+    dialogue_id: str | None
+    emit: Callable[[str], None]
+    cancelled: threading.Event
+    started: Callable[[str], None] | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple | None = None
+    error: BaseException | None = None
+    # while running
+    entry: Entry | None = None
+    dlg: object = None
+    gen: object = None
+    feed: tuple | None = None     # ("send", logits) or ("throw", exception) for the next step
+    primed: bool = False          # the reply's generator has run (its cleanup will run)
+    before: int = 0
+    pieces: list = field(default_factory=list)
 
 
 class Engine:
@@ -43,10 +64,17 @@ class Engine:
         self.metrics = Metrics()
         self.store = DialogueStore(llm, opts.dialogues_dir, opts.ram_limit)
         self.restored = self.store.restore()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()    # the model: the scheduler's steps, saves, gauges
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Job] = collections.deque()
         self._count_lock = threading.Lock()
         self._pending = 0                 # running + waiting
+        self._stopping = False
         self._evictors: dict[LoopServeConfig, Evictor] = {llm.config: llm.evictor}
+        self.max_batch = llm.config.max_resident
+        self.batches = collections.Counter()   # decode steps by batch size
+        self._thread = threading.Thread(target=self._loop, name="loopserve-scheduler", daemon=True)
+        self._thread.start()
 
     # -- admission ------------------------------------------------------------------------
 
@@ -62,7 +90,60 @@ class Engine:
         with self._count_lock:
             self._pending -= 1
 
-    # -- a completion ---------------------------------------------------------------------
+    def run(self, req: ChatRequest, dialogue_id: str | None, emit: Callable[[str], None],
+            cancelled: threading.Event, started: Callable[[str], None] | None = None) -> tuple[str, object, str]:
+        """Run one request (blocking): started(dialogue id) once the prompt is prefilled,
+        emit(text) for each piece of the reply as it comes (from the scheduler thread). Returns
+        (reply, TurnStats, dialogue id). Stops early, leaving the dialogue consistent, once
+        cancelled."""
+        job = _Job(req, dialogue_id, emit, cancelled, started)
+        with self._cv:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            self._waiting.append(job)
+            self._cv.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def stop(self) -> None:
+        """Finish the replies in progress (as if their clients went away), refuse the waiting."""
+        with self._cv:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._cv.notify()
+        for job in waiting:
+            job.error = ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            job.done.set()
+        self._thread.join(timeout=60)
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        active: list[_Job] = []
+        while True:
+            with self._cv:
+                if self._stopping:
+                    for job in active:
+                        job.cancelled.set()
+                    if not active:
+                        return
+                while not active and not self._waiting and not self._stopping:
+                    self._cv.wait()
+                # one new prefill per step while replies are in progress: they keep going
+                job = self._waiting.popleft() if self._waiting and len(active) < self.max_batch else None
+            try:
+                if job is not None:
+                    with self._lock:
+                        self._start(job, active)
+                if active:
+                    with self._lock:
+                        self._step(active)
+            except Exception as e:  # noqa: BLE001 (a bug must not stop the server: fail the replies)
+                log.exception("scheduler step failed")
+                for j in list(active):
+                    self._finish(j, active, e)
 
     def _evictor(self, req: ChatRequest) -> Evictor:
         cfg = protocol.merged_config(self.llm.config, req.loopserve)
@@ -73,42 +154,100 @@ class Engine:
             self._evictors[cfg] = Evictor(self.llm, cfg)
         return self._evictors[cfg]
 
-    def run(self, req: ChatRequest, dialogue_id: str | None, emit: Callable[[str], None],
-            cancelled: threading.Event, started: Callable[[str], None] | None = None) -> tuple[str, object, str]:
-        """Run one request: started(dialogue id) once the prompt is prefilled, emit(text) for each
-        piece of the reply as it comes. Returns (reply, TurnStats, dialogue id). Stops early,
-        leaving the dialogue consistent, once cancelled."""
-        with self._lock:
-            if cancelled.is_set():
+    def _start(self, job: _Job, active: list[_Job]) -> None:
+        """Prefill a request's prompt in its dialogue; it then decodes with the others."""
+        try:
+            if job.cancelled.is_set():
                 raise ApiError(499, "the client went away", code="cancelled")
+            req, o = job.req, self.opts
             evictor = self._evictor(req)
-            e, d = self.store.for_request(req.system, list(req.history), req.prompt, dialogue_id, evictor)
-            before = d.evicted
-            o = self.opts
+            try:
+                job.entry, job.dlg = self.store.for_request(req.system, list(req.history), req.prompt,
+                                                            job.dialogue_id, evictor)
+            except DialogueBusy as e:
+                raise ApiError(409, str(e), code="dialogue_busy") from None
+            except LoopServeError as e:
+                raise ApiError(400, str(e)) from None
+            job.entry.busy = True
+            job.before = job.dlg.evicted
             sampling = dict(max_tokens=req.max_tokens or o.max_tokens,
                             temperature=o.temperature if req.temperature is None else req.temperature,
                             top_p=o.top_p if req.top_p is None else req.top_p,
                             top_k=o.top_k if req.top_k is None else req.top_k, seed=req.seed)
             try:
-                gen = d.send(req.prompt, stream=True, stop=list(req.stop), **sampling)
-            except ContextFullError as err:
-                raise ApiError(400, str(err), param="messages", code="context_length_exceeded") from None
-            except LoopServeError as err:
-                raise ApiError(400, str(err)) from None
-            pieces = []
-            if started is not None:
-                started(e.id)
+                job.gen = job.dlg.send_steps(req.prompt, stop=list(req.stop), **sampling)
+            except ContextFullError as e:
+                raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            except LoopServeError as e:
+                raise ApiError(400, str(e)) from None
+        except BaseException as e:  # noqa: BLE001 (answered to its request; the server goes on)
+            if job.entry is not None:
+                job.entry.busy = False
+            job.error = e if isinstance(e, ApiError) else ApiError(500, f"internal error ({type(e).__name__})",
+                                                                  type="server_error")
+            job.done.set()
+            return
+        if job.started is not None:
+            job.started(job.entry.id)
+        active.append(job)
+
+    def _step(self, active: list[_Job]) -> None:
+        """Advance every reply in progress to its next token to decode, then decode them all."""
+        steps: list[tuple[_Job, Step]] = []
+        for job in list(active):
             try:
-                for piece in gen:
-                    pieces.append(piece)
-                    emit(piece)
-                    if cancelled.is_set():
-                        break
-            finally:
-                gen.close()   # ends the turn: the reply so far is the dialogue's last message
-                self.store.updated(e)
-            self.metrics.turn(d.last_stats, before)
-            return "".join(pieces), d.last_stats, e.id
+                if job.primed and job.cancelled.is_set():
+                    raise GeneratorExit
+                feed, job.feed = job.feed, None
+                if feed is None:
+                    item = next(job.gen)
+                elif feed[0] == "send":
+                    item = job.gen.send(feed[1])
+                else:
+                    item = job.gen.throw(feed[1])
+                job.primed = True
+                while not isinstance(item, Step):
+                    job.pieces.append(item)
+                    job.emit(item)
+                    if job.cancelled.is_set():
+                        raise GeneratorExit
+                    item = next(job.gen)
+                steps.append((job, item))
+            except (StopIteration, GeneratorExit):
+                self._finish(job, active)
+            except BaseException as e:  # noqa: BLE001
+                self._finish(job, active, e)
+        if not steps:
+            return
+        scored = any(job.dlg.score_window > 0 for job, _ in steps)
+        try:
+            logits = self.llm.decode_batch([(job.dlg, st.token, st.pos) for job, st in steps], scored=scored)
+        except ContextFullError as e:   # each reply ends as it would alone on a full context
+            for job, _ in steps:
+                job.feed = ("throw", e)
+            return
+        except Exception as e:  # noqa: BLE001 (those requests fail; the server goes on)
+            for job, _ in steps:
+                self._finish(job, active, e)
+            return
+        self.batches[len(steps)] += 1
+        for (job, _), lg in zip(steps, logits):
+            job.feed = ("send", lg)
+
+    def _finish(self, job: _Job, active: list[_Job], error: BaseException | None = None) -> None:
+        active.remove(job)
+        job.entry.busy = False
+        try:
+            job.gen.close()     # ends the turn: the reply so far is the dialogue's last message
+            self.store.updated(job.entry)
+        except Exception as e:  # noqa: BLE001
+            error = error or e
+        if error is not None:
+            job.error = ApiError(500, f"internal error ({type(error).__name__}: {error})", type="server_error")
+        else:
+            self.metrics.turn(job.dlg.last_stats, job.before)
+            job.result = ("".join(job.pieces), job.dlg.last_stats, job.entry.id)
+        job.done.set()
 
     # -- upkeep --------------------------------------------------------------------------
 
@@ -128,6 +267,9 @@ class Engine:
             "loopserve_dialogues_in_ram": ("dialogues swapped out to RAM", st["in_ram"]),
             "loopserve_dialogues_on_disk": ("dialogues with a state file", st["on_disk"]),
             "loopserve_requests_pending": ("requests running or waiting", self._pending),
+            "loopserve_decode_batch_mean": ("mean replies decoded together per step so far",
+                                            sum(k * n for k, n in self.batches.items()) /
+                                            max(1, sum(self.batches.values()))),
         }
 
     def saver(self, stop: threading.Event) -> None:

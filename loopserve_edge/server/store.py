@@ -29,6 +29,10 @@ from ..eviction import Evictor
 log = logging.getLogger("loopserve_edge.server")
 
 
+class DialogueBusy(LoopServeError):
+    """A dialogue named by a request is answering another one."""
+
+
 def prefix_key(system: str | None, messages) -> str:
     data = json.dumps([system, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
     return hashlib.sha256(data.encode()).hexdigest()
@@ -43,6 +47,7 @@ class Entry:
     keys: list[str] = field(default_factory=list)
     used: float = field(default_factory=time.time)
     dirty: bool = False                   # changed since its state file was written
+    busy: bool = False                    # a request is running in it: not to be matched
 
 
 class DialogueStore:
@@ -71,9 +76,10 @@ class DialogueStore:
         """The entry holding the longest prefix of (system, history) (the most recently used of
         several), and the prefix's length in messages."""
         for j in range(len(history), -1, -1):
-            ids = self.index.get(prefix_key(system, history[:j]))
-            if ids:
-                return max((self.entries[i] for i in ids), key=lambda e: e.used), j
+            free = [self.entries[i] for i in self.index.get(prefix_key(system, history[:j]), ()) if
+                    not self.entries[i].busy]
+            if free:
+                return max(free, key=lambda e: e.used), j
         return None, 0
 
     def for_request(self, system: str | None, history: list[dict], prompt: str, dialogue_id: str | None,
@@ -85,6 +91,8 @@ class DialogueStore:
             e = self.entries.get(dialogue_id)
             if e is None:
                 e = self._new(system, dialogue_id)
+            elif e.busy:
+                raise DialogueBusy(f"dialogue {dialogue_id} is answering another request")
             elif e.system != system:
                 raise LoopServeError(f"dialogue {dialogue_id} has another system prompt")
         else:
