@@ -3,6 +3,7 @@ n_ctx, and what a budgeted dialogue needs for a long input (issue 16).
 
     python benchmarks/kv_memory.py alloc  [--models default,gemma] [--n-ctx 8192,32768]
     python benchmarks/kv_memory.py budget [--tokens 8192,32768] [--budget 1024] [--threads 2]
+    python benchmarks/kv_memory.py resident [--budget 512] [--granularity head] [--turns 4]
     python benchmarks/kv_memory.py fits   [--budget 8192] [--pool 14336]
 
 `alloc` prints, per model, n_ctx and KV type, the bytes of KV that each allocates
@@ -15,6 +16,9 @@ llama.cpp's.
 attention with n_ctx large enough and for a budgeted dialogue (loopserve, budget B, n_ctx 2B:
 budgeted prefill in chunks), the KV bytes allocated, the cells held after the turn, the
 chunks, the time to the first token and the peak RSS of the process so far.
+
+`resident` runs two budgeted dialogues of real passages interleaved in one pool and each alone,
+and compares their replies and first-token logits turn by turn.
 
 `fits` computes (does not measure) a "what fits" table for the 1B/3B/8B shapes at 32K and
 128K inputs: stock vs. a budgeted dialogue, f16 and q8_0 KV, against 8/12/16/24 GB cards.
@@ -134,6 +138,51 @@ def budget(a) -> None:
                 del t0
 
 
+def _kl(p_logits, q_logits) -> float:
+    import numpy as np
+
+    lp = p_logits - p_logits.max()
+    lp = lp - np.log(np.exp(lp).sum())
+    lq = q_logits - q_logits.max()
+    lq = lq - np.log(np.exp(lq).sum())
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+def resident(a) -> None:
+    """Two budgeted dialogues of real passages, interleaved in one pool, against each alone."""
+    import numpy as np
+
+    from loopserve_edge import Llama, LoopServeConfig
+
+    path = _model(a.model)
+    items = passages_and_questions(1000)
+    turns = {}
+    for name in ("A", "B"):
+        turns[name] = []
+        for _ in range(a.turns):
+            title, text, q = next(items)
+            turns[name].append(f"Document ({title}): {text[:1500]}\n\nQuestion: {q}?")
+    print(f"{path.name}, {a.threads} threads, policy loopserve, budget {a.budget}, granularity {a.granularity}, "
+          f"n_ctx 8192, {a.turns} turns each, replies of {a.reply_tokens} tokens greedy\n")
+    print("| dialogue | turn | same reply | same first token | max abs logit diff | KL(alone || pooled) |")
+    print("|---|---:|---|---|---:|---:|")
+    cfg = dict(policy="loopserve", budget=a.budget, granularity=a.granularity)
+    alone = {}
+    for name, ts in turns.items():
+        with Llama(path, n_ctx=8192, n_threads=a.threads, loopserve=LoopServeConfig(max_resident=1, **cfg)) as llm:
+            d = llm.dialogue()
+            alone[name] = [(d.send(t, max_tokens=a.reply_tokens, temperature=0), d.first_token_logits) for t in ts]
+    with Llama(path, n_ctx=8192, n_threads=a.threads, loopserve=LoopServeConfig(max_resident=2, **cfg)) as llm:
+        ds = {name: llm.dialogue() for name in turns}
+        for i in range(a.turns):
+            for name, d in ds.items():
+                reply = d.send(turns[name][i], max_tokens=a.reply_tokens, temperature=0)
+                want, lg = alone[name][i]
+                diff = float(np.abs(lg - d.first_token_logits).max())
+                print(f"| {name} | {i + 1} | {reply == want} | {int(lg.argmax()) == int(d.first_token_logits.argmax())} "
+                      f"| {diff:.2e} | {_kl(lg, d.first_token_logits):.2e} |", flush=True)
+
+
 def fits(a) -> None:
     """Computed, not measured: weights at Q4_K_M's average bits plus KV by bytes_per_cell (which
     `alloc` checks against llama.cpp's own count); compute buffers and the CUDA context excluded."""
@@ -170,11 +219,18 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--reply-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("resident")
+    p.add_argument("--model", default="default")
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--budget", type=int, default=512)
+    p.add_argument("--granularity", default="head")
+    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("fits")
     p.add_argument("--budget", type=int, default=8192)
     p.add_argument("--pool", type=int, default=14336, help="n_ctx of the budgeted dialogue")
     a = ap.parse_args()
-    {"alloc": alloc, "budget": budget, "fits": fits}[a.cmd](a)
+    {"alloc": alloc, "budget": budget, "resident": resident, "fits": fits}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ def kv_type_kwargs(name: str) -> dict:
     return kw
 
 
-
 class _NoSlot(Exception):
     """llama_decode found no free KV cells."""
 
@@ -194,7 +193,7 @@ class Context:
             self.swap_out(next(iter(self._resident.values())))
         seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
         if dlg._swapped:
-            self._free_cells(len(dlg.positions), keep=None)
+            self._free_cells(len(dlg.positions))
             blob = dlg._swapped
             buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
             if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), seq) == 0:
@@ -221,11 +220,12 @@ class Context:
         cells = self.cells_used if dlg is None else (self.seq_cells(dlg._seq) if dlg._seq is not None else 0)
         return self.kv_bytes * cells // self.n_ctx
 
-    def _free_cells(self, n: int, keep: Resident | None) -> None:
-        """Swap out the least recently used residents other than `keep` until `n` cells of
+    def _free_cells(self, n: int, keep: tuple = ()) -> None:
+        """Swap out the least recently used residents but those in `keep` until `n` cells of
         the pool are free (or none is left to swap: the decode then reports a full context)."""
+        kept = {id(d) for d in keep}
         while self.n_ctx - self.cells_used < n:
-            lru = next((d for d in self._resident.values() if d is not keep), None)
+            lru = next((d for d in self._resident.values() if id(d) not in kept), None)
             if lru is None:
                 return
             self.swap_out(lru)
@@ -263,7 +263,7 @@ class Context:
         """Put dlg's sequence back to a state taken by sequence_state (undo of a failed turn)."""
         seq = self.make_resident(dlg)
         llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        self._free_cells(len(dlg.positions), keep=dlg)
+        self._free_cells(len(dlg.positions), keep=(dlg,))
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), seq) == 0:
             raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
@@ -496,7 +496,7 @@ class Context:
         """Append tokens at positions to dlg's sequence; returns the logits of the last.
         On a full context nothing is kept and ContextFullError is raised."""
         seq = self.make_resident(dlg)
-        self._free_cells(len(tokens), keep=dlg)
+        self._free_cells(len(tokens), keep=(dlg,))
         if len(tokens) > 1:
             bindings.llama_loopserve_prefill_stats_reset(self._ctx.ctx)  # stats are per prefill call
         starts = list(range(0, len(tokens), self.n_batch))
@@ -539,12 +539,7 @@ class Context:
         # each made resident becomes the most recently used, so a later one of the batch swaps
         # out an older dialogue, never one of the batch
         seqs = [self.make_resident(d) for d, _, _ in steps]
-        batch = {id(d) for d, _, _ in steps}
-        while self.n_ctx - self.cells_used < len(steps):
-            lru = next((d for d in self._resident.values() if id(d) not in batch), None)
-            if lru is None:
-                break
-            self.swap_out(lru)
+        self._free_cells(len(steps), keep=tuple(d for d, _, _ in steps))
         window = self.score_window
         self.set_score_window(len(steps) if scored else 0)
         b = self._batch

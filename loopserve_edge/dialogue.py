@@ -229,7 +229,7 @@ class Dialogue:
         chunks that fill the free cells, each followed by a cut back to the budget scored by
         the chunk's last tokens (llama.cpp needs every cell of a chunk at once, but not the
         ones a cut dropped), so an input of any length passes through n_ctx cells. Should a
-        chunk fail, the dialogue is put back as it was before the turn."""
+        chunk fail, the dialogue is put back as it was before the input's first chunk."""
         llm = self.llm
         llm.make_resident(self)
         saved = (llm.sequence_state(self._seq), list(self.tokens), list(self.positions), self.evicted, self.layout)
