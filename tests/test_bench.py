@@ -293,7 +293,8 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
         assert runs[-1].unavailable() == "sparse prefill not implemented"
     assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-defer",
                             "snapkv-head", "h2o-head", "loopserve-head", "loopserve-defer-head",
-                            "loopserve-prefill", "loopserve-both"}
+                            "loopserve-prefill", "loopserve-both", "streaming-chunked", "snapkv-chunked",
+                            "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
     assert Run(METHODS["loopserve-defer"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
     assert Run(METHODS["loopserve"], 256).config().defer_cut == 0
@@ -306,6 +307,10 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     spec = BenchSpec(model="m", flash_attn=False)
     assert llama_kwargs(spec, Run(METHODS["snapkv-head"], 256), 2048)["flash_attn"] is True
     assert llama_kwargs(spec, Run(METHODS["snapkv"], 256), 2048)["flash_attn"] is False
+    # budgeted prefill: a context of twice the budget, whatever the dialogue's length
+    assert llama_kwargs(spec, Run(METHODS["snapkv-chunked"], 256), 2048)["n_ctx"] == 512
+    assert llama_kwargs(spec, Run(METHODS["snapkv"], 256), 2048)["n_ctx"] == 2048
+    assert Run(METHODS["loopserve-defer-head-chunked"], 256).config() == head
     assert Run(METHODS["loopserve-both"], 256, 0.95).label == "loopserve-both@256@a0.95"
 
 
