@@ -258,7 +258,10 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
     click.echo(f"loopserve-edge serve: {name} on http://{host}:{port} (n_ctx {llm.n_ctx}, "
                f"{engine.restored} saved dialogues found in {opts.dialogues_dir})", err=True)
     try:
-        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning")
+        # requests still running 10 s after SIGTERM/SIGINT are cut (their dialogues stay
+        # consistent); then every changed dialogue is saved
+        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=10)
     finally:
         llm.close()
 
