@@ -156,7 +156,23 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         _chat(server.client(), [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     with pytest.raises(openai.BadRequestError, match="turns alternate"):
         _chat(server.client(), [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}])
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"X-Dialogue-Id": "../../escape"},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "dialogue id" in r.json()["error"]["message"]
     assert _chat(server.client(), [{"role": "user", "content": "still there?"}]).choices[0].message.content
+
+
+def test_a_dialogue_named_by_header_goes_on_whatever_the_history(server):
+    url, h = server.url + "/v1/chat/completions", {"X-Dialogue-Id": "my-chat_1"}
+    body = {"model": MODEL, "temperature": 0, "max_tokens": 6, "messages": [{"role": "user", "content": "Hello."}]}
+    r1 = httpx.post(url, headers=h, json=body)
+    assert r1.headers["X-Dialogue-Id"] == "my-chat_1"
+    body["messages"] += [{"role": "assistant", "content": r1.json()["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "Again."}]
+    r2 = httpx.post(url, headers=h, json=body).json()
+    assert r2["loopserve"]["dialogue_id"] == "my-chat_1"
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == (r1.json()["usage"]["prompt_tokens"] +
+                                                                     r1.json()["usage"]["completion_tokens"])
 
 
 def test_a_budget_per_request_keeps_the_dialogue_within_it(server):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from ..errors import LoopServeError
 from ..eviction import Evictor
 
 log = logging.getLogger("loopserve_edge.server")
+
+
+# a dialogue id names its state file: nothing that could leave the folder
+ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class DialogueBusy(LoopServeError):
@@ -88,6 +93,8 @@ class DialogueStore:
         prompt, its last user message, is sent to it next). The match covers the prompt too,
         so that a regenerated reply reuses the whole prompt."""
         if dialogue_id is not None:
+            if not ID.fullmatch(dialogue_id):
+                raise LoopServeError("a dialogue id is 1-64 letters, digits, '-' or '_'")
             e = self.entries.get(dialogue_id)
             if e is None:
                 e = self._new(system, dialogue_id)
