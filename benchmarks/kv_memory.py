@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 from pathlib import Path
 
 # real passages, read in place (LOOPSERVE_DATA); loads llama.cpp before numpy
@@ -129,13 +128,11 @@ def budget(a) -> None:
                        n_ubatch=512) as llm:
                 text = _document(llm, n)
                 d = llm.dialogue()
-                t0 = time.perf_counter()
                 d.send(text, max_tokens=a.reply_tokens, temperature=0)
                 s = d.last_stats
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 print(f"| {s.prompt_tokens} | {label} | {llm.n_ctx} | {_mib(llm.kv_bytes)} | {s.kv_cells} | "
                       f"{s.prefill_chunks} | {s.ttft_s:.1f} | {rss:.0f} |", flush=True)
-                del t0
 
 
 def _kl(p_logits, q_logits) -> float:

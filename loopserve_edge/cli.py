@@ -10,6 +10,7 @@ import click
 
 from . import chat_template, state_file
 from .config import GRANULARITIES, POLICIES, LoopServeConfig
+from .context import KV_TYPES, kv_type_kwargs
 from .errors import LoopServeError
 from .paths import ENV_DIALOGUES, default_model
 
@@ -43,6 +44,11 @@ def _guard(fn):
 dialogues_dir_option = click.option(
     "--dialogues-dir", type=click.Path(file_okay=False), default=None,
     help=f"where named dialogues are saved (default: the user data dir, or ${ENV_DIALOGUES}/dialogues)")
+
+
+kv_type_option = click.option(
+    "--kv-type", type=click.Choice(list(KV_TYPES)), default="f16", show_default=True,
+    help="KV cache type of K and V (quantized: flash attention on)")
 
 
 @click.group()
@@ -82,8 +88,7 @@ def _stats_line(dlg) -> str:
                    "dialogue holds at most this many tokens; with --kv-budget, an input longer than "
                    "the room beside the budget is prefilled in chunks, so n_ctx near 2x the budget "
                    "bounds memory whatever the input length")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
-              help="KV cache type of K and V (quantized: flash attention on)")
+@kv_type_option
 @click.option("--max-tokens", default=256, show_default=True, help="most tokens a reply may have")
 @click.option("--temperature", default=0.7, show_default=True, help="0 = greedy")
 @click.option("--top-k", default=40, show_default=True)
@@ -113,7 +118,6 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
     line is one user turn and each reply is printed on its own line.
     """
-    from .context import kv_type_kwargs
     from .llama import Llama
 
     interactive = sys.stdin.isatty()
@@ -211,7 +215,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
               help="require 'Authorization: Bearer KEY' on /v1/ (also $LOOPSERVE_API_KEY)")
 @click.option("--model-name", default=None, help="the model's id in the API  [default: the file's stem]")
 @click.option("--n-ctx", default=8192, show_default=True, help="KV pool in cells, shared by the resident dialogues")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True)
+@kv_type_option
 @click.option("--max-resident", default=4, show_default=True, help="dialogues in the KV pool at once")
 @click.option("--ram-limit-mb", default=1024, show_default=True,
               help="swapped-out dialogues kept in RAM; beyond, the least recently used live on disk only")
@@ -237,7 +241,6 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
     interval, window, defer_cut)."""
     import uvicorn
 
-    from .context import kv_type_kwargs
     from .llama import Llama
     from .paths import dialogues_dir as resolve
     from .server.app import create_app
@@ -351,12 +354,11 @@ def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, c
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--n-ctx", default=4096, show_default=True, help="KV cells to size the pool for (0 = trained context)")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True)
+@kv_type_option
 @_guard
 def info(model, n_ctx, kv_type):
     """Model metadata, the runtime build and the KV pool an n_ctx costs."""
     from . import runtime_info
-    from .context import kv_type_kwargs
     from .llama import Llama
 
     for k, v in runtime_info().items():

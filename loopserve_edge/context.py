@@ -224,6 +224,8 @@ class Context:
         """Swap out the least recently used residents but those in `keep` until `n` cells of
         the pool are free (or none is left to swap: the decode then reports a full context)."""
         kept = {id(d) for d in keep}
+        if all(id(d) in kept for d in self._resident.values()):
+            return   # nobody to swap out (the common case of one dialogue): no need to count
         while self.n_ctx - self.cells_used < n:
             lru = next((d for d in self._resident.values() if id(d) not in kept), None)
             if lru is None:
@@ -251,13 +253,8 @@ class Context:
         """Move a resident dialogue's cells into the pool's first free cells. Attention runs
         over every cell up to the highest one in use, so after a large eviction the holes
         would still cost time; a state round trip packs the kept cells together."""
-        if dlg._seq is None:
-            return
-        blob = self.sequence_state(dlg._seq)
-        llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), dlg._seq) == 0:
-            raise RuntimeError("llama.cpp could not reload a sequence it had just saved")
+        if dlg._seq is not None:
+            self.restore(dlg, self.sequence_state(dlg._seq))
 
     def restore(self, dlg: Resident, state: bytes) -> None:
         """Put dlg's sequence back to a state taken by sequence_state (undo of a failed turn)."""

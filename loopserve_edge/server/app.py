@@ -9,7 +9,6 @@ import asyncio
 import hmac
 import logging
 import threading
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -169,11 +168,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                         yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {},
                                                           protocol.FINISH[stats.finish_reason]))
                         if req.include_usage:
-                            yield protocol.sse({"id": cid, "object": "chat.completion.chunk",
-                                                "created": int(time.time()), "model": opts.model_name,
-                                                "system_fingerprint": fp, "choices": [],
-                                                "usage": protocol.usage(stats),
-                                                "loopserve": protocol.extras(did, stats)})
+                            yield protocol.sse(protocol.usage_chunk(cid, opts.model_name, fp, stats, did))
                         break
                     item = await queue.get()
                 yield b"data: [DONE]\n\n"

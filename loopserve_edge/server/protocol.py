@@ -212,5 +212,11 @@ def chunk(cid: str, model: str, fingerprint: str, delta: dict, finish: str | Non
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
 
+def usage_chunk(cid: str, model: str, fingerprint: str, stats, dialogue_id: str) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    return dict(chunk(cid, model, fingerprint, {}), choices=[], usage=usage(stats),
+                loopserve=extras(dialogue_id, stats))
+
+
 def sse(obj) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"

@@ -126,10 +126,9 @@ class DialogueStore:
         """A copy of src's dialogue (KV state and all) under a new id."""
         d = self._live(src)
         e = Entry(uuid.uuid4().hex, src.system, [])
-        c = self.llm.dialogue(system=src.system, name=e.id)
-        for f in ("messages", "tokens", "positions"):
-            setattr(c, f, list(getattr(d, f)))
-        c.kv_text, c.turns, c.evicted, c.layout = d.kv_text, d.turns, d.evicted, d.layout
+        header = d.to_header()   # what a state file holds, so the copy is what loading one gives
+        header["dialogue"]["name"] = e.id
+        c = Dialogue.from_header(self.llm, d.evictor, header, self._path(e.id))
         c._swapped = self.llm.sequence_state(d._seq) if d._seq is not None else d._swapped
         e.dialogue, e.messages = c, list(d.messages)
         self.entries[e.id] = e
