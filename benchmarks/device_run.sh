@@ -9,6 +9,9 @@
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
+#   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
+#            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
+#            n_ctx MEM_POOL 10240), f16 and q8_0 KV, peak GPU memory (8B shape, MEM_SHAPE)
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
 #   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
 #            method, test split, budgets 1/8 and 1/4 of the context, into /tmp/bench-gpu, stopped
@@ -63,6 +66,7 @@ for step in "$@"; do
       PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 LOOPSERVE_TEST_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider \
           tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py \
           tests/test_scores.py tests/test_eviction.py tests/test_head_wise.py tests/test_prefill.py tests/test_gemma.py \
+          tests/test_kv_pool.py tests/test_budgeted_prefill.py tests/test_kv_types.py tests/test_batch_decode.py \
           -k 'not default_model and not kept_content' ;;
     turns)
       for shape in 135m 1b; do
@@ -94,6 +98,12 @@ for step in "$@"; do
               --lengths 8192,32768,65536,131072 --ubatch 4096 --threads 8 --profile $caps
         done
       done ;;
+    memory)
+      shape=${MEM_SHAPE:-8b}
+      [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+      python3 benchmarks/kv_memory.py budget --model /tmp/random-$shape.gguf --tokens "${MEM_TOKENS:-131072}" \
+          --budget "${MEM_BUDGET:-8192}" --pool "${MEM_POOL:-10240}" --kv-type f16,q8_0 --stock \
+          --n-ubatch 2048 --n-gpu-layers -1 --threads 8 --reply-tokens 4 ;;
     profile)
       # where decode time goes per step of an interval, with and without CUDA graphs
       [ -f /tmp/random-1b.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-1b.gguf 1b .carry/smollm2-tokenizer.gguf

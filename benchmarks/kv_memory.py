@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import resource
+import time
 from pathlib import Path
 
 # real passages, read in place (LOOPSERVE_DATA); loads llama.cpp before numpy
 from loopserve_edge.bench.data import passages_and_questions
+
+import llama_cpp  # noqa: E402  (after loopserve_edge: llama.cpp's library before numpy)
 
 TYPES = ("f16", "q8_0", "q4_0")
 TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}   # per element (ggml blocks of 32)
@@ -64,8 +67,6 @@ def _model(name: str) -> Path:
 
 
 def alloc(a) -> None:
-    import llama_cpp
-
     from loopserve_edge import Llama, LoopServeConfig, bindings
     from loopserve_edge.context import kv_type_kwargs
 
@@ -99,40 +100,134 @@ def alloc(a) -> None:
 
 
 def _document(llm, n_tokens: int) -> str:
+    """Real passages up to n_tokens, then a question (llm: ours, or llama-cpp-python's)."""
     parts, total = [], 0
     for title, text, _ in passages_and_questions(100000):
         piece = f"Document ({title}): {text}\n\n"
         parts.append(piece)
-        total += len(llm.tokenize(piece))
+        total += len(llm.tokenize(piece.encode() if isinstance(llm, llama_cpp.Llama) else piece))
         if total >= n_tokens:
             break
     return "".join(parts) + "Question: which documents above mention a year?"
 
 
+class _DevicePeak:
+    """Peak memory used on GPU 0, polled through NVML (the driver's library, no Python package)
+    every few milliseconds while a setting runs; None where there is no NVIDIA driver."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        try:
+            self._nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        except OSError:
+            self._nvml = None
+            return
+        self._nvml.nvmlInit_v2()
+        self._dev = ctypes.c_void_p()
+        self._nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self._dev))
+
+        class Mem(ctypes.Structure):
+            _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+        self._mem = Mem()
+        self.peak = self.base = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def used(self) -> int:
+        import ctypes
+
+        self._nvml.nvmlDeviceGetMemoryInfo(self._dev, ctypes.byref(self._mem))
+        return self._mem.used
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.used())
+
+    def reset(self) -> None:
+        """From now on: the peak, and what was in use before (the CUDA context, other processes)."""
+        if self._nvml is not None:
+            self.peak = self.base = self.used()
+
+    def above_base(self) -> int:
+        return self.peak - self.base
+
+
 def budget(a) -> None:
+    """One dialogue fed one long input: full attention in a context that holds it against a
+    budgeted dialogue (budgeted prefill in chunks). On the GPU box, peak device memory too."""
     from loopserve_edge import Llama, LoopServeConfig
+    from loopserve_edge.context import kv_type_kwargs
 
     path = _model(a.model)
-    print(f"{path.name}, {a.threads} threads, reply {a.reply_tokens} tokens greedy, n_batch 2048 / "
-          f"n_ubatch 512; budgeted: policy loopserve, budget {a.budget}, n_ctx {2 * a.budget}\n")
-    print("| input tokens | setting | n_ctx | KV MiB allocated | cells held | chunks | TTFT s | peak RSS MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    pool = a.pool or 2 * a.budget
+    peak = _DevicePeak() if a.n_gpu_layers else None
+    gpu = peak is not None and peak._nvml is not None
+    if gpu:
+        # the CUDA context is made by the first model on the GPU: one layer of it, once, so that
+        # every setting is measured above it
+        llama_cpp.Llama(str(path), n_ctx=64, n_gpu_layers=1, verbose=False).close()
+    where = f"GPU ({a.n_gpu_layers} layers), flash attention" if a.n_gpu_layers else f"{a.threads} threads"
+    print(f"{path.name}, {where}, reply {a.reply_tokens} tokens greedy, n_batch {a.n_ubatch} / "
+          f"n_ubatch {a.n_ubatch}; full: n_ctx = input + 1024 ({'stock llama-cpp-python' if a.stock else 'one dialogue'}); "
+          f"budgeted: policy loopserve, budget {a.budget}, n_ctx {pool}\n")
+    head = "| input tokens | KV type | setting | n_ctx | KV MiB allocated | cells held | chunks | TTFT s |"
+    head += (" GPU MiB in use before | peak GPU MiB | weights MiB | peak less weights and what was in use before MiB |"
+             if gpu else " peak RSS MiB |")
+    print(head)
+    print("|---:|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if gpu else "---:|"))
+    stock_f16 = {}
     for n in (int(x) for x in a.tokens.split(",")):
-        for label in ("full", "budgeted"):
-            if label == "full":
-                cfg, n_ctx = LoopServeConfig(max_resident=1), n + 1024
-            else:
-                cfg = LoopServeConfig(max_resident=1, policy="loopserve", budget=a.budget)
-                n_ctx = 2 * a.budget
-            with Llama(path, loopserve=cfg, n_ctx=n_ctx, n_threads=a.threads, n_batch=2048,
-                       n_ubatch=512) as llm:
-                text = _document(llm, n)
-                d = llm.dialogue()
-                d.send(text, max_tokens=a.reply_tokens, temperature=0)
-                s = d.last_stats
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                print(f"| {s.prompt_tokens} | {label} | {llm.n_ctx} | {_mib(llm.kv_bytes)} | {s.kv_cells} | "
-                      f"{s.prefill_chunks} | {s.ttft_s:.1f} | {rss:.0f} |", flush=True)
+        for kv in a.kv_type.split(","):
+            kw = dict(kv_type_kwargs(kv), n_threads=a.threads, n_batch=a.n_ubatch, n_ubatch=a.n_ubatch,
+                      n_gpu_layers=a.n_gpu_layers)
+            if a.n_gpu_layers:
+                kw["flash_attn"] = True
+            less = {}
+            for label in ("full", "budgeted"):
+                if peak is not None:
+                    peak.reset()
+                if label == "full" and a.stock:
+                    # the stock path: llama-cpp-python's own object, no LoopServe controller
+                    from loopserve_edge import bindings
+
+                    llm = llama_cpp.Llama(str(path), n_ctx=n + 1024, verbose=False, **kw)
+                    tokens = llm.tokenize(_document(llm, n).encode())
+                    t0 = time.perf_counter()
+                    llm.eval(tokens)
+                    ttft = time.perf_counter() - t0
+                    row = (len(tokens), llm.n_ctx(), bindings.llama_loopserve_kv_bytes(llm.ctx), len(tokens), 1, ttft)
+                    weights = llama_cpp.llama_model_size(llm.model)
+                    llm.close()
+                else:
+                    if label == "full":
+                        cfg, n_ctx = LoopServeConfig(max_resident=1), n + 1024
+                    else:
+                        cfg = LoopServeConfig(max_resident=1, policy="loopserve", budget=a.budget)
+                        n_ctx = pool
+                    with Llama(path, loopserve=cfg, n_ctx=n_ctx, **kw) as llm:
+                        d = llm.dialogue()
+                        d.send(_document(llm, n), max_tokens=a.reply_tokens, temperature=0)
+                        s = d.last_stats
+                        row = (s.prompt_tokens, llm.n_ctx, llm.kv_bytes, s.kv_cells, s.prefill_chunks, s.ttft_s)
+                        weights = llama_cpp.llama_model_size(llm._llm._model.model)
+                cells = f"| {row[0]} | {kv} | {label} | {row[1]} | {_mib(row[2])} | {row[3]} | {row[4]} | {row[5]:.1f} |"
+                if gpu:
+                    less[label] = peak.above_base() - weights
+                    if kv == "f16" and label == "full":
+                        stock_f16[n] = less[label]
+                    cells += f" {_mib(peak.base)} | {_mib(peak.peak)} | {_mib(weights)} | {_mib(less[label])} |"
+                else:
+                    cells += f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |"
+                print(cells, flush=True)
+            if gpu:
+                for ref, value in (("full, same KV type", less["full"]), ("full with f16 KV", stock_f16.get(n) if kv != "f16" else None)):
+                    if value:
+                        print(f"\n{n} tokens, {kv} budgeted against {ref}, peak GPU memory less weights: "
+                              f"{less['budgeted'] / value:.3f} (1/{value / less['budgeted']:.1f})", flush=True)
+                print(flush=True)
 
 
 def _kl(p_logits, q_logits) -> float:
@@ -216,6 +311,12 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--reply-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv-type", default="f16", help="comma-separated: f16,q8_0")
+    p.add_argument("--n-ubatch", type=int, default=512, help="n_batch and n_ubatch of both settings")
+    p.add_argument("--pool", type=int, default=0, help="n_ctx of the budgeted dialogue (default 2 x budget)")
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--stock", action="store_true",
+                   help="full attention through llama-cpp-python's own Llama (the stock path)")
     p = sub.add_parser("resident")
     p.add_argument("--model", default="default")
     p.add_argument("--turns", type=int, default=4)
