@@ -221,6 +221,8 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
               help="swapped-out dialogues kept in RAM; beyond, the least recently used live on disk only")
 @click.option("--max-queue", default=16, show_default=True, help="requests waiting; beyond, 503 with Retry-After")
 @click.option("--max-tokens", default=512, show_default=True, help="a reply's length when the request gives none")
+@click.option("--save-idle", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="seconds a changed dialogue stays idle before its state file is written")
 @click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
 @click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True, help="KV eviction policy")
@@ -231,7 +233,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @dialogues_dir_option
 @_guard
 def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
-          max_tokens, n_gpu_layers, threads, policy, kv_budget, granularity, sparse_prefill, verbose,
+          max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, sparse_prefill, verbose,
           dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health,
     /metrics, a chat page at /) whose dialogues persist: a request that repeats a known
@@ -256,7 +258,8 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
                 verbose=verbose, **kv_type_kwargs(kv_type))
     name = model_name or model_path.stem
     opts = ServeOptions(model_name=name, dialogues_dir=resolve(dialogues_dir) / "server" / llm.fingerprint,
-                        ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens)
+                        ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens,
+                        save_idle_s=save_idle)
     engine = Engine(llm, opts)
     click.echo(f"loopserve-edge serve: {name} on http://{host}:{port} (n_ctx {llm.n_ctx}, "
                f"{engine.restored} saved dialogues found in {opts.dialogues_dir})", err=True)

@@ -256,6 +256,50 @@ def test_dialogues_survive_a_restart(tmp_path):
         s.stop()
 
 
+def test_a_server_killed_during_a_save_keeps_the_dialogue(tmp_path):
+    # kill -9 while a state file is being written (its temporary file exists): after a restart
+    # the dialogue is the one saved before, whole, and goes on from there
+    s = Server(tmp_path, "--save-idle", "0.05")
+    url, h = s.url + "/v1/chat/completions", {"X-Dialogue-Id": "killed"}
+    body = {"model": MODEL, "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "A long note about harbours and ships. " * 100}]}
+    caught = None
+    try:
+        r1 = httpx.post(url, headers=h, json=body, timeout=300).json()
+        deadline = time.time() + 30
+        while not list(tmp_path.glob("dialogues/server/*/killed.lsd")) and time.time() < deadline:
+            time.sleep(0.05)
+        saved = next(tmp_path.glob("dialogues/server/*/killed.lsd"))
+        first = saved.read_bytes()
+        folder = saved.parent
+        body["messages"] += [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
+                             {"role": "user", "content": "And the ships? " * 60}]
+        httpx.post(url, headers=h, json=body, timeout=300).raise_for_status()
+        deadline = time.time() + 30
+        while caught is None and time.time() < deadline:
+            caught = next(folder.glob(".killed.lsd.*.tmp"), None)
+        s.proc.kill()   # SIGKILL
+        s.proc.communicate(timeout=30)
+    except BaseException:
+        s.stop()
+        raise
+    assert caught is not None, "the second save was not seen in progress"
+    # the kill came before the rename (the previous file, whole) or, rarely, just after it
+    # (the new one, and no temporary file left)
+    before = saved.read_bytes() == first
+    assert before or not caught.exists()
+    s = Server(tmp_path, "--save-idle", "0.05")
+    try:
+        assert not list(folder.glob(".*.tmp"))   # the killed save's leftover is gone
+        r3 = httpx.post(s.url + "/v1/chat/completions", headers=h, json=dict(body, messages=body["messages"][:2] + [
+            {"role": "user", "content": "Which was it about?"}]), timeout=300).json()
+        cached, history = (r3["usage"]["prompt_tokens_details"]["cached_tokens"],
+                           r1["usage"]["prompt_tokens"] + r1["usage"]["completion_tokens"])
+        assert cached == history if before else cached >= history
+    finally:
+        s.stop()
+
+
 def test_an_api_key_is_required_when_set(tmp_path):
     s = Server(tmp_path, "--api-key", "s3cret")
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -36,6 +37,17 @@ ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 class DialogueBusy(LoopServeError):
     """A dialogue named by a request is answering another one."""
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (as a temporary file's name holds it) still runs."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prefix_key(system: str | None, messages) -> str:
@@ -183,7 +195,12 @@ class DialogueStore:
         return n
 
     def restore(self) -> int:
-        """Index the state files of this model found in root (loaded when a request needs one)."""
+        """Index the state files of this model found in root (loaded when a request needs one).
+        The temporary file of a save that a killed process left behind goes (the state file
+        it was to replace is still the previous one, whole)."""
+        for tmp in self.root.glob(f".*{state_file.SUFFIX}.*.tmp"):
+            if not _alive(tmp.name.rsplit(".", 2)[-2]):
+                tmp.unlink(missing_ok=True)
         n = 0
         for path in sorted(self.root.glob(f"*{state_file.SUFFIX}")):
             try:
