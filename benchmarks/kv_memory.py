@@ -171,7 +171,7 @@ def budget(a) -> None:
         llama_cpp.Llama(str(path), n_ctx=64, n_gpu_layers=1, verbose=False).close()
     where = f"GPU ({a.n_gpu_layers} layers), flash attention" if a.n_gpu_layers else f"{a.threads} threads"
     print(f"{path.name}, {where}, reply {a.reply_tokens} tokens greedy, n_batch {a.n_ubatch} / "
-          f"n_ubatch {a.n_ubatch}; full: n_ctx = input + 1024 ({'stock llama-cpp-python' if a.stock else 'one dialogue'}); "
+          f"n_ubatch {a.n_ubatch}; full: {'stock llama-cpp-python, n_ctx = input + 256' if a.stock else 'one dialogue, n_ctx = input + 1024'}; "
           f"budgeted: policy loopserve, budget {a.budget}, n_ctx {pool}\n")
     head = "| input tokens | KV type | setting | n_ctx | KV MiB allocated | cells held | chunks | TTFT s |"
     head += (" GPU MiB in use before | peak GPU MiB | weights MiB | peak less weights and what was in use before MiB |"
@@ -193,8 +193,11 @@ def budget(a) -> None:
                     # the stock path: llama-cpp-python's own object, no LoopServe controller
                     from loopserve_edge import bindings
 
-                    llm = llama_cpp.Llama(str(path), n_ctx=n + 1024, verbose=False, **kw)
-                    tokens = llm.tokenize(_document(llm, n).encode())
+                    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+                    tokens = vocab.tokenize(_document(vocab, n).encode())
+                    vocab.close()
+                    # a context just large enough for the input (its tokens counted whole)
+                    llm = llama_cpp.Llama(str(path), n_ctx=len(tokens) + 256, verbose=False, **kw)
                     t0 = time.perf_counter()
                     llm.eval(tokens)
                     ttft = time.perf_counter() - t0

@@ -4,7 +4,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from conftest import GPU_LAYERS, THREADS
+from conftest import GPU_LAYERS, THREADS, assert_same_logits
 from loopserve_edge import ContextFullError, LoopServeConfig, bindings
 from loopserve_edge import context as context_mod
 
@@ -119,5 +119,5 @@ def test_budgeted_dialogues_reply_alike_whatever_else_is_resident(tiny_model, ma
             want, logits = alone[w][i]
             assert reply == want
             assert _kl(logits, d.first_token_logits) < 1e-6
-            np.testing.assert_allclose(d.first_token_logits, logits, rtol=1e-4, atol=1e-4)
+            assert_same_logits(d.first_token_logits, logits, atol=1e-4)
     assert all(d.evicted > 0 for d in ds.values())
