@@ -9,7 +9,10 @@ llama.cpp in several batches, as long ones do.
     python benchmarks/evict_variants.py F --n-batch 512 \\
         '{"policy": "streaming", "budget": 256}' '{"policy": "loopserve", "budget": 256, "defer_cut": 4}'
 
-Each variant is a JSON object of LoopServeConfig fields ("name" labels it).
+Each variant is a JSON object of LoopServeConfig fields ("name" labels it, "n_ctx" sets the
+context, by default the longest dialogue's: smaller makes long inputs go in as chunks). Each
+variant after the first is also compared with the first, paired on the same dialogues
+(difference in same greedy token, 95% bootstrap interval over dialogues).
 """
 from __future__ import annotations
 
@@ -51,13 +54,15 @@ def main() -> None:
 
     fidelity.summary = summary
     print(f"{a.folder}: {len(cases)} dialogues, n_batch {a.n_batch}")
+    first = None
     for text in a.variants:
         v = json.loads(text)
         name = v.pop("name", text)
+        n_ctx = v.pop("n_ctx", max(c.ctx for c in cases))
         cfg = LoopServeConfig(max_resident=1, **v)
         run = Run(METHODS[cfg.policy], cfg.budget)
         rows, t0 = [], time.time()
-        with Llama(meta["spec"]["model"], loopserve=cfg, n_ctx=max(c.ctx for c in cases),
+        with Llama(meta["spec"]["model"], loopserve=cfg, n_ctx=n_ctx,
                    n_threads=a.threads, n_batch=a.n_batch, n_ubatch=min(512, a.n_batch)) as llm:
             for c in cases:
                 rec, _ = run_dialogue(llm, c, run, refs=fidelity.load_refs(a.folder / "refs" / f"{c.id}.npz"))
@@ -66,6 +71,15 @@ def main() -> None:
         print(f"{name}: same {mean('same_greedy'):.1%} KL {mean('mean_kl'):.3f}; after {a.late} steps "
               f"of each turn: same {mean('same_late'):.1%} KL {mean('kl_late'):.3f} ({time.time() - t0:.0f} s)")
         print("   " + " ".join(f"{t}:{f['same_greedy']:.0%}" for t, f in rows), flush=True)
+        same = np.array([f["same_greedy"] for _, f in rows])
+        if first is None:
+            first = (name, same)
+        else:
+            diff = same - first[1]
+            rng = np.random.default_rng(0)
+            boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(4000)]
+            lo, hi = np.percentile(boot, [2.5, 97.5]) * 100
+            print(f"   paired against {first[0]}: {diff.mean() * 100:+.1f} points [{lo:+.1f}, {hi:+.1f}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,10 @@ class LoopServeConfig:
     # is spread over more tokens at large budgets (at budget 2048 the GPU box then decodes
     # at 94-95% of its depth-0 speed at 64K; benchmarks/results/decode.md)
     interval: int | None = None
-    window: int = 4         # recent tokens whose attention scores the cache
+    window: int = 4         # recent tokens whose attention scores the cache in decoding
+    # an input's last tokens whose attention scores the cut after it (SnapKV's observation
+    # window; in a chat turn they hold the question and the reply's header); None: `window`
+    prefill_window: int | None = None
     # loopserve: the cut after a prefill waits for the first `defer_cut` generated tokens and
     # is scored by them as well as by the input's last `window` tokens (0: cut as soon as the
     # prefill ends, scored by the input alone). The output says best what the reply needs:
@@ -70,6 +73,13 @@ class LoopServeConfig:
     # sliding-window layers of a model that has them (Gemma 3) keep the cells at the moved cells'
     # positions. Policies without scores (streaming) cut alike either way.
     granularity: str = "cell"
+    # Budgeted prefill (an input longer than the free cells goes in as chunks, each cut back to
+    # the budget): after each chunk but the last, the input's own last `chunk_probe` tokens are
+    # decoded after it and removed again, and the chunk's cut is scored by the last
+    # `prefill_window` of them, as the cut after a whole input is. A chunk's own last tokens have not seen the
+    # question an input ends with; these have. 0: scored by the chunk's own last tokens. Off for
+    # sliding-window models (the window cache would drop cells the next chunk still needs).
+    chunk_probe: int = 32
     sink: int = 4           # first cells, always kept
     recent: int = 64        # last cells, always kept
     pooling: int = 7        # smoothing kernel over positions (1 = none)
@@ -78,6 +88,8 @@ class LoopServeConfig:
     def __post_init__(self) -> None:
         if self.interval is None:
             object.__setattr__(self, "interval", min(128, max(16, (self.budget or 1024) // 16)))
+        if self.prefill_window is None:
+            object.__setattr__(self, "prefill_window", self.window)
         if self.max_resident < 1:
             raise ValueError("max_resident must be >= 1")
         if self.policy not in POLICIES:
@@ -88,8 +100,10 @@ class LoopServeConfig:
             raise ValueError(f"compact_positions must be one of {', '.join(COMPACTIONS)}")
         if self.aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}")
-        if min(self.interval, self.window, self.pooling) < 1 or min(self.sink, self.recent) < 0:
-            raise ValueError("interval, window and pooling must be >= 1; sink and recent >= 0")
+        if min(self.interval, self.window, self.prefill_window, self.pooling) < 1 or \
+                min(self.sink, self.recent, self.chunk_probe) < 0:
+            raise ValueError("interval, window, prefill_window and pooling must be >= 1; "
+                             "sink, recent and chunk_probe >= 0")
         if self.defer_cut is None:
             object.__setattr__(self, "defer_cut", min(4, self.interval - min(self.window, self.interval)))
         if not 0 <= self.defer_cut <= self.interval - min(self.window, self.interval):

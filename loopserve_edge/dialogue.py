@@ -227,21 +227,22 @@ class Dialogue:
     def _prefill_in_chunks(self, new: list[int]) -> np.ndarray:
         """Budgeted prefill of an input that does not fit beside the history: it goes in as
         chunks that fill the free cells, each followed by a cut back to the budget scored by
-        the chunk's last tokens (llama.cpp needs every cell of a chunk at once, but not the
-        ones a cut dropped), so an input of any length passes through n_ctx cells. Should a
-        chunk fail, the dialogue is put back as it was before the input's first chunk."""
+        the input's last tokens decoded after it (Evictor.chunk_probe; llama.cpp needs every
+        cell of a chunk at once, but not the ones a cut dropped), so an input of any length
+        passes through n_ctx cells. Should a chunk fail, the dialogue is put back as it was
+        before the input's first chunk."""
         llm = self.llm
         llm.make_resident(self)
         saved = (llm.sequence_state(self._seq), list(self.tokens), list(self.positions), self.evicted, self.layout)
         try:
-            done = 0
+            done, probe = 0, self.evictor.chunk_probe(new)
             while True:
-                n = self.evictor.next_chunk(self, len(new) - done)
+                n = self.evictor.next_chunk(self, len(new) - done, len(probe))
                 logits = self._prefill_chunk(new[done:done + n])
                 done += n
                 if done == len(new):
                     return logits
-                self.evictor.after_chunk(self)
+                self.evictor.after_chunk(self, probe)
         except BaseException:
             state, self.tokens, self.positions, self.evicted, self.layout = saved
             llm.restore(self, state)

@@ -3,18 +3,20 @@
 Policies (LoopServeConfig.policy):
 - full       never evicts.
 - streaming  keeps the `sink` first and the most recent cells (no scores).
-- snapkv     compresses once after each prefill, scored by the input's last `window`
-             tokens (no decode-time scoring).
+- snapkv     compresses once after each prefill, scored by the input's last
+             `prefill_window` tokens (no decode-time scoring).
 - h2o        scores with every token seen (prefill window and all generated tokens,
              never reset) and compresses every `interval` generated tokens.
 - loopserve  scores with the most recent `window` output tokens and compresses every
              `interval` generated tokens (progressive: each turn builds on the last).
-             After a prefill it cuts at once, scored by the input's last `window` tokens,
+             After a prefill it cuts at once, scored by the input's last `prefill_window` tokens,
              or, with `defer_cut` > 0, after that many generated tokens, scored by them too.
 
 An input that does not fit in n_ctx beside the history (with a policy that evicts) is
-prefilled in chunks that fill the free cells, each cut back to the budget scored by its own
-last `window` tokens (streaming: by recency), so any input passes through the budget's cells.
+prefilled in chunks that fill the free cells, each cut back to the budget (streaming: by
+recency), so any input passes through the budget's cells. A chunk's cut is scored by the
+input's own last tokens, decoded after the chunk and removed again (`chunk_probe`), so it
+sees the question the input ends with, as the cut after a whole input does.
 
 Always kept: the first `sink` cells and the last `recent` cells. The rest of the budget
 goes to the cells with the highest pooled score. New tokens continue after the highest kept
@@ -108,16 +110,23 @@ class Evictor:
 
     # -- turn hooks ----------------------------------------------------------------------
 
-    def next_chunk(self, dlg: Tracked, n_rest: int) -> int:
+    def chunk_probe(self, new: list[int]) -> list[int]:
+        """The tokens decoded after each chunk of this input to score its cut (none: the
+        chunk's own last tokens score it)."""
+        if not self.scored or self.cfg.chunk_probe == 0 or self.llm.sliding_window:
+            return []
+        return new[-self.cfg.chunk_probe:]
+
+    def next_chunk(self, dlg: Tracked, n_rest: int, n_probe: int = 0) -> int:
         """Budgeted prefill (an input that does not fit beside the history): how many of its
         remaining `n_rest` tokens go in next. As many as the free cells take, less the few
-        the reply needs before its first cut; each chunk but the last is followed by
-        after_chunk. If the history leaves too little room, it is first cut back to the
-        budget by recency (the input cannot be scored before it is computed)."""
+        the reply needs before its first cut and the probe's; each chunk but the last is
+        followed by after_chunk. If the history leaves too little room, it is first cut back
+        to the budget by recency (the input cannot be scored before it is computed)."""
         cfg, n_ctx = self.cfg, self.llm.n_ctx
-        reserve = 1 + (cfg.defer_cut if cfg.policy == "loopserve" else 0)
+        reserve = max(1 + (cfg.defer_cut if cfg.policy == "loopserve" else 0), n_probe)
         free = n_ctx - 1 - len(dlg.positions) - reserve
-        if free < min(n_rest, cfg.window) and len(dlg.positions) > cfg.budget:
+        if free < min(n_rest, cfg.prefill_window) and len(dlg.positions) > cfg.budget:
             self._compress(dlg, None, cfg.budget)
             free = n_ctx - 1 - len(dlg.positions) - reserve
         if free < 1:
@@ -126,8 +135,17 @@ class Evictor:
                 f"use an n_ctx well above the budget (the room beyond it is the prefill chunk)")
         return min(n_rest, free)
 
-    def after_chunk(self, dlg: Tracked) -> None:
-        """The cut after a chunk of a budgeted prefill, scored by the chunk's last tokens."""
+    def after_chunk(self, dlg: Tracked, probe: list[int]) -> None:
+        """The cut after a chunk of a budgeted prefill: scored by the last `prefill_window` tokens of
+        the probe (chunk_probe), decoded after the chunk and removed again, else by the
+        chunk's last tokens."""
+        if probe:
+            if self.cfg.policy != "h2o":
+                self.llm.reset_scores(dlg)
+            self._window(dlg, min(self.cfg.prefill_window, len(probe)))
+            start = dlg.positions[-1] + 1
+            self.llm.decode(dlg, probe, list(range(start, start + len(probe))))
+            self.llm.remove_positions(dlg._seq, start)
         self.compress(dlg)
 
     def begin_prefill(self, dlg: Tracked, n_new: int) -> None:
@@ -142,7 +160,7 @@ class Evictor:
             return
         if self.cfg.policy != "h2o":
             self.llm.reset_scores(dlg)
-        self._window(dlg, min(self.cfg.window, n_new))
+        self._window(dlg, min(self.cfg.prefill_window, n_new))
 
     def after_prefill(self, dlg: Tracked) -> None:
         if not self.active:

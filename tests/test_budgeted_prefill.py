@@ -1,7 +1,9 @@
 """Budgeted prefill: an input longer than the context goes in as chunks, each cut back to the
-budget, scored by the chunk's own last tokens."""
+budget, scored by the input's last tokens decoded after the chunk (chunk_probe) or by the
+chunk's own last tokens."""
 import numpy as np
 import pytest
+from conftest import assert_same_logits
 
 from loopserve_edge import ContextFullError, LoopServeConfig
 
@@ -21,33 +23,92 @@ def test_an_input_several_times_the_context_goes_through_the_budget(tiny_model, 
     cfg = _cfg(policy, granularity=granularity)
     llm = make_llm(tiny_model, n_ctx=256, loopserve=cfg)
     d = llm.dialogue()
-    cuts = []
-    real = d.evictor.after_chunk
+    cuts, in_chunk = [], []
+    real, real_compress = d.evictor.after_chunk, d.evictor.compress
 
-    def spy(dlg):
-        # every chunk filled the free cells, no more, and (scored policies) its last
-        # `window` tokens are what scores the cut
-        assert llm.cells_used <= llm.n_ctx - 1 and dlg.n_cells == len(dlg.tokens)
-        cuts.append((llm.score_rows(dlg), dlg.n_cells))
-        real(dlg)
+    def spy(dlg, probe):
+        # every chunk filled the free cells, no more, leaving room for the probe
+        assert llm.cells_used + len(probe) <= llm.n_ctx - 1 and dlg.n_cells == len(dlg.tokens)
+        assert len(probe) == (0 if policy == "streaming" else cfg.chunk_probe)
+        in_chunk.append(True)
+        real(dlg, probe)
+        in_chunk.pop()
         assert dlg.n_cells <= cfg.budget
 
-    d.evictor.after_chunk = spy
+    def compress(dlg):
+        if in_chunk:  # (scored policies) `window` tokens score the cut: the probe's
+            cuts.append((llm.score_rows(dlg), dlg.n_cells))
+        real_compress(dlg)
+
+    d.evictor.after_chunk, d.evictor.compress = spy, compress
     assert len(llm.tokenize(LONG)) > 6 * llm.n_ctx
     reply = d.send(LONG, **GREEDY)
     s = d.last_stats
     assert s.prefill_chunks == len(cuts) + 1 >= 8
     assert s.prefilled_tokens > 6 * llm.n_ctx and s.kv_cells <= cfg.budget + cfg.interval
-    assert all(n > 200 for _, n in cuts[1:])   # after the first cut, chunks fill what the budget leaves
     if policy in ("loopserve", "snapkv"):
-        assert all(rows == cfg.window for rows, _ in cuts)
-    elif policy == "h2o":                        # scores accumulate over every chunk
-        assert [r for r, _ in cuts] == [cfg.window * (k + 1) for k in range(len(cuts))]
+        assert all(rows == cfg.prefill_window for rows, _ in cuts)
+    elif policy == "h2o":                        # scores accumulate: each chunk's and its probe's
+        assert [r for r, _ in cuts] == [2 * cfg.prefill_window * (k + 1) for k in range(len(cuts))]
+    assert all(n > 200 for _, n in cuts[1:])   # after the first cut, chunks fill what the budget leaves
     assert np.all(np.diff(d.positions) > 0) and d.positions[-1] < llm.n_ctx_train
     assert isinstance(reply, str) and d.evicted > 0
     # and the dialogue goes on: the next turn fits and is not chunked
     d.send("and the last line?", **GREEDY)
     assert d.last_stats.prefill_chunks == 1 and d.last_stats.reused_tokens > 0
+
+
+def test_each_chunk_cut_is_scored_by_the_end_of_the_input(tiny_model, make_llm):
+    # the probe (the input's last tokens) is decoded right after the chunk and removed again;
+    # the cut's scores are those the probe's last `window` tokens give the chunk's cells
+    cfg = _cfg(granularity="head")
+    llm = make_llm(tiny_model, n_ctx=256, loopserve=cfg)
+    d = llm.dialogue()
+    calls, cut_scores = [], []
+    real_decode, real_compress = llm.decode, d.evictor.compress
+
+    def decode(dlg, tokens, positions):
+        calls.append((list(tokens), list(positions)))
+        return real_decode(dlg, tokens, positions)
+
+    def compress(dlg):
+        if not cut_scores:
+            pos, sc = llm.attention_scores(dlg)
+            assert list(pos) == dlg.positions   # the probe's cells are gone
+            cut_scores.append((pos, sc))
+        real_compress(dlg)
+
+    llm.decode, d.evictor.compress = decode, compress
+    question = " Which line first mentions harbours, and what came before it?"
+    d.send(LONG + question, **GREEDY)
+    new = llm.tokenize(d._render(d.messages[:1]), add_bos=llm.add_bos)   # the input
+    probe = new[-cfg.chunk_probe:]
+    (chunk, at), (probed, probe_at) = calls[0], calls[1]
+    assert chunk == new[:len(chunk)] and probed == probe
+    assert probe_at == list(range(at[-1] + 1, at[-1] + 1 + len(probe)))
+    assert d.positions[-1] < at[-1] + len(new) - len(chunk) + 1 + GREEDY["max_tokens"]
+
+    # the same two decodes in a context of their own, scored by the probe's last tokens
+    ref = make_llm(tiny_model, n_ctx=512).dialogue()
+    ctx = ref.llm
+    ctx.decode(ref, chunk, at)
+    ctx.set_score_window(cfg.prefill_window)
+    ctx.decode(ref, probe, probe_at)
+    pos, sc = ctx.attention_scores(ref)
+    got_pos, got = cut_scores[0]
+    np.testing.assert_array_equal(pos[:len(chunk)], got_pos)
+    np.testing.assert_allclose(sc[:len(chunk)], got, rtol=1e-3, atol=1e-6)
+
+
+def test_without_a_probe_the_chunk_scores_its_own_cut(tiny_model, make_llm):
+    llm = make_llm(tiny_model, n_ctx=256, loopserve=_cfg(chunk_probe=0))
+    d = llm.dialogue()
+    sizes, real = [], llm.decode
+    llm.decode = lambda dlg, tokens, positions: (sizes.append(len(tokens)), real(dlg, tokens, positions))[1]
+    d.send(LONG, **GREEDY)
+    assert d.last_stats.prefill_chunks >= 8
+    # chunks and generated tokens only: no probe decodes between the chunks
+    assert sum(sizes[:d.last_stats.prefill_chunks]) == d.last_stats.prefilled_tokens
 
 
 def test_an_input_that_fits_is_one_chunk(tiny_model, make_llm):
@@ -83,7 +144,7 @@ def test_a_chunk_that_fails_puts_the_dialogue_back(tiny_model, make_llm):
     del llm.decode
     assert (d.tokens, d.positions, d.messages, d.kv_text, d.evicted, d.n_cells) == before
     assert d.send("next", **GREEDY) == twin.send("next", **GREEDY)
-    np.testing.assert_array_equal(d.first_token_logits, twin.first_token_logits)
+    assert_same_logits(d.first_token_logits, twin.first_token_logits)
 
 
 def test_a_context_with_no_room_beside_the_budget_says_so(tiny_model, make_llm):

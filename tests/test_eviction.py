@@ -330,6 +330,28 @@ def test_loopserve_can_defer_the_post_prefill_cut_to_the_first_generated_tokens(
     assert d.n_cells <= c.budget + (0 if defer else 2) and llm.score_window == 0
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "loopserve"])
+def test_an_input_is_scored_by_its_prefill_window_and_decoding_by_window(tiny_model, make_llm, policy):
+    c = cfg(policy, budget=48, prefill_window=16, window=4, defer_cut=4 if policy == "loopserve" else None)
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    rows, real = [], d.evictor.compress
+
+    def compress(dlg):
+        rows.append(llm.score_rows(dlg))
+        real(dlg)
+
+    d.evictor.compress = compress
+    d.send("w" * 120, max_tokens=40, **GREEDY)
+    if policy == "snapkv":
+        assert rows == [16]                        # its one cut: the input's last 16 tokens
+    else:
+        # the deferred cut: the input's last 16 and the first 4 generated; then each
+        # compression every `interval` tokens: the `window` tokens before it
+        assert rows[0] == 16 + 4 and set(rows[1:]) == {4} and len(rows) > 1
+    assert LoopServeConfig(policy=policy, budget=256, window=8).prefill_window == 8   # None: `window`
+
+
 def test_defer_cut_is_4_by_default_within_the_room_an_interval_leaves():
     assert LoopServeConfig(policy="loopserve", budget=256).defer_cut == 4
     assert LoopServeConfig(policy="loopserve", budget=256, interval=6, window=4).defer_cut == 2
