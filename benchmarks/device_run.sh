@@ -11,7 +11,7 @@
 #                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
 #            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
-#            n_ctx MEM_POOL 10240), f16 and q8_0 KV, peak GPU memory (8B shape, MEM_SHAPE)
+#            n_ctx MEM_POOL 10240), f16 and q8_0 KV (stock: f16), peak GPU memory (8B shape, MEM_SHAPE)
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
 #   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
 #            method, test split, budgets 1/8 and 1/4 of the context, into /tmp/bench-gpu, stopped
@@ -100,9 +100,10 @@ for step in "$@"; do
       done ;;
     memory)
       shape=${MEM_SHAPE:-8b}
-      [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
-      python3 benchmarks/kv_memory.py budget --model /tmp/random-$shape.gguf --tokens "${MEM_TOKENS:-131072}" \
-          --budget "${MEM_BUDGET:-8192}" --pool "${MEM_POOL:-10240}" --kv-type f16,q8_0 --stock \
+      # values do not matter to memory: the quick random weights (--fast)
+      [ -f /tmp/mem-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/mem-$shape.gguf $shape .carry/smollm2-tokenizer.gguf --fast
+      python3 benchmarks/kv_memory.py budget --model /tmp/mem-$shape.gguf --tokens "${MEM_TOKENS:-131072}" \
+          --budget "${MEM_BUDGET:-8192}" --pool "${MEM_POOL:-10240}" --kv-type f16,q8_0 --full-kv f16 --stock \
           --n-ubatch 2048 --n-gpu-layers -1 --threads 8 --reply-tokens 4 ;;
     profile)
       # where decode time goes per step of an interval, with and without CUDA graphs

@@ -186,7 +186,7 @@ def budget(a) -> None:
             if a.n_gpu_layers:
                 kw["flash_attn"] = True
             less = {}
-            for label in ("full", "budgeted"):
+            for label in ("full", "budgeted") if kv in a.full_kv.split(",") else ("budgeted",):
                 if peak is not None:
                     peak.reset()
                 if label == "full" and a.stock:
@@ -226,7 +226,8 @@ def budget(a) -> None:
                     cells += f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |"
                 print(cells, flush=True)
             if gpu:
-                for ref, value in (("full, same KV type", less["full"]), ("full with f16 KV", stock_f16.get(n) if kv != "f16" else None)):
+                for ref, value in (("full, same KV type", less.get("full")),
+                                   ("full with f16 KV", stock_f16.get(n) if kv != "f16" else None)):
                     if value:
                         print(f"\n{n} tokens, {kv} budgeted against {ref}, peak GPU memory less weights: "
                               f"{less['budgeted'] / value:.3f} (1/{value / less['budgeted']:.1f})", flush=True)
@@ -318,6 +319,7 @@ def main() -> None:
     p.add_argument("--n-ubatch", type=int, default=512, help="n_batch and n_ubatch of both settings")
     p.add_argument("--pool", type=int, default=0, help="n_ctx of the budgeted dialogue (default 2 x budget)")
     p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--full-kv", default="f16,q8_0,q4_0", help="the KV types the full setting runs with")
     p.add_argument("--stock", action="store_true",
                    help="full attention through llama-cpp-python's own Llama (the stock path)")
     p = sub.add_parser("resident")

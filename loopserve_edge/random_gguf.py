@@ -106,13 +106,16 @@ def _writer(path, arch, seed, *, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_h
 
 def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128,
                        n_ctx_train=4096, tokenizer_from=None, dtype=np.float32,
-                       std=0.02, qk_std=None, embd_std=None) -> pathlib.Path:
+                       std=0.02, qk_std=None, embd_std=None, fast=False) -> pathlib.Path:
     """Write a Llama-architecture GGUF with N(0, std) weights (norms are ones).
 
     tokenizer_from: a GGUF whose tokenizer is copied; None for the tiny byte-level one.
     dtype: np.float32 or np.float16 (half the file for large shapes).
     qk_std, embd_std: other scales for attn_q/attn_k and token_embd (default: std); large
     Q/K scales make attention far from uniform, which attention-score checks need.
+    fast (f16 only): random signs and mantissas at one exponent (|w| in [2^-6, 2^-5), about
+    std 0.02) made from random bytes, several times quicker for the 8B shape; for runs that
+    measure memory, where the values do not matter.
     The default head size, n_embd / n_head = 32, is the smallest a quantized KV cache
     accepts: llama.cpp wants it to be a multiple of q8_0's block of 32.
     """
@@ -122,6 +125,9 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     rng = np.random.default_rng(seed)
 
     def rand(*shape, s=std):  # numpy shape is ggml's reversed: (rows=out, cols=in)
+        if fast:
+            bits = np.frombuffer(rng.bytes(2 * int(np.prod(shape))), dtype=np.uint16)
+            return ((bits & 0x83FF) | 0x2400).view(np.float16).reshape(shape)
         return (rng.standard_normal(shape, dtype=np.float32) * s).astype(dtype)
 
     w = _writer(path, "llama", seed, n_ctx_train=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
@@ -207,7 +213,7 @@ def write_random_gemma3(path, *, seed=0, n_layer=4, n_embd=128, n_head=4, n_head
     return path
 
 
-def write_shape(path, shape: str, tokenizer_from, seed=0) -> pathlib.Path:
+def write_shape(path, shape: str, tokenizer_from, seed=0, fast=False) -> pathlib.Path:
     """A benchmark model: a named shape from SHAPES, f16 weights, a real tokenizer; or
     Gemma-3-270M's shape (GEMMA3_270M: f32 weights, the byte tokenizer)."""
     if shape == "gemma3-270m":
@@ -215,10 +221,12 @@ def write_shape(path, shape: str, tokenizer_from, seed=0) -> pathlib.Path:
     n_embd, n_layer, n_head, n_head_kv, n_ff = SHAPES[shape]
     return write_random_llama(path, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                               n_head_kv=n_head_kv, n_ff=n_ff, n_ctx_train=131072,
-                              tokenizer_from=tokenizer_from, dtype=np.float16)
+                              tokenizer_from=tokenizer_from, dtype=np.float16, fast=fast)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[2] not in [*SHAPES, "gemma3-270m"]:
-        sys.exit(f"usage: python -m loopserve_edge.random_gguf OUT.gguf {{{','.join(SHAPES)},gemma3-270m}} TOKENIZER.gguf")
-    print(write_shape(sys.argv[1], sys.argv[2], sys.argv[3]))
+    args = [a for a in sys.argv[1:] if a != "--fast"]
+    if len(args) != 3 or args[1] not in [*SHAPES, "gemma3-270m"]:
+        sys.exit(f"usage: python -m loopserve_edge.random_gguf OUT.gguf {{{','.join(SHAPES)},gemma3-270m}} "
+                 "TOKENIZER.gguf [--fast]  (--fast: quick random f16 values, for memory runs)")
+    print(write_shape(*args, fast="--fast" in sys.argv))
