@@ -49,19 +49,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--flash-attn", default="on", help="on, off, or on,off: both, side by side")
     a = ap.parse_args()
 
-    from loopserve_edge import Llama, LoopServeConfig
     from loopserve_edge.paths import default_model
-    from loopserve_edge.server.engine import Engine, ServeOptions
 
     model = Path(a.model) if a.model else default_model()
     clients = [int(c) for c in a.clients.split(",")]
     print(f"{model.name}, {a.threads} threads, n_gpu_layers {a.n_gpu_layers}, replies of {a.tokens} tokens "
           f"(greedy), max_resident {max(clients)}\n")
-    print("| clients | mode | wall s | generated tok/s (all clients) | replies per decode step |")
-    print("|---:|---|---:|---:|---:|")
-    with Llama(model, n_ctx=4096, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers,
+    print("| flash attention | clients | mode | wall s | generated tok/s (all clients) | replies per decode step |")
+    print("|---|---:|---|---:|---:|---:|")
+    for fa in a.flash_attn.split(","):
+        _measure(model, clients, a, fa)
+
+
+def _measure(model, clients, a, fa: str) -> None:
+    from loopserve_edge import Llama, LoopServeConfig
+    from loopserve_edge.server.engine import Engine, ServeOptions
+
+    with Llama(model, n_ctx=4096, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, flash_attn=fa == "on",
                loopserve=LoopServeConfig(max_resident=max(clients))) as llm:
         with tempfile.TemporaryDirectory() as tmp:   # warm-up: allocation, graph building
             engine = Engine(llm, ServeOptions(model.stem, Path(tmp)))
@@ -80,7 +87,7 @@ def main() -> None:
                     for e in list(engine.store.entries.values()):
                         if e.dialogue is not None:
                             e.dialogue.close()
-                print(f"| {n} | {mode} | {wall:.2f} | {gen / wall:.1f} | {per_step:.2f} |", flush=True)
+                print(f"| {fa} | {n} | {mode} | {wall:.2f} | {gen / wall:.1f} | {per_step:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

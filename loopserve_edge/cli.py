@@ -229,12 +229,15 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="cell", show_default=True)
 @click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
+@click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
+              help="flash attention: with several dialogues in the pool, a reply's attention then "
+                   "skips the other dialogues' cells instead of computing and masking them")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
 def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
-          max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, sparse_prefill, verbose,
-          dialogues_dir):
+          max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, sparse_prefill, flash_attn,
+          verbose, dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health,
     /metrics, a chat page at /) whose dialogues persist: a request that repeats a known
     conversation prefills only its new messages. Dialogues are saved to
@@ -254,8 +257,12 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()
+    kw = dict(kv_type_kwargs(kv_type), flash_attn=flash_attn)
+    if not flash_attn and (kv_type != "f16" or granularity == "head"):
+        raise click.UsageError(f"--no-flash-attn does not go with --kv-type {kv_type} / --granularity "
+                               f"{granularity}: they need flash attention (V not transposed)")
     llm = Llama(model_path, loopserve=config, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                verbose=verbose, **kv_type_kwargs(kv_type))
+                verbose=verbose, **kw)
     name = model_name or model_path.stem
     opts = ServeOptions(model_name=name, dialogues_dir=resolve(dialogues_dir) / "server" / llm.fingerprint,
                         ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens,

@@ -136,9 +136,9 @@ class Evictor:
         return min(n_rest, free)
 
     def after_chunk(self, dlg: Tracked, probe: list[int]) -> None:
-        """The cut after a chunk of a budgeted prefill: scored by the last `prefill_window` tokens of
-        the probe (chunk_probe), decoded after the chunk and removed again, else by the
-        chunk's last tokens."""
+        """The cut after a chunk of a budgeted prefill: scored by the last `prefill_window`
+        tokens of the probe (chunk_probe), decoded after the chunk and removed again, else by
+        the chunk's last tokens."""
         if probe:
             if self.cfg.policy != "h2o":
                 self.llm.reset_scores(dlg)

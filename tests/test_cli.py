@@ -100,3 +100,8 @@ def test_console_script_is_installed():
     assert exe, "setup installs the loopserve-edge command into the environment"
     r = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "chat" in r.stdout and "dialogues" in r.stdout
+
+
+def test_serve_refuses_settings_that_need_flash_attention_without_it(default_model):
+    r = run(["serve", "--no-flash-attn", "--kv-type", "q8_0", "--port", "0"], timeout=60)
+    assert r.returncode == 2 and "need flash attention" in r.stderr and "Traceback" not in r.stderr
