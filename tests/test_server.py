@@ -84,7 +84,8 @@ def test_a_reply_is_the_one_a_local_dialogue_gives(server, default_model):
 
     msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."}]
     r = _chat(server.client(), msgs)
-    with Llama(default_model, n_ctx=2048, n_threads=THREADS) as llm:
+    # the server's settings: its pool and flash attention (its default)
+    with Llama(default_model, n_ctx=2048, n_threads=THREADS, flash_attn=True) as llm:
         want = llm.dialogue(system="You are brief.").send("Name a colour.", **GREEDY)
     assert r.choices[0].message.content == want
     assert r.choices[0].finish_reason in ("stop", "length") and r.model == MODEL
