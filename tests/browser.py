@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import queue
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import httpx
@@ -27,13 +29,22 @@ class Browser:
              "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
              f"--user-data-dir={profile_dir}", f"--window-size={width},{height}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        port = None
-        for line in self.proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
-            m = re.search(r"ws://127\.0\.0\.1:(\d+)/", line)
-            if m:
-                port = int(m.group(1))
-                break
+        found: queue.Queue = queue.Queue()
+
+        def read_stderr():  # drained to the end, so that the browser never blocks on a full pipe
+            for line in self.proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/..."
+                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", line)
+                if m:
+                    found.put(int(m.group(1)))
+            found.put(None)
+
+        threading.Thread(target=read_stderr, daemon=True).start()
+        try:
+            port = found.get(timeout=60)
+        except queue.Empty:
+            port = None
         if port is None:
+            self.proc.kill()
             raise RuntimeError(f"chromium did not start (status {self.proc.wait()})")
         page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page")
         self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60)
