@@ -1,0 +1,117 @@
+"""What the patched runtime costs when LoopServe's features are off: prefill and decode
+through the patched build against llama-cpp-python 0.3.36 built from the same sdist without
+our patches (issue 18), side by side in one run, the settings alternating, on the same tokens.
+
+    python benchmarks/overhead.py --stock-python /tmp/stock-venv/bin/python \\
+        [--tokens 2048] [--decode 128] [--repeats 5] [--threads 2]
+
+Three settings, each run in a process of its own:
+- `unpatched`: llama-cpp-python's `Llama` on the unpatched build (the environment of
+  --stock-python: the sdist installed with the CMake options of scripts/build_runtime.py);
+- `patched`: the same calls on the patched build (this environment);
+- `patched, controller`: loopserve-edge's `Context.decode` with the default configuration
+  (policy full, sparse prefill off): the controller's own path on top.
+The prompt is real passages (the benchmark's shared data), prefilled in one call (n_batch 2048,
+n_ubatch 512, flash attention off: llama-cpp-python's default); then `--decode` steps of one
+token each (the next tokens of the same text, so every setting decodes the same tokens, with no
+sampling). The table gives medians over `--repeats`, and each repeat's ratio to the
+`unpatched` run made just before it (median and range over the repeats).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+mode, model, tokens_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if mode == "controller":
+    import loopserve_edge  # noqa: F401  (llama.cpp's library before numpy)
+import llama_cpp
+d = json.load(open(tokens_file))
+prompt, follow = d["prompt"], d["follow"]
+kw = dict(n_ctx=len(prompt) + len(follow) + 64, n_threads=threads, n_batch=2048, n_ubatch=512, verbose=False)
+if mode == "controller":
+    from loopserve_edge import Llama, LoopServeConfig
+    llm = Llama(model, loopserve=LoopServeConfig(max_resident=1), **kw)
+    warm = llm.dialogue()
+    llm.decode(warm, prompt[:32], list(range(32)))   # buffers and graphs made once, as below
+    llm.forget(warm)
+    dlg = llm.dialogue()
+    t0 = time.perf_counter()
+    llm.decode(dlg, prompt, list(range(len(prompt))))
+    t1 = time.perf_counter()
+    for i, tok in enumerate(follow):
+        llm.decode(dlg, [tok], [len(prompt) + i])
+    t2 = time.perf_counter()
+else:
+    llm = llama_cpp.Llama(model, **kw)
+    llm.eval(prompt[:32])
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    for tok in follow:
+        llm.eval([tok])
+    t2 = time.perf_counter()
+print(json.dumps({"prefill_s": t1 - t0, "decode_tps": len(follow) / (t2 - t1)}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stock-python", required=True, help="python of an environment with the unpatched build")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    from loopserve_edge import Llama, LoopServeConfig
+    from loopserve_edge.bench.data import passages_and_questions
+    from loopserve_edge.paths import default_model
+
+    model = str(a.model or default_model())
+    with Llama(model, loopserve=LoopServeConfig(max_resident=1), n_ctx=256) as llm:
+        text = "\n\n".join(f"Document ({t}): {x}" for t, x, _ in passages_and_questions(400))
+        ids = llm.tokenize(text)[: a.tokens + a.decode]
+    if len(ids) < a.tokens + a.decode:
+        raise SystemExit(f"the shared data gave only {len(ids)} tokens")
+    settings = [("unpatched", a.stock_python, "stock"), ("patched", sys.executable, "stock"),
+                ("patched, controller", sys.executable, "controller")]
+    got: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompt": ids[: a.tokens], "follow": ids[a.tokens:]}, f)
+    try:
+        for r in range(a.repeats):
+            for name, python, mode in settings:
+                out = subprocess.run([python, "-c", CHILD, mode, model, f.name, str(a.threads)],
+                                     capture_output=True, text=True, check=True)
+                got[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  repeat {r + 1}: {name}: {got[name][-1]}", file=sys.stderr, flush=True)
+    finally:
+        Path(f.name).unlink()
+    print(f"{Path(model).name}, {a.threads} threads, prompt {a.tokens} tokens (n_batch 2048, n_ubatch 512, "
+          f"flash attention off), {a.decode} decode steps; median of {a.repeats} runs, settings alternating\n")
+    print("| setting | prefill s | time vs. unpatched: median [range] of the repeats | decode tok/s | "
+          "speed vs. unpatched: median [range] |")
+    print("|---|---:|---:|---:|---:|")
+    for name, _, _ in settings:
+        # each repeat's ratio to the unpatched run just before it (the machine's state drifts)
+        rp = [x["prefill_s"] / u["prefill_s"] for x, u in zip(got[name], got["unpatched"])]
+        rt = [x["decode_tps"] / u["decode_tps"] for x, u in zip(got[name], got["unpatched"])]
+        p = statistics.median(x["prefill_s"] for x in got[name])
+        t = statistics.median(x["decode_tps"] for x in got[name])
+        print(f"| {name} | {p:.3f} | {statistics.median(rp):.3f} [{min(rp):.3f}, {max(rp):.3f}] | {t:.1f} | "
+              f"{statistics.median(rt):.3f} [{min(rt):.3f}, {max(rt):.3f}] |")
+
+
+if __name__ == "__main__":
+    main()
