@@ -257,12 +257,8 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()
-    kw = dict(kv_type_kwargs(kv_type), flash_attn=flash_attn)
-    if not flash_attn and (kv_type != "f16" or granularity == "head"):
-        raise click.UsageError(f"--no-flash-attn does not go with --kv-type {kv_type} / --granularity "
-                               f"{granularity}: they need flash attention (V not transposed)")
     llm = Llama(model_path, loopserve=config, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                verbose=verbose, **kw)
+                verbose=verbose, **kv_type_kwargs(kv_type, flash_attn=flash_attn))
     name = model_name or model_path.stem
     opts = ServeOptions(model_name=name, dialogues_dir=resolve(dialogues_dir) / "server" / llm.fingerprint,
                         ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens,

@@ -38,13 +38,17 @@ BOOT_N_CTX = 64
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
-def kv_type_kwargs(name: str) -> dict:
-    """llama_cpp.Llama kwargs for K and V of this type (flash attention on for quantized V)."""
+def kv_type_kwargs(name: str, flash_attn: bool | None = None) -> dict:
+    """llama_cpp.Llama kwargs for K and V of this type, and flash attention as asked (None: on
+    for quantized V, else llama-cpp-python's default). Quantized V without it is refused."""
     if name not in KV_TYPES:
         raise LoopServeError(f"unknown KV type {name!r}; choose from {', '.join(KV_TYPES)}")
+    if name != "f16" and flash_attn is False:
+        raise LoopServeError(f"a {name} KV cache needs flash attention (llama.cpp stores quantized V "
+                             "only untransposed)")
     kw = {"type_k": KV_TYPES[name], "type_v": KV_TYPES[name]}
-    if name != "f16":
-        kw["flash_attn"] = True
+    if flash_attn is not None or name != "f16":
+        kw["flash_attn"] = True if flash_attn is None else flash_attn
     return kw
 
 
@@ -117,7 +121,8 @@ class Context:
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
         if self.config.sparse_prefill:
             self.set_sparse_prefill(self.config)
-        if self.config.granularity == "head" and self.config.policy != "full":
+        if self.config.granularity == "head":
+            # with policy full too: a server's requests may each choose a policy that cuts
             self._check_head_wise(kwargs)
         # seq id -> resident owner, in least-recently-used order (dicts keep order)
         self._resident: dict[int, Resident] = {}

@@ -124,12 +124,34 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
+_TMP = ".tmp"   # a save writes .NAME.PID.tmp beside NAME, then renames it over NAME
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Remove the temporary files that saves of processes no longer running left in folder
+    (a process killed mid-save: the state file it was replacing is still the previous one,
+    whole). Returns how many went."""
+    n = 0
+    for tmp in Path(folder).glob(f".*{SUFFIX}.*{_TMP}"):
+        pid = tmp.name[:-len(_TMP)].rsplit(".", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+            continue                  # its process runs: maybe saving right now
+        except PermissionError:
+            continue
+        except (ValueError, ProcessLookupError):
+            pass
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def write(path: str | os.PathLike, state: StateFile) -> int:
     """Atomically replace `path` with `state`; returns the size written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = encode(state)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -102,6 +102,8 @@ def test_console_script_is_installed():
     assert r.returncode == 0 and "chat" in r.stdout and "dialogues" in r.stdout
 
 
-def test_serve_refuses_settings_that_need_flash_attention_without_it(default_model):
-    r = run(["serve", "--no-flash-attn", "--kv-type", "q8_0", "--port", "0"], timeout=60)
-    assert r.returncode == 2 and "need flash attention" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("args,why", [(["--kv-type", "q8_0"], "needs flash attention"),
+                                      (["--granularity", "head"], "flash attention off")])
+def test_serve_refuses_settings_that_need_flash_attention_without_it(default_model, args, why):
+    r = run(["serve", "--no-flash-attn", *args, "--port", "0"], timeout=60)
+    assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr

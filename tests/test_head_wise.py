@@ -206,6 +206,7 @@ def test_what_head_wise_cannot_do_is_refused_at_construction(tiny_model, make_ll
         make_llm(tiny_model, loopserve=cfg(), type_k=3, type_v=3)   # q4_1
     with pytest.raises(ValueError, match="granularity must be one of"):
         cfg(granularity="layer")
-    # full attention never cuts: nothing to refuse
-    make_llm(tiny_model, loopserve=LoopServeConfig(granularity="head"), flash_attn=False)
+    # with policy full too: a server's requests may each choose a policy that cuts
+    with pytest.raises(LoopServeError, match="flash attention off"):
+        make_llm(tiny_model, loopserve=LoopServeConfig(granularity="head"), flash_attn=False)
 

@@ -70,3 +70,12 @@ def test_sparse_prefill_reads_q8_0_and_refuses_q4_0(tiny_model, make_llm):
 def test_unknown_kv_type_is_refused():
     with pytest.raises(LoopServeError, match="unknown KV type 'q3'"):
         kv_type_kwargs("q3")
+
+
+def test_flash_attention_follows_the_kv_type_unless_asked():
+    assert kv_type_kwargs("f16") == {"type_k": 1, "type_v": 1}
+    assert kv_type_kwargs("q8_0")["flash_attn"] is True
+    assert kv_type_kwargs("f16", flash_attn=False)["flash_attn"] is False
+    assert kv_type_kwargs("q4_0", flash_attn=True)["flash_attn"] is True
+    with pytest.raises(LoopServeError, match="q8_0 KV cache needs flash attention"):
+        kv_type_kwargs("q8_0", flash_attn=False)

@@ -1,5 +1,6 @@
 """State files: resume without prefill, and every kind of bad file refused cleanly."""
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -201,3 +202,17 @@ def test_state_loads_whatever_the_number_of_resident_dialogues(tiny_model, make_
     assert loaded.n_cells == d.n_cells
     assert loaded.send("next", **GREEDY) == d.send("next", **GREEDY)
     assert_same_logits(loaded.first_token_logits, d.first_token_logits)
+
+
+def test_a_killed_save_leaves_a_temporary_that_only_its_dead_process_loses(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead, alive = int(gone.stdout), os.getpid()
+    (tmp_path / "d.lsd").write_bytes(b"the previous state")
+    (tmp_path / f".d.lsd.{dead}.tmp").write_bytes(b"half a save")
+    (tmp_path / f".e.lsd.{alive}.tmp").write_bytes(b"a save going on")
+    (tmp_path / ".notes.txt.1.tmp").write_bytes(b"not ours")
+    assert state_file.remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".e.lsd.{alive}.tmp", ".notes.txt.1.tmp", "d.lsd"]
+    assert (tmp_path / "d.lsd").read_bytes() == b"the previous state"
+    assert state_file.remove_stale_temporaries(tmp_path / "missing") == 0

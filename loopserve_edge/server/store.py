@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -37,17 +36,6 @@ ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 class DialogueBusy(LoopServeError):
     """A dialogue named by a request is answering another one."""
-
-
-def _alive(pid: str) -> bool:
-    """Whether process `pid` (as a temporary file's name holds it) still runs."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def prefix_key(system: str | None, messages) -> str:
@@ -198,9 +186,7 @@ class DialogueStore:
         """Index the state files of this model found in root (loaded when a request needs one).
         The temporary file of a save that a killed process left behind goes (the state file
         it was to replace is still the previous one, whole)."""
-        for tmp in self.root.glob(f".*{state_file.SUFFIX}.*.tmp"):
-            if not _alive(tmp.name.rsplit(".", 2)[-2]):
-                tmp.unlink(missing_ok=True)
+        state_file.remove_stale_temporaries(self.root)
         n = 0
         for path in sorted(self.root.glob(f"*{state_file.SUFFIX}")):
             try:
