@@ -232,12 +232,16 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
               help="flash attention: with several dialogues in the pool, a reply's attention then "
                    "skips the other dialogues' cells instead of computing and masking them")
+@click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
+              help="CPU attention that sums in the same order alone or batched, so that concurrent "
+                   "greedy replies equal single-client ones; prefill of long prompts is slower "
+                   "(needs flash attention; GPU layers are not covered)")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
 def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
           max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, sparse_prefill, flash_attn,
-          verbose, dialogues_dir):
+          batch_invariant, verbose, dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health,
     /metrics, a chat page at /) whose dialogues persist: a request that repeats a known
     conversation prefills only its new messages. Dialogues are saved to
@@ -253,7 +257,8 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
 
     try:
         config = LoopServeConfig(max_resident=max_resident, policy=policy, budget=kv_budget,
-                                 granularity=granularity, sparse_prefill=sparse_prefill)
+                                 granularity=granularity, sparse_prefill=sparse_prefill,
+                                 batch_invariant=batch_invariant and flash_attn)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()

@@ -18,6 +18,13 @@ class LoopServeConfig:
     # one is swapped out to RAM and swapped back on its next turn.
     max_resident: int = 4
 
+    # Batch-invariant CPU attention (include/llama-loopserve.h): a dialogue's logits on the CPU
+    # are then the same whether it is decoded alone or beside other dialogues, wherever its
+    # cells sit in the pool, so a server's concurrent greedy replies are its single-client ones.
+    # Needs flash attention (without it, the attention's sums run over every cell in view).
+    # CUDA's kernels tile by the cells in view, so layers on the GPU stay as they are.
+    batch_invariant: bool = False
+
     # Phase 1, adaptive vertical-slash sparse prefill (README "Sparse prefill"). Per
     # full-attention layer of a prompt ubatch of at least `sparse_min_tokens` tokens, the
     # last `last_q` queries estimate per KV head which key columns (vertical) and diagonals

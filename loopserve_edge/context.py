@@ -80,8 +80,9 @@ class Context:
         # sliding-window layers (Gemma 3) get a cache of their window (plus a ubatch) per
         # dialogue, as llama.cpp gives them, not one of n_ctx cells
         kwargs.setdefault("swa_full", False)
-        if self.config.granularity == "head":
-            # head-wise cuts move rows of V: it must not be stored transposed
+        if self.config.granularity == "head" or self.config.batch_invariant:
+            # head-wise cuts move rows of V: it must not be stored transposed; batch-invariant
+            # attention is flash attention's reference path
             kwargs.setdefault("flash_attn", True)
         n_ctx = kwargs.pop("n_ctx", DEFAULT_N_CTX)
         # the sparse path runs per ubatch of >= sparse_min_tokens tokens: with it, prefill in
@@ -121,6 +122,11 @@ class Context:
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
         if self.config.sparse_prefill:
             self.set_sparse_prefill(self.config)
+        if self.config.batch_invariant:
+            if kwargs.get("flash_attn") is False:
+                self.close()
+                raise LoopServeError("batch_invariant needs flash attention (flash_attn off was asked for)")
+            bindings.llama_loopserve_set_cpu_reference(self._ctx.ctx, True)
         if self.config.granularity == "head":
             # with policy full too: a server's requests may each choose a policy that cuts
             self._check_head_wise(kwargs)

@@ -1,5 +1,6 @@
 """Several dialogues' replies decoded together, one llama_decode per step (the server's way)."""
 import numpy as np
+from conftest import GPU_LAYERS
 import pytest
 
 from loopserve_edge import LoopServeConfig
@@ -101,3 +102,49 @@ def test_deferred_cuts_of_dialogues_decoded_together_all_happen(tiny_model, make
     for d in ds:
         assert d.evicted > 0 and d.n_cells <= cfg.budget + cfg.interval
     assert not llm.evictor.deferred
+
+
+@pytest.mark.skipif(GPU_LAYERS != 0, reason="CUDA's kernels are not covered (the CPU backend's switch)")
+@pytest.mark.parametrize("invariant", [False, True])
+def test_batch_invariant_attention_gives_a_dialogue_its_logits_alone_wherever_it_sits(default_model, make_llm,
+                                                                                      invariant):
+    """The CPU's flash attention tiles a long batch's keys from cell 0 and splits a lone
+    query's keys among the threads from 512 cells in view, so without batch_invariant a
+    dialogue's logits follow where its cells sit and what it is decoded with. (The default
+    model: its quantized matrix products give each row the same sums at any batch size; the
+    tiny model's float32 ones do not, through llamafile's sgemm.)"""
+    cfg = LoopServeConfig(max_resident=3, batch_invariant=invariant)
+    llm = make_llm(default_model, n_ctx=2048, n_threads=2, flash_attn=True, loopserve=cfg)
+    rng = np.random.default_rng(5)
+    prompt = [int(t) for t in rng.integers(300, 40000, 150)]   # > 64 rows: the tiled prefill
+    other = [int(t) for t in rng.integers(300, 40000, 700)]     # > 512 cells in view
+    n = len(prompt)
+
+    def steps(d, beside=None):
+        """d's prompt, then two steps: the first batched beside `beside` (if any), then alone."""
+        d.tokens, d.positions = list(prompt), list(range(n))
+        llm.decode(d, prompt, list(range(n)))
+        first = llm.decode_batch([(d, 9, n)] + ([(beside, 9, len(other))] if beside else []))[0]
+        return first, llm.decode_batch([(d, 10, n + 1)])[0]
+
+    a = llm.dialogue()
+    alone = steps(a)                  # the lowest cells, nothing else in view
+    a.close()
+    b = llm.dialogue()
+    llm.decode(b, other, list(range(len(other))))
+    b.tokens, b.positions = list(other), list(range(len(other)))
+    beside = steps(llm.dialogue(), beside=b)   # above b's 700 cells, its first step batched with b's
+    same = [np.array_equal(x, y) for x, y in zip(alone, beside)]
+    if invariant:
+        assert same == [True, True]
+    else:  # what the switch is for: the stock paths' sums differ (here by up to 0.5 in a logit)
+        assert same != [True, True]
+
+
+def test_batch_invariant_attention_needs_flash_attention(tiny_model, make_llm):
+    from loopserve_edge.errors import LoopServeError
+
+    with pytest.raises(LoopServeError, match="batch_invariant needs flash attention"):
+        make_llm(tiny_model, flash_attn=False, loopserve=LoopServeConfig(batch_invariant=True))
+    # on by default with it
+    assert make_llm(tiny_model, loopserve=LoopServeConfig(batch_invariant=True)).context_params.flash_attn_type == 1

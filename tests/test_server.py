@@ -183,16 +183,21 @@ def test_a_budget_per_request_keeps_the_dialogue_within_it(server):
     assert extra["kv_evicted"] > 0 and extra["kv_cells"] <= 128 + 16
 
 
-def test_clients_at_once_all_get_their_turns(server):
-    results, errors = {}, []
+def test_clients_at_once_all_get_their_turns_each_as_it_would_alone(server):
+    results, replies, errors = {}, {}, []
 
-    def one(i):
+    def one(i, alone=False):
         try:
-            c, msgs = server.client(), [{"role": "user", "content": f"Client {i}: count to {i + 2}."}]
-            r1 = _chat(c, msgs, max_tokens=8)
+            # alone: a dialogue id of its own, so that nothing of the first run is reused
+            c, kw = server.client(), {"extra_headers": {"X-Dialogue-Id": f"alone-{i}"}} if alone else {}
+            msgs = [{"role": "user", "content": f"Client {i}: count to {i + 2}."}]
+            r1 = _chat(c, msgs, max_tokens=8, **kw)
             msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
                      {"role": "user", "content": "Thanks."}]
-            results[i] = _chat(c, msgs, max_tokens=8).usage.prompt_tokens_details.cached_tokens
+            r2 = _chat(c, msgs, max_tokens=8, **kw)
+            if not alone:
+                results[i] = r2.usage.prompt_tokens_details.cached_tokens
+            replies[i, alone] = [r1.choices[0].message.content, r2.choices[0].message.content]
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -203,6 +208,11 @@ def test_clients_at_once_all_get_their_turns(server):
         t.join()
     assert not errors and sorted(results) == list(range(8))
     assert all(n > 0 for n in results.values())   # each found its own dialogue again
+    # decoded together with the others (batch-invariant attention, the server's default), each reply
+    # is token for token the one the same conversation gets alone
+    for i in range(8):
+        one(i, alone=True)
+    assert not errors and all(replies[i, True] == replies[i, False] for i in range(8))
     # their tokens were decoded together, several replies per llama_decode
     batch = [ln for ln in httpx.get(server.url + "/metrics").text.splitlines()
              if ln.startswith("loopserve_decode_batch_mean ")]

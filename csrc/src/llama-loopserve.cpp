@@ -16,7 +16,7 @@
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 2
+#define LLAMA_LOOPSERVE_API_VERSION 3
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;
@@ -24,6 +24,27 @@ int32_t llama_loopserve_api_version(void) {
 
 const char * llama_loopserve_patch_hash(void) {
     return LLAMA_LOOPSERVE_PATCH_HASH;
+}
+
+int32_t llama_loopserve_set_cpu_reference(llama_context * ctx, bool on) {
+    // through the registry, as llama.cpp sets the CPU backend's threads: libllama does not
+    // link the CPU backend's own symbols
+    ggml_backend_sched_t sched = ctx->get_sched();
+    int32_t              n     = 0;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+        ggml_backend_t     backend = ggml_backend_sched_get_backend(sched, i);
+        ggml_backend_dev_t dev     = ggml_backend_get_device(backend);
+        if (dev == nullptr || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+            continue;
+        }
+        auto * set_use_ref = (void (*)(ggml_backend_t, bool)) ggml_backend_reg_get_proc_address(
+            ggml_backend_dev_backend_reg(dev), "ggml_backend_cpu_set_use_ref");
+        if (set_use_ref != nullptr) {
+            set_use_ref(backend, on);
+            n++;
+        }
+    }
+    return n;
 }
 
 // The cache that holds every position of a sequence: the plain cache, or the
