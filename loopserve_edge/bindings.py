@@ -42,8 +42,9 @@ llama_loopserve_patch_hash = _bind("llama_loopserve_patch_hash", [], ctypes.c_ch
 llama_loopserve_seq_n_cells = _bind(
     "llama_loopserve_seq_n_cells", [llama_c.llama_context_p_ctypes, ctypes.c_int32], ctypes.c_int32)
 llama_loopserve_kv_bytes = _bind("llama_loopserve_kv_bytes", [llama_c.llama_context_p_ctypes], ctypes.c_int64)
-llama_loopserve_set_cpu_reference = _bind("llama_loopserve_set_cpu_reference",
-                                          [llama_c.llama_context_p_ctypes, ctypes.c_bool], ctypes.c_int32)
+llama_loopserve_set_batch_invariant = _bind("llama_loopserve_set_batch_invariant",
+                                            [llama_c.llama_context_p_ctypes, ctypes.c_bool], ctypes.c_int32)
+llama_loopserve_kv_tail = _bind("llama_loopserve_kv_tail", [llama_c.llama_context_p_ctypes], ctypes.c_int32)
 
 # observation-window attention scores (semantics in include/llama-loopserve.h)
 _ctx = llama_c.llama_context_p_ctypes

@@ -126,7 +126,7 @@ class Context:
             if kwargs.get("flash_attn") is False:
                 self.close()
                 raise LoopServeError("batch_invariant needs flash attention (flash_attn off was asked for)")
-            bindings.llama_loopserve_set_cpu_reference(self._ctx.ctx, True)
+            bindings.llama_loopserve_set_batch_invariant(self._ctx.ctx, True)
         if self.config.granularity == "head":
             # with policy full too: a server's requests may each choose a policy that cuts
             self._check_head_wise(kwargs)
@@ -235,13 +235,28 @@ class Context:
         """Swap out the least recently used residents but those in `keep` until `n` cells of
         the pool are free (or none is left to swap: the decode then reports a full context)."""
         kept = {id(d) for d in keep}
-        if all(id(d) in kept for d in self._resident.values()):
-            return   # nobody to swap out (the common case of one dialogue): no need to count
-        while self.n_ctx - self.cells_used < n:
-            lru = next((d for d in self._resident.values() if id(d) not in kept), None)
-            if lru is None:
-                return
-            self.swap_out(lru)
+        # (nobody to swap out, the common case of one dialogue: no need to count)
+        if not all(id(d) in kept for d in self._resident.values()):
+            while self.n_ctx - self.cells_used < n:
+                lru = next((d for d in self._resident.values() if id(d) not in kept), None)
+                if lru is None:
+                    break
+                self.swap_out(lru)
+        if self.config.batch_invariant and bindings.llama_loopserve_kv_tail(self._ctx.ctx) < n:
+            self._repack()
+
+    def _repack(self) -> None:
+        """Batch-invariant placement (LoopServeConfig.batch_invariant): new tokens go after
+        the highest cell in use, so when too few are left there, every resident is moved down
+        to the first cells by a state round trip, which keeps each one's cells in order."""
+        states = [(seq, self.sequence_state(seq)) for seq in self._resident
+                  if bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq) > 0]
+        for seq, _ in states:
+            llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        for seq, state in states:
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), seq) == 0:
+                raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
 
     def swap_out(self, dlg: Resident) -> None:
         """Move a resident dialogue's KV state to RAM and free its cells."""

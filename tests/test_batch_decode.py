@@ -3,7 +3,7 @@ import numpy as np
 from conftest import GPU_LAYERS
 import pytest
 
-from loopserve_edge import LoopServeConfig
+from loopserve_edge import LoopServeConfig, bindings
 from loopserve_edge.dialogue import Step
 
 GREEDY = dict(temperature=0, max_tokens=24)
@@ -148,3 +148,42 @@ def test_batch_invariant_attention_needs_flash_attention(tiny_model, make_llm):
         make_llm(tiny_model, flash_attn=False, loopserve=LoopServeConfig(batch_invariant=True))
     # on by default with it
     assert make_llm(tiny_model, loopserve=LoopServeConfig(batch_invariant=True)).context_params.flash_attn_type == 1
+
+
+@pytest.mark.skipif(GPU_LAYERS != 0, reason="CUDA's kernels are not covered (the CPU backend's switch)")
+@pytest.mark.parametrize("invariant", [False, True])
+def test_batch_invariant_placement_keeps_a_dialogues_cells_in_order(tiny_model, make_llm, invariant):
+    """Another dialogue leaves a hole below this one's cells: llama.cpp would put the next
+    tokens there, out of position order, and the reference attention's sums (in cell order)
+    would change. With batch_invariant they go after the highest cell in use, and when the
+    pool's end is reached the residents are repacked, each in order."""
+    cfg = LoopServeConfig(max_resident=3, batch_invariant=invariant)
+    llm = make_llm(tiny_model, n_ctx=512, n_threads=2, flash_attn=True, loopserve=cfg)
+    rng = np.random.default_rng(7)
+    prompt, other, filler = ([int(t) for t in rng.integers(3, 250, n)] for n in (50, 100, 300))
+
+    def run(holes: bool) -> list[np.ndarray]:
+        if holes:
+            b = llm.dialogue()
+            llm.decode(b, other, list(range(len(other))))
+        a = llm.dialogue()
+        llm.decode(a, prompt, list(range(len(prompt))))
+        if holes:
+            b.close()   # a hole of 100 cells below a's
+        out = [llm.decode_batch([(a, 9 + i % 50, len(prompt) + i)])[0] for i in range(6)]
+        if holes:       # another dialogue takes the cells up to the pool's end less 56
+            c = llm.dialogue()
+            llm.decode(c, filler, list(range(len(filler))))
+            if invariant:
+                assert bindings.llama_loopserve_kv_tail(llm._ctx.ctx) == 56
+        out += [llm.decode_batch([(a, 9 + i % 50, len(prompt) + i)])[0] for i in range(6, 70)]
+        if holes:
+            if invariant:  # repacked when the 56 ran out: a's 120 cells and c's 300 from cell 0
+                assert bindings.llama_loopserve_kv_tail(llm._ctx.ctx) == 512 - 120 - 300
+            c.close()
+        a.close()
+        return out
+
+    alone, moved = run(False), run(True)
+    same = all(np.array_equal(x, y) for x, y in zip(alone, moved))
+    assert same == invariant

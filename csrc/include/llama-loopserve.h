@@ -25,14 +25,21 @@ LLAMA_API int32_t llama_loopserve_seq_n_cells(struct llama_context * ctx, llama_
 // on every backend), as llama.cpp's memory breakdown counts them. -1 without a KV cache.
 LLAMA_API int64_t llama_loopserve_kv_bytes(struct llama_context * ctx);
 
-// Batch-invariant CPU attention. The CPU backend's flash attention splits a lone query's
-// keys among the threads (from 512 cells in view) and tiles a long batch's keys; either
-// changes the order of a dialogue's sums with the number of cells in view and with the
-// batch it is decoded in. With `on`, every query goes over the keys in cell order, skipping
-// the masked ones (ggml's reference path, which also leaves ops unfused), so a dialogue's
-// logits are the same alone or beside others, wherever its cells sit. Returns the number of
-// CPU backends set (0: none in this context).
-LLAMA_API int32_t llama_loopserve_set_cpu_reference(struct llama_context * ctx, bool on);
+// Batch-invariant attention on the CPU. The CPU backend's flash attention splits a lone
+// query's keys among the threads (from 512 cells in view) and tiles a long batch's keys;
+// either changes the order of a dialogue's sums with the number of cells in view and with
+// the batch it is decoded in. With `on`, every query goes over the keys in cell order,
+// skipping the masked ones (ggml's reference path, which also leaves ops unfused), and new
+// tokens go after the highest cell in use (patch 0009), so each sequence's cells stay in
+// position order: a dialogue's logits are then the same alone or beside others. When fewer
+// cells than a batch needs are left after the highest one in use (llama_loopserve_kv_tail),
+// the caller repacks the pool (a state round trip of each sequence keeps its order);
+// otherwise the search wraps to the lowest free cells. Sliding-window caches are not
+// covered. Returns the number of CPU backends set (0: none in this context).
+LLAMA_API int32_t llama_loopserve_set_batch_invariant(struct llama_context * ctx, bool on);
+
+// Free cells after the highest cell in use in the full-attention cache; -1 without a KV cache.
+LLAMA_API int32_t llama_loopserve_kv_tail(struct llama_context * ctx);
 
 //
 // Observation-window attention scores

@@ -26,9 +26,22 @@ const char * llama_loopserve_patch_hash(void) {
     return LLAMA_LOOPSERVE_PATCH_HASH;
 }
 
-int32_t llama_loopserve_set_cpu_reference(llama_context * ctx, bool on) {
-    // through the registry, as llama.cpp sets the CPU backend's threads: libllama does not
-    // link the CPU backend's own symbols
+// The cache that holds every position of a sequence: the plain cache, or the
+// non-sliding half of an interleaved one.
+static llama_kv_cache * loopserve_full_cache(llama_context * ctx) {
+    llama_memory_i * mem = ctx->get_memory();
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return kv;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    return nullptr;
+}
+
+int32_t llama_loopserve_set_batch_invariant(llama_context * ctx, bool on) {
+    // the CPU backend's switch, through the registry as llama.cpp sets its threads: libllama
+    // does not link the CPU backend's own symbols
     ggml_backend_sched_t sched = ctx->get_sched();
     int32_t              n     = 0;
     for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
@@ -44,20 +57,19 @@ int32_t llama_loopserve_set_cpu_reference(llama_context * ctx, bool on) {
             n++;
         }
     }
+    if (llama_kv_cache * kv = loopserve_full_cache(ctx)) {
+        kv->loopserve_append_only = on;
+    }
     return n;
 }
 
-// The cache that holds every position of a sequence: the plain cache, or the
-// non-sliding half of an interleaved one.
-static llama_kv_cache * loopserve_full_cache(llama_context * ctx) {
-    llama_memory_i * mem = ctx->get_memory();
-    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
-        return kv;
+int32_t llama_loopserve_kv_tail(llama_context * ctx) {
+    const llama_kv_cache * kv = loopserve_full_cache(ctx);
+    if (kv == nullptr) {
+        return -1;
     }
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
-        return iswa->get_base();
-    }
-    return nullptr;
+    const auto & cells = kv->get_cells(0);
+    return (int32_t) (cells.size() - cells.used_max_p1());
 }
 
 int32_t llama_loopserve_seq_n_cells(llama_context * ctx, llama_seq_id seq_id) {
