@@ -352,8 +352,9 @@ def test_an_input_is_scored_by_its_prefill_window_and_decoding_by_window(tiny_mo
     assert LoopServeConfig(policy=policy, budget=256, window=8).prefill_window == 8   # None: `window`
 
 
-def test_defer_cut_is_4_by_default_within_the_room_an_interval_leaves():
-    assert LoopServeConfig(policy="loopserve", budget=256).defer_cut == 4
+def test_defer_cut_is_12_by_default_within_the_room_an_interval_leaves():
+    assert LoopServeConfig(policy="loopserve", budget=256).defer_cut == 12
+    assert LoopServeConfig(policy="loopserve", budget=1024).defer_cut == 12
     assert LoopServeConfig(policy="loopserve", budget=256, interval=6, window=4).defer_cut == 2
     assert LoopServeConfig(policy="loopserve", budget=256, interval=4, window=8).defer_cut == 0
     c = LoopServeConfig(policy="loopserve", budget=256)
