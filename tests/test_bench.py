@@ -295,11 +295,11 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
                             "snapkv-head", "h2o-head", "loopserve-head", "loopserve-defer-head",
                             "loopserve-prefill", "loopserve-both", "streaming-chunked", "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
-                            "loopserve-d12", "loopserve-d12-head"}
+                            "loopserve-d32", "loopserve-d32-head"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
-    # the default configuration is loopserve-d12
-    assert Run(METHODS["loopserve-d12"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
-    assert Run(METHODS["loopserve-d12-head"], 256).config().granularity == "head"
+    # the default configuration is loopserve-d32
+    assert Run(METHODS["loopserve-d32"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
+    assert Run(METHODS["loopserve-d32-head"], 256).config().granularity == "head"
     assert Run(METHODS["loopserve"], 256).config().defer_cut == 0
     head = Run(METHODS["loopserve-defer-head"], 256).config()
     assert (head.granularity, head.defer_cut, head.policy) == ("head", 4, "loopserve")
