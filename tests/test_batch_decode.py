@@ -1,7 +1,7 @@
 """Several dialogues' replies decoded together, one llama_decode per step (the server's way)."""
 import numpy as np
-from conftest import GPU_LAYERS
 import pytest
+from conftest import GPU_LAYERS
 
 from loopserve_edge import LoopServeConfig, bindings
 from loopserve_edge.dialogue import Step
