@@ -205,9 +205,7 @@ class Context:
         seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
         if dlg._swapped:
             self._free_cells(len(dlg.positions))
-            blob = dlg._swapped
-            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-            if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), seq) == 0:
+            if not self._load_sequence(seq, dlg._swapped):
                 llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 raise StateFileError("llama.cpp rejected the sequence state")
         dlg._swapped = None
@@ -233,7 +231,8 @@ class Context:
 
     def _free_cells(self, n: int, keep: tuple = ()) -> None:
         """Swap out the least recently used residents but those in `keep` until `n` cells of
-        the pool are free (or none is left to swap: the decode then reports a full context)."""
+        the pool are free (or none is left to swap: the decode then reports a full context);
+        with batch_invariant, also repack the pool when fewer than `n` are left at its end."""
         kept = {id(d) for d in keep}
         # (nobody to swap out, the common case of one dialogue: no need to count)
         if not all(id(d) in kept for d in self._resident.values()):
@@ -254,9 +253,13 @@ class Context:
         for seq, _ in states:
             llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
         for seq, state in states:
-            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-            if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), seq) == 0:
+            if not self._load_sequence(seq, state):
                 raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
+
+    def _load_sequence(self, seq: int, state: bytes) -> bool:
+        """Put a sequence_state blob into seq's (empty) sequence; False if llama.cpp refuses it."""
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), seq) != 0
 
     def swap_out(self, dlg: Resident) -> None:
         """Move a resident dialogue's KV state to RAM and free its cells."""
@@ -287,8 +290,7 @@ class Context:
         seq = self.make_resident(dlg)
         llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._free_cells(len(dlg.positions), keep=(dlg,))
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), seq) == 0:
+        if not self._load_sequence(seq, state):
             raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
 
     def sequence_state_size(self, seq: int) -> int:
