@@ -150,7 +150,7 @@ def ops(args) -> int:
     r = np.random.default_rng(1)
     print(f"shape {args.shape}: {n_head} heads, {n_head_kv} KV heads, d={d}; last ubatch of {args.ubatch} "
           f"queries; selection {args.n_vertical} columns + {args.n_slash} diagonals (incl. 64 local) per KV head; "
-          f"blocks of {block} queries")
+          f"blocks of {block} queries; K/V {args.kv_type} for FA and sparse (the estimation reads f16 K)")
     # FA@set: stock flash attention over a dense K/V as long as the mean key set, a lower
     # bound for gathering the set into fattn.cu's sparse path
     # sparse and est fused: without a mask (causal in cells), as the runtime runs them for a
@@ -164,7 +164,7 @@ def ops(args) -> int:
         v = r.standard_normal((n_head_kv, L, d)).astype(np.float32)
         cells = np.arange(L - n_tok, L)
         mask = so.causal_mask(cells, L)
-        kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, type_k="f16", type_v="f16", mask_f16=True,
+        kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, type_k=args.kv_type, type_v=args.kv_type, mask_f16=True,
                   scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
         _, t_fa = so.run(so.OP_FLASH, **kw)
         sel = so.sel_array(rand_lists(r, L, n_head_kv, args.n_vertical, args.n_slash), L)
@@ -252,6 +252,8 @@ def main() -> int:
     o.add_argument("--iters", type=int, default=5)
     o.add_argument("--threads", type=int, default=4)
     o.add_argument("--cpu", dest="gpu", action="store_false")
+    o.add_argument("--kv-type", choices=("f16", "q8_0"), default="f16",
+                   help="K/V type of stock flash attention and the sparse op")
     t = sub.add_parser("ttft")
     t.add_argument("--model", default=None, help="GGUF (default: the default model)")
     t.add_argument("--lengths", default="2048,4096,8192")

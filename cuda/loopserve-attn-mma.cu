@@ -1,5 +1,7 @@
 // loopserve-edge: the tensor-core kernel of the sparse attention op (semantics in
-// ggml-loopserve.h, reference in ggml-cpu/loopserve.cpp), for f16 K/V of head dim 64/128/256.
+// ggml-loopserve.h, reference in ggml-cpu/loopserve.cpp), for f16 or q8_0 K/V of head dim
+// 64/128/256 (q8_0: what consumer GPUs' users turn on to fit a long dialogue; without this it
+// ran the SIMT kernel, several times slower).
 //
 // A CTA of 4 warps owns 64 (query, head) rows of one query block b and KV head g: the
 // block's rows times the group's heads, flattened, so every row of a CTA shares one key
@@ -10,7 +12,10 @@
 //      needs no merge; a scan of the lengths and a bisection per slot give the keys;
 //   2. vertical columns no range covers, compacted and queued until a tile is full.
 // Tiles are gathered row by row with cp.async (zero-filled past the set), V while QK^T
-// runs; QK^T and PV are mma.sync m16n8k16 (f16 in, f32 accumulation), online softmax in
+// runs; q8_0 rows (34-byte blocks, 2-byte aligned: no cp.async) are read with plain loads and
+// dequantised to f16 into the same tiles, so the math below does not change (stock flash
+// attention also converts q8_0 K/V to f16 for its tensor cores).
+// QK^T and PV are mma.sync m16n8k16 (f16 in, f32 accumulation), online softmax in
 // f32 on the accumulator fragments, which are reused as the A operand of PV.
 // At head dim 256 the O accumulators alone take 128 registers a thread, so Q stays in shared
 // memory (A fragments by ldmatrix) and tiles are halved to fit consumer GPUs' 99 KiB a block.
@@ -73,7 +78,29 @@ static __device__ __forceinline__ void ls_mma_qk_shared(float (&S)[NT][4], uint3
     }
 }
 
-template <int D>
+// 8 values (piece p of a row: values 8p .. 8p+7) of a q8_0 row as f16, into 16 bytes of
+// shared memory; zeros for an empty slot. Each value is d*q rounded once to f16.
+static __device__ __forceinline__ void ls_mma_q8_piece(half * dst, const char * row, int piece, bool ok) {
+    half2 h[4];
+    if (ok) {
+        const block_q8_0 * blk = (const block_q8_0 *) row + piece/(QK8_0/8);
+        const float d = __half2float(blk->d);
+        const char2 * qs = (const char2 *) (blk->qs + (piece % (QK8_0/8))*8); // 2-byte aligned
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const char2 c = qs[e];
+            h[e] = __floats2half2_rn(d*(float) c.x, d*(float) c.y);
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            h[e] = __floats2half2_rn(0.0f, 0.0f);
+        }
+    }
+    *(uint4 *) dst = *(const uint4 *) h;
+}
+
+template <int D, bool Q8>
 static __global__ void __launch_bounds__(LS_MMA_THREADS, D == 64 ? 3 : 2)
 ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 #ifndef AMPERE_MMA_AVAILABLE
@@ -187,11 +214,15 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     // one tile of KT keys (tk[i] < 0: empty slot); every thread calls it
     auto process = [&](const int * tk) {
         __syncthreads(); // tk written; the previous tile's K/V/mask no longer read
-        constexpr int CPR = D/8; // 16-byte pieces per row
+        constexpr int CPR = D/8; // 16-byte pieces per row (of f16 values)
         for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
             const int key = tk[i / CPR], piece = i % CPR;
             const int64_t j = key < 0 ? 0 : key;
-            ls_cp_async_16(Ks_s + ((i / CPR)*RH + piece*8)*sizeof(half), kbase + j*a.k_nb1 + piece*16, key >= 0);
+            if constexpr (Q8) {
+                ls_mma_q8_piece(Ks + (i / CPR)*RH + piece*8, kbase + j*a.k_nb1, piece, key >= 0);
+            } else {
+                ls_cp_async_16(Ks_s + ((i / CPR)*RH + piece*8)*sizeof(half), kbase + j*a.k_nb1 + piece*16, key >= 0);
+            }
         }
         asm volatile("cp.async.commit_group;");
         // mask values in flight with K, as 4-byte words: for an f16 mask the aligned pair
@@ -212,7 +243,12 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
             const int key = tk[i / CPR], piece = i % CPR;
             const int64_t j = key < 0 ? 0 : key;
-            ls_cp_async_16(Vs_s + ((i / CPR)*RH + piece*8)*sizeof(half), vbase + j*a.v_nb1 + piece*16, key >= 0);
+            if constexpr (Q8) {
+                // plain stores: visible after the barrier before QK^T
+                ls_mma_q8_piece(Vs + (i / CPR)*RH + piece*8, vbase + j*a.v_nb1, piece, key >= 0);
+            } else {
+                ls_cp_async_16(Vs_s + ((i / CPR)*RH + piece*8)*sizeof(half), vbase + j*a.v_nb1 + piece*16, key >= 0);
+            }
         }
         asm volatile("cp.async.commit_group;");
         // a warp's 32 slots belong to one query: count its keys <= the query's cell
@@ -403,7 +439,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 }
 
 // false: its shared memory exceeds what the device gives a block (the SIMT kernel runs)
-template <int D>
+template <int D, bool Q8>
 static bool ls_launch_mma(const ls_attn_args & a, size_t smem_max, cudaStream_t st) {
     const size_t smem = ls_mma_smem_bytes<D>((int) a.n_gqa);
     if (smem > smem_max) {
@@ -412,25 +448,29 @@ static bool ls_launch_mma(const ls_attn_args & a, size_t smem_max, cudaStream_t 
     const int n_chunk = (a.block_q*(int) a.n_gqa + LS_MMA_ROWS - 1) / LS_MMA_ROWS;
     const int64_t n_block = (a.n_tokens + a.block_q - 1) / a.block_q;
     const dim3 grid((unsigned) (n_block*n_chunk), (unsigned) (a.n_head/a.n_gqa));
-    CUDA_CHECK(cudaFuncSetAttribute(ls_sparse_attn_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
-    ls_sparse_attn_mma_kernel<D><<<grid, LS_MMA_THREADS, smem, st>>>(a);
+    CUDA_CHECK(cudaFuncSetAttribute(ls_sparse_attn_mma_kernel<D, Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
+    ls_sparse_attn_mma_kernel<D, Q8><<<grid, LS_MMA_THREADS, smem, st>>>(a);
     return true;
 }
 
 bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStream_t st) {
     auto a16 = [](uint64_t x) { return x % 16 == 0; };
     const auto & dev = ggml_cuda_info().devices[device];
-    const bool ok = ampere_mma_available(dev.cc) &&
-        a.k_type == GGML_TYPE_F16 && a.v_type == GGML_TYPE_F16 && a.v_nb0 == sizeof(half) &&
-        a16((uintptr_t) a.k) && a16((uintptr_t) a.v) && a16(a.k_nb1) && a16(a.k_nb2) && a16(a.v_nb1) && a16(a.v_nb2) &&
+    auto a2 = [](uint64_t x) { return x % 2 == 0; };
+    // f16: rows copied 16 bytes at a time; q8_0: blocks read 2 bytes at a time, V in rows
+    const bool f16 = a.k_type == GGML_TYPE_F16 && a.v_type == GGML_TYPE_F16 && a.v_nb0 == sizeof(half) &&
+        a16((uintptr_t) a.k) && a16((uintptr_t) a.v) && a16(a.k_nb1) && a16(a.k_nb2) && a16(a.v_nb1) && a16(a.v_nb2);
+    const bool q8 = a.k_type == GGML_TYPE_Q8_0 && a.v_type == GGML_TYPE_Q8_0 && a.v_nb0 == sizeof(block_q8_0) &&
+        a2((uintptr_t) a.k) && a2((uintptr_t) a.v) && a2(a.k_nb1) && a2(a.k_nb2) && a2(a.v_nb1) && a2(a.v_nb2);
+    const bool ok = ampere_mma_available(dev.cc) && (f16 || q8) &&
         a.n_kv < INT32_MAX && (int64_t) a.block_q*a.n_gqa < INT32_MAX;
     if (!ok) {
         return false;
     }
     switch (D) {
-        case 64:  return ls_launch_mma<64>(a, dev.smpbo, st);
-        case 128: return ls_launch_mma<128>(a, dev.smpbo, st);
-        case 256: return ls_launch_mma<256>(a, dev.smpbo, st);
+        case 64:  return q8 ? ls_launch_mma<64, true>(a, dev.smpbo, st)  : ls_launch_mma<64, false>(a, dev.smpbo, st);
+        case 128: return q8 ? ls_launch_mma<128, true>(a, dev.smpbo, st) : ls_launch_mma<128, false>(a, dev.smpbo, st);
+        case 256: return q8 ? ls_launch_mma<256, true>(a, dev.smpbo, st) : ls_launch_mma<256, false>(a, dev.smpbo, st);
         default:  return false;
     }
 }

@@ -1,7 +1,7 @@
 #pragma once
 
 // loopserve-edge: what the sparse prefill kernels share (loopserve.cu: SIMT attention for any
-// K/V type and the other ops; loopserve-attn-mma.cu: tensor-core attention, f16 K/V;
+// K/V type and the other ops; loopserve-attn-mma.cu: tensor-core attention, f16 or q8_0 K/V;
 // loopserve-estimate.cu: the fused estimation).
 
 #include "../common.cuh"

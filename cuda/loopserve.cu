@@ -7,16 +7,16 @@
 //   bit pattern (scores are >= 0, so bit order is value order), ties broken by index like the
 //   reference's (score desc, index asc) order; the lists are written ascending with a
 //   block scan, no sort.
-// - sparse attention: f16 K/V on sm_80+ go to the tensor-core kernel
-//   (loopserve-attn-mma.cu); everything else to the SIMT kernel here, the first version,
-//   kept for q8_0/f32 K/V, transposed V and older GPUs. It runs one block per (block of
-//   64 query rows, KV head); a warp owns one
-//   row at a time for all query heads of the group (each K/V row is read once per row
-//   for the group). The key set is walked without materialising it: offset i of the
-//   ascending slash list owns the keys [lo - s_i, min(hi - s_i, lo - s_{i-1} - 1)], which
-//   are disjoint across i, so the union of the diagonals' ranges needs no merge; then the
-//   vertical columns that no range covers (binary search in the slash list). Online
-//   softmax in f32, 32 keys per step (one per lane).
+// - sparse attention: f16 or q8_0 K/V (both the same type, V in rows) on sm_80+ go to the
+//   tensor-core kernel (loopserve-attn-mma.cu); everything else to the SIMT kernel here, the
+//   first version, kept for f32 or mixed K/V types, transposed V and older GPUs. It runs
+//   one block per (block of 64 query rows, KV head); a warp owns one row at a time for all
+//   query heads of the group (each K/V row is read once per row for the group). The key
+//   set is walked without materialising it: offset i of the ascending slash list owns the
+//   keys [lo - s_i, min(hi - s_i, lo - s_{i-1} - 1)], which are disjoint across i, so the
+//   union of the diagonals' ranges needs no merge; then the vertical columns that no range
+//   covers (binary search in the slash list). Online softmax in f32, 32 keys per step (one
+//   per lane).
 
 #include "loopserve.cuh"
 #include "loopserve-attn.cuh"
