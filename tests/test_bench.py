@@ -267,6 +267,15 @@ def test_teacher_forcing_and_the_shortcut_for_identical_replies(tmp_path):
     for lg in logits:
         same(lg)
     assert fidelity.summary([same.forced_along(back[0])])["same_greedy"] == 1.0
+    # the turns after the first on their own: a perfect first turn does not lift them
+    first = fidelity.TeacherForcer(back[0])
+    for lg in logits:
+        first(lg)
+    two = fidelity.summary([first, f])
+    assert two["same_greedy"] == pytest.approx(0.9) and two["steps"] == 10
+    assert two["later_same_greedy"] == pytest.approx(0.8) and two["later_steps"] == 5
+    assert two["later_mean_kl"] == pytest.approx(s["mean_kl"])
+    assert fidelity.summary([f])["later_same_greedy"] is None
     diverged = fidelity.GreedyRecorder()
     for lg in other:
         diverged(lg)
@@ -354,11 +363,14 @@ def test_bench_records_every_metric_and_writes_the_summary(small_run):
             interval = loopserve_edge.LoopServeConfig(policy="streaming", budget=128).interval
             assert all(t["kv_cells"] <= 128 + interval for t in x["turns"])
             assert 0 <= x["fidelity"]["same_greedy"] <= 1 and x["fidelity"]["mean_kl"] >= 0
+            assert 0 <= x["fidelity"]["later_same_greedy"] <= 1
+            assert 0 < x["fidelity"]["later_steps"] < x["fidelity"]["steps"]
         else:
             assert x["turns"][0]["kv_cells"] > 800   # the whole context is kept
     assert len(list((out / "refs").glob("*.npz"))) == 4
     md = (out / "summary.md").read_text()
     assert "| passkey |" in md and "| open_generation |" in md and "streaming@128" in md
+    assert "Fidelity in the turns after the first only" in md and "| streaming@128 | " in md
     assert md in r.stdout
     rows = (out / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("ctx,task,method") and len(rows) == 1 + 2 * 3

@@ -104,11 +104,16 @@ class TeacherForcer:
 
 
 def summary(forcers) -> dict:
-    """Same-greedy share and mean KL over every step of every turn."""
-    same = [s for f in forcers for s in f.same]
-    kls = [k for f in forcers for k in f.kls]
-    return {"same_greedy": float(np.mean(same)) if same else None,
-            "mean_kl": float(np.mean(kls)) if kls else None, "steps": len(same)}
+    """Same-greedy share and mean KL over every step of every turn, and over the turns after
+    the first only (`later_*`): those run over a cache cut in an earlier turn, whatever a
+    method waits for before its first cut (a `defer_cut` longer than a reply decodes the
+    whole first reply over the uncut input)."""
+    def of(fs, prefix=""):
+        same = [s for f in fs for s in f.same]
+        kls = [k for f in fs for k in f.kls]
+        return {f"{prefix}same_greedy": float(np.mean(same)) if same else None,
+                f"{prefix}mean_kl": float(np.mean(kls)) if kls else None, f"{prefix}steps": len(same)}
+    return dict(of(forcers), **of(forcers[1:], "later_"))
 
 
 def save_refs(path, turns: list[list[RefStep]]) -> None:

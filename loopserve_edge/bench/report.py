@@ -28,8 +28,11 @@ COLUMNS = ("ctx", "task", "method", "budget", "alpha", "status", "cases", "error
            "score_minus_full_hi", "score_baseline", "score_minus_baseline",
            "score_minus_baseline_lo", "score_minus_baseline_hi", "same_greedy_baseline",
            "same_greedy_minus_baseline", "same_greedy_minus_baseline_lo",
-           "same_greedy_minus_baseline_hi", "score_marks", "same_greedy_marks")
+           "same_greedy_minus_baseline_hi", "score_marks", "same_greedy_marks",
+           "later_same_greedy", "later_same_greedy_lo", "later_same_greedy_hi",
+           "later_mean_kl", "later_mean_kl_lo", "later_mean_kl_hi")
 FIDELITY = ("same_greedy", "mean_kl")
+LATER = ("later_same_greedy", "later_mean_kl")   # the turns after the first (fidelity.summary)
 UP_DOWN_FULL = {1: "↑", -1: "↓", 0: ""}
 UP_DOWN_BASELINE = {1: "+", -1: "−", 0: ""}
 
@@ -85,6 +88,12 @@ class Row:
     same_greedy_minus_baseline_hi: float | None = None
     score_marks: str = ""        # ↓ / ↑ versus full, − / + versus the best baseline
     same_greedy_marks: str = ""  # − / + versus the best baseline
+    later_same_greedy: float | None = None
+    later_same_greedy_lo: float | None = None
+    later_same_greedy_hi: float | None = None
+    later_mean_kl: float | None = None
+    later_mean_kl_lo: float | None = None
+    later_mean_kl_hi: float | None = None
 
     @classmethod
     def of(cls, ctx, task, run: Run, records: list[dict]) -> "Row":
@@ -103,7 +112,7 @@ class Row:
             state_mb=_mean(r["state_bytes"] / 1e6 for r in ok),
             peak_rss_mb=_mean(r.get("peak_rss_mb") for r in ok),
             prefill_density=_mean(t.get("prefill_density") for t in turns))
-        values = {key: case_values(ok, key) for key in ("score",) + FIDELITY}
+        values = {key: case_values(ok, key) for key in ("score",) + FIDELITY + LATER}
         for key, v in values.items():
             row.set_ci(key, stats.stratified_ci(_by_task(v)))
         row.score_n, row.fidelity_n = len(values["score"]), len(values["same_greedy"])
@@ -125,7 +134,7 @@ def case_values(records: list[dict], key: str) -> dict[str, tuple[str, float]]:
     for r in records:
         if "error" in r:
             continue
-        x = (r.get("fidelity") or {}).get(key) if key in FIDELITY else r.get(key)
+        x = (r.get("fidelity") or {}).get(key) if key in FIDELITY + LATER else r.get(key)
         if x is not None:
             out[r["case"]] = (r["task"], x)
     return out
@@ -338,6 +347,14 @@ def markdown(spec: BenchSpec, meta: dict, rows: list[Row]) -> str:
                                + _tail(r.same_greedy_marks, r.fidelity_n, cases[t]))
             name = f"**{t}**" if t == ALL else t
             lines.append(f"| {name} | {cases[t]} | " + " | ".join(out) + " |")
+        later = [m for m in others if m not in na and cell[(ALL, m)].later_same_greedy is not None]
+        if later:
+            lines += ["", "Fidelity in the turns after the first only, all tasks: those run over a cache cut "
+                      "in an earlier turn, whenever a method makes its first cut (a `defer_cut` longer "
+                      "than a reply decodes the whole first reply over the uncut input).", "",
+                      "| method | same greedy token | mean KL |", "|---|---:|---:|"]
+            lines += [f"| {m} | {_ci(cell[(ALL, m)], 'later_same_greedy', '{:.1%}')} | "
+                      f"{_ci(cell[(ALL, m)], 'later_mean_kl', '{:.3f}')} |" for m in later]
         lines += ["", "Cost (mean over all cases; TTFT of the first turn, which prefills the material, and "
                   "of later turns; KV cells held after the last turn):", "",
                   "| method | TTFT turn 1 ms | TTFT later ms | decode tok/s | KV cells | state file MB "
