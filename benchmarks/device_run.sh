@@ -7,6 +7,7 @@
 #            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
+#                   (PREFILL_KV=q8_0: both with q8_0 K/V)
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
@@ -18,7 +19,9 @@
 #            after BENCH_TIMEOUT s (540; the same step again resumes); summary and runs to
 #            $OUT/bench-gpu (draw the plots here with `loopserve-edge bench --report-only`).
 #            The default model is not carried: pass one that is. BENCH_CTX, BENCH_CASES,
-#            BENCH_BUDGETS, BENCH_METHODS, BENCH_TASKS, BENCH_SPLIT, BENCH_LEVELS change it.
+#            BENCH_BUDGETS, BENCH_METHODS, BENCH_TASKS, BENCH_SPLIT, BENCH_LEVELS change it, and
+#            BENCH_OUT the folder (/tmp/bench-*, so that benches can run side by side and a folder
+#            carried there with earlier runs is resumed: only what it lacks runs).
 #   bench-split=MODEL.gguf - the same as parallel processes, one per method group of BENCH_GROUPS
 #            ("a,b;c,d"), each with full, merged into /tmp/bench-gpu (2K, 20 cases, budget 1/8 unless told)
 #   calibrate=MODEL.gguf - difficulty levels on the dev split at CAL_CTX (8K), CAL_CASES (8)
@@ -100,7 +103,8 @@ for step in "$@"; do
       # 512 diagonals: a dense selection (density ~0.23 at 128K); 128: the issue's <= 10%
       for n_slash in 512 128; do
         for shape in ${PREFILL_SHAPES:-135m 1b}; do
-          python3 benchmarks/prefill.py ops --shape $shape --lengths 8192,32768,65536,131072 --n-slash $n_slash
+          python3 benchmarks/prefill.py ops --shape $shape --lengths 8192,32768,65536,131072 --n-slash $n_slash \
+              --kv-type "${PREFILL_KV:-f16}"
         done
       done ;;
     prefill-ttft)
@@ -133,17 +137,18 @@ for step in "$@"; do
       # resumable (the same step again goes on) and stopped after BENCH_TIMEOUT s, like gemma
       model=${step#bench}; model=${model#=}
       [ -n "$model" ] || { echo "the bench step needs a model: bench=/path/to/model.gguf"; exit 2; }
+      bout=${BENCH_OUT:-/tmp/bench-gpu}
       rc=0
       timeout "${BENCH_TIMEOUT:-540}" python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K,4K,8K}" \
           --turns 2 --cases-per-task "${BENCH_CASES:-10}" --budgets "${BENCH_BUDGETS:-1/8,1/4}" \
           --methods "${BENCH_METHODS:-all}" --tasks "${BENCH_TASKS:-all}" --split "${BENCH_SPLIT:-test}" \
           ${BENCH_LEVELS:+--levels "$BENCH_LEVELS"} --n-gpu-layers -1 --flash-attn \
-          --out /tmp/bench-gpu || rc=$?
+          --out "$bout" || rc=$?
       [ $rc = 0 ] || echo "bench: stopped (status $rc); the same step again resumes it"
-      python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gpu >/dev/null ||
+      python3 -m loopserve_edge.cli bench --report-only --out "$bout" >/dev/null ||
         echo "bench: the report failed; make it here with bench --report-only"
-      mkdir -p "$OUT/bench-gpu"
-      cp /tmp/bench-gpu/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gpu/" ;;
+      mkdir -p "$OUT/$(basename "$bout")"
+      cp "$bout"/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/$(basename "$bout")/" ;;
     bench-split=*)
       # the bench step's run as parallel processes, one per group of BENCH_GROUPS (method lists
       # separated by ';', each run with full), merged (benchmarks/bench_merge.py) into /tmp/bench-gpu:
@@ -211,7 +216,8 @@ for step in "$@"; do
     collect)
       # what benches started in the background (setsid ... &) have written so far: bench.json
       # and runs.jsonl of each /tmp/bench-* folder (summary and plots: bench --report-only here)
-      for d in /tmp/bench-gpu /tmp/bench-gemma*; do
+      for d in /tmp/bench-*/; do
+        d=${d%/}
         [ -f "$d/runs.jsonl" ] || continue
         mkdir -p "$OUT/$(basename "$d")"
         cp "$d"/bench.json "$d"/runs.jsonl "$OUT/$(basename "$d")/"
