@@ -14,6 +14,9 @@
 #            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
 #            n_ctx MEM_POOL 10240), f16 and q8_0 KV (stock: f16), peak GPU memory (8B shape, MEM_SHAPE)
 #   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
+#   serve-load - benchmarks/serve_load.py on the GPU: N = 1, 4, 16 concurrent multi-turn clients,
+#            loopserve-edge's server against llama-cpp-python's (same build, both with every layer
+#            on the GPU and flash attention), random weights at SERVE_SHAPE (1b)
 #   bench=MODEL.gguf - the multi-turn benchmark (loopserve-edge bench) on MODEL at 2K/4K/8K, every
 #            method, test split, budgets 1/8 and 1/4 of the context, into /tmp/bench-gpu, stopped
 #            after BENCH_TIMEOUT s (540; the same step again resumes); summary and runs to
@@ -133,6 +136,11 @@ for step in "$@"; do
         python3 benchmarks/decode.py speed --model /tmp/random-1b.gguf \
             --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile
       done ;;
+    serve-load)
+      shape=${SERVE_SHAPE:-1b}
+      [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+      python3 benchmarks/serve_load.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 --threads 8 \
+          --clients "${SERVE_CLIENTS:-1,4,16}" ;;
     bench|bench=*)
       # resumable (the same step again goes on) and stopped after BENCH_TIMEOUT s, like gemma
       model=${step#bench}; model=${model#=}

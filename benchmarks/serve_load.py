@@ -4,6 +4,7 @@ build.
 
     python benchmarks/serve_load.py [--servers loopserve,llama-cpp-python] [--clients 1,4,16]
                                     [--turns 3] [--tokens 32] [--threads 2] [--n-ctx 8192]
+                                    [--n-gpu-layers 0]
 
 Each server is started on a free port of 127.0.0.1 (its own process, same model, n_ctx and
 threads) and stopped afterwards. Each client holds one conversation: every turn sends the
@@ -42,13 +43,15 @@ def start(kind: str, model: Path, a, home: str) -> tuple[subprocess.Popen, str, 
     if kind == "loopserve":
         cmd = [sys.executable, "-m", "loopserve_edge.cli", "serve", str(model), "--port", str(port),
                "--n-ctx", str(a.n_ctx), "--threads", str(a.threads), "--max-resident", str(a.max_resident),
-               "--max-queue", "64"]
+               "--max-queue", "64", "--n-gpu-layers", str(a.n_gpu_layers)]
         name = model.stem
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
                "--n_ctx", str(a.n_ctx), "--n_threads", str(a.threads), "--model_alias", model.stem,
                # its default cuts a streaming reply off when the next request arrives
-               "--interrupt_requests", "False"]
+               "--interrupt_requests", "False", "--n_gpu_layers", str(a.n_gpu_layers)]
+        if a.n_gpu_layers != 0:   # on a GPU both with flash attention (ours has it on by default)
+            cmd += ["--flash_attn", "True"]
         name = model.stem
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, LOOPSERVE_EDGE_HOME=home))
@@ -117,12 +120,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--max-resident", type=int, default=16)
+    ap.add_argument("--n-gpu-layers", type=int, default=0,
+                    help="layers on the GPU, both servers (-1: all; then llama-cpp-python's with flash attention too)")
     a = ap.parse_args()
 
     from loopserve_edge.paths import default_model
 
     model = Path(a.model) if a.model else default_model()
-    print(f"{model.name}, {a.threads} threads, n_ctx {a.n_ctx}, {a.turns} turns per client (~150-token "
+    print(f"{model.name}, {a.threads} threads, n_gpu_layers {a.n_gpu_layers}, n_ctx {a.n_ctx}, {a.turns} turns per client (~150-token "
           f"messages of real passages), replies of {a.tokens} tokens greedy, streamed; loopserve-edge "
           f"max_resident {a.max_resident}\n")
     print("| server | clients | requests/s | TTFT turn 1 p50 / p99 s | TTFT turns >= 2 p50 / p99 s | "
