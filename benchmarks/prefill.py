@@ -189,6 +189,22 @@ def ops(args) -> int:
 
 # -- ttft ---------------------------------------------------------------------------------
 
+def real_tokens(model, n: int) -> list[int]:
+    """n tokens of real text: the shared data's passages one after the other. A real model's
+    attention on them is as concentrated as in use, so the selection (and its density) is
+    what a user gets; on random token ids it is far more spread."""
+    from loopserve_edge import Llama, LoopServeConfig
+    from loopserve_edge.bench.data import passages_and_questions
+
+    with Llama(model, loopserve=LoopServeConfig(max_resident=1), n_ctx=256) as llm:
+        toks: list[int] = []
+        for title, text, _ in passages_and_questions(100000):
+            toks += llm.tokenize(f"{title}\n{text}\n\n", add_bos=not toks)
+            if len(toks) >= n:
+                return toks[:n]
+    raise SystemExit(f"the shared data holds fewer than {n} tokens of passages")
+
+
 def ttft(args) -> int:
     from loopserve_edge import Llama, LoopServeConfig
 
@@ -199,7 +215,8 @@ def ttft(args) -> int:
         model = default_model()
     print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
           f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}, "
-          f"block {args.block or 'default'}{', SWA cache sized to the window' if args.no_swa_full else ''}")
+          f"block {args.block or 'default'}{', SWA cache sized to the window' if args.no_swa_full else ''}; "
+          f"{'real text (passages of the shared data)' if args.text == 'real' else 'random token ids'}")
     # "in cell order": sparse ubatches whose mask was causal in cells (the GPU path skips the mask)
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
           f"{'in cell order':>14} {'est/attn ms (profile)':>22}")
@@ -207,8 +224,9 @@ def ttft(args) -> int:
     n_vocab = len(gguf.GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
     hi = min(20000 if args.model else 256, n_vocab)
     rng = np.random.default_rng(2)
+    real = real_tokens(model, max(lengths)) if args.text == "real" else None
     for L in lengths:
-        toks = [int(t) for t in rng.integers(min(100, hi // 2), hi, L)]
+        toks = real[:L] if real is not None else [int(t) for t in rng.integers(min(100, hi // 2), hi, L)]
         res = {}
         for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
             cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, max_vertical=args.max_vertical,
@@ -266,6 +284,8 @@ def main() -> int:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--flash-attn", action="store_true")
     t.add_argument("--profile", action="store_true", help="also a profiled sparse run (estimation vs attention)")
+    t.add_argument("--text", choices=("random", "real"), default="random",
+                   help="the input: random token ids (speed shapes) or real passages (real models)")
     t.add_argument("--no-swa-full", action="store_true",
                    help="sliding-window caches sized to the window (llama.cpp's swa_full=False; the runtime's "
                         "dialogues keep them full-size), to measure what the full-size one costs")
