@@ -127,8 +127,8 @@ def main() -> None:
     from loopserve_edge.paths import default_model
 
     model = Path(a.model) if a.model else default_model()
-    print(f"{model.name}, {a.threads} threads, n_gpu_layers {a.n_gpu_layers}, n_ctx {a.n_ctx}, {a.turns} turns per client (~150-token "
-          f"messages of real passages), replies of {a.tokens} tokens greedy, streamed; loopserve-edge "
+    print(f"{model.name}, {a.threads} threads, n_gpu_layers {a.n_gpu_layers}, n_ctx {a.n_ctx}, "
+          f"{a.turns} turns per client (~150-token messages of real passages), replies of {a.tokens} tokens greedy, streamed; loopserve-edge "
           f"max_resident {a.max_resident}\n")
     print("| server | clients | requests/s | TTFT turn 1 p50 / p99 s | TTFT turns >= 2 p50 / p99 s | "
           "generated tok/s (all clients) |")

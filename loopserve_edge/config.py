@@ -66,9 +66,11 @@ class LoopServeConfig:
     # None (the default) is 32, chosen on the benchmark's dev split (default model, 2K, budget
     # 1/8, head-wise): 12 against 4 kept +3.8 points of full's greedy tokens [+2.2, +5.6], 32
     # against 12 +2.1 [+0.8, +3.6], better after the first 32 steps of a reply too (4 against 0
-    # was +5.4, cell-wise; benchmarks/results/defer-dev/). It may exceed `interval`: the cut
-    # waits for it, and the periodic cuts start after it. Until then the dialogue holds the
-    # whole input, as its prefill did, and decodes over it.
+    # was +5.4, cell-wise; benchmarks/results/defer-dev/). Much of that is the short replies
+    # decoded before the cut: over the turns after the first alone, 32 and 4 are level on the
+    # test split (both above SnapKV; benchmarks/results/later-turns-cpu/). It may exceed
+    # `interval`: the cut waits for it, and the periodic cuts start after it. Until then the
+    # dialogue holds the whole input, as its prefill did, and decodes over it.
     defer_cut: int | None = None
     # Positions after a cut. "auto": once the highest position passes half the model's trained
     # context, a cut gives the kept cells consecutive positions again (their keys re-rotated,
