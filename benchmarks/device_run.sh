@@ -104,7 +104,7 @@ for step in "$@"; do
       python3 benchmarks/prefill.py check ;;
     prefill-ops)
       # 512 diagonals: a dense selection (density ~0.23 at 128K); 128: the issue's <= 10%
-      for n_slash in 512 128; do
+      for n_slash in ${PREFILL_SLASH:-512 128}; do
         for shape in ${PREFILL_SHAPES:-135m 1b}; do
           python3 benchmarks/prefill.py ops --shape $shape --lengths 8192,32768,65536,131072 --n-slash $n_slash \
               --kv-type "${PREFILL_KV:-f16}"

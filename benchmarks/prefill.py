@@ -27,7 +27,7 @@ from loopserve_edge import sparse_ops as so  # noqa: E402
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 
-SHAPES = {"135m": (9, 3, 64), "1b": (32, 8, 64), "gemma3-270m": (4, 1, 256)}  # n_head, n_head_kv, head dim
+SHAPES = {"135m": (9, 3, 64), "1b": (32, 8, 64), "8b": (32, 8, 128), "gemma3-270m": (4, 1, 256)}  # n_head, n_head_kv, head dim
 
 
 def rand_lists(r, n_kv, n_head_kv, n_col, n_off):

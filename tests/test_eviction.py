@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from loopserve_edge import LoopServeConfig
-from loopserve_edge.eviction import aggregate, choose_keep, pool
+from loopserve_edge.eviction import aggregate, choose_keep, choose_keep_rows, pool
 
 GREEDY = dict(temperature=0)
 SCORED_POLICIES = ["snapkv", "h2o", "loopserve"]
@@ -29,6 +29,21 @@ def test_choose_keep_keeps_sinks_recent_and_the_best_scores():
     assert keep[[30, 50, 60, 70]].all()
     recency = choose_keep(100, None, c, budget=24)
     assert recency[:4].all() and recency[-20:].all() and recency.sum() == 24
+
+
+@pytest.mark.parametrize("pooling", [1, 4, 7])
+@pytest.mark.parametrize("n,budget", [(300, 100), (100, 24), (41, 24), (20, 24), (30, 21)])
+def test_head_rows_keep_what_choose_keep_keeps_row_by_row(pooling, n, budget):
+    """The head-wise cut chooses for all rows at once (in blocks): the same cells, ties too."""
+    rng = np.random.default_rng(n + budget + pooling)
+    rows = rng.random((21, n)).astype(np.float32)
+    rows[:, ::3] = 0.5  # ties
+    rows[3] = 0.0       # a row with nothing scored
+    c = cfg("loopserve", budget=budget, pooling=pooling)
+    got = choose_keep_rows(rows, c, budget)
+    want = np.stack([np.flatnonzero(choose_keep(n, r.astype(np.float64), c, budget)) for r in rows])
+    assert got.shape == (21, min(n, budget))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_aggregate_normalises_each_row_then_takes_mean_or_max():
