@@ -16,7 +16,7 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .carry/whl \
     fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic_core==2.50.5 \
     annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 sse-starlette==3.7.0 \
-    starlette-context==0.5.1 pydantic-settings==2.16.3 python-dotenv==1.2.4
+    starlette-context==0.5.1 pydantic-settings==2.16.3 python-dotenv==1.2.4 opentelemetry-api==1.45.2
 $PY - <<'PY'
 import gguf
 from loopserve_edge.paths import default_model

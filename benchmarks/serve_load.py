@@ -10,9 +10,11 @@ Each server is started on a free port of 127.0.0.1 (its own process, same model,
 threads) and stopped afterwards. Each client holds one conversation: every turn sends the
 whole history plus a new user message (a real passage and a question, ~150 tokens), streamed,
 greedy, `--tokens` tokens (no stop), as stateless clients do. Per server and N: requests per
-second, p50 / p99 time to first token of turn 1 and of turns >= 2 (client side), and
-generated tokens per second over all clients. llama-cpp-python's server needs its extras
-(sse-starlette, starlette-context, pydantic-settings).
+second (completed ones), p50 / p99 time to first token of turn 1 and of turns >= 2 (client
+side), generated tokens per second over all clients, failed requests (each ends its
+conversation) and, for loopserve-edge, what its KV pool's pressure cost (from /metrics).
+llama-cpp-python's server needs its extras (sse-starlette, starlette-context,
+pydantic-settings).
 """
 from __future__ import annotations
 
@@ -68,7 +70,15 @@ def start(kind: str, model: Path, a, home: str) -> tuple[subprocess.Popen, str, 
     raise SystemExit(f"{kind} server did not start")
 
 
-def client(url: str, name: str, msgs: list[str], tokens: int, out: list) -> None:
+def client(url: str, name: str, msgs: list[str], tokens: int, out: list, failed: list) -> None:
+    """One conversation; a request that fails ends it (counted in `failed`)."""
+    try:
+        _conversation(url, name, msgs, tokens, out)
+    except httpx.HTTPError as e:
+        failed.append(e)
+
+
+def _conversation(url: str, name: str, msgs: list[str], tokens: int, out: list) -> None:
     history = []
     with httpx.Client(timeout=600) as http:
         for turn, text in enumerate(msgs):
@@ -105,6 +115,13 @@ def conversations(n: int, turns: int) -> list[list[str]]:
     return convs
 
 
+def pool_events(url: str) -> str:
+    names = ("loopserve_decode_waits_total", "loopserve_kv_swaps_out_total", "loopserve_kv_repacks_total")
+    got = dict(ln.split()[:2] for ln in httpx.get(url + "/metrics", timeout=10).text.splitlines()
+               if ln.split(" ")[0] in names)
+    return " / ".join(str(int(float(got[n]))) if n in got else "?" for n in names)
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
@@ -130,16 +147,19 @@ def main() -> None:
     print(f"{model.name}, {a.threads} threads, n_gpu_layers {a.n_gpu_layers}, n_ctx {a.n_ctx}, "
           f"{a.turns} turns per client (~150-token messages of real passages), replies of {a.tokens} tokens greedy, streamed; loopserve-edge "
           f"max_resident {a.max_resident}\n")
+    # pool: for loopserve-edge, what a KV pool too small for every conversation cost (from its
+    # /metrics): replies that waited a step for room, dialogues swapped out, pool repacks
     print("| server | clients | requests/s | TTFT turn 1 p50 / p99 s | TTFT turns >= 2 p50 / p99 s | "
-          "generated tok/s (all clients) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "generated tok/s (all clients) | failed requests | pool waits / swaps / repacks |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in a.servers.split(","):
         for n in (int(c) for c in a.clients.split(",")):
             with tempfile.TemporaryDirectory() as home:
                 proc, url, name = start(kind, model, a, home)
                 try:
                     out: list = []
-                    threads = [threading.Thread(target=client, args=(url, name, msgs, a.tokens, out))
+                    failed: list = []
+                    threads = [threading.Thread(target=client, args=(url, name, msgs, a.tokens, out, failed))
                                for msgs in conversations(n, a.turns)]
                     t0 = time.perf_counter()
                     for t in threads:
@@ -147,13 +167,14 @@ def main() -> None:
                     for t in threads:
                         t.join()
                     wall = time.perf_counter() - t0
+                    pool = pool_events(url) if kind == "loopserve" else "—"
                 finally:
                     proc.terminate()
                     proc.wait(timeout=60)
             first = [x[1] for x in out if x[0] == 0]
             later = [x[1] for x in out if x[0] > 0]
             print(f"| {kind} | {n} | {len(out) / wall:.2f} | {pct(first, 50):.2f} / {pct(first, 99):.2f} | "
-                  f"{pct(later, 50):.2f} / {pct(later, 99):.2f} | {sum(x[3] for x in out) / wall:.1f} |",
+                  f"{pct(later, 50):.2f} / {pct(later, 99):.2f} | {sum(x[3] for x in out) / wall:.1f} | {len(failed)} | {pool} |",
                   flush=True)
 
 

@@ -15,6 +15,7 @@ and dialogues build on it, never the other way round.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 from typing import Iterable, Protocol
@@ -132,6 +133,8 @@ class Context:
             self._check_head_wise(kwargs)
         # seq id -> resident owner, in least-recently-used order (dicts keep order)
         self._resident: dict[int, Resident] = {}
+        # what pool pressure cost so far: dialogues swapped out ("swap_out"), repacks ("repack")
+        self.pool_events = collections.Counter()
 
     # -- construction ------------------------------------------------------------------
 
@@ -193,18 +196,20 @@ class Context:
 
     # -- sequences ---------------------------------------------------------------------
 
-    def make_resident(self, dlg: Resident) -> int:
+    def make_resident(self, dlg: Resident, keep: tuple = ()) -> int:
         """Give `dlg` a sequence (swapping its state in, and others out if the pool or the
-        sequences run short) and mark it most recently used."""
+        sequences run short, never those in `keep`) and mark it most recently used."""
         if dlg._seq is not None:
             self._resident.pop(dlg._seq)
             self._resident[dlg._seq] = dlg
             return dlg._seq
         if len(self._resident) >= self.config.max_resident:
-            self.swap_out(next(iter(self._resident.values())))
+            kept = {id(d) for d in keep}
+            lru = next((d for d in self._resident.values() if id(d) not in kept), None)
+            self.swap_out(lru if lru is not None else next(iter(self._resident.values())))
         seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
         if dlg._swapped:
-            self._free_cells(len(dlg.positions))
+            self._free_cells(len(dlg.positions), keep=keep)
             if not self._load_sequence(seq, dlg._swapped):
                 llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 raise StateFileError("llama.cpp rejected the sequence state")
@@ -248,6 +253,7 @@ class Context:
         """Batch-invariant placement (LoopServeConfig.batch_invariant): new tokens go after
         the highest cell in use, so when too few are left there, every resident is moved down
         to the first cells by a state round trip, which keeps each one's cells in order."""
+        self.pool_events["repack"] += 1
         states = [(seq, self.sequence_state(seq)) for seq in self._resident
                   if bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq) > 0]
         for seq, _ in states:
@@ -266,6 +272,7 @@ class Context:
         if dlg._seq is None:
             return
         dlg._swapped = self.sequence_state(dlg._seq)
+        self.pool_events["swap_out"] += 1
         llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
         del self._resident[dlg._seq]
         dlg._seq = None
@@ -561,10 +568,11 @@ class Context:
             raise ValueError("one step per dialogue, at most max_resident of them")
         if len(steps) > self.n_batch:
             raise ValueError(f"at most n_batch={self.n_batch} steps")
-        # each made resident becomes the most recently used, so a later one of the batch swaps
-        # out an older dialogue, never one of the batch
-        seqs = [self.make_resident(d) for d, _, _ in steps]
-        self._free_cells(len(steps), keep=tuple(d for d, _, _ in steps))
+        # a dialogue of the batch swapped in makes room by swapping out others, never one of
+        # the batch (its sequence is already in the batch)
+        batch = tuple(d for d, _, _ in steps)
+        seqs = [self.make_resident(d, keep=batch) for d in batch]
+        self._free_cells(len(steps), keep=batch)
         window = self.score_window
         self.set_score_window(len(steps) if scored else 0)
         b = self._batch

@@ -220,6 +220,44 @@ def test_clients_at_once_all_get_their_turns_each_as_it_would_alone(server):
     assert float(batch[0].split()[1]) > 1.2
 
 
+def test_clients_whose_dialogues_overflow_the_pool_take_turns_and_each_gets_its_whole_reply(tmp_path):
+    """Six conversations of ~250 tokens each on a pool of 768 cells: they cannot all be decoded
+    at once. The replies in progress that do not fit wait a step (the oldest go first) and no
+    new prompt is prefilled meanwhile, so every reply is the one its conversation gets alone
+    (not cut short by a full pool)."""
+    s = Server(tmp_path, "--n-ctx", "768", "--max-resident", "8")
+    try:
+        texts = [f"Client {i}: here is a list of fruits: " + ", ".join(["apple", "pear", "plum", "fig"] * 12)
+                 + f". Now count from {i} to 100, one number per line." for i in range(6)]
+        got, errors = {}, []
+
+        def one(i, tag):
+            try:
+                c = s.client()
+                msgs = [{"role": "user", "content": texts[i]}]
+                r = _chat(c, msgs, max_tokens=40, extra_headers={"X-Dialogue-Id": f"{tag}-{i}"})
+                got[tag, i] = (r.choices[0].message.content, r.usage.completion_tokens)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i, "together")) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        metrics = httpx.get(s.url + "/metrics").text
+        for i in range(6):
+            one(i, "alone")
+        assert not errors, errors
+        differ = {i: (got["together", i], got["alone", i]) for i in range(6) if got["together", i] != got["alone", i]}
+        assert not differ, differ
+        assert all(n == 40 for _, n in got.values())   # nobody was cut short
+        waits = [ln for ln in metrics.splitlines() if ln.startswith("loopserve_decode_waits_total ")]
+        assert float(waits[0].split()[1]) > 0           # the pool did run short
+    finally:
+        s.stop()
+
+
 def _generated(server) -> int:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
         if line.startswith('loopserve_tokens_total{kind="generated"}'):

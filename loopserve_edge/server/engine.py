@@ -54,6 +54,7 @@ class _Job:
     gen: object = None
     feed: tuple | None = None     # ("send", logits) or ("throw", exception) for the next step
     primed: bool = False          # the reply's generator has run (its cleanup will run)
+    waiting: Step | None = None   # its next token, kept while the KV pool has no room for it
     before: int = 0
     pieces: list = field(default_factory=list)
 
@@ -73,6 +74,7 @@ class Engine:
         self._evictors: dict[LoopServeConfig, Evictor] = {llm.config: llm.evictor}
         self.max_batch = llm.config.max_resident
         self.batches = collections.Counter()   # decode steps by batch size
+        self.waits = 0                          # replies that waited a step for room
         self._thread = threading.Thread(target=self._loop, name="loopserve-scheduler", daemon=True)
         self._thread.start()
 
@@ -131,8 +133,10 @@ class Engine:
                         return
                 while not active and not self._waiting and not self._stopping:
                     self._cv.wait()
-                # one new prefill per step while replies are in progress: they keep going
-                job = self._waiting.popleft() if self._waiting and len(active) < self.max_batch else None
+                # one new prefill per step while replies are in progress: they keep going; none
+                # while a reply waits for room in the pool (its prefill would push them out)
+                job = (self._waiting.popleft() if self._waiting and len(active) < self.max_batch
+                       and not any(j.waiting is not None for j in active) else None)
             try:
                 if job is not None:
                     with self._lock:
@@ -195,6 +199,11 @@ class Engine:
         """Advance every reply in progress to its next token to decode, then decode them all."""
         steps: list[tuple[_Job, Step]] = []
         for job in list(active):
+            if job.waiting is not None and not job.cancelled.is_set():
+                steps.append((job, job.waiting))
+                job.waiting = None
+                continue
+            job.waiting = None
             try:
                 if job.primed and job.cancelled.is_set():
                     raise GeneratorExit
@@ -217,6 +226,7 @@ class Engine:
                 self._finish(job, active)
             except BaseException as e:  # noqa: BLE001
                 self._finish(job, active, e)
+        steps = self._fit(steps)
         if not steps:
             return
         scored = any(job.dlg.score_window > 0 for job, _ in steps)
@@ -233,6 +243,23 @@ class Engine:
         self.batches[len(steps)] += 1
         for (job, _), lg in zip(steps, logits):
             job.feed = ("send", lg)
+
+    def _fit(self, steps: list[tuple[_Job, Step]]) -> list[tuple[_Job, Step]]:
+        """The steps whose dialogues fit in the KV pool together, the replies that started
+        first first (so that each gets to finish and free its cells); the others keep their
+        token for a later step. Decoding them all at once would not fit: a batch's dialogues
+        must all be resident, and a full pool would end every reply of the batch. The first
+        always runs (alone on a full pool it ends as it would alone)."""
+        room, fit = self.llm.n_ctx, []
+        for job, st in steps:
+            need = len(job.dlg.positions) + 1
+            if fit and need > room:
+                job.waiting = st
+                self.waits += 1
+                continue
+            room -= need
+            fit.append((job, st))
+        return fit
 
     def _finish(self, job: _Job, active: list[_Job], error: BaseException | None = None) -> None:
         active.remove(job)
@@ -259,6 +286,7 @@ class Engine:
         with self._lock:
             st = self.store.stats()
             used = self.llm.cells_used
+            events = dict(self.llm.pool_events)
         return {
             "loopserve_kv_cells_used": ("KV cells held by resident dialogues", used),
             "loopserve_kv_cells_total": ("KV cells of the pool (n_ctx)", self.llm.n_ctx),
@@ -270,6 +298,12 @@ class Engine:
             "loopserve_decode_batch_mean": ("mean replies decoded together per step so far",
                                             sum(k * n for k, n in self.batches.items()) /
                                             max(1, sum(self.batches.values()))),
+            "loopserve_kv_swaps_out_total": ("dialogues swapped out of the KV pool to make room",
+                                             events.get("swap_out", 0), "counter"),
+            "loopserve_kv_repacks_total": ("KV pool repacks (batch-invariant placement found too few "
+                                           "cells at the pool's end)", events.get("repack", 0), "counter"),
+            "loopserve_decode_waits_total": ("times a reply in progress waited a step for room in the KV pool",
+                                             self.waits, "counter"),
         }
 
     def saver(self, stop: threading.Event) -> None:

@@ -51,8 +51,9 @@ class Metrics:
             if stats.decode_tokens:
                 self.per_token.observe(stats.decode_s / stats.decode_tokens)
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """The exposition text; `gauges`: name -> (help, value), read by the caller."""
+    def render(self, gauges: dict[str, tuple]) -> str:
+        """The exposition text; `gauges`: name -> (help, value) or (help, value, type), read
+        by the caller (type "counter" for totals it keeps)."""
         with self._lock:
             lines = ["# HELP loopserve_requests_total HTTP requests by endpoint and status",
                      "# TYPE loopserve_requests_total counter"]
@@ -70,6 +71,6 @@ class Metrics:
                       "# HELP loopserve_decode_seconds_per_token decode time per generated token, per request",
                       "# TYPE loopserve_decode_seconds_per_token histogram",
                       *self.per_token.lines("loopserve_decode_seconds_per_token")]
-        for name, (help_, value) in gauges.items():
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+        for name, (help_, value, *kind) in gauges.items():
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind[0] if kind else 'gauge'}", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"

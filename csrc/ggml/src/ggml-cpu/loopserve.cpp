@@ -18,12 +18,16 @@
 
 // the sparse attention's chunks of keys (scratch per thread: (DK + DV) x 4 x this bytes),
 // (row, head) pairs and keys per register block
-#define LS_CPU_CHUNK 1024
-#define LS_CPU_PAIRS 8
-#define LS_CPU_LANES 16
+#define LS_CPU_CHUNK  1024
+#define LS_CPU_PAIRS  8
+#define LS_CPU_LANES  16
+// floats between rows of the chunk's K^T, V^T and scores: a chunk plus a register block, so
+// that the rows are not 4 KiB apart (gathering a key's DK values into K^T then hit one L1
+// set DK times over: the op ran several times slower per element than stock attention)
+#define LS_CPU_STRIDE (LS_CPU_CHUNK + LS_CPU_LANES)
 
 // S[p][i] = sum_d Q[p][d] KT[d][i] for LS_CPU_PAIRS rows of Q (DK apart) and i < n (rounded
-// up to LS_CPU_LANES), rows of S and KT LS_CPU_CHUNK apart
+// up to LS_CPU_LANES), rows of S and KT LS_CPU_STRIDE apart
 static void ls_cpu_scores(float * S, const float * Q, const float * KT, int64_t DK, int64_t n) {
     constexpr int NP = LS_CPU_PAIRS;
 #if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE)
@@ -33,13 +37,13 @@ static void ls_cpu_scores(float * S, const float * Q, const float * KT, int64_t 
             acc[p] = GGML_F32_VEC_ZERO;
         }
         for (int64_t d = 0; d < DK; ++d) {
-            const GGML_F32_VEC k = GGML_F32_VEC_LOAD(KT + d * LS_CPU_CHUNK + ib);
+            const GGML_F32_VEC k = GGML_F32_VEC_LOAD(KT + d * LS_CPU_STRIDE + ib);
             for (int p = 0; p < NP; ++p) {
                 acc[p] = GGML_F32_VEC_FMA(acc[p], k, GGML_F32_VEC_SET1(Q[p * DK + d]));
             }
         }
         for (int p = 0; p < NP; ++p) {
-            GGML_F32_VEC_STORE(S + p * LS_CPU_CHUNK + ib, acc[p]);
+            GGML_F32_VEC_STORE(S + p * LS_CPU_STRIDE + ib, acc[p]);
         }
     }
 #else
@@ -47,15 +51,15 @@ static void ls_cpu_scores(float * S, const float * Q, const float * KT, int64_t 
         for (int p = 0; p < NP; ++p) {
             float s = 0.0f;
             for (int64_t d = 0; d < DK; ++d) {
-                s += Q[p * DK + d] * KT[d * LS_CPU_CHUNK + i];
+                s += Q[p * DK + d] * KT[d * LS_CPU_STRIDE + i];
             }
-            S[p * LS_CPU_CHUNK + i] = s;
+            S[p * LS_CPU_STRIDE + i] = s;
         }
     }
 #endif
 }
 
-// x[p] = sum_i S[p][i] v[i] for LS_CPU_PAIRS rows of S (LS_CPU_CHUNK apart), i < n rounded
+// x[p] = sum_i S[p][i] v[i] for LS_CPU_PAIRS rows of S (LS_CPU_STRIDE apart), i < n rounded
 // up to LS_CPU_LANES
 static void ls_cpu_dots(float * x, const float * S, const float * v, int64_t n) {
     constexpr int NP = LS_CPU_PAIRS;
@@ -67,7 +71,7 @@ static void ls_cpu_dots(float * x, const float * S, const float * v, int64_t n) 
     for (int64_t ib = 0; ib < n; ib += GGML_F32_EPR) {
         const GGML_F32_VEC vv = GGML_F32_VEC_LOAD(v + ib);
         for (int p = 0; p < NP; ++p) {
-            acc[p] = GGML_F32_VEC_FMA(acc[p], vv, GGML_F32_VEC_LOAD(S + p * LS_CPU_CHUNK + ib));
+            acc[p] = GGML_F32_VEC_FMA(acc[p], vv, GGML_F32_VEC_LOAD(S + p * LS_CPU_STRIDE + ib));
         }
     }
     for (int p = 0; p < NP; ++p) {
@@ -82,7 +86,7 @@ static void ls_cpu_dots(float * x, const float * S, const float * v, int64_t n) 
     for (int p = 0; p < NP; ++p) {
         x[p] = 0.0f;
         for (int64_t i = 0; i < n; ++i) {
-            x[p] += S[p * LS_CPU_CHUNK + i] * v[i];
+            x[p] += S[p * LS_CPU_STRIDE + i] * v[i];
         }
     }
 #endif
@@ -90,7 +94,11 @@ static void ls_cpu_dots(float * x, const float * S, const float * v, int64_t n) 
 
 // floats of the sparse attention's per-thread scratch after the key list
 static int64_t ls_cpu_attn_floats(int64_t DK, int64_t DV, int64_t n_pair) {
-    return (DK + DV) * LS_CPU_CHUNK + LS_CPU_PAIRS * (LS_CPU_CHUNK + DK) + std::max(DK, DV) + n_pair * (DV + 2);
+    return (DK + DV) * LS_CPU_STRIDE + LS_CPU_PAIRS * (LS_CPU_STRIDE + DK) + std::max(DK, DV) + n_pair * (DV + 2);
+}
+
+static void ls_f16_row(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n) {
+    ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) x, y, n);
 }
 
 static float ls_param_f(const ggml_tensor * t, int i) {
@@ -376,8 +384,10 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
         scale /= softcap;
     }
 
-    const ggml_to_float_t k_to_float = ggml_get_type_traits(k->type)->to_float;
-    const ggml_to_float_t v_to_float = ggml_get_type_traits(v->type)->to_float;
+    // f16 rows through the CPU backend's vector conversion (F16C): the type traits' one is a
+    // scalar loop in ggml-base, and took a third of this op's time (the same values)
+    const ggml_to_float_t k_to_float = k->type == GGML_TYPE_F16 ? ls_f16_row : ggml_get_type_traits(k->type)->to_float;
+    const ggml_to_float_t v_to_float = v->type == GGML_TYPE_F16 ? ls_f16_row : ggml_get_type_traits(v->type)->to_float;
     const bool            v_rows     = v->nb[0] == ggml_type_size(v->type);  // else transposed f16/f32
     GGML_ASSERT((k->type == GGML_TYPE_F32 || k_to_float) && "loopserve sparse attention: unsupported K type");
     GGML_ASSERT((v->type == GGML_TYPE_F32 || v_to_float) && "loopserve sparse attention: unsupported V type");
@@ -390,7 +400,7 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
     // query row and head. Online softmax across chunks. Rows with a mask and rows without
     // one (causal in cells) compute the same arithmetic; chunks no key of which the pairs'
     // rows see are skipped (exactly what a chunk of -inf scores adds: nothing).
-    constexpr int64_t CH = LS_CPU_CHUNK;
+    constexpr int64_t CH = LS_CPU_CHUNK, CS = LS_CPU_STRIDE;
     constexpr int     NP = LS_CPU_PAIRS, LN = LS_CPU_LANES;
 #if defined(GGML_SIMD)
     static_assert(LN % GGML_F32_EPR == 0, "a register block of keys is whole registers");
@@ -398,10 +408,10 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
     const int64_t n_pair = block_q * n_gqa;  // (row, head) pairs of a block
     char *        wbase  = (char *) params->wdata + params->ith * ggml_cpu_loopserve_work_size(dst, 1);
     int32_t *     keys   = (int32_t *) wbase;
-    float *       KT     = (float *) (wbase + ls_align(sizeof(int32_t) * n_kv));  // [DK][CH]
-    float *       VT     = KT + DK * CH;                                          // [DV][CH]
-    float *       S      = VT + DV * CH;                                          // [NP][CH]
-    float *       Qs     = S + NP * CH;                                           // [NP][DK]
+    float *       KT     = (float *) (wbase + ls_align(sizeof(int32_t) * n_kv));  // [DK][CS]
+    float *       VT     = KT + DK * CS;                                          // [DV][CS]
+    float *       S      = VT + DV * CS;                                          // [NP][CS]
+    float *       Qs     = S + NP * CS;                                           // [NP][DK]
     float *       row    = Qs + NP * DK;                                          // [max(DK, DV)]
     float *       O      = row + std::max(DK, DV);                                // [n_pair][DV]
     float *       M      = O + n_pair * DV;                                       // [n_pair]
@@ -454,7 +464,7 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                     kf = row;
                 }
                 for (int64_t d = 0; d < DK; ++d) {
-                    KT[d * CH + i] = kf[d];
+                    KT[d * CS + i] = kf[d];
                 }
             }
             if (v_rows) {
@@ -466,7 +476,7 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                         vf = row;
                     }
                     for (int64_t d = 0; d < DV; ++d) {
-                        VT[d * CH + i] = vf[d];
+                        VT[d * CS + i] = vf[d];
                     }
                 }
             } else {
@@ -474,14 +484,14 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                     const char * vt = (const char *) v->data + d * v->nb[0] + g * v->nb[2];
                     for (int64_t i = 0; i < n_c; ++i) {
                         const char * e = vt + keys[i0 + i] * v->nb[1];
-                        VT[d * CH + i] = v->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) e) :
+                        VT[d * CS + i] = v->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) e) :
                                                                     *(const float *) e;
                     }
                 }
             }
             for (int64_t d = 0; d < DV; ++d) {
                 for (int64_t i = n_c; i < n_cp; ++i) {
-                    VT[d * CH + i] = 0.0f;
+                    VT[d * CS + i] = 0.0f;
                 }
             }
 
@@ -509,12 +519,36 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                 // each pair's visible scores, softmax against its running maximum; S becomes
                 // the probabilities, 0 past the chunk and for pairs that see nothing in it
                 for (int64_t p = 0; p < NP; ++p) {
-                    float *       sp   = S + p * CH;
+                    float *       sp   = S + p * CS;
                     float         mx   = -INFINITY;
                     const int64_t r    = p < np ? r0 + (p0 + p) / n_gqa : -1;
                     const int64_t c    = p < np ? ls_cell(q_cells, r, cell_mod) : -1;
                     const char *  mrow = mask && p < np ? (const char *) mask->data + r * mask->nb[1] : nullptr;
-                    for (int64_t i = 0; p < np && i < n_c; ++i) {
+                    if (p < np && !mrow && softcap == 0.0f) {
+                        // causal in cells: the chunk's keys ascend, so the visible ones are a
+                        // prefix. The same scores as the loop below gives (s + 0 and -inf), the
+                        // maximum over 8 running maxima instead of one chain of dependent maxss
+                        // (that loop was the op's largest cost after the gather)
+                        const int64_t n_vis = std::upper_bound(keys + i0, keys + i0 + n_c, (int32_t) c) - (keys + i0);
+                        float         m8[8] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                                                -INFINITY, -INFINITY, -INFINITY, -INFINITY };
+                        int64_t       i     = 0;
+                        for (; i + 8 <= n_vis; i += 8) {
+                            for (int e = 0; e < 8; ++e) {
+                                m8[e] = std::max(m8[e], sp[i + e]);
+                            }
+                        }
+                        for (; i < n_vis; ++i) {
+                            m8[0] = std::max(m8[0], sp[i]);
+                        }
+                        for (int e = 0; e < 8; ++e) {
+                            mx = std::max(mx, m8[e]);
+                        }
+                        for (i = n_vis; i < n_c; ++i) {
+                            sp[i] = -INFINITY;
+                        }
+                    }
+                    for (int64_t i = 0; p < np && (mrow || softcap != 0.0f) && i < n_c; ++i) {
                         const int64_t j  = keys[i0 + i];
                         float         mv = 0.0f;
                         if (mrow) {
@@ -546,7 +580,7 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                 // output: O[p][d] += sum_i S[p][i] VT[d][i]
                 for (int64_t d = 0; d < DV; ++d) {
                     float x[NP];
-                    ls_cpu_dots(x, S, VT + d * CH, n_c);
+                    ls_cpu_dots(x, S, VT + d * CS, n_c);
                     for (int64_t p = 0; p < np; ++p) {
                         O[(p0 + p) * DV + d] += x[p];
                     }
