@@ -26,67 +26,108 @@
 // set DK times over: the op ran several times slower per element than stock attention)
 #define LS_CPU_STRIDE (LS_CPU_CHUNK + LS_CPU_LANES)
 
+// vectors per register block of the two products below: with 32 vector registers (AVX-512)
+// two, so that each broadcast of Q (scores) or load of S (output) serves two FMAs; with 16,
+// one (two would spill). Each output is summed in the same order either way.
+#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE) && GGML_F32_EPR >= 16
+#    define LS_CPU_WIDE 2
+#else
+#    define LS_CPU_WIDE 1
+#endif
+
 // S[p][i] = sum_d Q[p][d] KT[d][i] for LS_CPU_PAIRS rows of Q (DK apart) and i < n (rounded
-// up to LS_CPU_LANES), rows of S and KT LS_CPU_STRIDE apart
-static void ls_cpu_scores(float * S, const float * Q, const float * KT, int64_t DK, int64_t n) {
+// up to LS_CPU_LANES), rows of S and KT LS_CPU_STRIDE apart; KB key vectors at a time
+template <int KB> static int64_t ls_cpu_scores_kb(float * S, const float * Q, const float * KT, int64_t DK, int64_t n) {
     constexpr int NP = LS_CPU_PAIRS;
+    int64_t       ib = 0;
 #if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE)
-    for (int64_t ib = 0; ib < n; ib += GGML_F32_EPR) {
-        GGML_F32_VEC acc[NP];
-        for (int p = 0; p < NP; ++p) {
-            acc[p] = GGML_F32_VEC_ZERO;
-        }
-        for (int64_t d = 0; d < DK; ++d) {
-            const GGML_F32_VEC k = GGML_F32_VEC_LOAD(KT + d * LS_CPU_STRIDE + ib);
+    // a block whose last vector holds no key is left to the narrower pass
+    for (; ib + (KB - 1) * GGML_F32_EPR < n; ib += KB * GGML_F32_EPR) {
+        GGML_F32_VEC acc[KB][NP];
+        for (int kb = 0; kb < KB; ++kb) {
             for (int p = 0; p < NP; ++p) {
-                acc[p] = GGML_F32_VEC_FMA(acc[p], k, GGML_F32_VEC_SET1(Q[p * DK + d]));
+                acc[kb][p] = GGML_F32_VEC_ZERO;
             }
         }
-        for (int p = 0; p < NP; ++p) {
-            GGML_F32_VEC_STORE(S + p * LS_CPU_STRIDE + ib, acc[p]);
+        for (int64_t d = 0; d < DK; ++d) {
+            GGML_F32_VEC k[KB];
+            for (int kb = 0; kb < KB; ++kb) {
+                k[kb] = GGML_F32_VEC_LOAD(KT + d * LS_CPU_STRIDE + ib + kb * GGML_F32_EPR);
+            }
+            for (int p = 0; p < NP; ++p) {
+                const GGML_F32_VEC q = GGML_F32_VEC_SET1(Q[p * DK + d]);
+                for (int kb = 0; kb < KB; ++kb) {
+                    acc[kb][p] = GGML_F32_VEC_FMA(acc[kb][p], k[kb], q);
+                }
+            }
+        }
+        for (int kb = 0; kb < KB; ++kb) {
+            for (int p = 0; p < NP; ++p) {
+                GGML_F32_VEC_STORE(S + p * LS_CPU_STRIDE + ib + kb * GGML_F32_EPR, acc[kb][p]);
+            }
         }
     }
 #else
-    for (int64_t i = 0; i < n; ++i) {
+    for (; ib < n; ++ib) {
         for (int p = 0; p < NP; ++p) {
             float s = 0.0f;
             for (int64_t d = 0; d < DK; ++d) {
-                s += Q[p * DK + d] * KT[d * LS_CPU_STRIDE + i];
+                s += Q[p * DK + d] * KT[d * LS_CPU_STRIDE + ib];
             }
-            S[p * LS_CPU_STRIDE + i] = s;
+            S[p * LS_CPU_STRIDE + ib] = s;
         }
     }
 #endif
+    return ib;
 }
 
-// x[p] = sum_i S[p][i] v[i] for LS_CPU_PAIRS rows of S (LS_CPU_STRIDE apart), i < n rounded
-// up to LS_CPU_LANES
-static void ls_cpu_dots(float * x, const float * S, const float * v, int64_t n) {
+static void ls_cpu_scores(float * S, const float * Q, const float * KT, int64_t DK, int64_t n) {
+    const int64_t done = ls_cpu_scores_kb<LS_CPU_WIDE>(S, Q, KT, DK, n);
+    if (LS_CPU_WIDE > 1 && done < n) {
+        ls_cpu_scores_kb<1>(S + done, Q, KT + done, DK, n - done);
+    }
+}
+
+// x[j][p] = sum_i S[p][i] v[j][i] for LS_CPU_PAIRS rows of S (LS_CPU_STRIDE apart) and ND
+// rows of V^T (LS_CPU_STRIDE apart), i < n rounded up to LS_CPU_LANES
+template <int ND> static void ls_cpu_dots(float (*x)[LS_CPU_PAIRS], const float * S, const float * v, int64_t n) {
     constexpr int NP = LS_CPU_PAIRS;
 #if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE)
-    GGML_F32_VEC acc[NP];
-    for (int p = 0; p < NP; ++p) {
-        acc[p] = GGML_F32_VEC_ZERO;
-    }
-    for (int64_t ib = 0; ib < n; ib += GGML_F32_EPR) {
-        const GGML_F32_VEC vv = GGML_F32_VEC_LOAD(v + ib);
+    GGML_F32_VEC acc[ND][NP];
+    for (int j = 0; j < ND; ++j) {
         for (int p = 0; p < NP; ++p) {
-            acc[p] = GGML_F32_VEC_FMA(acc[p], vv, GGML_F32_VEC_LOAD(S + p * LS_CPU_STRIDE + ib));
+            acc[j][p] = GGML_F32_VEC_ZERO;
         }
     }
-    for (int p = 0; p < NP; ++p) {
-        float lanes[GGML_F32_EPR];
-        GGML_F32_VEC_STORE(lanes, acc[p]);
-        x[p] = 0.0f;
-        for (int e = 0; e < GGML_F32_EPR; ++e) {
-            x[p] += lanes[e];
+    for (int64_t ib = 0; ib < n; ib += GGML_F32_EPR) {
+        GGML_F32_VEC vv[ND];
+        for (int j = 0; j < ND; ++j) {
+            vv[j] = GGML_F32_VEC_LOAD(v + j * LS_CPU_STRIDE + ib);
+        }
+        for (int p = 0; p < NP; ++p) {
+            const GGML_F32_VEC sv = GGML_F32_VEC_LOAD(S + p * LS_CPU_STRIDE + ib);
+            for (int j = 0; j < ND; ++j) {
+                acc[j][p] = GGML_F32_VEC_FMA(acc[j][p], vv[j], sv);
+            }
+        }
+    }
+    for (int j = 0; j < ND; ++j) {
+        for (int p = 0; p < NP; ++p) {
+            float lanes[GGML_F32_EPR];
+            GGML_F32_VEC_STORE(lanes, acc[j][p]);
+            x[j][p] = 0.0f;
+            for (int e = 0; e < GGML_F32_EPR; ++e) {
+                x[j][p] += lanes[e];
+            }
         }
     }
 #else
-    for (int p = 0; p < NP; ++p) {
-        x[p] = 0.0f;
-        for (int64_t i = 0; i < n; ++i) {
-            x[p] += S[p * LS_CPU_STRIDE + i] * v[i];
+    for (int j = 0; j < ND; ++j) {
+        for (int p = 0; p < NP; ++p) {
+            x[j][p] = 0.0f;
+            for (int64_t i = 0; i < n; ++i) {
+                x[j][p] += S[p * LS_CPU_STRIDE + i] * v[j * LS_CPU_STRIDE + i];
+            }
         }
     }
 #endif
@@ -577,12 +618,19 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                         sp[i] = 0.0f;
                     }
                 }
-                // output: O[p][d] += sum_i S[p][i] VT[d][i]
-                for (int64_t d = 0; d < DV; ++d) {
-                    float x[NP];
-                    ls_cpu_dots(x, S, VT + d * CS, n_c);
-                    for (int64_t p = 0; p < np; ++p) {
-                        O[(p0 + p) * DV + d] += x[p];
+                // output: O[p][d] += sum_i S[p][i] VT[d][i], LS_CPU_WIDE rows of V^T at a time
+                for (int64_t d = 0; d < DV;) {
+                    float      x[LS_CPU_WIDE][NP];
+                    const bool wide = d + LS_CPU_WIDE <= DV;
+                    if (wide) {
+                        ls_cpu_dots<LS_CPU_WIDE>(x, S, VT + d * CS, n_c);
+                    } else {
+                        ls_cpu_dots<1>(x, S, VT + d * CS, n_c);
+                    }
+                    for (int j = 0; j < (wide ? LS_CPU_WIDE : 1); ++j, ++d) {
+                        for (int64_t p = 0; p < np; ++p) {
+                            O[(p0 + p) * DV + d] += x[j][p];
+                        }
                     }
                 }
             }
