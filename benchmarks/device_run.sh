@@ -139,8 +139,11 @@ for step in "$@"; do
     serve-load)
       shape=${SERVE_SHAPE:-1b}
       [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
-      python3 benchmarks/serve_load.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 --threads 8 \
-          --clients "${SERVE_CLIENTS:-1,4,16}" ;;
+      # SERVE_NCTX: pools to compare on one machine (8192: smaller than 16 conversations' ~12K cells)
+      for n_ctx in ${SERVE_NCTX:-8192}; do
+        python3 benchmarks/serve_load.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 --threads 8 \
+            --clients "${SERVE_CLIENTS:-1,4,16}" --n-ctx "$n_ctx"
+      done ;;
     bench|bench=*)
       # resumable (the same step again goes on) and stopped after BENCH_TIMEOUT s, like gemma
       model=${step#bench}; model=${model#=}
