@@ -210,6 +210,9 @@ class Context:
         seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
         if dlg._swapped:
             self._free_cells(len(dlg.positions), keep=keep)
+            if self.n_ctx - self.cells_used < len(dlg.positions):  # the others are all kept
+                raise ContextFullError(f"the KV pool has no room to bring back a dialogue of "
+                                       f"{len(dlg.positions)} cells (n_ctx={self.n_ctx})")
             if not self._load_sequence(seq, dlg._swapped):
                 llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 raise StateFileError("llama.cpp rejected the sequence state")

@@ -5,6 +5,7 @@ from conftest import GPU_LAYERS
 
 from loopserve_edge import LoopServeConfig, bindings
 from loopserve_edge.dialogue import Step
+from loopserve_edge.errors import ContextFullError
 
 GREEDY = dict(temperature=0, max_tokens=24)
 PROMPTS = ["alpha beta gamma", "the quick brown fox jumps", "one two three four five six"]
@@ -51,6 +52,28 @@ def test_replies_decoded_together_are_those_decoded_alone(tiny_model, make_llm):
     twin.send(PROMPTS[1], **GREEDY)
     assert ds[1].send("more", **GREEDY) == twin.send("more", **GREEDY)
     np.testing.assert_allclose(ds[1].first_token_logits, twin.first_token_logits, atol=1e-3)
+
+
+def test_a_batch_larger_than_the_pool_is_refused_and_its_dialogues_stay_whole(tiny_model, make_llm):
+    """Three dialogues of ~100 cells on a 256-cell pool: one is swapped out to make room for the
+    others. Decoding all three in one step cannot fit: ContextFullError (what the server's
+    scheduler avoids by letting replies wait), no dialogue of the batch swapped out to bring
+    another in, and each goes on afterwards as a twin with the same history does."""
+    llm = make_llm(tiny_model, n_ctx=256, loopserve=LoopServeConfig(max_resident=3))
+    prompt = "the quick brown fox " * 5
+    ds = [llm.dialogue() for _ in range(3)]
+    for d in ds:
+        d.send(prompt, **dict(GREEDY, max_tokens=4))
+    assert all(86 <= len(d.positions) <= 128 for d in ds)
+    assert sum(d._swapped is not None for d in ds) == 1
+    with pytest.raises(ContextFullError):
+        llm.decode_batch([(d, 7, d.positions[-1] + 1) for d in ds])
+    replies = [d.send("more", **GREEDY) for d in ds]
+    for d in ds:
+        llm.forget(d)
+    twin = llm.dialogue()
+    twin.send(prompt, **dict(GREEDY, max_tokens=4))
+    assert replies == [twin.send("more", **GREEDY)] * 3
 
 
 def test_a_batch_is_one_step_per_dialogue_within_max_resident(tiny_model, make_llm):
