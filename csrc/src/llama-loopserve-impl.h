@@ -76,9 +76,9 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
 void llama_loopserve_state_loaded(llama_context & lctx, llama_seq_id seq_id);
 
 // After llama_loopserve_seq_keep_per_head: each scored head's scores follow its tokens
-// (head_src[h][j] -> dst[j], heads in layer order), the freed cells' start over.
-void llama_loopserve_scores_moved(llama_context &                            lctx,
-                                  llama_seq_id                               seq_id,
-                                  const std::vector<std::vector<uint32_t>> & head_src,
-                                  const std::vector<uint32_t> &              dst,
-                                  const std::vector<uint32_t> &              freed);
+// (head_src[h*n + j] -> dst[j], n = dst.size(), heads in layer order), the freed cells' start over.
+void llama_loopserve_scores_moved(llama_context &               lctx,
+                                  llama_seq_id                  seq_id,
+                                  const std::vector<uint32_t> & head_src,
+                                  const std::vector<uint32_t> & dst,
+                                  const std::vector<uint32_t> & freed);

@@ -88,11 +88,11 @@ int32_t llama_kv_cache::loopserve_seq_remap_positions(llama_seq_id      seq_id,
     return (int32_t) moves.size();
 }
 
-int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *                            lctx,
-                                                    llama_seq_id                               seq_id,
-                                                    const std::vector<std::vector<uint32_t>> & head_src,
-                                                    const std::vector<uint32_t> &              dst,
-                                                    const std::vector<llama_pos> &             pos) {
+int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *                lctx,
+                                                    llama_seq_id                   seq_id,
+                                                    const std::vector<uint32_t> &  head_src,
+                                                    const std::vector<uint32_t> &  dst,
+                                                    const std::vector<llama_pos> & pos) {
     GGML_ASSERT(seq_id >= 0 && (size_t) seq_id < seq_to_stream.size());
     // V stored transposed would need a gather along the cells of each row: not done
     if (other || v_trans) {
@@ -116,13 +116,8 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
         }
         n_heads += hparams.n_head_kv(layer.il);
     }
-    if (head_src.size() != n_heads || pos.size() != n_keep || n_keep == 0) {
+    if (head_src.size() != n_heads * n_keep || pos.size() != n_keep || n_keep == 0) {
         return -1;
-    }
-    for (const auto & row : head_src) {
-        if (row.size() != n_keep) {
-            return -1;
-        }
     }
 
     // 1. move the rows: per layer, one get_rows of every KV head's part of the K (then V) rows
@@ -162,12 +157,7 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
     }
     static_assert(sizeof(uint32_t) == sizeof(int32_t), "cell indices are read as I32");
     ggml_backend_tensor_set(dst_idx, dst.data(), 0, ggml_nbytes(dst_idx));
-    std::vector<uint32_t> flat;
-    flat.reserve(n_keep * n_heads);
-    for (const auto & row : head_src) {
-        flat.insert(flat.end(), row.begin(), row.end());
-    }
-    ggml_backend_tensor_set(src_idx, flat.data(), 0, ggml_nbytes(src_idx));
+    ggml_backend_tensor_set(src_idx, head_src.data(), 0, ggml_nbytes(src_idx));
     const bool ok = lctx->graph_compute(gf, false) == GGML_STATUS_SUCCESS;
     lctx->loopserve_graph_ran();  // the scheduler's allocation is this graph's now
     if (!ok) {
@@ -319,16 +309,16 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
     for (int32_t il = 0; il < (int32_t) llama_model_n_layer(&ctx->get_model()); ++il) {
         n_heads += llama_loopserve_scores_n_head_kv(ctx, il);
     }
-    std::vector<std::vector<uint32_t>> head_src(n_heads, std::vector<uint32_t>(n_keep));
-    std::vector<llama_pos>             pos(n_keep, -1);
+    std::vector<uint32_t>  head_src((size_t) n_heads * n_keep);  // head-major
+    std::vector<llama_pos> pos(n_keep, -1);
     for (int32_t h = 0; h < n_heads; ++h) {
         for (int32_t j = 0; j < n_keep; ++j) {
             const int32_t k = sel[(size_t) h * n_keep + j];
             if (k < 0 || (size_t) k >= cell.size() || (j > 0 && k <= sel[(size_t) h * n_keep + j - 1])) {
                 return -1;  // each head's cells: ascending indices into the sequence's cells
             }
-            head_src[h][j] = cell[k];
-            pos[j]         = std::max(pos[j], cells.pos_get(cell[k]));
+            head_src[(size_t) h * n_keep + j] = cell[k];
+            pos[j]                            = std::max(pos[j], cells.pos_get(cell[k]));
         }
     }
     // the kept rows go to the sequence's lowest cells: a packed sequence stays packed, so no

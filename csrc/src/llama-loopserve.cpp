@@ -335,22 +335,22 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
     }
 }
 
-void llama_loopserve_scores_moved(llama_context &                            lctx,
-                                  llama_seq_id                               seq_id,
-                                  const std::vector<std::vector<uint32_t>> & head_src,
-                                  const std::vector<uint32_t> &              dst,
-                                  const std::vector<uint32_t> &              freed) {
+void llama_loopserve_scores_moved(llama_context &               lctx,
+                                  llama_seq_id                  seq_id,
+                                  const std::vector<uint32_t> & head_src,
+                                  const std::vector<uint32_t> & dst,
+                                  const std::vector<uint32_t> & freed) {
     auto *           st = lctx.loopserve_scores.get();
     llama_kv_cache * kv = loopserve_full_cache(&lctx);
     if (st == nullptr || kv == nullptr || st->acc.empty()) {
         return;
     }
     const uint32_t strm = kv->get_stream(seq_id);
-    GGML_ASSERT((int32_t) head_src.size() == st->n_head_total);
+    GGML_ASSERT(head_src.size() == (size_t) st->n_head_total * dst.size());
     std::vector<float> moved(dst.size());
     for (int32_t h = 0; h < st->n_head_total; ++h) {
         for (size_t j = 0; j < dst.size(); ++j) {
-            moved[j] = loopserve_acc(*st, strm, h, head_src[h][j]);
+            moved[j] = loopserve_acc(*st, strm, h, head_src[(size_t) h * dst.size() + j]);
         }
         for (size_t j = 0; j < dst.size(); ++j) {
             loopserve_acc(*st, strm, h, dst[j]) = moved[j];
