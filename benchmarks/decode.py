@@ -57,7 +57,7 @@ def speed(a, model):
         methods[f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")] = LoopServeConfig(
             max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
             granularity=gran)
-    print(f"| method | depth | cells while decoding | decode tok/s | vs. full @ 0 |")
+    print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} | vs. full @ 0 |")
     print("|---|---:|---:|---:|---:|")
     base = None
     for name, cfg in methods.items():
@@ -71,25 +71,28 @@ def speed(a, model):
         warm.send("Hello.", max_tokens=64, temperature=0, token_fn=no_stop)
         warm.close()
         for depth in depths:
-            d = llm.dialogue()
             # the prompt is cut at `depth` tokens of text: a user message of that size
             msg = llm.detokenize(toks[:max(depth - 16, 8)], special=False)
-            d.send(msg, max_tokens=4, temperature=0)  # prefill (+ compression) and warm-up
-            stamps: list[float] = []
+            runs = []
+            for _ in range(a.repeats):  # each in a new dialogue; the median is reported
+                d = llm.dialogue()
+                d.send(msg, max_tokens=4, temperature=0)  # prefill (+ compression) and warm-up
+                stamps: list[float] = []
 
-            def timed(l):
-                stamps.append(time.perf_counter())
-                return no_stop(l)
+                def timed(l):
+                    stamps.append(time.perf_counter())
+                    return no_stop(l)
 
-            d.send("Continue.", max_tokens=a.tokens, temperature=0, token_fn=timed)
-            s = d.last_stats
-            tps = s.decode_tps
+                d.send("Continue.", max_tokens=a.tokens, temperature=0, token_fn=timed)
+                runs.append((d.last_stats.decode_tps, d.last_stats.kv_cells, np.diff(stamps)))
+                d.close()
+            tps, cells, dt = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
             if base is None:
                 base = tps
-            print(f"| {name} | {depth} | {s.kv_cells} | {tps:.1f} | {tps / base:.0%} |", flush=True)
+            spread = f" ({min(r[0] for r in runs):.1f}-{max(r[0] for r in runs):.1f})" if len(runs) > 1 else ""
+            print(f"| {name} | {depth} | {cells} | {tps:.1f}{spread} | {tps / base:.0%} |", flush=True)
             if a.profile:
-                profile_line(np.diff(stamps), cfg)
-            d.close()
+                profile_line(dt, cfg)
         llm.close()
 
 
@@ -153,6 +156,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="speed: runs per row, each in a new dialogue; the median (and the range) is printed")
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--flash-attn", action="store_true")

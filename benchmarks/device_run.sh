@@ -4,7 +4,8 @@
 #   test   - the test suite's model-free parts with every layer on the GPU
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
-#            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities)
+#            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities, DECODE_TOKENS (256),
+#            DECODE_REPEATS: runs per row, median printed)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
@@ -98,7 +99,8 @@ for step in "$@"; do
       for shape in ${DECODE_SHAPES:-135m 1b}; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
-            --depths 0,16384,65536 --budget 2048 --tokens 256 --granularity "${DECODE_GRAN:-cell}"
+            --depths 0,16384,65536 --budget 2048 --tokens "${DECODE_TOKENS:-256}" --granularity "${DECODE_GRAN:-cell}" \
+            --repeats "${DECODE_REPEATS:-1}"
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;

@@ -12,9 +12,10 @@
 //      needs no merge; a scan of the lengths and a bisection per slot give the keys;
 //   2. vertical columns no range covers, compacted and queued until a tile is full.
 // Tiles are gathered row by row with cp.async (zero-filled past the set), V while QK^T
-// runs; q8_0 rows (34-byte blocks, 2-byte aligned: no cp.async) are read with plain loads and
-// dequantised to f16 into the same tiles, so the math below does not change (stock flash
-// attention also converts q8_0 K/V to f16 for its tensor cores).
+// runs; q8_0 rows (an even number of 34-byte blocks: 4-byte aligned, 8 at head dim >= 128) are
+// copied as stored with cp.async 8 or 4 bytes at a time into a staging area and dequantised
+// there to f16 into the same tiles, so the math below does not change and V's copy still
+// overlaps QK^T (stock flash attention also converts q8_0 K/V to f16 for its tensor cores).
 // QK^T and PV are mma.sync m16n8k16 (f16 in, f32 accumulation), online softmax in
 // f32 on the accumulator fragments, which are reused as the A operand of PV.
 // At head dim 256 the O accumulators alone take 128 registers a thread, so Q stays in shared
@@ -43,10 +44,17 @@ static __host__ __device__ constexpr int ls_mma_row_halves() {
     return D + 8; // padding: ldmatrix rows land on distinct banks
 }
 
+// bytes of one q8_0 row of a head as stored
 template <int D>
+static __host__ __device__ constexpr int ls_mma_q8_row_bytes() {
+    return D/QK8_0*(int) sizeof(block_q8_0);
+}
+
+template <int D, bool Q8>
 static size_t ls_mma_smem_bytes(int n_gqa) {
     constexpr int KT = ls_mma_keys<D>();
     return (2*KT + (ls_mma_q_shared<D>() ? LS_MMA_ROWS : 0))*ls_mma_row_halves<D>()*sizeof(half) // K, V tiles, Q
+         + (Q8 ? 2*KT*ls_mma_q8_row_bytes<D>() : 0)                                          // K, V rows as stored
          + (size_t) ls_mma_max_queries(n_gqa)*KT*sizeof(uint32_t)                            // mask tile
          + (2*KT + (KT + LS_MMA_CHUNK) + 2*LS_MMA_CHUNK + 32 + 2*LS_MMA_ROWS)*sizeof(int); // tile, queue, scan, per query
 }
@@ -78,26 +86,45 @@ static __device__ __forceinline__ void ls_mma_qk_shared(float (&S)[NT][4], uint3
     }
 }
 
-// 8 values (piece p of a row: values 8p .. 8p+7) of a q8_0 row as f16, into 16 bytes of
-// shared memory; zeros for an empty slot. Each value is d*q rounded once to f16.
-static __device__ __forceinline__ void ls_mma_q8_piece(half * dst, const char * row, int piece, bool ok) {
-    half2 h[4];
-    if (ok) {
-        const block_q8_0 * blk = (const block_q8_0 *) row + piece/(QK8_0/8);
-        const float d = __half2float(blk->d);
-        const char2 * qs = (const char2 *) (blk->qs + (piece % (QK8_0/8))*8); // 2-byte aligned
+// a tile's q8_0 rows as stored (KT rows of RB bytes in shared memory at dst), zero-filled for
+// an empty slot, 8 bytes a copy where rows and views allow (w8), else 4
+template <int RB, int KT>
+static __device__ __forceinline__ void ls_mma_q8_stage(uint32_t dst, const char * base, int64_t nb1, const int * tk,
+                                                       bool w8, int tid) {
+    if (RB % 8 == 0 && w8) {
+        for (int i = tid; i < KT*(RB/8); i += LS_MMA_THREADS) {
+            const int key = tk[i / (RB/8)], w = i % (RB/8);
+            const int64_t j = key < 0 ? 0 : key;
+            ls_cp_async_8(dst + (i / (RB/8))*RB + w*8, base + j*nb1 + w*8, key >= 0);
+        }
+    } else {
+        for (int i = tid; i < KT*(RB/4); i += LS_MMA_THREADS) {
+            const int key = tk[i / (RB/4)], w = i % (RB/4);
+            const int64_t j = key < 0 ? 0 : key;
+            ls_cp_async_4(dst + (i / (RB/4))*RB + w*4, base + j*nb1 + w*4, key >= 0);
+        }
+    }
+}
+
+// the staged rows as f16 into the tile (rows of RH halves): each thread 8 values at a time,
+// each value d*q rounded once to f16 (a zero-filled slot gives zeros)
+template <int D, int RH, int KT>
+static __device__ __forceinline__ void ls_mma_q8_dequant(half * dst, const char * raw, int tid) {
+    constexpr int RB = ls_mma_q8_row_bytes<D>(), CPR = D/8;
+#pragma unroll 2
+    for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
+        const int r = i / CPR, piece = i % CPR;
+        const char * blk = raw + r*RB + (piece / (QK8_0/8))*(int) sizeof(block_q8_0);
+        const float d = __half2float(*(const half *) blk);
+        const char2 * qs = (const char2 *) (blk + sizeof(half) + (piece % (QK8_0/8))*8); // 2-byte aligned
+        half2 h[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const char2 c = qs[e];
             h[e] = __floats2half2_rn(d*(float) c.x, d*(float) c.y);
         }
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            h[e] = __floats2half2_rn(0.0f, 0.0f);
-        }
+        *(uint4 *) (dst + r*RH + piece*8) = *(const uint4 *) h;
     }
-    *(uint4 *) dst = *(const uint4 *) h;
 }
 
 template <int D, bool Q8>
@@ -120,7 +147,10 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     half  * Qs    = Vs + KT*RH;                // QS: the CTA's rows of Q
     const int n_gqa = (int) a.n_gqa;
     const int max_q = ls_mma_max_queries(n_gqa);
-    uint32_t * Ms = (uint32_t *) (Qs + (QS ? LS_MMA_ROWS*RH : 0)); // mask words of the tile, per query
+    constexpr int RB = ls_mma_q8_row_bytes<D>();
+    char  * Kr    = (char *) (Qs + (QS ? LS_MMA_ROWS*RH : 0)); // Q8: the tile's K and V rows as stored
+    char  * Vr    = Kr + KT*RB;
+    uint32_t * Ms = (uint32_t *) (Kr + (Q8 ? 2*KT*RB : 0)); // mask words of the tile, per query
     int   * ksel  = (int *) (Ms + max_q*KT);   // per slot: -1 empty; else the key's parity (mask) or the key
     int   * tile  = ksel + KT;                 // keys of the tile being built (diagonal phase)
     int   * queue = tile + KT;               // uncovered columns waiting for a full tile
@@ -210,17 +240,21 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     const uint32_t Vs_s = (uint32_t) __cvta_generic_to_shared(Vs);
     const uint32_t Ms_s = (uint32_t) __cvta_generic_to_shared(Ms);
     const uint32_t Qs_s = (uint32_t) __cvta_generic_to_shared(Qs + warp*16*RH);
+    const uint32_t Kr_s = Ks_s + (uint32_t) (2*KT + (QS ? LS_MMA_ROWS : 0))*RH*sizeof(half);
+    const uint32_t Vr_s = Kr_s + KT*RB;
+    // Q8: 8-byte copies when the rows (RB) and the views are 8-byte aligned
+    const bool w8 = RB % 8 == 0 && ((uintptr_t) kbase | (uintptr_t) vbase | (uintptr_t) a.k_nb1 | (uintptr_t) a.v_nb1) % 8 == 0;
 
     // one tile of KT keys (tk[i] < 0: empty slot); every thread calls it
     auto process = [&](const int * tk) {
         __syncthreads(); // tk written; the previous tile's K/V/mask no longer read
         constexpr int CPR = D/8; // 16-byte pieces per row (of f16 values)
-        for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
-            const int key = tk[i / CPR], piece = i % CPR;
-            const int64_t j = key < 0 ? 0 : key;
-            if constexpr (Q8) {
-                ls_mma_q8_piece(Ks + (i / CPR)*RH + piece*8, kbase + j*a.k_nb1, piece, key >= 0);
-            } else {
+        if constexpr (Q8) {
+            ls_mma_q8_stage<RB, KT>(Kr_s, kbase, a.k_nb1, tk, w8, tid);
+        } else {
+            for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
+                const int key = tk[i / CPR], piece = i % CPR;
+                const int64_t j = key < 0 ? 0 : key;
                 ls_cp_async_16(Ks_s + ((i / CPR)*RH + piece*8)*sizeof(half), kbase + j*a.k_nb1 + piece*16, key >= 0);
             }
         }
@@ -240,13 +274,12 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
             ls_cp_async_4(Ms_s + i*sizeof(uint32_t), src, mr != nullptr && key >= 0);
         }
         asm volatile("cp.async.commit_group;");
-        for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
-            const int key = tk[i / CPR], piece = i % CPR;
-            const int64_t j = key < 0 ? 0 : key;
-            if constexpr (Q8) {
-                // plain stores: visible after the barrier before QK^T
-                ls_mma_q8_piece(Vs + (i / CPR)*RH + piece*8, vbase + j*a.v_nb1, piece, key >= 0);
-            } else {
+        if constexpr (Q8) {
+            ls_mma_q8_stage<RB, KT>(Vr_s, vbase, a.v_nb1, tk, w8, tid);
+        } else {
+            for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
+                const int key = tk[i / CPR], piece = i % CPR;
+                const int64_t j = key < 0 ? 0 : key;
                 ls_cp_async_16(Vs_s + ((i / CPR)*RH + piece*8)*sizeof(half), vbase + j*a.v_nb1 + piece*16, key >= 0);
             }
         }
@@ -261,6 +294,10 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         }
         asm volatile("cp.async.wait_group 1;");
         __syncthreads();
+        if constexpr (Q8) {
+            ls_mma_q8_dequant<D, RH, KT>(Ks, Kr, tid);
+            __syncthreads();
+        }
 
         float S[NT][4];
         if constexpr (QS) {
@@ -306,6 +343,10 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 
         asm volatile("cp.async.wait_group 0;");
         __syncthreads();
+        if constexpr (Q8) {
+            ls_mma_q8_dequant<D, RH, KT>(Vs, Vr, tid);
+            __syncthreads();
+        }
 
         // O += P V, 16 keys at a time: the C fragments of S's n-tiles 2kk, 2kk+1 are the A
         // fragment of k-step kk; V^T fragments of two n-tiles per ldmatrix.x4.trans
@@ -441,7 +482,7 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 // false: its shared memory exceeds what the device gives a block (the SIMT kernel runs)
 template <int D, bool Q8>
 static bool ls_launch_mma(const ls_attn_args & a, size_t smem_max, cudaStream_t st) {
-    const size_t smem = ls_mma_smem_bytes<D>((int) a.n_gqa);
+    const size_t smem = ls_mma_smem_bytes<D, Q8>((int) a.n_gqa);
     if (smem > smem_max) {
         return false;
     }
@@ -456,12 +497,12 @@ static bool ls_launch_mma(const ls_attn_args & a, size_t smem_max, cudaStream_t 
 bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStream_t st) {
     auto a16 = [](uint64_t x) { return x % 16 == 0; };
     const auto & dev = ggml_cuda_info().devices[device];
-    auto a2 = [](uint64_t x) { return x % 2 == 0; };
-    // f16: rows copied 16 bytes at a time; q8_0: blocks read 2 bytes at a time, V in rows
+    auto a4 = [](uint64_t x) { return x % 4 == 0; };
+    // f16: rows copied 16 bytes at a time; q8_0: 4 or 8 bytes at a time, V in rows
     const bool f16 = a.k_type == GGML_TYPE_F16 && a.v_type == GGML_TYPE_F16 && a.v_nb0 == sizeof(half) &&
         a16((uintptr_t) a.k) && a16((uintptr_t) a.v) && a16(a.k_nb1) && a16(a.k_nb2) && a16(a.v_nb1) && a16(a.v_nb2);
     const bool q8 = a.k_type == GGML_TYPE_Q8_0 && a.v_type == GGML_TYPE_Q8_0 && a.v_nb0 == sizeof(block_q8_0) &&
-        a2((uintptr_t) a.k) && a2((uintptr_t) a.v) && a2(a.k_nb1) && a2(a.k_nb2) && a2(a.v_nb1) && a2(a.v_nb2);
+        a4((uintptr_t) a.k) && a4((uintptr_t) a.v) && a4(a.k_nb1) && a4(a.k_nb2) && a4(a.v_nb1) && a4(a.v_nb2);
     const bool ok = ampere_mma_available(dev.cc) && (f16 || q8) &&
         a.n_kv < INT32_MAX && (int64_t) a.block_q*a.n_gqa < INT32_MAX;
     if (!ok) {

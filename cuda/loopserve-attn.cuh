@@ -96,6 +96,15 @@ static __device__ __forceinline__ void ls_cp_async_16(uint32_t dst, const void *
 #endif
 }
 
+// 8 bytes global -> shared; zero-filled when !ok
+static __device__ __forceinline__ void ls_cp_async_8(uint32_t dst, const void * src, bool ok) {
+#ifdef AMPERE_MMA_AVAILABLE
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" :: "r"(dst), "l"(src), "r"(ok ? 8 : 0));
+#else
+    NO_DEVICE_CODE;
+#endif
+}
+
 // 4 bytes global -> shared; zero-filled when !ok
 static __device__ __forceinline__ void ls_cp_async_4(uint32_t dst, const void * src, bool ok) {
 #ifdef AMPERE_MMA_AVAILABLE
