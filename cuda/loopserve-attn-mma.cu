@@ -87,22 +87,25 @@ static __device__ __forceinline__ void ls_mma_qk_shared(float (&S)[NT][4], uint3
 }
 
 // a tile's q8_0 rows as stored (KT rows of RB bytes in shared memory at dst), zero-filled for
-// an empty slot, 8 bytes a copy where rows and views allow (w8), else 4
+// an empty slot, W bytes a copy
+template <int RB, int KT, int W>
+static __device__ __forceinline__ void ls_mma_q8_stage_w(uint32_t dst, const char * base, int64_t nb1, const int * tk,
+                                                         int tid) {
+    for (int i = tid; i < KT*(RB/W); i += LS_MMA_THREADS) {
+        const int key = tk[i / (RB/W)], w = i % (RB/W);
+        const int64_t j = key < 0 ? 0 : key;
+        ls_cp_async<W>(dst + (i / (RB/W))*RB + w*W, base + j*nb1 + w*W, key >= 0);
+    }
+}
+
+// 8 bytes a copy where rows and views allow (w8), else 4
 template <int RB, int KT>
 static __device__ __forceinline__ void ls_mma_q8_stage(uint32_t dst, const char * base, int64_t nb1, const int * tk,
                                                        bool w8, int tid) {
     if (RB % 8 == 0 && w8) {
-        for (int i = tid; i < KT*(RB/8); i += LS_MMA_THREADS) {
-            const int key = tk[i / (RB/8)], w = i % (RB/8);
-            const int64_t j = key < 0 ? 0 : key;
-            ls_cp_async_8(dst + (i / (RB/8))*RB + w*8, base + j*nb1 + w*8, key >= 0);
-        }
+        ls_mma_q8_stage_w<RB, KT, 8>(dst, base, nb1, tk, tid);
     } else {
-        for (int i = tid; i < KT*(RB/4); i += LS_MMA_THREADS) {
-            const int key = tk[i / (RB/4)], w = i % (RB/4);
-            const int64_t j = key < 0 ? 0 : key;
-            ls_cp_async_4(dst + (i / (RB/4))*RB + w*4, base + j*nb1 + w*4, key >= 0);
-        }
+        ls_mma_q8_stage_w<RB, KT, 4>(dst, base, nb1, tk, tid);
     }
 }
 
@@ -248,16 +251,21 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     // one tile of KT keys (tk[i] < 0: empty slot); every thread calls it
     auto process = [&](const int * tk) {
         __syncthreads(); // tk written; the previous tile's K/V/mask no longer read
-        constexpr int CPR = D/8; // 16-byte pieces per row (of f16 values)
-        if constexpr (Q8) {
-            ls_mma_q8_stage<RB, KT>(Kr_s, kbase, a.k_nb1, tk, w8, tid);
-        } else {
-            for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
-                const int key = tk[i / CPR], piece = i % CPR;
-                const int64_t j = key < 0 ? 0 : key;
-                ls_cp_async_16(Ks_s + ((i / CPR)*RH + piece*8)*sizeof(half), kbase + j*a.k_nb1 + piece*16, key >= 0);
+        // K or V rows of the tile: f16 ones into the tile 16 bytes at a time; q8_0 ones as stored
+        // into the staging area (dequantised once they have arrived)
+        auto stage = [&](uint32_t tile_s, uint32_t raw_s, const char * base, int64_t nb1) {
+            constexpr int CPR = D/8; // 16-byte pieces per row (of f16 values)
+            if constexpr (Q8) {
+                ls_mma_q8_stage<RB, KT>(raw_s, base, nb1, tk, w8, tid);
+            } else {
+                for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
+                    const int key = tk[i / CPR], piece = i % CPR;
+                    const int64_t j = key < 0 ? 0 : key;
+                    ls_cp_async<16>(tile_s + ((i / CPR)*RH + piece*8)*sizeof(half), base + j*nb1 + piece*16, key >= 0);
+                }
             }
-        }
+        };
+        stage(Ks_s, Kr_s, kbase, a.k_nb1);
         asm volatile("cp.async.commit_group;");
         // mask values in flight with K, as 4-byte words: for an f16 mask the aligned pair
         // holding the key's half, which the key's and the row's parities pick (no mask:
@@ -271,18 +279,10 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
             const char * mr = a.mask ? a.mask + (r0 + q_first + ql)*a.mask_nb1 : nullptr;
             const char * src = mr == nullptr || key < 0 ? (const char *) a.q : !a.mask_f16 ? mr + key*sizeof(float) :
                 (const char *) ((uintptr_t) (mr + key*sizeof(half)) & ~(uintptr_t) 3);
-            ls_cp_async_4(Ms_s + i*sizeof(uint32_t), src, mr != nullptr && key >= 0);
+            ls_cp_async<4>(Ms_s + i*sizeof(uint32_t), src, mr != nullptr && key >= 0);
         }
         asm volatile("cp.async.commit_group;");
-        if constexpr (Q8) {
-            ls_mma_q8_stage<RB, KT>(Vr_s, vbase, a.v_nb1, tk, w8, tid);
-        } else {
-            for (int i = tid; i < KT*CPR; i += LS_MMA_THREADS) {
-                const int key = tk[i / CPR], piece = i % CPR;
-                const int64_t j = key < 0 ? 0 : key;
-                ls_cp_async_16(Vs_s + ((i / CPR)*RH + piece*8)*sizeof(half), vbase + j*a.v_nb1 + piece*16, key >= 0);
-            }
-        }
+        stage(Vs_s, Vr_s, vbase, a.v_nb1);
         asm volatile("cp.async.commit_group;");
         // a warp's 32 slots belong to one query: count its keys <= the query's cell
         for (int i = tid; i < n_q*KT; i += LS_MMA_THREADS) {

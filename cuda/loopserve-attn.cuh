@@ -87,28 +87,17 @@ static __device__ __forceinline__ void ls_ldmatrix_x4_trans(uint32_t (&r)[4], ui
 #endif
 }
 
-// 16 bytes global -> shared; zero-filled when !ok
-static __device__ __forceinline__ void ls_cp_async_16(uint32_t dst, const void * src, bool ok) {
+// N (4, 8 or 16) bytes global -> shared; zero-filled when !ok (16: past L1, .cg, as only
+// whole 16-byte copies may)
+template <int N>
+static __device__ __forceinline__ void ls_cp_async(uint32_t dst, const void * src, bool ok) {
+    static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
-#else
-    NO_DEVICE_CODE;
-#endif
-}
-
-// 8 bytes global -> shared; zero-filled when !ok
-static __device__ __forceinline__ void ls_cp_async_8(uint32_t dst, const void * src, bool ok) {
-#ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" :: "r"(dst), "l"(src), "r"(ok ? 8 : 0));
-#else
-    NO_DEVICE_CODE;
-#endif
-}
-
-// 4 bytes global -> shared; zero-filled when !ok
-static __device__ __forceinline__ void ls_cp_async_4(uint32_t dst, const void * src, bool ok) {
-#ifdef AMPERE_MMA_AVAILABLE
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(ok ? 4 : 0));
+    if constexpr (N == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(N), "r"(ok ? N : 0));
+    }
 #else
     NO_DEVICE_CODE;
 #endif

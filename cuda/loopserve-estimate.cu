@@ -211,7 +211,7 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         for (int i = tid; i < KT*CPR; i += LS_EST_THREADS) {
             const int64_t j = jt + i/CPR;
             const int piece = i % CPR;
-            ls_cp_async_16(Ks_s + ((buf*KT + i/CPR)*RH + piece*8)*sizeof(half),
+            ls_cp_async<16>(Ks_s + ((buf*KT + i/CPR)*RH + piece*8)*sizeof(half),
                            kbase + (j < j1 ? j : j0)*a.k_nb1 + piece*16, j < j1);
         }
         // the tile's mask values, also in flight: 4-byte words (for an f16 mask the aligned
@@ -223,7 +223,7 @@ ls_vs_estimate_kernel(const ls_est_args a) {
             const char * mr = ok ? a.mask + (q_first + i/KT)*a.mask_nb1 : (const char *) a.q;
             const char * src = !ok ? mr : !a.mask_f16 ? mr + j*sizeof(float) :
                 (const char *) ((uintptr_t) (mr + j*sizeof(half)) & ~(uintptr_t) 3);
-            ls_cp_async_4(Mb_s + i*sizeof(uint32_t), src, ok);
+            ls_cp_async<4>(Mb_s + i*sizeof(uint32_t), src, ok);
         }
         asm volatile("cp.async.commit_group;");
     };
