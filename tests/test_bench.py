@@ -69,6 +69,11 @@ def check_answer_in_context(case, i, turn):
     elif task == "variable_tracking":
         name = re.search(r"value of VAR (\w+)\?", turn.user).group(1)
         assert resolve_var(seen, name) == answer
+        # one hop: the reply starts as the statement does, which the model completes by copying
+        if case.meta["knobs"]["hops"] == 1:
+            assert turn.cue == f"VAR {name} =" and f"{turn.cue} {answer}." in seen
+        else:
+            assert turn.cue == f"The value of VAR {name} is" and f"VAR {name} = VAR " in seen
     elif task == "state_tracking":
         attr = re.search(r"What is my (.+?) now\?", turn.user).group(1)
         values = re.findall(rf"my {attr} is (?:now )?(\d+)\.", seen)

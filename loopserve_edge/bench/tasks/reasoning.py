@@ -30,9 +30,12 @@ def variable_tracking(g: Gen):
         names = [codename(rng, used) for _ in range(hops)]
         stmts = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
         needles += zip(sorted(rng.uniform(0.05, 0.95) for _ in stmts), stmts)
+        # one hop: the cue is the statement's own form ("VAR X ="), which a small model
+        # completes by copying (SmolLM2-135M, dev split: 0.81 against 0.44 with "The value of
+        # VAR X is"); more hops would copy the next name, so they keep the sentence
+        cue = f"VAR {names[-1]} =" if hops == 1 else f"The value of VAR {names[-1]} is"
         questions.append(Question(f"What is the value of VAR {names[-1]}? Follow the assignments. "
-                                  + NUMBER_ONLY, (str(value),), "numeric", 16,
-                                  cue=f"The value of VAR {names[-1]} is"))
+                                  + NUMBER_ONLY, (str(value),), "numeric", 16, cue=cue))
     text = _in_filler(g, g.budget, needles)
     return [Block(text if i == 0 else "", q) for i, q in enumerate(questions[:n_q])], {"hops": hops}
 
