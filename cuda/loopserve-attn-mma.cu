@@ -98,15 +98,17 @@ static __device__ __forceinline__ void ls_mma_q8_stage_w(uint32_t dst, const cha
     }
 }
 
-// 8 bytes a copy where rows and views allow (w8), else 4
+// 8 bytes a copy where the rows (RB) and the views (w8) are 8-byte aligned, else 4
 template <int RB, int KT>
 static __device__ __forceinline__ void ls_mma_q8_stage(uint32_t dst, const char * base, int64_t nb1, const int * tk,
                                                        bool w8, int tid) {
-    if (RB % 8 == 0 && w8) {
-        ls_mma_q8_stage_w<RB, KT, 8>(dst, base, nb1, tk, tid);
-    } else {
-        ls_mma_q8_stage_w<RB, KT, 4>(dst, base, nb1, tk, tid);
+    if constexpr (RB % 8 == 0) {
+        if (w8) {
+            ls_mma_q8_stage_w<RB, KT, 8>(dst, base, nb1, tk, tid);
+            return;
+        }
     }
+    ls_mma_q8_stage_w<RB, KT, 4>(dst, base, nb1, tk, tid);
 }
 
 // the staged rows as f16 into the tile (rows of RH halves): each thread 8 values at a time,
@@ -245,8 +247,8 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
     const uint32_t Qs_s = (uint32_t) __cvta_generic_to_shared(Qs + warp*16*RH);
     const uint32_t Kr_s = Ks_s + (uint32_t) (2*KT + (QS ? LS_MMA_ROWS : 0))*RH*sizeof(half);
     const uint32_t Vr_s = Kr_s + KT*RB;
-    // Q8: 8-byte copies when the rows (RB) and the views are 8-byte aligned
-    const bool w8 = RB % 8 == 0 && ((uintptr_t) kbase | (uintptr_t) vbase | (uintptr_t) a.k_nb1 | (uintptr_t) a.v_nb1) % 8 == 0;
+    // Q8: the views allow 8-byte copies (the rows too at head dim >= 128: ls_mma_q8_stage)
+    const bool w8 = ((uintptr_t) kbase | (uintptr_t) vbase | (uintptr_t) a.k_nb1 | (uintptr_t) a.v_nb1) % 8 == 0;
 
     // one tile of KT keys (tk[i] < 0: empty slot); every thread calls it
     auto process = [&](const int * tk) {

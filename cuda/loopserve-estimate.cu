@@ -212,7 +212,7 @@ ls_vs_estimate_kernel(const ls_est_args a) {
             const int64_t j = jt + i/CPR;
             const int piece = i % CPR;
             ls_cp_async<16>(Ks_s + ((buf*KT + i/CPR)*RH + piece*8)*sizeof(half),
-                           kbase + (j < j1 ? j : j0)*a.k_nb1 + piece*16, j < j1);
+                            kbase + (j < j1 ? j : j0)*a.k_nb1 + piece*16, j < j1);
         }
         // the tile's mask values, also in flight: 4-byte words (for an f16 mask the aligned
         // pair holding the key's half, picked by the row's and the key's parities)

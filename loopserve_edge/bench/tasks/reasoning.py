@@ -31,8 +31,8 @@ def variable_tracking(g: Gen):
         stmts = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
         needles += zip(sorted(rng.uniform(0.05, 0.95) for _ in stmts), stmts)
         # one hop: the cue is the statement's own form ("VAR X ="), which a small model
-        # completes by copying (SmolLM2-135M, dev split: 0.81 against 0.44 with "The value of
-        # VAR X is"); more hops would copy the next name, so they keep the sentence
+        # completes by copying (SmolLM2-135M, 8 dev dialogues: 0.69-0.81 against 0.31-0.44 with
+        # "The value of VAR X is"); more hops would copy the next name, so they keep the sentence
         cue = f"VAR {names[-1]} =" if hops == 1 else f"The value of VAR {names[-1]} is"
         questions.append(Question(f"What is the value of VAR {names[-1]}? Follow the assignments. "
                                   + NUMBER_ONLY, (str(value),), "numeric", 16, cue=cue))
