@@ -135,8 +135,10 @@ ggml_tensor * llama_loopserve_prefill_attn(const llm_graph_context & g,
     if (v->nb[2] > v->nb[1]) {
         v = ggml_transpose(ctx0, v);
     }
-    ggml_tensor * out =
-        ggml_loopserve_sparse_attn(ctx0, q, k, v, kq_mask, q_cells, sel, kq_scale, softcap, block_q, cell_mod);
+    // causal in cells: the op needs no mask (the same numbers), and without one the CPU op
+    // takes each chunk's visible keys as a prefix instead of reading a mask value per key
+    ggml_tensor * out = ggml_loopserve_sparse_attn(ctx0, q, k, v, cfg.cell_causal ? nullptr : kq_mask, q_cells, sel,
+                                                   kq_scale, softcap, block_q, cell_mod);
     ggml_format_name(out, "loopserve_attn-%d", il);
     if (!cp.offload_kqv) {
         ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);

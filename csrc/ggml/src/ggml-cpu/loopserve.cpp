@@ -521,12 +521,28 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                     }
                 }
             } else {
+                // V stored transposed: where keys are consecutive (a diagonal's range) a row of
+                // V^T is contiguous in the cache, so each run of keys converts in one vector call
+                // instead of one table lookup per value
+                const bool keys_contiguous = v->nb[1] == ggml_type_size(v->type);
+                int32_t    run0[LS_CPU_CHUNK + 1];
+                int64_t    n_run = 0;
+                for (int64_t i = 0; i < n_c; ++i) {
+                    if (i == 0 || !keys_contiguous || keys[i0 + i] != keys[i0 + i - 1] + 1) {
+                        run0[n_run++] = (int32_t) i;
+                    }
+                }
+                run0[n_run] = (int32_t) n_c;
                 for (int64_t d = 0; d < DV; ++d) {
                     const char * vt = (const char *) v->data + d * v->nb[0] + g * v->nb[2];
-                    for (int64_t i = 0; i < n_c; ++i) {
-                        const char * e = vt + keys[i0 + i] * v->nb[1];
-                        VT[d * CS + i] = v->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) e) :
-                                                                    *(const float *) e;
+                    for (int64_t r = 0; r < n_run; ++r) {
+                        const int64_t i = run0[r], n = run0[r + 1] - run0[r];
+                        const char *  e = vt + keys[i0 + i] * v->nb[1];
+                        if (v->type == GGML_TYPE_F16) {
+                            ls_f16_row(e, VT + d * CS + i, n);
+                        } else {
+                            memcpy(VT + d * CS + i, e, n * sizeof(float));
+                        }
                     }
                 }
             }
