@@ -28,6 +28,13 @@
 #            carried there with earlier runs is resumed: only what it lacks runs).
 #   bench-split=MODEL.gguf - the same as parallel processes, one per method group of BENCH_GROUPS
 #            ("a,b;c,d"), each with full, merged into /tmp/bench-gpu (2K, 20 cases, budget 1/8 unless told)
+#   bench-groups=JOBS.json - benchmarks/bench_groups.py: several configurations side by side, one
+#            process per method group (2 CPU threads each), `full` once per configuration, stopped
+#            after BENCH_TIMEOUT s (1500); folders /tmp/bench-NAME-*, merged into /tmp/merged-NAME.
+#            Start it in the background (setsid), poll with 'cmd:python3 benchmarks/bench_groups.py
+#            JOBS.json --status', then collect-groups. Folders carried back into /tmp resume.
+#   collect-groups - one archive per configuration to $OUT (its folders, runs, dialogues and full's
+#            distributions: what a later lease resumes from), and the merged summaries
 #   calibrate=MODEL.gguf - difficulty levels on the dev split at CAL_CTX (8K), CAL_CASES (8)
 #            dev cases per level, to $OUT/levels.json
 #   stash  - copy what .carry-g*/ hold (Gemma's parts, matplotlib wheels; from
@@ -187,6 +194,16 @@ for step in "$@"; do
       python3 benchmarks/bench_merge.py /tmp/bench-gpu "${parts[@]}" || echo "merge failed (its reason above)"
       python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gpu >/dev/null 2>&1 || echo "report failed"
       mkdir -p "$OUT/bench-gpu" && cp /tmp/bench-gpu/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gpu/" || true ;;
+    bench-groups=*)
+      python3 benchmarks/bench_groups.py "${step#bench-groups=}" --root /tmp --timeout "${BENCH_TIMEOUT:-1500}" --threads 2 ;;
+    collect-groups)
+      # the device tool brings back at most 8 files of 16 MiB: one archive per configuration;
+      # full's distributions once (bench_groups.py gives them back to the groups' folders)
+      (cd /tmp && for f in bench-*-full; do
+         name=${f#bench-}; name=${name%-full}
+         tar czf "$OUT/$name.tgz" --exclude="bench-$name-[0-9]*/refs" bench-"$name"-* merged-"$name" 2>/dev/null || true
+         echo "$name: $(du -h "$OUT/$name.tgz" | cut -f1)"
+       done) ;;
     calibrate=*)
       # difficulty levels on the dev split (loopserve_edge.bench.calibrate) into $OUT
       model=${step#calibrate=}

@@ -1,0 +1,208 @@
+"""Several benchmark configurations side by side on one machine, each split into method
+groups, with `full` run once per configuration.
+
+    python benchmarks/bench_groups.py JOBS.json [--root /tmp] [--timeout 1500] [--threads 2]
+    python benchmarks/bench_groups.py JOBS.json --status      (runs written so far, per folder)
+
+JOBS.json is a list of configurations:
+
+    [{"name": "s2", "model": "/tmp/smollm2.gguf",
+      "args": ["--ctx", "2K", "--cases-per-task", "20", "--budgets", "1/8,1/4", "--tasks", "all",
+               "--split", "test", "--levels", "benchmarks/results/calibration/smollm2-135m.json",
+               "--n-gpu-layers", "-1", "--flash-attn"],
+      "groups": [["loopserve-d32-head", "snapkv-head"], ["streaming", "h2o-head"]]}]
+
+Each configuration runs `full` alone into ROOT/bench-NAME-full. When that has ended, one
+process per group runs into ROOT/bench-NAME-I, seeded with a copy of the full folder. So each
+group resumes past `full` instead of running it again; on the GPU box every `full` run a group
+repeats is GPU time the others do not get. When every process has ended, or at the timeout
+(the processes are then stopped), each configuration's groups are merged into
+ROOT/merged-NAME (bench_merge.py) and its summary is written (bench --report-only).
+
+A folder that exists is resumed, never seeded again, so the same command on a later lease (the
+folders carried back to ROOT) goes on where the last one stopped. Events go to stdout and
+to ROOT/bench-groups.progress.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_merge  # noqa: E402
+
+SEED = ("bench.json", "cases.jsonl", "runs.jsonl", "refs")
+
+
+def read_jobs(path: str) -> list[dict]:
+    try:
+        jobs = json.loads(Path(path).read_text())
+        for j in jobs:
+            j["name"], j["model"], j["args"]
+            j.setdefault("groups", [])
+            if not all(isinstance(g, list) and g for g in j["groups"]):
+                raise ValueError
+    except OSError as e:
+        sys.exit(f"{path}: cannot read the jobs file ({e.strerror})")
+    except (ValueError, KeyError, TypeError):
+        sys.exit(f"{path}: not a jobs file (a list of {{name, model, args, groups: [[method, ...], ...]}})")
+    names = [j["name"] for j in jobs]
+    if len(set(names)) != len(names):
+        sys.exit(f"{path}: two configurations share a name")
+    return jobs
+
+
+def runs_in(folder: Path) -> int:
+    p = folder / "runs.jsonl"
+    return sum(1 for line in p.read_text().splitlines() if line.strip()) if p.exists() else 0
+
+
+class Runner:
+    def __init__(self, root: Path, threads: int | None):
+        self.root, self.threads = root, threads
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.told: set[str] = set()   # the processes whose end is logged
+        self.progress = root / "bench-groups.progress"
+
+    def log(self, line: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {line}"
+        print(line, flush=True)
+        with open(self.progress, "a") as f:
+            f.write(line + "\n")
+
+    def start(self, label: str, job: dict, methods: list[str], out: Path) -> None:
+        cmd = [sys.executable, "-m", "loopserve_edge.cli", "bench", job["model"], *job["args"],
+               "--methods", ",".join(["full", *methods]), "--out", str(out)]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        log = open(self.root / f"bench-{label}.log", "a")
+        # a session of its own: stopping it at the timeout stops whatever it started
+        self.procs[label] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.log(f"{label} started ({runs_in(out)} runs already in {out.name})")
+
+    def ended(self, label: str) -> int | None:
+        p = self.procs.get(label)
+        return None if p is None else p.poll()
+
+    def stop_all(self) -> None:
+        for label, p in self.procs.items():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+                self.log(f"{label} stopped at the timeout")
+
+
+def seed(full: Path, group: Path) -> None:
+    """A group's folder from the configuration's full folder. A group folder that exists keeps
+    its runs; it only gets the dialogues and full's reference distributions where it lacks
+    them (a folder carried back without them would otherwise run `full` again)."""
+    if group.exists():
+        for name in ("cases.jsonl", "refs"):
+            src = full / name
+            if not (group / name).exists() and src.exists():
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, group / name)
+        return
+    tmp = group.with_name(group.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in SEED:
+        src = full / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name)
+        elif src.exists():
+            shutil.copy2(src, tmp / name)
+    tmp.replace(group)
+
+
+def merge(runner: Runner, job: dict) -> None:
+    root, name = runner.root, job["name"]
+    parts = [root / f"bench-{name}-{i}" for i in range(len(job["groups"]))]
+    parts = [p for p in parts if (p / "runs.jsonl").exists()]
+    if not parts:
+        return
+    out = root / f"merged-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        n = bench_merge.merge(out, parts)
+    except SystemExit as e:  # a refusal: say why, merge the other configurations
+        runner.log(f"{name}: not merged: {e}")
+        return
+    shutil.rmtree(out / "refs", ignore_errors=True)  # the parts keep them (a resume needs them)
+    r = subprocess.run([sys.executable, "-m", "loopserve_edge.cli", "bench", "--report-only", "--out", str(out)],
+                       capture_output=True, text=True)
+    runner.log(f"{name}: {n} runs merged into {out.name}" + ("" if r.returncode == 0 else
+                                                              f"; the report failed ({r.returncode})"))
+
+
+def run(jobs: list[dict], root: Path, timeout: float, threads: int | None, poll: float = 2.0) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    runner = Runner(root, threads)
+    deadline = time.monotonic() + timeout
+    for j in jobs:
+        runner.start(f"{j['name']}-full", j, [], root / f"bench-{j['name']}-full")
+    waiting = {j["name"]: j for j in jobs}
+    while time.monotonic() < deadline:
+        for name, j in list(waiting.items()):
+            rc = runner.ended(f"{name}-full")
+            if rc is None:
+                continue
+            del waiting[name]
+            if rc != 0:
+                runner.log(f"{name}-full ended with status {rc}: its groups do not run")
+                continue
+            runner.log(f"{name}-full ended")
+            for i, methods in enumerate(j["groups"]):
+                folder = root / f"bench-{name}-{i}"
+                seed(root / f"bench-{name}-full", folder)
+                runner.start(f"{name}-{i}", j, methods, folder)
+        for label in list(runner.procs):
+            rc = runner.ended(label)
+            if rc is not None and not label.endswith("-full") and label not in runner.told:
+                runner.told.add(label)
+                runner.log(f"{label} ended with status {rc}")
+        if not waiting and all(p.poll() is not None for p in runner.procs.values()):
+            break
+        time.sleep(poll)
+    runner.stop_all()
+    for j in jobs:
+        merge(runner, j)
+    runner.log("all done")
+
+
+def status(jobs: list[dict], root: Path) -> None:
+    for j in jobs:
+        for suffix in ["full", *map(str, range(len(j["groups"])))]:
+            folder = root / f"bench-{j['name']}-{suffix}"
+            if folder.exists():
+                print(f"{folder.name}: {runs_in(folder)} runs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("jobs")
+    ap.add_argument("--root", default="/tmp")
+    ap.add_argument("--timeout", type=float, default=1500.0, help="seconds until every process is stopped")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per process (bench --threads)")
+    ap.add_argument("--status", action="store_true", help="only count the runs written so far")
+    a = ap.parse_args()
+    jobs = read_jobs(a.jobs)
+    if a.status:
+        status(jobs, Path(a.root))
+    else:
+        run(jobs, Path(a.root), a.timeout, a.threads)
+
+
+if __name__ == "__main__":
+    main()

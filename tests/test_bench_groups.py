@@ -1,0 +1,76 @@
+"""benchmarks/bench_groups.py: configurations side by side, `full` once per configuration,
+groups seeded with it, merged at the end, resumed by the same command."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_groups.py"
+ARGS = ["--ctx", "1024", "--turns", "2", "--cases-per-task", "1", "--tasks", "passkey", "--budgets", "128"]
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def groups(jobs, root, *extra):
+    return subprocess.run([sys.executable, str(SCRIPT), str(jobs), "--root", str(root), "--threads", "2", *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_full_runs_once_and_the_groups_merge(default_model, tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"name": "c", "model": str(default_model), "args": ARGS,
+                                 "groups": [["streaming"], ["snapkv"]]}]))
+    r = groups(jobs, tmp_path)
+    assert r.returncode == 0, r.stderr
+    full = lines(tmp_path / "bench-c-full" / "runs.jsonl")
+    assert [x["method"] for x in full] == ["full"]
+    for i, method in enumerate(["streaming@128", "snapkv@128"]):
+        mine = lines(tmp_path / f"bench-c-{i}" / "runs.jsonl")
+        assert mine[0] == full[0]                   # seeded, not run again
+        assert [x["method"] for x in mine[1:]] == [method]
+        assert "resuming: 1 of 2 runs already done" in (tmp_path / f"bench-c-{i}.log").read_text()
+    merged = lines(tmp_path / "merged-c" / "runs.jsonl")
+    assert sorted(x["method"] for x in merged) == ["full", "snapkv@128", "streaming@128"]
+    assert "| passkey |" in (tmp_path / "merged-c" / "summary.md").read_text()
+    assert "c: 3 runs merged into merged-c" in r.stdout
+
+    # the same command again (a later lease): every folder resumed, nothing run twice; a group
+    # folder brought back without the dialogues and full's distributions gets them from full's
+    shutil.rmtree(tmp_path / "bench-c-1" / "refs")
+    (tmp_path / "bench-c-1" / "cases.jsonl").unlink()
+    again = groups(jobs, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "c-full started (1 runs already in bench-c-full)" in again.stdout
+    assert len(lines(tmp_path / "merged-c" / "runs.jsonl")) == 3
+    assert len(lines(tmp_path / "bench-c-1" / "runs.jsonl")) == 2 and (tmp_path / "bench-c-1" / "refs").is_dir()
+    status = groups(jobs, tmp_path, "--status")
+    assert status.stdout.split("\n")[:3] == ["bench-c-full: 1 runs", "bench-c-0: 2 runs", "bench-c-1: 2 runs"]
+
+
+@pytest.mark.parametrize("text,why", [
+    ("{", "not a jobs file"),
+    ('[{"name": "a", "model": "m", "args": [], "groups": [[]]}]', "not a jobs file"),
+    ('[{"name": "a", "model": "m", "args": []}, {"name": "a", "model": "m", "args": []}]', "share a name"),
+])
+def test_a_bad_jobs_file_is_one_line(tmp_path, text, why):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(text)
+    r = groups(jobs, tmp_path)
+    assert r.returncode != 0 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("bench-*"))
+
+
+def test_the_timeout_stops_every_process_and_keeps_what_they_wrote(default_model, tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"name": "c", "model": str(default_model), "args": ARGS, "groups": [["streaming"]]}]))
+    r = groups(jobs, tmp_path, "--timeout", "1")
+    assert r.returncode == 0, r.stderr
+    assert "c-full stopped at the timeout" in r.stdout and r.stdout.rstrip().endswith("all done")
+    assert not (tmp_path / "bench-c-0").exists() and not (tmp_path / "merged-c").exists()
+    progress = (tmp_path / "bench-groups.progress").read_text()
+    assert "c-full started" in progress and "all done" in progress
