@@ -67,8 +67,25 @@ CMAKE_COMMON = [
 # (GGML_NATIVE), but without Intel AMX: some sandboxes report AMX and grant its
 # permission, then fault on the first tile instruction (seen on this project's dev
 # machines), and AMX only speeds up batched matmuls of a few quant types on server CPUs.
-NATIVE_EXTRA = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-HOST_FLAGS = NATIVE_EXTRA if platform.machine().lower() in ("x86_64", "amd64") else ""
+# Nor AVX512-FP16: with it ggml's f16 vector functions (flash attention's dot and
+# accumulate) go 128 values a step and leave the rest to a scalar loop, so a head dim of 64
+# never leaves that loop (flash attention then took half of a 16-client CPU server's time on
+# the default model); without it they go 64 a step through F16C conversions, in f32.
+NATIVE_EXTRA = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -mno-avx512fp16"
+
+
+def accepted_flags(flags: str) -> str:
+    """The flags the C compiler knows: gcc before 12 has no -mno-avx512fp16 (nor emits
+    AVX512-FP16, so there is nothing to turn off)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return flags
+    ok = [f for f in flags.split()
+          if subprocess.run([cc, f, "-E", "-x", "c", "-"], input="", capture_output=True, text=True).returncode == 0]
+    return " ".join(ok)
+
+
+HOST_FLAGS = accepted_flags(NATIVE_EXTRA) if platform.machine().lower() in ("x86_64", "amd64") else ""
 
 T0 = time.monotonic()
 

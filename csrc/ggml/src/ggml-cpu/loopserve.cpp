@@ -685,6 +685,26 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
     }
 }
 
+int64_t ggml_cpu_loopserve_next_visible(const ggml_fp16_t * mask, int64_t i0, int64_t n) {
+    // -inf in f16 is one bit pattern; eight values (16 bytes) compared at a time
+    constexpr uint16_t NEG_INF  = 0xFC00;
+    constexpr uint64_t NEG_INF4 = 0xFC00FC00FC00FC00ull;
+    int64_t            i        = i0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w[2];
+        memcpy(w, mask + i, sizeof(w));
+        if (w[0] != NEG_INF4 || w[1] != NEG_INF4) {
+            break;
+        }
+    }
+    for (; i < n; ++i) {
+        if (mask[i] != NEG_INF) {
+            return i;
+        }
+    }
+    return n;
+}
+
 size_t ggml_cpu_loopserve_work_size(const ggml_tensor * node, int n_tasks) {
     switch ((ggml_loopserve_op) node->op_params[0]) {
         case GGML_LOOPSERVE_OP_VS_SCORES:
