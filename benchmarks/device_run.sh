@@ -200,6 +200,7 @@ for step in "$@"; do
       # the device tool brings back at most 8 files of 16 MiB: one archive per configuration;
       # full's distributions once (bench_groups.py gives them back to the groups' folders)
       (cd /tmp && for f in bench-*-full; do
+         [ -d "$f" ] || continue
          name=${f#bench-}; name=${name%-full}
          tar czf "$OUT/$name.tgz" --exclude="bench-$name-[0-9]*/refs" bench-"$name"-* merged-"$name" 2>/dev/null || true
          echo "$name: $(du -h "$OUT/$name.tgz" | cut -f1)"
