@@ -1,7 +1,7 @@
 """Merge benchmark folders that ran the same cases with different methods into one.
 
 One call on the GPU box may run several `loopserve-edge bench` processes side by side
-(device_run.sh bench-split), each with `full` (the reference every method is compared with)
+(benchmarks/bench_groups.py), each with `full` (the reference every method is compared with)
 and a share of the other methods, each into its own folder; a crash or a timeout then costs
 one group, not the call. This puts them back together: the first folder's cases and `full` runs, every other method's runs
 from whichever folder ran it, the union of the methods in bench.json. It refuses folders of

@@ -26,10 +26,9 @@
 #            BENCH_BUDGETS, BENCH_METHODS, BENCH_TASKS, BENCH_SPLIT, BENCH_LEVELS change it, and
 #            BENCH_OUT the folder (/tmp/bench-*, so that benches can run side by side and a folder
 #            carried there with earlier runs is resumed: only what it lacks runs).
-#   bench-split=MODEL.gguf - the same as parallel processes, one per method group of BENCH_GROUPS
-#            ("a,b;c,d"), each with full, merged into /tmp/bench-gpu (2K, 20 cases, budget 1/8 unless told)
 #   bench-groups=JOBS.json - benchmarks/bench_groups.py: several configurations side by side, one
-#            process per method group (2 CPU threads each), `full` once per configuration, stopped
+#            process per method group (2 CPU threads each; it replaced session 7's bench-split, whose
+#            groups each ran `full` again), `full` once per configuration, stopped
 #            after BENCH_TIMEOUT s (1500); folders /tmp/bench-NAME-*, merged into /tmp/merged-NAME.
 #            Start it in the background (setsid), poll with 'cmd:python3 benchmarks/bench_groups.py
 #            JOBS.json --status', then collect-groups. Folders carried back into /tmp resume.
@@ -169,31 +168,6 @@ for step in "$@"; do
         echo "bench: the report failed; make it here with bench --report-only"
       mkdir -p "$OUT/$(basename "$bout")"
       cp "$bout"/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/$(basename "$bout")/" ;;
-    bench-split=*)
-      # the bench step's run as parallel processes, one per group of BENCH_GROUPS (method lists
-      # separated by ';', each run with full), merged (benchmarks/bench_merge.py) into /tmp/bench-gpu:
-      # a crash or a timeout costs one group, not the call (five groups of the 135M model ran at
-      # about one process's pace: sharing the GPU does not make it faster)
-      model=${step#bench-split=}
-      IFS=';' read -ra groups <<< "${BENCH_GROUPS:?BENCH_GROUPS: method lists separated by ;}"
-      pids=()
-      for i in "${!groups[@]}"; do
-        timeout "${BENCH_TIMEOUT:-540}" python3 -m loopserve_edge.cli bench "$model" --ctx "${BENCH_CTX:-2K}" \
-            --turns 2 --cases-per-task "${BENCH_CASES:-20}" --budgets "${BENCH_BUDGETS:-1/8}" \
-            --methods "full,${groups[$i]}" --tasks "${BENCH_TASKS:-all}" --split "${BENCH_SPLIT:-test}" \
-            ${BENCH_LEVELS:+--levels "$BENCH_LEVELS"} --n-gpu-layers -1 --flash-attn \
-            --out /tmp/bench-part$i > /tmp/bench-part$i.log 2>&1 &
-        pids+=($!)
-      done
-      for i in "${!pids[@]}"; do
-        wait "${pids[$i]}" || echo "bench group $i: stopped (status $?); tail of its log:"
-        tail -3 /tmp/bench-part$i.log
-      done
-      rm -rf /tmp/bench-gpu
-      parts=(); for i in "${!groups[@]}"; do parts+=(/tmp/bench-part$i); done
-      python3 benchmarks/bench_merge.py /tmp/bench-gpu "${parts[@]}" || echo "merge failed (its reason above)"
-      python3 -m loopserve_edge.cli bench --report-only --out /tmp/bench-gpu >/dev/null 2>&1 || echo "report failed"
-      mkdir -p "$OUT/bench-gpu" && cp /tmp/bench-gpu/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/bench-gpu/" || true ;;
     bench-groups=*)
       python3 benchmarks/bench_groups.py "${step#bench-groups=}" --root /tmp --timeout "${BENCH_TIMEOUT:-1500}" --threads 2 ;;
     collect-groups)
