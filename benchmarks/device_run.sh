@@ -162,14 +162,16 @@ for step in "$@"; do
           --turns 2 --cases-per-task "${BENCH_CASES:-10}" --budgets "${BENCH_BUDGETS:-1/8,1/4}" \
           --methods "${BENCH_METHODS:-all}" --tasks "${BENCH_TASKS:-all}" --split "${BENCH_SPLIT:-test}" \
           ${BENCH_LEVELS:+--levels "$BENCH_LEVELS"} --n-gpu-layers -1 --flash-attn \
-          --out "$bout" || rc=$?
+          --out "$bout" --no-plots || rc=$?
       [ $rc = 0 ] || echo "bench: stopped (status $rc); the same step again resumes it"
-      python3 -m loopserve_edge.cli bench --report-only --out "$bout" >/dev/null ||
+      python3 -m loopserve_edge.cli bench --report-only --no-plots --out "$bout" >/dev/null ||
         echo "bench: the report failed; make it here with bench --report-only"
       mkdir -p "$OUT/$(basename "$bout")"
       cp "$bout"/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/$(basename "$bout")/" ;;
     bench-groups=*)
-      python3 benchmarks/bench_groups.py "${step#bench-groups=}" --root /tmp --timeout "${BENCH_TIMEOUT:-1500}" --threads 2 ;;
+      # --no-plots: the box's matplotlib crashed (SIGSEGV) once the summaries were written
+      python3 benchmarks/bench_groups.py "${step#bench-groups=}" --root /tmp --timeout "${BENCH_TIMEOUT:-1500}" \
+          --threads 2 --no-plots ;;
     collect-groups)
       # the device tool brings back at most 8 files of 16 MiB: one archive per configuration;
       # full's distributions once (bench_groups.py gives them back to the groups' folders)
@@ -209,11 +211,11 @@ for step in "$@"; do
           --tasks "${GEMMA_TASKS:-all}" --methods "${GEMMA_METHODS:-all}" --split "${GEMMA_SPLIT:-test}" \
           --levels "$levels" \
           --budgets "${GEMMA_BUDGETS:-1/8,1/4}" --n-gpu-layers -1 --flash-attn \
-          --out "$gout" 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa' || rc=$?
+          --out "$gout" --no-plots 2>&1 | grep --line-buffered -v '^llama_kv_cache_iswa' || rc=$?
       [ $rc = 0 ] || echo "gemma: the bench stopped (status $rc); the same step again resumes it"
-      # on 2026-11-26 the box's matplotlib crashed the process while drawing (status 139),
-      # after the runs and the summary were written: bring them back anyway and draw here
-      python3 -m loopserve_edge.cli bench --report-only --out "$gout" >/dev/null ||
+      # on 2026-11-26 and 2026-12-02 the box's matplotlib crashed the process while drawing
+      # (status 139), after the runs and the summary were written: the plots are drawn here
+      python3 -m loopserve_edge.cli bench --report-only --no-plots --out "$gout" >/dev/null ||
         echo "gemma: the report failed; make the plots here with bench --report-only"
       mkdir -p "$OUT/$(basename "$gout")/plots"
       cp "$gout"/{bench.json,runs.jsonl,summary.md,summary.csv} "$OUT/$(basename "$gout")/"

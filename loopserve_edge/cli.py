@@ -345,10 +345,12 @@ def _size(n: int) -> str:
 @click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
 @click.option("--flash-attn", is_flag=True, help="flash attention")
 @click.option("--report-only", is_flag=True, help="only rewrite the summary and plots of --out")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="draw OUT/plots/*.png (needs matplotlib); --no-plots writes only the summary")
 @click.option("--list", "list_", is_flag=True, help="list the tasks and methods and exit")
 @_guard
 def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, cases_per_task, split,
-          prompt_format, levels, out, fidelity, n_gpu_layers, threads, flash_attn, report_only, list_):
+          prompt_format, levels, out, fidelity, n_gpu_layers, threads, flash_attn, report_only, plots, list_):
     """The multi-turn long-context benchmark: every method on the same generated dialogues.
 
     MODEL defaults to SmolLM2-135M-Instruct. Writes one JSON line per (dialogue, method)
@@ -359,7 +361,7 @@ def bench(model, tasks, methods, ctx, turns, budgets, alphas, positions, seed, c
     bench_cli.main(model, tasks=tasks, methods=methods, ctx=ctx, turns=turns, budgets=budgets,
                    alphas=alphas, positions=positions, seed=seed, cases_per_task=cases_per_task,
                    split=split, prompt_format=prompt_format, levels=levels, out=out, fidelity=fidelity, n_gpu_layers=n_gpu_layers, threads=threads,
-                   flash_attn=flash_attn, report_only=report_only, list_=list_)
+                   flash_attn=flash_attn, report_only=report_only, plots=plots, list_=list_)
 
 
 @main.command()

@@ -1,5 +1,6 @@
 """benchmarks/bench_groups.py: configurations side by side, `full` once per configuration,
 groups seeded with it, merged at the end, resumed by the same command."""
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -25,8 +26,9 @@ def test_full_runs_once_and_the_groups_merge(default_model, tmp_path):
     jobs = tmp_path / "jobs.json"
     jobs.write_text(json.dumps([{"name": "c", "model": str(default_model), "args": ARGS,
                                  "groups": [["streaming"], ["snapkv"]]}]))
-    r = groups(jobs, tmp_path)
+    r = groups(jobs, tmp_path, "--no-plots")
     assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob("*/plots"))      # every process's report and the merged one
     full = lines(tmp_path / "bench-c-full" / "runs.jsonl")
     assert [x["method"] for x in full] == ["full"]
     for i, method in enumerate(["streaming@128", "snapkv@128"]):
@@ -48,6 +50,8 @@ def test_full_runs_once_and_the_groups_merge(default_model, tmp_path):
     assert "c-full started (1 runs already in bench-c-full)" in again.stdout
     assert len(lines(tmp_path / "merged-c" / "runs.jsonl")) == 3
     assert len(lines(tmp_path / "bench-c-1" / "runs.jsonl")) == 2 and (tmp_path / "bench-c-1" / "refs").is_dir()
+    if importlib.util.find_spec("matplotlib"):      # with plots this time
+        assert list((tmp_path / "merged-c" / "plots").glob("*.png"))
     status = groups(jobs, tmp_path, "--status")
     assert status.stdout.split("\n")[:3] == ["bench-c-full: 1 runs", "bench-c-0: 2 runs", "bench-c-1: 2 runs"]
 
@@ -74,3 +78,31 @@ def test_the_timeout_stops_every_process_and_keeps_what_they_wrote(default_model
     assert not (tmp_path / "bench-c-0").exists() and not (tmp_path / "merged-c").exists()
     progress = (tmp_path / "bench-groups.progress").read_text()
     assert "c-full started" in progress and "all done" in progress
+
+
+def test_the_groups_run_when_full_crashed_after_its_runs(tmp_path, monkeypatch):
+    """The box's report crashed `full` (SIGSEGV) after its runs were written; its groups ran
+    nothing that session. Now they run, and run what full lacks themselves."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_groups
+
+    started = []
+
+    def start(self, label, job, methods, out):
+        started.append(label)
+        out.mkdir(parents=True, exist_ok=True)
+        if label.endswith("-full"):   # its runs, then a crash
+            (out / "runs.jsonl").write_text('{"method": "full"}\n')
+            code = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+        else:
+            code = "pass"
+        self.procs[label] = subprocess.Popen([sys.executable, "-c", code])
+
+    monkeypatch.setattr(bench_groups.Runner, "start", start)
+    monkeypatch.setattr(bench_groups, "merge", lambda runner, job: None)
+    jobs = [{"name": "c", "model": "m", "args": [], "groups": [["streaming"], ["snapkv"]]}]
+    bench_groups.run(jobs, tmp_path, timeout=60, threads=None, poll=0.05)
+    assert started == ["c-full", "c-0", "c-1"]
+    progress = (tmp_path / "bench-groups.progress").read_text()
+    assert "c-full ended with status -11 after 1 runs; the groups run what it lacks" in progress
+    assert (tmp_path / "bench-c-0" / "runs.jsonl").read_text() == '{"method": "full"}\n'   # seeded

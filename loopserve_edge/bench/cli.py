@@ -56,7 +56,7 @@ def _listing() -> str:
 
 
 def main(model, *, tasks, methods, ctx, turns, budgets, alphas, positions, seed, cases_per_task,
-         out, fidelity, n_gpu_layers, threads, flash_attn, report_only, list_, split="dev",
+         out, fidelity, n_gpu_layers, threads, flash_attn, report_only, list_, split="dev", plots=True,
          prompt_format="auto", levels=None) -> None:
     if list_:
         click.echo(_listing())
@@ -65,7 +65,7 @@ def main(model, *, tasks, methods, ctx, turns, budgets, alphas, positions, seed,
     if report_only:
         if not (out / "bench.json").is_file():
             raise BenchError(f"{out} holds no benchmark results (no bench.json)")
-        write_report(out, log=lambda m: click.echo(m, err=True))
+        write_report(out, log=lambda m: click.echo(m, err=True), with_plots=plots)
         click.echo((out / "summary.md").read_text())
         return
     spec = BenchSpec(
@@ -83,5 +83,5 @@ def main(model, *, tasks, methods, ctx, turns, budgets, alphas, positions, seed,
         return click.progressbar(length=n, label="bench", file=sys.stderr, show_pos=True, show_eta=True)
 
     run_bench(spec, out, progress=progress, log=lambda m: click.echo(m, err=True))
-    write_report(out, log=lambda m: click.echo(m, err=True))
+    write_report(out, log=lambda m: click.echo(m, err=True), with_plots=plots)
     click.echo((out / "summary.md").read_text())

@@ -372,8 +372,8 @@ def markdown(spec: BenchSpec, meta: dict, rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, log=print) -> list[Row]:
-    """summary.md, summary.csv and plots/ from what the folder holds."""
+def write_report(out: Path, log=print, with_plots: bool = True) -> list[Row]:
+    """summary.md, summary.csv and plots/ (unless `with_plots` is False) from what the folder holds."""
     out = Path(out)
     spec, meta, cases, records = load(out)
     rows = summarise(spec, cases, records)
@@ -383,6 +383,8 @@ def write_report(out: Path, log=print) -> list[Row]:
         w.writerow(COLUMNS)
         for r in rows:
             w.writerow(["" if x is None else (round(x, 6) if isinstance(x, float) else x) for x in r.csv()])
+    if not with_plots:
+        return rows
     totals = [r for r in rows if r.task == ALL and r.status == "ok"]
     made = plots.write_plots(out / "plots", spec, totals, cases, records)
     if made is None:
