@@ -32,6 +32,8 @@
 #            after BENCH_TIMEOUT s (1500); folders /tmp/bench-NAME-*, merged into /tmp/merged-NAME.
 #            Start it in the background (setsid), poll with 'cmd:python3 benchmarks/bench_groups.py
 #            JOBS.json --status', then collect-groups. Folders carried back into /tmp resume.
+#   mps    - start NVIDIA's Multi-Process Service (the processes' kernels share the GPU at once);
+#            not tried on the box yet
 #   collect-groups - one archive per configuration to $OUT (its folders, runs, dialogues and full's
 #            distributions: what a later lease resumes from), and the merged summaries
 #   calibrate=MODEL.gguf - difficulty levels on the dev split at CAL_CTX (8K), CAL_CASES (8)
@@ -186,6 +188,16 @@ for step in "$@"; do
       model=${step#calibrate=}
       python3 -m loopserve_edge.bench.calibrate "$model" --ctx "${CAL_CTX:-8K}" --cases "${CAL_CASES:-8}" \
           --n-gpu-layers -1 --flash-attn --out "$OUT/levels.json" 2>&1 | grep -v '^llama_kv_cache_iswa' ;;
+    mps)
+      # NVIDIA's Multi-Process Service, so that the kernels of side-by-side bench processes run at
+      # once instead of taking turns on the GPU (sessions 10-11: ten or seven processes, ~3 runs
+      # a second in all either way, the GPU "99% busy"). Not tried on the box yet: after it, check
+      # that a process starts (bench-groups.progress); `echo quit | nvidia-cuda-mps-control` stops it
+      if command -v nvidia-cuda-mps-control > /dev/null; then
+        nvidia-cuda-mps-control -d && echo "mps: started"
+      else
+        echo "mps: nvidia-cuda-mps-control is not on this machine"
+      fi ;;
     stash)
       stash_carried
       ls -la /tmp/carried ;;
