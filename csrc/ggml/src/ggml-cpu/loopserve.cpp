@@ -705,6 +705,229 @@ int64_t ggml_cpu_loopserve_next_visible(const ggml_fp16_t * mask, int64_t i0, in
     return n;
 }
 
+// f16 values read as f32 vectors (GGML_F32_VEC): AVX-512 converts in AVX512F, AVX needs F16C
+#if defined(__AVX512F__)
+#    define LS_FA_F16_LOAD(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (p)))
+#elif defined(__AVX__) && defined(__F16C__)
+#    define LS_FA_F16_LOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (p)))
+#endif
+// visible cells per block of the row below (their scores and cells on the stack; a multiple
+// of LS_FA_GROUP), and the largest K head dim (Q in f32 on the stack)
+#define LS_FA_BLOCK  256
+#define LS_FA_DK_MAX 576
+
+#if defined(GGML_SIMD) && defined(LS_FA_F16_LOAD)
+#    if defined(__AVX512F__)
+// cells scored together: one vector of partial sums each, then one transposed reduction for
+// all 16 (summing each vector on its own took as long as its products)
+#        define LS_FA_GROUP 16
+
+// lane i of the result: the sum of the lanes of x[i]
+static __m512 ls_fa_hsum16(const __m512 * x) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; ++i) {  // per 128 bits: (a0+a2, b0+b2, a1+a3, b1+b3)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+    }
+    for (int i = 0; i < 4; ++i) {  // per 128 bits: the sums of x[4i .. 4i+3] over those bits
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// sc[i] = sum_d K[cells[i]][d] Q[d] for a group of LS_FA_GROUP cells; DK a multiple of 16
+static void ls_fa_dots(float * sc, const int32_t * cells, const char * k, size_t nbk1, const float * Q, int64_t DK) {
+    __m512 x[LS_FA_GROUP];
+    for (int i = 0; i < LS_FA_GROUP; ++i) {
+        const ggml_fp16_t * kr = (const ggml_fp16_t *) (k + cells[i] * nbk1);
+        x[i]                   = _mm512_mul_ps(LS_FA_F16_LOAD(kr), _mm512_loadu_ps(Q));
+        for (int64_t d = 16; d < DK; d += 16) {
+            x[i] = _mm512_fmadd_ps(LS_FA_F16_LOAD(kr + d), _mm512_loadu_ps(Q + d), x[i]);
+        }
+    }
+    _mm512_storeu_ps(sc, ls_fa_hsum16(x));
+}
+#    else
+#        define LS_FA_GROUP 1
+
+static void ls_fa_dots(float * sc, const int32_t * cells, const char * k, size_t nbk1, const float * Q, int64_t DK) {
+    const ggml_fp16_t * kr = (const ggml_fp16_t *) (k + cells[0] * nbk1);
+    GGML_F32_VEC        acc[GGML_F32_ARR];
+    for (int j = 0; j < GGML_F32_ARR; ++j) {
+        acc[j] = GGML_F32_VEC_ZERO;
+    }
+    for (int64_t d = 0; d < DK; d += GGML_F32_STEP) {
+        for (int j = 0; j < GGML_F32_ARR; ++j) {
+            acc[j] = GGML_F32_VEC_FMA(acc[j], LS_FA_F16_LOAD(kr + d + j * GGML_F32_EPR),
+                                      GGML_F32_VEC_LOAD(Q + d + j * GGML_F32_EPR));
+        }
+    }
+    ggml_float res;
+    GGML_F32_VEC_REDUCE(res, acc);
+    sc[0] = (float) res;
+}
+#    endif
+
+// a block of n visible cells (their mask values mv) into M, S and VKQ
+static void ls_fa_block(float *       sc,
+                        int32_t *     cells,
+                        const float * mv,
+                        int           n,
+                        const char *  k,
+                        size_t        nbk1,
+                        const float * Q,
+                        int64_t       DK,
+                        float         scale,
+                        float         softcap,
+                        const char *  v,
+                        size_t        nbv1,
+                        int64_t       DV,
+                        float *       M,
+                        float *       S,
+                        float *       VKQ) {
+    // scores, whole groups: the last one padded with the last cell (its extra scores unused)
+    for (int i = n; i % LS_FA_GROUP != 0; ++i) {
+        cells[i] = cells[n - 1];
+    }
+    for (int i = 0; i < n; i += LS_FA_GROUP) {
+        ls_fa_dots(sc + i, cells + i, k, nbk1, Q, DK);
+    }
+    if (softcap != 0.0f) {
+        for (int i = 0; i < n; ++i) {
+            sc[i] = softcap * tanhf(sc[i] * scale) + mv[i];
+        }
+    } else {
+        for (int i = 0; i < n; ++i) {
+            sc[i] = sc[i] * scale + mv[i];
+        }
+    }
+    // the maximum over 8 running maxima (one chain of dependent maxss took longer)
+    float m8[8] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY };
+    int   i8    = 0;
+    for (; i8 + 8 <= n; i8 += 8) {
+        for (int e = 0; e < 8; ++e) {
+            m8[e] = std::max(m8[e], sc[i8 + e]);
+        }
+    }
+    for (; i8 < n; ++i8) {
+        m8[0] = std::max(m8[0], sc[i8]);
+    }
+    float mx = -INFINITY;
+    for (int e = 0; e < 8; ++e) {
+        mx = std::max(mx, m8[e]);
+    }
+    if (mx > *M) {
+        if (*M != -INFINITY) {
+            const float ms = expf(*M - mx);
+            ggml_vec_scale_f32((int) DV, VKQ, ms);
+            *S *= ms;
+        }
+        *M = mx;
+    }
+    *S += (float) ggml_vec_soft_max_f32(n, sc, sc, *M);
+    // VKQ += sum_i sc[i] V[cell i], a step of DV in registers over the whole block: the even
+    // cells into one set of sums, the odd into another (one chain of FMAs waited on itself)
+    for (int64_t d0 = 0; d0 < DV; d0 += GGML_F32_STEP) {
+        GGML_F32_VEC a0[GGML_F32_ARR];
+        GGML_F32_VEC a1[GGML_F32_ARR];
+        for (int j = 0; j < GGML_F32_ARR; ++j) {
+            a0[j] = GGML_F32_VEC_LOAD(VKQ + d0 + j * GGML_F32_EPR);
+            a1[j] = GGML_F32_VEC_ZERO;
+        }
+        int i = 0;
+        for (; i + 2 <= n; i += 2) {
+            const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1) + d0;
+            const ggml_fp16_t * v1 = (const ggml_fp16_t *) (v + cells[i + 1] * nbv1) + d0;
+            const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
+            const GGML_F32_VEC  w1 = GGML_F32_VEC_SET1(sc[i + 1]);
+            for (int j = 0; j < GGML_F32_ARR; ++j) {
+                a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
+                a1[j] = GGML_F32_VEC_FMA(a1[j], LS_FA_F16_LOAD(v1 + j * GGML_F32_EPR), w1);
+            }
+        }
+        if (i < n) {
+            const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1) + d0;
+            const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
+            for (int j = 0; j < GGML_F32_ARR; ++j) {
+                a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
+            }
+        }
+        for (int j = 0; j < GGML_F32_ARR; ++j) {
+            GGML_F32_VEC_STORE(VKQ + d0 + j * GGML_F32_EPR, GGML_F32_VEC_ADD(a0[j], a1[j]));
+        }
+    }
+}
+#endif
+
+bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
+                               int64_t             iq1,
+                               int64_t             iq2,
+                               int64_t             iq3,
+                               const ggml_fp16_t * mask,
+                               float               slope,
+                               int64_t             ic0,
+                               int64_t             ic1,
+                               float *             M,
+                               float *             S,
+                               float *             VKQ) {
+#if defined(GGML_SIMD) && defined(LS_FA_F16_LOAD)
+    const ggml_tensor * q  = dst->src[0];
+    const ggml_tensor * k  = dst->src[1];
+    const ggml_tensor * v  = dst->src[2];
+    const int64_t       DK = k->ne[0];
+    const int64_t       DV = v->ne[0];
+    if (q->type != GGML_TYPE_F32 || k->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 || DK % GGML_F32_STEP != 0 ||
+        DV % GGML_F32_STEP != 0 || DK > LS_FA_DK_MAX) {
+        return false;
+    }
+    const float scale0  = ls_param_f(dst, 0);
+    const float softcap = ls_param_f(dst, 2);
+    const float scale   = softcap != 0.0f ? scale0 / softcap : scale0;
+
+    // Q in f32 (the stock loop rounds it to f16 for ggml_vec_dot_f16)
+    float         Q[LS_FA_DK_MAX];
+    const float * pq = (const float *) ((const char *) q->data + iq1 * q->nb[1] + iq2 * q->nb[2] + iq3 * q->nb[3]);
+    memcpy(Q, pq, DK * sizeof(float));
+    const char * kh =
+        (const char *) k->data + (iq2 / (q->ne[2] / k->ne[2])) * k->nb[2] + (iq3 / (q->ne[3] / k->ne[3])) * k->nb[3];
+    const char * vh =
+        (const char *) v->data + (iq2 / (q->ne[2] / v->ne[2])) * v->nb[2] + (iq3 / (q->ne[3] / v->ne[3])) * v->nb[3];
+
+    *M = -INFINITY;
+    *S = 0.0f;
+    memset(VKQ, 0, DV * sizeof(float));
+    float   sc[LS_FA_BLOCK];
+    float   mv[LS_FA_BLOCK];
+    int32_t cells[LS_FA_BLOCK];
+    int     n = 0;
+    for (int64_t ic = ic0; ic < ic1; ++ic) {
+        const float m = mask ? slope * GGML_CPU_FP16_TO_FP32(mask[ic]) : 0.0f;
+        if (m == -INFINITY) {
+            ic = ggml_cpu_loopserve_next_visible(mask, ic + 1, ic1) - 1;
+            continue;
+        }
+        mv[n]    = m;
+        cells[n] = (int32_t) ic;
+        if (++n == LS_FA_BLOCK) {
+            ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
+            n = 0;
+        }
+    }
+    if (n > 0) {
+        ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
+    }
+    return true;
+#else
+    GGML_UNUSED_VARS(dst, iq1, iq2, iq3, mask, slope, ic0, ic1, M, S, VKQ);
+    return false;
+#endif
+}
+
 size_t ggml_cpu_loopserve_work_size(const ggml_tensor * node, int n_tasks) {
     switch ((ggml_loopserve_op) node->op_params[0]) {
         case GGML_LOOPSERVE_OP_VS_SCORES:

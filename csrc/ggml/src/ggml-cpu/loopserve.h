@@ -17,6 +17,25 @@ size_t ggml_cpu_loopserve_work_size(const struct ggml_tensor * node, int n_tasks
 // per-key loop skips a run of masked cells (other dialogues' in a shared pool) at once
 int64_t ggml_cpu_loopserve_next_visible(const ggml_fp16_t * mask, int64_t i0, int64_t n);
 
+// Flash attention's one-chunk path for query row (iq1, iq2, iq3) of dst over cells [ic0, ic1)
+// with f16 K and V: M, S and VKQ (DV floats) as that path's loop leaves them. Scores of a
+// block of visible cells first, then their exp in SIMD, then V; the per-cell expf and f16
+// accumulator of the stock loop took over a quarter of a 16-client server's attention time. The
+// blocks follow the visible cells alone, so a row's result does not depend on the other
+// rows of the batch or on the masked cells. False where it does not apply (the stock loop
+// runs): other K/V types, head dims that are not whole SIMD steps, no SIMD f16 loads.
+bool ggml_cpu_loopserve_fa_row(const struct ggml_tensor * dst,
+                               int64_t                    iq1,
+                               int64_t                    iq2,
+                               int64_t                    iq3,
+                               const ggml_fp16_t *        mask,
+                               float                      slope,
+                               int64_t                    ic0,
+                               int64_t                    ic1,
+                               float *                    M,
+                               float *                    S,
+                               float *                    VKQ);
+
 #ifdef __cplusplus
 }
 #endif
