@@ -98,6 +98,8 @@ class LoopServeConfig:
     # +10.0 points [+6.6, +13.6] of full's greedy tokens over 0 (chunk-probe-dev/)
     chunk_probe: int = 32
     sink: int = 4           # first cells, always kept
+    # recent 16 and pooling 3 were no better on the dev split (head-wise, default model, 2K,
+    # budget 1/8; pooling 3: KL +0.010 [+0.002, +0.017]; benchmarks/results/recent-pooling-dev/)
     recent: int = 64        # last cells, always kept
     pooling: int = 7        # smoothing kernel over positions (1 = none)
     aggregate: str = "mean"  # over layers and KV heads: mean | max
