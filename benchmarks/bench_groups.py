@@ -10,9 +10,13 @@ JOBS.json is a list of configurations:
       "args": ["--ctx", "2K", "--cases-per-task", "20", "--budgets", "1/8,1/4", "--tasks", "all",
                "--split", "test", "--levels", "benchmarks/results/calibration/smollm2-135m.json",
                "--n-gpu-layers", "-1", "--flash-attn"],
-      "groups": [["loopserve-d32-head", "snapkv-head"], ["streaming", "h2o-head"]]}]
+      "groups": [["loopserve-d32-head", "snapkv-head"], ["streaming", "h2o-head"]],
+      "full_shards": 3}]
 
-Each configuration runs `full` alone into ROOT/bench-NAME-full. When that has ended, one
+Each configuration runs `full` alone into ROOT/bench-NAME-full: with "full_shards" N, as N
+processes side by side, each on a share of the tasks (ROOT/bench-NAME-full.K), joined into
+bench-NAME-full when all have ended (a 2K configuration's 240 `full` dialogues in one process
+held its groups back for minutes of the lease). When that has ended, one
 process per group runs into ROOT/bench-NAME-I, seeded with a copy of the full folder. So each
 group resumes past `full` instead of running it again; on the GPU box every `full` run a group
 repeats is GPU time the others do not get. When every process has ended, or at the timeout
@@ -47,12 +51,15 @@ def read_jobs(path: str) -> list[dict]:
         for j in jobs:
             j["name"], j["model"], j["args"]
             j.setdefault("groups", [])
-            if not all(isinstance(g, list) and g for g in j["groups"]):
+            j.setdefault("full_shards", 1)
+            if not all(isinstance(g, list) and g for g in j["groups"]) or \
+                    not (isinstance(j["full_shards"], int) and j["full_shards"] >= 1):
                 raise ValueError
     except OSError as e:
         sys.exit(f"{path}: cannot read the jobs file ({e.strerror})")
     except (ValueError, KeyError, TypeError):
-        sys.exit(f"{path}: not a jobs file (a list of {{name, model, args, groups: [[method, ...], ...]}})")
+        sys.exit(f"{path}: not a jobs file (a list of {{name, model, args, groups: [[method, ...], ...], "
+                 "full_shards: N}})")
     names = [j["name"] for j in jobs]
     if len(set(names)) != len(names):
         sys.exit(f"{path}: two configurations share a name")
@@ -80,8 +87,8 @@ class Runner:
         with open(self.progress, "a") as f:
             f.write(line + "\n")
 
-    def start(self, label: str, job: dict, methods: list[str], out: Path) -> None:
-        cmd = [sys.executable, "-m", "loopserve_edge.cli", "bench", job["model"], *job["args"],
+    def start(self, label: str, job: dict, methods: list[str], out: Path, args: list[str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "loopserve_edge.cli", "bench", job["model"], *(args or job["args"]),
                "--methods", ",".join(["full", *methods]), "--out", str(out)]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
@@ -130,6 +137,41 @@ def seed(full: Path, group: Path) -> None:
     tmp.replace(group)
 
 
+def shard_args(job: dict) -> list[list[str]]:
+    """The job's arguments once per `full` shard, each with its share of the tasks (every
+    n-th, so that long and short families spread). Cases are made task by task, so a shard's
+    dialogues are the very ones the whole configuration makes."""
+    from loopserve_edge.bench.tasks import TASKS
+
+    args = list(job["args"])
+    i = args.index("--tasks") if "--tasks" in args else None
+    names = TASKS if i is None or args[i + 1] == "all" else args[i + 1].split(",")
+    n = min(job["full_shards"], len(names))
+    if i is None:
+        args += ["--tasks", ""]
+        i = len(args) - 2
+    return [args[:i + 1] + [",".join(names[k::n])] + args[i + 2:] for k in range(n)]
+
+
+def join_shards(shards: list[Path], full: Path) -> int:
+    """bench-NAME-full from its shards: their dialogues, runs and distributions side by side
+    (a group resumes by case id, whichever shard ran it)."""
+    tmp = full.with_name(full.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "refs").mkdir(parents=True)
+    done = [s for s in shards if (s / "bench.json").exists()]
+    if not done:
+        return 0
+    shutil.copy2(done[0] / "bench.json", tmp / "bench.json")
+    for name in ("cases.jsonl", "runs.jsonl"):
+        (tmp / name).write_text("".join((s / name).read_text() for s in done if (s / name).exists()))
+    for s in done:
+        for f in (s / "refs").glob("*.npz") if (s / "refs").is_dir() else []:
+            shutil.copy2(f, tmp / "refs" / f.name)
+    tmp.replace(full)
+    return runs_in(full)
+
+
 def merge(runner: Runner, job: dict) -> None:
     root, name = runner.root, job["name"]
     parts = [root / f"bench-{name}-{i}" for i in range(len(job["groups"]))]
@@ -156,15 +198,28 @@ def run(jobs: list[dict], root: Path, timeout: float, threads: int | None, poll:
     root.mkdir(parents=True, exist_ok=True)
     runner = Runner(root, threads, plots)
     deadline = time.monotonic() + timeout
+    shards: dict[str, list[str]] = {}   # configuration -> its full processes' labels
     for j in jobs:
-        runner.start(f"{j['name']}-full", j, [], root / f"bench-{j['name']}-full")
+        name, full = j["name"], root / f"bench-{j['name']}-full"
+        if j.get("full_shards", 1) > 1 and not full.exists():
+            shards[name] = []
+            for k, args in enumerate(shard_args(j)):
+                runner.start(f"{name}-full.{k}", j, [], root / f"bench-{name}-full.{k}", args)
+                shards[name].append(f"{name}-full.{k}")
+        else:
+            runner.start(f"{name}-full", j, [], full)
+            shards[name] = [f"{name}-full"]
     waiting = {j["name"]: j for j in jobs}
     while time.monotonic() < deadline:
         for name, j in list(waiting.items()):
-            rc = runner.ended(f"{name}-full")
-            if rc is None:
+            ends = [runner.ended(label) for label in shards[name]]
+            if any(rc is None for rc in ends):
                 continue
+            rc = next((x for x in ends if x != 0), 0)
             del waiting[name]
+            if shards[name] != [f"{name}-full"]:
+                n = join_shards([root / f"bench-{label}" for label in shards[name]], root / f"bench-{name}-full")
+                runner.log(f"{name}: {len(shards[name])} full shards joined ({n} runs)")
             # a crash after its runs were written (the box's report did) must not cost the
             # groups their turn; whatever full left undone, each group runs itself
             runner.log(f"{name}-full ended" + ("" if rc == 0 else f" with status {rc} after "
@@ -175,13 +230,16 @@ def run(jobs: list[dict], root: Path, timeout: float, threads: int | None, poll:
                 runner.start(f"{name}-{i}", j, methods, folder)
         for label in list(runner.procs):
             rc = runner.ended(label)
-            if rc is not None and not label.endswith("-full") and label not in runner.told:
+            if rc is not None and "-full" not in label and label not in runner.told:
                 runner.told.add(label)
                 runner.log(f"{label} ended with status {rc}")
         if not waiting and all(p.poll() is not None for p in runner.procs.values()):
             break
         time.sleep(poll)
     runner.stop_all()
+    for name in waiting:   # shards stopped at the timeout: joined, so that a later lease resumes them
+        if shards[name] != [f"{name}-full"]:
+            join_shards([root / f"bench-{label}" for label in shards[name]], root / f"bench-{name}-full")
     for j in jobs:
         merge(runner, j)
     runner.log("all done")
@@ -189,7 +247,8 @@ def run(jobs: list[dict], root: Path, timeout: float, threads: int | None, poll:
 
 def status(jobs: list[dict], root: Path) -> None:
     for j in jobs:
-        for suffix in ["full", *map(str, range(len(j["groups"])))]:
+        shards = [f"full.{k}" for k in range(j["full_shards"])] if j["full_shards"] > 1 else []
+        for suffix in [*shards, "full", *map(str, range(len(j["groups"])))]:
             folder = root / f"bench-{j['name']}-{suffix}"
             if folder.exists():
                 print(f"{folder.name}: {runs_in(folder)} runs")

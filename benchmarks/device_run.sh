@@ -27,8 +27,9 @@
 #            BENCH_OUT the folder (/tmp/bench-*, so that benches can run side by side and a folder
 #            carried there with earlier runs is resumed: only what it lacks runs).
 #   bench-groups=JOBS.json - benchmarks/bench_groups.py: several configurations side by side, one
-#            process per method group (2 CPU threads each; it replaced session 7's bench-split, whose
-#            groups each ran `full` again), `full` once per configuration, stopped
+#            process per method group (BENCH_THREADS CPU threads each, 2; it replaced session 7's
+#            bench-split, whose groups each ran `full` again), `full` once per configuration (in
+#            "full_shards" processes side by side), stopped
 #            after BENCH_TIMEOUT s (1500); folders /tmp/bench-NAME-*, merged into /tmp/merged-NAME.
 #            Start it in the background (setsid), poll with 'cmd:python3 benchmarks/bench_groups.py
 #            JOBS.json --status', then collect-groups. Folders carried back into /tmp resume.
@@ -173,14 +174,16 @@ for step in "$@"; do
     bench-groups=*)
       # --no-plots: the box's matplotlib crashed (SIGSEGV) once the summaries were written
       python3 benchmarks/bench_groups.py "${step#bench-groups=}" --root /tmp --timeout "${BENCH_TIMEOUT:-1500}" \
-          --threads 2 --no-plots ;;
+          --threads "${BENCH_THREADS:-2}" --no-plots ;;
     collect-groups)
       # the device tool brings back at most 8 files of 16 MiB: one archive per configuration;
       # full's distributions once (bench_groups.py gives them back to the groups' folders)
       (cd /tmp && for f in bench-*-full; do
          [ -d "$f" ] || continue
          name=${f#bench-}; name=${name%-full}
-         tar czf "$OUT/$name.tgz" --exclude="bench-$name-[0-9]*/refs" bench-"$name"-* merged-"$name" 2>/dev/null || true
+         # full's shards (bench-NAME-full.K) are joined into bench-NAME-full: not twice
+         tar czf "$OUT/$name.tgz" --exclude="bench-$name-[0-9]*/refs" --exclude="bench-$name-full.*" \
+             bench-"$name"-* merged-"$name" 2>/dev/null || true
          echo "$name: $(du -h "$OUT/$name.tgz" | cut -f1)"
        done) ;;
     calibrate=*)

@@ -56,10 +56,33 @@ def test_full_runs_once_and_the_groups_merge(default_model, tmp_path):
     assert status.stdout.split("\n")[:3] == ["bench-c-full: 1 runs", "bench-c-0: 2 runs", "bench-c-1: 2 runs"]
 
 
+def test_full_in_shards_is_joined_and_the_groups_resume_past_it(default_model, tmp_path):
+    args = [*ARGS[:ARGS.index("--tasks")], "--tasks", "passkey,variable_tracking", "--budgets", "128"]
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"name": "c", "model": str(default_model), "args": args,
+                                 "groups": [["streaming"]], "full_shards": 2}]))
+    r = groups(jobs, tmp_path, "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert "c: 2 full shards joined (2 runs)" in r.stdout
+    for k, task in enumerate(["passkey", "variable_tracking"]):   # each shard its share of the tasks
+        mine = lines(tmp_path / f"bench-c-full.{k}" / "runs.jsonl")
+        assert [x["task"] for x in mine] == [task] and [x["method"] for x in mine] == ["full"]
+    full = tmp_path / "bench-c-full"
+    assert len(lines(full / "runs.jsonl")) == 2 and len(lines(full / "cases.jsonl")) == 2
+    assert len(list((full / "refs").glob("*.npz"))) == 2
+    assert "resuming: 2 of 4 runs already done" in (tmp_path / "bench-c-0.log").read_text()
+    merged = lines(tmp_path / "merged-c" / "runs.jsonl")
+    assert sorted(x["method"] for x in merged) == ["full", "full", "streaming@128", "streaming@128"]
+    status = groups(jobs, tmp_path, "--status")
+    assert status.stdout.split("\n")[:4] == ["bench-c-full.0: 1 runs", "bench-c-full.1: 1 runs",
+                                             "bench-c-full: 2 runs", "bench-c-0: 4 runs"]
+
+
 @pytest.mark.parametrize("text,why", [
     ("{", "not a jobs file"),
     ('[{"name": "a", "model": "m", "args": [], "groups": [[]]}]', "not a jobs file"),
     ('[{"name": "a", "model": "m", "args": []}, {"name": "a", "model": "m", "args": []}]', "share a name"),
+    ('[{"name": "a", "model": "m", "args": [], "full_shards": 0}]', "not a jobs file"),
 ])
 def test_a_bad_jobs_file_is_one_line(tmp_path, text, why):
     jobs = tmp_path / "jobs.json"
