@@ -33,8 +33,8 @@
 #            after BENCH_TIMEOUT s (1500); folders /tmp/bench-NAME-*, merged into /tmp/merged-NAME.
 #            Start it in the background (setsid), poll with 'cmd:python3 benchmarks/bench_groups.py
 #            JOBS.json --status', then collect-groups. Folders carried back into /tmp resume.
-#   mps    - start NVIDIA's Multi-Process Service (the processes' kernels share the GPU at once);
-#            not tried on the box yet
+#   mps    - start NVIDIA's Multi-Process Service: the kernels of side-by-side bench processes run
+#            at once (session 12: 15 processes, ~7.7 runs a second in all against ~3 without it)
 #   collect-groups - one archive per configuration to $OUT (its folders, runs, dialogues and full's
 #            distributions: what a later lease resumes from), and the merged summaries
 #   calibrate=MODEL.gguf - difficulty levels on the dev split at CAL_CTX (8K), CAL_CASES (8)
@@ -176,15 +176,21 @@ for step in "$@"; do
       python3 benchmarks/bench_groups.py "${step#bench-groups=}" --root /tmp --timeout "${BENCH_TIMEOUT:-1500}" \
           --threads "${BENCH_THREADS:-2}" --no-plots ;;
     collect-groups)
-      # the device tool brings back at most 8 files of 16 MiB: one archive per configuration;
-      # full's distributions once (bench_groups.py gives them back to the groups' folders)
+      # the device tool brings back at most 8 files of 16 MiB each, and a larger one not at all
+      # (session 12 lost Gemma 16K's archive so, 21 MB): one archive per configuration, with
+      # the dialogues once (the groups' copies are full's, and a group given back without them
+      # gets them from full's folder again), full's distributions once, no shard folders (they
+      # were joined into full's); an archive over 15 MiB comes back in parts (cat them)
       (cd /tmp && for f in bench-*-full; do
          [ -d "$f" ] || continue
          name=${f#bench-}; name=${name%-full}
-         # full's shards (bench-NAME-full.K) are joined into bench-NAME-full: not twice
-         tar czf "$OUT/$name.tgz" --exclude="bench-$name-[0-9]*/refs" --exclude="bench-$name-full.*" \
+         tar czf "$OUT/$name.tgz" --exclude="bench-$name-[0-9]*/refs" --exclude="bench-$name-[0-9]*/cases.jsonl" \
+             --exclude="merged-$name/cases.jsonl" --exclude="bench-$name-full.*" \
              bench-"$name"-* merged-"$name" 2>/dev/null || true
-         echo "$name: $(du -h "$OUT/$name.tgz" | cut -f1)"
+         if [ "$(stat -c %s "$OUT/$name.tgz")" -gt 15728640 ]; then
+           split -b 15M -d -a 1 "$OUT/$name.tgz" "$OUT/$name.tgz.part" && rm "$OUT/$name.tgz"
+         fi
+         echo "$name: $(du -ch "$OUT/$name".tgz* | tail -1 | cut -f1)"
        done) ;;
     calibrate=*)
       # difficulty levels on the dev split (loopserve_edge.bench.calibrate) into $OUT
@@ -192,10 +198,9 @@ for step in "$@"; do
       python3 -m loopserve_edge.bench.calibrate "$model" --ctx "${CAL_CTX:-8K}" --cases "${CAL_CASES:-8}" \
           --n-gpu-layers -1 --flash-attn --out "$OUT/levels.json" 2>&1 | grep -v '^llama_kv_cache_iswa' ;;
     mps)
-      # NVIDIA's Multi-Process Service, so that the kernels of side-by-side bench processes run at
-      # once instead of taking turns on the GPU (sessions 10-11: ten or seven processes, ~3 runs
-      # a second in all either way, the GPU "99% busy"). Not tried on the box yet: after it, check
-      # that a process starts (bench-groups.progress); `echo quit | nvidia-cuda-mps-control` stops it
+      # without it the processes took turns on the GPU (sessions 10-11: ten or seven processes,
+      # ~3 runs a second in all, the GPU "99% busy"); with it, session 12's 15 made ~7.7 a second.
+      # `echo quit | nvidia-cuda-mps-control` stops it
       if command -v nvidia-cuda-mps-control > /dev/null; then
         nvidia-cuda-mps-control -d && echo "mps: started"
       else
