@@ -156,12 +156,12 @@ def shard_args(job: dict) -> list[list[str]]:
 def join_shards(shards: list[Path], full: Path) -> int:
     """bench-NAME-full from its shards: their dialogues, runs and distributions side by side
     (a group resumes by case id, whichever shard ran it)."""
+    done = [s for s in shards if (s / "bench.json").exists()]
+    if not done:   # none got as far as its first run: the groups run full themselves
+        return 0
     tmp = full.with_name(full.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "refs").mkdir(parents=True)
-    done = [s for s in shards if (s / "bench.json").exists()]
-    if not done:
-        return 0
     shutil.copy2(done[0] / "bench.json", tmp / "bench.json")
     for name in ("cases.jsonl", "runs.jsonl"):
         (tmp / name).write_text("".join((s / name).read_text() for s in done if (s / name).exists()))

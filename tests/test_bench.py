@@ -390,7 +390,7 @@ def test_full_scores_what_a_hand_check_says(small_run):
 
     cases = {c["id"]: c for c in lines(out / "cases.jsonl")}
     runs = {(x["case"], x["method"]): x for x in lines(out / "runs.jsonl")}
-    checked = 0
+    checked = found = 0
     for (cid, method), x in runs.items():
         case = cases[cid]
         if method != "full":
@@ -404,11 +404,15 @@ def test_full_scores_what_a_hand_check_says(small_run):
             key = re.search(r"The pass key is (\d+)\. Remember it", case["turns"][0]["user"]).group(1)
             for t, rec in zip(case["turns"], x["turns"]):
                 if t["scorer"]:
-                    assert key in rec["reply"] and rec["score"] == 1.0, rec["reply"]
+                    # scored 1 exactly when the reply holds the key
+                    assert rec["score"] == (1.0 if key in rec["reply"] else 0.0), rec["reply"]
+                    found += key in rec["reply"]
                     checked += 1
         else:
             assert x["score"] == 1.0   # full attention is its own reference
-    assert checked == 4
+    # all four on an AVX-512 machine; on an AVX2 one (other sums in the Q4_1 products) the model
+    # once wrote 80876 for 80875
+    assert checked == 4 and found >= 3
 
 
 def test_bench_resumes_without_rerunning(small_run):
