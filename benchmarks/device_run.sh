@@ -11,6 +11,14 @@
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
+#                   (PREFILL_LENGTHS, PREFILL_UBATCH (4096), PREFILL_LASTQ (64), PREFILL_CAPS=capped:
+#                   only the capped selection; --profile times estimation, selection, attention
+#                   and the rest apart)
+#   build-stock   - llama-cpp-python from the same archive without our patches, into /tmp/stock-site
+#                   (STOCK_JOBS (8) compile jobs: it can run beside build, in the background)
+#   overhead      - benchmarks/overhead.py on the GPU: features off vs. the unpatched build (build-stock),
+#                   random weights at OVERHEAD_SHAPE (1b), OVERHEAD_TOKENS (8192) prefilled,
+#                   OVERHEAD_DECODE (256) steps, OVERHEAD_REPEATS (5)
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
 #            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
 #            n_ctx MEM_POOL 10240), f16 and q8_0 KV (stock: f16), peak GPU memory (8B shape, MEM_SHAPE)
@@ -125,12 +133,28 @@ for step in "$@"; do
       for shape in ${PREFILL_SHAPES:-135m 1b}; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         # as configured by default (alpha 0.95), then with the lines capped: random weights
-        # spread attention evenly, so alpha alone keeps most lines
-        for caps in "" "--max-vertical 1024 --max-slash 128"; do
+        # spread attention evenly, so alpha alone keeps most lines (PREFILL_CAPS=capped: only that)
+        caps_list=("" "--max-vertical 1024 --max-slash 128")
+        [ "${PREFILL_CAPS:-both}" = capped ] && caps_list=("--max-vertical 1024 --max-slash 128")
+        for caps in "${caps_list[@]}"; do
           python3 benchmarks/prefill.py ttft --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
-              --lengths 8192,32768,65536,131072 --ubatch 4096 --threads 8 --profile $caps
+              --lengths "${PREFILL_LENGTHS:-8192,32768,65536,131072}" --ubatch "${PREFILL_UBATCH:-4096}" \
+              --last-q "${PREFILL_LASTQ:-64}" --threads 8 --profile $caps
         done
       done ;;
+    build-stock)
+      # llama-cpp-python from the same archive without our patches, same options, into
+      # /tmp/stock-site: the baseline of the overhead step (both builds side by side: -j8 each)
+      python3 scripts/build_runtime.py --source .carry/slim.tar.gz --cuda on --cuda-arch 90a \
+          --unpatched /tmp/stock-site --jobs "${STOCK_JOBS:-8}" ;;
+    overhead)
+      # the patched runtime with LoopServe's features off against the unpatched build
+      # (build-stock), every layer on the GPU, random weights at OVERHEAD_SHAPE (1b): speed only
+      shape=${OVERHEAD_SHAPE:-1b}
+      [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+      python3 benchmarks/overhead.py --stock-path /tmp/stock-site --model /tmp/random-$shape.gguf --n-gpu-layers -1 \
+          --flash-attn --tokens "${OVERHEAD_TOKENS:-8192}" --decode "${OVERHEAD_DECODE:-256}" --ubatch 2048 \
+          --threads 8 --repeats "${OVERHEAD_REPEATS:-5}" ;;
     memory)
       shape=${MEM_SHAPE:-8b}
       # values do not matter to memory: the quick random weights (--fast)

@@ -4,6 +4,8 @@ our patches (issue 18), side by side in one run, the settings alternating, on th
 
     python benchmarks/overhead.py --stock-python /tmp/stock-venv/bin/python \\
         [--tokens 2048] [--decode 128] [--repeats 5] [--threads 2]
+    # the GPU box: the unpatched build in a folder (scripts/build_runtime.py --unpatched DIR)
+    python benchmarks/overhead.py --stock-path /tmp/stock-site --n-gpu-layers -1 --flash-attn ...
 
 Three settings, each run in a process of its own:
 - `unpatched`: llama-cpp-python's `Llama` on the unpatched build (the environment of
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,12 +33,13 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 mode, model, tokens_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+extra = json.loads(sys.argv[5])
 if mode == "controller":
     import loopserve_edge  # noqa: F401  (llama.cpp's library before numpy)
 import llama_cpp
 d = json.load(open(tokens_file))
 prompt, follow = d["prompt"], d["follow"]
-kw = dict(n_ctx=len(prompt) + len(follow) + 64, n_threads=threads, n_batch=2048, n_ubatch=512, verbose=False)
+kw = dict(n_ctx=len(prompt) + len(follow) + 64, n_threads=threads, n_batch=2048, verbose=False, **extra)
 if mode == "controller":
     from loopserve_edge import Llama, LoopServeConfig
     llm = Llama(model, loopserve=LoopServeConfig(max_resident=1), **kw)
@@ -60,19 +64,28 @@ else:
     for tok in follow:
         llm.eval([tok])
     t2 = time.perf_counter()
-print(json.dumps({"prefill_s": t1 - t0, "decode_tps": len(follow) / (t2 - t1)}))
+patched = hasattr(llama_cpp.llama_cpp._lib, "llama_loopserve_patch_hash")
+print(json.dumps({"prefill_s": t1 - t0, "decode_tps": len(follow) / (t2 - t1), "patched": patched}))
 """
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stock-python", required=True, help="python of an environment with the unpatched build")
+    ap.add_argument("--stock-python", help="python of an environment with the unpatched build")
+    ap.add_argument("--stock-path", help="or a folder holding the unpatched build (build_runtime.py --unpatched "
+                                         "DIR), put first on this Python's PYTHONPATH")
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ubatch", type=int, default=512)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--flash-attn", action="store_true")
     a = ap.parse_args()
+    if (a.stock_python is None) == (a.stock_path is None):
+        ap.error("give one of --stock-python and --stock-path")
+    extra = {"n_ubatch": a.ubatch, "n_gpu_layers": a.n_gpu_layers, "flash_attn": a.flash_attn}
 
     from loopserve_edge import Llama, LoopServeConfig
     from loopserve_edge.bench.data import passages_and_questions
@@ -84,7 +97,10 @@ def main() -> None:
         ids = llm.tokenize(text)[: a.tokens + a.decode]
     if len(ids) < a.tokens + a.decode:
         raise SystemExit(f"the shared data gave only {len(ids)} tokens")
-    settings = [("unpatched", a.stock_python, "stock"), ("patched", sys.executable, "stock"),
+    stock_env = dict(os.environ)
+    if a.stock_path:
+        stock_env["PYTHONPATH"] = os.pathsep.join(x for x in (a.stock_path, os.environ.get("PYTHONPATH")) if x)
+    settings = [("unpatched", a.stock_python or sys.executable, "stock"), ("patched", sys.executable, "stock"),
                 ("patched, controller", sys.executable, "controller")]
     got: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -92,14 +108,20 @@ def main() -> None:
     try:
         for r in range(a.repeats):
             for name, python, mode in settings:
-                out = subprocess.run([python, "-c", CHILD, mode, model, f.name, str(a.threads)],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run([python, "-c", CHILD, mode, model, f.name, str(a.threads), json.dumps(extra)],
+                                     capture_output=True, text=True, check=True,
+                                     env=stock_env if name == "unpatched" else None)
                 got[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                if got[name][-1]["patched"] != (name != "unpatched"):
+                    raise SystemExit(f"the {name} setting loaded the {'un' * (name != 'unpatched')}patched "
+                                     f"build: check --stock-python / --stock-path")
                 print(f"  repeat {r + 1}: {name}: {got[name][-1]}", file=sys.stderr, flush=True)
     finally:
         Path(f.name).unlink()
-    print(f"{Path(model).name}, {a.threads} threads, prompt {a.tokens} tokens (n_batch 2048, n_ubatch 512, "
-          f"flash attention off), {a.decode} decode steps; median of {a.repeats} runs, settings alternating\n")
+    where = f"{a.n_gpu_layers} layers on the GPU" if a.n_gpu_layers else f"{a.threads} threads"
+    print(f"{Path(model).name}, {where}, prompt {a.tokens} tokens (n_batch 2048, n_ubatch {a.ubatch}, "
+          f"flash attention {'on' if a.flash_attn else 'off'}), {a.decode} decode steps; median of {a.repeats} "
+          f"runs, settings alternating\n")
     print("| setting | prefill s | time vs. unpatched: median [range] of the repeats | decode tok/s | "
           "speed vs. unpatched: median [range] |")
     print("|---|---:|---:|---:|---:|")

@@ -7,7 +7,8 @@
            op (last ubatch of a prompt of that length, a fixed selection), density reached,
            and the estimation ops' time
   ttft   - end-to-end prefill time (TTFT) of a prompt, stock vs sparse, with the density
-           (and, with --profile, estimation vs attention time of the sparse run)
+           (and, with --profile, the sparse run's estimation, selection, attention and the
+           rest of the model timed apart)
 
   python benchmarks/prefill.py check
   python benchmarks/prefill.py ops --lengths 8192,32768,65536,131072 --shape 1b
@@ -215,11 +216,12 @@ def ttft(args) -> int:
         model = default_model()
     print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
           f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}, "
-          f"block {args.block or 'default'}{', SWA cache sized to the window' if args.no_swa_full else ''}; "
+          f"last_q {args.last_q}, block {args.block or 'default'}"
+          f"{', SWA cache sized to the window' if args.no_swa_full else ''}; "
           f"{'real text (passages of the shared data)' if args.text == 'real' else 'random token ids'}")
     # "in cell order": sparse ubatches whose mask was causal in cells (the GPU path skips the mask)
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
-          f"{'in cell order':>14} {'est/attn ms (profile)':>22}")
+          f"{'in cell order':>14} {'profile: est / sel / attn / rest ms':>36}")
     # token ids within the vocabulary (the random Gemma shape's byte tokenizer has ~260)
     n_vocab = len(gguf.GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
     hi = min(20000 if args.model else 256, n_vocab)
@@ -229,7 +231,8 @@ def ttft(args) -> int:
         toks = real[:L] if real is not None else [int(t) for t in rng.integers(min(100, hi // 2), hi, L)]
         res = {}
         for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
-            cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, max_vertical=args.max_vertical,
+            cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, last_q=args.last_q,
+                                  max_vertical=args.max_vertical,
                                   max_slash=args.max_slash, prefill_block=args.block, max_resident=1)
             llm = Llama(model, loopserve=cfg, n_ctx=L + 64, n_batch=args.ubatch, n_ubatch=args.ubatch,
                         n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
@@ -248,11 +251,14 @@ def ttft(args) -> int:
         dens = f"{st['density']:.3f}" if st["density"] is not None else "-"
         prof = ""
         if "profile" in res:
-            sp = res["profile"][1]
-            prof = f"{sp['t_estimate_ms']:.0f}/{sp['t_attend_ms']:.0f}"
+            # rest: the profiled run's wall time less the three (the model's other work,
+            # and the syncs of the profile itself)
+            tw, sp = res["profile"]
+            stages = (sp["t_estimate_ms"], sp["t_select_ms"], sp["t_attend_ms"])
+            prof = " / ".join(f"{t:.0f}" for t in (*stages, tw * 1000 - sum(stages)))
         print(f"{L:8d} {ts:9.3f} {tp:9.3f} {ts / tp:7.2f}x {dens:>8} "
               f"{st['n_ubatch_sparse']:>7}/{st['n_ubatch_sparse'] + st['n_ubatch_stock']:<8} "
-              f"{st['n_ubatch_cell_causal']:>14} {prof:>22}", flush=True)
+              f"{st['n_ubatch_cell_causal']:>14} {prof:>36}", flush=True)
     return 0
 
 
@@ -277,13 +283,15 @@ def main() -> int:
     t.add_argument("--lengths", default="2048,4096,8192")
     t.add_argument("--ubatch", type=int, default=2048)
     t.add_argument("--alpha", type=float, default=0.95)
+    t.add_argument("--last-q", type=int, default=64, help="estimation rows per ubatch (LoopServeConfig.last_q)")
     t.add_argument("--max-vertical", type=int, default=None)
     t.add_argument("--max-slash", type=int, default=None)
     t.add_argument("--block", type=int, default=None, help="prefill_block (default: the runtime's)")
     t.add_argument("--n-gpu-layers", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--flash-attn", action="store_true")
-    t.add_argument("--profile", action="store_true", help="also a profiled sparse run (estimation vs attention)")
+    t.add_argument("--profile", action="store_true",
+                   help="also a profiled sparse run (estimation, selection, attention and the rest apart)")
     t.add_argument("--text", choices=("random", "real"), default="random",
                    help="the input: random token ids (speed shapes) or real passages (real models)")
     t.add_argument("--no-swa-full", action="store_true",

@@ -90,7 +90,8 @@ class llama_loopserve_prefill_stats(ctypes.Structure):
     _fields_ = [("n_ubatch_sparse", ctypes.c_int32), ("n_ubatch_stock", ctypes.c_int32),
                 ("n_tokens_sparse", ctypes.c_int64), ("density", ctypes.c_double),
                 ("t_sparse_ms", ctypes.c_double), ("t_estimate_ms", ctypes.c_double),
-                ("t_attend_ms", ctypes.c_double), ("n_ubatch_cell_causal", ctypes.c_int32)]
+                ("t_attend_ms", ctypes.c_double), ("n_ubatch_cell_causal", ctypes.c_int32),
+                ("t_select_ms", ctypes.c_double)]
 
 
 class llama_loopserve_op_test(ctypes.Structure):

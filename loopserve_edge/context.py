@@ -449,7 +449,8 @@ class Context:
             "n_tokens_sparse": s.n_tokens_sparse,
             "density": s.density if s.n_ubatch_sparse else None,
             "layer_density": [c / d if d > 0 else None for c, d in zip(comp, caus)],
-            "t_sparse_ms": s.t_sparse_ms, "t_estimate_ms": s.t_estimate_ms, "t_attend_ms": s.t_attend_ms,
+            "t_sparse_ms": s.t_sparse_ms, "t_estimate_ms": s.t_estimate_ms, "t_select_ms": s.t_select_ms,
+            "t_attend_ms": s.t_attend_ms,
         }
 
     # -- decoding ----------------------------------------------------------------------

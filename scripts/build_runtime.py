@@ -275,7 +275,9 @@ def sync_tree(src: Path, dst: Path) -> None:
             shutil.rmtree(d) if d.is_dir() else d.unlink()
 
 
-def build(tree: Path, build_dir: Path, cuda: bool, jobs: int | None, cuda_arch: str) -> None:
+def build(tree: Path, build_dir: Path, cuda: bool, jobs: int | None, cuda_arch: str,
+          target: Path | None = None) -> None:
+    """pip-install `tree` into this Python, or into the folder `target` (pip --target)."""
     args = list(CMAKE_COMMON)
     if cuda:
         args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
@@ -287,6 +289,8 @@ def build(tree: Path, build_dir: Path, cuda: bool, jobs: int | None, cuda_arch: 
     cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps",
            "--force-reinstall", f"--config-settings=build-dir={build_dir}",
            "--config-settings=cmake.verbose=false", "--config-settings=build.verbose=false", str(tree)]
+    if target is not None:
+        cmd[-1:-1] = ["--target", str(target), "--upgrade"]
     if HOST_FLAGS:  # a config setting, not CMAKE_ARGS: the value holds spaces
         cmd[-1:-1] = [f"--config-settings=cmake.define.CMAKE_{lang}_FLAGS={HOST_FLAGS}" for lang in ("C", "CXX")]
     log(f"building {'CUDA (' + cuda_arch + ')' if cuda else 'CPU'} runtime in {build_dir}")
@@ -329,6 +333,10 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="rebuild even if current")
     ap.add_argument("--check", action="store_true",
                     help="exit 0 if the installed runtime is current, 1 if not")
+    ap.add_argument("--unpatched", type=Path, metavar="DIR",
+                    help="build the same sdist without our patches, sources and kernels, with the same "
+                         "options, into DIR (put it first on PYTHONPATH): the baseline of "
+                         "benchmarks/overhead.py; the installed runtime is left as it is")
     a = ap.parse_args()
 
     digest = patch_hash()
@@ -336,6 +344,16 @@ def main() -> None:
     backend = "cuda" if cuda else "cpu"
     if a.write_slim:
         write_slim(a.source or fetch_sdist(a.build_dir / "downloads"), a.write_slim)
+        return
+    if a.unpatched:
+        source = a.source or fetch_sdist(a.build_dir / "downloads")
+        a.unpatched.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=a.build_dir if a.build_dir.exists() else None) as tmp:
+            log(f"unpacking {source.name} (no patches)")
+            staged = extract(source, Path(tmp))
+            build(staged, a.build_dir / f"cmake-{backend}-unpatched", cuda, a.jobs, a.cuda_arch,
+                  target=a.unpatched.resolve())
+        log(f"installed the unpatched {VERSION} ({backend}) into {a.unpatched}")
         return
     have = installed_runtime(sys.executable)
     current = have == (digest, backend)

@@ -2,6 +2,8 @@
 (through llama_loopserve_op_test_run), and the model path end to end."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -341,6 +343,26 @@ def test_sparse_selection_runs(model, make_llm, flash_attn):
     assert all(0.0 < d < 1.0 for d in st["layer_density"])
     assert np.isfinite(got).all()
     assert np.corrcoef(got, want)[0, 1] > 0.5
+
+
+def test_profile_times_each_stage(model, make_llm):
+    """Profile mode times the estimation, the selection and the attention of each sparse
+    layer apart (benchmarks/prefill.py prints them beside the TTFT); off, they stay 0."""
+    toks = tokens(2, 500)
+    kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512)
+    cfg = LoopServeConfig(sparse_prefill=True, alpha=0.05, min_vertical=1, min_slash=1, local_window=8,
+                          prefill_sink=2, sparse_min_tokens=256)
+    llm = make_llm(model, loopserve=cfg, **kw)
+    _, st = prefill(llm, toks)
+    assert st["n_ubatch_sparse"] == 1
+    assert st["t_estimate_ms"] == st["t_select_ms"] == st["t_attend_ms"] == 0.0
+    llm.set_prefill_profile(True)
+    t0 = time.perf_counter()
+    _, st = prefill(llm, toks)
+    wall_ms = (time.perf_counter() - t0) * 1000
+    assert st["n_ubatch_sparse"] == 1
+    stages = (st["t_estimate_ms"], st["t_select_ms"], st["t_attend_ms"])
+    assert all(t > 0.0 for t in stages) and sum(stages) < wall_ms
 
 
 def test_prefill_block_reaches_the_runtime(model, make_llm):

@@ -169,8 +169,9 @@ LLAMA_API struct llama_loopserve_prefill_params llama_loopserve_prefill_default_
 LLAMA_API int32_t llama_loopserve_prefill_set(struct llama_context *                        ctx,
                                               const struct llama_loopserve_prefill_params * params);
 
-// Time estimation and attention separately: runs the graph in pieces (a sync at each
-// sparse layer's selection and attention node), so it slows prefill; for measurements.
+// Time estimation, selection and attention separately: runs the graph in pieces (a sync at
+// each sparse layer's scores, selection and attention node), so it slows prefill; for
+// measurements.
 // Refused (-1) when the context already has an eval callback or prefill was never set.
 LLAMA_API int32_t llama_loopserve_prefill_set_profile(struct llama_context * ctx, bool profile);
 
@@ -180,10 +181,11 @@ struct llama_loopserve_prefill_stats {
     int64_t n_tokens_sparse;       // their tokens
     double  density;               // computed / causal (row, key) pairs, all sparse layers
     double  t_sparse_ms;           // wall time from a decode call's first sparse ubatch to its end
-    double  t_estimate_ms;         // profile mode: estimation + selection
+    double  t_estimate_ms;         // profile mode: estimation (the vertical and slash scores)
     double  t_attend_ms;           // profile mode: sparse attention
     int32_t n_ubatch_cell_causal;  // sparse ubatches whose KQ mask was causal in cells (the
                                    // GPU path then does without it)
+    double  t_select_ms;           // profile mode: selection of the lines from the scores
 };
 
 // Statistics since the last reset; returns 1 if the phase is enabled, else 0.

@@ -124,6 +124,7 @@ ggml_tensor * llama_loopserve_prefill_attn(const llm_graph_context & g,
         ggml_tensor * p = ggml_soft_max_ext(ctx0, kq, mw, scale, 0.0f);
         vs              = ggml_loopserve_vs_scores(ctx0, p, cw, (int) n_head_kv, cell_mod);
     }
+    ggml_format_name(vs, "loopserve_vs-%d", il);
     ggml_tensor * sel = ggml_loopserve_select(ctx0, vs, cfg.alpha, cfg.n_min_v, cfg.n_max_v, cfg.n_min_s, cfg.n_max_s,
                                               cfg.n_sink, cfg.n_local);
     ggml_format_name(sel, "loopserve_sel-%d", il);
@@ -175,15 +176,18 @@ static bool loopserve_prefill_eval_cb(ggml_tensor * t, bool ask, void * user_dat
     auto *       st     = (llama_loopserve_prefill_state *) user_data;
     const char * name   = t->name;
     const bool   q_last = strncmp(name, "loopserve_q_last-", 17) == 0;
+    const bool   vs     = strncmp(name, "loopserve_vs-", 13) == 0;
     const bool   sel    = strncmp(name, "loopserve_sel-", 14) == 0;
     const bool   attn   = strncmp(name, "loopserve_attn-", 15) == 0;
     if (ask) {
-        return q_last || sel || attn;
+        return q_last || vs || sel || attn;
     }
     // the graph has been computed up to t and synchronized
     const int64_t now = ggml_time_us();
-    if (sel) {
+    if (vs) {
         st->t_estimate_us += now - st->t_mark_us;
+    } else if (sel) {
+        st->t_select_us += now - st->t_mark_us;
     } else if (attn) {
         st->t_attend_us += now - st->t_mark_us;
     }
@@ -395,6 +399,7 @@ void llama_loopserve_prefill_stats_reset(llama_context * ctx) {
     st->n_tokens_sparse      = 0;
     st->t_sparse_us          = 0;
     st->t_estimate_us        = 0;
+    st->t_select_us          = 0;
     st->t_attend_us          = 0;
     std::fill(st->computed.begin(), st->computed.end(), 0.0);
     std::fill(st->causal.begin(), st->causal.end(), 0.0);
@@ -413,6 +418,7 @@ int32_t llama_loopserve_prefill_stats_get(llama_context * ctx, llama_loopserve_p
     out->n_tokens_sparse      = st->n_tokens_sparse;
     out->t_sparse_ms          = st->t_sparse_us / 1000.0;
     out->t_estimate_ms        = st->t_estimate_us / 1000.0;
+    out->t_select_ms          = st->t_select_us / 1000.0;
     out->t_attend_ms          = st->t_attend_us / 1000.0;
     double c = 0.0, d = 0.0;
     for (size_t i = 0; i < st->computed.size(); ++i) {

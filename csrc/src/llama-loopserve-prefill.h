@@ -56,6 +56,7 @@ struct llama_loopserve_prefill_state {
     int64_t             n_tokens_sparse      = 0;
     int64_t             t_sparse_us          = 0;  // wall time from a decode call's first sparse ubatch to its end
     int64_t             t_estimate_us        = 0;  // profile mode only
+    int64_t             t_select_us          = 0;  // profile mode only
     int64_t             t_attend_us          = 0;  // profile mode only
     std::vector<double> computed;                  // per layer: (row, key) pairs computed
     std::vector<double> causal;                    // per layer: causal (row, key) pairs of the sparse ubatches
