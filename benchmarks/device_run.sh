@@ -11,7 +11,7 @@
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
-#                   (PREFILL_LENGTHS, PREFILL_UBATCH (4096), PREFILL_LASTQ (64), PREFILL_CAPS=capped:
+#                   (PREFILL_LENGTHS, PREFILL_UBATCH (4096), PREFILL_LASTQ (64), PREFILL_FAST=1, PREFILL_CAPS=capped:
 #                   only the capped selection; --profile times estimation, selection, attention
 #                   and the rest apart)
 #   build-stock   - llama-cpp-python from the same archive without our patches, into /tmp/stock-site
@@ -43,6 +43,7 @@
 #            JOBS.json --status', then collect-groups. Folders carried back into /tmp resume.
 #   mps    - start NVIDIA's Multi-Process Service: the kernels of side-by-side bench processes run
 #            at once (session 12: 15 processes, ~7.7 runs a second in all against ~3 without it)
+#   mps-stop - stop it again (before timing one process: prefill-ttft, overhead)
 #   collect-groups - one archive per configuration to $OUT (its folders, runs, dialogues and full's
 #            distributions: what a later lease resumes from), and the merged summaries
 #   calibrate=MODEL.gguf - difficulty levels on the dev split at CAL_CTX (8K), CAL_CASES (8)
@@ -63,8 +64,77 @@
 #   report=DIR - rewrite DIR's summary and plots (bench --report-only) and copy them to $OUT/report
 #   cmd:CMD - CMD in the same environment (wheels, PYTHONPATH, data)
 # Steps are arguments, so one call can do several: device_run.sh build test turns
-set -euo pipefail
+#
+# A whole lease in the background (the box is given back 30 s after a call ends, and work
+# left between calls was lost twice that way; session 13 also lost a call to a poll loop):
+#   bg STEP...      run the steps one after the other in the background, each one's output in
+#                   /tmp/bg/out/STEP.log (OUT=/tmp/bg/out for them), their start and exit status
+#                   in /tmp/bg/steps; the call returns at once
+#   wait-parts=N    (a step for bg) wait until N Gemma parts are whole in /tmp/carried, put there
+#                   by the calls that carry them (`stash` alone: no wheels, so it cannot meet a
+#                   background step's install), at most 15 min
+#   bg-wait[=S]     block until the background steps are done or S seconds (540) have passed, then
+#                   print /tmp/bg/steps and copy /tmp/bg/out to $OUT (a file over 15 MiB in parts):
+#                   back-to-back bg-wait calls keep the box held while the steps run
+# e.g. call 1 (carry .carry): bg build wait-parts=5 gemma-model mps bench-groups=JOBS.json
+#      collect-groups mps-stop prefill-ttft; calls 2-6 (carry .carry-gK): stash;
+#      then bg-wait until /tmp/bg/steps says done.
 cd "$(dirname "$0")/.."
+# what this call carried in .carry-g*/, kept in /tmp/carried for later calls; a part is
+# marked once whole (/tmp/carried/.ok-NAME), for wait-parts
+stash_carried() {
+  mkdir -p /tmp/carried
+  for d in .carry-g*/; do
+    [ -d "$d" ] || continue
+    cp -r "$d". /tmp/carried/
+    for f in "$d"gemma.gguf.part*; do [ -f "$f" ] && touch "/tmp/carried/.ok-$(basename "$f")"; done
+  done
+  return 0
+}
+if [ "${1:-}" = bg ]; then
+  shift
+  rm -rf /tmp/bg && mkdir -p /tmp/bg/out /tmp/carried
+  : > /tmp/bg/steps
+  setsid nohup bash -c '
+    for step in "$@"; do
+      name=$(printf %s "$step" | tr -c "A-Za-z0-9._=-" _ | cut -c1-60)
+      echo "$(date +%T) start $step" >> /tmp/bg/steps
+      OUT=/tmp/bg/out bash benchmarks/device_run.sh "$step" > "/tmp/bg/out/$name.log" 2>&1
+      rc=$?
+      echo "$(date +%T) rc=$rc $step" >> /tmp/bg/steps
+    done
+    echo "$(date +%T) done" >> /tmp/bg/steps' bg "$@" > /dev/null 2>&1 < /dev/null &
+  echo "in the background: $*"
+  exit 0
+fi
+case "${1:-}" in
+  bg-wait*)
+    # no wheels or GPU query here: this only waits and copies
+    limit=${1#bg-wait}; limit=${limit#=}; limit=${limit:-540}
+    t=0
+    while ! grep -q " done$" /tmp/bg/steps 2> /dev/null && [ "$t" -lt "$limit" ]; do sleep 5; t=$((t + 5)); done
+    cat /tmp/bg/steps 2> /dev/null || echo "no background steps on this machine (a fresh one?)"
+    for f in /tmp/bg/out/*; do
+      [ -f "$f" ] || continue
+      if [ "$(stat -c %s "$f")" -gt 15728640 ]; then
+        split -b 15M -d -a 1 "$f" "$OUT/$(basename "$f").part"
+      else
+        cp "$f" "$OUT/"
+      fi
+    done
+    exit 0 ;;
+  wait-parts=*)
+    n=${1#wait-parts=}
+    for _ in $(seq 180); do
+      [ "$(ls /tmp/carried/.ok-gemma.gguf.part* 2> /dev/null | wc -l)" -ge "$n" ] && break
+      sleep 5
+    done
+    ls -la /tmp/carried
+    exit 0 ;;
+  stash)
+    [ $# -eq 1 ] && { stash_carried; ls -la /tmp/carried; exit 0; } ;;
+esac
+set -euo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl
 # matplotlib (for the plots) and its dependencies, each only where the box lacks it
@@ -82,8 +152,6 @@ done
 export PYTHONPATH=/tmp/site:$PWD:/tmp/site-plots
 export LOOPSERVE_DATA=$PWD/.carry/data
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-# what this call carried in .carry-g*/, kept in /tmp/carried for later calls
-stash_carried() { for d in .carry-g*/; do if [ -d "$d" ]; then cp -r "$d". /tmp/carried/; fi; done; }
 # Gemma-3-270M joined from the stashed parts, SHA-256 checked (once: parallel gemma steps
 # must find it joined, so join it with the gemma-model step before starting them)
 join_gemma() {
@@ -131,7 +199,9 @@ for step in "$@"; do
       done ;;
     prefill-ttft)
       for shape in ${PREFILL_SHAPES:-135m 1b}; do
-        [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+        # PREFILL_FAST=1: the quick random values (an 8B shape's 16 GB in about a minute)
+        [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape \
+            .carry/smollm2-tokenizer.gguf ${PREFILL_FAST:+--fast}
         # as configured by default (alpha 0.95), then with the lines capped: random weights
         # spread attention evenly, so alpha alone keeps most lines (PREFILL_CAPS=capped: only that)
         caps_list=("" "--max-vertical 1024 --max-slash 128")
@@ -230,6 +300,9 @@ for step in "$@"; do
       else
         echo "mps: nvidia-cuda-mps-control is not on this machine"
       fi ;;
+    mps-stop)
+      # before timing a single process (prefill-ttft, overhead) after the bench's MPS
+      echo quit | nvidia-cuda-mps-control 2> /dev/null || true ;;
     stash)
       stash_carried
       ls -la /tmp/carried ;;

@@ -1,0 +1,46 @@
+"""benchmarks/device_run.sh's background lease: `bg` runs steps one after the other and
+records each one's exit status, `bg-wait` waits for them and brings their output back (the
+GPU box itself is not needed for these steps: they never load the runtime)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "device_run.sh"
+
+
+def run(*args, env=None, timeout=60):
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(Path("/tmp/bg").exists() and any(Path("/tmp/bg").iterdir()),
+                    reason="/tmp/bg holds another lease's background steps")
+def test_bg_runs_steps_and_bg_wait_brings_their_output_back(tmp_path, monkeypatch):
+    env = dict(os.environ, OUT=str(tmp_path))
+    # a step that fails (unknown, or no GPU here) must not stop the next one, and its status shows
+    r = run("bg", "wait-parts=0", "no-such-step", "wait-parts=0", env=env)
+    assert r.returncode == 0 and "in the background" in r.stdout
+    try:
+        r = run("bg-wait=30", env=env)
+        assert r.returncode == 0
+        lines = r.stdout.strip().splitlines()
+        steps = [x.split(" ", 1)[1] for x in lines]
+        assert steps[:3] == ["start wait-parts=0", "rc=0 wait-parts=0", "start no-such-step"]
+        assert steps[3].startswith("rc=") and steps[3] != "rc=0 no-such-step"
+        assert steps[4:] == ["start wait-parts=0", "rc=0 wait-parts=0", "done"]
+        # each step's output came back under its name
+        assert (tmp_path / "wait-parts=0.log").read_text().strip() != ""
+    finally:
+        subprocess.run(["rm", "-rf", "/tmp/bg"])
+
+
+def test_bg_wait_on_a_fresh_machine_says_so(tmp_path):
+    if Path("/tmp/bg").exists():
+        pytest.skip("/tmp/bg exists here")
+    r = run("bg-wait=0", env=dict(os.environ, OUT=str(tmp_path)))
+    assert r.returncode == 0 and "a fresh one?" in r.stdout
