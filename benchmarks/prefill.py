@@ -75,7 +75,7 @@ def check(args) -> int:
                     (300, 0, "f16", False, (20, 12), ""), (333, 517, "q8_0", False, (20, 12), ""),
                     (130, 70, "f16", True, (20, 12), ""), (700, 400, "f16", False, (300, 200), "f32 mask"),
                     (200, 900, "f16", False, (40, 30), "gaps"), (260, 333, "f16", False, (30, 20), "no mask"),
-                    (190, 250, "q8_0", False, (30, 20), "no mask")):
+                    (190, 250, "q8_0", False, (30, 20), "no mask"), (300, 256, "f16", False, (30, 20), "short sel")):
                 n_kv = hist + n_tok + 11
                 q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
                 k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
@@ -83,8 +83,10 @@ def check(args) -> int:
                 cells = np.arange(hist, hist + n_tok)
                 if how == "gaps":
                     cells = np.sort(r.choice(n_kv, n_tok, replace=False))
-                mask = None if how == "no mask" else so.causal_mask(cells, n_kv)
-                sel = so.sel_array(rand_lists(r, n_kv, n_head_kv, *n_lines), n_kv)
+                mask = None if how in ("no mask", "short sel") else so.causal_mask(cells, n_kv)
+                # "short sel": a selection made over fewer cells (the previous ubatch's, reused)
+                n_sel = n_kv - n_tok if how == "short sel" else n_kv
+                sel = so.sel_array(rand_lists(r, n_sel, n_head_kv, *n_lines), n_sel)
                 # blocks as the runtime's default, and 64 for one case
                 block = 64 if how == "f32 mask" else so.default_block(n_head, n_head_kv)
                 kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, sel=sel, type_k=tk, type_v=tk, v_trans=vt,
@@ -214,14 +216,17 @@ def ttft(args) -> int:
     if model is None:
         from loopserve_edge.paths import default_model
         model = default_model()
+    batch = "the prompt" if args.batch == 0 else args.batch or args.ubatch
     print(f"model {Path(model).name}, n_gpu_layers {args.n_gpu_layers}, flash_attn {args.flash_attn}, "
           f"ubatch {args.ubatch}, alpha {args.alpha}, max vertical/slash {args.max_vertical}/{args.max_slash}, "
-          f"last_q {args.last_q}, block {args.block or 'default'}"
+          f"last_q {args.last_q}, reuse {args.reuse}, n_batch {batch}, "
+          f"block {args.block or 'default'}"
           f"{', SWA cache sized to the window' if args.no_swa_full else ''}; "
           f"{'real text (passages of the shared data)' if args.text == 'real' else 'random token ids'}")
     # "in cell order": sparse ubatches whose mask was causal in cells (the GPU path skips the mask)
+    # "reused": sparse ubatches that attended over the previous one's selection (--reuse)
     print(f"{'length':>8} {'stock s':>9} {'sparse s':>9} {'speedup':>8} {'density':>8} {'sparse ubatches':>16} "
-          f"{'in cell order':>14} {'profile: est / sel / attn / rest ms':>36}")
+          f"{'in cell order':>14} {'reused':>7} {'profile: est / sel / attn / rest ms':>36}")
     # token ids within the vocabulary (the random Gemma shape's byte tokenizer has ~260)
     n_vocab = len(gguf.GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
     hi = min(20000 if args.model else 256, n_vocab)
@@ -232,9 +237,11 @@ def ttft(args) -> int:
         res = {}
         for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
             cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, last_q=args.last_q,
+                                  prefill_reuse=args.reuse,
                                   max_vertical=args.max_vertical,
                                   max_slash=args.max_slash, prefill_block=args.block, max_resident=1)
-            llm = Llama(model, loopserve=cfg, n_ctx=L + 64, n_batch=args.ubatch, n_ubatch=args.ubatch,
+            n_batch = L if args.batch == 0 else max(args.batch or args.ubatch, args.ubatch)
+            llm = Llama(model, loopserve=cfg, n_ctx=L + 64, n_batch=n_batch, n_ubatch=args.ubatch,
                         n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
                         n_threads_batch=args.threads, **({"swa_full": False} if args.no_swa_full else {}))
             if mode == "profile":
@@ -258,7 +265,7 @@ def ttft(args) -> int:
             prof = " / ".join(f"{t:.0f}" for t in (*stages, tw * 1000 - sum(stages)))
         print(f"{L:8d} {ts:9.3f} {tp:9.3f} {ts / tp:7.2f}x {dens:>8} "
               f"{st['n_ubatch_sparse']:>7}/{st['n_ubatch_sparse'] + st['n_ubatch_stock']:<8} "
-              f"{st['n_ubatch_cell_causal']:>14} {prof:>36}", flush=True)
+              f"{st['n_ubatch_cell_causal']:>14} {st['n_ubatch_reused']:>7} {prof:>36}", flush=True)
     return 0
 
 
@@ -284,6 +291,10 @@ def main() -> int:
     t.add_argument("--ubatch", type=int, default=2048)
     t.add_argument("--alpha", type=float, default=0.95)
     t.add_argument("--last-q", type=int, default=64, help="estimation rows per ubatch (LoopServeConfig.last_q)")
+    t.add_argument("--reuse", type=int, default=1,
+                   help="a selection serves this many ubatches (LoopServeConfig.prefill_reuse; needs --batch 0)")
+    t.add_argument("--batch", type=int, default=None,
+                   help="n_batch, tokens per decode call (default: the ubatch; 0: the whole prompt in one call)")
     t.add_argument("--max-vertical", type=int, default=None)
     t.add_argument("--max-slash", type=int, default=None)
     t.add_argument("--block", type=int, default=None, help="prefill_block (default: the runtime's)")

@@ -379,8 +379,8 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         }
     };
 
-    const int32_t * cols = a.sel + (2*g + 0)*(a.n_kv + 1);
-    const int32_t * offs = a.sel + (2*g + 1)*(a.n_kv + 1);
+    const int32_t * cols = a.sel + (2*g + 0)*a.sel_ld;
+    const int32_t * offs = a.sel + (2*g + 1)*a.sel_ld;
     const int n_col = cols[0], n_off = offs[0];
 
     // 1. diagonal ranges

@@ -10,6 +10,7 @@ struct ls_attn_args {
     const float * q; const char * k; const char * v; const char * mask;
     const void * cells; const int32_t * sel; float * dst;
     int64_t n_kv, n_tokens, n_head, n_gqa;
+    int64_t sel_ld; // sel's row length: n_sel + 1 <= n_kv + 1 (a reused selection is shorter)
     int64_t q_nb1, q_nb2, k_nb1, k_nb2, v_nb0, v_nb1, v_nb2, mask_nb1; // q in floats, others in bytes
     int64_t dst_nb1, dst_nb2; // in floats
     bool cells_i64, mask_f16;

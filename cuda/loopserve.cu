@@ -324,8 +324,8 @@ ls_sparse_attn_kernel(const ls_attn_args a) {
         hi = max(hi, (int64_t) __shfl_xor_sync(0xffffffff, (long long) hi, o));
     }
 
-    const int32_t * cols = a.sel + (2*g + 0)*(a.n_kv + 1);
-    const int32_t * offs = a.sel + (2*g + 1)*(a.n_kv + 1);
+    const int32_t * cols = a.sel + (2*g + 0)*a.sel_ld;
+    const int32_t * offs = a.sel + (2*g + 1)*a.sel_ld;
     const int n_col = cols[0], n_off = offs[0];
     const char * kbase = a.k + g*a.k_nb2;
     const char * vbase = a.v + g*a.v_nb2;
@@ -564,6 +564,7 @@ void ggml_cuda_op_loopserve(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
             a.mask = mask ? (const char *) mask->data : nullptr;
             a.cells = cells->data; a.sel = (const int32_t *) sel->data; a.dst = (float *) dst->data;
             a.n_kv = k->ne[1]; a.n_tokens = q->ne[1]; a.n_head = q->ne[2]; a.n_gqa = q->ne[2]/k->ne[2];
+            a.sel_ld = sel->ne[0];
             a.q_nb1 = q->nb[1]/sizeof(float); a.q_nb2 = q->nb[2]/sizeof(float);
             a.k_nb1 = k->nb[1]; a.k_nb2 = k->nb[2];
             a.v_nb0 = v->nb[0]; a.v_nb1 = v->nb[1]; a.v_nb2 = v->nb[2];

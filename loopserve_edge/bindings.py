@@ -83,7 +83,8 @@ class llama_loopserve_prefill_params(ctypes.Structure):
                 ("n_min_vertical", ctypes.c_int32), ("n_max_vertical", ctypes.c_int32),
                 ("n_min_slash", ctypes.c_int32), ("n_max_slash", ctypes.c_int32),
                 ("n_sink", ctypes.c_int32), ("n_local", ctypes.c_int32),
-                ("n_min_tokens", ctypes.c_int32), ("block_q", ctypes.c_int32)]
+                ("n_min_tokens", ctypes.c_int32), ("block_q", ctypes.c_int32),
+                ("reuse", ctypes.c_int32)]
 
 
 class llama_loopserve_prefill_stats(ctypes.Structure):
@@ -91,7 +92,7 @@ class llama_loopserve_prefill_stats(ctypes.Structure):
                 ("n_tokens_sparse", ctypes.c_int64), ("density", ctypes.c_double),
                 ("t_sparse_ms", ctypes.c_double), ("t_estimate_ms", ctypes.c_double),
                 ("t_attend_ms", ctypes.c_double), ("n_ubatch_cell_causal", ctypes.c_int32),
-                ("t_select_ms", ctypes.c_double)]
+                ("t_select_ms", ctypes.c_double), ("n_ubatch_reused", ctypes.c_int32)]
 
 
 class llama_loopserve_op_test(ctypes.Structure):
@@ -102,7 +103,8 @@ class llama_loopserve_op_test(ctypes.Structure):
                    ("block_q", ctypes.c_int32), ("cell_mod", ctypes.c_int32), ("alpha", ctypes.c_float)]
                 + [(n, ctypes.c_int32) for n in ("n_min_v", "n_max_v", "n_min_s", "n_max_s", "n_sink", "n_local")]
                 + [(n, _f32p) for n in ("q", "k", "v", "mask", "p", "scores")]
-                + [("cells", _i32p), ("sel", _i32p), ("out", ctypes.c_void_p), ("t_ms", ctypes.c_double)])
+                + [("cells", _i32p), ("sel", _i32p), ("out", ctypes.c_void_p), ("t_ms", ctypes.c_double),
+                   ("n_sel", ctypes.c_int32)])
 
 
 _f64p = ctypes.POINTER(ctypes.c_double)

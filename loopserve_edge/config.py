@@ -44,6 +44,12 @@ class LoopServeConfig:
     # query rows that share one key set in the attention (a diagonal costs ~this many keys
     # per block); None: 64 / the GQA ratio, at least 16
     prefill_block: int | None = None
+    # the selection estimated on one ubatch of an input also serves its next
+    # `prefill_reuse - 1` ubatches (their own new keys through the diagonals and the local
+    # window), so the estimation, whose cost grows with the cache, runs on one ubatch in
+    # `prefill_reuse` (issue 18: it is ~a quarter of the sparse path's time at 128K). Only
+    # within one decode call: n_batch must hold several ubatches. 1: each ubatch estimates.
+    prefill_reuse: int = 1
 
     # Phase 2, progressive KV compression in decoding (eviction.py says what each policy
     # does). A dialogue holds at most budget + interval cells; None = never evict.
@@ -134,8 +140,8 @@ class LoopServeConfig:
             raise ValueError(f"policy {self.policy!r} needs a budget")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError("alpha must be in (0, 1]")
-        if self.last_q < 1 or self.sparse_min_tokens < 2:
-            raise ValueError("last_q must be >= 1 and sparse_min_tokens >= 2")
+        if self.last_q < 1 or self.sparse_min_tokens < 2 or self.prefill_reuse < 1:
+            raise ValueError("last_q and prefill_reuse must be >= 1 and sparse_min_tokens >= 2")
         if self.prefill_block is not None and self.prefill_block < 1:
             raise ValueError("prefill_block must be >= 1 or None")
         if min(self.min_vertical, self.min_slash, self.prefill_sink, self.local_window) < 0:

@@ -416,6 +416,7 @@ class Context:
         p.n_min_slash, p.n_max_slash = cfg.min_slash, cfg.max_slash or 0
         p.n_sink, p.n_local = cfg.prefill_sink, cfg.local_window
         p.n_min_tokens, p.block_q = cfg.sparse_min_tokens, cfg.prefill_block or 0
+        p.reuse = cfg.prefill_reuse
         rc = bindings.llama_loopserve_prefill_set(self._ctx.ctx, ctypes.byref(p))
         if rc == -2:
             raise LoopServeError("sparse prefill needs a KV cache of type f16, q8_0 or f32 "
@@ -446,6 +447,8 @@ class Context:
             "n_ubatch_sparse": s.n_ubatch_sparse, "n_ubatch_stock": s.n_ubatch_stock,
             # sparse ubatches whose mask was causal in cells: on the GPU they ran without it
             "n_ubatch_cell_causal": s.n_ubatch_cell_causal,
+            # sparse ubatches that attended over the previous ubatch's selection (prefill_reuse)
+            "n_ubatch_reused": s.n_ubatch_reused,
             "n_tokens_sparse": s.n_tokens_sparse,
             "density": s.density if s.n_ubatch_sparse else None,
             "layer_density": [c / d if d > 0 else None for c, d in zip(comp, caus)],

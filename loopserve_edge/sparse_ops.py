@@ -48,6 +48,7 @@ def run(op: int, *, gpu=False, n_threads=2, n_iter=0, type_k="f16", type_v="f16"
         t.dk, t.dv, t.n_kv, t.n_tokens, t.n_head, t.n_head_kv = dk, v.shape[2], n_kv, n_tokens, n_head, n_head_kv
         t.q, t.k, t.v, t.mask = ptr(q, "f"), ptr(k, "f"), ptr(v, "f"), ptr(mask, "f")
         t.cells, t.sel = ptr(cells, "i"), ptr(sel, "i")
+        t.n_sel = sel.shape[2] - 1 if sel is not None else 0   # a selection over fewer cells than n_kv
         shape = (n_tokens + 1, n_head, v.shape[2]) if op == OP_SPARSE else (n_tokens, n_head, v.shape[2])
         out = np.zeros(shape, np.float32)
     elif op in (OP_ESTIMATE, OP_ESTIMATE_CHAIN):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,6 +76,25 @@ def test_random_selection_equals_masked_dense(seed, n_head, n_head_kv, d, block_
     # computed pairs: allowed keys at or before each row's cell
     comp = (allowed & (np.arange(n_kv)[None, None, :] <= cells[None, :, None])).sum(axis=(1, 2))
     np.testing.assert_allclose(out[n_tok, :, 0], comp, rtol=1e-6)
+
+
+def test_a_selection_over_fewer_cells_serves_a_longer_cache():
+    """A selection made over the first n_sel cells (the previous ubatch's, reused) is read
+    with its own row length: the same key sets as that selection written out for all n_kv."""
+    r = RNG(5)
+    n_head, n_head_kv, d, block_q, n_tok = 6, 2, 32, 16, 80
+    n_sel, n_kv = 150, 230
+    q, k, v = qkv(5, n_head, n_head_kv, n_tok, n_kv, d)
+    cells = np.arange(n_kv - n_tok, n_kv)
+    lists = [[sorted(set(r.integers(0, n_sel, 12).tolist())), sorted(set(r.integers(0, n_sel, 6).tolist()) | {0})]
+             for _ in range(n_head_kv)]
+    kw = dict(q=q, k=k, v=v, mask=None, cells=cells, type_k="f16", type_v="f16", scale=0.3, block_q=block_q)
+    short, _ = so.run(so.OP_SPARSE, sel=so.sel_array(lists, n_sel), **kw)
+    full, _ = so.run(so.OP_SPARSE, sel=so.sel_array(lists, n_kv), **kw)
+    np.testing.assert_array_equal(short, full)
+    want = so.ref_attention(f16(q), f16(k), f16(v), so.causal_mask(cells, n_kv),
+                            so.sparse_mask(lists, cells, n_kv, n_head, block_q), scale=0.3)
+    np.testing.assert_allclose(short[:n_tok], want, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("v_trans", [False, True])
@@ -365,6 +385,41 @@ def test_profile_times_each_stage(model, make_llm):
     assert all(t > 0.0 for t in stages) and sum(stages) < wall_ms
 
 
+def test_reused_selection_with_every_line_matches_stock(flat_model, make_llm):
+    """prefill_reuse: a ubatch attends over the previous ubatch's stored selection. With
+    alpha = 1 that selection holds every column the previous ubatch saw and every offset up
+    to its length, which together cover all keys of the next ubatch: the stock logits."""
+    toks = tokens(6, 1024)
+    kw = dict(n_ctx=1024 + 64, n_batch=1024, n_ubatch=256)
+    want, _ = prefill(make_llm(flat_model, **kw), toks)
+    got, st = prefill(make_llm(flat_model, loopserve=replace(ALL_LINES, prefill_reuse=2), **kw), toks)
+    assert st["n_ubatch_sparse"] == 4 and st["n_ubatch_reused"] == 2
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_reuse_counts_and_stays_within_one_decode_call(model, make_llm):
+    """A selection serves the next prefill_reuse - 1 ubatches of its input, in one decode
+    call only (the cache may change between calls); reusing a stale selection is not the
+    same as estimating afresh."""
+    toks = tokens(7, 1024)
+    sparse = dict(sparse_prefill=True, alpha=0.05, min_vertical=1, min_slash=1, local_window=8, prefill_sink=2,
+                  sparse_min_tokens=256)
+
+    def run(reuse, n_batch):
+        llm = make_llm(model, loopserve=LoopServeConfig(**sparse, prefill_reuse=reuse), n_ctx=1024 + 64,
+                       n_batch=n_batch, n_ubatch=256)
+        return prefill(llm, toks)
+
+    fresh, st1 = run(1, 1024)
+    assert st1["n_ubatch_sparse"] == 4 and st1["n_ubatch_reused"] == 0
+    got3, st3 = run(3, 1024)
+    assert st3["n_ubatch_sparse"] == 4 and st3["n_ubatch_reused"] == 2   # 2nd and 3rd; the 4th estimates
+    assert not np.allclose(got3, fresh)
+    # a batch of two ubatches per decode call: the second of each call reuses, no more
+    _, st4 = run(4, 512)
+    assert st4["n_ubatch_sparse"] == 4 and st4["n_ubatch_reused"] == 2
+
+
 def test_prefill_block_reaches_the_runtime(model, make_llm):
     """A diagonal covers about prefill_block keys per block of rows: larger blocks compute
     more of the matrix for the same selection; the default is the runtime's 64 / GQA."""
@@ -405,6 +460,8 @@ def test_config_validation():
         LoopServeConfig(sparse_prefill=True, min_vertical=10, max_vertical=5)
     with pytest.raises(ValueError):
         LoopServeConfig(sparse_prefill=True, prefill_block=0)
+    with pytest.raises(ValueError):
+        LoopServeConfig(sparse_prefill=True, prefill_reuse=0)
     c = LoopServeConfig(sparse_prefill=True)
     assert LoopServeConfig.from_dict(c.to_dict()) == c
 

@@ -160,6 +160,11 @@ struct llama_loopserve_prefill_params {
     int32_t n_local;
     int32_t n_min_tokens;
     int32_t block_q;
+    // >= 1: the selection estimated on one ubatch of an input also serves its next reuse - 1
+    // ubatches (their own keys are reached through the diagonals and the local window); the
+    // estimation then runs on one ubatch in reuse. Within one decode call, one sequence. 1: each
+    // ubatch estimates its own.
+    int32_t reuse;
 };
 
 LLAMA_API struct llama_loopserve_prefill_params llama_loopserve_prefill_default_params(void);
@@ -186,6 +191,7 @@ struct llama_loopserve_prefill_stats {
     int32_t n_ubatch_cell_causal;  // sparse ubatches whose KQ mask was causal in cells (the
                                    // GPU path then does without it)
     double  t_select_ms;           // profile mode: selection of the lines from the scores
+    int32_t n_ubatch_reused;       // sparse ubatches that reused the previous one's selection
 };
 
 // Statistics since the last reset; returns 1 if the phase is enabled, else 0.
@@ -229,10 +235,11 @@ struct llama_loopserve_op_test {
     const float *   p;       // op 0: [n_head][n_rows][n_kv]
     const float *   scores;  // op 1: [n_head_kv][2][n_kv]
     const int32_t * cells;   // [n_tokens] (op 0: [n_rows])
-    const int32_t * sel;     // op 2: [n_head_kv][2][n_kv + 1]
+    const int32_t * sel;     // op 2: [n_head_kv][2][n_sel + 1]
     void *          out;     // ops 0, 4, 5: f32 [n_head_kv][2][n_kv]; op 1: i32 [n_head_kv][2][n_kv + 1];
                              // op 2: f32 [n_tokens + 1][n_head][dv]; op 3: f32 [n_tokens][n_head][dv]
     double          t_ms;    // out: mean wall time of one run (graph compute, synchronized)
+    int32_t         n_sel;   // op 2: cells the selection was made over (<= n_kv; 0: n_kv)
 };
 
 LLAMA_API int32_t llama_loopserve_op_test_run(struct llama_loopserve_op_test * t);

@@ -76,7 +76,7 @@ int32_t llama_loopserve_op_test_run(llama_loopserve_op_test * t) {
                                     t->n_local);
     } else if (t->op == 2) {
         cells = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tok);
-        sel   = ggml_new_tensor_3d(ctx, GGML_TYPE_I32, n_kv + 1, 2, n_head_kv);
+        sel   = ggml_new_tensor_3d(ctx, GGML_TYPE_I32, (t->n_sel > 0 ? t->n_sel : n_kv) + 1, 2, n_head_kv);
         out = ggml_loopserve_sparse_attn(ctx, q, k, v, mask, cells, sel, t->scale, t->softcap, t->block_q, t->cell_mod);
     } else if (estimate) {
         cells = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tok);

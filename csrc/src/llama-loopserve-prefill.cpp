@@ -51,41 +51,36 @@ llama_loopserve_prefill_cfg llama_loopserve_prefill_graph_cfg(const llama_contex
         // so it keeps the mask: the window's scores come from Q K^T as with flash attention
         const bool scored = lctx.loopserve_scores && lctx.loopserve_scores->n_window_ub > 0;
         cfg.cell_causal   = !scored && kv != nullptr && kv->loopserve_cells_causal(ubatch);
+        // the next ubatch of the input whose selection is stored, within the same decode call
+        // (llama_loopserve_prefill_fold clears the age at its end: between calls the cache
+        // may change)
+        const auto * st = lctx.loopserve_prefill.get();
+        if (cfg.reuse > 1 && st->sel_age > 0 && st->sel_age < cfg.reuse && ubatch.n_seqs_unq == 1 &&
+            ubatch.seq_id[0][0] == st->sel_seq && ubatch.pos[0] == st->sel_pos_next) {
+            cfg.sel_reuse = true;
+            cfg.sel_n_kv  = st->sel_n_kv;
+        }
     }
+    cfg.st = lctx.loopserve_prefill.get();
     return cfg;
 }
 
-ggml_tensor * llama_loopserve_prefill_attn(const llm_graph_context & g,
-                                           ggml_tensor *             q,
-                                           ggml_tensor *             k,
-                                           ggml_tensor *             v,
-                                           ggml_tensor *             kq_b,
-                                           ggml_tensor *             kq_mask,
-                                           ggml_tensor *             sinks,
-                                           ggml_tensor *             v_mla,
-                                           ggml_tensor *             q_cells,
-                                           float                     kq_scale,
-                                           int                       il) {
-    const auto & cfg = g.loopserve_prefill;
-    const auto & hp  = g.hparams;
-    const auto & cp  = g.cparams;
-    if (!cfg.enabled || q_cells == nullptr || hp.is_swa(il) || kq_b || v_mla || sinks || hp.f_max_alibi_bias != 0.0f ||
-        g.arch == LLM_ARCH_GROK || !cp.causal_attn || cp.training) {
-        return nullptr;
-    }
-    // q [dk, n_tokens, n_head, n_stream], k/v [d, n_kv, n_head_kv, n_stream] (permuted views)
-    const int64_t n_tokens = q->ne[1];
-    if (q->ne[3] != 1 || k->ne[3] != 1 || n_tokens < std::max(cfg.n_min_tokens, 2) || q_cells->ne[0] != n_tokens ||
-        (kq_mask && (kq_mask->ne[2] != 1 || kq_mask->ne[3] != 1))) {
-        return nullptr;
-    }
-
+// 1.-3.: the estimation rows (the last last_q queries) against every cell, the vertical and
+// slash scores per KV head, and the selection of lines.
+static ggml_tensor * loopserve_estimate_select(const llm_graph_context & g,
+                                               ggml_tensor *             q,
+                                               ggml_tensor *             k,
+                                               ggml_tensor *             kq_mask,
+                                               ggml_tensor *             q_cells,
+                                               float                     kq_scale,
+                                               float                     softcap,
+                                               int                       cell_mod,
+                                               int                       il) {
+    const auto &   cfg       = g.loopserve_prefill;
     ggml_context * ctx0      = g.ctx0;
+    const int64_t  n_tokens  = q->ne[1];
     const int64_t  n_head    = q->ne[2];
     const int64_t  n_head_kv = k->ne[2];
-    const int      cell_mod  = (int) cp.n_ctx_seq;
-    const float    softcap   = hp.attn_soft_cap ? hp.f_attn_logit_softcapping : 0.0f;
-
     // 1. estimation rows: the last n_est queries against every cell
     const int64_t n_est = std::min<int64_t>(std::max(cfg.last_q, 1), n_tokens);
     const int64_t row0  = n_tokens - n_est;
@@ -128,6 +123,96 @@ ggml_tensor * llama_loopserve_prefill_attn(const llm_graph_context & g,
     ggml_tensor * sel = ggml_loopserve_select(ctx0, vs, cfg.alpha, cfg.n_min_v, cfg.n_max_v, cfg.n_min_s, cfg.n_max_s,
                                               cfg.n_sink, cfg.n_local);
     ggml_format_name(sel, "loopserve_sel-%d", il);
+    return sel;
+}
+
+// The layer's stored selection (reuse > 1), made on first use in a buffer of the device that
+// holds the layer's K: room for the cache's cells (k's view source), I32.
+static ggml_tensor * loopserve_sel_store(llama_loopserve_prefill_state * st, const ggml_tensor * k, int64_t n_head_kv,
+                                         int il) {
+    const ggml_tensor *         src = k->view_src ? k->view_src : k;
+    const ggml_backend_buffer_t buf = src->buffer;
+    if (st == nullptr || buf == nullptr || il < 0) {
+        return nullptr;
+    }
+    const int64_t n_cells = std::max(src->ne[1], k->ne[1]);
+    if ((size_t) il >= st->sel_store.size()) {
+        st->sel_store.resize(il + 1, nullptr);
+    }
+    ggml_tensor * t = st->sel_store[il];
+    if (t != nullptr && t->ne[0] >= (n_cells + 1) * 2 * n_head_kv) {
+        return t;
+    }
+    if (st->sel_ctx == nullptr) {
+        const ggml_init_params ip = { LLAMA_MAX_LAYERS * 2 * ggml_tensor_overhead(), nullptr, true };
+        st->sel_ctx               = ggml_init(ip);
+    }
+    t = ggml_new_tensor_1d(st->sel_ctx, GGML_TYPE_I32, (n_cells + 1) * 2 * n_head_kv);
+    ggml_format_name(t, "loopserve_sel_store-%d", il);
+    ggml_backend_buffer_t b = ggml_backend_buft_alloc_buffer(ggml_backend_buffer_get_type(buf), ggml_nbytes(t));
+    GGML_ASSERT(b != nullptr);
+    ggml_backend_tensor_alloc(b, t, ggml_backend_buffer_get_base(b));
+    st->sel_bufs.push_back(b);
+    st->sel_store[il] = t;
+    return t;
+}
+
+// A [n1, 2, n_head_kv] selection inside the layer's store.
+static ggml_tensor * loopserve_sel_view(ggml_context * ctx, ggml_tensor * store, int64_t n1, int64_t n_head_kv) {
+    return ggml_view_3d(ctx, store, n1, 2, n_head_kv, n1 * sizeof(int32_t), 2 * n1 * sizeof(int32_t), 0);
+}
+
+ggml_tensor * llama_loopserve_prefill_attn(const llm_graph_context & g,
+                                           ggml_tensor *             q,
+                                           ggml_tensor *             k,
+                                           ggml_tensor *             v,
+                                           ggml_tensor *             kq_b,
+                                           ggml_tensor *             kq_mask,
+                                           ggml_tensor *             sinks,
+                                           ggml_tensor *             v_mla,
+                                           ggml_tensor *             q_cells,
+                                           float                     kq_scale,
+                                           int                       il) {
+    const auto & cfg = g.loopserve_prefill;
+    const auto & hp  = g.hparams;
+    const auto & cp  = g.cparams;
+    if (!cfg.enabled || q_cells == nullptr || hp.is_swa(il) || kq_b || v_mla || sinks || hp.f_max_alibi_bias != 0.0f ||
+        g.arch == LLM_ARCH_GROK || !cp.causal_attn || cp.training) {
+        return nullptr;
+    }
+    // q [dk, n_tokens, n_head, n_stream], k/v [d, n_kv, n_head_kv, n_stream] (permuted views)
+    const int64_t n_tokens = q->ne[1];
+    if (q->ne[3] != 1 || k->ne[3] != 1 || n_tokens < std::max(cfg.n_min_tokens, 2) || q_cells->ne[0] != n_tokens ||
+        (kq_mask && (kq_mask->ne[2] != 1 || kq_mask->ne[3] != 1))) {
+        return nullptr;
+    }
+
+    ggml_context * ctx0      = g.ctx0;
+    const int64_t  n_head    = q->ne[2];
+    const int64_t  n_head_kv = k->ne[2];
+    const int      cell_mod  = (int) cp.n_ctx_seq;
+    const float    softcap   = hp.attn_soft_cap ? hp.f_attn_logit_softcapping : 0.0f;
+
+    const int64_t n_kv  = k->ne[1];
+    ggml_tensor * store = cfg.reuse > 1 ? loopserve_sel_store(cfg.st, k, n_head_kv, il) : nullptr;
+    ggml_tensor * sel   = nullptr;
+    if (cfg.sel_reuse && store != nullptr && cfg.sel_n_kv <= n_kv) {
+        // the previous ubatch's selection: its columns are cells every row here sees, its
+        // offsets apply to these rows as to that ubatch's. Copied out (a few MiB at 128K
+        // cells) so that the profile has a node that marks where this layer's sparse work begins
+        sel = ggml_cont(ctx0, loopserve_sel_view(ctx0, store, cfg.sel_n_kv + 1, n_head_kv));
+        ggml_format_name(sel, "loopserve_q_last-%d", il);
+        cfg.st->sel_by_graph[g.res] = { cfg.sel_n_kv, true };
+    } else {
+        sel = loopserve_estimate_select(g, q, k, kq_mask, q_cells, kq_scale, softcap, cell_mod, il);
+        if (store != nullptr) {
+            ggml_build_forward_expand(g.gf, ggml_cpy(ctx0, sel, loopserve_sel_view(ctx0, store, n_kv + 1, n_head_kv)));
+            cfg.st->sel_by_graph[g.res] = { n_kv, false };
+        }
+    }
+    if (cfg.cell_causal) {
+        kq_mask = nullptr;  // as the estimation did: no layer reads it (below: the op without it)
+    }
 
     // 2. attention over the selection; unless configured, a block's rows times the group's
     //    query heads fill one 64-row tile of the CUDA kernel (a diagonal costs ~block_q keys)
@@ -208,6 +293,8 @@ void llama_loopserve_prefill_ubatch_begin(llama_context & lctx) {
     }
 }
 
+static void loopserve_prefill_fold_rows(llama_context & lctx);
+
 void llama_loopserve_prefill_ubatch_end(llama_context &          lctx,
                                         const llama_ubatch &     ubatch,
                                         const llm_graph_result * res,
@@ -222,7 +309,20 @@ void llama_loopserve_prefill_ubatch_end(llama_context &          lctx,
         if (st->cfg.enabled && ubatch.n_tokens > 1) {
             st->n_ubatch_stock++;
         }
+        st->sel_age = 0;
         return;
+    }
+    // the stored selection: made by this ubatch (the next ones of its input may reuse it) or
+    // reused by it
+    const auto su = st->sel_by_graph.find(res);
+    if (st->cfg.reuse > 1 && su != st->sel_by_graph.end() && ubatch.n_seqs_unq == 1) {
+        st->n_ubatch_reused += su->second.reused;
+        st->sel_age      = su->second.reused ? st->sel_age + 1 : 1;
+        st->sel_n_kv     = su->second.n_kv;
+        st->sel_seq      = ubatch.seq_id[0][0];
+        st->sel_pos_next = ubatch.pos[ubatch.n_tokens - 1] + 1;
+    } else {
+        st->sel_age = 0;
     }
     // The statistics rows go to pinned memory asynchronously and are added up at the end of
     // the decode call: a sync here would keep the host from preparing the next ubatch (its
@@ -239,7 +339,7 @@ void llama_loopserve_prefill_ubatch_end(llama_context &          lctx,
         need += t ? ggml_nbytes(t) : 0;
     }
     if (st->pinned == nullptr || st->pinned_used + need > ggml_backend_buffer_get_size(st->pinned)) {
-        llama_loopserve_prefill_fold(lctx);
+        loopserve_prefill_fold_rows(lctx);
         if (st->pinned == nullptr || need > ggml_backend_buffer_get_size(st->pinned)) {
             ggml_backend_buffer_free(st->pinned);
             ggml_tensor * t0 = nullptr;
@@ -267,7 +367,8 @@ void llama_loopserve_prefill_ubatch_end(llama_context &          lctx,
     st->n_layer = std::max(st->n_layer, ts.size());
 }
 
-void llama_loopserve_prefill_fold(llama_context & lctx) {
+// the statistics rows so far (also in the middle of a decode call, when the pinned buffer is full)
+static void loopserve_prefill_fold_rows(llama_context & lctx) {
     auto * st = lctx.loopserve_prefill.get();
     if (st == nullptr || (st->pending.empty() && st->t_first_us == 0)) {
         return;
@@ -293,8 +394,25 @@ void llama_loopserve_prefill_fold(llama_context & lctx) {
     }
 }
 
+void llama_loopserve_prefill_fold(llama_context & lctx) {
+    auto * st = lctx.loopserve_prefill.get();
+    if (st == nullptr) {
+        return;
+    }
+    loopserve_prefill_fold_rows(lctx);
+    // a selection serves the ubatches of one decode call only: before the next, the cache
+    // may have been cut or rewritten
+    st->sel_age = 0;
+}
+
 llama_loopserve_prefill_state::~llama_loopserve_prefill_state() {
     ggml_backend_buffer_free(pinned);
+    for (auto * b : sel_bufs) {
+        ggml_backend_buffer_free(b);
+    }
+    if (sel_ctx != nullptr) {
+        ggml_free(sel_ctx);
+    }
 }
 
 //
@@ -314,6 +432,7 @@ struct llama_loopserve_prefill_params llama_loopserve_prefill_default_params(voi
     p.n_local        = c.n_local;
     p.n_min_tokens   = c.n_min_tokens;
     p.block_q        = c.block_q;
+    p.reuse          = c.reuse;
     return p;
 }
 
@@ -332,7 +451,7 @@ int32_t llama_loopserve_prefill_set(llama_context * ctx, const llama_loopserve_p
     }
     const auto & p = *params;
     if (!(p.alpha > 0.0f && p.alpha <= 1.0f) || p.last_q < 1 || p.block_q < 0 || p.n_sink < 0 || p.n_local < 0 ||
-        p.n_min_vertical < 0 || p.n_min_slash < 0 || p.n_min_tokens < 0) {
+        p.n_min_vertical < 0 || p.n_min_slash < 0 || p.n_min_tokens < 0 || p.reuse < 1) {
         LLAMA_LOG_ERROR("%s: invalid sparse prefill parameters\n", __func__);
         return -1;
     }
@@ -368,6 +487,8 @@ int32_t llama_loopserve_prefill_set(llama_context * ctx, const llama_loopserve_p
     c.n_local                                = p.n_local;
     c.n_min_tokens                           = p.n_min_tokens;
     c.block_q                                = p.block_q;
+    c.reuse                                  = p.reuse;
+    st->sel_age                              = 0;
     if (!(c == before)) {
         ctx->loopserve_reserve_again();
     }
@@ -396,6 +517,7 @@ void llama_loopserve_prefill_stats_reset(llama_context * ctx) {
     st->n_ubatch_sparse      = 0;
     st->n_ubatch_stock       = 0;
     st->n_ubatch_cell_causal = 0;
+    st->n_ubatch_reused      = 0;
     st->n_tokens_sparse      = 0;
     st->t_sparse_us          = 0;
     st->t_estimate_us        = 0;
@@ -415,6 +537,7 @@ int32_t llama_loopserve_prefill_stats_get(llama_context * ctx, llama_loopserve_p
     out->n_ubatch_sparse      = st->n_ubatch_sparse;
     out->n_ubatch_stock       = st->n_ubatch_stock;
     out->n_ubatch_cell_causal = st->n_ubatch_cell_causal;
+    out->n_ubatch_reused      = st->n_ubatch_reused;
     out->n_tokens_sparse      = st->n_tokens_sparse;
     out->t_sparse_ms          = st->t_sparse_us / 1000.0;
     out->t_estimate_ms        = st->t_estimate_us / 1000.0;

@@ -8,10 +8,13 @@
 #include "llama.h"
 
 #include <cstdint>
+#include <map>
 #include <vector>
 
+struct ggml_context;
 struct ggml_tensor;
 struct llama_context;
+struct llama_loopserve_prefill_state;
 struct llama_ubatch;
 struct llm_graph_context;
 class llm_graph_result;
@@ -29,15 +32,23 @@ struct llama_loopserve_prefill_cfg {
     int32_t n_local      = 64;
     int32_t n_min_tokens = 1024;
     int32_t block_q      = 0;  // 0: by the GQA ratio (include/llama-loopserve.h)
+    int32_t reuse        = 1;  // a selection serves this many ubatches of one input (1: each estimates)
     // this ubatch: its sequence is alone in its cells in position order, so the sparse ops
     // can be causal in cells instead of reading the [n_kv, n_tokens] KQ mask (per ubatch)
     bool    cell_causal  = false;
+    // this ubatch: it attends over the selection the previous ubatch of its input estimated
+    // over sel_n_kv cells, stored per layer (reuse > 1), instead of estimating its own
+    bool    sel_reuse    = false;
+    int64_t sel_n_kv     = 0;
+    // where the graph finds the stored selections (not part of the graph's identity)
+    llama_loopserve_prefill_state * st = nullptr;
 
     bool operator==(const llama_loopserve_prefill_cfg & o) const {
         return enabled == o.enabled && alpha == o.alpha && last_q == o.last_q && n_min_v == o.n_min_v &&
                n_max_v == o.n_max_v && n_min_s == o.n_min_s && n_max_s == o.n_max_s && n_sink == o.n_sink &&
                n_local == o.n_local && n_min_tokens == o.n_min_tokens && block_q == o.block_q &&
-               cell_causal == o.cell_causal;
+               reuse == o.reuse && cell_causal == o.cell_causal && sel_reuse == o.sel_reuse &&
+               sel_n_kv == o.sel_n_kv;
     }
 
     bool operator!=(const llama_loopserve_prefill_cfg & o) const { return !(*this == o); }
@@ -53,6 +64,7 @@ struct llama_loopserve_prefill_state {
     int32_t             n_ubatch_sparse      = 0;
     int32_t             n_ubatch_stock       = 0;  // prompt ubatches (> 1 token) that kept the stock path
     int32_t             n_ubatch_cell_causal = 0;
+    int32_t             n_ubatch_reused      = 0;  // sparse ubatches that reused the previous selection
     int64_t             n_tokens_sparse      = 0;
     int64_t             t_sparse_us          = 0;  // wall time from a decode call's first sparse ubatch to its end
     int64_t             t_estimate_us        = 0;  // profile mode only
@@ -74,6 +86,25 @@ struct llama_loopserve_prefill_state {
     std::vector<pending_row> pending;
     size_t                   n_layer    = 0;
     int64_t                  t_first_us = 0;  // start of the first sparse ubatch not folded
+
+    // reuse > 1: each sparse layer's last selection ([n_kv + 1, 2, n_head_kv] I32, at most the
+    // cache's cells), in a buffer of the layer's device; what each graph did with it (a graph
+    // may be computed again for a later ubatch without being rebuilt); and the input it
+    // belongs to, so that only the next ubatch of the same sequence, in the same decode
+    // call, reuses it
+    struct sel_use {
+        int64_t n_kv;    // cells the selection was made over
+        bool    reused;  // the graph read it (else it estimated and stored it)
+    };
+
+    ggml_context *                             sel_ctx = nullptr;
+    std::vector<ggml_backend_buffer_t>         sel_bufs;
+    std::vector<ggml_tensor *>                 sel_store;  // per layer
+    std::map<const llm_graph_result *, sel_use> sel_by_graph;
+    int32_t                                    sel_age      = 0;  // ubatches since the estimate, 0: none
+    int64_t                                    sel_n_kv     = 0;
+    int32_t                                    sel_seq      = -1;
+    int32_t                                    sel_pos_next = -1;
 
     ~llama_loopserve_prefill_state();
 };

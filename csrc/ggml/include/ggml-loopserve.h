@@ -88,7 +88,8 @@ GGML_API struct ggml_tensor * ggml_loopserve_select(struct ggml_context * ctx,
 //          a sequence alone in its cells in position order, the causal mask without
 //          the [n_kv, n_tokens] tensor)
 // q_cells: [n_tokens] I64/I32
-// sel:     [n_kv + 1, 2, n_head_kv] I32 (ggml_loopserve_select or hand-built)
+// sel:     [n_sel + 1, 2, n_head_kv] I32 (ggml_loopserve_select or hand-built), n_sel <= n_kv: a
+//          selection made over the first n_sel cells (an earlier ubatch's) serves a longer cache
 // result:  [dv, n_head, n_tokens + 1] f32: rows 0..n_tokens-1 in the layout of
 //          ggml_flash_attn_ext; row n_tokens holds statistics: [0, h] = (row, key) pairs
 //          computed for query head h with key cell <= the row's cell, [1, h] = the sum of

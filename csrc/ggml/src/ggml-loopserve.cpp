@@ -106,8 +106,9 @@ ggml_tensor * ggml_loopserve_sparse_attn(ggml_context * ctx,
     GGML_ASSERT(mask == nullptr || ((mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) &&
                                     mask->ne[0] == n_kv && mask->ne[1] >= q->ne[1]));
     GGML_ASSERT(is_index(q_cells) && ggml_is_contiguous(q_cells) && q_cells->ne[0] == q->ne[1]);
-    GGML_ASSERT(sel->type == GGML_TYPE_I32 && ggml_is_contiguous(sel) && sel->ne[0] == n_kv + 1 && sel->ne[1] == 2 &&
-                sel->ne[2] == k->ne[2]);
+    // a selection made for fewer cells (an earlier ubatch's, reused) names no cell >= n_kv
+    GGML_ASSERT(sel->type == GGML_TYPE_I32 && ggml_is_contiguous(sel) && sel->ne[0] >= 1 && sel->ne[0] <= n_kv + 1 &&
+                sel->ne[1] == 2 && sel->ne[2] == k->ne[2]);
     GGML_ASSERT(block_q > 0 && cell_mod > 0);
     ggml_tensor * t     = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, v->ne[0], q->ne[2], q->ne[1] + 1);
     const int32_t prm[] = { f2i(scale), f2i(logit_softcap), block_q, cell_mod };
