@@ -307,12 +307,19 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
         assert runs[-1].unavailable() == "sparse prefill not implemented"
     assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-defer",
                             "snapkv-head", "h2o-head", "loopserve-head", "loopserve-defer-head",
-                            "loopserve-prefill", "loopserve-both", "streaming-chunked", "snapkv-chunked",
+                            "loopserve-prefill", "loopserve-prefill-r4", "loopserve-both", "streaming-chunked",
+                            "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
                             "loopserve-d32", "loopserve-d32-head"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
     # the default configuration is loopserve-d32
     assert Run(METHODS["loopserve-d32"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
+    # a stored selection serves the ubatches of one decode call: the input goes in one batch
+    r4 = Run(METHODS["loopserve-prefill-r4"], None, 0.95)
+    assert r4.config().prefill_reuse == 4 and r4.config().sparse_prefill
+    from loopserve_edge.bench.harness import BenchSpec, llama_kwargs
+    kw4, kw1 = (llama_kwargs(BenchSpec(model="m.gguf"), r, 8192) for r in (r4, Run(METHODS["loopserve-prefill"], None, 0.95)))
+    assert (kw4["n_batch"], kw4["n_ubatch"], kw1["n_batch"], kw1["n_ubatch"]) == (8192, 2048, 2048, 2048)
     assert Run(METHODS["loopserve-d32-head"], 256).config().granularity == "head"
     assert Run(METHODS["loopserve"], 256).config().defer_cut == 0
     head = Run(METHODS["loopserve-defer-head"], 256).config()

@@ -297,12 +297,16 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
     benchmarks do), or of 2048 with sparse prefill: its path runs only on ubatches of at
     least `sparse_min_tokens` (Llama's own default with it on). Head-wise cuts need flash
     attention (V not transposed): their runs have it whatever the spec says. A budgeted-prefill
-    method (Method.pool) gets a context of `pool` times its budget instead of the dialogue's."""
-    head_wise = dict(run.method.options).get("granularity") == "head"
+    method (Method.pool) gets a context of `pool` times its budget instead of the dialogue's.
+    With `prefill_reuse` an input goes in one batch (its ubatches the same 2048), as a stored
+    selection serves only the ubatches of one decode call."""
+    options = dict(run.method.options)
+    head_wise = options.get("granularity") == "head"
     if run.method.pool and run.budget:
         n_ctx = min(n_ctx, run.method.pool * run.budget)
     return dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
-                flash_attn=spec.flash_attn or head_wise, n_batch=2048,
+                flash_attn=spec.flash_attn or head_wise,
+                n_batch=max(2048, n_ctx) if options.get("prefill_reuse", 1) > 1 else 2048,
                 n_ubatch=2048 if run.method.sparse_prefill else 512)
 
 

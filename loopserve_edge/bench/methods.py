@@ -72,6 +72,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("loopserve-defer-head-chunked", "loopserve", describe="loopserve-defer-head, n_ctx 2x the budget",
            pool=2, options=(("defer_cut", 4), ("granularity", "head"))),
     Method("loopserve-prefill", "full", True, "LoopServe sparse prefill only"),
+    # issue 18: the estimation on one ubatch in 4 (the whole input in one decode call)
+    Method("loopserve-prefill-r4", "full", True, "loopserve-prefill, a selection serving 4 ubatches "
+           "(prefill_reuse=4)", options=(("prefill_reuse", 4),)),
     Method("loopserve-both", "loopserve", True, "LoopServe sparse prefill and progressive decode compression"),
 )}
 
