@@ -54,7 +54,7 @@ llama_loopserve_prefill_cfg llama_loopserve_prefill_graph_cfg(const llama_contex
         // the next ubatch of the input whose selection is stored, within the same decode call
         // (llama_loopserve_prefill_fold clears the age at its end: between calls the cache
         // may change)
-        const auto * st = lctx.loopserve_prefill.get();
+        const auto * st   = lctx.loopserve_prefill.get();
         if (cfg.reuse > 1 && st->sel_age > 0 && st->sel_age < cfg.reuse && ubatch.n_seqs_unq == 1 &&
             ubatch.seq_id[0][0] == st->sel_seq && ubatch.pos[0] == st->sel_pos_next) {
             cfg.sel_reuse = true;
@@ -82,9 +82,9 @@ static ggml_tensor * loopserve_estimate_select(const llm_graph_context & g,
     const int64_t  n_head    = q->ne[2];
     const int64_t  n_head_kv = k->ne[2];
     // 1. estimation rows: the last n_est queries against every cell
-    const int64_t n_est = std::min<int64_t>(std::max(cfg.last_q, 1), n_tokens);
-    const int64_t row0  = n_tokens - n_est;
-    ggml_tensor * qw =
+    const int64_t  n_est     = std::min<int64_t>(std::max(cfg.last_q, 1), n_tokens);
+    const int64_t  row0      = n_tokens - n_est;
+    ggml_tensor *  qw =
         ggml_cont(ctx0, ggml_view_3d(ctx0, q, q->ne[0], n_est, n_head, q->nb[1], q->nb[2], row0 * q->nb[1]));
     ggml_format_name(qw, "loopserve_q_last-%d", il);
 
@@ -128,8 +128,10 @@ static ggml_tensor * loopserve_estimate_select(const llm_graph_context & g,
 
 // The layer's stored selection (reuse > 1), made on first use in a buffer of the device that
 // holds the layer's K: room for the cache's cells (k's view source), I32.
-static ggml_tensor * loopserve_sel_store(llama_loopserve_prefill_state * st, const ggml_tensor * k, int64_t n_head_kv,
-                                         int il) {
+static ggml_tensor * loopserve_sel_store(llama_loopserve_prefill_state * st,
+                                         const ggml_tensor *             k,
+                                         int64_t                         n_head_kv,
+                                         int                             il) {
     const ggml_tensor *         src = k->view_src ? k->view_src : k;
     const ggml_backend_buffer_t buf = src->buffer;
     if (st == nullptr || buf == nullptr || il < 0) {

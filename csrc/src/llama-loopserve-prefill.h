@@ -40,15 +40,15 @@ struct llama_loopserve_prefill_cfg {
     // over sel_n_kv cells, stored per layer (reuse > 1), instead of estimating its own
     bool    sel_reuse    = false;
     int64_t sel_n_kv     = 0;
+
     // where the graph finds the stored selections (not part of the graph's identity)
     llama_loopserve_prefill_state * st = nullptr;
 
     bool operator==(const llama_loopserve_prefill_cfg & o) const {
         return enabled == o.enabled && alpha == o.alpha && last_q == o.last_q && n_min_v == o.n_min_v &&
                n_max_v == o.n_max_v && n_min_s == o.n_min_s && n_max_s == o.n_max_s && n_sink == o.n_sink &&
-               n_local == o.n_local && n_min_tokens == o.n_min_tokens && block_q == o.block_q &&
-               reuse == o.reuse && cell_causal == o.cell_causal && sel_reuse == o.sel_reuse &&
-               sel_n_kv == o.sel_n_kv;
+               n_local == o.n_local && n_min_tokens == o.n_min_tokens && block_q == o.block_q && reuse == o.reuse &&
+               cell_causal == o.cell_causal && sel_reuse == o.sel_reuse && sel_n_kv == o.sel_n_kv;
     }
 
     bool operator!=(const llama_loopserve_prefill_cfg & o) const { return !(*this == o); }
@@ -97,14 +97,14 @@ struct llama_loopserve_prefill_state {
         bool    reused;  // the graph read it (else it estimated and stored it)
     };
 
-    ggml_context *                             sel_ctx = nullptr;
-    std::vector<ggml_backend_buffer_t>         sel_bufs;
-    std::vector<ggml_tensor *>                 sel_store;  // per layer
+    ggml_context *                              sel_ctx = nullptr;
+    std::vector<ggml_backend_buffer_t>          sel_bufs;
+    std::vector<ggml_tensor *>                  sel_store;         // per layer
     std::map<const llm_graph_result *, sel_use> sel_by_graph;
-    int32_t                                    sel_age      = 0;  // ubatches since the estimate, 0: none
-    int64_t                                    sel_n_kv     = 0;
-    int32_t                                    sel_seq      = -1;
-    int32_t                                    sel_pos_next = -1;
+    int32_t                                     sel_age      = 0;  // ubatches since the estimate, 0: none
+    int64_t                                     sel_n_kv     = 0;
+    int32_t                                     sel_seq      = -1;
+    int32_t                                     sel_pos_next = -1;
 
     ~llama_loopserve_prefill_state();
 };
