@@ -16,7 +16,7 @@
 #                   only the capped selection; --profile times estimation, selection, attention
 #                   and the rest apart)
 #   build-stock   - llama-cpp-python from the same archive without our patches, into /tmp/stock-site
-#                   (STOCK_JOBS (8) compile jobs: it can run beside build, in the background)
+#                   (STOCK_JOBS (16) compile jobs; after build: side by side both take twice as long)
 #   overhead      - benchmarks/overhead.py on the GPU: features off vs. the unpatched build (build-stock),
 #                   random weights at OVERHEAD_SHAPE (1b), OVERHEAD_TOKENS (8192) prefilled,
 #                   OVERHEAD_DECODE (256) steps, OVERHEAD_REPEATS (5)
@@ -218,9 +218,10 @@ for step in "$@"; do
       done ;;
     build-stock)
       # llama-cpp-python from the same archive without our patches, same options, into
-      # /tmp/stock-site: the baseline of the overhead step (both builds side by side: -j8 each)
+      # /tmp/stock-site: the baseline of the overhead step. After build, not beside it: side by
+      # side (session 13) the two took ~10 minutes where one takes 4.5
       python3 scripts/build_runtime.py --source .carry/slim.tar.gz --cuda on --cuda-arch 90a \
-          --unpatched /tmp/stock-site --jobs "${STOCK_JOBS:-8}" ;;
+          --unpatched /tmp/stock-site --jobs "${STOCK_JOBS:-16}" ;;
     overhead)
       # the patched runtime with LoopServe's features off against the unpatched build
       # (build-stock), every layer on the GPU, random weights at OVERHEAD_SHAPE (1b): speed only
