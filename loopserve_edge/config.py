@@ -47,8 +47,10 @@ class LoopServeConfig:
     # the selection estimated on one ubatch of an input also serves its next
     # `prefill_reuse - 1` ubatches (their own new keys through the diagonals and the local
     # window), so the estimation, whose cost grows with the cache, runs on one ubatch in
-    # `prefill_reuse` (issue 18: it is ~a quarter of the sparse path's time at 128K). Only
-    # within one decode call: n_batch must hold several ubatches. 1: each ubatch estimates.
+    # `prefill_reuse` (at 128K on an H100 it was 0.42 of the 1B shape's 2.28 s). Only within
+    # one decode call: n_batch must hold several ubatches. 1 (the default): each ubatch
+    # estimates; 4 lost 7.9 points of full's greedy tokens on the dev split at 8K
+    # (benchmarks/results/reuse-dev-cpu/).
     prefill_reuse: int = 1
 
     # Phase 2, progressive KV compression in decoding (eviction.py says what each policy
