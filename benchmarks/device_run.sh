@@ -69,7 +69,8 @@
 # A whole lease in the background (the box is given back 30 s after a call ends, and work
 # left between calls was lost twice that way; session 13 also lost a call to a poll loop):
 #   bg STEP...      run the steps one after the other in the background, each one's output in
-#                   /tmp/bg/out/N-STEP.log (OUT=/tmp/bg/out for them), their start and exit status
+#                   /tmp/bg/out/N-STEP.log (STEP with characters other than A-Za-z0-9._- as _: the
+#                   device tool brings back no other names; OUT=/tmp/bg/out), their start and exit status
 #                   in /tmp/bg/steps; the call returns at once
 #   wait-parts=N    (a step for bg) wait until N Gemma parts are whole in /tmp/carried, put there
 #                   by the calls that carry them (`stash` alone: no wheels, so it cannot meet a
@@ -100,7 +101,7 @@ if [ "${1:-}" = bg ]; then
     i=0
     for step in "$@"; do
       i=$((i + 1))
-      name=$i-$(printf %s "$step" | tr -c "A-Za-z0-9._=-" _ | cut -c1-60)
+      name=$i-$(printf %s "$step" | tr -c "A-Za-z0-9._-" _ | cut -c1-60)
       echo "$(date +%T) start $step" >> /tmp/bg/steps
       OUT=/tmp/bg/out bash benchmarks/device_run.sh "$step" > "/tmp/bg/out/$name.log" 2>&1
       rc=$?

@@ -34,8 +34,8 @@ def test_bg_runs_steps_and_bg_wait_brings_their_output_back(tmp_path, monkeypatc
         assert steps[3].startswith("rc=") and steps[3] != "rc=0 no-such-step"
         assert steps[4:] == ["start wait-parts=0", "rc=0 wait-parts=0", "done"]
         # each step's output came back under its name
-        assert (tmp_path / "1-wait-parts=0.log").read_text().strip() != ""
-        assert (tmp_path / "3-wait-parts=0.log").exists()
+        assert (tmp_path / "1-wait-parts_0.log").read_text().strip() != ""
+        assert (tmp_path / "3-wait-parts_0.log").exists()
     finally:
         subprocess.run(["rm", "-rf", "/tmp/bg"])
 

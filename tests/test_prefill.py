@@ -394,7 +394,10 @@ def test_reused_selection_with_every_line_matches_stock(flat_model, make_llm):
     want, _ = prefill(make_llm(flat_model, **kw), toks)
     got, st = prefill(make_llm(flat_model, loopserve=replace(ALL_LINES, prefill_reuse=2), **kw), toks)
     assert st["n_ubatch_sparse"] == 4 and st["n_ubatch_reused"] == 2
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # 1.4e-5 apart on the CPU build; 3.2e-4 on the CUDA build, whose batched matmuls run on
+    # the GPU even with no layer there. Selections one diagonal cap short of every key
+    # (density 0.993) are 1e-2 apart.
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
 def test_reuse_counts_and_stays_within_one_decode_call(model, make_llm):
