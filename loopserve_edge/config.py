@@ -49,8 +49,10 @@ class LoopServeConfig:
     # window), so the estimation, whose cost grows with the cache, runs on one ubatch in
     # `prefill_reuse` (at 128K on an H100 it was 0.42 of the 1B shape's 2.28 s). Only within
     # one decode call: n_batch must hold several ubatches. 1 (the default): each ubatch
-    # estimates; 4 lost 7.9 points of full's greedy tokens on the dev split at 8K
-    # (benchmarks/results/reuse-dev-cpu/).
+    # estimates; 4 and 2 lost 7.9 and 5.5 points of full's greedy tokens on the dev split at
+    # 8K (benchmarks/results/ubatch-dev-cpu/), though 4 made the 8B shape's prefill at 128K
+    # 4.11x stock instead of 3.46x on the GPU. A larger n_ubatch estimates less often and
+    # kept the fidelity there.
     prefill_reuse: int = 1
 
     # Phase 2, progressive KV compression in decoding (eviction.py says what each policy

@@ -307,7 +307,8 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
         assert runs[-1].unavailable() == "sparse prefill not implemented"
     assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-defer",
                             "snapkv-head", "h2o-head", "loopserve-head", "loopserve-defer-head",
-                            "loopserve-prefill", "loopserve-prefill-r4", "loopserve-both", "streaming-chunked",
+                            "loopserve-prefill", "loopserve-prefill-r4", "loopserve-prefill-r2",
+                            "loopserve-prefill-u4096", "loopserve-prefill-q32", "loopserve-both", "streaming-chunked",
                             "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
                             "loopserve-d32", "loopserve-d32-head"}
@@ -320,6 +321,10 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     from loopserve_edge.bench.harness import BenchSpec, llama_kwargs
     kw4, kw1 = (llama_kwargs(BenchSpec(model="m.gguf"), r, 8192) for r in (r4, Run(METHODS["loopserve-prefill"], None, 0.95)))
     assert (kw4["n_batch"], kw4["n_ubatch"], kw1["n_batch"], kw1["n_ubatch"]) == (8192, 2048, 2048, 2048)
+    u = llama_kwargs(BenchSpec(model="m.gguf"), Run(METHODS["loopserve-prefill-u4096"], None, 0.95), 8192)
+    assert (u["n_batch"], u["n_ubatch"]) == (4096, 4096)
+    assert Run(METHODS["loopserve-prefill-r2"], None, 0.95).config().prefill_reuse == 2
+    assert Run(METHODS["loopserve-prefill-q32"], None, 0.95).config().last_q == 32
     assert Run(METHODS["loopserve-d32-head"], 256).config().granularity == "head"
     assert Run(METHODS["loopserve"], 256).config().defer_cut == 0
     head = Run(METHODS["loopserve-defer-head"], 256).config()

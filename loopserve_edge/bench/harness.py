@@ -299,15 +299,16 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
     attention (V not transposed): their runs have it whatever the spec says. A budgeted-prefill
     method (Method.pool) gets a context of `pool` times its budget instead of the dialogue's.
     With `prefill_reuse` an input goes in one batch (its ubatches the same 2048), as a stored
-    selection serves only the ubatches of one decode call."""
+    selection serves only the ubatches of one decode call. A method's own `ubatch` replaces the
+    2048 (and the batch holds one)."""
     options = dict(run.method.options)
     head_wise = options.get("granularity") == "head"
     if run.method.pool and run.budget:
         n_ctx = min(n_ctx, run.method.pool * run.budget)
+    ubatch = (run.method.ubatch or 2048) if run.method.sparse_prefill else 512
+    n_batch = max(2048, n_ctx) if options.get("prefill_reuse", 1) > 1 else max(2048, ubatch)
     return dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
-                flash_attn=spec.flash_attn or head_wise,
-                n_batch=max(2048, n_ctx) if options.get("prefill_reuse", 1) > 1 else 2048,
-                n_ubatch=2048 if run.method.sparse_prefill else 512)
+                flash_attn=spec.flash_attn or head_wise, n_batch=n_batch, n_ubatch=ubatch)
 
 
 def resolve_format(requested: str, metadata: dict) -> str:
