@@ -20,6 +20,8 @@
 #   overhead      - benchmarks/overhead.py on the GPU: features off vs. the unpatched build (build-stock),
 #                   random weights at OVERHEAD_SHAPE (1b), OVERHEAD_TOKENS (8192) prefilled,
 #                   OVERHEAD_DECODE (256) steps, OVERHEAD_REPEATS (5)
+#   cut-select - benchmarks/cut_select.py: a head-wise cut's selection with numpy and with the
+#            image's cupy, 135M/1B/8B shapes' rows at 2176-131072 cells (CUT_CELLS)
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
 #            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
 #            n_ctx MEM_POOL 10240), f16 and q8_0 KV (stock: f16), peak GPU memory (8B shape, MEM_SHAPE)
@@ -231,6 +233,8 @@ for step in "$@"; do
       python3 benchmarks/overhead.py --stock-path /tmp/stock-site --model /tmp/random-$shape.gguf --n-gpu-layers -1 \
           --flash-attn --tokens "${OVERHEAD_TOKENS:-8192}" --decode "${OVERHEAD_DECODE:-256}" --ubatch 2048 \
           --threads 8 --repeats "${OVERHEAD_REPEATS:-5}" ;;
+    cut-select)
+      python3 benchmarks/cut_select.py ${CUT_CELLS:+--cells $CUT_CELLS} ;;
     memory)
       shape=${MEM_SHAPE:-8b}
       # values do not matter to memory: the quick random weights (--fast)

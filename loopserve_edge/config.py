@@ -8,6 +8,7 @@ POLICIES = ("full", "streaming", "snapkv", "h2o", "loopserve")
 COMPACTIONS = ("auto", "always", "never")
 GRANULARITIES = ("cell", "head")
 AGGREGATIONS = ("mean", "max")
+CUPY_SELECT = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class LoopServeConfig:
     # `local_window` diagonals next to the main one are attended, with exact softmax.
     sparse_prefill: bool = False
     alpha: float = 0.95
+    # 32 was a little worse on the dev split at 8K (94.7% of full's greedy tokens against 95.3%)
+    # and saved 3% of the 8B shape's TTFT at 128K (benchmarks/results/ubatch-dev-cpu/)
     last_q: int = 64
     min_vertical: int = 16
     max_vertical: int | None = None
@@ -113,6 +116,11 @@ class LoopServeConfig:
     recent: int = 64        # last cells, always kept
     pooling: int = 7        # smoothing kernel over positions (1 = none)
     aggregate: str = "mean"  # over layers and KV heads: mean | max
+    # Where a head-wise cut chooses its cells: "auto" on a CUDA device through cupy (the
+    # optional extra `loopserve-edge[cuda]`) when it is installed and the scores are large
+    # (eviction.CUPY_MIN_SCORES), else with numpy; "on" with cupy at any size where it is
+    # installed; "off" always numpy. The host and the device choose the same cells.
+    cupy_select: str = "auto"
 
     def __post_init__(self) -> None:
         if self.interval is None:
@@ -129,6 +137,8 @@ class LoopServeConfig:
             raise ValueError(f"compact_positions must be one of {', '.join(COMPACTIONS)}")
         if self.aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}")
+        if self.cupy_select not in CUPY_SELECT:
+            raise ValueError(f"cupy_select must be one of {', '.join(CUPY_SELECT)}")
         if min(self.interval, self.window, self.prefill_window, self.pooling) < 1 or \
                 min(self.sink, self.recent, self.chunk_probe) < 0:
             raise ValueError("interval, window, prefill_window and pooling must be >= 1; "

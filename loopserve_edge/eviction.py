@@ -26,11 +26,13 @@ so a dialogue's positions stay within the trained range however long it grows.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from . import cupy_device
 from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError
 
@@ -38,19 +40,41 @@ if TYPE_CHECKING:
     from .context import Context
 
 SCORED = ("snapkv", "h2o", "loopserve")
+# scores of a head-wise cut from which cupy_select="auto" selects on the device (where cupy is
+# installed and sees one). On the H200 the device was faster at every size measured, from the
+# 135M shape's periodic cut (90 rows x 2176 cells: 3.5 against 6.4 ms) to the 8B shape's cut
+# after 128K (256 x 131072: 44 against 584 ms; benchmarks/results/cut-select.md); below about
+# this many the device's ~3 ms of copies and launches would cost what the host takes
+CUPY_MIN_SCORES = 1 << 17
+CUPY_BLOCK = 1 << 23  # scores per block on the device: a few hundred MB at most, beside the model's
 
 
-def pool(scores: np.ndarray, kernel: int) -> np.ndarray:
+def pool(scores, kernel: int, xp=np):
     """Average over a window of `kernel` neighbouring positions along the last axis (SnapKV's
     smoothing: a token next to an important one tends to matter too); rows of a 2D array each
-    as alone."""
+    as alone. Shifted sums rather than a running sum: numpy and cupy (xp) then round alike,
+    so the host and the device choose the same cells, ties included."""
     if kernel <= 1 or scores.size == 0:
         return scores
-    pad = kernel // 2
-    padded = np.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(pad + 1, pad)], mode="edge")
-    padded[..., 0] = 0.0  # the running sums start at 0
-    c = np.cumsum(padded, axis=-1)
-    return (c[..., kernel:] - c[..., :-kernel])[..., : scores.shape[-1]] / kernel
+    pad, n = kernel // 2, scores.shape[-1]
+    padded = xp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(pad, pad)], mode="edge")
+    out = padded[..., :n].copy()
+    for j in range(1, kernel):
+        out += padded[..., j:j + n]
+    out /= kernel
+    return out
+
+
+def top_per_row(s, k: int, xp=np):
+    """[rows, k] ascending indices of each row's k highest values of s [rows, n]; among
+    values tied at a row's k-th highest, the latest positions (recency breaks ties)."""
+    rows = s.shape[0]
+    t = -xp.partition(-s, k - 1, axis=1)[:, k - 1:k]
+    above, tied = s > t, s == t
+    need = k - above.sum(axis=1, keepdims=True)
+    from_end = xp.cumsum(tied[:, ::-1], axis=1)[:, ::-1]
+    keep = above | (tied & (from_end <= need))
+    return xp.nonzero(keep)[1].reshape(rows, k)
 
 
 def aggregate(rows: np.ndarray, how: str) -> np.ndarray:
@@ -77,30 +101,57 @@ def choose_keep(n: int, scores: np.ndarray | None, cfg: LoopServeConfig, budget:
             free = np.flatnonzero(~keep)
             keep[free[-left:]] = True
         else:
-            s = pool(np.asarray(scores, dtype=np.float64), cfg.pooling)
-            s[keep] = -np.inf
-            keep[np.argpartition(-s, left - 1)[:left]] = True
+            s = pool(np.array(scores, dtype=np.float64)[None], cfg.pooling)
+            s[:, keep] = -np.inf
+            keep[top_per_row(s, left)[0]] = True
     return keep
 
 
 def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.ndarray:
-    """choose_keep for each row of [n_heads, n_cells] scores (a head-wise cut of the 1B shape
-    scores 128 rows of ~2.2K cells: one choose_keep per row took ~4.6 ms on a CI core, this
-    ~3 ms): [n_heads, budget] ascending cell indices, row for row the cells choose_keep keeps."""
+    """choose_keep for each row of [n_heads, n_cells] scores: [n_heads, budget] ascending cell
+    indices, row for row the cells choose_keep keeps. On the device (cupy) where cfg.cupy_select
+    asks for it: "auto" from CUPY_MIN_SCORES scores on."""
     h, n = rows.shape
     lo, hi = min(cfg.sink, n), max(0, n - cfg.recent)
     left = budget - lo - (n - max(lo, hi))
     if n <= budget or left <= 0 or hi <= lo:
         return np.tile(np.flatnonzero(choose_keep(n, None, cfg, budget)), (h, 1))
-    if h > 8:  # blocks of 8 rows stay in cache: ~35% faster than all rows at once, here
-        return np.concatenate([choose_keep_rows(rows[i:i + 8], cfg, budget) for i in range(0, h, 8)])
-    s = pool(np.array(rows, dtype=np.float64), cfg.pooling)  # a copy either way: edited below
-    # the sink and recent cells are kept anyway; the rest chosen over whole rows, as
-    # choose_keep does (argpartition breaks ties by where they sit)
-    s[:, :lo] = -np.inf
-    s[:, hi:] = -np.inf
-    mid = np.sort(np.argpartition(-s, left - 1, axis=1)[:, :left], axis=1)
-    return np.concatenate([np.tile(np.arange(lo), (h, 1)), mid, np.tile(np.arange(hi, n), (h, 1))], axis=1)
+    want = cfg.cupy_select == "on" or (cfg.cupy_select == "auto" and rows.size >= CUPY_MIN_SCORES)
+    cp = cupy_device.module() if want else None
+    if cp is not None:
+        try:
+            step = max(1, CUPY_BLOCK // n)
+            return np.concatenate([cp.asnumpy(_keep_rows(cp.asarray(rows[i:i + step]), cfg.pooling, lo, hi, budget, cp))
+                                   for i in range(0, h, step)])
+        except cp.cuda.memory.OutOfMemoryError:
+            pass  # the host's way below
+        finally:
+            cupy_device.release()
+    # blocks of 8 rows stay in the host's cache: ~35% faster than all rows at once
+    return np.concatenate([_keep_rows(rows[i:i + 8], cfg.pooling, lo, hi, budget) for i in range(0, h, 8)])
+
+
+_warm = False
+
+
+def warm_device(cfg: LoopServeConfig) -> None:
+    """Once a process, where cupy is there: one small selection on the device, so that the
+    first cut does not pay for cupy's start (0.23 s on the H200 with its kernels cached on disk;
+    the first time on a machine it compiles them: 6 s; benchmarks/results/cut-select.md)."""
+    global _warm
+    if not _warm and cupy_device.module() is not None:
+        _warm = True
+        budget = cfg.sink + cfg.recent + 8  # room beside the sinks and the recent cells
+        choose_keep_rows(np.zeros((1, budget + 64), np.float32), dataclasses.replace(cfg, cupy_select="on"), budget)
+
+
+def _keep_rows(rows, kernel: int, lo: int, hi: int, budget: int, xp=np):
+    """The cells choose_keep_rows keeps of a block of rows, on xp's arrays: the sink and recent
+    cells (scored +inf here) and the best pooled scores between them."""
+    s = pool(rows.astype(xp.float64), kernel, xp)  # a copy either way: edited below
+    s[:, :lo] = np.inf
+    s[:, hi:] = np.inf
+    return top_per_row(s, budget, xp)
 
 
 class Tracked(Protocol):
@@ -129,6 +180,8 @@ class Evictor:
         # the dialogues whose post-prefill cut waits (defer_cut), by id: several may be
         # generating at once (a server decoding them in one batch)
         self.deferred: set[int] = set()
+        if self.scored and cfg.granularity == "head" and cfg.cupy_select != "off":
+            warm_device(cfg)
 
     # -- turn hooks ----------------------------------------------------------------------
 

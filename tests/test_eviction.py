@@ -1,8 +1,10 @@
 """Progressive KV compression: budgets hold, positions stay right, nothing else changes."""
+import types
+
 import numpy as np
 import pytest
 
-from loopserve_edge import LoopServeConfig
+from loopserve_edge import LoopServeConfig, eviction
 from loopserve_edge.eviction import aggregate, choose_keep, choose_keep_rows, pool
 
 GREEDY = dict(temperature=0)
@@ -43,6 +45,96 @@ def test_head_rows_keep_what_choose_keep_keeps_row_by_row(pooling, n, budget):
     got = choose_keep_rows(rows, c, budget)
     want = np.stack([np.flatnonzero(choose_keep(n, r.astype(np.float64), c, budget)) for r in rows])
     assert got.shape == (21, min(n, budget))
+    np.testing.assert_array_equal(got, want)
+
+
+def _tied_rows(h, n, seed):
+    rng = np.random.default_rng(seed)
+    rows = rng.random((h, n)).astype(np.float32)
+    rows[:, ::3] = 0.5    # ties
+    rows[1] = 0.0         # a row with nothing scored
+    rows[2, 40:] = 0.25   # a long run of equal scores: ties at the threshold
+    return rows
+
+
+class _NumpyAsDevice:
+    """cupy's calls that choose_keep_rows makes, done by numpy: the device path's blocks and
+    dispatch, on a machine without a GPU."""
+    float64 = np.float64
+    pad, partition = staticmethod(np.pad), staticmethod(np.partition)
+    cumsum, nonzero = staticmethod(np.cumsum), staticmethod(np.nonzero)
+    cuda = types.SimpleNamespace(memory=types.SimpleNamespace(OutOfMemoryError=MemoryError))
+
+    def __init__(self, fail=False):
+        self.blocks, self.fail = [], fail
+
+    def asarray(self, a):
+        if self.fail:
+            raise MemoryError("out of device memory")
+        self.blocks.append(a.shape)
+        return np.array(a)
+
+    asnumpy = staticmethod(np.asarray)
+
+
+@pytest.mark.parametrize("mode,size_min,device_used", [("on", 1 << 30, True), ("auto", 1, True),
+                                                       ("auto", 1 << 30, False), ("off", 1, False)])
+def test_the_device_path_runs_where_asked_in_blocks_and_keeps_the_same_cells(monkeypatch, mode, size_min,
+                                                                          device_used):
+    rows = _tied_rows(21, 300, 0)
+    c = cfg("loopserve", budget=100, pooling=7, cupy_select=mode)
+    want = choose_keep_rows(rows, cfg("loopserve", budget=100, pooling=7, cupy_select="off"), 100)
+    dev = _NumpyAsDevice()
+    monkeypatch.setattr(eviction.cupy_device, "module", lambda: dev)
+    monkeypatch.setattr(eviction, "CUPY_MIN_SCORES", size_min)
+    monkeypatch.setattr(eviction, "CUPY_BLOCK", 5 * 300)  # blocks of 5 rows: 21 rows in 5 blocks
+    got = choose_keep_rows(rows, c, 100)
+    np.testing.assert_array_equal(got, want)
+    assert dev.blocks == ([(5, 300)] * 4 + [(1, 300)] if device_used else [])
+
+
+def test_a_device_out_of_memory_falls_back_to_the_host(monkeypatch):
+    rows = _tied_rows(9, 200, 1)
+    c = cfg("loopserve", budget=64, cupy_select="on")
+    released = []
+    monkeypatch.setattr(eviction.cupy_device, "module", lambda: _NumpyAsDevice(fail=True))
+    monkeypatch.setattr(eviction.cupy_device, "release", lambda: released.append(1))
+    got = choose_keep_rows(rows, c, 64)
+    np.testing.assert_array_equal(got, choose_keep_rows(rows, cfg("loopserve", budget=64, cupy_select="off"), 64))
+    assert released == [1]
+
+
+@pytest.mark.parametrize("granularity,mode,policy,warmed", [("head", "auto", "loopserve", True),
+                                                          ("head", "off", "loopserve", False),
+                                                          ("cell", "auto", "loopserve", False),
+                                                          ("head", "auto", "streaming", False)])
+def test_a_head_wise_evictor_warms_the_device_once(monkeypatch, granularity, mode, policy, warmed):
+    """cupy's start (and, once a machine, its kernels' compilation) is paid when the Llama is
+    made, not by the first cut."""
+    dev = _NumpyAsDevice()
+    monkeypatch.setattr(eviction.cupy_device, "module", lambda: dev)
+    monkeypatch.setattr(eviction, "_warm", False)
+    c = cfg(policy, budget=64, granularity=granularity, cupy_select=mode)
+    eviction.Evictor(None, c)
+    eviction.Evictor(None, c)
+    assert len(dev.blocks) == (1 if warmed else 0)
+
+
+def test_ties_at_the_threshold_go_to_the_latest_cells():
+    c = cfg("loopserve", budget=24, pooling=1)
+    scores = np.full(100, 0.5)
+    scores[[30, 31]] = 2.0
+    keep = choose_keep(100, scores, c, budget=24)
+    # 4 sinks, 16 recent, the two best, then the two latest of the tied ones
+    assert np.flatnonzero(keep[4:84]).tolist() == [26, 27, 78, 79]
+
+
+@pytest.mark.skipif(eviction.cupy_device.module() is None, reason="needs cupy and a CUDA device")
+@pytest.mark.parametrize("h,n,budget", [(21, 300, 100), (64, 5000, 1024), (256, 33000, 2048)])
+def test_cupy_chooses_the_cells_numpy_chooses(h, n, budget):
+    rows = _tied_rows(h, n, h + n)
+    got = choose_keep_rows(rows, cfg("loopserve", budget=budget, cupy_select="on"), budget)
+    want = choose_keep_rows(rows, cfg("loopserve", budget=budget, cupy_select="off"), budget)
     np.testing.assert_array_equal(got, want)
 
 
