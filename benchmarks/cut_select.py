@@ -9,8 +9,9 @@ loopserve_edge.random_gguf's shapes) and dialogue length: random scores of that 
 float32 scores to the host's kept indices (the copies to and from the device included), the
 median of --repeats after one untimed call of each (the device's first call in the process is
 printed apart: cupy compiles its kernels then, or reads them from its cache). The two must keep
-the same cells, ties included (the scores are rounded to f16 so that many tie). 2176 cells is budget + interval, the periodic cut of a 2048 budget; the longer
-ones, the cut after a long prefill. Without cupy and a CUDA device, only the host's column.
+the same cells, ties included (the scores are rounded to f16 so that many tie). 2176 cells is
+budget + interval, the periodic cut of a 2048 budget; the longer ones, the cut after a long
+prefill. Without cupy and a CUDA device, only the host's column.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ visible: the array module that a head-wise cut's selection runs on when its scor
 the path everywhere else."""
 from __future__ import annotations
 
+import warnings
+
 _cupy = False  # not looked for yet
 
 
@@ -19,9 +21,17 @@ def module():
     return _cupy
 
 
-def release() -> None:
-    """Give the blocks cupy's pool keeps back to the device: llama.cpp's buffers need them
-    more than a cut that runs now and then."""
-    if _cupy:
-        _cupy.get_default_memory_pool().free_all_blocks()
-        _cupy.get_default_pinned_memory_pool().free_all_blocks()
+def disable(error: BaseException) -> None:
+    """cupy failed at something other than memory (a wheel without the CUDA libraries it needs
+    compiles no kernel, say): say so once, and let numpy do the work from now on."""
+    global _cupy
+    _cupy = None
+    warnings.warn(f"loopserve-edge: cupy failed ({type(error).__name__}: {error}); head-wise cuts "
+                  "choose their cells with numpy instead", RuntimeWarning, stacklevel=3)
+
+
+def release(cp) -> None:
+    """Give the blocks that cupy's pools keep back to the device and the host: llama.cpp's
+    buffers need them more than a cut that runs now and then."""
+    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_pinned_memory_pool().free_all_blocks()

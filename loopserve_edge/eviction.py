@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 SCORED = ("snapkv", "h2o", "loopserve")
 # scores of a head-wise cut from which cupy_select="auto" selects on the device (where cupy is
 # installed and sees one). On the H200 the device was faster at every size measured, from the
-# 135M shape's periodic cut (90 rows x 2176 cells: 3.5 against 6.4 ms) to the 8B shape's cut
-# after 128K (256 x 131072: 44 against 584 ms; benchmarks/results/cut-select.md); below about
-# this many the device's ~3 ms of copies and launches would cost what the host takes
+# 135M shape's periodic cut (90 rows x 2176 cells: 4.9 against 7.0 ms) to the 8B shape's cut
+# after 128K (256 x 131072: 68 against 773 ms; benchmarks/results/cut-select.md); below about
+# this many the device's few ms of copies and launches would cost what the host takes
 CUPY_MIN_SCORES = 1 << 17
 CUPY_BLOCK = 1 << 23  # scores per block on the device: a few hundred MB at most, beside the model's
 
@@ -124,9 +124,11 @@ def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.
             return np.concatenate([cp.asnumpy(_keep_rows(cp.asarray(rows[i:i + step]), cfg.pooling, lo, hi, budget, cp))
                                    for i in range(0, h, step)])
         except cp.cuda.memory.OutOfMemoryError:
-            pass  # the host's way below
+            pass  # this cut the host's way, below
+        except Exception as e:  # noqa: BLE001  (any other failure: never cupy again, said once)
+            cupy_device.disable(e)
         finally:
-            cupy_device.release()
+            cupy_device.release(cp)
     # blocks of 8 rows stay in the host's cache: ~35% faster than all rows at once
     return np.concatenate([_keep_rows(rows[i:i + 8], cfg.pooling, lo, hi, budget) for i in range(0, h, 8)])
 

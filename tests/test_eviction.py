@@ -65,12 +65,17 @@ class _NumpyAsDevice:
     cumsum, nonzero = staticmethod(np.cumsum), staticmethod(np.nonzero)
     cuda = types.SimpleNamespace(memory=types.SimpleNamespace(OutOfMemoryError=MemoryError))
 
-    def __init__(self, fail=False):
-        self.blocks, self.fail = [], fail
+    def __init__(self, fail=None):
+        self.blocks, self.fail, self.released = [], fail, 0
+        pool = types.SimpleNamespace(free_all_blocks=self._release)
+        self.get_default_memory_pool = self.get_default_pinned_memory_pool = lambda: pool
+
+    def _release(self):
+        self.released += 1
 
     def asarray(self, a):
-        if self.fail:
-            raise MemoryError("out of device memory")
+        if self.fail is not None:
+            raise self.fail
         self.blocks.append(a.shape)
         return np.array(a)
 
@@ -93,15 +98,25 @@ def test_the_device_path_runs_where_asked_in_blocks_and_keeps_the_same_cells(mon
     assert dev.blocks == ([(5, 300)] * 4 + [(1, 300)] if device_used else [])
 
 
-def test_a_device_out_of_memory_falls_back_to_the_host(monkeypatch):
+def test_a_device_out_of_memory_falls_back_to_the_host_for_that_cut(monkeypatch):
     rows = _tied_rows(9, 200, 1)
     c = cfg("loopserve", budget=64, cupy_select="on")
-    released = []
-    monkeypatch.setattr(eviction.cupy_device, "module", lambda: _NumpyAsDevice(fail=True))
-    monkeypatch.setattr(eviction.cupy_device, "release", lambda: released.append(1))
+    dev = _NumpyAsDevice(fail=MemoryError("out of device memory"))
+    monkeypatch.setattr(eviction.cupy_device, "_cupy", dev)
     got = choose_keep_rows(rows, c, 64)
     np.testing.assert_array_equal(got, choose_keep_rows(rows, cfg("loopserve", budget=64, cupy_select="off"), 64))
-    assert released == [1]
+    assert dev.released == 2  # the device's pool and the pinned one
+    assert eviction.cupy_device.module() is dev  # tried again at the next cut
+
+
+def test_any_other_device_failure_is_said_once_and_numpy_does_the_work_from_then_on(monkeypatch):
+    rows = _tied_rows(9, 200, 2)
+    c = cfg("loopserve", budget=64, cupy_select="on")
+    monkeypatch.setattr(eviction.cupy_device, "_cupy", _NumpyAsDevice(fail=RuntimeError("no NVRTC")))
+    with pytest.warns(RuntimeWarning, match="cupy failed .*no NVRTC.*numpy instead"):
+        got = choose_keep_rows(rows, c, 64)
+    np.testing.assert_array_equal(got, choose_keep_rows(rows, cfg("loopserve", budget=64, cupy_select="off"), 64))
+    assert eviction.cupy_device.module() is None
 
 
 @pytest.mark.parametrize("granularity,mode,policy,warmed", [("head", "auto", "loopserve", True),
