@@ -5,7 +5,8 @@
 
 For each shape (one row of scores per full-attention layer and KV head of
 loopserve_edge.random_gguf's shapes) and dialogue length: random scores of that size,
-`eviction.choose_keep_rows` with cupy_select "off" and "on", both timed from the host's
+`eviction.choose_keep_rows` with cupy_select "off" (on one thread, then as configured: blocks
+of rows on several threads for large cuts) and "on", each timed from the host's
 float32 scores to the host's kept indices (the copies to and from the device included), the
 median of --repeats after one untimed call of each (the device's first call in the process is
 printed apart: cupy compiles its kernels then, or reads them from its cache). The two must keep
@@ -30,6 +31,7 @@ sys.modules.setdefault("loopserve_edge", _pkg)
 
 from loopserve_edge import cupy_device  # noqa: E402
 from loopserve_edge.config import LoopServeConfig  # noqa: E402
+from loopserve_edge import eviction  # noqa: E402
 from loopserve_edge.eviction import CUPY_MIN_SCORES, choose_keep_rows  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -60,9 +62,11 @@ def main() -> None:
     where = f"cupy {cp.__version__} on {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}" if cp \
         else "no cupy or no CUDA device: host only"
     print(f"budget {a.budget}, pooling {host.pooling}, sink {host.sink}, recent {host.recent}; {where}; "
-          f"median of {a.repeats}; cupy_select='auto' uses the device from {CUPY_MIN_SCORES} scores\n")
-    print("| shape | rows | cells | scores | host ms | device ms (first call) | host / device | same cells |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+          f"median of {a.repeats}; cupy_select='auto' uses the device from {CUPY_MIN_SCORES} scores; the host "
+          f"{eviction._host_pool()._max_workers} threads from {eviction.HOST_THREADS_MIN_SCORES} scores\n")
+    print("| shape | rows | cells | scores | host, one thread ms | host ms | device ms (first call) | host / device "
+          "| same cells |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     rng = np.random.default_rng(0)
     first = True
     for shape in a.shapes.split(","):
@@ -72,8 +76,13 @@ def main() -> None:
             # that many tie (the two paths must break ties alike), and a row with nothing scored
             rows = (rng.random((h, n), dtype=np.float32) ** 8).astype(np.float16).astype(np.float32)
             rows[0] = 0.0
+            threads_min, eviction.HOST_THREADS_MIN_SCORES = eviction.HOST_THREADS_MIN_SCORES, 1 << 62
             choose_keep_rows(rows, host, a.budget)
-            t_host, want = timed(rows, host, a.budget, a.repeats)
+            t_one, want = timed(rows, host, a.budget, a.repeats)
+            eviction.HOST_THREADS_MIN_SCORES = threads_min
+            choose_keep_rows(rows, host, a.budget)
+            t_host, got_host = timed(rows, host, a.budget, a.repeats)
+            assert np.array_equal(got_host, want), "the host's threads kept other cells"
             dev_cell, ratio, same = "-", "-", "-"
             if cp is not None:
                 t0 = time.perf_counter()
@@ -83,7 +92,8 @@ def main() -> None:
                 dev_cell = f"{t_dev * 1e3:.1f}" + (f" ({t_first * 1e3:.0f})" if first else "")
                 ratio, same = f"{t_host / t_dev:.1f}x", "yes" if np.array_equal(got, want) else "NO"
                 first = False
-            print(f"| {shape} | {h} | {n} | {h * n} | {t_host * 1e3:.1f} | {dev_cell} | {ratio} | {same} |", flush=True)
+            print(f"| {shape} | {h} | {n} | {h * n} | {t_one * 1e3:.1f} | {t_host * 1e3:.1f} | {dev_cell} | {ratio} "
+                  f"| {same} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ so a dialogue's positions stay within the trained range however long it grows.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,6 +49,10 @@ SCORED = ("snapkv", "h2o", "loopserve")
 # this many the device's few ms of copies and launches would cost what the host takes
 CUPY_MIN_SCORES = 1 << 17
 CUPY_BLOCK = 1 << 23  # scores per block on the device: a few hundred MB at most, beside the model's
+# scores from which the host's blocks of rows run on up to 8 threads: on 2 cores they took
+# 31 -> 20 ms at 256 x 8192 and 591 -> 369 ms at 256 x 131072, and below ~1M scores the
+# handoff cost what it saved (benchmarks/results/cut-select.md)
+HOST_THREADS_MIN_SCORES = 1 << 20
 
 
 def pool(scores, kernel: int, xp=np):
@@ -129,8 +135,24 @@ def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.
             cupy_device.disable(e)
         finally:
             cupy_device.release(cp)
-    # blocks of 8 rows stay in the host's cache: ~35% faster than all rows at once
-    return np.concatenate([_keep_rows(rows[i:i + 8], cfg.pooling, lo, hi, budget) for i in range(0, h, 8)])
+    # blocks of 8 rows stay in the host's cache: ~35% faster than all rows at once; numpy lets
+    # go of the GIL in its loops, so the blocks of a large cut run on several cores
+    blocks = [rows[i:i + 8] for i in range(0, h, 8)]
+    keep = lambda b: _keep_rows(b, cfg.pooling, lo, hi, budget)  # noqa: E731
+    if len(blocks) > 1 and rows.size >= HOST_THREADS_MIN_SCORES:
+        return np.concatenate(list(_host_pool().map(keep, blocks)))
+    return np.concatenate([keep(b) for b in blocks])
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)),
+                                                      thread_name_prefix="loopserve-cut")
+    return _pool
 
 
 _warm = False

@@ -1,4 +1,5 @@
 """Progressive KV compression: budgets hold, positions stay right, nothing else changes."""
+import threading
 import types
 
 import numpy as np
@@ -96,6 +97,19 @@ def test_the_device_path_runs_where_asked_in_blocks_and_keeps_the_same_cells(mon
     got = choose_keep_rows(rows, c, 100)
     np.testing.assert_array_equal(got, want)
     assert dev.blocks == ([(5, 300)] * 4 + [(1, 300)] if device_used else [])
+
+
+def test_the_hosts_threads_keep_the_cells_one_thread_keeps(monkeypatch):
+    rows = _tied_rows(37, 500, 3)  # blocks of 8 rows: four whole ones and a part
+    c = cfg("loopserve", budget=100, cupy_select="off")
+    monkeypatch.setattr(eviction, "HOST_THREADS_MIN_SCORES", 1 << 62)
+    want = choose_keep_rows(rows, c, 100)
+    monkeypatch.setattr(eviction, "HOST_THREADS_MIN_SCORES", 1)
+    threads = []
+    real = eviction._keep_rows
+    monkeypatch.setattr(eviction, "_keep_rows", lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    np.testing.assert_array_equal(choose_keep_rows(rows, c, 100), want)
+    assert len(threads) == 5 and all(t.startswith("loopserve-cut") for t in threads)
 
 
 def test_a_device_out_of_memory_falls_back_to_the_host_for_that_cut(monkeypatch):
