@@ -44,9 +44,6 @@ kw = dict(n_ctx=len(prompt) + len(follow) + 64, n_threads=threads, n_batch=2048,
 if mode == "controller":
     from loopserve_edge import Llama, LoopServeConfig
     llm = Llama(model, loopserve=LoopServeConfig(max_resident=1), **kw)
-    warm = llm.dialogue()
-    llm.decode(warm, prompt[:32], list(range(32)))   # buffers and graphs made once, as below
-    llm.forget(warm)
     times = []
     for k in range(inner + 1):   # the first, untimed, makes the full-size buffers and kernels
         dlg = llm.dialogue()
