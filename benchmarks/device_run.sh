@@ -117,6 +117,12 @@ case "${1:-}" in
   bg-wait*)
     # no wheels or GPU query here: this only waits and copies
     limit=${1#bg-wait}; limit=${limit#=}; limit=${limit:-540}
+    # a fresh machine (the last one given back between calls) has nothing to wait for: say so
+    # at once rather than hold it for the whole limit (session 16 lost 9.5 device minutes so)
+    if [ ! -f /tmp/bg/steps ]; then
+      echo "no background steps on this machine (a fresh one: the last was given back)"
+      exit 3
+    fi
     t=0
     while ! grep -q " done$" /tmp/bg/steps 2> /dev/null && [ "$t" -lt "$limit" ]; do sleep 5; t=$((t + 5)); done
     cat /tmp/bg/steps 2> /dev/null || echo "no background steps on this machine (a fresh one?)"
