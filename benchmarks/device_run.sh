@@ -79,7 +79,8 @@
 #                   background step's install), at most 15 min
 #   bg-wait[=S]     block until the background steps are done or S seconds (540) have passed, then
 #                   print /tmp/bg/steps and copy /tmp/bg/out to $OUT (a file over 15 MiB in parts):
-#                   back-to-back bg-wait calls keep the box held while the steps run
+#                   back-to-back bg-wait calls keep the box held while the steps run; on a fresh
+#                   machine (the last one was given back: its steps are lost) it exits 3 at once
 # e.g. call 1 (carry .carry): bg build wait-parts=5 gemma-model mps bench-groups=JOBS.json
 #      collect-groups mps-stop prefill-ttft; calls 2-6 (carry .carry-gK): stash;
 #      then bg-wait until /tmp/bg/steps says done.

@@ -387,6 +387,22 @@ class Context:
             raise RuntimeError(f"llama_loopserve_scores_get_heads returned {got}, expected {len(pos)}")
         return pos, rows
 
+    def value_norms(self, dlg: Resident) -> np.ndarray:
+        """[n_heads, n_cells]: the L2 norm of each scored KV head's V row at dlg's cells, in
+        the layout of attention_scores_by_head."""
+        n_heads = sum(self._scored_heads().values())
+        if dlg._seq is None:
+            return np.zeros((n_heads, 0), np.float32)
+        n = bindings.llama_loopserve_value_norms(self._ctx.ctx, dlg._seq, None, 0)
+        out = np.zeros((n_heads, max(n, 0)), np.float32)
+        got = bindings.llama_loopserve_value_norms(self._ctx.ctx, dlg._seq, out.ctypes.data_as(bindings._f32p), out.size)
+        if got == -2:
+            raise LoopServeError("value norms need V stored untransposed (flash attention on) in a "
+                                 "type with a dequantizer")
+        if got != out.shape[1]:
+            raise RuntimeError(f"llama_loopserve_value_norms returned {got}, expected {out.shape[1]}")
+        return out
+
     def attention_scores_by_layer(self, dlg: Resident) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """(positions, {layer: scores [n_head_kv, n_cells]}) for the scored layers, read
         layer by layer (llama_loopserve_scores_get_layer)."""

@@ -311,7 +311,7 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
                             "loopserve-prefill-u4096", "loopserve-prefill-q32", "loopserve-both", "streaming-chunked",
                             "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
-                            "loopserve-d32", "loopserve-d32-head"}
+                            "loopserve-d32", "loopserve-d32-head", "loopserve-d32-q8", "loopserve-d32-head-q8"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
     # the default configuration is loopserve-d32
     assert Run(METHODS["loopserve-d32"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
@@ -336,6 +336,11 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     spec = BenchSpec(model="m", flash_attn=False)
     assert llama_kwargs(spec, Run(METHODS["snapkv-head"], 256), 2048)["flash_attn"] is True
     assert llama_kwargs(spec, Run(METHODS["snapkv"], 256), 2048)["flash_attn"] is False
+    # quantized K/V: q8_0 for K and V, with flash attention (quantized V is never transposed)
+    q8 = llama_kwargs(spec, Run(METHODS["loopserve-d32-q8"], 512), 2048)
+    assert (q8["type_k"], q8["type_v"], q8["flash_attn"]) == (8, 8, True)
+    assert "type_k" not in llama_kwargs(spec, Run(METHODS["loopserve-d32"], 512), 2048)
+    assert Run(METHODS["loopserve-d32-head-q8"], 256).config() == Run(METHODS["loopserve-d32-head"], 256).config()
     # budgeted prefill: a context of twice the budget, whatever the dialogue's length
     assert llama_kwargs(spec, Run(METHODS["snapkv-chunked"], 256), 2048)["n_ctx"] == 512
     assert llama_kwargs(spec, Run(METHODS["snapkv"], 256), 2048)["n_ctx"] == 2048

@@ -91,6 +91,46 @@ def test_each_head_keeps_exactly_its_chosen_rows(tiny_model, make_llm, kv_type):
     assert (sel != sel[0]).any()
 
 
+def dequantized_norms(v: np.ndarray, kv_type: int) -> np.ndarray:
+    """[n_cells, n_head_kv] L2 norms of the V rows parse_seq_state gives (f16 or q8_0)."""
+    n_cells, n_head, nbytes = v.shape
+    raw = np.ascontiguousarray(v).reshape(n_cells * n_head, nbytes)
+    if kv_type == F16:
+        x = raw.view(np.float16).astype(np.float64)
+    else:  # q8_0: blocks of an f16 scale and 32 int8
+        blocks = raw.reshape(-1, 34)
+        x = blocks[:, 2:].view(np.int8).astype(np.float64) * blocks[:, :2].copy().view(np.float16).astype(np.float64)
+        x = x.reshape(n_cells * n_head, -1)
+    return np.sqrt((x * x).sum(axis=1)).reshape(n_cells, n_head)
+
+
+@pytest.mark.parametrize("kv_type", [F16, Q8_0])
+def test_value_norms_are_each_heads_v_rows_and_follow_a_cut(tiny_model, make_llm, kv_type):
+    """llama_loopserve_value_norms against the V rows of the sequence's state, before and after
+    a head-wise cut (each head's norms move with its tokens), in the scores' layout."""
+    llm, d = filled(make_llm, tiny_model, cfg(), type_k=kv_type, type_v=kv_type)
+    n_head_kv = next(iter(llm._scored_heads().values()))
+    n_layer = len(llm._scored_heads())
+    sel = random_selection(n_layer * n_head_kv, 120, 40, seed=2)
+    for step in range(2):
+        if step:
+            llm.keep_per_head(d, sel)
+        _, _, v = parse_seq_state(llm.sequence_state(d._seq), n_head_kv)
+        want = np.concatenate([dequantized_norms(v[il], kv_type).T for il in range(n_layer)])
+        got = llm.value_norms(d)
+        assert got.shape == want.shape == (n_layer * n_head_kv, 40 if step else 120)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        if not step:
+            before = got
+    np.testing.assert_allclose(got, np.take_along_axis(before, sel, axis=1), rtol=1e-6)
+
+
+def test_value_norms_without_flash_attention_are_refused_clearly(tiny_model, make_llm):
+    llm, d = filled(make_llm, tiny_model, cfg("full", budget=None, granularity="cell"), flash_attn=False)
+    with pytest.raises(LoopServeError, match="flash attention"):
+        llm.value_norms(d)
+
+
 def test_one_selection_for_every_head_is_the_cell_wise_cut(tiny_model, make_llm):
     """Every head keeping the same cells is a cell-wise cut: the same next logits (bit for bit
     once the cell-wise cut is packed too: flash attention on the CPU sums V in f16, so the

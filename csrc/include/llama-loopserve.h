@@ -127,6 +127,16 @@ LLAMA_API int32_t llama_loopserve_scores_get_heads(struct llama_context * ctx,
                                                    float *                scores,
                                                    int64_t                n_max);
 
+// The L2 norm of the V row of every scored layer's KV heads at the cells of seq_id, laid
+// out as llama_loopserve_scores_get_heads lays out the scores ([n_heads][n]), so that a
+// score can be weighted by how much its token can move the output (VATP, CriticalKV).
+// Writes only when n_heads * n <= n_max and returns n; -1 on error, -2 with V stored
+// transposed (flash attention off) or of a type without a dequantizer.
+LLAMA_API int32_t llama_loopserve_value_norms(struct llama_context * ctx,
+                                              llama_seq_id           seq_id,
+                                              float *                out,
+                                              int64_t                n_max);
+
 //
 // Adaptive vertical-slash sparse prefill (LoopServe phase 1)
 //

@@ -11,6 +11,8 @@
 #include "llama-loopserve.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <iterator>
 #include <vector>
 
@@ -187,6 +189,55 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
     return (int32_t) (all.size() - n_keep);
 }
 
+int32_t llama_kv_cache::loopserve_value_norms(const std::vector<uint32_t> & idx,
+                                              llama_seq_id                  seq_id,
+                                              float *                       out) const {
+    GGML_ASSERT(seq_id >= 0 && (size_t) seq_id < seq_to_stream.size());
+    if (v_trans) {  // a head's V row is spread over the cells' columns
+        return -2;
+    }
+    const uint32_t strm = seq_to_stream[seq_id];
+    const size_t   n    = idx.size();
+    if (n == 0) {
+        return 0;
+    }
+    const auto [lo_it, hi_it] = std::minmax_element(idx.begin(), idx.end());
+    const uint32_t lo         = *lo_it;
+    const uint32_t hi         = *hi_it;
+
+    // one read per layer of the rows lo..hi (cells of one sequence sit together), then each
+    // head's part dequantized by its type's to_float
+    std::vector<uint8_t> raw;
+    std::vector<float>   row;
+    size_t               h = 0;
+    for (const auto & layer : layers) {
+        const ggml_tensor * t         = layer.v_stream[strm];
+        const int64_t       d         = hparams.n_embd_head_v(layer.il);
+        const int64_t       n_head_kv = hparams.n_head_kv(layer.il);
+        const auto *        traits    = ggml_get_type_traits(t->type);
+        if (traits->to_float == nullptr || d % ggml_blck_size(t->type) != 0) {
+            return -2;
+        }
+        raw.resize((size_t) (hi - lo + 1) * t->nb[1]);
+        ggml_backend_tensor_get(t, raw.data(), (size_t) lo * t->nb[1], raw.size());
+        row.resize((size_t) d);
+        const size_t part = ggml_row_size(t->type, d);
+        for (int64_t hh = 0; hh < n_head_kv; ++hh) {
+            float * o = out + (h + hh) * n;
+            for (size_t i = 0; i < n; ++i) {
+                traits->to_float(raw.data() + (size_t) (idx[i] - lo) * t->nb[1] + hh * part, row.data(), d);
+                double ss = 0.0;
+                for (int64_t e = 0; e < d; ++e) {
+                    ss += (double) row[e] * row[e];
+                }
+                o[i] = (float) std::sqrt(ss);
+            }
+        }
+        h += n_head_kv;
+    }
+    return (int32_t) n;
+}
+
 bool llama_kv_cache::loopserve_cells_causal(const llama_ubatch & ubatch, uint32_t n_kv) const {
     if (ubatch.n_seqs_unq != 1 || ubatch.seq_id_unq == nullptr || swa_type != LLAMA_SWA_TYPE_NONE) {
         return false;
@@ -342,4 +393,26 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
         }
     }
     return freed;
+}
+
+int32_t llama_loopserve_value_norms(llama_context * ctx, llama_seq_id seq_id, float * out, int64_t n_max) {
+    llama_kv_cache * caches[2];
+    loopserve_caches(ctx, caches);
+    if (caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max()) {
+        return -1;
+    }
+    // the order of llama_loopserve_scores_get_heads: the sequence's cells by position
+    std::vector<uint32_t> idx;
+    for (const auto & pc : caches[0]->get_cells(seq_id).seq_pos_get(seq_id)) {
+        idx.push_back(pc.second);
+    }
+    int64_t n_heads = 0;
+    for (int32_t il = 0; il < (int32_t) llama_model_n_layer(&ctx->get_model()); ++il) {
+        n_heads += llama_loopserve_scores_n_head_kv(ctx, il);
+    }
+    const int32_t n = (int32_t) idx.size();
+    if (out == nullptr || n_heads * n > n_max) {
+        return n;
+    }
+    return caches[0]->loopserve_value_norms(idx, seq_id, out);
 }

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..context import kv_type_kwargs
 from ..errors import LoopServeError
 from ..model_file import check_model_file
 from . import data, fidelity
@@ -296,7 +297,8 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
     """Prompts go in batches of 2048 tokens, computed in ubatches of 512 (as the other
     benchmarks do), or of 2048 with sparse prefill: its path runs only on ubatches of at
     least `sparse_min_tokens` (Llama's own default with it on). Head-wise cuts need flash
-    attention (V not transposed): their runs have it whatever the spec says. A budgeted-prefill
+    attention (V not transposed): their runs have it whatever the spec says, as do runs with
+    quantized K/V (Method.kv_type). A budgeted-prefill
     method (Method.pool) gets a context of `pool` times its budget instead of the dialogue's.
     With `prefill_reuse` an input goes in one batch (its ubatches the same 2048), as a stored
     selection serves only the ubatches of one decode call. A method's own `ubatch` replaces the
@@ -307,8 +309,11 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
         n_ctx = min(n_ctx, run.method.pool * run.budget)
     ubatch = (run.method.ubatch or 2048) if run.method.sparse_prefill else 512
     n_batch = max(2048, n_ctx) if options.get("prefill_reuse", 1) > 1 else max(2048, ubatch)
-    return dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
-                flash_attn=spec.flash_attn or head_wise, n_batch=n_batch, n_ubatch=ubatch)
+    kw = dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
+              flash_attn=spec.flash_attn or head_wise, n_batch=n_batch, n_ubatch=ubatch)
+    if run.method.kv_type != "f16":  # quantized V is stored untransposed: flash attention
+        kw.update(kv_type_kwargs(run.method.kv_type, flash_attn=True))
+    return kw
 
 
 def resolve_format(requested: str, metadata: dict) -> str:

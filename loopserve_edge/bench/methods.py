@@ -25,6 +25,8 @@ class Method:
                                  # the dialogue's length), so inputs go in as chunks
     ubatch: int | None = None    # sparse prefill's ubatch (2048 otherwise): one estimation
                                  # serves this many rows
+    kv_type: str = "f16"         # K and V of this type (context.KV_TYPES): q8_0 takes 0.53x
+                                 # the bytes of f16 a cell, so twice the budget in about as much
 
     @property
     def uses_budget(self) -> bool:
@@ -60,6 +62,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "first 32 generated tokens (the default)", options=(("defer_cut", 32),)),
     Method("loopserve-d32-head", "loopserve", describe="loopserve-d32, each KV head keeping its own tokens",
            options=(("defer_cut", 32), ("granularity", "head"))),
+    # issue 15: head-wise at budget B does not keep what cell-wise keeps at 2B; q8_0 K/V hold
+    # 2B cells in 1.06x the bytes of B f16 ones, so these two ask whether quantized K/V buy
+    # the memory that selection does not
+    Method("loopserve-d32-head-q8", "loopserve", describe="loopserve-d32-head with q8_0 K/V",
+           options=(("defer_cut", 32), ("granularity", "head")), kv_type="q8_0"),
+    Method("loopserve-d32-q8", "loopserve", describe="loopserve-d32 with q8_0 K/V",
+           options=(("defer_cut", 32),), kv_type="q8_0"),
     # budgeted prefill: a context of twice the budget, so each input that does not fit goes in
     # as chunks of about the budget, each cut back to it; StreamingLLM and SnapKV on the same
     # chunks are the baselines
