@@ -126,7 +126,7 @@ case "${1:-}" in
     fi
     t=0
     while ! grep -q " done$" /tmp/bg/steps 2> /dev/null && [ "$t" -lt "$limit" ]; do sleep 5; t=$((t + 5)); done
-    cat /tmp/bg/steps 2> /dev/null || echo "no background steps on this machine (a fresh one?)"
+    cat /tmp/bg/steps
     for f in /tmp/bg/out/*; do
       [ -f "$f" ] || continue
       if [ "$(stat -c %s "$f")" -gt 15728640 ]; then

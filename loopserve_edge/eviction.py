@@ -50,7 +50,7 @@ SCORED = ("snapkv", "h2o", "loopserve")
 CUPY_MIN_SCORES = 1 << 17
 CUPY_BLOCK = 1 << 23  # scores per block on the device: a few hundred MB at most, beside the model's
 # scores from which the host's blocks of rows run on up to 8 threads: on 2 cores they took
-# 31 -> 20 ms at 256 x 8192 and 591 -> 369 ms at 256 x 131072, and below ~1M scores the
+# 29.8 -> 22.3 ms at 256 x 8192 and 627 -> 418 ms at 256 x 131072, and below ~1M scores the
 # handoff cost what it saved (benchmarks/results/cut-select.md)
 HOST_THREADS_MIN_SCORES = 1 << 20
 

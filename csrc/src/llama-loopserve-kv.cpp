@@ -205,8 +205,8 @@ int32_t llama_kv_cache::loopserve_value_norms(const std::vector<uint32_t> & idx,
     const uint32_t lo         = *lo_it;
     const uint32_t hi         = *hi_it;
 
-    // one read per layer of the rows lo..hi (cells of one sequence sit together), then each
-    // head's part dequantized by its type's to_float
+    // one read per layer of the rows lo..hi (a superset of the sequence's cells where other
+    // dialogues' cells sit between them), then each head's part dequantized by its to_float
     std::vector<uint8_t> raw;
     std::vector<float>   row;
     size_t               h = 0;

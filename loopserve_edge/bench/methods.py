@@ -25,8 +25,9 @@ class Method:
                                  # the dialogue's length), so inputs go in as chunks
     ubatch: int | None = None    # sparse prefill's ubatch (2048 otherwise): one estimation
                                  # serves this many rows
-    kv_type: str = "f16"         # K and V of this type (context.KV_TYPES): q8_0 takes 0.53x
-                                 # the bytes of f16 a cell, so twice the budget in about as much
+    kv_type: str = "f16"         # K and V of this type (context.KV_TYPES): a q8_0 cell takes
+                                 # 0.53x the bytes of an f16 one, so twice the budget in q8_0
+                                 # takes about the bytes of the budget in f16
 
     @property
     def uses_budget(self) -> bool:
