@@ -6,7 +6,9 @@
 speed: a dialogue is prefilled with `depth` tokens of Wikipedia passages, then generates
 `--tokens` tokens; decode tokens/s for `full` and for `loopserve` at the budget (which
 compresses after the prefill and every `interval` tokens while decoding). The last column
-is the speed relative to full attention at depth 0.
+is the speed relative to full attention at depth 0. Every method's context is made first and
+their runs alternate (so each holds a KV cache of the deepest depth at once: three on the GPU
+box's default, ~2 GB each at the 1B shape and 64K).
 
 fidelity: for each long prompt, `full` generates `--tokens` greedy tokens; every other
 policy then reads the same prompt and is teacher-forced along full's tokens, and at each
@@ -59,22 +61,26 @@ def speed(a, model):
             granularity=gran)
     print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} | vs. full @ 0 |")
     print("|---|---:|---:|---:|---:|")
-    base = None
-    for name, cfg in methods.items():
-        llm = make(model, cfg, a, n_ctx)
-        count = lambda t: len(llm.tokenize(t))  # noqa: E731
-        text = long_text(max(depths) + 512, count)
-        eog = np.array([llm.is_eog(t) for t in range(llm.n_vocab)])
-        no_stop = lambda l: int(np.argmax(np.where(eog, -np.inf, l)))  # noqa: E731  full length
-        toks = llm.tokenize(text)
+    # every method's context is made first and the runs alternate between them (depth by
+    # depth, repeat by repeat), so that a drift of the machine (clocks, other load) during the
+    # run falls on every method alike: run one after the other, rows of the H200 differed by
+    # up to ~10% between two runs of the same build (decode.md, session 17)
+    llms = {name: make(model, cfg, a, n_ctx) for name, cfg in methods.items()}
+    first = next(iter(llms.values()))
+    count = lambda t: len(first.tokenize(t))  # noqa: E731
+    toks = first.tokenize(long_text(max(depths) + 512, count))
+    eog = np.array([first.is_eog(t) for t in range(first.n_vocab)])
+    no_stop = lambda l: int(np.argmax(np.where(eog, -np.inf, l)))  # noqa: E731  full length
+    for llm in llms.values():
         warm = llm.dialogue()  # GPU clocks, CUDA graphs and allocations settle before timing
         warm.send("Hello.", max_tokens=64, temperature=0, token_fn=no_stop)
         warm.close()
-        for depth in depths:
-            # the prompt is cut at `depth` tokens of text: a user message of that size
-            msg = llm.detokenize(toks[:max(depth - 16, 8)], special=False)
-            runs = []
-            for _ in range(a.repeats):  # each in a new dialogue; the median is reported
+    rows = {}
+    for depth in depths:
+        # the prompt is cut at `depth` tokens of text: a user message of that size
+        msg = first.detokenize(toks[:max(depth - 16, 8)], special=False)
+        for _ in range(a.repeats):
+            for name, llm in llms.items():  # each run in a new dialogue; the median is reported
                 d = llm.dialogue()
                 d.send(msg, max_tokens=4, temperature=0)  # prefill (+ compression) and warm-up
                 stamps: list[float] = []
@@ -84,8 +90,15 @@ def speed(a, model):
                     return no_stop(l)
 
                 d.send("Continue.", max_tokens=a.tokens, temperature=0, token_fn=timed)
-                runs.append((d.last_stats.decode_tps, d.last_stats.kv_cells, np.diff(stamps)))
+                rows.setdefault((name, depth), []).append(
+                    (d.last_stats.decode_tps, d.last_stats.kv_cells, np.diff(stamps)))
                 d.close()
+    for llm in llms.values():
+        llm.close()
+    base = None
+    for name, cfg in methods.items():
+        for depth in depths:
+            runs = rows[name, depth]
             tps, cells, dt = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
             if base is None:
                 base = tps
@@ -93,7 +106,6 @@ def speed(a, model):
             print(f"| {name} | {depth} | {cells} | {tps:.1f}{spread} | {tps / base:.0%} |", flush=True)
             if a.profile:
                 profile_line(dt, cfg)
-        llm.close()
 
 
 def profile_line(dt: np.ndarray, cfg) -> None:

@@ -25,7 +25,7 @@
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
 #            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
 #            n_ctx MEM_POOL 10240), f16 and q8_0 KV (stock: f16), peak GPU memory (8B shape, MEM_SHAPE)
-#   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs
+#   profile - the 1B decode at 0/64K with per-step times, with and without CUDA graphs (DECODE_GRAN: cell,head)
 #   serve-load - benchmarks/serve_load.py on the GPU: N = 1, 4, 16 concurrent multi-turn clients,
 #            loopserve-edge's server against llama-cpp-python's (same build, both with every layer
 #            on the GPU and flash attention), random weights at SERVE_SHAPE (1b)
@@ -256,7 +256,8 @@ for step in "$@"; do
         echo "CUDA graphs $graphs"
         [ $graphs = on ] && unset GGML_CUDA_DISABLE_GRAPHS || export GGML_CUDA_DISABLE_GRAPHS=1
         python3 benchmarks/decode.py speed --model /tmp/random-1b.gguf \
-            --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile
+            --n-gpu-layers -1 --flash-attn --depths 0,65536 --budget 2048 --tokens 256 --profile \
+            --granularity "${DECODE_GRAN:-cell}"
       done ;;
     serve-load)
       shape=${SERVE_SHAPE:-1b}
