@@ -1,11 +1,11 @@
-"""Dev-split ablation for issue 15: what recalling the evicted KV at the next question is worth.
+"""Ablation for issue 15: evicted KV brought back at the next question (recall).
 
 Most of the head-wise loss on the benchmark is in the turns after the first: the cut at the end
 of turn 1 chose its cells by what question 1 and its reply looked at, and question 2 may need
-others. An upper bound for bringing evicted KV back: keep the uncut history's sequence state on
-the host, and at the next turn's prefill put it back whole, so that the next cut is chosen by
-the new question and reply over the whole history (the device then holds the whole history
-during the turn: a bound on what a bounded-memory recall, chunk by chunk, could give).
+others. These variants keep the sequence state from before that cut and restore it when the next
+prefill starts. With `defer_cut` 32 and replies shorter than that, a turn's cut comes after its
+reply, so the first three decode the next reply over the restored cells (README.md says what
+that does and does not measure); `d32h-recall-cut` cuts before the reply.
 Registered before the bench CLI runs (not in the package):
 - `d32h-recall`: loopserve-d32-head; when a reply ends before its deferred cut (`defer_cut`
   32; the benchmark's replies are shorter), the sequence state before that cut is kept, and
@@ -14,8 +14,13 @@ Registered before the bench CLI runs (not in the package):
   not reach: n_ctx holds each whole dialogue).
 - `d32h-recall2b`: the same with what is restored capped at twice the budget: the history is
   cut cell-wise to 2 x budget cells by the cut's own scores (aggregated over the heads) right
-  after it is restored, before the next prefill (`chunk_probe` 2). What a recall that keeps a
-  bounded archive could give."""
+  after it is restored, before the next prefill (`chunk_probe` 2): a bounded archive.
+  `d32h-recall4b`: capped at 4 x budget (`chunk_probe` 4).
+- `d32h-recall-cut`: d32h-recall whose restored history is cut back to the budget right after
+  the next prefill (scored by that input's last tokens, SnapKV's cut), not after the first 32
+  reply tokens (`chunk_probe` 5). With the benchmark's short replies, the other forms decode
+  each later reply over the restored cells (their cut comes after it); this one decodes it over
+  the budget's cells, chosen by the new question from the whole history."""
 import sys
 
 import numpy as np
@@ -24,11 +29,11 @@ from loopserve_edge import cli, eviction
 from loopserve_edge.bench import methods as M
 
 E = eviction.Evictor
-_begin, _end = E.begin_prefill, E.end_turn
+_begin, _end, _after = E.begin_prefill, E.end_turn, E.after_prefill
 
 
 def marked(cfg):
-    return cfg.policy == "loopserve" and cfg.chunk_probe in (1, 2)
+    return cfg.policy == "loopserve" and cfg.chunk_probe in (1, 2, 4, 5)
 
 
 def end_turn(self, dlg):
@@ -36,10 +41,10 @@ def end_turn(self, dlg):
     if marked(self.cfg) and id(dlg) in self.deferred:  # the cut is about to happen here
         self.llm.make_resident(dlg)
         keep = None
-        if self.cfg.chunk_probe == 2:  # the archive cut cell-wise to 2 x budget by the same scores
+        if self.cfg.chunk_probe in (2, 4):  # the archive cut cell-wise to 2 or 4 x budget by the same scores
             _, rows = self.llm.attention_scores_by_head(dlg)
             keep = eviction.choose_keep(len(dlg.positions), eviction.aggregate(rows, "mean"), self.cfg,
-                                        2 * self.cfg.budget)
+                                        self.cfg.chunk_probe * self.cfg.budget)
         dlg._stash = (self.llm.sequence_state(dlg._seq), list(dlg.tokens), list(dlg.positions), keep)
     _end(self, dlg)
 
@@ -57,14 +62,29 @@ def begin_prefill(self, dlg, n_new):
             dlg.tokens = [t for t, k in zip(tokens, keep) if k]
             dlg.positions = [int(p) for p in pos[keep]]
         dlg._stash = None
+        dlg._recalled = self.cfg.chunk_probe == 5
     _begin(self, dlg, n_new)
 
 
-E.begin_prefill, E.end_turn = begin_prefill, end_turn
+def after_prefill(self, dlg):
+    if getattr(dlg, "_recalled", False):  # cut now, by the new input's last tokens, before the reply
+        dlg._recalled = False
+        self.compress(dlg)
+        self._watch(dlg, 0)
+        return
+    _after(self, dlg)
+
+
+E.begin_prefill, E.end_turn, E.after_prefill = begin_prefill, end_turn, after_prefill
 opts = dict(M.METHODS["loopserve-d32-head"].options)
 M.METHODS["d32h-recall"] = M.Method("d32h-recall", "loopserve", describe="loopserve-d32-head, the uncut history "
                                     "restored at the next prefill", options=tuple({**opts, "chunk_probe": 1}.items()))
-M.METHODS["d32h-recall2b"] = M.Method("d32h-recall2b", "loopserve", describe="d32h-recall with the restored history "
-                                      "cut to twice the budget, cell-wise", options=tuple({**opts, "chunk_probe": 2}.items()))
+M.METHODS["d32h-recall-cut"] = M.Method("d32h-recall-cut", "loopserve", describe="d32h-recall whose restored "
+                                       "history is cut right after the next prefill, before the reply",
+                                       options=tuple({**opts, "chunk_probe": 5}.items()))
+for k in (2, 4):
+    M.METHODS[f"d32h-recall{k}b"] = M.Method(f"d32h-recall{k}b", "loopserve", describe=f"d32h-recall with the restored "
+                                             f"history cut to {k} x the budget, cell-wise",
+                                             options=tuple({**opts, "chunk_probe": k}.items()))
 sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
 cli.main()
