@@ -20,7 +20,9 @@ Registered before the bench CLI runs (not in the package):
   the next prefill (scored by that input's last tokens, SnapKV's cut), not after the first 32
   reply tokens (`chunk_probe` 5). With the benchmark's short replies, the other forms decode
   each later reply over the restored cells (their cut comes after it); this one decodes it over
-  the budget's cells, chosen by the new question from the whole history."""
+  the budget's cells, chosen by the new question from the whole history.
+- `d32h-recall-d4`: d32h-recall-cut whose cut waits for the reply's first 4 tokens and is scored
+  by them too (`defer_cut` 4's cut, `chunk_probe` 6)."""
 import sys
 
 import numpy as np
@@ -29,14 +31,17 @@ from loopserve_edge import cli, eviction
 from loopserve_edge.bench import methods as M
 
 E = eviction.Evictor
-_begin, _end, _after = E.begin_prefill, E.end_turn, E.after_prefill
+_begin, _end, _after, _after_token = E.begin_prefill, E.end_turn, E.after_prefill, E.after_token
 
 
 def marked(cfg):
-    return cfg.policy == "loopserve" and cfg.chunk_probe in (1, 2, 4, 5)
+    return cfg.policy == "loopserve" and cfg.chunk_probe in (1, 2, 4, 5, 6)
 
 
 def end_turn(self, dlg):
+    if getattr(dlg, "_defer4", False):  # a reply shorter than 4 tokens
+        dlg._defer4 = False
+        self.compress(dlg)
     dlg._stash = None
     if marked(self.cfg) and id(dlg) in self.deferred:  # the cut is about to happen here
         self.llm.make_resident(dlg)
@@ -62,26 +67,42 @@ def begin_prefill(self, dlg, n_new):
             dlg.tokens = [t for t, k in zip(tokens, keep) if k]
             dlg.positions = [int(p) for p in pos[keep]]
         dlg._stash = None
-        dlg._recalled = self.cfg.chunk_probe == 5
+        dlg._recalled = self.cfg.chunk_probe in (5, 6)
     _begin(self, dlg, n_new)
 
 
 def after_prefill(self, dlg):
     if getattr(dlg, "_recalled", False):  # cut now, by the new input's last tokens, before the reply
         dlg._recalled = False
+        if self.cfg.chunk_probe == 6:  # or after the reply's first 4 tokens, scored by them too
+            dlg._defer4 = True
+            self._window(dlg, 1)
+            return
         self.compress(dlg)
         self._watch(dlg, 0)
         return
     _after(self, dlg)
 
 
-E.begin_prefill, E.end_turn, E.after_prefill = begin_prefill, end_turn, after_prefill
+def after_token(self, dlg, n_generated):
+    if getattr(dlg, "_defer4", False):
+        if n_generated < 4:
+            return
+        dlg._defer4 = False
+        self.compress(dlg)
+        self._window(dlg, 0)
+    _after_token(self, dlg, n_generated)
+
+
+E.begin_prefill, E.end_turn, E.after_prefill, E.after_token = begin_prefill, end_turn, after_prefill, after_token
 opts = dict(M.METHODS["loopserve-d32-head"].options)
 M.METHODS["d32h-recall"] = M.Method("d32h-recall", "loopserve", describe="loopserve-d32-head, the uncut history "
                                     "restored at the next prefill", options=tuple({**opts, "chunk_probe": 1}.items()))
 M.METHODS["d32h-recall-cut"] = M.Method("d32h-recall-cut", "loopserve", describe="d32h-recall whose restored "
                                        "history is cut right after the next prefill, before the reply",
                                        options=tuple({**opts, "chunk_probe": 5}.items()))
+M.METHODS["d32h-recall-d4"] = M.Method("d32h-recall-d4", "loopserve", describe="d32h-recall-cut whose cut waits "
+                                      "for the reply's first 4 tokens", options=tuple({**opts, "chunk_probe": 6}.items()))
 for k in (2, 4):
     M.METHODS[f"d32h-recall{k}b"] = M.Method(f"d32h-recall{k}b", "loopserve", describe=f"d32h-recall with the restored "
                                              f"history cut to {k} x the budget, cell-wise",
