@@ -5,7 +5,8 @@
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
 #            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities, DECODE_TOKENS (256),
-#            DECODE_REPEATS: runs per row, median printed)
+#            DECODE_REPEATS: runs per row, median printed; DECODE_DEPTHS, e.g. 0,2048,16384,65536;
+#            DECODE_PROFILE=1: per-step times by phase)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
@@ -19,7 +20,8 @@
 #                   (STOCK_JOBS (16) compile jobs; after build: side by side both take twice as long)
 #   overhead      - benchmarks/overhead.py on the GPU: features off vs. the unpatched build (build-stock),
 #                   random weights at OVERHEAD_SHAPE (1b), OVERHEAD_TOKENS (8192) prefilled,
-#                   OVERHEAD_DECODE (256) steps, OVERHEAD_REPEATS (5)
+#                   OVERHEAD_DECODE (256) steps, OVERHEAD_REPEATS (5), OVERHEAD_PREFILLS (3) timed per
+#                   process; OVERHEAD_RAW=1: the controller's context with bare decode steps as well
 #   cut-select - benchmarks/cut_select.py: a head-wise cut's selection with numpy and with the
 #            image's cupy, 135M/1B/8B shapes' rows at 2176-131072 cells (CUT_CELLS)
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
@@ -197,8 +199,8 @@ for step in "$@"; do
       for shape in ${DECODE_SHAPES:-135m 1b}; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
-            --depths 0,16384,65536 --budget 2048 --tokens "${DECODE_TOKENS:-256}" --granularity "${DECODE_GRAN:-cell}" \
-            --repeats "${DECODE_REPEATS:-1}"
+            --depths "${DECODE_DEPTHS:-0,16384,65536}" --budget 2048 --tokens "${DECODE_TOKENS:-256}" \
+            --granularity "${DECODE_GRAN:-cell}" --repeats "${DECODE_REPEATS:-1}" ${DECODE_PROFILE:+--profile}
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;
@@ -239,7 +241,7 @@ for step in "$@"; do
       [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
       python3 benchmarks/overhead.py --stock-path /tmp/stock-site --model /tmp/random-$shape.gguf --n-gpu-layers -1 \
           --flash-attn --tokens "${OVERHEAD_TOKENS:-8192}" --decode "${OVERHEAD_DECODE:-256}" --ubatch 2048 \
-          --threads 8 --repeats "${OVERHEAD_REPEATS:-5}" ;;
+          --threads 8 --repeats "${OVERHEAD_REPEATS:-5}" --prefills "${OVERHEAD_PREFILLS:-3}" ${OVERHEAD_RAW:+--raw} ;;
     cut-select)
       python3 benchmarks/cut_select.py ${CUT_CELLS:+--cells $CUT_CELLS} ;;
     memory)

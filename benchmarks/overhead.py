@@ -12,7 +12,11 @@ Three settings, each run in a process of its own:
   --stock-python: the sdist installed with the CMake options of scripts/build_runtime.py);
 - `patched`: the same calls on the patched build (this environment);
 - `patched, controller`: loopserve-edge's `Context.decode` with the default configuration
-  (policy full, sparse prefill off): the controller's own path on top.
+  (policy full, sparse prefill off): the controller's own path on top;
+- with `--raw`, `patched, controller's context, bare steps`: the controller's context (its KV
+  pool: `kv_unified`, `max_resident` sequences), prefilled through `Context.decode`, its decode
+  steps as bare ctypes calls (batch, llama_decode, logits copied): the context's cost apart from
+  the controller's Python.
 The prompt is real passages (the benchmark's shared data), prefilled in one call (n_batch 2048,
 n_ubatch 512, flash attention off: llama-cpp-python's default); then `--decode` steps of one
 token each (the next tokens of the same text, so every setting decodes the same tokens, with no
@@ -35,13 +39,13 @@ CHILD = r"""
 import json, statistics, sys, time
 mode, model, tokens_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 extra, inner = json.loads(sys.argv[5]), int(sys.argv[6])
-if mode == "controller":
+if mode.startswith("controller"):
     import loopserve_edge  # noqa: F401  (llama.cpp's library before numpy)
 import llama_cpp
 d = json.load(open(tokens_file))
 prompt, follow = d["prompt"], d["follow"]
 kw = dict(n_ctx=len(prompt) + len(follow) + 64, n_threads=threads, n_batch=2048, verbose=False, **extra)
-if mode == "controller":
+if mode.startswith("controller"):
     from loopserve_edge import Llama, LoopServeConfig
     llm = Llama(model, loopserve=LoopServeConfig(max_resident=1), **kw)
     times = []
@@ -52,10 +56,25 @@ if mode == "controller":
         times.append(time.perf_counter() - t0)
         if k < inner:
             llm.forget(dlg)
-    t2 = time.perf_counter()
-    for i, tok in enumerate(follow):
-        llm.decode(dlg, [tok], [len(prompt) + i])
-    t3 = time.perf_counter()
+    if mode == "controller":
+        t2 = time.perf_counter()
+        for i, tok in enumerate(follow):
+            llm.decode(dlg, [tok], [len(prompt) + i])
+        t3 = time.perf_counter()
+    else:  # controller-raw: the controller's context, each step as bare ctypes calls
+        import ctypes
+        import numpy as np
+        ctx, b, seq = llm._ctx.ctx, llm._batch, dlg._seq
+        out = np.empty(llm.n_vocab, dtype=np.float32)
+        t2 = time.perf_counter()
+        for i, tok in enumerate(follow):
+            b.n_tokens = 1
+            b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = tok, len(prompt) + i, 1, 1
+            b.seq_id[0][0] = seq
+            if llama_cpp.llama_decode(ctx, b) != 0:
+                raise SystemExit("llama_decode failed")
+            ctypes.memmove(out.ctypes.data, llama_cpp.llama_get_logits_ith(ctx, -1), out.nbytes)
+        t3 = time.perf_counter()
 else:
     llm = llama_cpp.Llama(model, **kw)
     times = []
@@ -90,6 +109,9 @@ def main() -> None:
     ap.add_argument("--ubatch", type=int, default=512)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--raw", action="store_true",
+                    help="one more setting: the controller's context, its decode steps as bare ctypes calls (what "
+                         "the controller's context costs apart from its Python)")
     a = ap.parse_args()
     if (a.stock_python is None) == (a.stock_path is None):
         ap.error("give one of --stock-python and --stock-path")
@@ -110,6 +132,8 @@ def main() -> None:
         stock_env["PYTHONPATH"] = os.pathsep.join(x for x in (a.stock_path, os.environ.get("PYTHONPATH")) if x)
     settings = [("unpatched", a.stock_python or sys.executable, "stock"), ("patched", sys.executable, "stock"),
                 ("patched, controller", sys.executable, "controller")]
+    if a.raw:
+        settings.append(("patched, controller's context, bare steps", sys.executable, "controller-raw"))
     got: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"prompt": ids[: a.tokens], "follow": ids[a.tokens:]}, f)
