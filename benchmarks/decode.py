@@ -58,7 +58,7 @@ def speed(a, model):
         # head-wise cuts move each head's K/V rows in a graph: a cut costs more than cell-wise
         methods[f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")] = LoopServeConfig(
             max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
-            granularity=gran)
+            granularity=gran, cupy_select=a.cupy_select)
     print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} | vs. full @ 0 |")
     print("|---|---:|---:|---:|---:|")
     # every method's context is made first and the runs alternate between them (depth by
@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=LoopServeConfig.interval, help="speed: loopserve's interval")
     ap.add_argument("--window", type=int, default=LoopServeConfig.window, help="speed: loopserve's window")
     ap.add_argument("--granularity", default="cell", help="speed: loopserve's granularities, e.g. cell,head")
+    ap.add_argument("--cupy-select", default="auto", choices=["auto", "on", "off"],
+                    help="speed: where head-wise cuts choose (LoopServeConfig.cupy_select; off: the host's C++)")
     a = ap.parse_args()
 
     from loopserve_edge import runtime_info

@@ -6,7 +6,7 @@
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
 #            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities, DECODE_TOKENS (256),
 #            DECODE_REPEATS: runs per row, median printed; DECODE_DEPTHS, e.g. 0,2048,16384,65536;
-#            DECODE_PROFILE=1: per-step times by phase)
+#            DECODE_PROFILE=1: per-step times by phase; DECODE_CUPY=off: head-wise choice on the host)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
@@ -22,8 +22,11 @@
 #                   random weights at OVERHEAD_SHAPE (1b), OVERHEAD_TOKENS (8192) prefilled,
 #                   OVERHEAD_DECODE (256) steps, OVERHEAD_REPEATS (5), OVERHEAD_PREFILLS (3) timed per
 #                   process; OVERHEAD_RAW=1: the controller's context with bare decode steps as well
-#   cut-select - benchmarks/cut_select.py: a head-wise cut's selection with numpy and with the
-#            image's cupy, 135M/1B/8B shapes' rows at 2176-131072 cells (CUT_CELLS)
+#   cut-select - benchmarks/cut_select.py: a head-wise cut's choice with numpy, the runtime's C++
+#            and the image's cupy, 135M/1B/8B shapes' rows at 2176-131072 cells (CUT_CELLS; after build)
+#   cut-parts  - benchmarks/cut_parts.py: where a periodic cut's time goes while decoding (scores,
+#            choice, move; the steps around it), cell-wise and head-wise with the choice on the host
+#            and through cupy, random weights at the 1B shape, CUT_DEPTH (16384) tokens, budget 2048
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
 #            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
 #            n_ctx MEM_POOL 10240), f16 and q8_0 KV (stock: f16), peak GPU memory (8B shape, MEM_SHAPE)
@@ -200,7 +203,8 @@ for step in "$@"; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
             --depths "${DECODE_DEPTHS:-0,16384,65536}" --budget 2048 --tokens "${DECODE_TOKENS:-256}" \
-            --granularity "${DECODE_GRAN:-cell}" --repeats "${DECODE_REPEATS:-1}" ${DECODE_PROFILE:+--profile}
+            --granularity "${DECODE_GRAN:-cell}" --repeats "${DECODE_REPEATS:-1}" ${DECODE_PROFILE:+--profile} \
+            --cupy-select "${DECODE_CUPY:-auto}"
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;
@@ -244,6 +248,10 @@ for step in "$@"; do
           --threads 8 --repeats "${OVERHEAD_REPEATS:-5}" --prefills "${OVERHEAD_PREFILLS:-3}" ${OVERHEAD_RAW:+--raw} ;;
     cut-select)
       python3 benchmarks/cut_select.py ${CUT_CELLS:+--cells $CUT_CELLS} ;;
+    cut-parts)
+      [ -f /tmp/random-1b.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-1b.gguf 1b .carry/smollm2-tokenizer.gguf
+      python3 benchmarks/cut_parts.py --model /tmp/random-1b.gguf --n-gpu-layers -1 --flash-attn \
+          --depth "${CUT_DEPTH:-16384}" --budget 2048 --tokens 512 ;;
     memory)
       shape=${MEM_SHAPE:-8b}
       # values do not matter to memory: the quick random weights (--fast)

@@ -26,7 +26,6 @@ so a dialogue's positions stay within the trained range however long it grows.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import time
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from . import cupy_device
+from . import bindings, cupy_device
 from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError
 
@@ -49,10 +48,8 @@ SCORED = ("snapkv", "h2o", "loopserve")
 # this many the device's few ms of copies and launches would cost what the host takes
 CUPY_MIN_SCORES = 1 << 17
 CUPY_BLOCK = 1 << 23  # scores per block on the device: a few hundred MB at most, beside the model's
-# scores from which the host's blocks of rows run on up to 8 threads: on 2 cores they took
-# 29.8 -> 22.3 ms at 256 x 8192 and 627 -> 418 ms at 256 x 131072, and below ~1M scores the
-# handoff cost what it saved (benchmarks/results/cut-select.md)
-HOST_THREADS_MIN_SCORES = 1 << 20
+# threads of the host's choice (llama_loopserve_select_rows), which uses them from 2^16 scores on
+HOST_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 def pool(scores, kernel: int, xp=np):
@@ -135,24 +132,21 @@ def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.
             cupy_device.disable(e)
         finally:
             cupy_device.release(cp)
-    # blocks of 8 rows stay in the host's cache: ~35% faster than all rows at once; numpy lets
-    # go of the GIL in its loops, so the blocks of a large cut run on several cores
-    blocks = [rows[i:i + 8] for i in range(0, h, 8)]
-    keep = lambda b: _keep_rows(b, cfg.pooling, lo, hi, budget)  # noqa: E731
-    if len(blocks) > 1 and rows.size >= HOST_THREADS_MIN_SCORES:
-        return np.concatenate(list(_host_pool().map(keep, blocks)))
-    return np.concatenate([keep(b) for b in blocks])
+    return _select_host(rows, cfg.pooling, lo, hi, budget)
 
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)),
-                                                      thread_name_prefix="loopserve-cut")
-    return _pool
+def _select_host(rows: np.ndarray, kernel: int, lo: int, hi: int, budget: int) -> np.ndarray:
+    """_keep_rows on the host, in the runtime's C++ (llama_loopserve_select_rows): the same
+    cells, rounding and ties included, in one pass per row on up to HOST_THREADS threads,
+    where numpy's passes over blocks of rows took ~10 ms for a periodic cut at budget 2048."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    out = np.empty((rows.shape[0], budget), np.int32)
+    rc = bindings.llama_loopserve_select_rows(rows.ctypes.data_as(bindings._f32p), rows.shape[0], rows.shape[1],
+                                              kernel, lo, hi, budget, HOST_THREADS,
+                                              out.ctypes.data_as(bindings._i32p))
+    if rc != 0:
+        raise LoopServeError("a cut's scores cannot be ranked (NaN among them?)")
+    return out
 
 
 _warm = False

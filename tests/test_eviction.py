@@ -1,11 +1,11 @@
 """Progressive KV compression: budgets hold, positions stay right, nothing else changes."""
-import threading
 import types
 
 import numpy as np
 import pytest
 
-from loopserve_edge import LoopServeConfig, eviction
+from loopserve_edge import LoopServeConfig, bindings, eviction
+from loopserve_edge.errors import LoopServeError
 from loopserve_edge.eviction import aggregate, choose_keep, choose_keep_rows, pool
 
 GREEDY = dict(temperature=0)
@@ -99,17 +99,53 @@ def test_the_device_path_runs_where_asked_in_blocks_and_keeps_the_same_cells(mon
     assert dev.blocks == ([(5, 300)] * 4 + [(1, 300)] if device_used else [])
 
 
-def test_the_hosts_threads_keep_the_cells_one_thread_keeps(monkeypatch):
-    rows = _tied_rows(37, 500, 3)  # blocks of 8 rows: four whole ones and a part
-    c = cfg("loopserve", budget=100, cupy_select="off")
-    monkeypatch.setattr(eviction, "HOST_THREADS_MIN_SCORES", 1 << 62)
-    want = choose_keep_rows(rows, c, 100)
-    monkeypatch.setattr(eviction, "HOST_THREADS_MIN_SCORES", 1)
-    threads = []
-    real = eviction._keep_rows
-    monkeypatch.setattr(eviction, "_keep_rows", lambda *a: threads.append(threading.current_thread().name) or real(*a))
-    np.testing.assert_array_equal(choose_keep_rows(rows, c, 100), want)
-    assert len(threads) == 5 and all(t.startswith("loopserve-cut") for t in threads)
+def _attention_like(h, n, seed):
+    """A few large scores and many small, rounded to f16 so that many tie, and a zero row."""
+    rng = np.random.default_rng(seed)
+    rows = (rng.random((h, n), dtype=np.float32) ** 8).astype(np.float16).astype(np.float32)
+    rows[0] = 0.0
+    return rows
+
+
+@pytest.mark.parametrize("rows_of", [_tied_rows, _attention_like])
+@pytest.mark.parametrize("h,n,budget,pooling", [(37, 500, 100, 7), (21, 300, 100, 1), (5, 41, 24, 4),
+                                                (9, 90, 88, 7), (64, 2176, 2048, 7)])
+def test_the_runtimes_choice_keeps_what_numpys_keeps(rows_of, h, n, budget, pooling):
+    """The host's choice runs in the runtime's C++ (llama_loopserve_select_rows); numpy's
+    (_keep_rows, which the device path runs through cupy) is the reference: the same cells, the
+    pooling's rounding and the ties included. 64 x 2176 (a periodic cut at budget 2048) runs on
+    several threads."""
+    rows = rows_of(h, n, h + n)
+    c = cfg("loopserve", budget=budget, pooling=pooling, cupy_select="off")
+    want = eviction._keep_rows(rows, pooling, c.sink, n - c.recent, budget)
+    got = choose_keep_rows(rows, c, budget)
+    assert got.shape == (h, budget)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_runtimes_threads_keep_the_cells_one_thread_keeps():
+    rows = _attention_like(67, 2176, 5)  # 67 rows over 8 threads: the last thread's share is short
+    out = {}
+    for threads in (1, 8):
+        o = np.empty((67, 2048), np.int32)
+        assert bindings.llama_loopserve_select_rows(rows.ctypes.data_as(bindings._f32p), 67, 2176, 7, 4, 2112, 2048,
+                                                    threads, o.ctypes.data_as(bindings._i32p)) == 0
+        out[threads] = o
+    np.testing.assert_array_equal(out[1], out[8])
+    np.testing.assert_array_equal(out[1], eviction._keep_rows(rows, 7, 4, 2112, 2048))
+
+
+def test_scores_that_cannot_be_ranked_get_a_clear_error():
+    rows = _tied_rows(4, 300, 0)
+    rows[2, 50] = np.nan
+    with pytest.raises(LoopServeError, match="cannot be ranked"):
+        choose_keep_rows(rows, cfg("loopserve", budget=100, cupy_select="off"), 100)
+    o = np.empty((1, 10), np.int32)
+    ok = np.zeros((1, 20), np.float32)
+    # a budget below the sinks and recent cells, or above the cells: refused
+    for lo, hi, budget in ((4, 10, 9), (0, 20, 21), (5, 3, 10)):
+        assert bindings.llama_loopserve_select_rows(ok.ctypes.data_as(bindings._f32p), 1, 20, 1, lo, hi, budget, 1,
+                                                    o.ctypes.data_as(bindings._i32p)) == -1
 
 
 def test_a_device_out_of_memory_falls_back_to_the_host_for_that_cut(monkeypatch):

@@ -298,6 +298,24 @@ LLAMA_API int32_t llama_loopserve_seq_keep_per_head(struct llama_context * ctx,
                                                     const int32_t *        sel,
                                                     int32_t                n_keep);
 
+// The choice of a head-wise cut, on the host (no context needed): for each of n_rows rows of
+// n scores (row-major), the `budget` cells it keeps, as ascending indices into out
+// [n_rows][budget]. Each row is smoothed first by the mean over `kernel` neighbouring cells
+// (edges repeated, summed left to right in double precision); cells below `lo` and from `hi`
+// on (the sinks and the recent cells) are always kept; of the rest the highest, and among
+// those tied at the budget-th highest value, the latest cells. The controller's numpy choice
+// (eviction.choose_keep_rows) is the same, rounding included. Rows run on up to n_threads
+// threads. Returns 0; -1 on bad arguments (budget outside [lo + n - hi, n], a NaN score).
+LLAMA_API int32_t llama_loopserve_select_rows(const float * scores,
+                                              int32_t       n_rows,
+                                              int32_t       n,
+                                              int32_t       kernel,
+                                              int32_t       lo,
+                                              int32_t       hi,
+                                              int32_t       budget,
+                                              int32_t       n_threads,
+                                              int32_t *     out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,7 +16,7 @@
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 3
+#define LLAMA_LOOPSERVE_API_VERSION 4
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;
