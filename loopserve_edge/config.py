@@ -117,9 +117,10 @@ class LoopServeConfig:
     pooling: int = 7        # smoothing kernel over positions (1 = none)
     aggregate: str = "mean"  # over layers and KV heads: mean | max
     # Where a head-wise cut chooses its cells: "auto" on a CUDA device through cupy (the
-    # optional extra `loopserve-edge[cuda]`) when it is installed and the scores are large
-    # (eviction.CUPY_MIN_SCORES), else with numpy; "on" with cupy at any size where it is
-    # installed; "off" always numpy. The host and the device choose the same cells.
+    # optional extra `loopserve-edge[cuda]`) when it is installed and the scores are many
+    # (eviction.CUPY_MIN_SCORES: a cut after a long prefill), else on the host (the runtime's
+    # C++, on several threads); "on" with cupy at any size where it is installed; "off" always
+    # on the host. The host and the device choose the same cells.
     cupy_select: str = "auto"
 
     def __post_init__(self) -> None:

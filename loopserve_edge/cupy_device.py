@@ -1,7 +1,7 @@
 """cupy, where it is installed (`pip install loopserve-edge[cuda]`) and a CUDA device is
-visible: the array module that a head-wise cut's selection runs on when its scores are large
-(eviction.choose_keep_rows; the sizes where that pays: benchmarks/cut_select.py). numpy stays
-the path everywhere else."""
+visible: the array module that a head-wise cut's selection runs on when its scores are many
+(eviction.choose_keep_rows; the sizes where that pays: benchmarks/cut_select.py). The host
+(the runtime's C++) chooses everywhere else."""
 from __future__ import annotations
 
 import warnings
@@ -23,11 +23,11 @@ def module():
 
 def disable(error: BaseException) -> None:
     """cupy failed at something other than memory (a wheel without the CUDA libraries it needs
-    compiles no kernel, say): say so once, and let numpy do the work from now on."""
+    compiles no kernel, say): say so once, and let the host do the work from now on."""
     global _cupy
     _cupy = None
     warnings.warn(f"loopserve-edge: cupy failed ({type(error).__name__}: {error}); head-wise cuts "
-                  "choose their cells with numpy instead", RuntimeWarning, stacklevel=3)
+                  "choose their cells on the host instead", RuntimeWarning, stacklevel=3)
 
 
 def release(cp) -> None:

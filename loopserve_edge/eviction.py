@@ -41,12 +41,12 @@ if TYPE_CHECKING:
     from .context import Context
 
 SCORED = ("snapkv", "h2o", "loopserve")
-# scores of a head-wise cut from which cupy_select="auto" selects on the device (where cupy is
-# installed and sees one). On the H200 the device was faster at every size measured, from the
-# 135M shape's periodic cut (90 rows x 2176 cells: 4.9 against 7.0 ms) to the 8B shape's cut
-# after 128K (256 x 131072: 68 against 773 ms; benchmarks/results/cut-select.md); below about
-# this many the device's few ms of copies and launches would cost what the host takes
-CUPY_MIN_SCORES = 1 << 17
+# scores of a head-wise cut from which cupy_select="auto" chooses on the device (where cupy is
+# installed and sees one). On the H200 the runtime's C++ on 8 host threads was faster below
+# about this many: 1.1 against 5.1 ms for the 1B shape's periodic cut (128 rows x 2176 cells),
+# 13 against 16 ms at 128 x 32768, 24 against 25 ms at 256 x 32768; from here on the device:
+# 46 / 42 ms at 128 x 131072, 89 / 60 ms at 256 x 131072 (benchmarks/results/cut-select.md)
+CUPY_MIN_SCORES = 1 << 24
 CUPY_BLOCK = 1 << 23  # scores per block on the device: a few hundred MB at most, beside the model's
 # threads of the host's choice (llama_loopserve_select_rows), which uses them from 2^16 scores on
 HOST_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -361,8 +361,10 @@ class Evictor:
         sel = choose_keep_rows(rows, self.cfg, budget)
         self.llm.keep_per_head(dlg, sel)
         dlg.layout = "head"
-        positions = np.asarray(dlg.positions)
-        latest = sel[np.argmax(positions[sel], axis=0), np.arange(sel.shape[1])]
+        # the cells are in position order and each head's row ascends, so the latest token kept
+        # in column j is the highest index there (4 ms less a cut than a gather and an argmax
+        # over [heads, budget] positions at the 1B shape's 128 x 2048)
+        latest = sel.max(axis=0)
         # the rows went to the dialogue's lowest cells: no holes to pack, but in the window
         # cache of a sliding-window model, which is cut cell-wise
         self._after_cut(dlg, latest, n - sel.shape[1], t0, pack=self.llm.sliding_window)

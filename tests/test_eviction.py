@@ -159,11 +159,11 @@ def test_a_device_out_of_memory_falls_back_to_the_host_for_that_cut(monkeypatch)
     assert eviction.cupy_device.module() is dev  # tried again at the next cut
 
 
-def test_any_other_device_failure_is_said_once_and_numpy_does_the_work_from_then_on(monkeypatch):
+def test_any_other_device_failure_is_said_once_and_the_host_does_the_work_from_then_on(monkeypatch):
     rows = _tied_rows(9, 200, 2)
     c = cfg("loopserve", budget=64, cupy_select="on")
     monkeypatch.setattr(eviction.cupy_device, "_cupy", _NumpyAsDevice(fail=RuntimeError("no NVRTC")))
-    with pytest.warns(RuntimeWarning, match="cupy failed .*no NVRTC.*numpy instead"):
+    with pytest.warns(RuntimeWarning, match="cupy failed .*no NVRTC.*on the host instead"):
         got = choose_keep_rows(rows, c, 64)
     np.testing.assert_array_equal(got, choose_keep_rows(rows, cfg("loopserve", budget=64, cupy_select="off"), 64))
     assert eviction.cupy_device.module() is None
