@@ -123,46 +123,19 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
         return -1;
     }
 
-    // 1. move the rows. K/V in host memory (the CPU backend) move by bytes: a head's part of a
-    //    row is whole blocks, so a copy is exact for every movable type, and it skips
-    //    get_rows/set_rows's conversions through f32 (a cut of the default model's 90 heads x
-    //    512 cells on 2 cores took ~10 ms through the graph). Each head's rows are gathered
-    //    before any is written: a destination may be a later source of the same head.
+    // 1. move the rows: first those in a device's memory, through a graph (if it fails,
+    //    nothing has moved), then those in host memory, by bytes.
     const auto on_host = [](const ggml_tensor * t) {
         return t->data != nullptr && t->buffer != nullptr && ggml_backend_buffer_is_host(t->buffer);
     };
     ggml_backend_sched_t sched = lctx->get_sched();
     ggml_backend_sched_synchronize(sched);  // nothing queued may still read or write them
-    std::vector<uint8_t> rows_tmp;
-    bool                 any_device = false;
-    size_t               h0         = 0;
+    bool any_device = false;
     for (const auto & layer : layers) {
-        const int64_t n_head_kv = hparams.n_head_kv(layer.il);
-        for (auto [t, d] : {
-                 std::pair{ layer.k_stream[strm], hparams.n_embd_head_k(layer.il) },
-                 std::pair{ layer.v_stream[strm], hparams.n_embd_head_v(layer.il) }
-        }) {
-            if (!on_host(t)) {
-                any_device = true;
-                continue;
-            }
-            const size_t part = ggml_row_size(t->type, d);
-            uint8_t *    base = (uint8_t *) t->data;
-            rows_tmp.resize(n_keep * part);
-            for (int64_t hh = 0; hh < n_head_kv; ++hh) {
-                const uint32_t * src = head_src.data() + (h0 + hh) * n_keep;
-                for (size_t j = 0; j < n_keep; ++j) {
-                    memcpy(rows_tmp.data() + j * part, base + (size_t) src[j] * t->nb[1] + hh * part, part);
-                }
-                for (size_t j = 0; j < n_keep; ++j) {
-                    memcpy(base + (size_t) dst[j] * t->nb[1] + hh * part, rows_tmp.data() + j * part, part);
-                }
-            }
-        }
-        h0 += n_head_kv;
+        any_device = any_device || !on_host(layer.k_stream[strm]) || !on_host(layer.v_stream[strm]);
     }
 
-    //    Elsewhere (a device's memory): per layer, one get_rows of every KV head's part of the K
+    //    In a device's memory: per layer, one get_rows of every KV head's part of the K
     //    (then V) rows at that head's kept cells (a view with the heads outermost, indexed per
     //    head), one set_rows into the destination cells, all in one graph on the cache's backend
     //    (the sources are read before anything is written: set_rows waits for them). A pair per
@@ -188,7 +161,7 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
                      std::pair{ layer.v_stream[strm], hparams.n_embd_head_v(layer.il) }
             }) {
                 if (on_host(t)) {
-                    continue;  // moved above
+                    continue;  // moved below
                 }
                 // [d, cells, heads]: row j of head hh is the head's part of cell j
                 ggml_tensor * part =
@@ -210,6 +183,38 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
         if (!ok) {
             return -3;
         }
+    }
+
+    //    K/V in host memory (the CPU backend) move by bytes: a head's part of a row is whole
+    //    blocks, so a copy is exact for every movable type, and it skips get_rows/set_rows's
+    //    conversions through f32 (a cut of the default model's 90 heads x 512 cells on 2 cores
+    //    took ~10 ms through the graph). Each head's rows are gathered before any is written: a
+    //    destination may be a later source of the same head.
+    std::vector<uint8_t> rows_tmp;
+    size_t               h0 = 0;
+    for (const auto & layer : layers) {
+        const int64_t n_head_kv = hparams.n_head_kv(layer.il);
+        for (auto [t, d] : {
+                 std::pair{ layer.k_stream[strm], hparams.n_embd_head_k(layer.il) },
+                 std::pair{ layer.v_stream[strm], hparams.n_embd_head_v(layer.il) }
+        }) {
+            if (!on_host(t)) {
+                continue;  // moved above
+            }
+            const size_t part = ggml_row_size(t->type, d);
+            uint8_t *    base = (uint8_t *) t->data;
+            rows_tmp.resize(n_keep * part);
+            for (int64_t hh = 0; hh < n_head_kv; ++hh) {
+                const uint32_t * src = head_src.data() + (h0 + hh) * n_keep;
+                for (size_t j = 0; j < n_keep; ++j) {
+                    memcpy(rows_tmp.data() + j * part, base + (size_t) src[j] * t->nb[1] + hh * part, part);
+                }
+                for (size_t j = 0; j < n_keep; ++j) {
+                    memcpy(base + (size_t) dst[j] * t->nb[1] + hh * part, rows_tmp.data() + j * part, part);
+                }
+            }
+        }
+        h0 += n_head_kv;
     }
 
     // 2. the cells: every cell of the sequence is emptied, then the destinations hold it again
