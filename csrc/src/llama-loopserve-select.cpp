@@ -9,6 +9,7 @@
 #include "llama-loopserve.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -16,8 +17,9 @@
 #include <vector>
 
 // One row: pooled scores into s (n), then the kept indices, ascending, into out (budget).
-// d and tmp are the caller's buffers, reused from row to row.
-static void loopserve_select_row(const float *         row,
+// d and tmp are the caller's buffers, reused from row to row. False if the row holds a NaN
+// (no order to choose by).
+static bool loopserve_select_row(const float *         row,
                                  int32_t               n,
                                  int32_t               kernel,
                                  int32_t               lo,
@@ -34,6 +36,9 @@ static void loopserve_select_row(const float *         row,
     d.resize((size_t) n + kernel);
     for (int32_t i = 0; i < n + kernel - 1; ++i) {
         d[i] = row[std::clamp(i - pad, 0, n - 1)];
+        if (std::isnan(d[i])) {
+            return false;
+        }
     }
     for (int32_t i = 0; i < n; ++i) {
         s[i] = d[i];
@@ -80,6 +85,7 @@ static void loopserve_select_row(const float *         row,
             out[k++] = i;
         }
     }
+    return true;
 }
 
 int32_t llama_loopserve_select_rows(const float * scores,
@@ -95,26 +101,25 @@ int32_t llama_loopserve_select_rows(const float * scores,
         lo < 0 || hi < lo || hi > n || lo + (n - hi) > budget) {
         return -1;
     }
-    for (int64_t i = 0; i < (int64_t) n_rows * n; ++i) {
-        if (std::isnan(scores[i])) {
-            return -1;  // no order to choose by
-        }
-    }
     // threads from 2^16 scores on: below that starting them costs about what they save
-    const int64_t total = (int64_t) n_rows * n;
-    int32_t       nt    = total < (1 << 16) ? 1 : std::max(1, std::min(n_threads, n_rows));
-    const auto    work  = [&](int32_t r0, int32_t r1) {
+    const int64_t     total = (int64_t) n_rows * n;
+    int32_t           nt    = total < (1 << 16) ? 1 : std::max(1, std::min(n_threads, n_rows));
+    std::atomic<bool> ok{ true };
+    const auto        work = [&](int32_t r0, int32_t r1) {
         std::vector<double> d;
         std::vector<double> s((size_t) n);
         std::vector<double> tmp((size_t) n);
         for (int32_t r = r0; r < r1; ++r) {
-            loopserve_select_row(scores + (size_t) r * n, n, kernel, lo, hi, budget, d, s, tmp,
-                                     out + (size_t) r * budget);
+            if (!loopserve_select_row(scores + (size_t) r * n, n, kernel, lo, hi, budget, d, s, tmp,
+                                             out + (size_t) r * budget)) {
+                ok = false;
+                return;
+            }
         }
     };
     if (nt <= 1) {
         work(0, n_rows);
-        return 0;
+        return ok ? 0 : -1;
     }
     std::vector<std::thread> threads;
     const int32_t            per = (n_rows + nt - 1) / nt;
@@ -125,5 +130,5 @@ int32_t llama_loopserve_select_rows(const float * scores,
     for (auto & th : threads) {
         th.join();
     }
-    return 0;
+    return ok ? 0 : -1;
 }
