@@ -105,18 +105,27 @@ def speed(a, model):
             spread = f" ({min(r[0] for r in runs):.1f}-{max(r[0] for r in runs):.1f})" if len(runs) > 1 else ""
             print(f"| {name} | {depth} | {cells} | {tps:.1f}{spread} | {tps / base:.0%} |", flush=True)
             if a.profile:
-                profile_line(dt, cfg)
+                # a dialogue that reached the budget was cut at the end of the first turn, so the
+                # timed turn's prefill took it past the budget: its first defer_cut steps are
+                # scored for the cut after that prefill, whatever their phase in the interval
+                profile_line(dt, cfg, deferred=cfg.policy == "loopserve" and cells >= a.budget)
 
 
-def profile_line(dt: np.ndarray, cfg) -> None:
+def profile_line(dt: np.ndarray, cfg, deferred: bool = False) -> None:
     """Where decode time goes inside an interval. Step g (between sampling generated
     tokens g and g+1) decodes token g, then runs the hooks after it: at the window's start
     they turn scoring on, so the next `window` decodes are scored; every `interval` tokens
-    the last of them is followed by the compression, which turns scoring off."""
-    phase = np.arange(1, len(dt) + 1) % cfg.interval
+    the last of them is followed by the compression, which turns scoring off. With `deferred`
+    the turn's first `defer_cut` decodes are scored too and the last of them ends with the
+    cut after the prefill: they are counted apart (session 19 counted them as plain)."""
+    g = np.arange(len(dt))
+    phase = (g + 1) % cfg.interval
     start = cfg.interval - min(cfg.window, cfg.interval)
-    groups = {"scored + compress": phase == 0, "scoring on": phase == start,
-              "scored": phase > start, "plain": (phase < start) & (phase != 0)}
+    first = g < (cfg.defer_cut if deferred else 0)
+    groups = {"deferred: scored": first & (g < cfg.defer_cut - 1),
+              "deferred: scored + cut": first & (g == cfg.defer_cut - 1),
+              "scored + compress": ~first & (phase == 0), "scoring on": ~first & (phase == start),
+              "scored": ~first & (phase > start), "plain": ~first & (phase < start) & (phase != 0)}
     parts = [f"{k} {1e3 * np.mean(dt[m]):.2f} ms x{int(m.sum())}" for k, m in groups.items() if m.any()]
     print(f"|   | per step (mean) | {', '.join(parts)} | | |", flush=True)
 

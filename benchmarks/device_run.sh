@@ -24,6 +24,9 @@
 #                   process; OVERHEAD_RAW=1: the controller's context with bare decode steps as well
 #   cut-select - benchmarks/cut_select.py: a head-wise cut's choice with numpy, the runtime's C++
 #            and the image's cupy, 135M/1B/8B shapes' rows at 2176-131072 cells (CUT_CELLS; after build)
+#   scored-step - benchmarks/scored_step.py: a scored decode step against a plain one at SCORED_CELLS
+#            (311,2304,8192) cells, SCORED_SHAPES (1b 135m), CUDA graphs on, then off (1B); with nsys on
+#            the image, its CUDA API summary of the 1B scored run at 2304 cells
 #   cut-parts  - benchmarks/cut_parts.py: where a periodic cut's time goes while decoding (scores,
 #            choice, move; the steps around it), cell-wise and head-wise with the choice on the host
 #            and through cupy, random weights at the 1B shape, CUT_DEPTH (16384) tokens, budget 2048
@@ -381,6 +384,22 @@ for step in "$@"; do
       mkdir -p "$OUT/report/plots"
       cp "$dir"/summary.md "$dir"/summary.csv "$OUT/report/"
       cp "$dir"/plots/*.png "$OUT/report/plots/" 2>/dev/null || true ;;
+    scored-step)
+      for shape in ${SCORED_SHAPES:-1b 135m}; do
+        [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+        python3 benchmarks/scored_step.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
+            --cells "${SCORED_CELLS:-311,2304,8192}" --steps 300
+      done
+      echo "CUDA graphs off (GGML_CUDA_DISABLE_GRAPHS=1):"
+      GGML_CUDA_DISABLE_GRAPHS=1 python3 benchmarks/scored_step.py --model /tmp/random-1b.gguf --n-gpu-layers -1 \
+          --flash-attn --cells "${SCORED_CELLS:-311,2304,8192}" --steps 300
+      if command -v nsys >/dev/null; then
+        nsys profile -o /tmp/scored --force-overwrite true --stats=false python3 benchmarks/scored_step.py \
+            --model /tmp/random-1b.gguf --n-gpu-layers -1 --flash-attn --cells 2304 --steps 300 \
+          && nsys stats --report cuda_api_sum --report cuda_gpu_kern_sum /tmp/scored.nsys-rep | head -80
+      else
+        echo "no nsys on this image"
+      fi ;;
     cmd:*)
       # any command in this environment: device_run.sh 'cmd:python3 benchmarks/x.py ...'
       bash -c "${step#cmd:}" ;;

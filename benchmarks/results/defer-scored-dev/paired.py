@@ -1,0 +1,41 @@
+"""Paired differences on the same dialogues: each method against the reference, per measure.
+
+    python benchmarks/results/defer-scored-dev/paired.py RUN_FOLDER REFERENCE METHOD... [--budget 256]
+
+Means (the mean of the task means) with 95% intervals, and the paired difference with its 95%
+interval (loopserve_edge.bench.report.paired: bootstrap over dialogues, resampled within tasks)."""
+import argparse
+import json
+from pathlib import Path
+
+from loopserve_edge.bench import report, stats
+
+ap = argparse.ArgumentParser()
+ap.add_argument("folder")
+ap.add_argument("reference")
+ap.add_argument("methods", nargs="+")
+ap.add_argument("--budget", type=int, default=256)
+a = ap.parse_args()
+latest = {}
+for line in (Path(a.folder) / "runs.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    latest[r["case"], r.get("method_name", r["method"]), r.get("budget")] = r  # the last record wins
+
+
+def values(name, key):
+    return report.case_values([r for (_, m, b), r in latest.items() if m == name and b == a.budget], key)
+
+
+def pct(key, x):
+    return f"{100 * x:+.2f}" if key in ("same_greedy", "later_same_greedy") else f"{x:+.4f}"
+
+
+for name in a.methods:
+    print(f"{name}@{a.budget} against {a.reference}@{a.budget}:")
+    for key in ("same_greedy", "later_same_greedy", "mean_kl", "score"):
+        mine, ref = values(name, key), values(a.reference, key)
+        m = stats.stratified_ci(report._by_task(mine))
+        r = stats.stratified_ci(report._by_task(ref))
+        d = report.paired(mine, ref)
+        print(f"  {key}: {m[0]:.4f} [{m[1]:.4f}, {m[2]:.4f}] vs. {r[0]:.4f} (n={len(mine)}); "
+              f"paired {pct(key, d[0])} [{pct(key, d[1])}, {pct(key, d[2])}]")
