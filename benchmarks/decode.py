@@ -55,10 +55,13 @@ def speed(a, model):
     n_ctx = max(depths) + a.tokens + 1024
     methods = {"full": LoopServeConfig(max_resident=1)}
     for gran in a.granularity.split(","):
-        # head-wise cuts move each head's K/V rows in a graph: a cut costs more than cell-wise
-        methods[f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")] = LoopServeConfig(
-            max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
-            granularity=gran, cupy_select=a.cupy_select)
+        for ds in a.defer_scored.split(","):
+            # head-wise cuts move each head's K/V rows in a graph: a cut costs more than cell-wise;
+            # "-sN": the deferred cut scored by the reply's first N tokens only (defer_scored)
+            name = f"loopserve@{a.budget}" + ("-head" if gran == "head" else "") + ("" if ds == "all" else f"-s{ds}")
+            methods[name] = LoopServeConfig(
+                max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
+                granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds))
     print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} | vs. full @ 0 |")
     print("|---|---:|---:|---:|---:|")
     # every method's context is made first and the runs alternate between them (depth by
@@ -185,6 +188,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="speed: per-step times by phase")
     ap.add_argument("--interval", type=int, default=LoopServeConfig.interval, help="speed: loopserve's interval")
     ap.add_argument("--window", type=int, default=LoopServeConfig.window, help="speed: loopserve's window")
+    ap.add_argument("--defer-scored", default="all",
+                    help="speed: loopserve's defer_scored values, e.g. all,4 (all: every token the deferred "
+                         "cut waits for scores it)")
     ap.add_argument("--granularity", default="cell", help="speed: loopserve's granularities, e.g. cell,head")
     ap.add_argument("--cupy-select", default="auto", choices=["auto", "on", "off"],
                     help="speed: where head-wise cuts choose (LoopServeConfig.cupy_select; off: the host's C++)")

@@ -6,7 +6,8 @@
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
 #            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities, DECODE_TOKENS (256),
 #            DECODE_REPEATS: runs per row, median printed; DECODE_DEPTHS, e.g. 0,2048,16384,65536;
-#            DECODE_PROFILE=1: per-step times by phase; DECODE_CUPY=off: head-wise choice on the host)
+#            DECODE_PROFILE=1: per-step times by phase; DECODE_CUPY=off: head-wise choice on the host;
+#            DECODE_DEFER_SCORED=all,4: loopserve rows with each defer_scored)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
@@ -207,7 +208,7 @@ for step in "$@"; do
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
             --depths "${DECODE_DEPTHS:-0,16384,65536}" --budget 2048 --tokens "${DECODE_TOKENS:-256}" \
             --granularity "${DECODE_GRAN:-cell}" --repeats "${DECODE_REPEATS:-1}" ${DECODE_PROFILE:+--profile} \
-            --cupy-select "${DECODE_CUPY:-auto}"
+            --cupy-select "${DECODE_CUPY:-auto}" --defer-scored "${DECODE_DEFER_SCORED:-all}"
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;

@@ -247,7 +247,7 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
     conversation prefills only its new messages. Dialogues are saved to
     DIALOGUES_DIR/server/<model> when idle and on shutdown, and found again after a restart.
     LoopServe settings may also be given per request in a "loopserve" object (policy, budget,
-    interval, window, defer_cut)."""
+    interval, window, defer_cut, defer_scored)."""
     import uvicorn
 
     from .llama import Llama

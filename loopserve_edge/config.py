@@ -85,6 +85,13 @@ class LoopServeConfig:
     # `interval`: the cut waits for it, and the periodic cuts start after it. Until then the
     # dialogue holds the whole input, as its prefill did, and decodes over it.
     defer_cut: int | None = None
+    # of the `defer_cut` generated tokens the deferred cut waits for, how many (the first) score
+    # it; None: all of them. A scored decode step costs more than a plain one (on the H200 +0.6
+    # ms at 2304 cells, 1B shape: benchmarks/results/scored-step.md) and in short-reply chats
+    # nearly every step of a reply is one of these. On the dev split 4 kept full's greedy token
+    # as often as all 32 (-0.15 points [-0.72, +0.42], mean KL +0.012 [-0.001, +0.026];
+    # benchmarks/results/defer-scored-dev/): not the default until the test split says so.
+    defer_scored: int | None = None
     # Positions after a cut. "auto": once the highest position passes half the model's trained
     # context, a cut gives the kept cells consecutive positions again (their keys re-rotated,
     # as StreamingLLM does), so that positions stay within the trained range however long a
@@ -148,6 +155,8 @@ class LoopServeConfig:
             object.__setattr__(self, "defer_cut", 32)
         if self.defer_cut < 0:
             raise ValueError("defer_cut must be >= 0")
+        if self.defer_scored is not None and self.defer_scored < 0:
+            raise ValueError("defer_scored must be >= 0 or None")
         if self.budget is not None and self.budget < self.sink + self.recent + 1:
             raise ValueError(f"budget {self.budget} leaves no room beside sink={self.sink} and "
                              f"recent={self.recent} cells")

@@ -10,7 +10,8 @@ Policies (LoopServeConfig.policy):
 - loopserve  scores with the most recent `window` output tokens and compresses every
              `interval` generated tokens (progressive: each turn builds on the last).
              After a prefill it cuts at once, scored by the input's last `prefill_window` tokens,
-             or, with `defer_cut` > 0, after that many generated tokens, scored by them too.
+             or, with `defer_cut` > 0, after that many generated tokens, scored by them too
+             (by the first `defer_scored` of them when set).
 
 An input that does not fit in n_ctx beside the history (with a policy that evicts) is
 prefilled in chunks that fill the free cells, each cut back to the budget (streaming: by
@@ -260,9 +261,10 @@ class Evictor:
             return
         if (self.cfg.policy == "loopserve" and self.cfg.defer_cut > 0
                 and len(dlg.positions) > self.cfg.budget):
-            # the first generated tokens add to the input window's scores, then the cut
+            # the first generated tokens (defer_scored of them) add to the input window's
+            # scores, then the cut
             self.deferred.add(id(dlg))
-            self._window(dlg, 1)
+            self._window(dlg, 0 if self.cfg.defer_scored == 0 else 1)
             return
         self.compress(dlg)
         if self.cfg.policy == "h2o":
@@ -277,6 +279,8 @@ class Evictor:
             return
         if id(dlg) in self.deferred:
             if n_generated < self.cfg.defer_cut:
+                if n_generated == self.cfg.defer_scored:
+                    self._window(dlg, 0)  # the rest of the wait decodes unscored
                 return
             self._deferred_cut(dlg)
         if n_generated % self.cfg.interval == 0:

@@ -311,7 +311,8 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
                             "loopserve-prefill-u4096", "loopserve-prefill-q32", "loopserve-both", "streaming-chunked",
                             "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
-                            "loopserve-d32", "loopserve-d32-head", "loopserve-d32-q8", "loopserve-d32-head-q8"}
+                            "loopserve-d32", "loopserve-d32-head", "loopserve-d32-q8", "loopserve-d32-head-q8",
+                            "loopserve-d32-s4-head"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
     # the default configuration is loopserve-d32
     assert Run(METHODS["loopserve-d32"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
@@ -327,6 +328,8 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     assert Run(METHODS["loopserve-prefill-q32"], None, 0.95).config().last_q == 32
     assert Run(METHODS["loopserve-d32-head"], 256).config().granularity == "head"
     assert Run(METHODS["loopserve"], 256).config().defer_cut == 0
+    s4 = Run(METHODS["loopserve-d32-s4-head"], 256).config()
+    assert (s4.defer_cut, s4.defer_scored, s4.granularity) == (32, 4, "head")
     head = Run(METHODS["loopserve-defer-head"], 256).config()
     assert (head.granularity, head.defer_cut, head.policy) == ("head", 4, "loopserve")
     assert Run(METHODS["snapkv"], 256).config().granularity == "cell"

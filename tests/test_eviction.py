@@ -525,6 +525,32 @@ def test_an_input_is_scored_by_its_prefill_window_and_decoding_by_window(tiny_mo
     assert LoopServeConfig(policy=policy, budget=256, window=8).prefill_window == 8   # None: `window`
 
 
+@pytest.mark.parametrize("scored", [None, 0, 3])
+def test_defer_scored_limits_the_generated_tokens_that_score_the_deferred_cut(tiny_model, make_llm, scored):
+    c = cfg("loopserve", budget=48, prefill_window=16, window=4, defer_cut=12, defer_scored=scored)
+    llm = make_llm(tiny_model, loopserve=c)
+    d = llm.dialogue()
+    rows, windows, real = [], [], d.evictor.compress
+
+    def compress(dlg):
+        rows.append(llm.score_rows(dlg))
+        real(dlg)
+
+    def greedy(logits):  # before each generated token is decoded: is that decode scored?
+        windows.append(llm.score_window)
+        return int(np.argmax(logits))
+
+    d.evictor.compress = compress
+    d.send("w" * 120, max_tokens=40, token_fn=greedy)
+    n = 12 if scored is None else scored
+    # the input's last 16 tokens and the first n generated ones; the cut still waits for 12
+    assert rows[0] == 16 + n and set(rows[1:]) == {4}
+    assert [w > 0 for w in windows[:12]] == [k < n for k in range(12)]
+    assert d.evicted > 0 and d.n_cells <= c.budget + c.interval
+    with pytest.raises(ValueError, match="defer_scored"):
+        LoopServeConfig(policy="loopserve", budget=256, defer_scored=-1)
+
+
 def test_defer_cut_is_32_by_default_whatever_the_interval():
     assert LoopServeConfig(policy="loopserve", budget=256).defer_cut == 32   # interval 16
     assert LoopServeConfig(policy="loopserve", budget=4096).defer_cut == 32  # interval 128

@@ -137,6 +137,21 @@ def test_an_edited_history_branches_and_the_original_goes_on(server):
     assert u.prompt_tokens_details.cached_tokens > cached
 
 
+def test_request_settings_set_defer_scored_and_refuse_bad_values():
+    from loopserve_edge import LoopServeConfig
+    from loopserve_edge.server import protocol
+
+    base = LoopServeConfig(policy="loopserve", budget=256, defer_scored=8)
+    parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
+    assert protocol.merged_config(base, parse({"defer_scored": 4})).defer_scored == 4
+    assert protocol.merged_config(base, parse({"defer_scored": None})).defer_scored is None   # all
+    assert protocol.merged_config(base, parse({"window": 8})).defer_scored == 8               # kept
+    with pytest.raises(protocol.ApiError, match="defer_scored"):
+        protocol.merged_config(base, parse({"defer_scored": -1}))
+    with pytest.raises(protocol.ApiError, match="defer_scored"):
+        parse({"defer_scored": "four"})
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     post = lambda body: httpx.post(server.url + "/v1/chat/completions", content=body,  # noqa: E731
                                    headers={"Content-Type": "application/json"})

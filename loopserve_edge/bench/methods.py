@@ -63,6 +63,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "first 32 generated tokens (the default)", options=(("defer_cut", 32),)),
     Method("loopserve-d32-head", "loopserve", describe="loopserve-d32, each KV head keeping its own tokens",
            options=(("defer_cut", 32), ("granularity", "head"))),
+    # issue 15's decode speed: the deferred cut scored by the reply's first 4 tokens instead of
+    # all 32 it waits for (a scored step costs more; dev split: within noise of all 32,
+    # benchmarks/results/defer-scored-dev/)
+    Method("loopserve-d32-s4-head", "loopserve", describe="loopserve-d32-head, the deferred cut scored "
+           "by the first 4 generated tokens only", options=(("defer_cut", 32), ("defer_scored", 4),
+                                                           ("granularity", "head"))),
     # issue 15: head-wise at budget B does not keep what cell-wise keeps at 2B; q8_0 K/V hold
     # 2B cells in 1.06x the bytes of B f16 ones, so these two ask whether quantized K/V buy
     # the memory that selection does not

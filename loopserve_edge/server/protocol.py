@@ -16,7 +16,7 @@ from ..config import LoopServeConfig
 
 # per-request LoopServe settings (the request's "loopserve" object) and their types
 LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int, "defer_cut": int,
-                    "granularity": str, "sparse_prefill": bool, "alpha": float}
+                    "defer_scored": int, "granularity": str, "sparse_prefill": bool, "alpha": float}
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -152,7 +152,7 @@ def _loopserve(v) -> dict:
         t = LOOPSERVE_FIELDS.get(k)
         if t is None:
             raise _bad(f"unknown loopserve setting {k!r}; known: {', '.join(LOOPSERVE_FIELDS)}", f"loopserve.{k}")
-        if not (_is(x, t) or (k == "budget" and x is None)):
+        if not (_is(x, t) or (k in ("budget", "defer_scored") and x is None)):
             raise _bad(f"loopserve.{k} must be of type {t.__name__}", f"loopserve.{k}")
     return dict(v)
 
