@@ -89,8 +89,8 @@ class LoopServeConfig:
     # it; None: all of them. A scored decode step costs more than a plain one (on the H200 +0.6
     # ms at 2304 cells, 1B shape: benchmarks/results/scored-step.md) and in short-reply chats
     # nearly every step of a reply is one of these. On the dev split 4 kept full's greedy token
-    # as often as all 32 (-0.15 points [-0.72, +0.42], mean KL +0.012 [-0.001, +0.026];
-    # benchmarks/results/defer-scored-dev/): not the default until the test split says so.
+    # as often as all 32 (-0.15 points [-0.72, +0.42]), on the test split they lost 1.3 points
+    # [0.6, 1.9] and 0.030 of mean KL (benchmarks/results/defer-scored-dev/): so all by default.
     defer_scored: int | None = None
     # Positions after a cut. "auto": once the highest position passes half the model's trained
     # context, a cut gives the kept cells consecutive positions again (their keys re-rotated,

@@ -64,8 +64,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("loopserve-d32-head", "loopserve", describe="loopserve-d32, each KV head keeping its own tokens",
            options=(("defer_cut", 32), ("granularity", "head"))),
     # issue 15's decode speed: the deferred cut scored by the reply's first 4 tokens instead of
-    # all 32 it waits for (a scored step costs more; dev split: within noise of all 32,
-    # benchmarks/results/defer-scored-dev/)
+    # all 32 it waits for (a scored step costs more; dev split: within noise of all 32, test
+    # split: -1.3 points of full's greedy tokens; benchmarks/results/defer-scored-dev/)
     Method("loopserve-d32-s4-head", "loopserve", describe="loopserve-d32-head, the deferred cut scored "
            "by the first 4 generated tokens only", options=(("defer_cut", 32), ("defer_scored", 4),
                                                            ("granularity", "head"))),
