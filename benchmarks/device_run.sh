@@ -7,7 +7,8 @@
 #            (DECODE_SHAPES, DECODE_GRAN=cell,head for both granularities, DECODE_TOKENS (256),
 #            DECODE_REPEATS: runs per row, median printed; DECODE_DEPTHS, e.g. 0,2048,16384,65536;
 #            DECODE_PROFILE=1: per-step times by phase; DECODE_CUPY=off: head-wise choice on the host;
-#            DECODE_DEFER_SCORED=all,4: loopserve rows with each defer_scored)
+#            DECODE_DEFER_SCORED=all,4: loopserve rows with each defer_scored; DECODE_ALLOC=uniform,ada:
+#            head-wise rows with each allocation)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
@@ -196,6 +197,7 @@ for step in "$@"; do
           tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py \
           tests/test_scores.py tests/test_eviction.py tests/test_head_wise.py tests/test_prefill.py tests/test_gemma.py \
           tests/test_kv_pool.py tests/test_budgeted_prefill.py tests/test_kv_types.py tests/test_batch_decode.py \
+          tests/test_allocation.py \
           -k 'not default_model and not kept_content' ;;
     turns)
       for shape in 135m 1b; do
@@ -208,7 +210,8 @@ for step in "$@"; do
         python3 benchmarks/decode.py speed --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
             --depths "${DECODE_DEPTHS:-0,16384,65536}" --budget 2048 --tokens "${DECODE_TOKENS:-256}" \
             --granularity "${DECODE_GRAN:-cell}" --repeats "${DECODE_REPEATS:-1}" ${DECODE_PROFILE:+--profile} \
-            --cupy-select "${DECODE_CUPY:-auto}" --defer-scored "${DECODE_DEFER_SCORED:-all}"
+            --cupy-select "${DECODE_CUPY:-auto}" --defer-scored "${DECODE_DEFER_SCORED:-all}" \
+            --allocation "${DECODE_ALLOC:-uniform}"
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;

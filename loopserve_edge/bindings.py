@@ -10,7 +10,7 @@ import ctypes
 
 from .errors import RuntimeBuildError
 
-API_VERSION = 4
+API_VERSION = 5
 
 _HOW_TO_BUILD = (
     "loopserve-edge needs the patched llama-cpp-python runtime: run ./scripts/setup.sh "
@@ -78,6 +78,11 @@ llama_loopserve_seq_compact_positions = _bind(
     "llama_loopserve_seq_compact_positions", [_ctx, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
 llama_loopserve_seq_keep_per_head = _bind(
     "llama_loopserve_seq_keep_per_head", [_ctx, ctypes.c_int32, _i32p, ctypes.c_int32], ctypes.c_int32)
+_u8p = ctypes.POINTER(ctypes.c_uint8)
+llama_loopserve_seq_hide = _bind(
+    "llama_loopserve_seq_hide", [_ctx, ctypes.c_int32, _u8p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_seq_hidden = _bind(
+    "llama_loopserve_seq_hidden", [_ctx, ctypes.c_int32, _u8p, ctypes.c_int64], ctypes.c_int32)
 llama_loopserve_select_rows = _bind(
     "llama_loopserve_select_rows", [_f32p] + [ctypes.c_int32] * 7 + [_i32p], ctypes.c_int32)
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 POLICIES = ("full", "streaming", "snapkv", "h2o", "loopserve")
 COMPACTIONS = ("auto", "always", "never")
 GRANULARITIES = ("cell", "head")
+ALLOCATIONS = ("uniform", "pyramid", "ada")
+PYRAMID_BETA = 20  # PyramidKV's beta: its last layer keeps 1/beta of the mean beside the fixed cells
 AGGREGATIONS = ("mean", "max")
 CUPY_SELECT = ("auto", "on", "off")
 
@@ -107,6 +109,15 @@ class LoopServeConfig:
     # sliding-window layers of a model that has them (Gemma 3) keep the cells at the moved cells'
     # positions. Policies without scores (streaming) cut alike either way.
     granularity: str = "cell"
+    # How a head-wise cut shares its tokens among the heads (allocation.py): "uniform", every
+    # KV head `budget`; "pyramid" (PyramidKV), per layer, falling linearly from the first scored
+    # layer to the last; "ada" (Ada-KV), per head within each layer by score mass, every head
+    # keeping at least a fifth of its share. The heads then keep `budget` tokens on average
+    # (beside the sinks and the recent cells, which every head keeps), but a cell holds a row for
+    # every head: the dialogue keeps as many cells as the head that keeps the most (`cells`,
+    # about twice the budget), and each head's rows beyond its own share are hidden from its
+    # attention (llama_loopserve_seq_hide; each KV head then attends apart). Head granularity only.
+    allocation: str = "uniform"
     # Budgeted prefill (an input longer than the free cells goes in as chunks, each cut back to
     # the budget): after each chunk but the last, the input's own last `chunk_probe` tokens are
     # decoded after it and removed again, and the chunk's cut is scored by the last
@@ -145,6 +156,11 @@ class LoopServeConfig:
             raise ValueError(f"compact_positions must be one of {', '.join(COMPACTIONS)}")
         if self.aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}")
+        if self.allocation != "uniform" and self.granularity != "head":
+            raise ValueError(f"allocation={self.allocation!r} shares a head-wise cut's tokens among the heads: "
+                             f"it needs granularity='head'")
         if self.cupy_select not in CUPY_SELECT:
             raise ValueError(f"cupy_select must be one of {', '.join(CUPY_SELECT)}")
         if min(self.interval, self.window, self.prefill_window, self.pooling) < 1 or \
@@ -174,6 +190,17 @@ class LoopServeConfig:
                              (self.min_slash, self.max_slash, "slash")):
             if hi is not None and hi < max(lo, 1):
                 raise ValueError(f"max_{what} must be >= max(min_{what}, 1) or None")
+
+    @property
+    def cells(self) -> int | None:
+        """Cells a dialogue keeps after a cut (it holds up to `interval` more between cuts):
+        the budget, or with a non-uniform allocation the most any head keeps (its sinks,
+        recent cells and at most twice the rest of the budget, less PyramidKV's last layer's
+        share)."""
+        if self.budget is None or self.allocation == "uniform":
+            return self.budget
+        free = self.budget - self.sink - self.recent
+        return self.sink + self.recent + 2 * free - free // PYRAMID_BETA
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

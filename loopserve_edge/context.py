@@ -62,6 +62,7 @@ class Resident(Protocol):
     resident, its sequence state (bytes) while swapped out, and one position per cell."""
 
     positions: list[int]
+    hidden: np.ndarray | None  # rows of its first cells hidden from their heads (set_hidden)
     _seq: int | None
     _swapped: bytes | None
 
@@ -220,6 +221,8 @@ class Context:
         dlg._swapped = None
         dlg._seq = seq
         self._resident[seq] = dlg
+        if getattr(dlg, "hidden", None) is not None:  # a state load shows every row
+            self._hide(seq, dlg.hidden)
         return seq
 
     @property
@@ -265,6 +268,8 @@ class Context:
         for seq, state in states:
             if not self._load_sequence(seq, state):
                 raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
+            if getattr(self._resident[seq], "hidden", None) is not None:
+                self._hide(seq, self._resident[seq].hidden)
 
     def _load_sequence(self, seq: int, state: bytes) -> bool:
         """Put a sequence_state blob into seq's (empty) sequence; False if llama.cpp refuses it."""
@@ -303,6 +308,8 @@ class Context:
         self._free_cells(len(dlg.positions), keep=(dlg,))
         if not self._load_sequence(seq, state):
             raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
+        if getattr(dlg, "hidden", None) is not None:
+            self._hide(seq, dlg.hidden)
 
     def sequence_state_size(self, seq: int) -> int:
         """Bytes of sequence_state(seq), counted without copying the cells."""
@@ -539,6 +546,40 @@ class Context:
         if rc < 0:
             raise RuntimeError(f"llama_loopserve_seq_keep_per_head failed ({rc})")
         return rc
+
+    def layer_heads(self) -> list[int]:
+        """KV heads of each scored layer, in layer order (the rows of attention_scores_by_head)."""
+        return list(self._scored_heads().values())
+
+    def set_hidden(self, dlg: Resident, hidden: np.ndarray | None) -> None:
+        """Hide, in each scored KV head, the rows of dlg's first hidden.shape[1] cells where
+        hidden [n_heads, K] is 1 from that head's attention (a cut's allocation); None shows
+        every row. Kept on the dialogue: a state load shows every row, so it is applied again."""
+        dlg.hidden = hidden
+        self._hide(self.make_resident(dlg), hidden)
+
+    def _hide(self, seq: int, hidden: np.ndarray | None) -> None:
+        if hidden is None:
+            bindings.llama_loopserve_seq_hide(self._ctx.ctx, seq, None, 0, 0)
+            return
+        n = min(hidden.shape[1], self.seq_cells(seq))
+        h = np.ascontiguousarray(hidden[:, :n], dtype=np.uint8)
+        rc = bindings.llama_loopserve_seq_hide(self._ctx.ctx, seq, h.ctypes.data_as(bindings._u8p), h.shape[0], n)
+        if rc == -2:
+            raise LoopServeError("a non-uniform allocation needs flash attention and one KV stream")
+        if rc < 0:
+            raise RuntimeError(f"llama_loopserve_seq_hide failed ({rc})")
+
+    def hidden_rows(self, dlg: Resident) -> np.ndarray:
+        """[n_heads, n_cells] uint8: the rows of dlg's cells (position order) hidden from their
+        head, as the runtime holds them."""
+        seq = self.make_resident(dlg)
+        n_heads = sum(self._scored_heads().values())
+        out = np.zeros((n_heads, self.seq_cells(seq)), np.uint8)
+        got = bindings.llama_loopserve_seq_hidden(self._ctx.ctx, seq, out.ctypes.data_as(bindings._u8p), out.size)
+        if got != out.shape[1]:
+            raise RuntimeError(f"llama_loopserve_seq_hidden returned {got}, expected {out.shape[1]}")
+        return out
 
     def remove_cells(self, seq: int, positions: np.ndarray) -> None:
         """Remove the cells of seq at these positions, in one pass over its cells."""

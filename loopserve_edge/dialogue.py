@@ -6,6 +6,7 @@ of the new, and prefills only the difference.
 """
 from __future__ import annotations
 
+import base64
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -99,6 +100,9 @@ class Dialogue:
         self.turns = 0
         self.evicted = 0       # cells removed by the eviction policy, all turns
         self.layout = "cell"   # "head" once a head-wise cut gave each KV head its own tokens
+        # [n_heads, K] uint8: rows of the first K cells hidden from their head by a cut's
+        # allocation (LoopServeConfig.allocation), None when every head sees every row
+        self.hidden: np.ndarray | None = None
         self.score_window = 0  # attention scoring its next decodes want (set by the evictor)
         self.evict_s = 0.0     # time spent evicting, this turn
         self.created = self.updated = time.time()
@@ -202,6 +206,8 @@ class Dialogue:
             llm.make_resident(self)
             llm.remove_positions(self._seq, self.positions[keep])
             del self.tokens[keep:], self.positions[keep:]
+            if self.hidden is not None and self.hidden.shape[1] > keep:
+                self.hidden = self.hidden[:, :keep]
             self.kv_text = ""  # no longer a rendered text; the next turn compares tokens
         self.prefill_chunks = 0
         if chunked:
@@ -233,7 +239,8 @@ class Dialogue:
         before the input's first chunk."""
         llm = self.llm
         llm.make_resident(self)
-        saved = (llm.sequence_state(self._seq), list(self.tokens), list(self.positions), self.evicted, self.layout)
+        saved = (llm.sequence_state(self._seq), list(self.tokens), list(self.positions), self.evicted, self.layout,
+                 self.hidden)
         try:
             done, probe = 0, self.evictor.chunk_probe(new)
             while True:
@@ -244,7 +251,7 @@ class Dialogue:
                     return logits
                 self.evictor.after_chunk(self, probe)
         except BaseException:
-            state, self.tokens, self.positions, self.evicted, self.layout = saved
+            state, self.tokens, self.positions, self.evicted, self.layout, self.hidden = saved
             llm.restore(self, state)
             raise
 
@@ -348,6 +355,7 @@ class Dialogue:
         self.turns = 0
         self.evicted = 0
         self.layout = "cell"
+        self.hidden = None
         self.last_stats = None
 
     def close(self) -> None:
@@ -364,7 +372,7 @@ class Dialogue:
             "dialogue": {"name": self.name, "system": self.system, "messages": self.messages,
                          "tokens": self.tokens, "positions": self.positions,
                          "kv_text": self.kv_text, "turns": self.turns, "evicted": self.evicted,
-                         "layout": self.layout,
+                         "layout": self.layout, **_hidden_field(self.hidden),
                          "created": self.created, "updated": self.updated},
         }
 
@@ -381,6 +389,7 @@ class Dialogue:
             dlg.turns = int(d["turns"])
             dlg.evicted = int(d.get("evicted", 0))
             dlg.layout = str(d.get("layout", "cell"))  # version 1: always cell-wise
+            dlg.hidden = _read_hidden(d.get("hidden"))  # before version 3: none
             dlg.created, dlg.updated = float(d["created"]), float(d["updated"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{path}: malformed dialogue header ({e!r})") from None
@@ -388,6 +397,9 @@ class Dialogue:
             raise StateFileError(f"{path}: unknown cell layout {dlg.layout!r}")
         if len(dlg.tokens) != len(dlg.positions):
             raise StateFileError(f"{path}: token and position lists differ in length")
+        if dlg.hidden is not None and (dlg.layout != "head" or dlg.hidden.shape[1] > len(dlg.positions)
+                                       or dlg.hidden.shape[0] != sum(llm.layer_heads())):
+            raise StateFileError(f"{path}: hidden rows that do not fit the dialogue's cells or the model's heads")
         return dlg
 
     def state_size(self) -> int:
@@ -405,6 +417,24 @@ class Dialogue:
         seq_state = self.llm.sequence_state(self._seq) if self._seq is not None else (self._swapped or b"")
         state_file.write(target, state_file.StateFile(self.to_header(), seq_state))
         return target
+
+
+def _hidden_field(hidden: np.ndarray | None) -> dict:
+    """The dialogue header's record of hidden rows (state file version 3), none when there are none."""
+    if hidden is None:
+        return {}
+    return {"hidden": {"shape": list(hidden.shape),
+                       "bits": base64.b64encode(np.packbits(hidden.astype(bool), axis=None)).decode()}}
+
+
+def _read_hidden(field) -> np.ndarray | None:
+    if field is None:
+        return None
+    rows, cols = (int(x) for x in field["shape"])
+    bits = np.frombuffer(base64.b64decode(field["bits"], validate=True), np.uint8)
+    if rows < 0 or cols < 0 or len(bits) != (rows * cols + 7) // 8:
+        raise ValueError("hidden rows of the wrong size")
+    return np.unpackbits(bits, count=rows * cols).reshape(rows, cols)
 
 
 def _split_utf8(data: bytes) -> tuple[str, bytes]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from . import bindings, cupy_device
+from . import allocation, bindings, cupy_device
 from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError
 
@@ -181,6 +181,7 @@ class Tracked(Protocol):
     positions: list[int]
     evicted: int      # cells removed so far
     layout: str       # "cell", or "head" after a head-wise cut
+    hidden: np.ndarray | None  # rows hidden by a cut's allocation ([n_heads, K] of the first K cells)
     score_window: int  # the scoring its next decodes want (Evictor._window)
     evict_s: float    # time spent evicting, this turn
     _seq: int | None
@@ -352,6 +353,8 @@ class Evictor:
         keep = choose_keep(len(positions), scores, self.cfg, budget)
         self.llm.make_resident(dlg)
         self.llm.remove_cells(dlg._seq, positions[~keep])
+        if getattr(dlg, "hidden", None) is not None:  # the hidden rows of the cells that stay
+            self.llm.set_hidden(dlg, dlg.hidden[:, keep[:dlg.hidden.shape[1]]])
         kept = np.flatnonzero(keep)
         self._after_cut(dlg, kept, len(positions) - len(kept), t0)
 
@@ -359,12 +362,23 @@ class Evictor:
         """Head-wise: each KV head of each scored layer keeps its own `budget` tokens, by its
         own row of scores; they move into the dialogue's lowest `budget` cells. The j-th cell's
         bookkeeping (position, token) is that of the latest token any head keeps there, which
-        is what the runtime gives the cell as its position."""
+        is what the runtime gives the cell as its position. With a non-uniform allocation each
+        head keeps its own share (allocation.py): the cells are as many as the largest share
+        needs, and each head's rows beyond its share are hidden from it."""
         t0 = time.perf_counter()
         n = len(dlg.positions)
-        sel = choose_keep_rows(rows, self.cfg, budget)
+        hidden = None
+        if self.cfg.allocation == "uniform":
+            sel = choose_keep_rows(rows, self.cfg, budget)
+        else:
+            lo, hi = min(self.cfg.sink, n), max(min(self.cfg.sink, n), n - self.cfg.recent)
+            s = pool(rows.astype(np.float64), self.cfg.pooling)
+            keep = lo + (n - hi) + allocation.row_shares(s[:, lo:hi], self.llm.layer_heads(), self.cfg)
+            sel = choose_keep_rows(rows, self.cfg, min(n, int(keep.max())))
+            hidden = allocation.hide_beyond(s, sel, lo, hi, keep)
         self.llm.keep_per_head(dlg, sel)
         dlg.layout = "head"
+        self.llm.set_hidden(dlg, hidden)
         # the cells are in position order and each head's row ascends, so the latest token kept
         # in column j is the highest index there (4 ms less a cut than a gather and an argmax
         # over [heads, budget] positions at the 1B shape's 128 x 2048)

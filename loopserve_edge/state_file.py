@@ -12,6 +12,9 @@ Version 2 added the layout: "cell" (every KV head of a cell holds the token at t
 position) or "head" (after a head-wise cut each head holds its own tokens, the cell's
 position the latest of them). Version 1 files are all "cell" and are read as before; an
 older loopserve-edge refuses a version 2 file by its version, so none misreads one.
+Version 3 adds hidden rows (the dialogue's "hidden": the rows of its first cells that a
+non-uniform allocation hid from their heads, as packed bits). Only a file that has them is
+written as version 3, so that an older loopserve-edge refuses it rather than show those rows.
 
 A file is validated whole (size, magic, version, checksum, header) before any of it is
 used, and written to a temporary file that is renamed over the old one only when
@@ -29,8 +32,8 @@ from pathlib import Path
 from .errors import StateFileError
 
 MAGIC = b"LSEDGE\x00\x01"
-VERSION = 2
-READABLE = (1, 2)   # versions this one reads
+VERSION = 3         # written when the dialogue has hidden rows, else 2
+READABLE = (1, 2, 3)   # versions this one reads
 SUFFIX = ".lsd"
 _HEAD = struct.Struct("<8sIQ")
 _LEN = struct.Struct("<Q")
@@ -55,7 +58,8 @@ def encoded_size(header: dict, seq_state_len: int) -> int:
 
 def encode(state: StateFile) -> bytes:
     header = _header_bytes(state.header)
-    body = b"".join([_HEAD.pack(MAGIC, VERSION, len(header)), header,
+    version = VERSION if "hidden" in state.header.get("dialogue", {}) else 2
+    body = b"".join([_HEAD.pack(MAGIC, version, len(header)), header,
                      _LEN.pack(len(state.seq_state)), state.seq_state])
     return body + hashlib.sha256(body).digest()
 

@@ -141,7 +141,7 @@ def _rows():
 def test_baselines_are_the_prior_methods():
     assert {m for m, x in METHODS.items() if x.baseline} == {"streaming", "snapkv", "h2o", "snapkv-head", "h2o-head",
                                                             "streaming-chunked", "snapkv-chunked",
-                                                            "snapkv-head-chunked"}
+                                                            "snapkv-head-chunked", "pyramidkv", "ada-snapkv"}
 
 
 def test_summary_marks_differences_beyond_the_interval():

@@ -107,3 +107,8 @@ def test_console_script_is_installed():
 def test_serve_refuses_settings_that_need_flash_attention_without_it(default_model, args, why):
     r = run(["serve", "--no-flash-attn", *args, "--port", "0"], timeout=60)
     assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_allocation_without_head_granularity_is_a_usage_error():
+    r = run(["chat", "--policy", "snapkv", "--kv-budget", "256", "--kv-allocation", "ada"], stdin="hi\n", timeout=60)
+    assert r.returncode == 2 and "granularity='head'" in r.stderr and "Traceback" not in r.stderr

@@ -152,6 +152,20 @@ def test_request_settings_set_defer_scored_and_refuse_bad_values():
         parse({"defer_scored": "four"})
 
 
+def test_request_settings_choose_the_allocation_of_a_head_wise_server():
+    from loopserve_edge import LoopServeConfig
+    from loopserve_edge.server import protocol
+
+    parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
+    head = LoopServeConfig(policy="loopserve", budget=256, granularity="head")
+    assert protocol.merged_config(head, parse({"allocation": "ada"})).allocation == "ada"
+    with pytest.raises(protocol.ApiError, match="allocation must be"):
+        protocol.merged_config(head, parse({"allocation": "even"}))
+    # a cell-wise server has no heads to share among
+    with pytest.raises(protocol.ApiError, match="granularity='head'"):
+        protocol.merged_config(LoopServeConfig(policy="loopserve", budget=256), parse({"allocation": "pyramid"}))
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     post = lambda body: httpx.post(server.url + "/v1/chat/completions", content=body,  # noqa: E731
                                    headers={"Content-Type": "application/json"})

@@ -114,7 +114,7 @@ def test_a_version_1_file_is_read_as_before(saved, tmp_path):
 
     llm, d, path = saved
     st = state_file.read(path)
-    assert state_file.VERSION == 2 and st.header["dialogue"]["layout"] == "cell"
+    assert state_file.VERSION == 3 and st.header["dialogue"]["layout"] == "cell"
     del st.header["dialogue"]["layout"]
     header = json.dumps(st.header).encode()
     body = (state_file._HEAD.pack(state_file.MAGIC, 1, len(header)) + header
@@ -123,6 +123,13 @@ def test_a_version_1_file_is_read_as_before(saved, tmp_path):
     old.write_bytes(body + hashlib.sha256(body).digest())
     e = llm.load_dialogue(old)
     assert (e.tokens, e.positions, e.layout) == (d.tokens, d.positions, "cell")
+
+
+def test_a_file_without_hidden_rows_stays_version_2(saved):
+    """Version 3 is only for dialogues with hidden rows (allocation): an older loopserve-edge
+    still reads every other file."""
+    _, _, path = saved
+    assert int.from_bytes(path.read_bytes()[8:12], "little") == 2
 
 
 def test_file_of_another_model_is_refused(saved, other_tiny_model, make_llm):

@@ -298,6 +298,28 @@ LLAMA_API int32_t llama_loopserve_seq_keep_per_head(struct llama_context * ctx,
                                                     const int32_t *        sel,
                                                     int32_t                n_keep);
 
+// Budget allocation over a head-wise layout (PyramidKV / Ada-KV style): rows of scored heads
+// hidden from their own head's attention. hidden is [n_rows][n] (n_rows: the rows of
+// llama_loopserve_scores_get_heads), 1 = hidden, for the first n cells of seq_id in position
+// order; every other row of seq_id's cells is shown. A hidden row keeps its token's K and V (a
+// later call may show it again) and is still scored by the observation window; a cell that
+// takes a new token, or is restored by a state load, shows all its rows. While any row is
+// hidden, each scored layer attends per KV head, each with its own mask, and sparse prefill is
+// off. hidden NULL or n 0: show all rows of seq_id's cells (seq_id < 0: of every cell). Returns
+// 0; -1 on bad arguments; -2 without flash attention or with several KV streams.
+LLAMA_API int32_t llama_loopserve_seq_hide(struct llama_context * ctx,
+                                           llama_seq_id           seq_id,
+                                           const uint8_t *        hidden,
+                                           int32_t                n_rows,
+                                           int32_t                n);
+
+// The hidden rows of seq_id's cells as llama_loopserve_seq_hide lays them out ([n_rows][n],
+// all n cells in position order): written when n_rows * n <= n_max. Returns n; -1 on error.
+LLAMA_API int32_t llama_loopserve_seq_hidden(struct llama_context * ctx,
+                                             llama_seq_id           seq_id,
+                                             uint8_t *              out,
+                                             int64_t                n_max);
+
 // The choice of a head-wise cut, on the host (no context needed): for each of n_rows rows of
 // n scores (row-major), the `budget` cells it keeps, as ascending indices into out
 // [n_rows][budget]. Each row is smoothed first by the mean over `kernel` neighbouring cells

@@ -14,8 +14,11 @@ struct ggml_tensor;
 struct ggml_backend_buffer;
 struct llama_ubatch;
 struct llama_context;
+struct llm_graph_context;
 class llm_graph_result;
 class llama_memory_context_i;
+class llama_kv_cache;
+class llama_kv_cache_context;
 
 // Per-context score accumulators, owned by llama_context (null until scoring is first
 // enabled, so a context that never scores carries nothing).
@@ -41,6 +44,13 @@ struct llama_loopserve_scores_state {
     ggml_backend_buffer * staging_pinned = nullptr;
     bool                  no_pinned      = false;
 
+    // budget allocation (llama_loopserve_seq_hide): 1 where a scored head's row of a cell is
+    // hidden from that head's attention, per stream [n_head_total][n_cells]; empty until the
+    // first hide. While any row is hidden, the graph masks each head apart
+    // (llama-loopserve-hide.cpp).
+    std::vector<std::vector<uint8_t>> hidden;
+    int64_t                           n_hidden = 0;
+
     ~llama_loopserve_scores_state();
 };
 
@@ -63,6 +73,37 @@ ggml_tensor * llama_loopserve_scores_from_qk(ggml_context * ctx,
                                              float          max_bias,
                                              float          softcap,
                                              int32_t        n_window);
+
+// the cache that holds every position of a sequence (the plain cache, or the non-sliding half
+// of an interleaved one), and the part of a ubatch's memory context that covers it
+llama_kv_cache *               loopserve_full_cache(llama_context * ctx);
+const llama_kv_cache_context * loopserve_full_cache_context(const llama_memory_context_i * mctx);
+
+// The cells of seq_id in increasing position order.
+std::vector<uint32_t> loopserve_seq_cells(const llama_kv_cache * kv, llama_seq_id seq_id);
+
+// A cell now holds a new token (or nothing): none of its rows stays hidden.
+void llama_loopserve_unhide_cell(llama_loopserve_scores_state & st, uint32_t strm, uint32_t cell);
+
+// graph side, flash attention with hidden rows (llama_loopserve_seq_hide active): each KV head
+// of a scored layer attends with its own mask (the KQ mask plus its hidden rows), as
+// build_attn_mha's output [n_embd_v * n_head, n_tokens]; nullptr when this layer keeps the
+// stock path (nothing hidden, a sliding-window layer, no flash attention, several streams)
+ggml_tensor * llama_loopserve_hide_attn(const llm_graph_context & g,
+                                        ggml_tensor *             q,
+                                        ggml_tensor *             k,
+                                        ggml_tensor *             v,
+                                        ggml_tensor *             kq_b,
+                                        ggml_tensor *             kq_mask,
+                                        ggml_tensor *             sinks,
+                                        ggml_tensor *             v_mla,
+                                        float                     kq_scale,
+                                        int                       il);
+
+// context side: graph nodes to add to a context's budget (llama_context::graph_max_nodes) for
+// the per-head attention of llama_loopserve_hide_attn, in case rows get hidden
+struct llama_model;
+uint32_t llama_loopserve_graph_extra_nodes(const llama_model & model);
 
 // context side: called by llama_context::decode around each ubatch
 void llama_loopserve_ubatch_begin(llama_context & lctx, const llama_ubatch & ubatch, uint32_t n_tokens_all);

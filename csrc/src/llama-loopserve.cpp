@@ -16,7 +16,7 @@
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 4
+#define LLAMA_LOOPSERVE_API_VERSION 5
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;
@@ -28,7 +28,7 @@ const char * llama_loopserve_patch_hash(void) {
 
 // The cache that holds every position of a sequence: the plain cache, or the
 // non-sliding half of an interleaved one.
-static llama_kv_cache * loopserve_full_cache(llama_context * ctx) {
+llama_kv_cache * loopserve_full_cache(llama_context * ctx) {
     llama_memory_i * mem = ctx->get_memory();
     if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
         return kv;
@@ -101,7 +101,7 @@ static llama_loopserve_scores_state * loopserve_scores(llama_context * ctx) {
 }
 
 // The part of a ubatch's memory context that covers the full-attention layers.
-static const llama_kv_cache_context * loopserve_full_cache_context(const llama_memory_context_i * mctx) {
+const llama_kv_cache_context * loopserve_full_cache_context(const llama_memory_context_i * mctx) {
     if (auto * kvc = dynamic_cast<const llama_kv_cache_context *>(mctx)) {
         return kvc;
     }
@@ -173,7 +173,7 @@ static float * loopserve_staging(llama_loopserve_scores_state & st, ggml_backend
 }
 
 // The cells of seq_id in increasing position order.
-static std::vector<uint32_t> loopserve_seq_cells(const llama_kv_cache * kv, llama_seq_id seq_id) {
+std::vector<uint32_t> loopserve_seq_cells(const llama_kv_cache * kv, llama_seq_id seq_id) {
     std::vector<uint32_t> cells;
     const auto &          sp = kv->get_cells(seq_id).seq_pos_get(seq_id);
     cells.reserve(sp.size());
@@ -287,6 +287,7 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
     for (size_t s = 0; s < sinfo.n_stream(); ++s) {
         for (uint32_t idx : sinfo.idxs[s]) {
             loopserve_zero_cell(*st, sinfo.strm[s], idx);
+            llama_loopserve_unhide_cell(*st, sinfo.strm[s], idx);
         }
     }
 
@@ -362,8 +363,10 @@ void llama_loopserve_scores_moved(llama_context &               lctx,
 }
 
 void llama_loopserve_state_loaded(llama_context & lctx, llama_seq_id seq_id) {
-    // a restored cell may have held anything before; its scores start over
+    // a restored cell may have held anything before; its scores start over, and none of its
+    // rows stays hidden (the controller hides them again from its state file)
     llama_loopserve_scores_reset(&lctx, seq_id);
+    llama_loopserve_seq_hide(&lctx, seq_id, nullptr, 0, 0);
 }
 
 int32_t llama_loopserve_scores_set(llama_context * ctx, int32_t n_window) {

@@ -76,6 +76,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            options=(("defer_cut", 32), ("granularity", "head")), kv_type="q8_0"),
     Method("loopserve-d32-q8", "loopserve", describe="loopserve-d32 with q8_0 K/V",
            options=(("defer_cut", 32),), kv_type="q8_0"),
+    # issue 15: budget allocation (LoopServeConfig.allocation). The heads keep the budget on
+    # average, but the cells are the largest share (about twice the budget): compare with the
+    # uniform methods at the same budget for the same tokens attended, at twice it for the
+    # same memory. PyramidKV and Ada-KV (on SnapKV's scores, as their papers) are baselines
+    Method("pyramidkv", "snapkv", describe="snapkv-head, per-layer shares falling from the first layer "
+           "to the last (PyramidKV); cells: the largest share", baseline=True,
+           options=(("granularity", "head"), ("allocation", "pyramid"))),
+    Method("ada-snapkv", "snapkv", describe="snapkv-head, per-head shares by score mass within each "
+           "layer (Ada-KV); cells: the largest share", baseline=True,
+           options=(("granularity", "head"), ("allocation", "ada"))),
+    Method("loopserve-d32-head-ada", "loopserve", describe="loopserve-d32-head with Ada-KV's per-head "
+           "shares", options=(("defer_cut", 32), ("granularity", "head"), ("allocation", "ada"))),
+    Method("loopserve-d32-head-pyramid", "loopserve", describe="loopserve-d32-head with PyramidKV's "
+           "per-layer shares", options=(("defer_cut", 32), ("granularity", "head"), ("allocation", "pyramid"))),
     # budgeted prefill: a context of twice the budget, so each input that does not fit goes in
     # as chunks of about the budget, each cut back to it; StreamingLLM and SnapKV on the same
     # chunks are the baselines
