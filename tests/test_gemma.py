@@ -238,3 +238,23 @@ def test_an_edited_history_is_recomputed_when_the_window_cache_lost_it(tiny_gemm
     prompt = d.tokens[:s.prompt_tokens]
     fresh = llm.decode(llm.dialogue(), prompt, list(range(len(prompt))))
     np.testing.assert_allclose(d.first_token_logits, fresh, rtol=1e-3, atol=1e-3)
+
+
+def test_an_allocation_on_a_sliding_window_model_hides_full_attention_rows_only(tiny_gemma, make_llm, tmp_path):
+    """PyramidKV's shares (the tiny model's full-attention layers have one KV head each, so Ada-KV
+    has nothing to share within a layer): the full-attention layers' rows hidden, the window layers
+    cut cell-wise; the packing of the window cache (a state round trip) and a save/load keep the
+    hidden rows."""
+    c = cfg("loopserve", 48, granularity="head", allocation="pyramid")
+    llm = make_llm(tiny_gemma, loopserve=c)
+    d = llm.dialogue()
+    for text in ("a" * 90, "b" * 50):
+        d.send(text, max_tokens=12, **GREEDY)
+        assert d.n_cells <= c.cells + c.interval and d.layout == "head"
+        assert list(llm.attention_scores(d)[0]) == d.positions
+    assert d.hidden is not None and d.hidden.shape[0] == sum(llm.layer_heads()) < 4 * 2
+    k = d.hidden.shape[1]
+    assert np.array_equal(llm.hidden_rows(d)[:, :k], d.hidden)
+    path = d.save(tmp_path / "ga.lsd")
+    e = make_llm(tiny_gemma, loopserve=c).load_dialogue(path)
+    assert d.send("c" * 20, max_tokens=8, **GREEDY) == e.send("c" * 20, max_tokens=8, **GREEDY)
