@@ -32,8 +32,10 @@ def layer_shares_pyramid(n_layers: int, free: int) -> np.ndarray:
     if n_layers == 1:
         return np.array([free])
     share = np.floor(hi - (hi - lo) * np.arange(n_layers) / (n_layers - 1)).astype(np.int64)
-    short = n_layers * free - int(share.sum())  # rounding: the first layers take one more
-    share[:short] += 1
+    # Rounding: the layers after the first take one more each (the first is already at hi,
+    # the cap cfg.cells is built on; the middle layers lose under one each, so short <= n - 2).
+    short = n_layers * free - int(share.sum())
+    share[1 : short + 1] += 1
     return share
 
 
