@@ -57,18 +57,21 @@ def speed(a, model):
     for gran in a.granularity.split(","):
         for ds in a.defer_scored.split(","):
             for alloc in a.allocation.split(","):
-                if alloc != "uniform" and gran != "head":
-                    continue  # an allocation shares a head-wise cut's tokens
-                # head-wise cuts move each head's K/V rows in a graph: a cut costs more than
-                # cell-wise; "-sN": the deferred cut scored by the reply's first N tokens only
-                # (defer_scored); "-ada"/"-pyramid": per-head shares, each KV head then attending
-                # apart with its own mask, in about twice the budget's cells
-                name = (f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")
-                        + ("" if ds == "all" else f"-s{ds}") + ("" if alloc == "uniform" else f"-{alloc}"))
-                methods[name] = LoopServeConfig(
-                    max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
-                    granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds),
-                    allocation=alloc)
+                for sq in a.saved_queries.split(","):
+                    if alloc != "uniform" and gran != "head":
+                        continue  # an allocation shares a head-wise cut's tokens
+                    # head-wise cuts move each head's K/V rows in a graph: a cut costs more than
+                    # cell-wise; "-sN": the deferred cut scored by the reply's first N tokens only
+                    # (defer_scored); "-ada"/"-pyramid": per-head shares, each KV head then attending
+                    # apart with its own mask, in about twice the budget's cells; "-eager": each
+                    # scored decode scores as it runs (saved_queries off)
+                    name = (f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")
+                            + ("" if ds == "all" else f"-s{ds}") + ("" if alloc == "uniform" else f"-{alloc}")
+                            + ("" if sq == "on" else "-eager"))
+                    methods[name] = LoopServeConfig(
+                        max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
+                        granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds),
+                        allocation=alloc, saved_queries=sq == "on")
     print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} | vs. full @ 0 |")
     print("|---|---:|---:|---:|---:|")
     # every method's context is made first and the runs alternate between them (depth by
@@ -201,6 +204,9 @@ def main() -> None:
     ap.add_argument("--granularity", default="cell", help="speed: loopserve's granularities, e.g. cell,head")
     ap.add_argument("--allocation", default="uniform",
                     help="speed: head-wise rows with each allocation, e.g. uniform,ada (LoopServeConfig.allocation)")
+    ap.add_argument("--saved-queries", default="on", choices=["on", "off", "on,off", "off,on"],
+                    help="speed: loopserve rows with saved query rows (LoopServeConfig.saved_queries), "
+                         "without (-eager rows), or both")
     ap.add_argument("--cupy-select", default="auto", choices=["auto", "on", "off"],
                     help="speed: where head-wise cuts choose (LoopServeConfig.cupy_select; off: the host's C++)")
     a = ap.parse_args()

@@ -10,7 +10,7 @@ import ctypes
 
 from .errors import RuntimeBuildError
 
-API_VERSION = 5
+API_VERSION = 6
 
 _HOW_TO_BUILD = (
     "loopserve-edge needs the patched llama-cpp-python runtime: run ./scripts/setup.sh "
@@ -54,6 +54,12 @@ llama_loopserve_scores_set = _bind(
     "llama_loopserve_scores_set", [_ctx, ctypes.c_int32], ctypes.c_int32)
 llama_loopserve_scores_window = _bind(
     "llama_loopserve_scores_window", [_ctx], ctypes.c_int32)
+llama_loopserve_scores_save_queries = _bind(
+    "llama_loopserve_scores_save_queries", [_ctx, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_scores_flush = _bind(
+    "llama_loopserve_scores_flush", [_ctx], ctypes.c_int32)
+llama_loopserve_scores_n_saved = _bind(
+    "llama_loopserve_scores_n_saved", [_ctx], ctypes.c_int32)
 llama_loopserve_scores_reset = _bind(
     "llama_loopserve_scores_reset", [_ctx, ctypes.c_int32], None)
 llama_loopserve_scores_n_rows = _bind(

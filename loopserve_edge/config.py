@@ -94,6 +94,12 @@ class LoopServeConfig:
     # as often as all 32 (-0.15 points [-0.72, +0.42]), on the test split they lost 1.3 points
     # [0.6, 1.9] and 0.030 of mean KL (benchmarks/results/defer-scored-dev/): so all by default.
     defer_scored: int | None = None
+    # With flash attention a scored decode step saves its query rows (each scored layer's Q,
+    # beside the layer's K) instead of scoring the cache in its own graph, and the saved rows
+    # are scored together when a cut reads the scores: the same sums (against the same cells),
+    # without a per-step read-back of n_kv x heads floats and its synchronize. False: every
+    # scored step scores as it runs (the earlier way; for comparison).
+    saved_queries: bool = True
     # Positions after a cut. "auto": once the highest position passes half the model's trained
     # context, a cut gives the kept cells consecutive positions again (their keys re-rotated,
     # as StreamingLLM does), so that positions stay within the trained range however long a

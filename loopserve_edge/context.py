@@ -133,6 +133,7 @@ class Context:
         if self.config.granularity == "head":
             # with policy full too: a server's requests may each choose a policy that cuts
             self._check_head_wise(kwargs)
+        self._saving = False  # saved query rows allocated (set_score_window)
         # seq id -> resident owner, in least-recently-used order (dicts keep order)
         self._resident: dict[int, Resident] = {}
         # what pool pressure cost so far: dialogues swapped out ("swap_out"), repacks ("repack")
@@ -216,7 +217,7 @@ class Context:
                 raise ContextFullError(f"the KV pool has no room to bring back a dialogue of "
                                        f"{len(dlg.positions)} cells (n_ctx={self.n_ctx})")
             if not self._load_sequence(seq, dlg._swapped):
-                llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                self._seq_rm(seq, -1, -1)
                 raise StateFileError("llama.cpp rejected the sequence state")
         dlg._swapped = None
         dlg._seq = seq
@@ -264,7 +265,7 @@ class Context:
         states = [(seq, self.sequence_state(seq)) for seq in self._resident
                   if bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq) > 0]
         for seq, _ in states:
-            llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._seq_rm(seq, -1, -1)
         for seq, state in states:
             if not self._load_sequence(seq, state):
                 raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
@@ -282,14 +283,14 @@ class Context:
             return
         dlg._swapped = self.sequence_state(dlg._seq)
         self.pool_events["swap_out"] += 1
-        llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
+        self._seq_rm(dlg._seq, -1, -1)
         del self._resident[dlg._seq]
         dlg._seq = None
 
     def forget(self, dlg: Resident) -> None:
         """Drop a dialogue's KV state (resident or swapped)."""
         if dlg._seq is not None:
-            llama_c.llama_memory_seq_rm(self._mem, dlg._seq, -1, -1)
+            self._seq_rm(dlg._seq, -1, -1)
             del self._resident[dlg._seq]
             dlg._seq = None
         dlg._swapped = None
@@ -304,7 +305,7 @@ class Context:
     def restore(self, dlg: Resident, state: bytes) -> None:
         """Put dlg's sequence back to a state taken by sequence_state (undo of a failed turn)."""
         seq = self.make_resident(dlg)
-        llama_c.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._seq_rm(seq, -1, -1)
         self._free_cells(len(dlg.positions), keep=(dlg,))
         if not self._load_sequence(seq, state):
             raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
@@ -321,6 +322,12 @@ class Context:
         n = llama_c.llama_state_seq_get_data(self._ctx.ctx, buf, size, seq)
         return bytes(buf)[:n]
 
+    def _seq_rm(self, seq: int, p0: int, p1: int) -> None:
+        """llama_memory_seq_rm, after the saved query rows are scored against the cells they
+        attended to (llama_loopserve_scores_save_queries)."""
+        bindings.llama_loopserve_scores_flush(self._ctx.ctx)
+        llama_c.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
     def seq_cells(self, seq: int) -> int:
         return bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq)
 
@@ -333,6 +340,15 @@ class Context:
         if bindings.llama_loopserve_scores_set(self._ctx.ctx, int(n_window)) != 0:
             raise LoopServeError(f"this model/context cannot be scored (window {n_window}): "
                                  "it needs a decoder-only model with a KV cache")
+        if n_window > 0 and not self._saving and self.config.saved_queries:
+            # room for an input's window and a deferred cut's rows (more flush early); the
+            # runtime saves only with flash attention, else each scored decode scores itself
+            cfg = self.config
+            rows = max(64, cfg.prefill_window + cfg.defer_cut + cfg.window)
+            if bindings.llama_loopserve_scores_save_queries(self._ctx.ctx, rows) != 0:
+                raise LoopServeError("could not allocate device memory for the saved query rows "
+                                     "(LoopServeConfig.saved_queries=False scores as it decodes)")
+            self._saving = True
 
     @property
     def score_window(self) -> int:
@@ -348,6 +364,12 @@ class Context:
     def score_rows(self, dlg: Resident) -> int:
         """Query rows accumulated into dlg's scores since the last reset."""
         return bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
+
+    @property
+    def saved_rows(self) -> int:
+        """Query rows saved by scored decodes and not yet scored (LoopServeConfig.saved_queries;
+        any read of the scores scores them)."""
+        return bindings.llama_loopserve_scores_n_saved(self._ctx.ctx)
 
     def attention_scores(self, dlg: Resident) -> tuple[np.ndarray, np.ndarray]:
         """(positions, scores) of dlg's cells in position order; a score is the attention
@@ -483,7 +505,7 @@ class Context:
     # -- decoding ----------------------------------------------------------------------
 
     def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
-        llama_c.llama_memory_seq_rm(self._mem, seq, p0, p1)
+        self._seq_rm(seq, p0, p1)
 
     @property
     def can_shift(self) -> bool:

@@ -287,23 +287,27 @@ def test_alpha_one_matches_stock(flat_model, make_llm, flash_attn):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
-def test_a_sparse_prefill_scores_the_cache_as_the_stock_one(flat_model, make_llm, flash_attn):
+@pytest.mark.parametrize("flash_attn,saved", [(False, True), (True, True), (True, False)],
+                         ids=["fa-off", "fa-on", "fa-on-eager"])
+def test_a_sparse_prefill_scores_the_cache_as_the_stock_one(flat_model, make_llm, flash_attn, saved):
     """The cut after a sparse prefill is scored by the input's last tokens as after a stock
     one: its layers compute the window's scores too (they used to skip them, and the cut then
-    chose its cells blindly). The scored ubatch keeps its mask for them."""
+    chose its cells blindly). A ubatch that scores in its graph keeps its mask for them; with
+    flash attention its rows' queries are saved (scored when read, with a mask of their own), so
+    it goes without the mask where its cells are causal."""
     toks = tokens(2, 300)
     kw = dict(n_ctx=512, n_batch=512, n_ubatch=512, flash_attn=flash_attn)
     got = {}
-    for name, cfg in (("stock", None), ("sparse", ALL_LINES)):
-        llm = make_llm(flat_model, loopserve=cfg, **kw) if cfg else make_llm(flat_model, **kw)
+    for name, cfg in (("stock", LoopServeConfig(saved_queries=saved)),
+                      ("sparse", replace(ALL_LINES, saved_queries=saved))):
+        llm = make_llm(flat_model, loopserve=cfg, **kw)
         d = llm.dialogue()
         llm.set_score_window(4)
         llm.decode(d, toks, list(range(len(toks))))
         got[name] = llm.attention_scores_by_head(d), llm.prefill_stats()
     (pos_s, rows_s), _ = got["stock"]
     (pos_p, rows_p), st = got["sparse"]
-    assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 0
+    assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == int(flash_attn and saved)
     assert list(pos_s) == list(pos_p) and rows_s.shape == rows_p.shape and rows_s.sum() > 0
     np.testing.assert_allclose(rows_p, rows_s, rtol=2e-3, atol=1e-5)
 

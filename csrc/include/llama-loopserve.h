@@ -84,6 +84,32 @@ LLAMA_API int32_t llama_loopserve_scores_set(struct llama_context * ctx, int32_t
 // The current window (0 = off).
 LLAMA_API int32_t llama_loopserve_scores_window(struct llama_context * ctx);
 
+// Saved queries. With flash attention the window rows' probabilities are not in the graph,
+// so a scored decode computes them apart: per layer a few small nodes, then a copy of the
+// scores to the host and a synchronize, which a one-token decode pays every step. With
+// n_max > 0, a scored ubatch instead saves its window rows' queries (each scored layer's Q,
+// in device memory beside the layer's K) together with their sequence and position, and
+// llama_loopserve_scores_flush scores every saved row at once against the cache as it is
+// then: the cells of the row's own sequence at positions up to the row's, which are the cells
+// it attended to while nothing was removed or moved. The sums are the same as scoring each
+// decode as it runs. Flushed first, automatically: every read of the scores and the
+// llama_loopserve_ cell operations (removals, position compaction, head-wise cuts); a state
+// load or llama_loopserve_scores_reset drops the saved rows of the sequences they cover; a
+// ubatch whose rows do not fit beside the saved ones flushes before it runs. A caller that
+// removes cells by other means (llama_memory_seq_rm) flushes first. Rows are saved only
+// with flash attention over one stream, in a model without attention sinks or ALiBi;
+// otherwise the decode scores them as it runs. n_max = 0 (the default) turns saving off,
+// after a flush. Returns 0, or -1 if the context cannot be scored or the memory for the
+// queries cannot be allocated (saving then stays off).
+LLAMA_API int32_t llama_loopserve_scores_save_queries(struct llama_context * ctx, int32_t n_max);
+
+// Score the saved rows now (see above). Returns the number of rows scored, or -1 if the
+// scoring graph failed (the rows are dropped).
+LLAMA_API int32_t llama_loopserve_scores_flush(struct llama_context * ctx);
+
+// Rows saved and not yet scored.
+LLAMA_API int32_t llama_loopserve_scores_n_saved(struct llama_context * ctx);
+
 // Zero the accumulated scores of seq_id's cells and its row count; seq_id < 0: all
 // sequences.
 LLAMA_API void llama_loopserve_scores_reset(struct llama_context * ctx, llama_seq_id seq_id);

@@ -51,6 +51,19 @@ struct llama_loopserve_scores_state {
     std::vector<std::vector<uint8_t>> hidden;
     int64_t                           n_hidden = 0;
 
+    // saved queries (llama_loopserve_scores_save_queries, llama-loopserve-saved-queries.cpp):
+    // per layer [n_embd_head_k, saved_max, n_head] F32 beside the layer's K, null where
+    // unscored; each layer's kq_scale as its graph gave it; the saved rows' sequences and
+    // positions, in slot order. n_window_ub < 0 marks a ubatch that saves -n_window_ub rows.
+    int32_t                            saved_max = 0;
+    bool                               saved_ok  = false;  // flash attention, one stream, no sinks, no ALiBi
+    std::vector<ggml_tensor *>         saved_q;
+    std::vector<float>                 saved_scale;
+    std::vector<llama_seq_id>          saved_seq;
+    std::vector<llama_pos>             saved_pos;
+    std::vector<ggml_context *>        saved_ctx;
+    std::vector<ggml_backend_buffer *> saved_buf;
+
     ~llama_loopserve_scores_state();
 };
 
@@ -115,6 +128,23 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
 
 // context side: cells of seq_id were overwritten by a state load (seq_id < 0: all)
 void llama_loopserve_state_loaded(llama_context & lctx, llama_seq_id seq_id);
+
+// Add one graph's score tensors (per layer [n_kv, n_head_kv] means over the rows and the query
+// heads of each KV head, null where unscored) to stream strm's accumulators as sums over n_rows
+// rows. Reads them back first (the graph must have run).
+void loopserve_add_scores(llama_context &                    lctx,
+                          const std::vector<ggml_tensor *> & t,
+                          int64_t                            n_kv,
+                          int32_t                            n_rows,
+                          uint32_t                           strm);
+
+// graph side, saved queries: a ubatch that saves its window rows copies each scored layer's
+// rows of q ([dk, n_tokens, n_head], permuted) into the layer's saved queries
+void llama_loopserve_save_queries_graph(const llm_graph_context & g, ggml_tensor * q, float kq_scale, int il);
+
+// before seq_id's scores are zeroed (all when < 0): its saved rows go; other sequences'
+// saved rows are scored first
+void llama_loopserve_saved_drop(llama_context * ctx, llama_seq_id seq_id);
 
 // After llama_loopserve_seq_keep_per_head: each scored head's scores follow its tokens
 // (head_src[h*n + j] -> dst[j], n = dst.size(), heads in layer order), the freed cells' start over.

@@ -324,6 +324,7 @@ static void loopserve_caches(llama_context * ctx, llama_kv_cache * caches[2]) {
 }
 
 int32_t llama_loopserve_seq_rm_positions(llama_context * ctx, llama_seq_id seq_id, const llama_pos * pos, int32_t n) {
+    llama_loopserve_scores_flush(ctx);  // saved rows are scored by the cells they saw
     llama_kv_cache * caches[2];
     loopserve_caches(ctx, caches);
     if (caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max() || n < 0 ||
@@ -342,6 +343,7 @@ int32_t llama_loopserve_seq_rm_positions(llama_context * ctx, llama_seq_id seq_i
 }
 
 int32_t llama_loopserve_seq_compact_positions(llama_context * ctx, llama_seq_id seq_id, llama_pos p0) {
+    llama_loopserve_scores_flush(ctx);  // saved rows are scored by the cells they saw
     llama_kv_cache * caches[2];
     loopserve_caches(ctx, caches);
     if (caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max() || p0 < 0) {
@@ -385,6 +387,7 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
                                           llama_seq_id    seq_id,
                                           const int32_t * sel,
                                           int32_t         n_keep) {
+    llama_loopserve_scores_flush(ctx);  // saved rows are scored by the cells they saw
     llama_kv_cache * caches[2];
     loopserve_caches(ctx, caches);
     if (caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max() || sel == nullptr ||

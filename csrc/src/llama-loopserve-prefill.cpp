@@ -62,6 +62,9 @@ llama_loopserve_prefill_cfg llama_loopserve_prefill_graph_cfg(const llama_contex
         }
     }
     cfg.st = lctx.loopserve_prefill.get();
+    if (lctx.loopserve_scores && lctx.loopserve_scores->n_window_ub < 0) {
+        cfg.saved = lctx.loopserve_scores.get();  // the window rows' queries are saved
+    }
     if (lctx.loopserve_scores && lctx.loopserve_scores->n_hidden > 0) {
         // rows hidden per head: every layer attends densely, each KV head with its own mask
         cfg.hide    = lctx.loopserve_scores.get();
@@ -180,6 +183,7 @@ ggml_tensor * llama_loopserve_prefill_attn(const llm_graph_context & g,
                                            ggml_tensor *             q_cells,
                                            float                     kq_scale,
                                            int                       il) {
+    llama_loopserve_save_queries_graph(g, q, kq_scale, il);
     if (ggml_tensor * hidden = llama_loopserve_hide_attn(g, q, k, v, kq_b, kq_mask, sinks, v_mla, kq_scale, il)) {
         return hidden;  // rows hidden per head (llama-loopserve-hide.cpp); no sparse prefill then
     }

@@ -49,12 +49,16 @@ struct llama_loopserve_prefill_cfg {
     // parameters carry one loopserve-edge field, not two (llama-loopserve-hide.cpp)
     struct llama_loopserve_scores_state * hide = nullptr;
 
+    // not prefill: the scores' state while the ubatch saves its window rows' queries (its
+    // being set follows the graph's loopserve_n_window < 0, which is part of its identity)
+    struct llama_loopserve_scores_state * saved = nullptr;
+
     bool operator==(const llama_loopserve_prefill_cfg & o) const {
         return enabled == o.enabled && alpha == o.alpha && last_q == o.last_q && n_min_v == o.n_min_v &&
                n_max_v == o.n_max_v && n_min_s == o.n_min_s && n_max_s == o.n_max_s && n_sink == o.n_sink &&
                n_local == o.n_local && n_min_tokens == o.n_min_tokens && block_q == o.block_q && reuse == o.reuse &&
                cell_causal == o.cell_causal && sel_reuse == o.sel_reuse && sel_n_kv == o.sel_n_kv &&
-               (hide != nullptr) == (o.hide != nullptr);
+               (hide != nullptr) == (o.hide != nullptr) && (saved != nullptr) == (o.saved != nullptr);
     }
 
     bool operator!=(const llama_loopserve_prefill_cfg & o) const { return !(*this == o); }

@@ -10,13 +10,14 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 
 // Written by the loopserve-edge build script, not by a patch: the hash covers the
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 5
+#define LLAMA_LOOPSERVE_API_VERSION 6
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;
@@ -151,6 +152,12 @@ llama_loopserve_scores_state::~llama_loopserve_scores_state() {
     if (staging_pinned != nullptr) {
         ggml_backend_buffer_free(staging_pinned);
     }
+    for (auto * b : saved_buf) {
+        ggml_backend_buffer_free(b);
+    }
+    for (auto * c : saved_ctx) {
+        ggml_free(c);
+    }
 }
 
 static float * loopserve_staging(llama_loopserve_scores_state & st, ggml_backend_t backend, size_t n_floats) {
@@ -266,6 +273,54 @@ void llama_loopserve_ubatch_begin(llama_context & lctx, const llama_ubatch & uba
         n++;
     }
     st->n_window_ub = n;
+    if (n > 0 && st->saved_ok && n <= st->saved_max) {
+        // saved queries: the rows are scored later, all at once (llama-loopserve-saved-queries.cpp)
+        if ((int32_t) st->saved_seq.size() + n > st->saved_max) {
+            llama_loopserve_scores_flush(&lctx);
+        }
+        st->n_window_ub = -n;
+    }
+}
+
+void loopserve_add_scores(llama_context &                    lctx,
+                          const std::vector<ggml_tensor *> & t,
+                          int64_t                            n_kv,
+                          int32_t                            n_rows,
+                          uint32_t                           strm) {
+    auto *               st    = lctx.loopserve_scores.get();
+    ggml_backend_sched_t sched = lctx.get_sched();
+
+    float * staging = nullptr;
+    for (size_t il = 0; il < st->layer_off.size(); ++il) {
+        if (st->layer_off[il] < 0 || il >= t.size() || t[il] == nullptr) {
+            continue;
+        }
+        GGML_ASSERT(t[il]->ne[0] == n_kv && ggml_nelements(t[il]) == n_kv * st->layer_n_head_kv[il]);
+        ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t[il]);
+        if (staging == nullptr) {
+            staging = loopserve_staging(*st, backend, (size_t) n_kv * st->n_head_total);
+        }
+        ggml_backend_tensor_get_async(backend, t[il], staging + (size_t) n_kv * st->layer_off[il], 0,
+                                      ggml_nbytes(t[il]));
+    }
+    ggml_backend_sched_synchronize(sched);
+
+    // the graph gives means over the rows and the group's query heads; add sums
+    auto &        acc     = st->acc[strm];
+    const int64_t n_cells = st->n_cells;
+    for (size_t il = 0; il < st->layer_off.size(); ++il) {
+        if (st->layer_off[il] < 0 || il >= t.size() || t[il] == nullptr) {
+            continue;
+        }
+        const float f = (float) n_rows * st->layer_n_gqa[il];
+        for (int32_t h = st->layer_off[il]; h < st->layer_off[il] + st->layer_n_head_kv[il]; ++h) {
+            const float * src = staging + (size_t) h * n_kv;
+            float *       dst = acc.data() + (size_t) h * n_cells;
+            for (int64_t c = 0; c < n_kv; ++c) {
+                dst[c] += f * src[c];
+            }
+        }
+    }
 }
 
 void llama_loopserve_ubatch_end(llama_context &                lctx,
@@ -273,7 +328,8 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
                                 const llm_graph_result *       res,
                                 const llama_memory_context_i * mctx) {
     auto *        st     = lctx.loopserve_scores.get();
-    const int32_t n_rows = st->n_window_ub;
+    const int32_t n_win  = st->n_window_ub;
+    const int32_t n_rows = std::abs(n_win);
     st->n_window_ub      = 0;
 
     const llama_kv_cache_context * kvc = loopserve_full_cache_context(mctx);
@@ -296,39 +352,14 @@ void llama_loopserve_ubatch_end(llama_context &                lctx,
     }
     GGML_ASSERT(sinfo.n_stream() == 1);
 
-    const int64_t        n_kv  = kvc->get_n_kv();
-    ggml_backend_sched_t sched = lctx.get_sched();
-
-    float * staging = nullptr;
-    for (size_t il = 0; il < st->layer_off.size(); ++il) {
-        ggml_tensor * t = res->t_loopserve_scores[il];
-        if (st->layer_off[il] < 0 || t == nullptr) {
-            continue;
+    if (n_win < 0) {
+        // the graph saved the rows' queries in the next slots: record whose they are
+        for (uint32_t i = ubatch.n_tokens - (uint32_t) n_rows; i < ubatch.n_tokens; ++i) {
+            st->saved_seq.push_back(ubatch.seq_id[i][0]);
+            st->saved_pos.push_back(ubatch.pos[i]);
         }
-        GGML_ASSERT(t->ne[0] == n_kv && ggml_nelements(t) == n_kv * st->layer_n_head_kv[il]);
-        ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
-        if (staging == nullptr) {
-            staging = loopserve_staging(*st, backend, (size_t) n_kv * st->n_head_total);
-        }
-        ggml_backend_tensor_get_async(backend, t, staging + (size_t) n_kv * st->layer_off[il], 0, ggml_nbytes(t));
-    }
-    ggml_backend_sched_synchronize(sched);
-
-    // the graph gives means over the rows and the group's query heads; add sums
-    auto &        acc     = st->acc[sinfo.strm[0]];
-    const int64_t n_cells = st->n_cells;
-    for (size_t il = 0; il < st->layer_off.size(); ++il) {
-        if (st->layer_off[il] < 0 || res->t_loopserve_scores[il] == nullptr) {
-            continue;
-        }
-        const float f = (float) n_rows * st->layer_n_gqa[il];
-        for (int32_t h = st->layer_off[il]; h < st->layer_off[il] + st->layer_n_head_kv[il]; ++h) {
-            const float * src = staging + (size_t) h * n_kv;
-            float *       dst = acc.data() + (size_t) h * n_cells;
-            for (int64_t c = 0; c < n_kv; ++c) {
-                dst[c] += f * src[c];
-            }
-        }
+    } else {
+        loopserve_add_scores(lctx, res->t_loopserve_scores, kvc->get_n_kv(), n_rows, sinfo.strm[0]);
     }
 
     for (uint32_t i = ubatch.n_tokens - (uint32_t) n_rows; i < ubatch.n_tokens; ++i) {
@@ -412,6 +443,7 @@ void llama_loopserve_scores_reset(llama_context * ctx, llama_seq_id seq_id) {
     if (st == nullptr || kv == nullptr) {
         return;
     }
+    llama_loopserve_saved_drop(ctx, seq_id);
     if (seq_id < 0) {
         for (auto & acc : st->acc) {
             std::fill(acc.begin(), acc.end(), 0.0f);
@@ -447,6 +479,7 @@ int32_t llama_loopserve_scores_get(llama_context * ctx,
                                    llama_pos *     pos,
                                    float *         scores,
                                    int32_t         n_max) {
+    llama_loopserve_scores_flush(ctx);  // saved rows count as scored
     llama_kv_cache * kv = loopserve_full_cache(ctx);
     if (kv == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
         return -1;
@@ -490,6 +523,7 @@ int32_t llama_loopserve_scores_get_layer(llama_context * ctx,
                                          int32_t         il,
                                          float *         scores,
                                          int32_t         n_max) {
+    llama_loopserve_scores_flush(ctx);  // saved rows count as scored
     llama_kv_cache * kv        = loopserve_full_cache(ctx);
     const int32_t    n_head_kv = llama_loopserve_scores_n_head_kv(ctx, il);
     if (kv == nullptr || n_head_kv == 0 || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
@@ -518,6 +552,7 @@ int32_t llama_loopserve_scores_get_layer(llama_context * ctx,
 }
 
 int32_t llama_loopserve_scores_get_heads(llama_context * ctx, llama_seq_id seq_id, float * scores, int64_t n_max) {
+    llama_loopserve_scores_flush(ctx);  // saved rows count as scored
     llama_kv_cache * kv = loopserve_full_cache(ctx);
     if (kv == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
         return -1;
