@@ -288,11 +288,10 @@ def test_prompt_of_several_batches_is_scored_by_its_own_last_tokens(model, weigh
 
 # -- saved queries (LoopServeConfig.saved_queries) -------------------------------------
 
-def saved_and_eager(make_llm, model, **kw):
+def saved_and_eager(make_llm, model):
     """Two contexts of the model with flash attention: one saving its scored rows' queries
     (scored when read), one scoring each decode as it runs."""
-    return [make_llm(model, flash_attn=True, loopserve=LoopServeConfig(saved_queries=s, **kw))
-            for s in (True, False)]
+    return [make_llm(model, flash_attn=True, loopserve=LoopServeConfig(saved_queries=s)) for s in (True, False)]
 
 
 def assert_same_heads(saved, eager, ds, de):
@@ -310,15 +309,14 @@ def test_saved_rows_are_scored_as_the_decodes_would_have_been(model, weights, ma
     """A prompt's window and single-token decodes, saved: nothing is read back until the
     scores are read; then the sums equal scoring each decode as it ran, and the reference."""
     saved, eager = saved_and_eager(make_llm, model)
+    ds, de = saved.dialogue(), eager.dialogue()
     prompt, gen = tokens_for(21, 40), tokens_for(22, 6)
-    for llm in (saved, eager):
-        d = llm.dialogue()
+    for llm, d in ((saved, ds), (eager, de)):
         llm.set_score_window(8)
         llm.decode(d, prompt, list(range(40)))
         llm.set_score_window(1)
         for i, t in enumerate(gen):
             llm.decode(d, [t], [40 + i])
-    ds, de = next(iter(saved._resident.values())), next(iter(eager._resident.values()))
     assert saved.saved_rows == 8 + 6 and eager.saved_rows == 0
     hs = assert_same_heads(saved, eager, ds, de)
     assert saved.saved_rows == 0  # the read scored them
@@ -379,14 +377,13 @@ def test_rows_beyond_the_saved_room_flush_first(model, make_llm):
     """More scored decodes than the saved rows hold (64): the decode that would overflow scores
     the saved ones first; the sums are unchanged. Without flash attention nothing is saved."""
     saved, eager = saved_and_eager(make_llm, model)
-    for llm in (saved, eager):
-        d = llm.dialogue()
+    ds, de = saved.dialogue(), eager.dialogue()
+    for llm, d in ((saved, ds), (eager, de)):
         llm.set_score_window(1)
         llm.decode(d, tokens_for(28, 10), list(range(10)))
         for i, t in enumerate(tokens_for(29, 70)):
             llm.decode(d, [t], [10 + i])
     assert 0 < saved.saved_rows <= 64
-    ds, de = next(iter(saved._resident.values())), next(iter(eager._resident.values()))
     assert_same_heads(saved, eager, ds, de)
     assert saved.score_rows(ds) == 71
     off = make_llm(model, flash_attn=False)
