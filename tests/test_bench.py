@@ -312,7 +312,7 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
                             "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
                             "loopserve-d32", "loopserve-d32-head", "loopserve-d32-q8", "loopserve-d32-head-q8",
-                            "loopserve-d32-s4-head", "pyramidkv", "ada-snapkv", "loopserve-d32-head-ada",
+                            "loopserve-d32-s4-head", "loopserve-d64-head", "pyramidkv", "ada-snapkv", "loopserve-d32-head-ada",
                             "loopserve-d32-head-pyramid"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
     # PyramidKV and Ada-KV: SnapKV head-wise with their allocations
@@ -335,6 +335,8 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     assert Run(METHODS["loopserve"], 256).config().defer_cut == 0
     s4 = Run(METHODS["loopserve-d32-s4-head"], 256).config()
     assert (s4.defer_cut, s4.defer_scored, s4.granularity) == (32, 4, "head")
+    d64 = Run(METHODS["loopserve-d64-head"], 256).config()
+    assert (d64.defer_cut, d64.defer_scored, d64.granularity) == (64, None, "head")
     head = Run(METHODS["loopserve-defer-head"], 256).config()
     assert (head.granularity, head.defer_cut, head.policy) == ("head", 4, "loopserve")
     assert Run(METHODS["snapkv"], 256).config().granularity == "cell"
