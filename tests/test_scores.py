@@ -294,6 +294,14 @@ def saved_and_eager(make_llm, model):
     return [make_llm(model, flash_attn=True, loopserve=LoopServeConfig(saved_queries=s)) for s in (True, False)]
 
 
+def decode_scored(llm, d, seeds, n_prompt, n_steps):
+    """A prompt, then single-token decodes, every decode scored by its last token."""
+    llm.set_score_window(1)
+    llm.decode(d, tokens_for(seeds[0], n_prompt), list(range(n_prompt)))
+    for i, t in enumerate(tokens_for(seeds[1], n_steps)):
+        llm.decode(d, [t], [n_prompt + i])
+
+
 def assert_same_heads(saved, eager, ds, de):
     ps, hs = saved.attention_scores_by_head(ds)
     pe, he = eager.attention_scores_by_head(de)
@@ -329,14 +337,11 @@ def test_saved_rows_are_scored_as_the_decodes_would_have_been(model, weights, ma
 def test_saved_rows_are_scored_before_their_cells_change(model, make_llm):
     """Rows saved, then their last cells removed and filled again at the same positions (a
     probe removed, a rollback): the rows are scored against the cells they attended to, not the
-    new ones; a cell-wise and a head-wise cut likewise see them first."""
+    new ones; a removal in the middle (a cell-wise cut's) likewise sees them first."""
     saved, eager = saved_and_eager(make_llm, model)
     ds, de = saved.dialogue(), eager.dialogue()
     for llm, d in ((saved, ds), (eager, de)):
-        llm.set_score_window(1)
-        llm.decode(d, tokens_for(23, 30), list(range(30)))
-        for i, t in enumerate(tokens_for(24, 5)):
-            llm.decode(d, [t], [30 + i])
+        decode_scored(llm, d, (23, 24), 30, 5)
         llm.set_score_window(0)
     assert saved.saved_rows == 6
     for llm, d in ((saved, ds), (eager, de)):
@@ -379,10 +384,7 @@ def test_rows_beyond_the_saved_room_flush_first(model, make_llm):
     saved, eager = saved_and_eager(make_llm, model)
     ds, de = saved.dialogue(), eager.dialogue()
     for llm, d in ((saved, ds), (eager, de)):
-        llm.set_score_window(1)
-        llm.decode(d, tokens_for(28, 10), list(range(10)))
-        for i, t in enumerate(tokens_for(29, 70)):
-            llm.decode(d, [t], [10 + i])
+        decode_scored(llm, d, (28, 29), 10, 70)
     assert 0 < saved.saved_rows <= 64
     assert_same_heads(saved, eager, ds, de)
     assert saved.score_rows(ds) == 71
