@@ -142,6 +142,9 @@ void loopserve_add_scores(llama_context &                    lctx,
 // rows of q ([dk, n_tokens, n_head], permuted) into the layer's saved queries
 void llama_loopserve_save_queries_graph(const llm_graph_context & g, ggml_tensor * q, float kq_scale, int il);
 
+// the saved queries' memory and rows freed (saving off)
+void loopserve_saved_free(llama_loopserve_scores_state & st);
+
 // before seq_id's scores are zeroed (all when < 0): its saved rows go; other sequences'
 // saved rows are scored first
 void llama_loopserve_saved_drop(llama_context * ctx, llama_seq_id seq_id);

@@ -28,7 +28,7 @@
 #include <map>
 #include <vector>
 
-static void loopserve_saved_free(llama_loopserve_scores_state & st) {
+void loopserve_saved_free(llama_loopserve_scores_state & st) {
     for (auto * b : st.saved_buf) {
         ggml_backend_buffer_free(b);
     }

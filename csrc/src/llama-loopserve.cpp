@@ -152,12 +152,7 @@ llama_loopserve_scores_state::~llama_loopserve_scores_state() {
     if (staging_pinned != nullptr) {
         ggml_backend_buffer_free(staging_pinned);
     }
-    for (auto * b : saved_buf) {
-        ggml_backend_buffer_free(b);
-    }
-    for (auto * c : saved_ctx) {
-        ggml_free(c);
-    }
+    loopserve_saved_free(*this);
 }
 
 static float * loopserve_staging(llama_loopserve_scores_state & st, ggml_backend_t backend, size_t n_floats) {
