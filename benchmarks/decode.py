@@ -18,6 +18,7 @@ choice equals full's token, and the mean KL(full || policy).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -55,23 +56,23 @@ def speed(a, model):
     n_ctx = max(depths) + a.tokens + 1024
     methods = {"full": LoopServeConfig(max_resident=1)}
     for gran in a.granularity.split(","):
-        for ds in a.defer_scored.split(","):
-            for alloc in a.allocation.split(","):
-                for sq in a.saved_queries.split(","):
-                    if alloc != "uniform" and gran != "head":
-                        continue  # an allocation shares a head-wise cut's tokens
-                    # head-wise cuts move each head's K/V rows in a graph: a cut costs more than
-                    # cell-wise; "-sN": the deferred cut scored by the reply's first N tokens only
-                    # (defer_scored); "-ada"/"-pyramid": per-head shares, each KV head then attending
-                    # apart with its own mask, in about twice the budget's cells; "-eager": each
-                    # scored decode scores as it runs (saved_queries off)
-                    name = (f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")
-                            + ("" if ds == "all" else f"-s{ds}") + ("" if alloc == "uniform" else f"-{alloc}")
-                            + ("" if sq == "on" else "-eager"))
-                    methods[name] = LoopServeConfig(
-                        max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
-                        granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds),
-                        allocation=alloc, saved_queries=sq == "on")
+        for ds, dc, alloc, sq in itertools.product(a.defer_scored.split(","), a.defer_cut.split(","),
+                                                   a.allocation.split(","), a.saved_queries.split(",")):
+            if alloc != "uniform" and gran != "head":
+                continue  # an allocation shares a head-wise cut's tokens
+            # head-wise cuts move each head's K/V rows in a graph: a cut costs more than
+            # cell-wise; "-sN": the deferred cut scored by the reply's first N tokens only
+            # (defer_scored); "-ada"/"-pyramid": per-head shares, each KV head then attending
+            # apart with its own mask, in about twice the budget's cells; "-eager": each
+            # scored decode scores as it runs (saved_queries off); "-dN": the cut after the
+            # prefill waits for N generated tokens instead of the default defer_cut
+            name = (f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")
+                    + ("" if ds == "all" else f"-s{ds}") + ("" if dc == "default" else f"-d{dc}")
+                    + ("" if alloc == "uniform" else f"-{alloc}") + ("" if sq == "on" else "-eager"))
+            methods[name] = LoopServeConfig(
+                max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
+                granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds),
+                defer_cut=None if dc == "default" else int(dc), allocation=alloc, saved_queries=sq == "on")
     print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} | vs. full @ 0 |")
     print("|---|---:|---:|---:|---:|")
     # every method's context is made first and the runs alternate between them (depth by
@@ -201,6 +202,8 @@ def main() -> None:
     ap.add_argument("--defer-scored", default="all",
                     help="speed: loopserve's defer_scored values, e.g. all,4 (all: every token the deferred "
                          "cut waits for scores it)")
+    ap.add_argument("--defer-cut", default="default",
+                    help="speed: loopserve's defer_cut values, e.g. default,32 (rows -dN)")
     ap.add_argument("--granularity", default="cell", help="speed: loopserve's granularities, e.g. cell,head")
     ap.add_argument("--allocation", default="uniform",
                     help="speed: head-wise rows with each allocation, e.g. uniform,ada (LoopServeConfig.allocation)")

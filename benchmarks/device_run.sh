@@ -9,7 +9,8 @@
 #            DECODE_PROFILE=1: per-step times by phase; DECODE_CUPY=off: head-wise choice on the host;
 #            DECODE_DEFER_SCORED=all,4: loopserve rows with each defer_scored; DECODE_ALLOC=uniform,ada:
 #            head-wise rows with each allocation; DECODE_SAVED=on,off: rows with saved query rows and
-#            "-eager" rows scoring each decode as it runs)
+#            "-eager" rows scoring each decode as it runs; DECODE_DEFER_CUT=default,32: rows "-d32" with that
+#            defer_cut beside the default's)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
@@ -212,7 +213,8 @@ for step in "$@"; do
             --depths "${DECODE_DEPTHS:-0,16384,65536}" --budget 2048 --tokens "${DECODE_TOKENS:-256}" \
             --granularity "${DECODE_GRAN:-cell}" --repeats "${DECODE_REPEATS:-1}" ${DECODE_PROFILE:+--profile} \
             --cupy-select "${DECODE_CUPY:-auto}" --defer-scored "${DECODE_DEFER_SCORED:-all}" \
-            --allocation "${DECODE_ALLOC:-uniform}" --saved-queries "${DECODE_SAVED:-on}"
+            --allocation "${DECODE_ALLOC:-uniform}" --saved-queries "${DECODE_SAVED:-on}" \
+            --defer-cut "${DECODE_DEFER_CUT:-default}"
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;
