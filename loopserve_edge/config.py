@@ -78,14 +78,17 @@ class LoopServeConfig:
     # loopserve: the cut after a prefill waits for the first `defer_cut` generated tokens and
     # is scored by them as well as by the input's last `window` tokens (0: cut as soon as the
     # prefill ends, scored by the input alone). The output says best what the reply needs:
-    # None (the default) is 32, chosen on the benchmark's dev split (default model, 2K, budget
-    # 1/8, head-wise): 12 against 4 kept +3.8 points of full's greedy tokens [+2.2, +5.6], 32
-    # against 12 +2.1 [+0.8, +3.6], better after the first 32 steps of a reply too (4 against 0
-    # was +5.4, cell-wise; benchmarks/results/defer-dev/). Much of that is the short replies
-    # decoded before the cut: over the turns after the first alone, 32 and 4 are level on the
-    # test split (both above SnapKV; benchmarks/results/later-turns-cpu/). It may exceed
-    # `interval`: the cut waits for it, and the periodic cuts start after it. Until then the
-    # dialogue holds the whole input, as its prefill did, and decodes over it.
+    # None (the default) is 64, so that in ordinary short-reply chat the cut comes at the end
+    # of the reply, scored by all of it. On the benchmark's dev split (default model, 2K,
+    # budget 1/8, head-wise) 12 against 4 kept +3.8 points of full's greedy tokens [+2.2,
+    # +5.6], 32 against 12 +2.1 [+0.8, +3.6] (benchmarks/results/defer-dev/), 64 against 32
+    # +0.64 [+0.17, +1.11] (window-dev/); on the test split (H200, 2K-8K, budgets 1/8 and 1/4)
+    # 64 against 32 kept +0.15 to +0.46 points, beyond the interval in 5 of 6 and with less KL
+    # in all 6 (d64-test-gpu/). Much of each gain is the short replies decoded before the cut:
+    # over the turns after the first alone, 64 and 32 are level, as 32 and 4 were
+    # (later-turns-cpu/). It may exceed `interval`: the cut waits for it, and the periodic cuts
+    # start after it. Until then the dialogue holds the whole input, as its prefill did, and
+    # decodes over it.
     defer_cut: int | None = None
     # of the `defer_cut` generated tokens the deferred cut waits for, how many (the first) score
     # it; None: all of them. A scored decode step costs more than a plain one (on the H200 +0.6
@@ -174,7 +177,7 @@ class LoopServeConfig:
             raise ValueError("interval, window, prefill_window and pooling must be >= 1; "
                              "sink, recent and chunk_probe >= 0")
         if self.defer_cut is None:
-            object.__setattr__(self, "defer_cut", 32)
+            object.__setattr__(self, "defer_cut", 64)
         if self.defer_cut < 0:
             raise ValueError("defer_cut must be >= 0")
         if self.defer_scored is not None and self.defer_scored < 0:

@@ -343,9 +343,7 @@ class Context:
         if n_window > 0 and not self._saving and self.config.saved_queries:
             # room for an input's window and a deferred cut's rows (more flush early); the
             # runtime saves only with flash attention, else each scored decode scores itself
-            cfg = self.config
-            rows = max(64, cfg.prefill_window + cfg.defer_cut + cfg.window)
-            if bindings.llama_loopserve_scores_save_queries(self._ctx.ctx, rows) != 0:
+            if bindings.llama_loopserve_scores_save_queries(self._ctx.ctx, self.saved_room) != 0:
                 raise LoopServeError("could not allocate device memory for the saved query rows "
                                      "(LoopServeConfig.saved_queries=False scores as it decodes)")
             self._saving = True
@@ -364,6 +362,13 @@ class Context:
     def score_rows(self, dlg: Resident) -> int:
         """Query rows accumulated into dlg's scores since the last reset."""
         return bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
+
+    @property
+    def saved_room(self) -> int:
+        """How many query rows the runtime keeps before it scores them (saved_queries):
+        room for an input's window and a deferred cut's rows; more flush early."""
+        cfg = self.config
+        return max(64, cfg.prefill_window + cfg.defer_cut + cfg.window)
 
     @property
     def saved_rows(self) -> int:

@@ -312,15 +312,16 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
                             "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
                             "loopserve-d32", "loopserve-d32-head", "loopserve-d32-q8", "loopserve-d32-head-q8",
-                            "loopserve-d32-s4-head", "loopserve-d64-head", "pyramidkv", "ada-snapkv", "loopserve-d32-head-ada",
+                            "loopserve-d32-s4-head", "loopserve-d64", "loopserve-d64-head", "pyramidkv", "ada-snapkv", "loopserve-d32-head-ada",
                             "loopserve-d32-head-pyramid"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
     # PyramidKV and Ada-KV: SnapKV head-wise with their allocations
     ada = Run(METHODS["ada-snapkv"], 256).config()
     assert (ada.policy, ada.granularity, ada.allocation, ada.cells) == ("snapkv", "head", "ada", 4 + 64 + 2 * 188 - 9)
     assert Run(METHODS["pyramidkv"], 256).config().allocation == "pyramid"
-    # the default configuration is loopserve-d32
-    assert Run(METHODS["loopserve-d32"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
+    # the default configuration is loopserve-d64 (loopserve-d32 until session 22)
+    assert Run(METHODS["loopserve-d64"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
+    assert Run(METHODS["loopserve-d32"], 256).config().defer_cut == 32
     # a stored selection serves the ubatches of one decode call: the input goes in one batch
     r4 = Run(METHODS["loopserve-prefill-r4"], None, 0.95)
     assert r4.config().prefill_reuse == 4 and r4.config().sparse_prefill

@@ -50,7 +50,10 @@ def test_an_input_several_times_the_context_goes_through_the_budget(tiny_model, 
         assert all(rows == cfg.prefill_window for rows, _ in cuts)
     elif policy == "h2o":                        # scores accumulate: each chunk's and its probe's
         assert [r for r, _ in cuts] == [2 * cfg.prefill_window * (k + 1) for k in range(len(cuts))]
-    assert all(n > 200 for _, n in cuts[1:])   # after the first cut, chunks fill what the budget leaves
+    # after the first cut, chunks fill what the budget leaves, less the cells kept free for the
+    # reply's tokens before its deferred cut (loopserve) and for the probe
+    reserve = max(1 + (cfg.defer_cut if policy == "loopserve" else 0), 0 if policy == "streaming" else cfg.chunk_probe)
+    assert all(n == llm.n_ctx - 1 - reserve for _, n in cuts[1:]) and len(cuts) > 1
     assert np.all(np.diff(d.positions) > 0) and d.positions[-1] < llm.n_ctx_train
     assert isinstance(reply, str) and d.evicted > 0
     # and the dialogue goes on: the next turn fits and is not chunked
@@ -144,7 +147,10 @@ def test_a_chunk_that_fails_puts_the_dialogue_back(tiny_model, make_llm):
     del llm.decode
     assert (d.tokens, d.positions, d.messages, d.kv_text, d.evicted, d.n_cells) == before
     assert d.send("next", **GREEDY) == twin.send("next", **GREEDY)
-    assert_same_logits(d.first_token_logits, twin.first_token_logits)
+    # the same cells, but the new turn's may sit in other slots of the shared cache than the
+    # twin's (the failed chunks' slots were freed), so the CPU sums them in another order; a
+    # cell left over from the failed chunks would change the logits by far more
+    assert_same_logits(d.first_token_logits, twin.first_token_logits, atol=1e-5)
 
 
 def test_a_context_with_no_room_beside_the_budget_says_so(tiny_model, make_llm):

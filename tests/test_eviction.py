@@ -551,9 +551,9 @@ def test_defer_scored_limits_the_generated_tokens_that_score_the_deferred_cut(ti
         LoopServeConfig(policy="loopserve", budget=256, defer_scored=-1)
 
 
-def test_defer_cut_is_32_by_default_whatever_the_interval():
-    assert LoopServeConfig(policy="loopserve", budget=256).defer_cut == 32   # interval 16
-    assert LoopServeConfig(policy="loopserve", budget=4096).defer_cut == 32  # interval 128
+def test_defer_cut_is_64_by_default_whatever_the_interval():
+    assert LoopServeConfig(policy="loopserve", budget=256).defer_cut == 64   # interval 16
+    assert LoopServeConfig(policy="loopserve", budget=4096).defer_cut == 64  # interval 128
     c = LoopServeConfig(policy="loopserve", budget=256)
     assert LoopServeConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="defer_cut"):

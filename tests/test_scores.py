@@ -379,15 +379,16 @@ def test_saved_rows_of_another_dialogue_survive_a_reset(model, make_llm):
 
 
 def test_rows_beyond_the_saved_room_flush_first(model, make_llm):
-    """More scored decodes than the saved rows hold (64): the decode that would overflow scores
+    """More scored decodes than the saved rows hold: the decode that would overflow scores
     the saved ones first; the sums are unchanged. Without flash attention nothing is saved."""
     saved, eager = saved_and_eager(make_llm, model)
     ds, de = saved.dialogue(), eager.dialogue()
+    room = saved.saved_room
     for llm, d in ((saved, ds), (eager, de)):
-        decode_scored(llm, d, (28, 29), 10, 70)
-    assert 0 < saved.saved_rows <= 64
+        decode_scored(llm, d, (28, 29), 10, room + 6)
+    assert 0 < saved.saved_rows <= room
     assert_same_heads(saved, eager, ds, de)
-    assert saved.score_rows(ds) == 71
+    assert saved.score_rows(ds) == room + 7
     off = make_llm(model, flash_attn=False)
     d = off.dialogue()
     off.set_score_window(1)

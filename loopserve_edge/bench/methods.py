@@ -57,17 +57,21 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            options=(("defer_cut", 0), ("granularity", "head"))),
     Method("loopserve-defer-head", "loopserve", describe="loopserve-defer, each KV head keeping its own "
            "tokens", options=(("defer_cut", 4), ("granularity", "head"))),
-    # the default since session 6 (defer_cut 32: on the dev split 12 was +3.8 points over 4,
-    # 32 +2.1 over 12); the two above keep 4, as in the committed runs
+    # the default from session 6 to 21 (defer_cut 32: on the dev split 12 was +3.8 points over
+    # 4, 32 +2.1 over 12); the two above keep 4, as in the committed runs
     Method("loopserve-d32", "loopserve", describe="loopserve whose cut after each prefill waits for the "
-           "first 32 generated tokens (the default)", options=(("defer_cut", 32),)),
+           "first 32 generated tokens", options=(("defer_cut", 32),)),
     Method("loopserve-d32-head", "loopserve", describe="loopserve-d32, each KV head keeping its own tokens",
            options=(("defer_cut", 32), ("granularity", "head"))),
-    # issue 15, "a cut at the end of every reply": the benchmark's replies have at most 48 tokens,
-    # so this cut waits for the whole reply (dev split: +0.64 points [+0.17, +1.11] of full's
-    # greedy tokens over loopserve-d32-head, later turns level; benchmarks/results/window-dev/)
-    Method("loopserve-d64-head", "loopserve", describe="loopserve-d32-head whose cut after each prefill "
-           "waits for the first 64 generated tokens", options=(("defer_cut", 64), ("granularity", "head"))),
+    # issue 15, "a cut at the end of every reply", the default since session 22: the benchmark's
+    # replies have at most 48 tokens, so this cut waits for the whole reply (over
+    # loopserve-d32-head: dev split +0.64 points [+0.17, +1.11] of full's greedy tokens,
+    # benchmarks/results/window-dev/; test split +0.15 to +0.46 at 2K-8K, d64-test-gpu/;
+    # later turns level)
+    Method("loopserve-d64", "loopserve", describe="loopserve whose cut after each prefill waits for the "
+           "first 64 generated tokens (the default)", options=(("defer_cut", 64),)),
+    Method("loopserve-d64-head", "loopserve", describe="loopserve-d64, each KV head keeping its own tokens",
+           options=(("defer_cut", 64), ("granularity", "head"))),
     # issue 15's decode speed: the deferred cut scored by the reply's first 4 tokens instead of
     # all 32 it waits for (a scored step costs more; dev split: within noise of all 32, test
     # split: -1.3 points of full's greedy tokens; benchmarks/results/defer-scored-dev/)
