@@ -88,7 +88,7 @@ class LoopServeConfig:
     # over the turns after the first alone, 64 and 32 are level, as 32 and 4 were
     # (later-turns-cpu/). It may exceed `interval`: the cut waits for it, and the periodic cuts
     # start after it. Until then the dialogue holds the whole input, as its prefill did, and
-    # decodes over it.
+    # decodes over it (should the context fill first, the cut comes there: Evictor.make_room).
     defer_cut: int | None = None
     # of the `defer_cut` generated tokens the deferred cut waits for, how many (the first) score
     # it; None: all of them. A scored decode step costs more than a plain one (on the H200 +0.6

@@ -281,7 +281,7 @@ class Dialogue:
                     # Not decoded: the next turn's render supplies the end-of-turn text.
                     finish = "stop"
                     break
-                if len(self.positions) + 1 >= llm.n_ctx:
+                if len(self.positions) + 1 >= llm.n_ctx and not self.evictor.make_room(self):
                     finish = "context_full"
                     break
                 pos = self.positions[-1] + 1

@@ -289,6 +289,16 @@ class Evictor:
         if self.cfg.policy == "loopserve":
             self._watch(dlg, n_generated)
 
+    def make_room(self, dlg: Tracked) -> bool:
+        """The context is full while a reply waits for its deferred cut (an input that fitted
+        but left fewer than `defer_cut` cells free): cut now, scored by the tokens generated so
+        far, rather than end the reply. False when there is no such cut to make, or it freed
+        nothing."""
+        if id(dlg) not in self.deferred:
+            return False
+        self._deferred_cut(dlg)
+        return len(dlg.positions) + 1 < self.llm.n_ctx
+
     def _deferred_cut(self, dlg: Tracked) -> None:
         self.deferred.discard(id(dlg))
         self.compress(dlg)

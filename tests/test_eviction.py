@@ -477,6 +477,29 @@ def test_model_still_answers_about_kept_content(default_model, make_llm, policy)
         assert d.evicted > 200 and d.positions[-1] > 300
 
 
+def test_a_context_that_fills_before_the_deferred_cut_cuts_there(tiny_model, make_llm):
+    """An input that fits but leaves fewer free cells than defer_cut: the reply does not end
+    at the full context, the deferred cut comes early, scored by the tokens so far."""
+    c = cfg("loopserve", budget=48, defer_cut=64)
+    llm = make_llm(tiny_model, n_ctx=256, loopserve=c)
+    d = llm.dialogue()
+    cells = []
+
+    def greedy(logits):
+        cells.append(d.n_cells)
+        return int(np.argmax(logits))
+
+    d.send("u" * 230, max_tokens=80, token_fn=greedy)
+    prompt = d.last_stats.prompt_tokens
+    assert llm.n_ctx - 64 < prompt < llm.n_ctx  # not chunked, and short of the 64 tokens' room
+    assert d.last_stats.finish_reason == "length" and len(cells) == 80
+    # (token_fn sees the cells before its token is decoded: the last full count, then the cut)
+    full = llm.n_ctx - 1 - prompt
+    assert cells[:full + 1] == [prompt + k for k in range(full + 1)]
+    assert cells[full + 1] == c.budget + 1 and max(cells[full + 1:]) <= c.budget + c.interval
+    assert d.n_cells == len(d.tokens) and d.evicted > 0
+
+
 @pytest.mark.parametrize("defer", [0, 4, 20])   # 20: beyond the interval (8)
 def test_loopserve_can_defer_the_post_prefill_cut_to_the_first_generated_tokens(tiny_model, make_llm, defer):
     c = cfg("loopserve", budget=48, defer_cut=defer)
