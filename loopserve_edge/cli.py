@@ -323,7 +323,7 @@ def _size(n: int) -> str:
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--tasks", default="all", show_default=True, help="comma-separated task families, or all")
-@click.option("--methods", default="full,streaming,snapkv,h2o,loopserve", show_default=True,
+@click.option("--methods", default="full,streaming,snapkv,h2o,loopserve-d64", show_default=True,
               help="comma-separated methods, or all (full always runs: the others are compared with it)")
 @click.option("--ctx", default="1024", show_default=True, help="context lengths in tokens, e.g. 1K,2K,8K")
 @click.option("--turns", default=2, show_default=True, help="question turns per dialogue")
