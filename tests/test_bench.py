@@ -319,8 +319,12 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     ada = Run(METHODS["ada-snapkv"], 256).config()
     assert (ada.policy, ada.granularity, ada.allocation, ada.cells) == ("snapkv", "head", "ada", 4 + 64 + 2 * 188 - 9)
     assert Run(METHODS["pyramidkv"], 256).config().allocation == "pyramid"
-    # the default configuration is loopserve-d64 (loopserve-d32 until session 22)
+    # the default configuration is loopserve-d64 (loopserve-d32 until session 22), and the bench
+    # runs it against the baselines unless told otherwise
     assert Run(METHODS["loopserve-d64"], 256).config() == LoopServeConfig(max_resident=1, policy="loopserve", budget=256)
+    from loopserve_edge.cli import bench as bench_command
+    default = next(p.default for p in bench_command.params if p.name == "methods").split(",")
+    assert set(default) <= set(METHODS) and "loopserve-d64" in default
     assert Run(METHODS["loopserve-d32"], 256).config().defer_cut == 32
     # a stored selection serves the ubatches of one decode call: the input goes in one batch
     r4 = Run(METHODS["loopserve-prefill-r4"], None, 0.95)
