@@ -215,15 +215,24 @@ class Evictor:
     def next_chunk(self, dlg: Tracked, n_rest: int, n_probe: int = 0) -> int:
         """Budgeted prefill (an input that does not fit beside the history): how many of its
         remaining `n_rest` tokens go in next. As many as the free cells take, less the few
-        the reply needs before its first cut and the probe's; each chunk but the last is
-        followed by after_chunk. If the history leaves too little room, it is first cut back
-        to the budget by recency (the input cannot be scored before it is computed)."""
+        the reply needs before its first cut (where the context has room for them) and the
+        probe's; each chunk but the last is followed by after_chunk. If the history leaves too
+        little room, it is first cut back to the budget by recency (the input cannot be scored
+        before it is computed)."""
         cfg, n_ctx = self.cfg, self.llm.n_ctx
+
+        def room(reserve: int) -> int:
+            return n_ctx - 1 - len(dlg.positions) - reserve
+
         reserve = max(1 + (cfg.defer_cut if cfg.policy == "loopserve" else 0), n_probe)
-        free = n_ctx - 1 - len(dlg.positions) - reserve
+        free = room(reserve)
         if free < min(n_rest, cfg.prefill_window) and len(dlg.positions) > cfg.budget:
             self._compress(dlg, None, cfg.budget)
-            free = n_ctx - 1 - len(dlg.positions) - reserve
+            free = room(reserve)
+        if free < 1:
+            # no room for the reply's tokens before its deferred cut as well: that cut then
+            # comes when the context fills (make_room), with fewer of them to score it
+            free = room(max(1, n_probe))
         if free < 1:
             raise ContextFullError(
                 f"n_ctx={n_ctx} leaves no cells for new input beside the KV budget of {cfg.budget}: "

@@ -153,6 +153,18 @@ def test_a_chunk_that_fails_puts_the_dialogue_back(tiny_model, make_llm):
     assert_same_logits(d.first_token_logits, twin.first_token_logits, atol=1e-5)
 
 
+def test_a_context_without_room_for_the_deferred_cuts_tokens_still_takes_the_input(tiny_model, make_llm):
+    """n_ctx leaves room for chunks beside the budget but not for defer_cut more tokens as well:
+    the chunks use that room, and the reply's deferred cut comes when the context fills."""
+    cfg = _cfg(budget=190, defer_cut=64)
+    llm = make_llm(tiny_model, n_ctx=256, loopserve=cfg)
+    d = llm.dialogue()
+    d.send(LONG, temperature=0, max_tokens=40, token_fn=lambda logits: int(np.argmax(logits)))
+    s = d.last_stats
+    assert s.prefill_chunks > 1 and s.finish_reason == "length" and s.decode_tokens == 40
+    assert d.evicted > 0 and d.n_cells <= cfg.budget + cfg.interval and d.n_cells == len(d.tokens)
+
+
 def test_a_context_with_no_room_beside_the_budget_says_so(tiny_model, make_llm):
     d = make_llm(tiny_model, n_ctx=256, loopserve=_cfg(budget=250)).dialogue()
     with pytest.raises(ContextFullError, match="beside the KV budget of 250"):
