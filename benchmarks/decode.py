@@ -5,8 +5,9 @@
 
 speed: a dialogue is prefilled with `depth` tokens of Wikipedia passages, then generates
 `--tokens` tokens; decode tokens/s for `full` and for `loopserve` at the budget (which
-compresses after the prefill and every `interval` tokens while decoding). The last column
-is the speed relative to full attention at depth 0. Every method's context is made first and
+compresses after the prefill and every `interval` tokens while decoding). The last columns
+are the speed relative to full attention at the first depth (0) and to the same method there
+(where it decodes the same cells as full). Every method's context is made first and
 their runs alternate (so each holds a KV cache of the deepest depth at once: three on the GPU
 box's default, ~2 GB each at the 1B shape and 64K).
 
@@ -73,8 +74,9 @@ def speed(a, model):
                 max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
                 granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds),
                 defer_cut=None if dc == "default" else int(dc), allocation=alloc, saved_queries=sq == "on")
-    print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} | vs. full @ 0 |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} "
+          f"| vs. full @ {depths[0]} | vs. itself @ {depths[0]} |")
+    print("|---|---:|---:|---:|---:|---:|")
     # every method's context is made first and the runs alternate between them (depth by
     # depth, repeat by repeat), so that a drift of the machine (clocks, other load) during the
     # run falls on every method alike: run one after the other, rows of the H200 differed by
@@ -109,15 +111,17 @@ def speed(a, model):
                 d.close()
     for llm in llms.values():
         llm.close()
-    base = None
+    median = {k: sorted(runs, key=lambda r: r[0])[len(runs) // 2] for k, runs in rows.items()}
+    base = median["full", depths[0]][0]
     for name, cfg in methods.items():
         for depth in depths:
             runs = rows[name, depth]
-            tps, cells, dt = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-            if base is None:
-                base = tps
+            tps, cells, dt = median[name, depth]
             spread = f" ({min(r[0] for r in runs):.1f}-{max(r[0] for r in runs):.1f})" if len(runs) > 1 else ""
-            print(f"| {name} | {depth} | {cells} | {tps:.1f}{spread} | {tps / base:.0%} |", flush=True)
+            # against the method's own first depth too: full's own runs there drift as much as
+            # any other row's (decode.md, session 22), and both rows decode the same cells there
+            own = median[name, depths[0]][0]
+            print(f"| {name} | {depth} | {cells} | {tps:.1f}{spread} | {tps / base:.0%} | {tps / own:.0%} |", flush=True)
             if a.profile:
                 # a dialogue that reached the budget was cut at the end of the first turn, so the
                 # timed turn's prefill took it past the budget: its first defer_cut steps are
@@ -141,7 +145,7 @@ def profile_line(dt: np.ndarray, cfg, deferred: bool = False) -> None:
               "scored + compress": ~first & (phase == 0), "scoring on": ~first & (phase == start),
               "scored": ~first & (phase > start), "plain": ~first & (phase < start) & (phase != 0)}
     parts = [f"{k} {1e3 * np.mean(dt[m]):.2f} ms x{int(m.sum())}" for k, m in groups.items() if m.any()]
-    print(f"|   | per step (mean) | {', '.join(parts)} | | |", flush=True)
+    print(f"|   | per step (mean) | {', '.join(parts)} | | | |", flush=True)
 
 
 def fidelity(a, model):
