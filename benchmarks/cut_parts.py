@@ -16,6 +16,12 @@ one choice), the move (head-wise: llama_loopserve_seq_keep_per_head; cell-wise: 
 removed), each followed by llama_synchronize so that the device's work is counted where it is
 queued, and the whole cut. Beside them the decode steps by kind: the one that ends with a cut,
 the one right after it, the scored ones and the plain ones (means, ms).
+
+With LOOPSERVE_TRACE_CUTS set in the environment, the runtime prints on stderr the parts of each
+cut that Python sees as one call: the flush of the saved query rows (the graph's build,
+allocation, mask, run, read-back) and, head-wise, the index building, the move (the device graph's
+allocation, index upload and run; the host's copies; the cells' bookkeeping) and the scores that
+follow their tokens.
 """
 from __future__ import annotations
 

@@ -33,7 +33,8 @@
 #            the image, its CUDA API summary of the 1B scored run at 2304 cells
 #   cut-parts  - benchmarks/cut_parts.py: where a periodic cut's time goes while decoding (scores,
 #            choice, move; the steps around it), cell-wise and head-wise with the choice on the host
-#            and through cupy, random weights at the 1B shape, CUT_DEPTH (16384) tokens, budget 2048
+#            and through cupy (CUT_METHODS), random weights at CUT_SHAPES (1b), CUT_DEPTH (16384)
+#            tokens, budget 2048; the runtime's LOOPSERVE_TRACE_CUTS lines give each cut's parts
 #   memory - benchmarks/kv_memory.py budget on the GPU: one dialogue holding a MEM_TOKENS (131072)
 #            input, stock llama-cpp-python (n_ctx = input) against a budgeted one (MEM_BUDGET 8192,
 #            n_ctx MEM_POOL 10240), f16 and q8_0 KV (stock: f16), peak GPU memory (8B shape, MEM_SHAPE)
@@ -259,9 +260,12 @@ for step in "$@"; do
     cut-select)
       python3 benchmarks/cut_select.py ${CUT_CELLS:+--cells $CUT_CELLS} ;;
     cut-parts)
-      [ -f /tmp/random-1b.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-1b.gguf 1b .carry/smollm2-tokenizer.gguf
-      python3 benchmarks/cut_parts.py --model /tmp/random-1b.gguf --n-gpu-layers -1 --flash-attn \
-          --depth "${CUT_DEPTH:-16384}" --budget 2048 --tokens 512 ;;
+      # LOOPSERVE_TRACE_CUTS: the runtime prints each cut's parts as well (flush, index, move)
+      for shape in ${CUT_SHAPES:-1b}; do
+        [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf
+        LOOPSERVE_TRACE_CUTS=1 python3 benchmarks/cut_parts.py --model /tmp/random-$shape.gguf --n-gpu-layers -1 \
+            --flash-attn --depth "${CUT_DEPTH:-16384}" --budget 2048 --tokens 512 --methods "${CUT_METHODS:-cell,head-host,head-cupy}"
+      done ;;
     memory)
       shape=${MEM_SHAPE:-8b}
       # values do not matter to memory: the quick random weights (--fast)

@@ -67,6 +67,10 @@ struct llama_loopserve_scores_state {
     ~llama_loopserve_scores_state();
 };
 
+// LOOPSERVE_TRACE_CUTS set: a head-wise cut prints the time of each of its parts to stderr
+// (benchmarks/cut_parts.py reads them; measuring them from Python lumps them together)
+bool loopserve_trace_cuts();
+
 // graph side: the [n_kv, 1, n_head_kv] score tensor of one layer (means over the window
 // rows and the query heads of each KV head), from the attention
 // probabilities that the non-flash path already computed ([n_kv, n_tokens, n_head])

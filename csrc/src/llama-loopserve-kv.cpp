@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <iterator>
 #include <vector>
@@ -128,9 +129,11 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
     const auto on_host = [](const ggml_tensor * t) {
         return t->data != nullptr && t->buffer != nullptr && ggml_backend_buffer_is_host(t->buffer);
     };
+    const int64_t        t0    = ggml_time_us();
     ggml_backend_sched_t sched = lctx->get_sched();
     ggml_backend_sched_synchronize(sched);  // nothing queued may still read or write them
-    bool any_device = false;
+    int64_t t_sync = ggml_time_us(), t_alloc = t_sync, t_set = t_sync, t_dev = t_sync;
+    bool    any_device = false;
     for (const auto & layer : layers) {
         any_device = any_device || !on_host(layer.k_stream[strm]) || !on_host(layer.v_stream[strm]);
     }
@@ -175,11 +178,15 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
             lctx->loopserve_graph_ran();
             return -3;
         }
+        t_alloc = ggml_time_us();
         static_assert(sizeof(uint32_t) == sizeof(int32_t), "cell indices are read as I32");
         ggml_backend_tensor_set(dst_idx, dst.data(), 0, ggml_nbytes(dst_idx));
         ggml_backend_tensor_set(src_idx, head_src.data(), 0, ggml_nbytes(src_idx));
+        t_set         = ggml_time_us();
         const bool ok = lctx->graph_compute(gf, false) == GGML_STATUS_SUCCESS;
-        lctx->loopserve_graph_ran();  // the scheduler's allocation is this graph's now
+        ggml_backend_sched_synchronize(sched);  // (for the trace: graph_compute may return early)
+        lctx->loopserve_graph_ran();            // the scheduler's allocation is this graph's now
+        t_dev = ggml_time_us();
         if (!ok) {
             return -3;
         }
@@ -217,6 +224,8 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
         h0 += n_head_kv;
     }
 
+    const int64_t t_host = ggml_time_us();
+
     // 2. the cells: every cell of the sequence is emptied, then the destinations hold it again
     //    at their new positions (a position is the latest of the cell's heads' tokens, so every
     //    new token still comes after all of them); pos_set records no shift
@@ -236,6 +245,11 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
     auto & head = v_heads[strm];
     if (new_head < head) {
         head = new_head;
+    }
+    if (loopserve_trace_cuts()) {
+        fprintf(stderr, "loopserve cut move: sync %.3f alloc %.3f set %.3f device %.3f host %.3f cells %.3f ms\n",
+                (t_sync - t0) / 1e3, (t_alloc - t_sync) / 1e3, (t_set - t_alloc) / 1e3, (t_dev - t_set) / 1e3,
+                (t_host - t_dev) / 1e3, (ggml_time_us() - t_host) / 1e3);
     }
     return (int32_t) (all.size() - n_keep);
 }
@@ -387,7 +401,9 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
                                           llama_seq_id    seq_id,
                                           const int32_t * sel,
                                           int32_t         n_keep) {
+    const int64_t t0 = ggml_time_us();
     llama_loopserve_scores_flush(ctx);  // saved rows are scored by the cells they saw
+    const int64_t    t_flush = ggml_time_us();
     llama_kv_cache * caches[2];
     loopserve_caches(ctx, caches);
     if (caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max() || sel == nullptr ||
@@ -432,11 +448,18 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
     std::sort(slots.begin(), slots.end());
     const std::vector<uint32_t> dst(slots.begin(), slots.begin() + n_keep);
 
-    const int32_t freed = caches[0]->loopserve_seq_keep_per_head(ctx, seq_id, head_src, dst, pos);
+    const int64_t t_index = ggml_time_us();
+    const int32_t freed   = caches[0]->loopserve_seq_keep_per_head(ctx, seq_id, head_src, dst, pos);
+    const int64_t t_move  = ggml_time_us();
     if (freed >= 0) {
         // the scores of each head follow its tokens; the freed cells start over
         llama_loopserve_scores_moved(*ctx, seq_id, head_src, dst,
                                      std::vector<uint32_t>(slots.begin() + n_keep, slots.end()));
+        if (loopserve_trace_cuts()) {
+            fprintf(stderr, "loopserve cut: flush %.3f index %.3f move %.3f scores %.3f ms (%d heads x %d cells)\n",
+                    (t_flush - t0) / 1e3, (t_index - t_flush) / 1e3, (t_move - t_index) / 1e3,
+                    (ggml_time_us() - t_move) / 1e3, n_heads, n_keep);
+        }
         if (caches[1] != nullptr) {
             // sliding-window layers mask by each cell's true position: their cache is cut
             // cell-wise, keeping the tokens at the moved cells' positions (the latest token of

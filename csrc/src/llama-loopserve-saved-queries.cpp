@@ -25,6 +25,7 @@
 #include "llama-model.h"
 
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <vector>
 
@@ -155,6 +156,7 @@ int32_t llama_loopserve_scores_flush(llama_context * ctx) {
         return 0;
     }
 
+    const int64_t        t0    = ggml_time_us();
     ggml_backend_sched_t sched = ctx->get_sched();
     ggml_backend_sched_synchronize(sched);
     ggml_backend_sched_reset(sched);
@@ -187,10 +189,13 @@ int32_t llama_loopserve_scores_flush(llama_context * ctx) {
         ggml_build_forward_expand(gf, out[il]);
     }
 
-    int32_t result = n_rows;
+    int32_t       result  = n_rows;
+    const int64_t t_build = ggml_time_us();
+    int64_t       t_alloc = t_build, t_mask = t_build;
     if (!ggml_backend_sched_alloc_graph(sched, gf)) {
         result = -1;
     } else {
+        t_alloc = ggml_time_us();
         std::vector<float> m((size_t) n_kv * n_rows, -INFINITY);
         for (int32_t r = 0; r < n_rows; ++r) {
             const llama_seq_id s   = st->saved_seq[r];
@@ -202,13 +207,22 @@ int32_t llama_loopserve_scores_flush(llama_context * ctx) {
             }
         }
         ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
+        t_mask = ggml_time_us();
         if (ctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
             result = -1;
         }
     }
     ctx->loopserve_graph_ran();  // the scheduler's allocation is this graph's now
+    const int64_t t_run = ggml_time_us();
     if (result > 0) {
         loopserve_add_scores(*ctx, out, n_kv, n_rows, 0);
+    }
+    if (loopserve_trace_cuts()) {
+        fprintf(
+            stderr,
+            "loopserve flush: sync+build %.3f alloc %.3f mask %.3f run %.3f read+add %.3f ms (%d rows x %lld cells)\n",
+            (t_build - t0) / 1e3, (t_alloc - t_build) / 1e3, (t_mask - t_alloc) / 1e3, (t_run - t_mask) / 1e3,
+            (ggml_time_us() - t_run) / 1e3, n_rows, (long long) n_kv);
     }
     st->saved_seq.clear();
     st->saved_pos.clear();

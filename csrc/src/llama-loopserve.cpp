@@ -142,6 +142,11 @@ static ggml_tensor * loopserve_reduce(ggml_context * ctx,
     return s;
 }
 
+bool loopserve_trace_cuts() {
+    static const bool on = std::getenv("LOOPSERVE_TRACE_CUTS") != nullptr;
+    return on;
+}
+
 // Accumulators are head-major ([n_head_total][n_cells] per stream), so that adding a
 // layer's [n_head_kv][n_kv] scores is a contiguous loop; per-cell access is strided.
 static float & loopserve_acc(llama_loopserve_scores_state & st, uint32_t strm, int32_t h, uint32_t cell) {
