@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,9 +57,11 @@ def speed(a, model):
     depths = [int(x) for x in a.depths.split(",")]
     n_ctx = max(depths) + a.tokens + 1024
     methods = {"full": LoopServeConfig(max_resident=1)}
+    no_hold = set()  # rows decoded with the runtime's n_kv hold off (LOOPSERVE_N_KV_HOLD=0)
     for gran in a.granularity.split(","):
-        for ds, dc, alloc, sq in itertools.product(a.defer_scored.split(","), a.defer_cut.split(","),
-                                                   a.allocation.split(","), a.saved_queries.split(",")):
+        for ds, dc, alloc, sq, hold in itertools.product(a.defer_scored.split(","), a.defer_cut.split(","),
+                                                         a.allocation.split(","), a.saved_queries.split(","),
+                                                         a.n_kv_hold.split(",")):
             if alloc != "uniform" and gran != "head":
                 continue  # an allocation shares a head-wise cut's tokens
             # head-wise cuts move each head's K/V rows in a graph: a cut costs more than
@@ -66,10 +69,14 @@ def speed(a, model):
             # (defer_scored); "-ada"/"-pyramid": per-head shares, each KV head then attending
             # apart with its own mask, in about twice the budget's cells; "-eager": each
             # scored decode scores as it runs (saved_queries off); "-dN": the cut after the
-            # prefill waits for N generated tokens instead of the default defer_cut
+            # prefill waits for N generated tokens instead of the default defer_cut; "-nohold":
+            # the decode graph's n_kv follows every cut down (patch 0012's hold off)
             name = (f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")
                     + ("" if ds == "all" else f"-s{ds}") + ("" if dc == "default" else f"-d{dc}")
-                    + ("" if alloc == "uniform" else f"-{alloc}") + ("" if sq == "on" else "-eager"))
+                    + ("" if alloc == "uniform" else f"-{alloc}") + ("" if sq == "on" else "-eager")
+                    + ("" if hold == "on" else "-nohold"))
+            if hold != "on":
+                no_hold.add(name)
             methods[name] = LoopServeConfig(
                 max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
                 granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds),
@@ -87,7 +94,10 @@ def speed(a, model):
     toks = first.tokenize(long_text(max(depths) + 512, count))
     eog = np.array([first.is_eog(t) for t in range(first.n_vocab)])
     no_stop = lambda l: int(np.argmax(np.where(eog, -np.inf, l)))  # noqa: E731  full length
-    for llm in llms.values():
+    hold_env = lambda name: os.environ.__setitem__(  # noqa: E731  read by the runtime at every ubatch
+        "LOOPSERVE_N_KV_HOLD", "0" if name in no_hold else "1")
+    for name, llm in llms.items():
+        hold_env(name)
         warm = llm.dialogue()  # GPU clocks, CUDA graphs and allocations settle before timing
         warm.send("Hello.", max_tokens=64, temperature=0, token_fn=no_stop)
         warm.close()
@@ -97,6 +107,7 @@ def speed(a, model):
         msg = first.detokenize(toks[:max(depth - 16, 8)], special=False)
         for _ in range(a.repeats):
             for name, llm in llms.items():  # each run in a new dialogue; the median is reported
+                hold_env(name)
                 d = llm.dialogue()
                 d.send(msg, max_tokens=4, temperature=0)  # prefill (+ compression) and warm-up
                 stamps: list[float] = []
@@ -211,6 +222,9 @@ def main() -> None:
     ap.add_argument("--granularity", default="cell", help="speed: loopserve's granularities, e.g. cell,head")
     ap.add_argument("--allocation", default="uniform",
                     help="speed: head-wise rows with each allocation, e.g. uniform,ada (LoopServeConfig.allocation)")
+    ap.add_argument("--n-kv-hold", default="on", choices=["on", "off", "on,off", "off,on"],
+                    help="speed: loopserve rows with the runtime's n_kv hold (patch 0012), without "
+                         "(-nohold rows), or both")
     ap.add_argument("--saved-queries", default="on", choices=["on", "off", "on,off", "off,on"],
                     help="speed: loopserve rows with saved query rows (LoopServeConfig.saved_queries), "
                          "without (-eager rows), or both")

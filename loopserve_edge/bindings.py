@@ -10,7 +10,7 @@ import ctypes
 
 from .errors import RuntimeBuildError
 
-API_VERSION = 6
+API_VERSION = 7
 
 _HOW_TO_BUILD = (
     "loopserve-edge needs the patched llama-cpp-python runtime: run ./scripts/setup.sh "
@@ -45,6 +45,7 @@ llama_loopserve_kv_bytes = _bind("llama_loopserve_kv_bytes", [llama_c.llama_cont
 llama_loopserve_set_batch_invariant = _bind("llama_loopserve_set_batch_invariant",
                                             [llama_c.llama_context_p_ctypes, ctypes.c_bool], ctypes.c_int32)
 llama_loopserve_kv_tail = _bind("llama_loopserve_kv_tail", [llama_c.llama_context_p_ctypes], ctypes.c_int32)
+llama_loopserve_kv_n_kv = _bind("llama_loopserve_kv_n_kv", [llama_c.llama_context_p_ctypes], ctypes.c_int32)
 
 # observation-window attention scores (semantics in include/llama-loopserve.h)
 _ctx = llama_c.llama_context_p_ctypes

@@ -331,6 +331,11 @@ class Context:
     def seq_cells(self, seq: int) -> int:
         return bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq)
 
+    def kv_n_kv(self) -> int:
+        """The cells the last decode attended over (llama.cpp's n_kv: the cells in use padded to
+        256, held through cuts that would shrink it by one such step; llama_loopserve_kv_n_kv)."""
+        return bindings.llama_loopserve_kv_n_kv(self._ctx.ctx)
+
     # -- attention scores ----------------------------------------------------------------
 
     def set_score_window(self, n_window: int) -> None:

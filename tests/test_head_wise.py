@@ -170,6 +170,32 @@ def test_the_decode_after_a_cut_does_not_reuse_the_graph_before_it(tiny_model, m
     np.testing.assert_array_equal(other.decode(e, [12], [121]), live)
 
 
+def test_n_kv_holds_through_a_cut_of_one_padding_step_and_not_more(tiny_model, make_llm):
+    """The decode graph attends over n_kv cells: those in use padded to 256. A cut back to the
+    budget that takes n_kv one step down keeps it where it was (patch 0012), so the graph keeps
+    its shape; the extra cells are masked: the logits are those of a context holding the same
+    cache at the lower n_kv, to rounding (flash attention splits its sums by n_kv: ~1e-7 on the
+    CPU). A drop of two steps shrinks it."""
+    c = cfg()
+    llm, d = filled(make_llm, tiny_model, c, n_tokens=600, n_ctx=1024, n_batch=1024)
+    assert llm.kv_n_kv() == 768
+    n_heads = sum(llm._scored_heads().values())
+    llm.keep_per_head(d, random_selection(n_heads, 600, 500, seed=6))
+    blob = llm.sequence_state(d._seq)
+    live = llm.decode(d, [12], [600])
+    assert llm.kv_n_kv() == 768        # 501 cells: 512 unheld
+
+    other = make_llm(tiny_model, loopserve=c, n_ctx=1024)
+    e = other.dialogue()
+    e._swapped = blob
+    np.testing.assert_allclose(other.decode(e, [12], [600]), live, rtol=0, atol=1e-5)
+    assert other.kv_n_kv() == 512
+
+    llm.keep_per_head(d, random_selection(n_heads, 501, 100, seed=7))
+    llm.decode(d, [13], [601])
+    assert llm.kv_n_kv() == 256        # 101 cells: two steps down
+
+
 def test_head_wise_cuts_change_the_cache_and_not_its_size(tiny_model, make_llm):
     """Other selections per head give other logits than any one shared selection would."""
     llm, d = filled(make_llm, tiny_model, cfg(compact_positions="never"))

@@ -41,6 +41,11 @@ LLAMA_API int32_t llama_loopserve_set_batch_invariant(struct llama_context * ctx
 // Free cells after the highest cell in use in the full-attention cache; -1 without a KV cache.
 LLAMA_API int32_t llama_loopserve_kv_tail(struct llama_context * ctx);
 
+// The cells the last ubatch attended over in the full-attention cache (its n_kv: the cells in
+// use padded to 256, held where a cut would shrink it by one such step or less, so that the
+// decode graph keeps its shape through periodic cuts); 0 before any ubatch, -1 without a KV cache.
+LLAMA_API int32_t llama_loopserve_kv_n_kv(struct llama_context * ctx);
+
 //
 // Observation-window attention scores
 //

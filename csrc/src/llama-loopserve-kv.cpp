@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <vector>
@@ -53,6 +54,24 @@ uint32_t llama_kv_cache::loopserve_seq_rm_positions(llama_seq_id seq_id, const l
     }
 
     return (uint32_t) idxs.size();
+}
+
+uint32_t llama_kv_cache::loopserve_n_kv_hold(uint32_t n_kv, uint32_t n_pad) const {
+    // A dialogue cut back to its budget every interval tokens falls below a padding step at each
+    // cut and climbs back above it at the next token (budget 2048, interval 128: 2304 -> 2048 ->
+    // 2304). Each change of n_kv changes the decode graph's shape, and on CUDA ggml replays a
+    // captured graph only after two calls of one shape, so the steps after every cut ran without
+    // it. Held, n_kv costs at most n_pad masked cells more; a larger drop still shrinks it.
+    // LOOPSERVE_N_KV_HOLD=0 turns the hold off (read at every ubatch: benchmarks/decode.py
+    // compares both in one process).
+    const char * env  = std::getenv("LOOPSERVE_N_KV_HOLD");
+    const bool   hold = env == nullptr || std::strcmp(env, "0") != 0;
+    if (hold && n_kv < loopserve_n_kv_last && n_kv + n_pad >= loopserve_n_kv_last &&
+        loopserve_n_kv_last <= get_size()) {
+        n_kv = loopserve_n_kv_last;
+    }
+    loopserve_n_kv_last = n_kv;
+    return n_kv;
 }
 
 int32_t llama_kv_cache::loopserve_seq_remap_positions(llama_seq_id      seq_id,
@@ -430,17 +449,30 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
     for (int32_t il = 0; il < (int32_t) llama_model_n_layer(&ctx->get_model()); ++il) {
         n_heads += llama_loopserve_scores_n_head_kv(ctx, il);
     }
-    std::vector<uint32_t>  head_src((size_t) n_heads * n_keep);  // head-major
-    std::vector<llama_pos> pos(n_keep, -1);
+    // each head's cells: ascending indices into the sequence's cells. A destination cell's
+    // position is the latest of its heads' tokens: the cells are in position order, so that is
+    // the position of the highest index in column j (one gather per column instead of a
+    // position lookup per head and column: ~0.5 ms a cut at the 1B shape's 128 x 2048)
+    std::vector<uint32_t> head_src((size_t) n_heads * n_keep);  // head-major
+    std::vector<int32_t>  top(n_keep, -1);
+    const int32_t         n_cell = (int32_t) cell.size();
     for (int32_t h = 0; h < n_heads; ++h) {
+        const int32_t * row  = sel + (size_t) h * n_keep;
+        uint32_t *      src  = head_src.data() + (size_t) h * n_keep;
+        int32_t         prev = -1;
         for (int32_t j = 0; j < n_keep; ++j) {
-            const int32_t k = sel[(size_t) h * n_keep + j];
-            if (k < 0 || (size_t) k >= cell.size() || (j > 0 && k <= sel[(size_t) h * n_keep + j - 1])) {
-                return -1;  // each head's cells: ascending indices into the sequence's cells
+            const int32_t k = row[j];
+            if (k <= prev || k >= n_cell) {
+                return -1;
             }
-            head_src[(size_t) h * n_keep + j] = cell[k];
-            pos[j]                            = std::max(pos[j], cells.pos_get(cell[k]));
+            prev   = k;
+            src[j] = cell[k];
+            top[j] = std::max(top[j], k);
         }
+    }
+    std::vector<llama_pos> pos(n_keep);
+    for (int32_t j = 0; j < n_keep; ++j) {
+        pos[j] = old_pos[top[j]];
     }
     // the kept rows go to the sequence's lowest cells: a packed sequence stays packed, so no
     // packing pass is needed after the cut

@@ -17,7 +17,7 @@
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 6
+#define LLAMA_LOOPSERVE_API_VERSION 7
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;
@@ -71,6 +71,11 @@ int32_t llama_loopserve_kv_tail(llama_context * ctx) {
     }
     const auto & cells = kv->get_cells(0);
     return (int32_t) (cells.size() - cells.used_max_p1());
+}
+
+int32_t llama_loopserve_kv_n_kv(llama_context * ctx) {
+    const llama_kv_cache * kv = loopserve_full_cache(ctx);
+    return kv == nullptr ? -1 : (int32_t) kv->loopserve_n_kv_last;
 }
 
 int32_t llama_loopserve_seq_n_cells(llama_context * ctx, llama_seq_id seq_id) {
@@ -379,17 +384,27 @@ void llama_loopserve_scores_moved(llama_context &               lctx,
     }
     const uint32_t strm = kv->get_stream(seq_id);
     GGML_ASSERT(head_src.size() == (size_t) st->n_head_total * dst.size());
-    std::vector<float> moved(dst.size());
+    // each head's row gathered before any of it is written: a destination may be a later
+    // source of the same head
+    const size_t       n = dst.size();
+    std::vector<float> moved(n);
     for (int32_t h = 0; h < st->n_head_total; ++h) {
-        for (size_t j = 0; j < dst.size(); ++j) {
-            moved[j] = loopserve_acc(*st, strm, h, head_src[(size_t) h * dst.size() + j]);
+        float *          row = &loopserve_acc(*st, strm, h, 0);
+        const uint32_t * src = head_src.data() + (size_t) h * n;
+        for (size_t j = 0; j < n; ++j) {
+            moved[j] = row[src[j]];
         }
-        for (size_t j = 0; j < dst.size(); ++j) {
-            loopserve_acc(*st, strm, h, dst[j]) = moved[j];
+        for (size_t j = 0; j < n; ++j) {
+            row[dst[j]] = moved[j];
         }
     }
-    for (uint32_t c : freed) {
-        loopserve_zero_cell(*st, strm, c);
+    // the freed cells' scores, head by head (cell by cell is a stride of n_cells per write: ~10 ms
+    // for the ~14K cells freed by the first cut of a 16K-token input at the 1B shape)
+    for (int32_t h = 0; h < st->n_head_total; ++h) {
+        float * row = &loopserve_acc(*st, strm, h, 0);
+        for (uint32_t c : freed) {
+            row[c] = 0.0f;
+        }
     }
 }
 
