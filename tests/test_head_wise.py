@@ -125,6 +125,24 @@ def test_value_norms_are_each_heads_v_rows_and_follow_a_cut(tiny_model, make_llm
     np.testing.assert_allclose(got, np.take_along_axis(before, sel, axis=1), rtol=1e-6)
 
 
+def test_each_heads_scores_follow_its_tokens_through_a_cut(tiny_model, make_llm):
+    """After a head-wise cut each head's summed score at cell j is the one it had for the token
+    it keeps there (h2o keeps its sums through cuts), and the positions are the latest of each
+    cell's tokens."""
+    llm, d = filled(make_llm, tiny_model, cfg("h2o"))
+    llm.set_score_window(1)
+    llm.decode(d, [11], [120])  # every head's scores over the 121 cells
+    llm.set_score_window(0)
+    pos0, before = llm.attention_scores_by_head(d)
+    assert pos0.tolist() == list(range(121)) and (before[:, :120] > 0).all()
+    sel = random_selection(before.shape[0], 121, 40, seed=8)
+    llm.keep_per_head(d, sel)
+    pos1, after = llm.attention_scores_by_head(d)
+    assert pos1.tolist() == sel.max(axis=0).tolist()
+    np.testing.assert_array_equal(after, np.take_along_axis(before, sel, axis=1))
+    assert not np.array_equal(after, before[:, :40])  # scores left in place would not pass
+
+
 def test_value_norms_without_flash_attention_are_refused_clearly(tiny_model, make_llm):
     llm, d = filled(make_llm, tiny_model, cfg("full", budget=None, granularity="cell"), flash_attn=False)
     with pytest.raises(LoopServeError, match="flash attention"):
