@@ -203,8 +203,10 @@ int32_t llama_kv_cache::loopserve_seq_keep_per_head(llama_context *             
         ggml_backend_tensor_set(src_idx, head_src.data(), 0, ggml_nbytes(src_idx));
         t_set         = ggml_time_us();
         const bool ok = lctx->graph_compute(gf, false) == GGML_STATUS_SUCCESS;
-        ggml_backend_sched_synchronize(sched);  // (for the trace: graph_compute may return early)
-        lctx->loopserve_graph_ran();            // the scheduler's allocation is this graph's now
+        if (loopserve_trace_cuts()) {
+            ggml_backend_sched_synchronize(sched);  // the device's time, not the launch's
+        }
+        lctx->loopserve_graph_ran();                // the scheduler's allocation is this graph's now
         t_dev = ggml_time_us();
         if (!ok) {
             return -3;
