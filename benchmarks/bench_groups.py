@@ -13,6 +13,10 @@ JOBS.json is a list of configurations:
       "groups": [["loopserve-d32-head", "snapkv-head"], ["streaming", "h2o-head"]],
       "full_shards": 3}]
 
+A configuration's optional "script" runs instead of the bench CLI, with the same arguments: an
+ablation's script (benchmarks/results/*/ablation.py) that registers its methods and then runs
+the bench, so that an ablation runs in groups on the GPU box as the package's methods do.
+
 Each configuration runs `full` alone into ROOT/bench-NAME-full: with "full_shards" N, as N
 processes side by side, each on a share of the tasks (ROOT/bench-NAME-full.K), joined into
 bench-NAME-full when all have ended (a 2K configuration's 240 `full` dialogues in one process
@@ -88,7 +92,8 @@ class Runner:
             f.write(line + "\n")
 
     def start(self, label: str, job: dict, methods: list[str], out: Path, args: list[str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "loopserve_edge.cli", "bench", job["model"], *(args or job["args"]),
+        entry = [job["script"]] if job.get("script") else ["-m", "loopserve_edge.cli", "bench"]
+        cmd = [sys.executable, *entry, job["model"], *(args or job["args"]),
                "--methods", ",".join(["full", *methods]), "--out", str(out)]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
@@ -186,7 +191,8 @@ def merge(runner: Runner, job: dict) -> None:
         runner.log(f"{name}: not merged: {e}")
         return
     shutil.rmtree(out / "refs", ignore_errors=True)  # the parts keep them (a resume needs them)
-    r = subprocess.run([sys.executable, "-m", "loopserve_edge.cli", "bench", "--report-only", "--out", str(out),
+    entry = [job["script"]] if job.get("script") else ["-m", "loopserve_edge.cli", "bench"]
+    r = subprocess.run([sys.executable, *entry, "--report-only", "--out", str(out),
                         *runner.report],
                        capture_output=True, text=True)
     runner.log(f"{name}: {n} runs merged into {out.name}" + ("" if r.returncode == 0 else

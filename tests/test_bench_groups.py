@@ -129,3 +129,20 @@ def test_the_groups_run_when_full_crashed_after_its_runs(tmp_path, monkeypatch):
     progress = (tmp_path / "bench-groups.progress").read_text()
     assert "c-full ended with status -11 after 1 runs; the groups run what it lacks" in progress
     assert (tmp_path / "bench-c-0" / "runs.jsonl").read_text() == '{"method": "full"}\n'   # seeded
+
+
+def test_a_configuration_with_a_script_runs_it_with_the_bench_arguments(tmp_path):
+    """An ablation registers its methods and then runs the bench: its script runs instead of
+    the bench CLI, with the same arguments."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_groups
+
+    seen = tmp_path / "argv.json"
+    script = tmp_path / "ablation.py"
+    script.write_text(f"import json, sys\nopen({str(seen)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    runner = bench_groups.Runner(tmp_path, threads=2, plots=False)
+    job = {"name": "c", "model": "m.gguf", "args": ["--ctx", "2K"], "script": str(script)}
+    runner.start("c-0", job, ["streaming"], tmp_path / "bench-c-0")
+    assert runner.procs["c-0"].wait(60) == 0
+    assert json.loads(seen.read_text()) == ["m.gguf", "--ctx", "2K", "--methods", "full,streaming", "--out",
+                                            str(tmp_path / "bench-c-0"), "--threads", "2", "--no-plots"]

@@ -4,6 +4,8 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import GPU_LAYERS, assert_same_logits
+
 from loopserve_edge import LoopServeConfig, LoopServeError
 
 GREEDY = dict(temperature=0)
@@ -206,7 +208,9 @@ def test_n_kv_holds_through_a_cut_of_one_padding_step_and_not_more(tiny_model, m
     other = make_llm(tiny_model, loopserve=c, n_ctx=1024)
     e = other.dialogue()
     e._swapped = blob
-    np.testing.assert_allclose(other.decode(e, [12], [600]), live, rtol=0, atol=1e-5)
+    # CUDA's flash attention tiles n_kv too, f16 sums in another order: up to 9.4e-4 on the H200
+    # (a cell seen that should be masked moves logits by tenths)
+    assert_same_logits(other.decode(e, [12], [600]), live, atol=1e-5 if GPU_LAYERS == 0 else 2e-3)
     assert other.kv_n_kv() == 512
 
     llm.keep_per_head(d, random_selection(n_heads, 501, 100, seed=7))
