@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import assert_same_logits
 
 from loopserve_edge import LoopServeConfig
 from loopserve_edge.chat_template import CHATML, GEMMA, ChatTemplate, fallback
@@ -55,9 +56,9 @@ def test_eviction_keeps_budget_and_positions_on_a_sliding_window_model(tiny_gemm
 
 
 def test_packing_after_a_cut_changes_no_logits(tiny_gemma, make_llm):
-    """Both caches (full and sliding-window) lose the same positions and are packed alike:
-    the next token's logits are those of the same cells left with holes (up to summation
-    order), while one cell fewer in the window moves them a thousand times more."""
+    """The full-attention cache loses the cut's positions and both caches are packed: the next
+    token's logits are those of the same cells left with holes (up to summation order), while
+    one cell fewer moves them a thousand times more."""
     rng = np.random.default_rng(5)
     toks = [int(t) for t in rng.integers(3, 200, 150)]
     drop = np.sort(rng.choice(np.arange(4, 140), 90, replace=False))
@@ -73,6 +74,29 @@ def test_packing_after_a_cut_changes_no_logits(tiny_gemma, make_llm):
         logits.append(llm.decode(d, [5, 6, 7], [150, 151, 152]))
     np.testing.assert_allclose(logits[0], logits[1], atol=2e-4)
     assert np.abs(logits[2] - logits[0]).max() > 1e-2
+
+
+def test_a_cut_leaves_the_window_layers_their_window(tiny_gemma, make_llm, monkeypatch):
+    """The window layers attend to the last N_SWA positions only, and their cache holds about that
+    many cells whatever is cut: a cut takes its positions from the full-attention cache alone, so
+    the window keeps no holes. Positions inside the window: other logits than cutting both caches
+    (LOOPSERVE_SWA_CUT=1, as before); positions older than the window: the same logits either way,
+    to rounding (the window layers no longer see them)."""
+    toks = [int(t) for t in np.random.default_rng(8).integers(3, 200, 120)]
+
+    def cut_then_decode(removed, both):
+        monkeypatch.setenv("LOOPSERVE_SWA_CUT", "1" if both else "0")
+        llm = make_llm(tiny_gemma, n_ctx=256, loopserve=LoopServeConfig(max_resident=1))
+        d = llm.dialogue()
+        llm.decode(d, toks, list(range(120)))
+        llm.remove_cells(d._seq, removed)
+        assert llm.seq_cells(d._seq) == 120 - len(removed)
+        return llm.decode(d, [5, 6], [120, 121])
+
+    inside, older = np.arange(100, 110), np.arange(40, 50)
+    assert np.abs(cut_then_decode(inside, False) - cut_then_decode(inside, True)).max() > 1e-2
+    # masked cells more or fewer in the window cache: rounding only (flash attention's sums)
+    assert_same_logits(cut_then_decode(older, False), cut_then_decode(older, True), atol=1e-5)
 
 
 def test_compressed_dialogue_saves_loads_and_continues_identically(tiny_gemma, make_llm, tmp_path):
@@ -161,12 +185,15 @@ def test_compacted_positions_in_both_caches_save_load_and_continue(tiny_gemma, m
     np.testing.assert_allclose(d.first_token_logits, e.first_token_logits, atol=1e-3)
 
 
-def test_head_wise_cuts_keep_the_window_layers_cell_wise(tiny_gemma, make_llm):
+@pytest.mark.parametrize("swa_cut", ["0", "1"])
+def test_head_wise_cuts_keep_the_window_layers_cell_wise(tiny_gemma, make_llm, monkeypatch, swa_cut):
     """Head-wise on an interleaved model: the full-attention layers' cache moves each head's
-    rows; the window layers' cache keeps, cell-wise, the tokens at the moved cells' positions.
-    With one selection for every head that is exactly the cell-wise cut (same logits)."""
+    rows; the window layers' cache keeps its window (with LOOPSERVE_SWA_CUT=1: cut cell-wise,
+    keeping the tokens at the moved cells' positions). With one selection for every head that
+    is exactly the cell-wise cut (same logits), either way."""
     from test_head_wise import random_selection
 
+    monkeypatch.setenv("LOOPSERVE_SWA_CUT", swa_cut)
     keep = random_selection(1, 120, 40, seed=3)[0]
     toks = [int(t) for t in np.random.default_rng(6).integers(3, 200, 120)]
     out = []
@@ -195,7 +222,7 @@ def test_head_wise_dialogues_on_a_sliding_window_model(tiny_gemma, make_llm, tmp
         assert d.n_cells <= c.budget + c.interval and d.layout == "head"
         pos, _ = llm.attention_scores(d)   # the full-attention cache
         assert list(pos) == d.positions
-    # the window cache holds the same positions: a state round trip (both caches) continues alike
+    # a state round trip (both caches: the window one holds its window whole) continues alike
     path = d.save(tmp_path / "gh.lsd")
     e = make_llm(tiny_gemma, loopserve=c).load_dialogue(path)
     assert d.send("c" * 20, max_tokens=8, **GREEDY) == e.send("c" * 20, max_tokens=8, **GREEDY)

@@ -3,7 +3,6 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import GPU_LAYERS, assert_same_logits
 
 from loopserve_edge import LoopServeConfig, LoopServeError

@@ -345,6 +345,17 @@ bool llama_kv_cache::loopserve_cells_causal(const llama_ubatch & ubatch, uint32_
     return true;
 }
 
+// Whether an eviction cut removes its positions from the sliding-window cache too. By default
+// it does not: the window layers (Gemma 3: five of every six) attend to the last n_swa positions
+// only, their cache holds about that many cells whatever is cut (llama.cpp drops older ones), so
+// a cut there saves no memory and only leaves holes in the window the next tokens attend to.
+// The cut is for the full-attention layers, which hold the whole history. LOOPSERVE_SWA_CUT=1
+// cuts both alike, as before (read at every cut: a benchmark compares both in one process).
+static bool loopserve_swa_cut() {
+    const char * env = std::getenv("LOOPSERVE_SWA_CUT");
+    return env != nullptr && std::strcmp(env, "0") != 0;
+}
+
 // The caches a sequence's cells live in: the full-attention one, and the sliding-window one
 // of an interleaved model (nullptr otherwise); both nullptr without a KV cache.
 static void loopserve_caches(llama_context * ctx, llama_kv_cache * caches[2]) {
@@ -371,7 +382,7 @@ int32_t llama_loopserve_seq_rm_positions(llama_context * ctx, llama_seq_id seq_i
     std::sort(sorted.begin(), sorted.end());
 
     const int32_t removed = (int32_t) caches[0]->loopserve_seq_rm_positions(seq_id, sorted.data(), (uint32_t) n);
-    if (caches[1] != nullptr) {
+    if (caches[1] != nullptr && loopserve_swa_cut()) {
         caches[1]->loopserve_seq_rm_positions(seq_id, sorted.data(), (uint32_t) n);
     }
     return removed;
@@ -406,10 +417,21 @@ int32_t llama_loopserve_seq_compact_positions(llama_context * ctx, llama_seq_id 
     if (moved < 0) {
         return -1;
     }
-    // the sliding-window cache holds the same positions or fewer: the same map
-    if (caches[1] != nullptr && caches[1]->loopserve_seq_remap_positions(seq_id, old_pos.data(), new_pos.data(),
-                                                                         (uint32_t) old_pos.size()) < 0) {
-        return -1;
+    if (caches[1] != nullptr) {
+        // the sliding-window cache may hold positions the cuts took from the full-attention one
+        // (loopserve_swa_cut): consecutive new positions leave them no place, so they go; the
+        // rest take the same map
+        std::vector<llama_pos> window;
+        for (const auto & pc : caches[1]->get_cells(seq_id).seq_pos_get(seq_id)) {
+            window.push_back(pc.first);
+        }
+        std::vector<llama_pos> gone;
+        std::set_difference(window.begin(), window.end(), old_pos.begin(), old_pos.end(), std::back_inserter(gone));
+        caches[1]->loopserve_seq_rm_positions(seq_id, gone.data(), (uint32_t) gone.size());
+        if (caches[1]->loopserve_seq_remap_positions(seq_id, old_pos.data(), new_pos.data(),
+                                                     (uint32_t) old_pos.size()) < 0) {
+            return -1;
+        }
     }
 
     // re-rotate the keys now (the K-shift graph): a state saved before the next decode would
@@ -494,10 +516,10 @@ int32_t llama_loopserve_seq_keep_per_head(llama_context * ctx,
                     (t_flush - t0) / 1e3, (t_index - t_flush) / 1e3, (t_move - t_index) / 1e3,
                     (ggml_time_us() - t_move) / 1e3, n_heads, n_keep);
         }
-        if (caches[1] != nullptr) {
-            // sliding-window layers mask by each cell's true position: their cache is cut
-            // cell-wise, keeping the tokens at the moved cells' positions (the latest token of
-            // each); those layers see only the window anyway
+        if (caches[1] != nullptr && loopserve_swa_cut()) {
+            // sliding-window layers mask by each cell's true position: with LOOPSERVE_SWA_CUT
+            // their cache is cut cell-wise, keeping the tokens at the moved cells' positions (the
+            // latest token of each); by default it keeps its window whole
             std::vector<llama_pos> gone;
             std::set_difference(old_pos.begin(), old_pos.end(), pos.begin(), pos.end(), std::back_inserter(gone));
             caches[1]->loopserve_seq_rm_positions(seq_id, gone.data(), (uint32_t) gone.size());
