@@ -99,6 +99,23 @@ def test_a_cut_leaves_the_window_layers_their_window(tiny_gemma, make_llm, monke
     assert_same_logits(cut_then_decode(older, False), cut_then_decode(older, True), atol=1e-5)
 
 
+def test_compacting_positions_drops_what_only_the_window_cache_still_holds(tiny_gemma, make_llm, monkeypatch):
+    """New consecutive positions leave no place for the window cache's positions that a cut took
+    from the full-attention cache: compacting drops them there first, so after it both caches
+    hold what a cut of both would have left (the same logits as LOOPSERVE_SWA_CUT=1)."""
+    toks = [int(t) for t in np.random.default_rng(9).integers(3, 200, 120)]
+    out = []
+    for both in ("0", "1"):
+        monkeypatch.setenv("LOOPSERVE_SWA_CUT", both)
+        llm = make_llm(tiny_gemma, n_ctx=256, loopserve=LoopServeConfig(max_resident=1))
+        d = llm.dialogue()
+        llm.decode(d, toks, list(range(120)))
+        llm.remove_cells(d._seq, np.arange(100, 110))
+        assert llm.compact_positions(d) == 10       # positions 110..119 move down by 10
+        out.append(llm.decode(d, [5, 6], [110, 111]))
+    assert_same_logits(out[0], out[1], atol=1e-5)
+
+
 def test_compressed_dialogue_saves_loads_and_continues_identically(tiny_gemma, make_llm, tmp_path):
     c = cfg("loopserve", 48)
     llm = make_llm(tiny_gemma, loopserve=c)
