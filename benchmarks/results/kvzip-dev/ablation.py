@@ -21,6 +21,9 @@ Registered before the bench CLI runs (not in the package):
   window before they are mixed. The share NN travels in `chunk_probe` (read by budgeted
   prefill only, which the bench's 2K dialogues never need); these methods get n_ctx + 1024
   cells for the chunks.
+- `d64h-zipmaxNN`: the same, closer to KVzip's maximum over the repeat's rows: each chunk's
+  repeated tokens go in GROUP at a time, each group's sums read and reset, and each cell keeps
+  its maximum over the groups (marked by `chunk_probe` NN + 1).
 """
 import sys
 
@@ -93,7 +96,6 @@ def reconstruct(self, dlg):
             self._window(dlg, 0)
             llm.decode(dlg, ask, list(range(start, start + len(ask))))
             at = start + len(ask)
-            self._window(dlg, GROUP)
             for g in range(0, len(chunk), GROUP):
                 part = chunk[g:g + GROUP]
                 self._window(dlg, len(part))
