@@ -70,6 +70,11 @@ def read_jobs(path: str) -> list[dict]:
     return jobs
 
 
+def bench_entry(job: dict) -> list[str]:
+    """What the interpreter runs for a configuration's bench: its ablation script, else the CLI."""
+    return [job["script"]] if job.get("script") else ["-m", "loopserve_edge.cli", "bench"]
+
+
 def runs_in(folder: Path) -> int:
     p = folder / "runs.jsonl"
     return sum(1 for line in p.read_text().splitlines() if line.strip()) if p.exists() else 0
@@ -92,8 +97,7 @@ class Runner:
             f.write(line + "\n")
 
     def start(self, label: str, job: dict, methods: list[str], out: Path, args: list[str] | None = None) -> None:
-        entry = [job["script"]] if job.get("script") else ["-m", "loopserve_edge.cli", "bench"]
-        cmd = [sys.executable, *entry, job["model"], *(args or job["args"]),
+        cmd = [sys.executable, *bench_entry(job), job["model"], *(args or job["args"]),
                "--methods", ",".join(["full", *methods]), "--out", str(out)]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
@@ -191,8 +195,7 @@ def merge(runner: Runner, job: dict) -> None:
         runner.log(f"{name}: not merged: {e}")
         return
     shutil.rmtree(out / "refs", ignore_errors=True)  # the parts keep them (a resume needs them)
-    entry = [job["script"]] if job.get("script") else ["-m", "loopserve_edge.cli", "bench"]
-    r = subprocess.run([sys.executable, *entry, "--report-only", "--out", str(out),
+    r = subprocess.run([sys.executable, *bench_entry(job), "--report-only", "--out", str(out),
                         *runner.report],
                        capture_output=True, text=True)
     runner.log(f"{name}: {n} runs merged into {out.name}" + ("" if r.returncode == 0 else

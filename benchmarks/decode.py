@@ -94,8 +94,10 @@ def speed(a, model):
     toks = first.tokenize(long_text(max(depths) + 512, count))
     eog = np.array([first.is_eog(t) for t in range(first.n_vocab)])
     no_stop = lambda l: int(np.argmax(np.where(eog, -np.inf, l)))  # noqa: E731  full length
-    hold_env = lambda name: os.environ.__setitem__(  # noqa: E731  read by the runtime at every ubatch
-        "LOOPSERVE_N_KV_HOLD", "0" if name in no_hold else "1")
+
+    def hold_env(name: str) -> None:  # read by the runtime at every ubatch
+        os.environ["LOOPSERVE_N_KV_HOLD"] = "0" if name in no_hold else "1"
+
     for name, llm in llms.items():
         hold_env(name)
         warm = llm.dialogue()  # GPU clocks, CUDA graphs and allocations settle before timing
