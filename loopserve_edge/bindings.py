@@ -10,7 +10,7 @@ import ctypes
 
 from .errors import RuntimeBuildError
 
-API_VERSION = 7
+API_VERSION = 8
 
 _HOW_TO_BUILD = (
     "loopserve-edge needs the patched llama-cpp-python runtime: run ./scripts/setup.sh "
@@ -81,6 +81,7 @@ llama_loopserve_value_norms = _bind(
 # bulk removal of a sequence's positions (patch 0006)
 llama_loopserve_seq_rm_positions = _bind(
     "llama_loopserve_seq_rm_positions", [_ctx, ctypes.c_int32, _i32p, ctypes.c_int32], ctypes.c_int32)
+llama_loopserve_can_compact_positions = _bind("llama_loopserve_can_compact_positions", [_ctx], ctypes.c_int32)
 llama_loopserve_seq_compact_positions = _bind(
     "llama_loopserve_seq_compact_positions", [_ctx, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
 llama_loopserve_seq_keep_per_head = _bind(

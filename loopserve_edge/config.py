@@ -108,7 +108,9 @@ class LoopServeConfig:
     # as StreamingLLM does), so that positions stay within the trained range however long a
     # dialogue grows (past it a model no longer attends well); below that, kept tokens keep
     # their positions (compacting at every cut costs some fidelity: the history then sits
-    # nearer the new tokens than it did). "always": at every cut; "never": gaps stay. A model
+    # nearer the new tokens than it did). "always": at every cut; "never": gaps stay. Gemma 3's
+    # window-sized window cache (which llama.cpp does not shift; the runtime does, keeping the
+    # window whole): "auto" only when the next tokens would pass the trained context. A model
     # whose positions cannot be shifted is refused eviction past its trained context.
     compact_positions: str = "auto"
     # What a cut keeps: "cell", one set of tokens for every layer and KV head (chosen by their

@@ -396,6 +396,11 @@ class Context:
             raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {n}")
         return pos, sc
 
+    def cell_positions(self, dlg: Resident) -> list[int]:
+        """The positions of dlg's cells in the full-attention cache, in order."""
+        self.make_resident(dlg)
+        return self._score_positions(dlg).tolist()
+
     def _score_positions(self, dlg: Resident) -> np.ndarray:
         pos = np.zeros(self.seq_cells(dlg._seq), np.int32)
         got = bindings.llama_loopserve_scores_get(
@@ -523,12 +528,20 @@ class Context:
         return bool(llama_c.llama_memory_can_shift(self._mem))
 
     @property
+    def can_compact(self) -> bool:
+        """Whether cells can be given new positions by compact_positions: RoPE models can, and
+        Gemma 3 with its window-sized window cache too (which llama.cpp shifts no other way)."""
+        return bool(bindings.llama_loopserve_can_compact_positions(self._ctx.ctx))
+
+    @property
     def n_ctx_train(self) -> int:
         return int(llama_c.llama_model_n_ctx_train(self._llm._model.model))
 
     def compact_positions(self, dlg: Resident, p0: int = 0) -> int:
         """Give dlg's cells, in position order, the positions p0, p0 + 1, ... with their keys
-        re-rotated (llama_loopserve_seq_compact_positions); returns the cells that moved."""
+        re-rotated (llama_loopserve_seq_compact_positions); returns the cells that moved. On a
+        sliding-window model the window's positions are ranked with them, so the new positions
+        can have gaps (`cell_positions` reads them)."""
         seq = self.make_resident(dlg)
         rc = bindings.llama_loopserve_seq_compact_positions(self._ctx.ctx, seq, p0)
         if rc == -2:

@@ -221,9 +221,9 @@ class Dialogue:
         return logits, keep, len(new)
 
     def _prefill_chunk(self, new: list[int]) -> np.ndarray:
+        self.evictor.begin_prefill(self, len(new))  # may renumber the kept cells first
         start = self.positions[-1] + 1 if self.positions else 0
         positions = list(range(start, start + len(new)))
-        self.evictor.begin_prefill(self, len(new))
         logits = self.llm.decode(self, new, positions)
         self.tokens += new
         self.positions += positions

@@ -393,6 +393,7 @@ def test_a_model_that_cannot_shift_is_refused_past_its_trained_context(tiny_mode
     from loopserve_edge.context import Context
 
     monkeypatch.setattr(Context, "can_shift", property(lambda self: False))
+    monkeypatch.setattr(Context, "can_compact", property(lambda self: False))
     monkeypatch.setattr(Context, "n_ctx_train", property(lambda self: 300))
     llm = make_llm(tiny_model, loopserve=cfg("streaming", budget=48))
     d = llm.dialogue()

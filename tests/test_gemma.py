@@ -99,21 +99,60 @@ def test_a_cut_leaves_the_window_layers_their_window(tiny_gemma, make_llm, monke
     assert_same_logits(cut_then_decode(older, False), cut_then_decode(older, True), atol=1e-5)
 
 
-def test_compacting_positions_drops_what_only_the_window_cache_still_holds(tiny_gemma, make_llm, monkeypatch):
-    """New consecutive positions leave no place for the window cache's positions that a cut took
-    from the full-attention cache: compacting drops them there first, so after it both caches
-    hold what a cut of both would have left (the same logits as LOOPSERVE_SWA_CUT=1)."""
+@pytest.mark.parametrize("n_ctx", [256, 1024])
+def test_compacting_positions_keeps_the_window_whole(tiny_gemma, make_llm, monkeypatch, n_ctx):
+    """A cut leaves the window cache the positions it took from the full-attention cache; compacting
+    ranks those the next tokens still see with the full-attention cache's, so the window stays
+    whole. Cut 0..9 (long masked for the window layers) and 100..109 (inside the window) from the
+    full-attention cache: everything moves down by 10, every distance the next tokens see stays, so
+    the logits equal those of not compacting (to the keys' re-rotation); the full-attention
+    cache's positions keep a gap where only the window holds tokens. Cutting 100..109 from both
+    caches (LOOPSERVE_SWA_CUT=1) leaves no such gap and other logits. n_ctx 1024: a window-sized
+    window cache, which llama.cpp shifts no other way (llama_memory_can_shift is false)."""
     toks = [int(t) for t in np.random.default_rng(9).integers(3, 200, 120)]
-    out = []
-    for both in ("0", "1"):
-        monkeypatch.setenv("LOOPSERVE_SWA_CUT", both)
-        llm = make_llm(tiny_gemma, n_ctx=256, loopserve=LoopServeConfig(max_resident=1))
+
+    def cut_then_decode(compact, swa_cut="0"):
+        llm = make_llm(tiny_gemma, n_ctx=n_ctx, loopserve=LoopServeConfig(max_resident=1))
+        assert llm.can_compact and llm.can_shift == (n_ctx == 256)
         d = llm.dialogue()
         llm.decode(d, toks, list(range(120)))
+        llm.remove_cells(d._seq, np.arange(10))
+        monkeypatch.setenv("LOOPSERVE_SWA_CUT", swa_cut)
         llm.remove_cells(d._seq, np.arange(100, 110))
-        assert llm.compact_positions(d) == 10       # positions 110..119 move down by 10
-        out.append(llm.decode(d, [5, 6], [110, 111]))
-    assert_same_logits(out[0], out[1], atol=1e-5)
+        monkeypatch.setenv("LOOPSERVE_SWA_CUT", "0")
+        if not compact:
+            return llm.decode(d, [5, 6], [120, 121])
+        assert llm.compact_positions(d) == 100           # 10..99 and 110..119, down by 10
+        pos = llm.cell_positions(d)
+        assert pos == (list(range(100)) if swa_cut == "1" else list(range(90)) + list(range(100, 110)))
+        return llm.decode(d, [5, 6], [pos[-1] + 1, pos[-1] + 2])
+
+    kept = cut_then_decode(False)
+    assert_same_logits(cut_then_decode(True), kept, atol=2e-3)
+    assert np.abs(cut_then_decode(True, swa_cut="1") - kept).max() > 1e-2
+
+
+def test_a_window_sized_cache_compacts_when_the_trained_context_would_pass(tmp_path, make_llm):
+    """Gemma 3 with its window-sized window cache (llama.cpp shifts no such cache): a budgeted
+    dialogue of 3x the trained context goes on, compacted only when a turn would pass that context,
+    its positions (the runtime's) within it; below it positions are left alone. A model that cannot
+    compact is refused there instead (test_eviction)."""
+    from loopserve_edge.random_gguf import write_random_gemma3
+
+    model = write_random_gemma3(tmp_path / "g300.gguf", n_layer=4, n_swa=N_SWA, swa_pattern=2, qk_std=0.3,
+                                n_ctx_train=300)
+    llm = make_llm(model, n_ctx=1024, loopserve=cfg("loopserve", 48, granularity="head"))
+    assert llm.can_compact and not llm.can_shift
+    d = llm.dialogue()
+    passed, highest = 0, []
+    for turn in range(12):
+        d.send(f"turn {turn} " + "q" * 60, max_tokens=8, **GREEDY)
+        passed = len(d.tokens) + d.evicted
+        highest.append(d.positions[-1])
+        assert d.positions == llm.cell_positions(d) and np.all(np.diff(d.positions) > 0)
+    assert passed > 3 * 300 and max(highest) < 300
+    assert highest[1] > highest[0]                       # below the trained context: left alone
+    assert any(b < a for a, b in zip(highest, highest[1:]))  # compacted later
 
 
 def test_compressed_dialogue_saves_loads_and_continues_identically(tiny_gemma, make_llm, tmp_path):
@@ -183,19 +222,25 @@ def test_assemble_gguf_joins_files_and_wheels_in_order(tmp_path):
     assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob("*tmp"))
 
 
-def test_compacted_positions_in_both_caches_save_load_and_continue(tiny_gemma, make_llm, tmp_path):
+@pytest.mark.parametrize("n_ctx", [512, 2048])
+def test_compacted_positions_in_both_caches_save_load_and_continue(tiny_gemma, make_llm, tmp_path, n_ctx):
     """compact_positions="always" renumbers the kept cells in both parts of the interleaved
-    cache alike (keys re-rotated in each); the dialogue then saves, loads and continues exactly
-    like the live one."""
-    llm = make_llm(tiny_gemma, loopserve=cfg("loopserve", 48, compact_positions="always"))
+    cache together (keys re-rotated in each); the dialogue then saves, loads and continues exactly
+    like the live one. n_ctx 2048: a window-sized window cache (compacted by the runtime, not
+    llama.cpp's shift)."""
+    llm = make_llm(tiny_gemma, n_ctx=n_ctx, loopserve=cfg("loopserve", 48, compact_positions="always"))
+    assert llm.can_compact and llm.can_shift == (n_ctx == 512)
     d = llm.dialogue()
     d.send("a" * 90, max_tokens=12, **GREEDY)
     d.send("b" * 50, max_tokens=12, **GREEDY)
-    assert d.evicted > 0 and d.positions == list(range(len(d.tokens)))
+    # ranks among both caches' positions: gaps where only the window cache holds a token
+    assert d.evicted > 0 and d.positions == llm.cell_positions(d) and np.all(np.diff(d.positions) > 0)
+    assert d.positions[-1] < len(d.tokens) + d.evicted - 1
     pos, _ = llm.attention_scores(d)
     assert list(pos) == d.positions
     path = d.save(tmp_path / "g.lsd")
-    e = make_llm(tiny_gemma, loopserve=cfg("loopserve", 48, compact_positions="always")).load_dialogue(path)
+    e = make_llm(tiny_gemma, n_ctx=n_ctx, loopserve=cfg("loopserve", 48, compact_positions="always"))
+    e = e.load_dialogue(path)
     assert e.positions == d.positions and e.tokens == d.tokens
     assert d.send("c" * 20, max_tokens=8, **GREEDY) == e.send("c" * 20, max_tokens=8, **GREEDY)
     # packed vs holes: summation order (up to ~3e-4 with flash attention on the GPU)

@@ -302,14 +302,24 @@ LLAMA_API int32_t llama_loopserve_seq_rm_positions(struct llama_context * ctx,
                                                    int32_t                n);
 
 // Give seq_id's cells, in position order, the consecutive positions p0, p0 + 1, ... and
-// re-rotate their keys by the change (RoPE, llama.cpp's K-shift), before returning, in both
-// caches of an interleaved sliding-window model. After an eviction this closes the gaps the
-// removed cells left, so that a sequence's positions stay as few as its cells however many
-// tokens went through it (a model attends badly at positions beyond its trained context).
-// Returns the number of cells that moved (0: already consecutive from p0); -1 on bad
-// arguments or a cell that another sequence shares; -2 if the model's position encoding
-// cannot be shifted (llama_memory_can_shift is false).
+// re-rotate their keys by the change (RoPE, llama.cpp's K-shift), before returning. After an
+// eviction this closes the gaps the removed cells left, so that a sequence's positions stay as
+// few as its cells however many tokens went through it (a model attends badly at positions
+// beyond its trained context). An interleaved sliding-window model's two caches are numbered
+// together: the window cache's positions that later tokens still see (cuts leave them there)
+// are ranked with the full-attention cache's, so the window stays whole, and its older cells
+// are dropped; the full-attention cache's new positions then have gaps where only the window
+// holds a token (read them back with llama_loopserve_scores_get). Returns the number of
+// full-attention cells that moved (0: already in place); -1 on bad arguments or a cell that
+// another sequence shares; -2 if the positions cannot be shifted
+// (llama_loopserve_can_compact_positions is 0).
 LLAMA_API int32_t llama_loopserve_seq_compact_positions(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0);
+
+// 1 if llama_loopserve_seq_compact_positions can renumber this context's sequences: every
+// cache's keys can be re-rotated (RoPE; llama_memory_can_shift), and also for an interleaved
+// model whose window cache is window-sized (swa_full off), which llama.cpp does not shift,
+// where the window is a plain sliding one (compaction keeps it whole); else 0.
+LLAMA_API int32_t llama_loopserve_can_compact_positions(struct llama_context * ctx);
 
 // Head-wise KV compression: in each full-attention layer and each of its KV heads, keep that
 // head's own n_keep of seq_id's cells. sel is [n_heads][n_keep], n_heads the KV heads of the

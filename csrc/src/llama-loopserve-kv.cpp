@@ -9,6 +9,7 @@
 #include "llama-kv-cells.h"
 #include "llama-loopserve-impl.h"
 #include "llama-loopserve.h"
+#include "llama-model.h"
 
 #include <algorithm>
 #include <cmath>
@@ -388,6 +389,27 @@ int32_t llama_loopserve_seq_rm_positions(llama_context * ctx, llama_seq_id seq_i
     return removed;
 }
 
+// Whether a sequence's positions can be compacted: every cache re-rotates its keys (RoPE).
+// llama.cpp shifts no interleaved cache whose window part is window-sized
+// (llama_kv_cache_iswa::get_can_shift): a context shift would bring into the window positions
+// that cache no longer holds. Compaction keeps the window the next tokens see whole (below),
+// which takes a plain sliding window (a chunked one would change its chunks).
+static bool loopserve_can_compact(llama_context * ctx, llama_kv_cache * caches[2]) {
+    if (caches[0] == nullptr || !caches[0]->get_can_shift()) {
+        return false;
+    }
+    if (caches[1] == nullptr || ctx->get_memory()->get_can_shift()) {
+        return true;
+    }
+    return caches[1]->get_can_shift() && ctx->get_model().hparams.swa_type == LLAMA_SWA_TYPE_STANDARD;
+}
+
+int32_t llama_loopserve_can_compact_positions(llama_context * ctx) {
+    llama_kv_cache * caches[2];
+    loopserve_caches(ctx, caches);
+    return loopserve_can_compact(ctx, caches) ? 1 : 0;
+}
+
 int32_t llama_loopserve_seq_compact_positions(llama_context * ctx, llama_seq_id seq_id, llama_pos p0) {
     llama_loopserve_scores_flush(ctx);  // saved rows are scored by the cells they saw
     llama_kv_cache * caches[2];
@@ -395,14 +417,35 @@ int32_t llama_loopserve_seq_compact_positions(llama_context * ctx, llama_seq_id 
     if (caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max() || p0 < 0) {
         return -1;
     }
-    if (!ctx->get_memory()->get_can_shift()) {
+    if (!loopserve_can_compact(ctx, caches)) {
         return -2;
     }
 
-    // the full-attention cache holds every position of the sequence: rank them
-    std::vector<llama_pos> old_pos;
-    for (const auto & pc : caches[0]->get_cells(seq_id).seq_pos_get(seq_id)) {
-        old_pos.push_back(pc.first);
+    const auto seq_positions = [seq_id](llama_kv_cache * kv) {
+        std::vector<llama_pos> pos;
+        for (const auto & pc : kv->get_cells(seq_id).seq_pos_get(seq_id)) {
+            pos.push_back(pc.first);
+        }
+        return pos;
+    };
+    const std::vector<llama_pos> full    = seq_positions(caches[0]);
+    std::vector<llama_pos>       old_pos = full;
+    if (caches[1] != nullptr) {
+        // the window cache holds the positions the next tokens' window layers attend to, cut
+        // from the full-attention cache or not (cuts leave the window its window): they are
+        // ranked with the full-attention cache's, so the window stays whole and at its
+        // distances; the older ones the window cache still holds are masked for every later
+        // token, and consecutive new positions leave them no place: they go
+        const std::vector<llama_pos> window = seq_positions(caches[1]);
+        const llama_pos next = std::max(full.empty() ? -1 : full.back(), window.empty() ? -1 : window.back()) + 1;
+        const auto &    hp   = ctx->get_model().hparams;
+        std::vector<llama_pos> seen, gone;
+        for (const llama_pos p : window) {
+            (llama_hparams::is_masked_swa(hp.n_swa, hp.swa_type, p, next) ? gone : seen).push_back(p);
+        }
+        caches[1]->loopserve_seq_rm_positions(seq_id, gone.data(), (uint32_t) gone.size());
+        old_pos.clear();
+        std::set_union(full.begin(), full.end(), seen.begin(), seen.end(), std::back_inserter(old_pos));
     }
     std::vector<llama_pos> new_pos(old_pos.size());
     for (size_t k = 0; k < new_pos.size(); ++k) {
@@ -412,26 +455,15 @@ int32_t llama_loopserve_seq_compact_positions(llama_context * ctx, llama_seq_id 
         return 0;
     }
 
+    // a monotone map: each cache's cells keep their order
     const int32_t moved =
         caches[0]->loopserve_seq_remap_positions(seq_id, old_pos.data(), new_pos.data(), (uint32_t) old_pos.size());
     if (moved < 0) {
         return -1;
     }
-    if (caches[1] != nullptr) {
-        // the sliding-window cache may hold positions the cuts took from the full-attention one
-        // (loopserve_swa_cut): consecutive new positions leave them no place, so they go; the
-        // rest take the same map
-        std::vector<llama_pos> window;
-        for (const auto & pc : caches[1]->get_cells(seq_id).seq_pos_get(seq_id)) {
-            window.push_back(pc.first);
-        }
-        std::vector<llama_pos> gone;
-        std::set_difference(window.begin(), window.end(), old_pos.begin(), old_pos.end(), std::back_inserter(gone));
-        caches[1]->loopserve_seq_rm_positions(seq_id, gone.data(), (uint32_t) gone.size());
-        if (caches[1]->loopserve_seq_remap_positions(seq_id, old_pos.data(), new_pos.data(),
-                                                     (uint32_t) old_pos.size()) < 0) {
-            return -1;
-        }
+    if (caches[1] != nullptr && caches[1]->loopserve_seq_remap_positions(seq_id, old_pos.data(), new_pos.data(),
+                                                                         (uint32_t) old_pos.size()) < 0) {
+        return -1;
     }
 
     // re-rotate the keys now (the K-shift graph): a state saved before the next decode would

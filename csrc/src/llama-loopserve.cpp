@@ -17,7 +17,7 @@
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 7
+#define LLAMA_LOOPSERVE_API_VERSION 8
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;

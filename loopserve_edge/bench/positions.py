@@ -6,6 +6,7 @@ log-probability measured. A model that attends well copies at about 0 whatever t
 past its trained positions it no longer does.
 
     python -m loopserve_edge.bench.positions [MODEL] --budget 512 --times 3 [--compact auto|always|never]
+        [--n-ctx 2048]
 """
 from __future__ import annotations
 
@@ -69,15 +70,18 @@ def main(argv=None) -> None:
     ap.add_argument("--times", type=float, default=3.0, help="tokens in all, in trained contexts")
     ap.add_argument("--compact", default="auto", choices=["auto", "always", "never"],
                     help="compact_positions")
+    ap.add_argument("--n-ctx", type=int, default=2048,
+                    help="context cells (Gemma 3: from 4096 its window cache is window-sized)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     a = ap.parse_args(argv)
     cfg = LoopServeConfig(policy="loopserve", budget=a.budget, compact_positions=a.compact)
-    with Llama(a.model or default_model(), n_ctx=2048, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers,
+    with Llama(a.model or default_model(), n_ctx=a.n_ctx, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers,
                loopserve=cfg) as llm:
         turns = copy_dialogue(llm, int(a.times * llm.n_ctx_train))
         print(f"# copy test: budget {a.budget}, compact_positions {cfg.compact_positions}, "
-              f"trained context {llm.n_ctx_train}")
+              f"trained context {llm.n_ctx_train}, n_ctx {a.n_ctx} (llama.cpp can shift: {llm.can_shift}, "
+              f"can compact: {llm.can_compact})")
         print("\n| turn | tokens so far | highest position | cells | copy log-prob |\n|---:|---:|---:|---:|---:|")
         for t in turns:
             print(f"| {t['turn']} | {t['tokens']} | {t['top_position']} | {t['cells']} | {t['copy_logp']:.3f} |")

@@ -1,6 +1,7 @@
 """Paired differences on the same dialogues: each method against the reference, per measure.
 
     python benchmarks/results/defer-scored-dev/paired.py RUN_FOLDER REFERENCE METHOD... [--budget 256]
+        [--ref-budget N]   (the reference at another budget, e.g. cell-wise at 2B against head-wise at B)
 
 Means (the mean of the task means) with 95% intervals, and the paired difference with its 95%
 interval (loopserve_edge.bench.report.paired: bootstrap over dialogues, resampled within tasks)."""
@@ -15,15 +16,17 @@ ap.add_argument("folder")
 ap.add_argument("reference")
 ap.add_argument("methods", nargs="+")
 ap.add_argument("--budget", type=int, default=256)
+ap.add_argument("--ref-budget", type=int, default=None)
 a = ap.parse_args()
+ref_budget = a.ref_budget or a.budget
 latest = {}
 for line in (Path(a.folder) / "runs.jsonl").read_text().splitlines():
     r = json.loads(line)
     latest[r["case"], r.get("method_name", r["method"]), r.get("budget")] = r  # the last record wins
 
 
-def values(name, key):
-    return report.case_values([r for (_, m, b), r in latest.items() if m == name and b == a.budget], key)
+def values(name, key, budget=a.budget):
+    return report.case_values([r for (_, m, b), r in latest.items() if m == name and b == budget], key)
 
 
 def pct(key, x):
@@ -31,9 +34,9 @@ def pct(key, x):
 
 
 for name in a.methods:
-    print(f"{name}@{a.budget} against {a.reference}@{a.budget}:")
+    print(f"{name}@{a.budget} against {a.reference}@{ref_budget}:")
     for key in ("same_greedy", "later_same_greedy", "mean_kl", "score"):
-        mine, ref = values(name, key), values(a.reference, key)
+        mine, ref = values(name, key), values(a.reference, key, ref_budget)
         m = stats.stratified_ci(report._by_task(mine))
         r = stats.stratified_ci(report._by_task(ref))
         d = report.paired(mine, ref)

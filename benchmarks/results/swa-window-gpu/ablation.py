@@ -13,30 +13,12 @@ Registered before the bench CLI runs (not in the package):
   prefill reads, and which a sliding-window model never uses (Evictor.chunk_probe).
 Every other method runs with the variable at 0 (the default).
 """
-import os
 import sys
+from pathlib import Path
 
-from loopserve_edge import cli  # isort: skip  (the package before numpy: tests/conftest.py)
-from loopserve_edge.bench import harness  # isort: skip
-from loopserve_edge.bench import methods as M  # isort: skip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import env_ablation  # noqa: E402  (loopserve_edge first, as tests/conftest.py)
 
-MARK = 33
-_run_method = harness._run_method
-
-
-def run_method(spec, folder, ctx, run, cases, bar, fmt):
-    os.environ["LOOPSERVE_SWA_CUT"] = "1" if run.config().chunk_probe == MARK else "0"
-    try:
-        return _run_method(spec, folder, ctx, run, cases, bar, fmt)
-    finally:
-        os.environ["LOOPSERVE_SWA_CUT"] = "0"
-
-
-harness._run_method = run_method
-for base in ("loopserve-d64-head", "loopserve-d64"):
-    opts = dict(M.METHODS[base].options)
-    M.METHODS[f"{base}-swacut"] = M.Method(f"{base}-swacut", "loopserve", describe=f"{base}, each cut "
-                                           "removing its positions from the window layers' cache too",
-                                           options=tuple({**opts, "chunk_probe": MARK}.items()))
-sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
-cli.main()
+env_ablation.run("LOOPSERVE_SWA_CUT", "1", "0", 33, {
+    f"{base}-swacut": (base, f"{base}, each cut removing its positions from the window layers' cache too")
+    for base in ("loopserve-d64-head", "loopserve-d64")})
