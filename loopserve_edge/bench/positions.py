@@ -71,7 +71,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compact", default="auto", choices=["auto", "always", "never"],
                     help="compact_positions")
     ap.add_argument("--n-ctx", type=int, default=2048,
-                    help="context cells (Gemma 3: from 4096 its window cache is window-sized)")
+                    help="context cells (Gemma 3: above a window per resident dialogue plus a ubatch, 2560 "
+                         "by default, its window cache is window-sized)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     a = ap.parse_args(argv)

@@ -26,14 +26,17 @@ Registered before the bench CLI runs (not in the package):
   its maximum over the groups (marked by `chunk_probe` NN + 1).
 """
 import sys
+from pathlib import Path
 
 # the package (llama.cpp's library) before numpy: the other order crashes the first model load
 # on the GPU box (tests/conftest.py)
 from loopserve_edge import cli, eviction  # isort: skip
 from loopserve_edge.bench import harness  # isort: skip
-from loopserve_edge.bench import methods as M  # isort: skip
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import env_ablation  # noqa: E402
 
 CHUNK = 448
 GROUP = 8  # d64h-zipmaxNN: rows scored GROUP at a time, each cell's maximum over the groups kept
@@ -148,15 +151,12 @@ def cut_heads(self, dlg, rows, budget):
 
 E.after_prefill, E._cut_heads = after_prefill, cut_heads
 harness.llama_kwargs = llama_kwargs
-opts = dict(M.METHODS["loopserve-d64-head"].options)
 for nn in SHARES:
-    M.METHODS[f"d64h-zip{nn}"] = M.Method(f"d64h-zip{nn}", "loopserve", describe=f"loopserve-d64-head, cut also "
-                                          f"scored by a repeat of the dialogue ({nn}%)",
-                                          options=tuple({**opts, "chunk_probe": nn}.items()))
+    env_ablation.variant("loopserve-d64-head", f"d64h-zip{nn}", f"loopserve-d64-head, cut also scored by a "
+                         f"repeat of the dialogue ({nn}%)", chunk_probe=nn)
 for cp in MAX_SHARES:
-    M.METHODS[f"d64h-zipmax{cp - 1}"] = M.Method(
-        f"d64h-zipmax{cp - 1}", "loopserve", describe=f"loopserve-d64-head, cut also scored by a repeat of "
-        f"the dialogue, each cell's maximum over groups of {GROUP} rows ({cp - 1}%)",
-        options=tuple({**opts, "chunk_probe": cp}.items()))
+    env_ablation.variant("loopserve-d64-head", f"d64h-zipmax{cp - 1}", f"loopserve-d64-head, cut also scored by a "
+                         f"repeat of the dialogue, each cell's maximum over groups of {GROUP} rows ({cp - 1}%)",
+                         chunk_probe=cp)
 sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
 cli.main()
