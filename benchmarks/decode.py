@@ -59,9 +59,9 @@ def speed(a, model):
     methods = {"full": LoopServeConfig(max_resident=1)}
     no_hold = set()  # rows decoded with the runtime's n_kv hold off (LOOPSERVE_N_KV_HOLD=0)
     for gran in a.granularity.split(","):
-        for ds, dc, alloc, sq, hold in itertools.product(a.defer_scored.split(","), a.defer_cut.split(","),
-                                                         a.allocation.split(","), a.saved_queries.split(","),
-                                                         a.n_kv_hold.split(",")):
+        for ds, dc, alloc, sq, hold, iv in itertools.product(a.defer_scored.split(","), a.defer_cut.split(","),
+                                                             a.allocation.split(","), a.saved_queries.split(","),
+                                                             a.n_kv_hold.split(","), a.interval.split(",")):
             if alloc != "uniform" and gran != "head":
                 continue  # an allocation shares a head-wise cut's tokens
             # head-wise cuts move each head's K/V rows in a graph: a cut costs more than
@@ -70,20 +70,22 @@ def speed(a, model):
             # apart with its own mask, in about twice the budget's cells; "-eager": each
             # scored decode scores as it runs (saved_queries off); "-dN": the cut after the
             # prefill waits for N generated tokens instead of the default defer_cut; "-nohold":
-            # the decode graph's n_kv follows every cut down (patch 0012's hold off)
+            # the decode graph's n_kv follows every cut down (patch 0012's hold off); "-iN": a
+            # compression every N generated tokens instead of the default interval's
             name = (f"loopserve@{a.budget}" + ("-head" if gran == "head" else "")
                     + ("" if ds == "all" else f"-s{ds}") + ("" if dc == "default" else f"-d{dc}")
                     + ("" if alloc == "uniform" else f"-{alloc}") + ("" if sq == "on" else "-eager")
-                    + ("" if hold == "on" else "-nohold"))
+                    + ("" if hold == "on" else "-nohold") + ("" if iv == "default" else f"-i{iv}"))
             if hold != "on":
                 no_hold.add(name)
             methods[name] = LoopServeConfig(
-                max_resident=1, policy="loopserve", budget=a.budget, interval=a.interval, window=a.window,
+                max_resident=1, policy="loopserve", budget=a.budget, window=a.window,
+                interval=None if iv == "default" else int(iv),
                 granularity=gran, cupy_select=a.cupy_select, defer_scored=None if ds == "all" else int(ds),
                 defer_cut=None if dc == "default" else int(dc), allocation=alloc, saved_queries=sq == "on")
     print(f"| method | depth | cells while decoding | decode tok/s{' (median, range)' if a.repeats > 1 else ''} "
-          f"| vs. full @ {depths[0]} | vs. itself @ {depths[0]} |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"| vs. full @ {depths[0]} | vs. itself @ {depths[0]} | vs. itself @ {depths[0]}, by repeat (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     # every method's context is made first and the runs alternate between them (depth by
     # depth, repeat by repeat), so that a drift of the machine (clocks, other load) during the
     # run falls on every method alike: run one after the other, rows of the H200 differed by
@@ -104,10 +106,14 @@ def speed(a, model):
         warm.send("Hello.", max_tokens=64, temperature=0, token_fn=no_stop)
         warm.close()
     rows = {}
-    for depth in depths:
-        # the prompt is cut at `depth` tokens of text: a user message of that size
-        msg = first.detokenize(toks[:max(depth - 16, 8)], special=False)
-        for _ in range(a.repeats):
+    # the prompt is cut at `depth` tokens of text: a user message of that size
+    msgs = {depth: first.detokenize(toks[:max(depth - 16, 8)], special=False) for depth in depths}
+    # the depths alternate too, repeat by repeat: the ratios to depth 0 are the targets, and one
+    # H200 ran a row 10% faster or slower some minutes later (decode.md, session 26), which a
+    # block of depth-0 runs before a block of deep ones took into the ratios
+    for _ in range(a.repeats):
+        for depth in depths:
+            msg = msgs[depth]
             for name, llm in llms.items():  # each run in a new dialogue; the median is reported
                 hold_env(name)
                 d = llm.dialogue()
@@ -134,7 +140,11 @@ def speed(a, model):
             # against the method's own first depth too: full's own runs there drift as much as
             # any other row's (decode.md, session 22), and both rows decode the same cells there
             own = median[name, depths[0]][0]
-            print(f"| {name} | {depth} | {cells} | {tps:.1f}{spread} | {tps / base:.0%} | {tps / own:.0%} |", flush=True)
+            # and paired by repeat: each run against the same method's run at the first depth
+            # just before it, whose median holds less of the machine's drift than two medians
+            paired = np.median([r[0] / r0[0] for r, r0 in zip(runs, rows[name, depths[0]])])
+            print(f"| {name} | {depth} | {cells} | {tps:.1f}{spread} | {tps / base:.0%} | {tps / own:.0%} "
+                  f"| {paired:.0%} |", flush=True)
             if a.profile:
                 # a dialogue that reached the budget was cut at the end of the first turn, so the
                 # timed turn's prefill took it past the budget: its first defer_cut steps are
@@ -158,7 +168,7 @@ def profile_line(dt: np.ndarray, cfg, deferred: bool = False) -> None:
               "scored + compress": ~first & (phase == 0), "scoring on": ~first & (phase == start),
               "scored": ~first & (phase > start), "plain": ~first & (phase < start) & (phase != 0)}
     parts = [f"{k} {1e3 * np.mean(dt[m]):.2f} ms x{int(m.sum())}" for k, m in groups.items() if m.any()]
-    print(f"|   | per step (mean) | {', '.join(parts)} | | | |", flush=True)
+    print(f"|   | per step (mean) | {', '.join(parts)} | | | | |", flush=True)
 
 
 def fidelity(a, model):
@@ -214,7 +224,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--flash-attn", action="store_true")
     ap.add_argument("--profile", action="store_true", help="speed: per-step times by phase")
-    ap.add_argument("--interval", type=int, default=LoopServeConfig.interval, help="speed: loopserve's interval")
+    ap.add_argument("--interval", default="default",
+                    help="speed: loopserve's intervals, e.g. default,128 (rows -i128 beside the default's)")
     ap.add_argument("--window", type=int, default=LoopServeConfig.window, help="speed: loopserve's window")
     ap.add_argument("--defer-scored", default="all",
                     help="speed: loopserve's defer_scored values, e.g. all,4 (all: every token the deferred "

@@ -11,7 +11,8 @@
 #            head-wise rows with each allocation; DECODE_SAVED=on,off: rows with saved query rows and
 #            "-eager" rows scoring each decode as it runs; DECODE_DEFER_CUT=default,32: rows "-d32" with that
 #            defer_cut beside the default's; DECODE_HOLD=on,off: rows "-nohold" with the runtime's
-#            n_kv hold off beside those with it)
+#            n_kv hold off beside those with it; DECODE_INTERVAL=default,128: rows "-i128" with that
+#            interval beside the default's)
 #   prefill-check - sparse prefill ops, CUDA against the CPU reference (pass/fail table)
 #   prefill-ops   - attention op time, stock FA vs sparse, 8K-128K, 135M and 1B shapes, two densities
 #                   (PREFILL_KV=q8_0: both with q8_0 K/V)
@@ -216,7 +217,8 @@ for step in "$@"; do
             --granularity "${DECODE_GRAN:-cell}" --repeats "${DECODE_REPEATS:-1}" ${DECODE_PROFILE:+--profile} \
             --cupy-select "${DECODE_CUPY:-auto}" --defer-scored "${DECODE_DEFER_SCORED:-all}" \
             --allocation "${DECODE_ALLOC:-uniform}" --saved-queries "${DECODE_SAVED:-on}" \
-            --defer-cut "${DECODE_DEFER_CUT:-default}" --n-kv-hold "${DECODE_HOLD:-on}"
+            --defer-cut "${DECODE_DEFER_CUT:-default}" --n-kv-hold "${DECODE_HOLD:-on}" \
+            --interval "${DECODE_INTERVAL:-default}"
       done ;;
     prefill-check)
       python3 benchmarks/prefill.py check ;;

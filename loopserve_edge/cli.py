@@ -100,7 +100,8 @@ def _stats_line(dlg) -> str:
               help="KV eviction policy (loopserve: progressive compression while decoding)")
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps (+ --kv-interval)")
 @click.option("--kv-interval", type=int, default=None,
-              help="compress every N generated tokens  [default: budget/16, 16-128]")
+              help="compress every N generated tokens  [default: about budget/16, up to the "
+                   "next 256 cells where that is at most budget/8: 256 at budget 2048]")
 @click.option("--kv-window", type=int, default=LoopServeConfig.window, show_default=True,
               help="recent tokens that score the cache")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="cell", show_default=True,

@@ -11,6 +11,22 @@ ALLOCATIONS = ("uniform", "pyramid", "ada")
 PYRAMID_BETA = 20  # PyramidKV's beta: its last layer keeps 1/beta of the mean beside the fixed cells
 AGGREGATIONS = ("mean", "max")
 CUPY_SELECT = ("auto", "on", "off")
+# llama.cpp attends over n_kv cells, the highest cell in use rounded up to this (get_n_kv in
+# llama-kv-cache.cpp; patch 0012 holds it through a cut of one such step)
+N_KV_PAD = 256
+
+
+def default_interval(budget: int) -> int:
+    """Generated tokens between compressions when `interval` is None: budget // 16 within
+    16..128, a sixteenth of overshoot at most; raised to the next multiple of N_KV_PAD cells
+    above the budget where that is no more than budget // 8. Between cuts a decode attends over
+    the padded n_kv, which that raise leaves where it was (at budget 2048: 2304 cells either
+    way), so the cells it adds cost KV memory but no attention time on the GPU, while a
+    compression's fixed cost comes half as often (budget 2048: every 256 tokens instead of
+    128). On the CPU, whose attention skips masked cells (patch 0010), they cost their share."""
+    base = min(128, max(16, budget // 16))
+    gap = -(-(budget + base) // N_KV_PAD) * N_KV_PAD - budget
+    return gap if base < gap <= budget // 8 else base
 
 
 @dataclass(frozen=True)
@@ -64,10 +80,9 @@ class LoopServeConfig:
     # does). A dialogue holds at most budget + interval cells; None = never evict.
     policy: str = "full"
     budget: int | None = None
-    # compress every `interval` generated tokens; None: budget // 16 within 16..128, so a
-    # dialogue overshoots its budget by at most 1/16 while the fixed cost of a compression
-    # is spread over more tokens at large budgets (at budget 2048 the GPU box then decodes
-    # at 94-95% of its depth-0 speed at 64K; benchmarks/results/decode.md)
+    # compress every `interval` generated tokens; None: default_interval(budget), about
+    # budget // 16, so that a dialogue overshoots its budget by little while the fixed cost of
+    # a compression is spread over more tokens at large budgets
     interval: int | None = None
     window: int = 4         # recent tokens whose attention scores the cache in decoding
     # an input's last tokens whose attention scores the cut after it (SnapKV's observation
@@ -155,7 +170,7 @@ class LoopServeConfig:
 
     def __post_init__(self) -> None:
         if self.interval is None:
-            object.__setattr__(self, "interval", min(128, max(16, (self.budget or 1024) // 16)))
+            object.__setattr__(self, "interval", default_interval(self.budget or 1024))
         if self.prefill_window is None:
             object.__setattr__(self, "prefill_window", self.window)
         if self.max_resident < 1:

@@ -7,6 +7,7 @@ import pytest
 from loopserve_edge import LoopServeConfig, bindings, eviction
 from loopserve_edge.errors import LoopServeError
 from loopserve_edge.eviction import aggregate, choose_keep, choose_keep_rows, pool
+from loopserve_edge.config import N_KV_PAD
 
 GREEDY = dict(temperature=0)
 SCORED_POLICIES = ["snapkv", "h2o", "loopserve"]
@@ -220,10 +221,21 @@ def test_pooling_spreads_a_peak_to_its_neighbours():
 
 
 def test_default_interval_follows_the_budget():
-    assert LoopServeConfig(policy="loopserve", budget=2048).interval == 128
+    # a sixteenth, within 16..128 ...
     assert LoopServeConfig(policy="loopserve", budget=1024).interval == 64
     assert LoopServeConfig(policy="loopserve", budget=128).interval == 16
-    assert LoopServeConfig(policy="loopserve", budget=1 << 20).interval == 128
+    assert LoopServeConfig(policy="loopserve", budget=256).interval == 16
+    assert LoopServeConfig(policy="loopserve", budget=1000).interval == 62
+    # ... up to llama.cpp's next padding step of n_kv where that is at most an eighth
+    assert LoopServeConfig(policy="loopserve", budget=2048).interval == 256
+    assert LoopServeConfig(policy="loopserve", budget=1200).interval == 80
+    assert LoopServeConfig(policy="loopserve", budget=1 << 20).interval == 256
+    for budget in range(96, 20000, 37):
+        iv = LoopServeConfig(policy="loopserve", budget=budget).interval
+        base = min(128, max(16, budget // 16))
+        assert base <= iv <= max(base, budget // 8)
+        # the padded n_kv at the most cells between cuts: never more than the sixteenth's
+        assert -(-(budget + iv) // N_KV_PAD) == -(-(budget + base) // N_KV_PAD)
     assert LoopServeConfig(policy="loopserve", budget=1024, interval=7).interval == 7
     c = LoopServeConfig(policy="h2o", budget=512)
     assert LoopServeConfig.from_dict(c.to_dict()) == c
