@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from loopserve_edge import LoopServeConfig, bindings, eviction
+from loopserve_edge.config import N_KV_PAD
 from loopserve_edge.errors import LoopServeError
 from loopserve_edge.eviction import aggregate, choose_keep, choose_keep_rows, pool
-from loopserve_edge.config import N_KV_PAD
 
 GREEDY = dict(temperature=0)
 SCORED_POLICIES = ["snapkv", "h2o", "loopserve"]
@@ -230,6 +230,7 @@ def test_default_interval_follows_the_budget():
     assert LoopServeConfig(policy="loopserve", budget=2048).interval == 256
     assert LoopServeConfig(policy="loopserve", budget=1200).interval == 80
     assert LoopServeConfig(policy="loopserve", budget=1 << 20).interval == 256
+    assert LoopServeConfig(policy="loopserve", budget=3000).interval == 328
     for budget in range(96, 20000, 37):
         iv = LoopServeConfig(policy="loopserve", budget=budget).interval
         base = min(128, max(16, budget // 16))
