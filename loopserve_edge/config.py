@@ -23,8 +23,8 @@ def default_interval(budget: int) -> int:
     the padded n_kv, which that raise leaves where it was (at budget 2048: 2304 cells either
     way), so the cells it adds cost KV memory but no attention time on the GPU, while a
     compression's fixed cost comes half as often (budget 2048: every 256 tokens instead of
-    128). On the CPU, whose attention costs what the cells cost, they cost about what the saved
-    cut did (decode.md, session 26: level with 128 at 4K of history in two calls)."""
+    128). On the CPU, whose attention costs what the cells cost, the two were level within the
+    runs' spread (decode.md, session 26: 4K of history, two calls)."""
     base = min(128, max(16, budget // 16))
     gap = -(-(budget + base) // N_KV_PAD) * N_KV_PAD - budget
     return gap if base < gap <= budget // 8 else base
