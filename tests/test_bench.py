@@ -313,8 +313,11 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
                             "loopserve-d32", "loopserve-d32-head", "loopserve-d32-q8", "loopserve-d32-head-q8",
                             "loopserve-d32-s4-head", "loopserve-d64", "loopserve-d64-head", "pyramidkv", "ada-snapkv", "loopserve-d32-head-ada",
-                            "loopserve-d32-head-pyramid"}
+                            "loopserve-d32-head-pyramid", "loopserve-d64-head-span32", "loopserve-d64-span32"}
     assert Run(METHODS["loopserve-defer"], 256).config().defer_cut == 4
+    spans = Run(METHODS["loopserve-d64-head-span32"], 256).config()
+    assert (spans.span, spans.granularity, spans.defer_cut) == (32, "head", 64)
+    assert Run(METHODS["loopserve-d64-span32"], 256).config().granularity == "cell"
     # PyramidKV and Ada-KV: SnapKV head-wise with their allocations
     ada = Run(METHODS["ada-snapkv"], 256).config()
     assert (ada.policy, ada.granularity, ada.allocation, ada.cells) == ("snapkv", "head", "ada", 4 + 64 + 2 * 188 - 9)

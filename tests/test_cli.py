@@ -112,3 +112,11 @@ def test_serve_refuses_settings_that_need_flash_attention_without_it(default_mod
 def test_an_allocation_without_head_granularity_is_a_usage_error():
     r = run(["chat", "--policy", "snapkv", "--kv-budget", "256", "--kv-allocation", "ada"], stdin="hi\n", timeout=60)
     assert r.returncode == 2 and "granularity='head'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,why", [(["--kv-span", "0"], "--kv-span"),
+                                      (["--granularity", "head", "--kv-allocation", "ada", "--kv-span", "8"],
+                                       "allocation='uniform'")])
+def test_spans_that_cannot_be_kept_are_usage_errors(args, why):
+    r = run(["chat", "--policy", "loopserve", "--kv-budget", "256", *args], stdin="hi\n", timeout=60)
+    assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr

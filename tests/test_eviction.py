@@ -220,6 +220,62 @@ def test_pooling_spreads_a_peak_to_its_neighbours():
     assert np.allclose(p[7:14], 1.0) and p[6] == 0 and p[14] == 0
 
 
+def _whole_spans(cells, lo, hi, span):
+    """Whether the cells between lo and hi fill whole spans, but one of which the latest cells."""
+    by_span = {}
+    for c in (int(c) for c in cells if lo <= c < hi):
+        by_span.setdefault((c - lo) // span, []).append(c)
+    partial = 0
+    for k, kept in by_span.items():
+        whole = list(range(lo + k * span, min(lo + (k + 1) * span, hi)))
+        if kept != whole:
+            if kept != whole[-len(kept):]:
+                return False
+            partial += 1
+    return partial <= 1
+
+
+@pytest.mark.parametrize("span", [2, 8, 32])
+@pytest.mark.parametrize("n,budget", [(300, 100), (100, 24), (41, 24), (301, 251)])
+def test_spans_keep_whole_spans_ranked_by_their_summed_scores(span, n, budget):
+    rng = np.random.default_rng(n + span)
+    rows = (rng.random((9, n), dtype=np.float32) ** 6)
+    rows[:, ::5] = 0.5  # ties
+    rows[2] = 0.0       # a row with nothing scored
+    c = cfg("loopserve", budget=budget, span=span, cupy_select="off")
+    got = choose_keep_rows(rows, c, budget)  # the runtime's C++ on the host
+    lo, hi = c.sink, n - c.recent
+    for r, row in zip(got, rows):
+        assert len(r) == budget and set(range(lo)) | set(range(hi, n)) <= set(r)
+        assert _whole_spans(np.asarray(r), lo, hi, span)
+        # the reference: spans by their sums (float32), the best first, ties to the latest
+        sums = [float(np.float32(row[st:min(st + span, hi)].astype(np.float64).sum())) for st in range(lo, hi, span)]
+        order = sorted(range(len(sums)), key=lambda i: (-sums[i], -i))
+        want, left = set(range(lo)) | set(range(hi, n)), budget - lo - (n - hi)
+        for i in order:
+            cells = list(range(lo + i * span, min(lo + (i + 1) * span, hi)))
+            want |= set(cells[-left:]) if left < len(cells) else set(cells)
+            left -= len(cells)
+            if left <= 0:
+                break
+        assert set(r) == want
+    # row by row what the cell-wise choice keeps, and numpy's (the device path's) alike
+    np.testing.assert_array_equal(got, np.stack([np.flatnonzero(choose_keep(n, r.astype(np.float64), c, budget))
+                                                 for r in rows]))
+    np.testing.assert_array_equal(got, eviction._keep_rows(eviction.span_sums(rows, lo, hi, span), 1, lo, hi, budget))
+
+
+def test_a_span_outranks_a_sharper_lone_peak():
+    """Pooled cell by cell a lone peak wins; by spans the run of moderate scores does."""
+    rows = np.zeros((1, 100), np.float32)
+    rows[0, 30] = 1.0          # a sharp peak
+    rows[0, 52:60] = 0.2       # a span of 8 (from the sink at 4: 52..59) that sums to 1.6
+    by_cell = choose_keep_rows(rows, cfg("loopserve", budget=28, pooling=1, cupy_select="off"), 28)[0]
+    by_span = choose_keep_rows(rows, cfg("loopserve", budget=28, span=8, cupy_select="off"), 28)[0]
+    assert 30 in by_cell and 30 not in by_span
+    assert set(range(52, 60)) <= set(by_span)
+
+
 def test_default_interval_follows_the_budget():
     # a sixteenth, within 16..128 ...
     assert LoopServeConfig(policy="loopserve", budget=1024).interval == 64
@@ -249,6 +305,10 @@ def test_config_refuses_nonsense():
         LoopServeConfig(policy="streaming", budget=10, sink=4, recent=16)
     with pytest.raises(ValueError, match="unknown policy"):
         LoopServeConfig(policy="lru", budget=100)
+    with pytest.raises(ValueError, match="span must be"):
+        LoopServeConfig(policy="loopserve", budget=100, span=0)
+    with pytest.raises(ValueError, match="needs allocation='uniform'"):
+        LoopServeConfig(policy="loopserve", budget=100, span=8, granularity="head", allocation="ada")
 
 
 # -- on a model -------------------------------------------------------------------------

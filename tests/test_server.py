@@ -166,6 +166,20 @@ def test_request_settings_choose_the_allocation_of_a_head_wise_server():
         protocol.merged_config(LoopServeConfig(policy="loopserve", budget=256), parse({"allocation": "pyramid"}))
 
 
+def test_request_settings_choose_spans_and_refuse_bad_ones():
+    from loopserve_edge import LoopServeConfig
+    from loopserve_edge.server import protocol
+
+    parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
+    base = LoopServeConfig(policy="loopserve", budget=256, granularity="head")
+    assert protocol.merged_config(base, parse({"span": 32})).span == 32
+    assert protocol.merged_config(base, parse({"window": 8})).span == 1
+    with pytest.raises(protocol.ApiError, match="span must be"):
+        protocol.merged_config(base, parse({"span": 0}))
+    with pytest.raises(protocol.ApiError, match="loopserve.span must be of type int"):
+        parse({"span": 2.5})
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     post = lambda body: httpx.post(server.url + "/v1/chat/completions", content=body,  # noqa: E731
                                    headers={"Content-Type": "application/json"})

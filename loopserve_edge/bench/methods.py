@@ -72,6 +72,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "first 64 generated tokens (the default)", options=(("defer_cut", 64),)),
     Method("loopserve-d64-head", "loopserve", describe="loopserve-d64, each KV head keeping its own tokens",
            options=(("defer_cut", 64), ("granularity", "head"))),
+    # issue 15: whole spans of 32 consecutive cells kept (LoopServeConfig.span, ChunkKV's
+    # ranking) instead of cells one by one (benchmarks/results/chunk-dev/)
+    Method("loopserve-d64-head-span32", "loopserve", describe="loopserve-d64-head keeping whole spans of 32 "
+           "cells, ranked by their summed scores", options=(("defer_cut", 64), ("granularity", "head"),
+                                                            ("span", 32))),
+    Method("loopserve-d64-span32", "loopserve", describe="loopserve-d64 keeping whole spans of 32 cells",
+           options=(("defer_cut", 64), ("span", 32))),
     # issue 15's decode speed: the deferred cut scored by the reply's first 4 tokens instead of
     # all 32 it waits for (a scored step costs more; dev split: within noise of all 32, test
     # split: -1.3 points of full's greedy tokens; benchmarks/results/defer-scored-dev/)

@@ -16,8 +16,8 @@ from ..config import LoopServeConfig
 
 # per-request LoopServe settings (the request's "loopserve" object) and their types
 LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int, "defer_cut": int,
-                    "defer_scored": int, "granularity": str, "allocation": str, "sparse_prefill": bool,
-                    "alpha": float}
+                    "defer_scored": int, "granularity": str, "allocation": str, "span": int,
+                    "sparse_prefill": bool, "alpha": float}
 ROLES = ("system", "developer", "user", "assistant")
 
 
