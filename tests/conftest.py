@@ -26,6 +26,21 @@ def assert_same_logits(actual, desired, atol: float = 0.0) -> None:
     np.testing.assert_allclose(actual, desired, rtol=0, atol=max(atol, LOGITS_ATOL))
 
 
+def whole_spans(cells, lo, hi, span):
+    """Whether the cells between lo and hi fill whole spans, but one of which the latest cells."""
+    by_span = {}
+    for c in (int(c) for c in cells if lo <= c < hi):
+        by_span.setdefault((c - lo) // span, []).append(c)
+    partial = 0
+    for k, kept in by_span.items():
+        whole = list(range(lo + k * span, min(lo + (k + 1) * span, hi)))
+        if kept != whole:
+            if kept != whole[-len(kept):]:
+                return False
+            partial += 1
+    return partial <= 1
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from tiny_model import write_tiny_model

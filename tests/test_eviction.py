@@ -3,6 +3,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import whole_spans
 
 from loopserve_edge import LoopServeConfig, bindings, eviction
 from loopserve_edge.config import N_KV_PAD
@@ -220,21 +221,6 @@ def test_pooling_spreads_a_peak_to_its_neighbours():
     assert np.allclose(p[7:14], 1.0) and p[6] == 0 and p[14] == 0
 
 
-def _whole_spans(cells, lo, hi, span):
-    """Whether the cells between lo and hi fill whole spans, but one of which the latest cells."""
-    by_span = {}
-    for c in (int(c) for c in cells if lo <= c < hi):
-        by_span.setdefault((c - lo) // span, []).append(c)
-    partial = 0
-    for k, kept in by_span.items():
-        whole = list(range(lo + k * span, min(lo + (k + 1) * span, hi)))
-        if kept != whole:
-            if kept != whole[-len(kept):]:
-                return False
-            partial += 1
-    return partial <= 1
-
-
 @pytest.mark.parametrize("span", [2, 8, 32])
 @pytest.mark.parametrize("n,budget", [(300, 100), (100, 24), (41, 24), (301, 251)])
 def test_spans_keep_whole_spans_ranked_by_their_summed_scores(span, n, budget):
@@ -247,7 +233,7 @@ def test_spans_keep_whole_spans_ranked_by_their_summed_scores(span, n, budget):
     lo, hi = c.sink, n - c.recent
     for r, row in zip(got, rows):
         assert len(r) == budget and set(range(lo)) | set(range(hi, n)) <= set(r)
-        assert _whole_spans(np.asarray(r), lo, hi, span)
+        assert whole_spans(np.asarray(r), lo, hi, span)
         # the reference: spans by their sums (float32), the best first, ties to the latest
         sums = [float(np.float32(row[st:min(st + span, hi)].astype(np.float64).sum())) for st in range(lo, hi, span)]
         order = sorted(range(len(sums)), key=lambda i: (-sums[i], -i))

@@ -3,7 +3,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import GPU_LAYERS, assert_same_logits
+from conftest import GPU_LAYERS, assert_same_logits, whole_spans
 
 from loopserve_edge import LoopServeConfig, LoopServeError
 
@@ -298,13 +298,10 @@ def test_what_head_wise_cannot_do_is_refused_at_construction(tiny_model, make_ll
         make_llm(tiny_model, loopserve=LoopServeConfig(granularity="head"), flash_attn=False)
 
 
-
 @pytest.mark.parametrize("granularity", ["cell", "head"])
 def test_a_dialogue_with_spans_keeps_whole_spans_at_its_first_cut(tiny_model, make_llm, monkeypatch, granularity):
     """span > 1 reaches the cuts of a real dialogue: the cut after the prefill (cells in position
     order) keeps, between the sinks and the recent cells, whole spans of `span` cells but one."""
-    from test_eviction import _whole_spans
-
     c = cfg("loopserve", granularity=granularity, span=8, defer_cut=0)
     llm = make_llm(tiny_model, loopserve=c, flash_attn=True)
     d = llm.dialogue()
@@ -325,6 +322,6 @@ def test_a_dialogue_with_spans_keeps_whole_spans_at_its_first_cut(tiny_model, ma
     n, sel = cuts[0]
     assert n > c.budget and sel.shape[1] == c.budget
     lo, hi = c.sink, n - c.recent
-    assert all(_whole_spans(row, lo, hi, 8) for row in sel)
+    assert all(whole_spans(row, lo, hi, 8) for row in sel)
     if granularity == "head":
         assert len({tuple(r) for r in sel}) > 1  # the heads chose apart
