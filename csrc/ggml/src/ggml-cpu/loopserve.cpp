@@ -755,23 +755,61 @@ static void ls_fa_dots(float * sc, const int32_t * cells, const char * k, size_t
 #    else
 #        define LS_FA_GROUP 1
 
+// DK a multiple of GGML_F32_EPR: whole steps of GGML_F32_STEP, then one vector at a time
 static void ls_fa_dots(float * sc, const int32_t * cells, const char * k, size_t nbk1, const float * Q, int64_t DK) {
     const ggml_fp16_t * kr = (const ggml_fp16_t *) (k + cells[0] * nbk1);
     GGML_F32_VEC        acc[GGML_F32_ARR];
     for (int j = 0; j < GGML_F32_ARR; ++j) {
         acc[j] = GGML_F32_VEC_ZERO;
     }
-    for (int64_t d = 0; d < DK; d += GGML_F32_STEP) {
+    int64_t d = 0;
+    for (; d + GGML_F32_STEP <= DK; d += GGML_F32_STEP) {
         for (int j = 0; j < GGML_F32_ARR; ++j) {
             acc[j] = GGML_F32_VEC_FMA(acc[j], LS_FA_F16_LOAD(kr + d + j * GGML_F32_EPR),
                                       GGML_F32_VEC_LOAD(Q + d + j * GGML_F32_EPR));
         }
+    }
+    for (int j = 0; d < DK; d += GGML_F32_EPR, ++j) {
+        acc[j] = GGML_F32_VEC_FMA(acc[j], LS_FA_F16_LOAD(kr + d), GGML_F32_VEC_LOAD(Q + d));
     }
     ggml_float res;
     GGML_F32_VEC_REDUCE(res, acc);
     sc[0] = (float) res;
 }
 #    endif
+
+// VKQ[0 .. ARR vectors) += sum_i sc[i] V[cells[i]] in registers over the whole block: the even
+// cells into one set of sums, the odd into another (one chain of FMAs waited on itself)
+template <int ARR>
+static void ls_fa_v_step(float * VKQ, const float * sc, const int32_t * cells, int n, const char * v, size_t nbv1) {
+    GGML_F32_VEC a0[ARR];
+    GGML_F32_VEC a1[ARR];
+    for (int j = 0; j < ARR; ++j) {
+        a0[j] = GGML_F32_VEC_LOAD(VKQ + j * GGML_F32_EPR);
+        a1[j] = GGML_F32_VEC_ZERO;
+    }
+    int i = 0;
+    for (; i + 2 <= n; i += 2) {
+        const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1);
+        const ggml_fp16_t * v1 = (const ggml_fp16_t *) (v + cells[i + 1] * nbv1);
+        const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
+        const GGML_F32_VEC  w1 = GGML_F32_VEC_SET1(sc[i + 1]);
+        for (int j = 0; j < ARR; ++j) {
+            a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
+            a1[j] = GGML_F32_VEC_FMA(a1[j], LS_FA_F16_LOAD(v1 + j * GGML_F32_EPR), w1);
+        }
+    }
+    if (i < n) {
+        const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1);
+        const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
+        for (int j = 0; j < ARR; ++j) {
+            a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
+        }
+    }
+    for (int j = 0; j < ARR; ++j) {
+        GGML_F32_VEC_STORE(VKQ + j * GGML_F32_EPR, GGML_F32_VEC_ADD(a0[j], a1[j]));
+    }
+}
 
 // a block of n visible cells (their mask values mv) into M, S and VKQ
 static void ls_fa_block(float *       sc,
@@ -830,36 +868,14 @@ static void ls_fa_block(float *       sc,
         *M = mx;
     }
     *S += (float) ggml_vec_soft_max_f32(n, sc, sc, *M);
-    // VKQ += sum_i sc[i] V[cell i], a step of DV in registers over the whole block: the even
-    // cells into one set of sums, the odd into another (one chain of FMAs waited on itself)
-    for (int64_t d0 = 0; d0 < DV; d0 += GGML_F32_STEP) {
-        GGML_F32_VEC a0[GGML_F32_ARR];
-        GGML_F32_VEC a1[GGML_F32_ARR];
-        for (int j = 0; j < GGML_F32_ARR; ++j) {
-            a0[j] = GGML_F32_VEC_LOAD(VKQ + d0 + j * GGML_F32_EPR);
-            a1[j] = GGML_F32_VEC_ZERO;
-        }
-        int i = 0;
-        for (; i + 2 <= n; i += 2) {
-            const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1) + d0;
-            const ggml_fp16_t * v1 = (const ggml_fp16_t *) (v + cells[i + 1] * nbv1) + d0;
-            const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
-            const GGML_F32_VEC  w1 = GGML_F32_VEC_SET1(sc[i + 1]);
-            for (int j = 0; j < GGML_F32_ARR; ++j) {
-                a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
-                a1[j] = GGML_F32_VEC_FMA(a1[j], LS_FA_F16_LOAD(v1 + j * GGML_F32_EPR), w1);
-            }
-        }
-        if (i < n) {
-            const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1) + d0;
-            const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
-            for (int j = 0; j < GGML_F32_ARR; ++j) {
-                a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
-            }
-        }
-        for (int j = 0; j < GGML_F32_ARR; ++j) {
-            GGML_F32_VEC_STORE(VKQ + d0 + j * GGML_F32_EPR, GGML_F32_VEC_ADD(a0[j], a1[j]));
-        }
+    // VKQ += sum_i sc[i] V[cell i]: whole steps of GGML_F32_STEP, then one vector at a time (a
+    // head dim of 32 on AVX-512, whose step is 64)
+    int64_t d0 = 0;
+    for (; d0 + GGML_F32_STEP <= DV; d0 += GGML_F32_STEP) {
+        ls_fa_v_step<GGML_F32_ARR>(VKQ + d0, sc, cells, n, v + d0 * sizeof(ggml_fp16_t), nbv1);
+    }
+    for (; d0 < DV; d0 += GGML_F32_EPR) {
+        ls_fa_v_step<1>(VKQ + d0, sc, cells, n, v + d0 * sizeof(ggml_fp16_t), nbv1);
     }
 }
 #endif
@@ -881,8 +897,8 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
     const ggml_tensor * v  = dst->src[2];
     const int64_t       DK = k->ne[0];
     const int64_t       DV = v->ne[0];
-    if (q->type != GGML_TYPE_F32 || k->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 || DK % GGML_F32_STEP != 0 ||
-        DV % GGML_F32_STEP != 0 || DK > LS_FA_DK_MAX) {
+    if (q->type != GGML_TYPE_F32 || k->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 || DK % GGML_F32_EPR != 0 ||
+        DV % GGML_F32_EPR != 0 || DK > LS_FA_DK_MAX) {
         return false;
     }
     const float scale0  = ls_param_f(dst, 0);
