@@ -354,6 +354,13 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     spec = BenchSpec(model="m", flash_attn=False)
     assert llama_kwargs(spec, Run(METHODS["snapkv-head"], 256), 2048)["flash_attn"] is True
     assert llama_kwargs(spec, Run(METHODS["snapkv"], 256), 2048)["flash_attn"] is False
+    # ... and then every run of the call has it, full (the reference) too: the kernels round apart
+    assert not BenchSpec(model="m", methods=("full", "snapkv")).one_kernel().flash_attn
+    for needs in ("snapkv-head", "loopserve-d32-q8"):
+        one = BenchSpec(model="m", methods=("full", "snapkv", needs)).one_kernel()
+        assert one.flash_attn and one.methods == ("full", "snapkv", needs)
+        assert llama_kwargs(one, Run(METHODS["full"], None), 2048)["flash_attn"] is True
+        assert llama_kwargs(one, Run(METHODS["snapkv"], 256), 2048)["flash_attn"] is True
     # quantized K/V: q8_0 for K and V, with flash attention (quantized V is never transposed)
     q8 = llama_kwargs(spec, Run(METHODS["loopserve-d32-q8"], 512), 2048)
     assert (q8["type_k"], q8["type_v"], q8["flash_attn"]) == (8, 8, True)
@@ -470,6 +477,14 @@ def test_bench_resumes_without_rerunning(small_run):
     assert (redone["case"], redone["method"]) == (json.loads(before[-1])["case"], json.loads(before[-1])["method"])
     report = bench(["--report-only", "--out", str(out)])
     assert report.returncode == 0 and "| passkey |" in report.stdout
+    # a head-wise method turns flash attention on for every run, full too: this folder's full ran
+    # without it, so the call is refused and the folder left as it was
+    runs = (out / "runs.jsonl").read_bytes()
+    head = bench(SMALL[:2] + ["--methods", "full,snapkv-head"] + SMALL[4:] + ["--out", str(out)])
+    assert head.returncode != 0
+    assert "holds runs with flash attention off, this run has it on" in head.stderr
+    assert "Traceback" not in head.stderr and (out / "runs.jsonl").read_bytes() == runs
+    assert json.loads((out / "bench.json").read_text())["spec"]["flash_attn"] is False
     # a folder brought back without cases.jsonl (the GPU box's) reports the same from its runs
     bare = out.parent / "bare"
     bare.mkdir()

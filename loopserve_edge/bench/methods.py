@@ -33,6 +33,12 @@ class Method:
     def uses_budget(self) -> bool:
         return self.policy != "full"
 
+    @property
+    def needs_flash_attn(self) -> bool:
+        """Head-wise cuts move rows of V, which flash attention stores untransposed; quantized V
+        is never transposed either."""
+        return dict(self.options).get("granularity") == "head" or self.kv_type != "f16"
+
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("full", "full", describe="full attention, the reference"),
