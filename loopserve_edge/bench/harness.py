@@ -98,9 +98,9 @@ class BenchSpec:
     def one_kernel(self) -> "BenchSpec":
         """This spec with flash attention on when a method needs it: then every run has it,
         `full` too, since each method's fidelity is measured against `full`'s tokens and the
-        two kernels round apart (on the CPU, SmolLM2 at 2K, `full` with flash attention off kept
-        97.2% of the first replies' greedy tokens of the same model with it on: a head-wise
-        method was charged that for nothing it cut)."""
+        two kernels round apart (on the CPU, SmolLM2 at 2K, a head-wise method's first replies,
+        decoded over the uncut input, kept 97.2% of the greedy tokens of a `full` without flash
+        attention and 100% of one with it: the method was charged for nothing it cut)."""
         if self.flash_attn or not any(METHODS[m].needs_flash_attn for m in self.methods):
             return self
         return replace(self, flash_attn=True)
