@@ -13,6 +13,10 @@ JOBS.json is a list of configurations:
       "groups": [["loopserve-d32-head", "snapkv-head"], ["streaming", "h2o-head"]],
       "full_shards": 3}]
 
+Give a configuration with head-wise or quantized-K/V groups "--flash-attn" in its "args": `full`
+runs alone, and a group's call refuses a seeded folder whose `full` ran with the other attention
+kernel (the benchmark compares every method with `full` under one kernel).
+
 A configuration's optional "script" runs instead of the bench CLI, with the same arguments: an
 ablation's script (benchmarks/results/*/ablation.py) that registers its methods and then runs
 the bench, so that an ablation runs in groups on the GPU box as the package's methods do.
