@@ -298,9 +298,10 @@ def claim_folder(out: Path, spec: BenchSpec, fingerprint: str, runtime: dict, fm
         if theirs != (spec.split, fmt):
             raise BenchError(f"{out} holds runs of the {theirs[0]} split in the {theirs[1]} format; "
                              f"this run is {spec.split}/{fmt}: use another --out")
-        if bool(old.get("spec", {}).get("flash_attn", False)) != spec.flash_attn:
+        their_fa = bool(old.get("spec", {}).get("flash_attn", False))
+        if their_fa != spec.flash_attn:
             on = ("off", "on")
-            raise BenchError(f"{out} holds runs with flash attention {on[not spec.flash_attn]}, this run has it "
+            raise BenchError(f"{out} holds runs with flash attention {on[their_fa]}, this run has it "
                              f"{on[spec.flash_attn]} (a head-wise or quantized-K/V method turns it on for every "
                              "run, full too): use another --out, or --flash-attn in every call")
     meta = {"spec": spec.to_dict(), "fingerprint": fingerprint, "runtime": runtime,
@@ -320,14 +321,13 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
     selection serves only the ubatches of one decode call. A method's own `ubatch` replaces the
     2048 (and the batch holds one)."""
     options = dict(run.method.options)
-    head_wise = options.get("granularity") == "head"
     if run.method.pool and run.budget:
         n_ctx = min(n_ctx, run.method.pool * run.budget)
     ubatch = (run.method.ubatch or 2048) if run.method.sparse_prefill else 512
     n_batch = max(2048, n_ctx) if options.get("prefill_reuse", 1) > 1 else max(2048, ubatch)
     kw = dict(n_ctx=n_ctx, n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads,
-              flash_attn=spec.flash_attn or head_wise, n_batch=n_batch, n_ubatch=ubatch)
-    if run.method.kv_type != "f16":  # quantized V is stored untransposed: flash attention
+              flash_attn=spec.flash_attn or run.method.needs_flash_attn, n_batch=n_batch, n_ubatch=ubatch)
+    if run.method.kv_type != "f16":
         kw.update(kv_type_kwargs(run.method.kv_type, flash_attn=True))
     return kw
 
