@@ -217,6 +217,31 @@ def test_n_kv_holds_through_a_cut_of_one_padding_step_and_not_more(tiny_model, m
     assert llm.kv_n_kv() == 256        # 101 cells: two steps down
 
 
+def test_n_kv_is_held_for_one_token_ubatches_only(tiny_model, make_llm):
+    """An input of several tokens after the cut attends over the cells in use, padded, as
+    llama.cpp's own n_kv: held at the n_kv a dialogue ended with, an input's first ubatch
+    replied otherwise than full attention on the H200 (budget 512, session 29). A one-token
+    step after a later cut is held again."""
+    c = cfg()
+    llm, d = filled(make_llm, tiny_model, c, n_tokens=600, n_ctx=1024, n_batch=1024)
+    assert llm.kv_n_kv() == 768
+    n_heads = sum(llm._scored_heads().values())
+    llm.keep_per_head(d, random_selection(n_heads, 600, 500, seed=6))
+    blob = llm.sequence_state(d._seq)
+    live = llm.decode(d, [12, 13, 14], [600, 601, 602])
+    assert llm.kv_n_kv() == 512        # 503 cells, not held at 768
+
+    other = make_llm(tiny_model, loopserve=c, n_ctx=1024)
+    e = other.dialogue()
+    e._swapped = blob
+    np.testing.assert_array_equal(other.decode(e, [12, 13, 14], [600, 601, 602]), live)
+
+    llm.decode(d, [15], [603])
+    llm.keep_per_head(d, random_selection(n_heads, 504, 250, seed=8))
+    llm.decode(d, [16], [604])
+    assert llm.kv_n_kv() == 512        # 251 cells, held at 512 by a one-token step
+
+
 def test_head_wise_cuts_change_the_cache_and_not_its_size(tiny_model, make_llm):
     """Other selections per head give other logits than any one shared selection would."""
     llm, d = filled(make_llm, tiny_model, cfg(compact_positions="never"))

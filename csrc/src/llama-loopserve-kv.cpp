@@ -57,7 +57,7 @@ uint32_t llama_kv_cache::loopserve_seq_rm_positions(llama_seq_id seq_id, const l
     return (uint32_t) idxs.size();
 }
 
-uint32_t llama_kv_cache::loopserve_n_kv_hold(uint32_t n_kv, uint32_t n_pad) const {
+uint32_t llama_kv_cache::loopserve_n_kv_hold(uint32_t n_kv, uint32_t n_pad, size_t n_tokens) const {
     // A dialogue cut back to its budget every interval tokens falls below a padding step at each
     // cut and climbs back above it at the next token (budget 2048, interval 128: 2304 -> 2048 ->
     // 2304). Each change of n_kv changes the decode graph's shape, and on CUDA ggml replays a
@@ -65,8 +65,13 @@ uint32_t llama_kv_cache::loopserve_n_kv_hold(uint32_t n_kv, uint32_t n_pad) cons
     // it. Held, n_kv costs at most n_pad masked cells more; a larger drop still shrinks it.
     // LOOPSERVE_N_KV_HOLD=0 turns the hold off (read at every ubatch: benchmarks/decode.py
     // compares both in one process).
+    // Only a one-token ubatch (a decode step) is held: that is where the hold was measured to
+    // pay and to change nothing but rounding. An input's first ubatch held at the n_kv the last
+    // dialogue ended with (budget 512: 768 where 512 were in use) replied otherwise than full
+    // attention on the H200 in 117 of 240 first replies (session 29; the CPU was not affected),
+    // and a batch of several dialogues' tokens was never measured held.
     const char * env  = std::getenv("LOOPSERVE_N_KV_HOLD");
-    const bool   hold = env == nullptr || std::strcmp(env, "0") != 0;
+    const bool   hold = n_tokens == 1 && (env == nullptr || std::strcmp(env, "0") != 0);
     if (hold && n_kv < loopserve_n_kv_last && n_kv + n_pad >= loopserve_n_kv_last &&
         loopserve_n_kv_last <= get_size()) {
         n_kv = loopserve_n_kv_last;

@@ -3,10 +3,13 @@
     python benchmarks/results/defer-scored-dev/paired.py RUN_FOLDER REFERENCE METHOD... [--budget 256]
         [--ref-budget N]   (the reference at another budget, e.g. cell-wise at 2B against head-wise at B)
 
+RUN_FOLDER holds runs.jsonl (a bench folder) or runs.jsonl.xz (as committed).
+
 Means (the mean of the task means) with 95% intervals, and the paired difference with its 95%
 interval (loopserve_edge.bench.report.paired: bootstrap over dialogues, resampled within tasks)."""
 import argparse
 import json
+import lzma
 from pathlib import Path
 
 from loopserve_edge.bench import report, stats
@@ -20,7 +23,9 @@ ap.add_argument("--ref-budget", type=int, default=None)
 a = ap.parse_args()
 ref_budget = a.ref_budget or a.budget
 latest = {}
-for line in (Path(a.folder) / "runs.jsonl").read_text().splitlines():
+runs = Path(a.folder) / "runs.jsonl"
+text = runs.read_text() if runs.exists() else lzma.open(f"{runs}.xz", "rt").read()
+for line in text.splitlines():
     r = json.loads(line)
     latest[r["case"], r.get("method_name", r["method"]), r.get("budget")] = r  # the last record wins
 
