@@ -189,6 +189,16 @@ def test_the_decode_after_a_cut_does_not_reuse_the_graph_before_it(tiny_model, m
     np.testing.assert_array_equal(other.decode(e, [12], [121]), live)
 
 
+def cut_from_768(make_llm, model, c):
+    """600 tokens (n_kv 768) cut head-wise to 500 cells (512 unheld): the context, the dialogue,
+    its heads and its sequence state after the cut."""
+    llm, d = filled(make_llm, model, c, n_tokens=600, n_ctx=1024, n_batch=1024)
+    assert llm.kv_n_kv() == 768
+    n_heads = sum(llm._scored_heads().values())
+    llm.keep_per_head(d, random_selection(n_heads, 600, 500, seed=6))
+    return llm, d, n_heads, llm.sequence_state(d._seq)
+
+
 def test_n_kv_holds_through_a_cut_of_one_padding_step_and_not_more(tiny_model, make_llm):
     """The decode graph attends over n_kv cells: those in use padded to 256. A cut back to the
     budget that takes n_kv one step down keeps it where it was (patch 0012), so the graph keeps
@@ -196,11 +206,7 @@ def test_n_kv_holds_through_a_cut_of_one_padding_step_and_not_more(tiny_model, m
     cache at the lower n_kv, to rounding (flash attention splits its sums by n_kv: ~1e-7 on the
     CPU). A drop of two steps shrinks it."""
     c = cfg()
-    llm, d = filled(make_llm, tiny_model, c, n_tokens=600, n_ctx=1024, n_batch=1024)
-    assert llm.kv_n_kv() == 768
-    n_heads = sum(llm._scored_heads().values())
-    llm.keep_per_head(d, random_selection(n_heads, 600, 500, seed=6))
-    blob = llm.sequence_state(d._seq)
+    llm, d, n_heads, blob = cut_from_768(make_llm, tiny_model, c)
     live = llm.decode(d, [12], [600])
     assert llm.kv_n_kv() == 768        # 501 cells: 512 unheld
 
@@ -223,18 +229,14 @@ def test_n_kv_is_held_for_one_token_ubatches_only(tiny_model, make_llm):
     replied otherwise than full attention on the H200 (budget 512, session 29). A one-token
     step after a later cut is held again."""
     c = cfg()
-    llm, d = filled(make_llm, tiny_model, c, n_tokens=600, n_ctx=1024, n_batch=1024)
-    assert llm.kv_n_kv() == 768
-    n_heads = sum(llm._scored_heads().values())
-    llm.keep_per_head(d, random_selection(n_heads, 600, 500, seed=6))
-    blob = llm.sequence_state(d._seq)
+    llm, d, n_heads, blob = cut_from_768(make_llm, tiny_model, c)
     live = llm.decode(d, [12, 13, 14], [600, 601, 602])
     assert llm.kv_n_kv() == 512        # 503 cells, not held at 768
 
     other = make_llm(tiny_model, loopserve=c, n_ctx=1024)
     e = other.dialogue()
     e._swapped = blob
-    np.testing.assert_array_equal(other.decode(e, [12, 13, 14], [600, 601, 602]), live)
+    assert_same_logits(other.decode(e, [12, 13, 14], [600, 601, 602]), live)
 
     llm.decode(d, [15], [603])
     llm.keep_per_head(d, random_selection(n_heads, 504, 250, seed=8))
