@@ -13,6 +13,8 @@ CLI runs (not in the package):
   state before that cut is kept (what the cut then frees stays in host memory: the archive), and
   the next prefill starts by restoring it; right after that prefill, the history is cut as above.
   The next turn's own deferred cut is the method's. Marked by `chunk_probe` 10.
+- `d64h-recall-q32`: the same, the history ranked by the new input's last 32 tokens (the question
+  itself, not only the chat template's last tokens) instead of `prefill_window` (4). `chunk_probe` 11.
 What it costs, which the benchmark does not count: the whole history back on the device for the
 next prefill (peak cells = history + input, as without eviction), and the host copy between turns.
 """
@@ -33,7 +35,7 @@ _begin, _end, _after = E.begin_prefill, E.end_turn, E.after_prefill
 
 
 def marked(cfg) -> bool:
-    return cfg.policy == "loopserve" and cfg.chunk_probe == 10
+    return cfg.policy == "loopserve" and cfg.chunk_probe in (10, 11)
 
 
 def end_turn(self, dlg):
@@ -57,6 +59,8 @@ def begin_prefill(self, dlg, n_new):
         dlg._stash = None
         dlg._recall_n = len(positions)
     _begin(self, dlg, n_new)
+    if dlg._recall_n and self.cfg.chunk_probe == 11:
+        self._window(dlg, min(32, n_new))
 
 
 def after_prefill(self, dlg):
@@ -78,5 +82,7 @@ def after_prefill(self, dlg):
 E.begin_prefill, E.end_turn, E.after_prefill = begin_prefill, end_turn, after_prefill
 env_ablation.variant("loopserve-d64-head", "d64h-recall-q", "loopserve-d64-head whose history is restored "
                      "at the next prefill and cut by it, the new input kept whole", chunk_probe=10)
+env_ablation.variant("loopserve-d64-head", "d64h-recall-q32", "d64h-recall-q ranking the history by the "
+                     "new input's last 32 tokens", chunk_probe=11)
 sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
 cli.main()
