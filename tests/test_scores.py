@@ -188,6 +188,41 @@ def test_window_spans_ubatches(model, weights, make_llm, flash_attn):
     assert not other_scores.any()
 
 
+@pytest.mark.parametrize("mode", ["1", "2"])
+def test_group_maximum_of_the_ablation(model, weights, make_llm, monkeypatch, mode):
+    """LOOPSERVE_GQA_MAX (an ablation, benchmarks/results/gqa-max-dev/): each KV head scored by
+    the maximum over its query heads instead of their mean, of their means over the rows reduced
+    together (1: here the prompt's window, then each decode alone, each read after it: a read
+    scores the rows saved since the last) or row by row (2), times the group's size as the host
+    counts it."""
+    monkeypatch.setenv("LOOPSERVE_GQA_MAX", mode)
+    llm = make_llm(model, flash_attn=True)
+    dlg = llm.dialogue()
+    prompt, gen = tokens_for(1, 40), tokens_for(2, 3)
+    llm.set_score_window(8)
+    llm.decode(dlg, prompt, list(range(40)))
+    llm.attention_scores_by_layer(dlg)
+    for i, t in enumerate(gen):
+        llm.decode(dlg, [t], [40 + i])
+        llm.attention_scores_by_layer(dlg)
+
+    gqa = SHAPE["n_head"] // SHAPE["n_head_kv"]
+    probs = reference_probs(weights, prompt + gen, SHAPE)
+    want = {}
+    for il, p in enumerate(probs):
+        g = p.reshape(SHAPE["n_head_kv"], gqa, *p.shape[1:])  # [KV head, group, rows, cells]
+        if mode == "1":
+            s = 8 * g[:, :, 32:40].mean(axis=2).max(axis=1) + sum(g[:, :, r].max(axis=1) for r in range(40, 43))
+        else:
+            s = g[:, :, 32:43].max(axis=1).sum(axis=1)
+        want[il] = gqa * s
+    pos, by_layer = llm.attention_scores_by_layer(dlg)
+    check_close(by_layer, want, pos, f"LOOPSERVE_GQA_MAX={mode}")
+    # not the mean: somewhere the group's query heads disagree
+    mean = reference_scores(probs, list(range(32, 43)), SHAPE["n_head_kv"])
+    assert max(np.abs(by_layer[il] - mean[il][:, pos]).max() for il in mean) > 0.1
+
+
 def test_disabled_and_reset(model, make_llm):
     llm = make_llm(model)
     dlg = llm.dialogue()

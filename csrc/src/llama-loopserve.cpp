@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 
 // Written by the loopserve-edge build script, not by a patch: the hash covers the
@@ -137,9 +138,29 @@ static ggml_tensor * loopserve_reduce(ggml_context * ctx,
     // ggml_mul_mat broadcasts KV head h to query heads [h*n_gqa, (h+1)*n_gqa), so in memory
     // the rows of one KV head's group follow each other: average them with one 2-d pool
     // along dim 1 (a single node, and no transpose of the [n_kv, ...] probabilities)
-    const int r     = (int) (n_rows * n_gqa);
-    p               = ggml_reshape_3d(ctx, p, n_kv, r, n_head_kv);
-    ggml_tensor * s = ggml_pool_2d(ctx, p, GGML_OP_POOL_AVG, 1, r, 1, r, 0, 0);
+    ggml_tensor * s   = nullptr;
+    const char *  env = std::getenv("LOOPSERVE_GQA_MAX");
+    if (n_gqa > 1 && env != nullptr && std::strcmp(env, "1") == 0) {
+        // an ablation (benchmarks/results/gqa-max-dev/, read at every graph): the mean over the
+        // rows of each query head, then the group's maximum, so that a cell one query head of
+        // the group needs counts as much as one they all need (the host's factor stays)
+        ggml_tensor * m = ggml_pool_2d(ctx, p, GGML_OP_POOL_AVG, 1, (int) n_rows, 1, (int) n_rows, 0, 0);
+        m               = ggml_reshape_3d(ctx, m, n_kv, n_gqa, n_head_kv);
+        s               = ggml_pool_2d(ctx, m, GGML_OP_POOL_MAX, 1, (int) n_gqa, 1, (int) n_gqa, 0, 0);
+    } else if (n_gqa > 1 && env != nullptr && std::strcmp(env, "2") == 0) {
+        // the same, the group's maximum taken row by row, then the mean over the rows (what a
+        // row adds does not depend on the rows it is reduced with)
+        ggml_tensor * m = ggml_reshape_4d(ctx, p, n_kv, n_rows, n_gqa, n_head_kv);
+        m               = ggml_cont(ctx, ggml_permute(ctx, m, 0, 2, 1, 3));  // [n_kv, n_gqa, n_rows, n_head_kv]
+        m               = ggml_reshape_3d(ctx, m, n_kv, n_gqa, n_rows * n_head_kv);
+        m               = ggml_pool_2d(ctx, m, GGML_OP_POOL_MAX, 1, (int) n_gqa, 1, (int) n_gqa, 0, 0);
+        m               = ggml_reshape_3d(ctx, m, n_kv, n_rows, n_head_kv);
+        s               = ggml_pool_2d(ctx, m, GGML_OP_POOL_AVG, 1, (int) n_rows, 1, (int) n_rows, 0, 0);
+    } else {
+        const int r = (int) (n_rows * n_gqa);
+        p           = ggml_reshape_3d(ctx, p, n_kv, r, n_head_kv);
+        s           = ggml_pool_2d(ctx, p, GGML_OP_POOL_AVG, 1, r, 1, r, 0, 0);
+    }
 
     // read back after the ubatch; the allocator must not reuse its memory before that
     ggml_set_output(s);

@@ -18,63 +18,33 @@ never need it):
   starts the loaded cells' scores over);
 - `d64h-merge`: every evicted token merged into its nearest kept key;
 - `d64h-merge5`: only where that cosine is at least 0.5 (D2O's threshold idea)."""
-import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from loopserve_edge import cli, eviction
 from loopserve_edge.bench import methods as M
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+from test_head_wise import parse_seq_state  # noqa: E402  (the tests' reader of a sequence's state)
+
 MODES = {11: None, 12: -2.0, 13: 0.5}  # chunk_probe -> cosine threshold (None: no merge)
-F16 = 1
-
-
-def layout(blob: bytes, n_heads: list[int]):
-    """Cell positions and, per layer, the offsets of K and V rows in a one-sequence state
-    (V not transposed, no cell extension, f16): (positions, [(k_off, v_off, row_bytes)])."""
-    off = 8
-    (n_stream,) = struct.unpack_from("<I", blob, off)
-    off += 4
-    n_cells = 0
-    for _ in range(n_stream):
-        (n_cells,) = struct.unpack_from("<I", blob, off)
-        off += 4
-        if n_cells:
-            break
-    pos = []
-    for _ in range(n_cells):
-        p, n_seq = struct.unpack_from("<iI", blob, off)
-        off += 8 + 4 * n_seq
-        pos.append(p)
-    v_trans, n_layer = struct.unpack_from("<II", blob, off)
-    off += 8
-    assert v_trans == 0 and n_layer == len(n_heads)
-    offs = []
-    for _ in range(2 * n_layer):
-        typ, row = struct.unpack_from("<iQ", blob, off)
-        off += 12
-        assert typ == F16
-        offs.append((off, row))
-        off += n_cells * row
-    return pos, [(offs[i][0], offs[n_layer + i][0], offs[i][1]) for i in range(n_layer)]
-
-
-def rows_of(buf, off, row, n_cells, n_head):
-    return np.frombuffer(buf, np.float16, n_cells * row // 2, off).reshape(n_cells, n_head, -1)
 
 
 def merge(before: bytes, after: bytes, sel: np.ndarray, scores: np.ndarray, n_heads: list[int], tau: float) -> bytes:
-    pos0, lay0 = layout(before, n_heads)
-    pos1, lay1 = layout(after, n_heads)
-    n0, n1 = len(pos0), len(pos1)
-    assert n0 == scores.shape[1] and n1 == sel.shape[1]
+    """`after` with each kept row's V replaced by its merge with the evicted rows of `before`
+    (f16 K/V, as every KV head has the same count here)."""
+    assert len(set(n_heads)) == 1
+    nh = n_heads[0]
     out = bytearray(after)
+    pos0, k0, v0 = parse_seq_state(before, nh)
+    pos1, _, v1 = parse_seq_state(out, nh)  # views into out: written below
+    n0 = len(pos0)
+    assert n0 == scores.shape[1] and len(pos1) == sel.shape[1]
     r = 0
-    for (k0, v0, row), (_, v1, _), nh in zip(lay0, lay1, n_heads):
-        K = rows_of(before, k0, row, n0, nh).astype(np.float32)
-        V = rows_of(before, v0, row, n0, nh).astype(np.float32)
-        Vout = rows_of(out, v1, row, n1, nh)  # writable view into out
+    for K, V, Vout in zip(k0, v0, v1):
+        K, V, Vout = K.view(np.float16).astype(np.float32), V.view(np.float16).astype(np.float32), Vout.view(np.float16)
         for h in range(nh):
             kept = sel[r]
             gone = np.setdiff1d(np.arange(n0), kept)
@@ -106,6 +76,7 @@ def cut_heads(self, dlg, rows, budget):
     if self.cfg.chunk_probe not in MODES or self.cfg.allocation != "uniform":
         return _cut_heads(self, dlg, rows, budget)
     tau = MODES[self.cfg.chunk_probe]
+    assert int(self.llm.context_params.type_k) == 1 == int(self.llm.context_params.type_v)  # f16 rows
     before = self.llm.sequence_state(self.llm.make_resident(dlg))
     seen = {}
 
