@@ -31,3 +31,22 @@ for b in budgets:
     for task, xs in sorted(by.items(), key=lambda kv: -sum(o - v for v, o in kv[1]) / len(kv[1])):
         m, o = (100 * sum(x[i] for x in xs) / len(xs) for i in (0, 1))
         print(f"  {task:18s} {len(xs)} dialogues  {m:5.1f}%  {o:5.1f}%  {o - m:+5.1f}")
+
+# the replies themselves (free-running, not teacher-forced): the second turn's task score
+print("second turn's task score (own replies), by task: full / method / oracle, sums over the dialogues")
+cases = {}
+for (case, m, b), r in latest.items():
+    cases.setdefault(case, {})[m if b is None else f"{m}@{b}"] = r
+for b in budgets:
+    sums = {}
+    for d in cases.values():
+        if f"d64h-oracle@{b}" not in d or "full" not in d:
+            continue
+        row = sums.setdefault(d["full"]["task"], [0.0, 0.0, 0.0])
+        for i, name in enumerate(("full", f"loopserve-d64-head@{b}", f"d64h-oracle@{b}")):
+            row[i] += d[name]["turns"][1]["score"] or 0.0
+    print(f"budget {b}:")
+    for task, (f, m, o) in sorted(sums.items()):
+        print(f"  {task:18s} {f:4.1f} {m:4.1f} {o:4.1f}")
+    print(f"  {'all':18s} {sum(v[0] for v in sums.values()):4.1f} {sum(v[1] for v in sums.values()):4.1f} "
+          f"{sum(v[2] for v in sums.values()):4.1f}")
