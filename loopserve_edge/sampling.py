@@ -1,6 +1,8 @@
-"""Next-token choice from logits: greedy at temperature 0, else seeded top-k/top-p."""
+"""Next-token choice from logits: greedy at temperature 0, else seeded top-k/top-p; OpenAI's
+presence and frequency penalties and logit bias applied first, at any temperature."""
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,14 +15,45 @@ class SamplingParams:
     top_p: float = 0.95
     seed: int | None = None
     max_tokens: int = 256
+    # OpenAI's penalties (-2..2), over the reply's own tokens so far: a token's logit loses
+    # presence_penalty once it has been chosen, and frequency_penalty for each time it has
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token, added to its logit) pairs
+    # log-probabilities of the reply's tokens (Dialogue.reply_logprobs): None off, else how
+    # many of the most likely tokens to list beside each chosen one
+    logprobs: int | None = None
 
 
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.counts: collections.Counter[int] = collections.Counter()  # tokens chosen so far
+
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """The logits the choice is made from: the penalties and the bias applied (a copy when
+        any applies)."""
+        p = self.params
+        pen = self.counts and (p.presence_penalty or p.frequency_penalty)
+        if not pen and not p.logit_bias:
+            return logits
+        x = logits.astype(np.float64)
+        if pen:
+            toks = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
+            n = np.fromiter(self.counts.values(), dtype=np.float64, count=len(self.counts))
+            x[toks] -= p.presence_penalty + p.frequency_penalty * n
+        for tok, bias in p.logit_bias:
+            if 0 <= tok < x.size:
+                x[tok] += bias
+        return x
 
     def __call__(self, logits: np.ndarray) -> int:
+        tok = self._choose(self.adjusted(logits))
+        self.counts[tok] += 1
+        return tok
+
+    def _choose(self, logits: np.ndarray) -> int:
         p = self.params
         if p.temperature <= 0:
             return int(np.argmax(logits))
@@ -36,3 +69,17 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
         return int(self.rng.choice(idx, p=probs))
+
+
+def logprobs(logits: np.ndarray, tok: int, top: int) -> tuple[int, float, tuple[tuple[int, float], ...]]:
+    """(tok, its log-probability, the `top` most likely tokens with theirs) under the model's
+    own distribution: the logits as the model gave them, before temperature, penalties or bias
+    (what the reply's tokens cost the model, whatever chose them)."""
+    x = logits.astype(np.float64)
+    lse = x.max() + np.log(np.exp(x - x.max()).sum())
+    best = ()
+    if top > 0:
+        idx = np.argpartition(-x, min(top, x.size - 1))[:top]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        best = tuple((int(i), float(x[i] - lse)) for i in idx)
+    return int(tok), float(x[tok] - lse), best

@@ -1,5 +1,6 @@
 """`loopserve-edge serve` with the real default model, talked to as clients do: the official
 `openai` package and plain HTTP."""
+import collections
 import json
 import os
 import signal
@@ -75,6 +76,10 @@ def _chat(client, messages, **kw):
 def test_health_models_and_the_chat_page(server):
     assert httpx.get(server.url + "/health").json()["model"] == MODEL
     assert [m.id for m in server.client().models.list().data] == [MODEL]
+    assert server.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().models.retrieve("gpt-9")
+    assert e.value.code == "model_not_found"
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
 
@@ -196,14 +201,82 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     with pytest.raises(openai.BadRequestError) as e:
         _chat(server.client(), [{"role": "user", "content": "word " * 3000}])
     assert e.value.code == "context_length_exceeded" and "n_ctx=2048" in e.value.message
-    with pytest.raises(openai.BadRequestError, match="last message must be a user message"):
-        _chat(server.client(), [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    with pytest.raises(openai.BadRequestError, match="must have a user message"):
+        _chat(server.client(), [{"role": "system", "content": "You are brief."}])
     with pytest.raises(openai.BadRequestError, match="turns alternate"):
         _chat(server.client(), [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}])
     r = httpx.post(server.url + "/v1/chat/completions", headers={"X-Dialogue-Id": "../../escape"},
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "dialogue id" in r.json()["error"]["message"]
     assert _chat(server.client(), [{"role": "user", "content": "still there?"}]).choices[0].message.content
+
+
+def test_a_last_assistant_message_is_the_start_of_the_reply(server, default_model):
+    from loopserve_edge import Llama
+
+    q, start = "What is the capital of France?", "The capital of France is"
+    msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": start}]
+    r = _chat(server.client(), msgs)
+    with Llama(default_model, n_ctx=2048, n_threads=THREADS, flash_attn=True) as llm:
+        want = llm.dialogue().send(q, reply_prefix=start, **GREEDY)
+    assert r.choices[0].message.content == want   # the continuation
+    # the client keeps the whole reply: the next turn finds all of it in the cache
+    msgs[-1]["content"] = start + want
+    r2 = _chat(server.client(), msgs + [{"role": "user", "content": "And of Spain?"}])
+    assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_logprobs_come_with_the_reply_and_its_stream_pieces(server):
+    client, msgs = server.client(), [{"role": "user", "content": "Count from 1 to 9."}]
+    r = _chat(client, msgs, logprobs=True, top_logprobs=3, max_tokens=16)
+    c = r.choices[0]
+    lp = c.logprobs.content
+    assert len(lp) == r.usage.completion_tokens
+    assert b"".join(bytes(e.bytes) for e in lp).decode() == c.message.content
+    for e in lp:   # greedy: each token is the most likely, the others below it
+        assert len(e.top_logprobs) == 3 and (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+        assert e.logprob <= 0 and e.top_logprobs[1].logprob <= e.logprob
+    text, streamed = "", []
+    for ch in _chat(client, msgs, logprobs=True, top_logprobs=3, max_tokens=16, stream=True):
+        for cc in ch.choices:
+            text += cc.delta.content or ""
+            streamed += cc.logprobs.content if cc.logprobs else []
+    assert text == c.message.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in lp]
+    # a stop string: the reply and its tokens end before it
+    cut = _chat(client, msgs, logprobs=True, max_tokens=16, stop=["3"])
+    assert "3" not in cut.choices[0].message.content
+    assert b"".join(bytes(e.bytes) for e in cut.choices[0].logprobs.content).decode() == cut.choices[0].message.content
+    assert _chat(client, msgs).choices[0].logprobs is None
+
+
+def test_penalties_and_logit_bias_shape_the_choice(server):
+    client, pen = server.client(), 2.0
+    r = _chat(client, [{"role": "user", "content": "Repeat: the cat, the cat, the cat."}], max_tokens=32,
+              logprobs=True, top_logprobs=20, frequency_penalty=pen)
+    seen, moved = collections.Counter(), 0
+    for e in r.choices[0].logprobs.content:
+        # the logprobs are the model's own: the chosen token is the best once the penalty of
+        # each of the 20 most likely is taken off (as many times as the reply has it)
+        mine = e.logprob - pen * seen[bytes(e.bytes)]
+        assert all(t.logprob - pen * seen[bytes(t.bytes)] <= mine + 1e-9 for t in e.top_logprobs)
+        moved += e.top_logprobs[0].token != e.token
+        seen[bytes(e.bytes)] += 1
+    assert moved > 0   # some choices were not the model's most likely token
+    r = _chat(client, [{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True, logit_bias={"1000": 100})
+    toks = [e.token for e in r.choices[0].logprobs.content]
+    assert len(toks) == 4 and len(set(toks)) == 1 and r.choices[0].message.content == toks[0] * 4
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for param, kw in [("logit_bias", dict(logit_bias={"99999999": 1})), ("presence_penalty", dict(presence_penalty=3)),
+                      ("response_format", dict(response_format={"type": "json_object"})),
+                      ("tool_choice", dict(tools=tools, tool_choice="required")),
+                      ("top_logprobs", dict(top_logprobs=2))]:
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, [{"role": "user", "content": "hi"}], **kw)
+        assert e.value.body["param"] == param
+    # tools the model may leave unused ("auto", the default): a text reply
+    r = _chat(client, [{"role": "user", "content": "hi"}], tools=tools)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
 
 
 def test_a_dialogue_named_by_header_goes_on_whatever_the_history(server):

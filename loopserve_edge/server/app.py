@@ -81,12 +81,22 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def health():
         return {"status": "ok", "model": opts.model_name}
 
+    def model_card() -> dict:
+        return {"id": opts.model_name, "object": "model", "created": int(engine.llm.model_path.stat().st_mtime),
+                "owned_by": "loopserve-edge"}
+
     @app.get("/v1/models")
     async def models():
         engine.metrics.request("/v1/models", 200)
-        return {"object": "list", "data": [{"id": opts.model_name, "object": "model",
-                                            "created": int(engine.llm.model_path.stat().st_mtime),
-                                            "owned_by": "loopserve-edge"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model != opts.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server has {opts.model_name!r}",
+                           param="model", code="model_not_found")
+        engine.metrics.request("/v1/models", 200)
+        return model_card()
 
     @app.get("/metrics")
     async def metrics():
@@ -109,12 +119,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         fp = engine.llm.fingerprint
         if not req.stream:
             try:
-                text, stats, did = await anyio.to_thread.run_sync(
-                    engine.run, req, dialogue_id, lambda _: None, threading.Event())
+                text, stats, did, logprobs = await anyio.to_thread.run_sync(
+                    engine.run, req, dialogue_id, lambda *_: None, threading.Event())
             finally:
                 engine.release()
             engine.metrics.request("/v1/chat/completions", 200)
-            return JSONResponse(protocol.response(cid, opts.model_name, fp, text, stats, did),
+            return JSONResponse(protocol.response(cid, opts.model_name, fp, text, stats, did, logprobs),
                                 headers={DIALOGUE_HEADER: did})
         return await _stream(request, req, dialogue_id, cid, fp)
 
@@ -123,8 +133,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
-        def emit(piece: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+        def emit(piece: str, logprobs: list | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("piece", (piece, logprobs)))
 
         def started(did: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("start", did))
@@ -159,14 +169,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 while True:
                     k, v = item
                     if k == "piece":
-                        yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {"content": v}))
+                        yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {"content": v[0]},
+                                                          logprobs=v[1]))
                     elif k == "error":
                         yield protocol.sse(v.body())
                         break
                     else:
-                        _, stats, did = v
+                        _, stats, did, logprobs = v
                         yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {},
-                                                          protocol.FINISH[stats.finish_reason]))
+                                                          protocol.FINISH[stats.finish_reason], logprobs or None))
                         if req.include_usage:
                             yield protocol.sse(protocol.usage_chunk(cid, opts.model_name, fp, stats, did))
                         break

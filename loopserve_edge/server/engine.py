@@ -42,7 +42,7 @@ class ServeOptions:
 class _Job:
     req: ChatRequest
     dialogue_id: str | None
-    emit: Callable[[str], None]
+    emit: Callable[[str, list | None], None]
     cancelled: threading.Event
     started: Callable[[str], None] | None
     done: threading.Event = field(default_factory=threading.Event)
@@ -57,6 +57,9 @@ class _Job:
     waiting: Step | None = None   # its next token, kept while the KV pool has no room for it
     before: int = 0
     pieces: list = field(default_factory=list)
+    shown: int = 0                # bytes of the reply emitted
+    lp_sent: int = 0              # the reply's token log-probabilities sent,
+    lp_byte: int = 0              # and the byte of the reply where the next one's token starts
 
 
 class Engine:
@@ -92,12 +95,13 @@ class Engine:
         with self._count_lock:
             self._pending -= 1
 
-    def run(self, req: ChatRequest, dialogue_id: str | None, emit: Callable[[str], None],
-            cancelled: threading.Event, started: Callable[[str], None] | None = None) -> tuple[str, object, str]:
+    def run(self, req: ChatRequest, dialogue_id: str | None, emit: Callable[[str, list | None], None],
+            cancelled: threading.Event, started: Callable[[str], None] | None = None) -> tuple:
         """Run one request (blocking): started(dialogue id) once the prompt is prefilled,
-        emit(text) for each piece of the reply as it comes (from the scheduler thread). Returns
-        (reply, TurnStats, dialogue id). Stops early, leaving the dialogue consistent, once
-        cancelled."""
+        emit(text, logprobs) for each piece of the reply as it comes (from the scheduler thread;
+        logprobs: OpenAI's entries of the tokens that start in it, None unless the request asked
+        for them). Returns (reply, TurnStats, dialogue id, logprobs of the tokens not emitted
+        with a piece). Stops early, leaving the dialogue consistent, once cancelled."""
         job = _Job(req, dialogue_id, emit, cancelled, started)
         with self._cv:
             if self._stopping:
@@ -164,6 +168,10 @@ class Engine:
             if job.cancelled.is_set():
                 raise ApiError(499, "the client went away", code="cancelled")
             req, o = job.req, self.opts
+            bad = [t for t, _ in req.logit_bias if t >= self.llm.n_vocab]
+            if bad:
+                raise ApiError(400, f"logit_bias: token {bad[0]} is beyond the model's vocabulary "
+                               f"({self.llm.n_vocab} tokens)", param="logit_bias")
             evictor = self._evictor(req)
             try:
                 job.entry, job.dlg = self.store.for_request(req.system, list(req.history), req.prompt,
@@ -177,9 +185,13 @@ class Engine:
             sampling = dict(max_tokens=req.max_tokens or o.max_tokens,
                             temperature=o.temperature if req.temperature is None else req.temperature,
                             top_p=o.top_p if req.top_p is None else req.top_p,
-                            top_k=o.top_k if req.top_k is None else req.top_k, seed=req.seed)
+                            top_k=o.top_k if req.top_k is None else req.top_k, seed=req.seed,
+                            presence_penalty=req.presence_penalty or 0.0,
+                            frequency_penalty=req.frequency_penalty or 0.0,
+                            logit_bias=req.logit_bias, logprobs=req.logprobs)
             try:
-                job.gen = job.dlg.send_steps(req.prompt, stop=list(req.stop), **sampling)
+                job.gen = job.dlg.send_steps(req.prompt, stop=list(req.stop), reply_prefix=req.reply_prefix,
+                                             **sampling)
             except ContextFullError as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
             except LoopServeError as e:
@@ -217,7 +229,9 @@ class Engine:
                 job.primed = True
                 while not isinstance(item, Step):
                     job.pieces.append(item)
-                    job.emit(item)
+                    job.shown += len(item.encode())
+                    # a whole reply's log-probabilities come with the reply (Engine.run's result)
+                    job.emit(item, self._logprobs(job, job.shown) if job.req.stream else None)
                     if job.cancelled.is_set():
                         raise GeneratorExit
                     item = next(job.gen)
@@ -273,8 +287,26 @@ class Engine:
             job.error = ApiError(500, f"internal error ({type(error).__name__}: {error})", type="server_error")
         else:
             self.metrics.turn(job.dlg.last_stats, job.before)
-            job.result = ("".join(job.pieces), job.dlg.last_stats, job.entry.id)
+            reply = "".join(job.pieces)
+            job.result = (reply, job.dlg.last_stats, job.entry.id, self._logprobs(job, len(reply.encode())))
         job.done.set()
+
+    def _logprobs(self, job: _Job, upto: int) -> list[dict] | None:
+        """OpenAI's log-probability entries of the reply's tokens not sent yet that start before
+        byte `upto` of the reply (the text emitted so far; at the end, the reply, so that the
+        tokens of a stop string it was cut before are left out)."""
+        got = job.dlg.reply_logprobs
+        if got is None:
+            return None
+        out = []
+        while job.lp_sent < len(got) and job.lp_byte < upto:
+            tok, lp, best = got[job.lp_sent]
+            piece = self.llm._piece(tok, special=False)
+            out.append(dict(protocol.logprob_entry(piece, lp), top_logprobs=[
+                protocol.logprob_entry(self.llm._piece(t, special=False), x) for t, x in best]))
+            job.lp_sent += 1
+            job.lp_byte += len(piece)
+        return out
 
     # -- upkeep --------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class ChatRequest:
     system: str | None                 # the leading system/developer message(s), joined
     history: tuple[dict, ...]          # user/assistant messages before the last one
     prompt: str                        # the last user message
+    reply_prefix: str                  # the reply's start, given as a last assistant message
     max_tokens: int | None
     temperature: float | None
     top_p: float | None
@@ -49,6 +50,10 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     loopserve: dict = field(default_factory=dict)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None        # None: none asked; else top_logprobs (0-20)
 
 
 def _bad(msg: str, param: str | None, code: str | None = None) -> ApiError:
@@ -63,8 +68,12 @@ def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
     if not ok or isinstance(v, bool) or (not integer and not math.isfinite(v)):
         raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}", name)
     if not lo <= v <= hi:
-        raise _bad(f"'{name}' must be between {lo:g} and {hi:g}, got {v}", name)
+        raise _bad(f"'{name}' must be between {_num(lo)} and {_num(hi)}, got {v}", name)
     return v
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _text(content, where: str) -> str:
@@ -110,8 +119,11 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             raise _bad(f"{where}: expected a {want} message (turns alternate, starting with the user)",
                        f"{where}.role")
         rest.append({"role": m["role"], "content": text})
-    if not rest or rest[-1]["role"] != "user":
-        raise _bad("the last message must be a user message", "messages")
+    # a last assistant message is the start of the reply, which the model continues (as
+    # llama-server does); the response holds the continuation
+    reply_prefix = rest.pop()["content"] if rest and rest[-1]["role"] == "assistant" else ""
+    if not rest:
+        raise _bad("the conversation must have a user message", "messages")
     if body.get("n", 1) != 1:
         raise _bad("only n=1 is supported", "n")
     max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
@@ -134,13 +146,61 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
+    _unsupported(body)
     return ChatRequest(
         model=model, system="\n\n".join(system_parts) if system_parts else None,
-        history=tuple(rest[:-1]), prompt=rest[-1]["content"], max_tokens=max_tokens,
+        history=tuple(rest[:-1]), prompt=rest[-1]["content"], reply_prefix=reply_prefix, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
         top_k=_number(body, "top_k", 0, 1 << 20, integer=True),
         seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True), stop=stop, stream=stream,
-        include_usage=bool(opts.get("include_usage", False)), loopserve=_loopserve(body.get("loopserve")))
+        include_usage=bool(opts.get("include_usage", False)), loopserve=_loopserve(body.get("loopserve")),
+        presence_penalty=_number(body, "presence_penalty", -2, 2),
+        frequency_penalty=_number(body, "frequency_penalty", -2, 2),
+        logit_bias=_logit_bias(body.get("logit_bias")), logprobs=_logprobs(body))
+
+
+def _logit_bias(v) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} with biases in -100..100 (the ids are checked against the
+    model's vocabulary by the engine)."""
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise _bad("'logit_bias' must be an object mapping token ids to numbers", "logit_bias")
+    out = []
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.isascii() and k.isdigit()):
+            raise _bad(f"'logit_bias' keys must be token ids, got {k!r}", "logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise _bad(f"'logit_bias' values must be numbers between -100 and 100, got {json.dumps(b)}",
+                       "logit_bias")
+        out.append((int(k), float(b)))
+    return tuple(out)
+
+
+def _logprobs(body: dict) -> int | None:
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise _bad("'logprobs' must be a boolean", "logprobs")
+    top = _number(body, "top_logprobs", 0, 20, integer=True)
+    if top is not None and not on:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if on else None
+
+
+def _unsupported(body: dict) -> None:
+    """What this server cannot honour is refused, not ignored: a reply that only looks like one
+    (prose where JSON was required, text where a tool call was required) would fail later and
+    quietly. Tools offered with the model free to use them (tool_choice "auto", the default,
+    or "none") are answered in text, which that choice allows."""
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise _bad(f"response_format {json.dumps(kind)} is not supported: this server does not constrain "
+                   'the form of the reply (only {"type": "text"})', "response_format")
+    choice = body.get("tool_choice")
+    if body.get("tools") and choice not in (None, "auto", "none"):
+        raise _bad('this server does not call tools: tool_choice must be "auto" or "none" (the reply is '
+                   'text)', "tool_choice")
 
 
 def _loopserve(v) -> dict:
@@ -199,18 +259,29 @@ def extras(dialogue_id: str, stats) -> dict:
             "ttft_s": round(stats.ttft_s, 4), "prefill_chunks": stats.prefill_chunks}
 
 
-def response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str) -> dict:
+def logprob_entry(piece: bytes, logprob: float) -> dict:
+    return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
+
+
+def _logprobs_field(content: list[dict] | None) -> dict | None:
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str,
+             logprobs: list[dict] | None = None) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": FINISH[stats.finish_reason]}],
+                         "logprobs": _logprobs_field(logprobs), "finish_reason": FINISH[stats.finish_reason]}],
             "usage": usage(stats), "loopserve": extras(dialogue_id, stats)}
 
 
-def chunk(cid: str, model: str, fingerprint: str, delta: dict, finish: str | None = None) -> dict:
+def chunk(cid: str, model: str, fingerprint: str, delta: dict, finish: str | None = None,
+          logprobs: list[dict] | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": _logprobs_field(logprobs),
+                         "finish_reason": finish}]}
 
 
 def usage_chunk(cid: str, model: str, fingerprint: str, stats, dialogue_id: str) -> dict:

@@ -1,0 +1,66 @@
+"""Choosing the next token: penalties, logit bias and the reply's log-probabilities."""
+import numpy as np
+import pytest
+
+from loopserve_edge.sampling import Sampler, SamplingParams, logprobs
+
+
+def _greedy(**kw):
+    return Sampler(SamplingParams(temperature=0, **kw))
+
+
+def test_frequency_penalty_counts_each_choice_and_presence_penalty_only_the_first():
+    logits = np.array([3.0, 2.0, 0.5, 0.0], dtype=np.float32)
+    s = _greedy(frequency_penalty=0.6)
+    # 3.0 -> 2.4 after one choice, 1.8 after two: token 1 (2.0) wins the third step
+    assert [s(logits) for _ in range(3)] == [0, 0, 1]
+    s = _greedy(presence_penalty=0.6)
+    # 3.0 -> 2.4 once chosen and stays there; 2.0 -> 1.4 once chosen
+    assert [s(logits) for _ in range(3)] == [0, 0, 0]
+    s = _greedy(presence_penalty=1.5)
+    # 3.0 -> 1.5 loses to 2.0; then 2.0 -> 0.5 loses to 1.5, which it stays
+    assert [s(logits) for _ in range(4)] == [0, 1, 0, 0]
+    np.testing.assert_array_equal(s.adjusted(logits), [1.5, 0.5, 0.5, 0.0])
+    # negative penalties encourage repeats
+    s = _greedy(frequency_penalty=-2.0)
+    assert [s(np.array([1.0, 2.0])) for _ in range(3)] == [1, 1, 1]
+
+
+def test_without_penalties_or_bias_the_logits_are_used_as_given():
+    logits = np.array([0.1, 0.7, 0.2], dtype=np.float32)
+    s = _greedy()
+    assert s(logits) == 1 and s.adjusted(logits) is logits
+
+
+def test_logit_bias_forces_or_bans_a_token_when_sampling():
+    logits = np.linspace(0, 3, 50).astype(np.float32)
+    banned = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=3, logit_bias=((49, -100.0),)))
+    assert 49 not in {banned(logits) for _ in range(300)}
+    forced = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=3, logit_bias=((7, 100.0),)))
+    assert {forced(logits) for _ in range(50)} == {7}
+
+
+def test_logprobs_are_the_models_log_softmax_with_the_most_likely_first():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=300).astype(np.float32)
+    want = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    tok, lp, top = logprobs(logits, 17, 5)
+    assert tok == 17 and lp == pytest.approx(want[17], abs=1e-9)
+    assert [t for t, _ in top] == list(np.argsort(-want)[:5])
+    np.testing.assert_allclose([x for _, x in top], np.sort(want)[::-1][:5], atol=1e-9)
+    assert logprobs(logits, 3, 0)[2] == ()
+
+
+def test_a_reply_records_each_tokens_logprob_from_the_logits_that_chose_it(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    d = llm.dialogue()
+    reply = d.send("hello there", temperature=0, max_tokens=8, logprobs=3)
+    got = d.reply_logprobs
+    assert len(got) == d.last_stats.decode_tokens >= 1
+    assert llm.detokenize([t for t, _, _ in got], special=False) == reply
+    first = d.first_token_logits.astype(np.float64)
+    assert got[0][1] == pytest.approx(first[got[0][0]] - np.log(np.exp(first - first.max()).sum()) - first.max())
+    for tok, lp, top in got:   # greedy: each chosen token is the most likely one
+        assert len(top) == 3 and top[0] == (tok, lp) and top[0][1] >= top[1][1] >= top[2][1]
+    d.send("again", temperature=0, max_tokens=4)
+    assert d.reply_logprobs is None   # not asked for this turn
