@@ -99,8 +99,8 @@ N = 12
 
 
 def _spec(**kw) -> BenchSpec:
-    return BenchSpec(model="fake.gguf", tasks=TASKS, ctxs=(1024,), budgets=(128,), cases_per_task=N,
-                     methods=("full", "streaming", "snapkv", "loopserve", "loopserve-defer"), **kw)
+    return BenchSpec(**{**dict(model="fake.gguf", tasks=TASKS, ctxs=(1024,), budgets=(128,), cases_per_task=N,
+                               methods=("full", "streaming", "snapkv", "loopserve", "loopserve-defer")), **kw})
 
 
 def _record(case: CaseRef, method: str, score: float | None, same_greedy: float | None = None) -> dict:
@@ -201,6 +201,21 @@ def test_markdown_shows_intervals_marks_and_cases():
     assert fid["passkey"]["snapkv@128"].count("[") == 2                # share and KL intervals
     assert not any(m in fid["passkey"]["loopserve-defer@128"].split(" n=")[0] for m in "+−")
     assert "| method | TTFT turn 1 ms |" in md                          # the cost table stays
+
+
+def test_a_folder_filled_by_several_calls_shows_the_budgets_each_method_ran():
+    """Two calls into one folder, `snapkv` at 128 and `loopserve` at 256: the folder's spec lists
+    both methods at both budgets, and the tables show only what ran (a method with no runs at
+    all keeps its column)."""
+    cases, records = _bench()
+    records = [r for r in records if r["method"] in ("full", "snapkv@128")]
+    records += [dict(r, method="loopserve@256") for r in records if r["method"] == "snapkv@128"]
+    spec = _spec(budgets=(128, 256))
+    labels = {r.method for r in summarise(spec, cases, records)}
+    assert labels == {"full", "snapkv@128", "loopserve@256", "streaming@128", "streaming@256",
+                      "loopserve-defer@128", "loopserve-defer@256"}
+    assert set(_table(markdown(spec, {}, summarise(spec, cases, records)), "Task score")["passkey"]) == \
+        {"task", "cases"} | labels
 
 
 def test_write_report_appends_the_new_csv_columns(tmp_path):

@@ -208,6 +208,7 @@ def summarise(spec: BenchSpec, cases: list[Case], records: list[dict]) -> list[R
                 rows.append(Row.of(ctx, task, run, of_row[(ctx, task, run.label)]))
                 if why:
                     rows[-1].status = f"n/a: {why}"
+    rows = _ran_budgets(rows)
     full = {(r.ctx, r.task): r.score for r in rows if r.method == "full"}
     for r in rows:
         f = full.get((r.ctx, r.task))
@@ -215,6 +216,16 @@ def summarise(spec: BenchSpec, cases: list[Case], records: list[dict]) -> list[R
             r.score_vs_full = r.score / f
     compare(rows, lambda r, key: case_values(of_row[(r.ctx, r.task, r.method)], key))
     return rows
+
+
+def _ran_budgets(rows: list[Row]) -> list[Row]:
+    """Without a method's budgets that have no runs while others of its budgets have some: a
+    folder filled by several calls, each with its own methods and budgets, lists every method
+    at every budget, and the pairs never asked for would fill the tables with empty columns.
+    A method with no runs at all stays (its column says it has none)."""
+    ran = {(r.ctx, r.method) for r in rows if r.cases}
+    base = {(ctx, m.split("@")[0]) for ctx, m in ran}
+    return [r for r in rows if (r.ctx, r.method) in ran or (r.ctx, r.method.split("@")[0]) not in base]
 
 
 def _best_baselines(rows: list[Row]) -> dict:
