@@ -227,6 +227,9 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @click.option("--api-key", default=None, envvar="LOOPSERVE_API_KEY",
               help="require 'Authorization: Bearer KEY' on /v1/ (also $LOOPSERVE_API_KEY)")
 @click.option("--model-name", default=None, help="the model's id in the API  [default: the file's stem]")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="a web page origin allowed to call the API from a browser (repeatable; '*' for any); "
+                   "none by default")
 @click.option("--n-ctx", default=8192, show_default=True, help="KV pool in cells, shared by the resident dialogues")
 @kv_type_option
 @click.option("--max-resident", default=4, show_default=True, help="dialogues in the KV pool at once")
@@ -256,7 +259,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
+def serve(model, host, port, api_key, model_name, cors_origins, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
           max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, kv_allocation, kv_span,
           sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health,
@@ -291,7 +294,7 @@ def serve(model, host, port, api_key, model_name, n_ctx, kv_type, max_resident, 
     try:
         # requests still running 10 s after SIGTERM/SIGINT are cut (their dialogues stay
         # consistent); then every changed dialogue is saved
-        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning",
+        uvicorn.run(create_app(engine, api_key, cors_origins), host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=10)
     finally:
         llm.close()

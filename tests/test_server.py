@@ -476,3 +476,28 @@ def test_an_api_key_is_required_when_set(tmp_path):
         assert httpx.get(s.url + "/health").status_code == 200   # health checks need no key
     finally:
         s.stop()
+
+
+def test_browser_pages_of_the_allowed_origins_may_call_it(tmp_path, server):
+    page, other = "http://chat.example", "http://elsewhere.example"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    # by default no page of another origin may read the answers
+    r = httpx.options(server.url + "/v1/chat/completions", headers={"Origin": page, **preflight})
+    assert "access-control-allow-origin" not in r.headers
+    s = Server(tmp_path, "--api-key", "s3cret", "--cors-origin", page)
+    try:
+        url = s.url + "/v1/chat/completions"
+        r = httpx.options(url, headers={"Origin": page, **preflight})   # a preflight carries no key
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.post(url, json=body, headers={"Origin": page, "Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert "x-dialogue-id" in r.headers["access-control-expose-headers"].lower()
+        r = httpx.post(url, json=body, headers={"Origin": page})          # the page can read the 401
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == page
+        r = httpx.options(url, headers={"Origin": other, **preflight})
+        assert "access-control-allow-origin" not in r.headers
+    finally:
+        s.stop()

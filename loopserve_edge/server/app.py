@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,7 +31,7 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     opts = engine.opts
     stop_saver = threading.Event()
 
@@ -76,6 +77,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                        code="invalid_api_key"))
         return await call_next(request)
+
+    if cors_origins:
+        # added after the key check, so it runs first: a browser's preflight carries no key, and
+        # the answers (errors too) carry the headers that let the page read them
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=[DIALOGUE_HEADER])
 
     @app.get("/health")
     async def health():
