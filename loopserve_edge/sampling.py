@@ -57,7 +57,7 @@ class Sampler:
         p = self.params
         if p.temperature <= 0:
             return int(np.argmax(logits))
-        x = logits.astype(np.float64) / p.temperature
+        x = np.asarray(logits, dtype=np.float64) / p.temperature   # no second copy of adjusted logits
         if 0 < p.top_k < x.size:
             idx = np.argpartition(-x, p.top_k)[: p.top_k]
         else:
