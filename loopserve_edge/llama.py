@@ -3,19 +3,31 @@ KV sequences) with dialogues on top, the eviction policy of its `LoopServeConfig
 state files dialogues are saved to.
 
 Layers, each importing only those before it: context.py (llama.cpp) -> eviction.py (which
-cells to keep) -> dialogue.py (turns) -> llama.py (dialogues of one model).
+cells to keep) -> dialogue.py (turns) -> dialogue_store.py, chat_completions.py (dialogues
+found from OpenAI-style requests) -> llama.py (dialogues of one model).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from typing import Iterator
+
 from . import paths, state_file
+from .chat_completions import ChatCompletions
 from .config import LoopServeConfig
 from .context import Context
 from .dialogue import Dialogue
 from .errors import DialogueNotFoundError, StateFileError
 from .eviction import Evictor
+from .openai_chat import RequestError
+
+# llama-cpp-python's create_chat_completion arguments that are not offered, with the values at
+# which they do nothing (accepted, so that code passing its defaults runs); mirostat's tau and
+# eta do nothing while mirostat_mode is 0
+NOOP_ARGS = {"typical_p": 1.0, "repeat_penalty": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "grammar": None,
+             "logits_processor": None, "functions": None, "function_call": None}
+MIROSTAT_TUNING = ("mirostat_tau", "mirostat_eta")
 
 
 class Llama(Context):
@@ -26,6 +38,7 @@ class Llama(Context):
         super().__init__(model_path, loopserve=loopserve, **kwargs)
         self._dialogues_dir = dialogues_dir
         self.evictor = Evictor(self, self.config)
+        self._completions: ChatCompletions | None = None
 
     # -- dialogues ---------------------------------------------------------------------
 
@@ -65,3 +78,42 @@ class Llama(Context):
         except StateFileError as e:
             raise StateFileError(f"{path}: {e}") from None
         return dlg
+
+    # -- llama-cpp-python's chat call --------------------------------------------------
+
+    def create_chat_completion(self, messages: list[dict], *, temperature: float = 0.2, top_p: float = 0.95,
+                               top_k: int = 40, min_p: float = 0.05, max_tokens: int | None = None,
+                               stop: str | list[str] | None = None, stream: bool = False, seed: int | None = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               logit_bias: dict | None = None, logprobs: bool | None = None,
+                               top_logprobs: int | None = None, response_format: dict | None = None,
+                               tools: list | None = None, tool_choice=None, model: str | None = None,
+                               stream_options: dict | None = None, loopserve: dict | None = None,
+                               **unsupported) -> dict | Iterator[dict]:
+        """llama-cpp-python's `create_chat_completion`: OpenAI's response (or, with stream, its
+        chunks). Calls that repeat a conversation's messages go on in the dialogue that holds
+        them, prefilling only what is new (chat_completions.py); `loopserve`: this call's
+        LoopServe settings, as the server's request field. Bad arguments raise
+        `openai_chat.RequestError` (a ValueError) naming the parameter, as do llama-cpp-python's
+        samplers that are not offered (repeat_penalty, mirostat, grammar, ...) unless left
+        at values that do nothing."""
+        for k, v in unsupported.items():
+            if k in MIROSTAT_TUNING:
+                continue
+            if k not in NOOP_ARGS:
+                raise TypeError(f"create_chat_completion() got an unexpected keyword argument {k!r}")
+            if v != NOOP_ARGS[k]:
+                raise RequestError(f"{k}={v!r} is not supported (only {NOOP_ARGS[k]!r}, which does nothing); "
+                                   "sampling offers temperature, top_k, top_p, min_p, presence_penalty, "
+                                   "frequency_penalty, logit_bias and seed", k)
+        if self._completions is None:
+            self._completions = ChatCompletions(self)
+        body = dict(messages=messages, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    max_tokens=max_tokens, stop=stop or None, stream=stream, seed=seed,
+                    presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, logprobs=logprobs, top_logprobs=top_logprobs,
+                    response_format=response_format, tools=tools, tool_choice=tool_choice, model=model,
+                    stream_options=stream_options, loopserve=loopserve,
+                    # llama-cpp-python's bias maps token ids (ints) to biases; OpenAI's JSON, strings
+                    logit_bias=None if logit_bias is None else {str(k): v for k, v in logit_bias.items()})
+        return self._completions.create({k: v for k, v in body.items() if v is not None})

@@ -13,6 +13,9 @@ class SamplingParams:
     temperature: float = 0.7
     top_k: int = 40
     top_p: float = 0.95
+    # tokens less likely than min_p times the most likely one are left out (before the
+    # temperature, as llama.cpp's min-p sampler); 0: off
+    min_p: float = 0.0
     seed: int | None = None
     max_tokens: int = 256
     # OpenAI's penalties (-2..2), over the reply's own tokens so far: a token's logit loses
@@ -63,6 +66,8 @@ class Sampler:
         else:
             idx = np.arange(x.size)
         idx = idx[np.argsort(-x[idx], kind="stable")]
+        if p.min_p > 0:
+            idx = idx[(x[idx] - x[idx[0]]) * p.temperature >= np.log(p.min_p)]
         probs = np.exp(x[idx] - x[idx[0]])
         probs /= probs.sum()
         if p.top_p < 1.0:

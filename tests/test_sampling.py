@@ -40,6 +40,16 @@ def test_logit_bias_forces_or_bans_a_token_when_sampling():
     assert {forced(logits) for _ in range(50)} == {7}
 
 
+def test_min_p_leaves_out_tokens_far_below_the_most_likely_before_the_temperature():
+    # probabilities (temperature 1) proportional to e^0, e^-1, e^-2, e^-3: relative 1, 0.37, 0.14, 0.05
+    logits = np.array([0.0, -1.0, -2.0, -3.0, -9.0])
+    for temp in (0.5, 1.0, 3.0):   # the cut follows the logits, whatever the temperature
+        s = Sampler(SamplingParams(temperature=temp, top_k=0, top_p=1.0, min_p=0.1, seed=0))
+        assert {s(logits) for _ in range(400)} == {0, 1, 2}
+    s = Sampler(SamplingParams(temperature=3.0, top_k=0, top_p=1.0, seed=0))
+    assert {s(logits) for _ in range(400)} == {0, 1, 2, 3, 4}   # off: every token comes
+
+
 def test_logprobs_are_the_models_log_softmax_with_the_most_likely_first():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=300).astype(np.float32)

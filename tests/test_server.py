@@ -144,44 +144,44 @@ def test_an_edited_history_branches_and_the_original_goes_on(server):
 
 def test_request_settings_set_defer_scored_and_refuse_bad_values():
     from loopserve_edge import LoopServeConfig
-    from loopserve_edge.server import protocol
+    from loopserve_edge import openai_chat as protocol
 
     base = LoopServeConfig(policy="loopserve", budget=256, defer_scored=8)
     parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
     assert protocol.merged_config(base, parse({"defer_scored": 4})).defer_scored == 4
     assert protocol.merged_config(base, parse({"defer_scored": None})).defer_scored is None   # all
     assert protocol.merged_config(base, parse({"window": 8})).defer_scored == 8               # kept
-    with pytest.raises(protocol.ApiError, match="defer_scored"):
+    with pytest.raises(protocol.RequestError, match="defer_scored"):
         protocol.merged_config(base, parse({"defer_scored": -1}))
-    with pytest.raises(protocol.ApiError, match="defer_scored"):
+    with pytest.raises(protocol.RequestError, match="defer_scored"):
         parse({"defer_scored": "four"})
 
 
 def test_request_settings_choose_the_allocation_of_a_head_wise_server():
     from loopserve_edge import LoopServeConfig
-    from loopserve_edge.server import protocol
+    from loopserve_edge import openai_chat as protocol
 
     parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
     head = LoopServeConfig(policy="loopserve", budget=256, granularity="head")
     assert protocol.merged_config(head, parse({"allocation": "ada"})).allocation == "ada"
-    with pytest.raises(protocol.ApiError, match="allocation must be"):
+    with pytest.raises(protocol.RequestError, match="allocation must be"):
         protocol.merged_config(head, parse({"allocation": "even"}))
     # a cell-wise server has no heads to share among
-    with pytest.raises(protocol.ApiError, match="granularity='head'"):
+    with pytest.raises(protocol.RequestError, match="granularity='head'"):
         protocol.merged_config(LoopServeConfig(policy="loopserve", budget=256), parse({"allocation": "pyramid"}))
 
 
 def test_request_settings_choose_spans_and_refuse_bad_ones():
     from loopserve_edge import LoopServeConfig
-    from loopserve_edge.server import protocol
+    from loopserve_edge import openai_chat as protocol
 
     parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
     base = LoopServeConfig(policy="loopserve", budget=256, granularity="head")
     assert protocol.merged_config(base, parse({"span": 32})).span == 32
     assert protocol.merged_config(base, parse({"window": 8})).span == 1
-    with pytest.raises(protocol.ApiError, match="span must be"):
+    with pytest.raises(protocol.RequestError, match="span must be"):
         protocol.merged_config(base, parse({"span": 0}))
-    with pytest.raises(protocol.ApiError, match="loopserve.span must be of type int"):
+    with pytest.raises(protocol.RequestError, match="loopserve.span must be of type int"):
         parse({"span": 2.5})
 
 

@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import openai_chat
 from . import protocol
 from .engine import Engine
 from .protocol import ApiError
@@ -122,7 +123,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                            param="model", code="model_not_found")
         dialogue_id = request.headers.get(DIALOGUE_HEADER)
         engine.admit()
-        cid = protocol.completion_id()
+        cid = openai_chat.completion_id()
         fp = engine.llm.fingerprint
         if not req.stream:
             try:
@@ -131,7 +132,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
             finally:
                 engine.release()
             engine.metrics.request("/v1/chat/completions", 200)
-            return JSONResponse(protocol.response(cid, opts.model_name, fp, text, stats, did, logprobs),
+            return JSONResponse(openai_chat.response(cid, opts.model_name, fp, text, stats, did, logprobs),
                                 headers={DIALOGUE_HEADER: did})
         return await _stream(request, req, dialogue_id, cid, fp)
 
@@ -171,22 +172,22 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
 
         async def events():
             try:
-                yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {"role": "assistant", "content": ""}))
+                yield protocol.sse(openai_chat.chunk(cid, opts.model_name, fp, {"role": "assistant", "content": ""}))
                 item = await queue.get()
                 while True:
                     k, v = item
                     if k == "piece":
-                        yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {"content": v[0]},
+                        yield protocol.sse(openai_chat.chunk(cid, opts.model_name, fp, {"content": v[0]},
                                                           logprobs=v[1]))
                     elif k == "error":
                         yield protocol.sse(v.body())
                         break
                     else:
                         _, stats, did, logprobs = v
-                        yield protocol.sse(protocol.chunk(cid, opts.model_name, fp, {},
-                                                          protocol.FINISH[stats.finish_reason], logprobs or None))
+                        yield protocol.sse(openai_chat.chunk(cid, opts.model_name, fp, {},
+                                                          openai_chat.FINISH[stats.finish_reason], logprobs or None))
                         if req.include_usage:
-                            yield protocol.sse(protocol.usage_chunk(cid, opts.model_name, fp, stats, did))
+                            yield protocol.sse(openai_chat.usage_chunk(cid, opts.model_name, fp, stats, did))
                         break
                     item = await queue.get()
                 yield b"data: [DONE]\n\n"

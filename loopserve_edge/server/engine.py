@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import LoopServeConfig
+from .. import openai_chat
 from ..dialogue import Step
+from ..dialogue_store import DialogueBusy, DialogueStore, Entry
 from ..errors import ContextFullError, LoopServeError
-from ..eviction import Evictor
-from . import protocol
+from ..openai_chat import ChatRequest, LogprobCursor, RequestError
 from .metrics import Metrics
-from .protocol import ApiError, ChatRequest
-from .store import DialogueBusy, DialogueStore, Entry
+from .protocol import ApiError
 
 log = logging.getLogger("loopserve_edge.server")
 
@@ -58,8 +57,7 @@ class _Job:
     before: int = 0
     pieces: list = field(default_factory=list)
     shown: int = 0                # bytes of the reply emitted
-    lp_sent: int = 0              # the reply's token log-probabilities sent,
-    lp_byte: int = 0              # and the byte of the reply where the next one's token starts
+    logprobs: LogprobCursor | None = None
 
 
 class Engine:
@@ -74,7 +72,6 @@ class Engine:
         self._count_lock = threading.Lock()
         self._pending = 0                 # running + waiting
         self._stopping = False
-        self._evictors: dict[LoopServeConfig, Evictor] = {llm.config: llm.evictor}
         self.max_batch = llm.config.max_resident
         self.batches = collections.Counter()   # decode steps by batch size
         self.waits = 0                          # replies that waited a step for room
@@ -153,42 +150,27 @@ class Engine:
                 for j in list(active):
                     self._finish(j, active, e)
 
-    def _evictor(self, req: ChatRequest) -> Evictor:
-        cfg = protocol.merged_config(self.llm.config, req.loopserve)
-        if (cfg.sparse_prefill, cfg.granularity) != (self.llm.config.sparse_prefill, self.llm.config.granularity):
-            raise ApiError(400, "sparse_prefill and granularity are set when the server starts "
-                           "(--sparse-prefill, --granularity), not per request", param="loopserve")
-        if cfg not in self._evictors:
-            self._evictors[cfg] = Evictor(self.llm, cfg)
-        return self._evictors[cfg]
-
     def _start(self, job: _Job, active: list[_Job]) -> None:
         """Prefill a request's prompt in its dialogue; it then decodes with the others."""
         try:
             if job.cancelled.is_set():
                 raise ApiError(499, "the client went away", code="cancelled")
             req, o = job.req, self.opts
-            bad = [t for t, _ in req.logit_bias if t >= self.llm.n_vocab]
-            if bad:
-                raise ApiError(400, f"logit_bias: token {bad[0]} is beyond the model's vocabulary "
-                               f"({self.llm.n_vocab} tokens)", param="logit_bias")
-            evictor = self._evictor(req)
             try:
+                sampling = openai_chat.sampling(req, max_tokens=o.max_tokens, temperature=o.temperature,
+                                                top_p=o.top_p, top_k=o.top_k, n_vocab=self.llm.n_vocab)
+                evictor = self.store.evictor(req.loopserve)
                 job.entry, job.dlg = self.store.for_request(req.system, list(req.history), req.prompt,
                                                             job.dialogue_id, evictor)
+            except RequestError as e:
+                raise ApiError.bad_request(e) from None
             except DialogueBusy as e:
                 raise ApiError(409, str(e), code="dialogue_busy") from None
             except LoopServeError as e:
                 raise ApiError(400, str(e)) from None
             job.entry.busy = True
             job.before = job.dlg.evicted
-            sampling = dict(max_tokens=req.max_tokens or o.max_tokens,
-                            temperature=o.temperature if req.temperature is None else req.temperature,
-                            top_p=o.top_p if req.top_p is None else req.top_p,
-                            top_k=o.top_k if req.top_k is None else req.top_k, seed=req.seed,
-                            presence_penalty=req.presence_penalty or 0.0,
-                            frequency_penalty=req.frequency_penalty or 0.0,
-                            logit_bias=req.logit_bias, logprobs=req.logprobs)
+            job.logprobs = LogprobCursor(self.llm, job.dlg)
             try:
                 job.gen = job.dlg.send_steps(req.prompt, stop=list(req.stop), reply_prefix=req.reply_prefix,
                                              **sampling)
@@ -231,7 +213,7 @@ class Engine:
                     job.pieces.append(item)
                     job.shown += len(item.encode())
                     # a whole reply's log-probabilities come with the reply (Engine.run's result)
-                    job.emit(item, self._logprobs(job, job.shown) if job.req.stream else None)
+                    job.emit(item, job.logprobs.take(job.shown) if job.req.stream else None)
                     if job.cancelled.is_set():
                         raise GeneratorExit
                     item = next(job.gen)
@@ -288,25 +270,8 @@ class Engine:
         else:
             self.metrics.turn(job.dlg.last_stats, job.before)
             reply = "".join(job.pieces)
-            job.result = (reply, job.dlg.last_stats, job.entry.id, self._logprobs(job, len(reply.encode())))
+            job.result = (reply, job.dlg.last_stats, job.entry.id, job.logprobs.take(len(reply.encode())))
         job.done.set()
-
-    def _logprobs(self, job: _Job, upto: int) -> list[dict] | None:
-        """OpenAI's log-probability entries of the reply's tokens not sent yet that start before
-        byte `upto` of the reply (the text emitted so far; at the end, the reply, so that the
-        tokens of a stop string it was cut before are left out)."""
-        got = job.dlg.reply_logprobs
-        if got is None:
-            return None
-        out = []
-        while job.lp_sent < len(got) and job.lp_byte < upto:
-            tok, lp, best = got[job.lp_sent]
-            piece = self.llm._piece(tok, special=False)
-            out.append(dict(protocol.logprob_entry(piece, lp), top_logprobs=[
-                protocol.logprob_entry(self.llm._piece(t, special=False), x) for t, x in best]))
-            job.lp_sent += 1
-            job.lp_byte += len(piece)
-        return out
 
     # -- upkeep --------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""The server's dialogues: found again from stateless requests, kept in RAM within a limit,
-saved as state files and restored after a restart.
+"""The dialogues of OpenAI-style chat (the server, `Llama.create_chat_completion`): found
+again from stateless requests, kept in RAM within a limit, and (the server's) saved as state
+files and restored after a restart.
 
 OpenAI-style clients resend the whole conversation each time. Every dialogue is indexed by a
 hash of (system prompt, messages[:j]) for every message boundary j, so a request's history
@@ -9,7 +10,7 @@ only part of it (an edited or regenerated turn) is branched: a copy of its KV st
 with the request's history and recomputes from the first token that differs, and the original
 stays for whoever continues it.
 
-Not thread-safe: the engine calls it under its lock.
+Not thread-safe: the server's engine calls it under its lock.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import state_file
-from ..dialogue import Dialogue
-from ..errors import LoopServeError
-from ..eviction import Evictor
+from . import state_file
+from .config import LoopServeConfig
+from .dialogue import Dialogue
+from .errors import LoopServeError
+from .eviction import Evictor
+from .openai_chat import RequestError, merged_config
 
-log = logging.getLogger("loopserve_edge.server")
+log = logging.getLogger("loopserve_edge.dialogues")
 
 
 # a dialogue id names its state file: nothing that could leave the folder
@@ -56,23 +59,42 @@ class Entry:
 
 
 class DialogueStore:
-    def __init__(self, llm, root: Path, ram_limit: int):
-        """llm: the Llama the dialogues live in; root: their state files; ram_limit: bytes of
-        swapped-out KV state kept in RAM before the least recently used go to disk only."""
-        self.llm, self.root, self.ram_limit = llm, Path(root), ram_limit
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, llm, root: Path | None, ram_limit: int):
+        """llm: the Llama the dialogues live in; root: their state files (None: none, in RAM
+        only); ram_limit: bytes of swapped-out KV state kept in RAM before the least recently
+        used go to disk only (with no root: are forgotten)."""
+        self.llm, self.root, self.ram_limit = llm, None if root is None else Path(root), ram_limit
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.entries: dict[str, Entry] = {}
         self.index: dict[str, set[str]] = {}  # prefix key -> ids of the entries that hold it
+        self._evictors: dict[LoopServeConfig, Evictor] = {llm.config: llm.evictor}
+
+    def evictor(self, settings: dict) -> Evictor:
+        """The eviction of the model's config with a request's LoopServe settings (one Evictor
+        per distinct config). Sparse prefill and granularity shape the context itself: they are
+        the model's."""
+        base = self.llm.config
+        cfg = merged_config(base, settings)
+        if (cfg.sparse_prefill, cfg.granularity) != (base.sparse_prefill, base.granularity):
+            raise RequestError("sparse_prefill and granularity are set when the model is loaded (the server's "
+                               "--sparse-prefill, --granularity), not per request", "loopserve")
+        if cfg not in self._evictors:
+            self._evictors[cfg] = Evictor(self.llm, cfg)
+        return self._evictors[cfg]
 
     # -- finding a request's dialogue --------------------------------------------------------
 
-    def _register(self, e: Entry) -> None:
+    def _unregister(self, e: Entry) -> None:
         for k in e.keys:
             ids = self.index.get(k)
             if ids is not None:
                 ids.discard(e.id)
                 if not ids:
                     del self.index[k]
+
+    def _register(self, e: Entry) -> None:
+        self._unregister(e)
         e.keys = [prefix_key(e.system, e.messages[:j]) for j in range(len(e.messages) + 1)]
         for k in e.keys:
             self.index.setdefault(k, set()).add(e.id)
@@ -137,7 +159,7 @@ class DialogueStore:
         return e
 
     def _live(self, e: Entry) -> Dialogue:
-        if e.dialogue is None:
+        if e.dialogue is None:   # only with a root: without one, a dialogue leaving RAM is forgotten
             e.dialogue = self.llm.load_dialogue(self._path(e.id))
         return e.dialogue
 
@@ -161,16 +183,25 @@ class DialogueStore:
             self._to_disk(x)
 
     def _to_disk(self, e: Entry) -> None:
+        if self.root is None:
+            self._forget(e)
+            return
         if e.dirty or not self._path(e.id).exists():
             e.dialogue.save(self._path(e.id))
             e.dirty = False
         e.dialogue.close()
         e.dialogue = None
 
+    def _forget(self, e: Entry) -> None:
+        e.dialogue.close()
+        del self.entries[e.id]
+        self._unregister(e)
+
     # -- state files ---------------------------------------------------------------------
 
     def _path(self, eid: str) -> Path:
-        return self.root / f"{eid}{state_file.SUFFIX}"
+        name = f"{eid}{state_file.SUFFIX}"
+        return Path(name) if self.root is None else self.root / name   # without a root: for messages
 
     def save(self, idle_s: float = 0.0) -> int:
         """Write the state files of the dialogues changed and idle for idle_s seconds."""

@@ -1,0 +1,330 @@
+"""OpenAI's chat-completions shapes, for the server and for `Llama.create_chat_completion`: a
+request validated into a `ChatRequest`, the sampling it asks for, the response, stream chunks
+and log-probability entries (https://platform.openai.com/docs/api-reference/chat).
+
+Validation is by hand so that every error names the parameter (`RequestError`: the server
+answers it as an OpenAI-style 400 body, the Python API raises it), never a framework's own
+format or a traceback.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .config import LoopServeConfig
+from .errors import LoopServeError
+
+# per-request LoopServe settings (the request's "loopserve" object) and their types
+LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int, "defer_cut": int,
+                    "defer_scored": int, "granularity": str, "allocation": str, "span": int,
+                    "sparse_prefill": bool, "alpha": float}
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class RequestError(LoopServeError, ValueError):
+    """A request that cannot be run as given; `param` names the parameter at fault."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    system: str | None                 # the leading system/developer message(s), joined
+    history: tuple[dict, ...]          # user/assistant messages before the last one
+    prompt: str                        # the last user message
+    reply_prefix: str                  # the reply's start, given as a last assistant message
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    loopserve: dict = field(default_factory=dict)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None        # None: none asked; else top_logprobs (0-20)
+    min_p: float | None = None         # llama-server's and llama-cpp-python's extension
+
+
+def _bad(msg: str, param: str | None, code: str | None = None) -> RequestError:
+    return RequestError(msg, param, code)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return None
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if not ok or isinstance(v, bool) or (not integer and not math.isfinite(v)):
+        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}", name)
+    if not lo <= v <= hi:
+        raise _bad(f"'{name}' must be between {_num(lo)} and {_num(hi)}, got {v}", name)
+    return v
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _text(content, where: str) -> str:
+    """A message's content: a string, or a list of parts of which only text is accepted."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"{where}.content[{i}]: only text parts are supported", f"{where}.content")
+            out.append(part["text"])
+        return "".join(out)
+    raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
+    """A request body (decoded JSON); `model`: the name to use when the body gives none (the
+    Python API), None to require one (the server)."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None)
+    model = body.get("model", model) or model
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required and must be a string", "model")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' is required and must be a non-empty list", "messages")
+    system_parts, rest = [], []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise _bad(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
+        text = _text(m.get("content"), where)
+        if m["role"] in ("system", "developer"):
+            if rest:
+                raise _bad(f"{where}: system messages must come before the conversation", f"{where}.role")
+            system_parts.append(text)
+            continue
+        want = "user" if len(rest) % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise _bad(f"{where}: expected a {want} message (turns alternate, starting with the user)",
+                       f"{where}.role")
+        rest.append({"role": m["role"], "content": text})
+    # a last assistant message is the start of the reply, which the model continues (as
+    # llama-server does); the response holds the continuation
+    reply_prefix = rest.pop()["content"] if rest and rest[-1]["role"] == "assistant" else ""
+    if not rest:
+        raise _bad("the conversation must have a user message", "messages")
+    if body.get("n", 1) != 1:
+        raise _bad("only n=1 is supported", "n")
+    max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, 1 << 20, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+        stop = tuple(stop)
+    else:
+        raise _bad("'stop' must be a string or a list of at most 4 strings", "stop")
+    if any(not s for s in stop):
+        raise _bad("'stop' strings must not be empty", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
+    _unsupported(body)
+    return ChatRequest(
+        model=model, system="\n\n".join(system_parts) if system_parts else None,
+        history=tuple(rest[:-1]), prompt=rest[-1]["content"], reply_prefix=reply_prefix, max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
+        top_k=_number(body, "top_k", 0, 1 << 20, integer=True),
+        seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True), stop=stop, stream=stream,
+        include_usage=bool(opts.get("include_usage", False)), loopserve=_loopserve(body.get("loopserve")),
+        presence_penalty=_number(body, "presence_penalty", -2, 2),
+        frequency_penalty=_number(body, "frequency_penalty", -2, 2),
+        logit_bias=_logit_bias(body.get("logit_bias")), logprobs=_logprobs(body),
+        min_p=_number(body, "min_p", 0, 1))
+
+
+def _logit_bias(v) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} with biases in -100..100 (the ids are checked against the
+    model's vocabulary by the engine)."""
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise _bad("'logit_bias' must be an object mapping token ids to numbers", "logit_bias")
+    out = []
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.isascii() and k.isdigit()):
+            raise _bad(f"'logit_bias' keys must be token ids, got {k!r}", "logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise _bad(f"'logit_bias' values must be numbers between -100 and 100, got {json.dumps(b)}",
+                       "logit_bias")
+        out.append((int(k), float(b)))
+    return tuple(out)
+
+
+def _logprobs(body: dict) -> int | None:
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise _bad("'logprobs' must be a boolean", "logprobs")
+    top = _number(body, "top_logprobs", 0, 20, integer=True)
+    if top is not None and not on:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if on else None
+
+
+def _unsupported(body: dict) -> None:
+    """What this server cannot honour is refused, not ignored: a reply that only looks like one
+    (prose where JSON was required, text where a tool call was required) would fail later and
+    quietly. Tools offered with the model free to use them (tool_choice "auto", the default,
+    or "none") are answered in text, which that choice allows."""
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise _bad(f"response_format {json.dumps(kind)} is not supported: this server does not constrain "
+                   'the form of the reply (only {"type": "text"})', "response_format")
+    choice = body.get("tool_choice")
+    if body.get("tools") and choice not in (None, "auto", "none"):
+        raise _bad('this server does not call tools: tool_choice must be "auto" or "none" (the reply is '
+                   'text)', "tool_choice")
+
+
+def _loopserve(v) -> dict:
+    """The request's LoopServe settings, checked by type here and by LoopServeConfig later."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _bad("'loopserve' must be an object", "loopserve")
+    for k, x in v.items():
+        t = LOOPSERVE_FIELDS.get(k)
+        if t is None:
+            raise _bad(f"unknown loopserve setting {k!r}; known: {', '.join(LOOPSERVE_FIELDS)}", f"loopserve.{k}")
+        if not (_is(x, t) or (k in ("budget", "defer_scored") and x is None)):
+            raise _bad(f"loopserve.{k} must be of type {t.__name__}", f"loopserve.{k}")
+    return dict(v)
+
+
+def _is(x, t) -> bool:
+    if t is bool or isinstance(x, bool):
+        return t is bool and isinstance(x, bool)
+    return isinstance(x, (int, float)) if t is float else isinstance(x, t)
+
+
+def merged_config(base: LoopServeConfig, settings: dict) -> LoopServeConfig:
+    """base with the request's settings; a combination LoopServeConfig refuses is a 400."""
+    if not settings:
+        return base
+    d = base.to_dict()
+    d.update(settings)
+    if "interval" not in settings and "budget" in settings:
+        d["interval"] = None    # derived from the budget again
+    if "defer_cut" not in settings:
+        d["defer_cut"] = None
+    try:
+        return LoopServeConfig.from_dict(d)
+    except ValueError as e:
+        raise _bad(f"loopserve settings: {e}", "loopserve") from None
+
+
+def sampling(req: ChatRequest, *, max_tokens: int, temperature: float, top_p: float, top_k: int,
+             n_vocab: int, min_p: float = 0.0) -> dict:
+    """Dialogue.send's sampling arguments: the request's, else the given defaults."""
+    bad = [t for t, _ in req.logit_bias if t >= n_vocab]
+    if bad:
+        raise _bad(f"logit_bias: token {bad[0]} is beyond the model's vocabulary ({n_vocab} tokens)",
+                   "logit_bias")
+    return dict(max_tokens=req.max_tokens or max_tokens,
+                temperature=temperature if req.temperature is None else req.temperature,
+                top_p=top_p if req.top_p is None else req.top_p, top_k=top_k if req.top_k is None else req.top_k,
+                min_p=min_p if req.min_p is None else req.min_p,
+                seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.logit_bias, logprobs=req.logprobs)
+
+
+FINISH = {"stop": "stop", "length": "length", "context_full": "length"}
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def usage(stats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.decode_tokens,
+            "total_tokens": stats.prompt_tokens + stats.decode_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
+
+
+def extras(dialogue_id: str, stats) -> dict:
+    """What the response adds to OpenAI's shape (clients ignore unknown fields)."""
+    return {"dialogue_id": dialogue_id, "kv_cells": stats.kv_cells, "kv_evicted": stats.kv_evicted,
+            "ttft_s": round(stats.ttft_s, 4), "prefill_chunks": stats.prefill_chunks}
+
+
+def logprob_entry(piece: bytes, logprob: float) -> dict:
+    return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
+
+
+class LogprobCursor:
+    """A reply's log-probability entries, handed out as its text is: take(upto) gives those of
+    the tokens not handed out yet that start before byte `upto` of the reply (the text emitted
+    so far; at the end, the whole reply, so that the tokens of a stop string it was cut before
+    are left out)."""
+
+    def __init__(self, llm, dialogue):
+        self.llm, self.dialogue = llm, dialogue
+        self.sent = 0   # entries handed out
+        self.byte = 0   # the reply's byte where the next one's token starts
+
+    def take(self, upto: int) -> list[dict] | None:
+        got = self.dialogue.reply_logprobs
+        if got is None:
+            return None
+        out = []
+        while self.sent < len(got) and self.byte < upto:
+            tok, lp, best = got[self.sent]
+            piece = self.llm._piece(tok, special=False)
+            out.append(dict(logprob_entry(piece, lp), top_logprobs=[
+                logprob_entry(self.llm._piece(t, special=False), x) for t, x in best]))
+            self.sent += 1
+            self.byte += len(piece)
+        return out
+
+
+def _logprobs_field(content: list[dict] | None) -> dict | None:
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str,
+             logprobs: list[dict] | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": _logprobs_field(logprobs), "finish_reason": FINISH[stats.finish_reason]}],
+            "usage": usage(stats), "loopserve": extras(dialogue_id, stats)}
+
+
+def chunk(cid: str, model: str, fingerprint: str, delta: dict, finish: str | None = None,
+          logprobs: list[dict] | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"index": 0, "delta": delta, "logprobs": _logprobs_field(logprobs),
+                         "finish_reason": finish}]}
+
+
+def usage_chunk(cid: str, model: str, fingerprint: str, stats, dialogue_id: str) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    return dict(chunk(cid, model, fingerprint, {}), choices=[], usage=usage(stats),
+                loopserve=extras(dialogue_id, stats))
+

@@ -1,0 +1,151 @@
+"""`Llama.create_chat_completion`: llama-cpp-python's call over dialogues that carry on."""
+import pytest
+
+from loopserve_edge import ContextFullError, LoopServeConfig
+from loopserve_edge.chat_completions import ChatCompletions
+from loopserve_edge.openai_chat import RequestError
+
+GREEDY = dict(temperature=0, max_tokens=12)
+SYSTEM = {"role": "system", "content": "You are terse."}
+
+
+def _text(r):
+    return r["choices"][0]["message"]["content"]
+
+
+def test_a_completion_is_the_dialogue_reply_and_the_next_call_reuses_the_conversation(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    m = [SYSTEM, {"role": "user", "content": "first question about apples"}]
+    r = llm.create_chat_completion(m, **GREEDY)
+    d = make_llm(tiny_model).dialogue(system="You are terse.")
+    assert _text(r) == d.send("first question about apples", **GREEDY)
+    assert r["object"] == "chat.completion" and r["model"] == str(tiny_model)
+    c = r["choices"][0]
+    assert c["message"]["role"] == "assistant" and c["finish_reason"] in ("stop", "length")
+    assert c["logprobs"] is None
+    u = r["usage"]
+    assert u["prompt_tokens"] == d.last_stats.prompt_tokens and u["prompt_tokens_details"]["cached_tokens"] == 0
+    assert u["completion_tokens"] == d.last_stats.decode_tokens
+
+    m += [{"role": "assistant", "content": _text(r)}, {"role": "user", "content": "second one, about pears"}]
+    r2 = llm.create_chat_completion(m, **GREEDY)
+    assert _text(r2) == d.send("second one, about pears", **GREEDY)
+    # the whole first turn stayed in the cache: only the new message was prefilled
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert r2["usage"]["prompt_tokens"] == d.last_stats.prompt_tokens
+    assert r2["loopserve"]["dialogue_id"] == r["loopserve"]["dialogue_id"]
+
+
+def test_a_stream_gives_the_same_reply_in_chunks(tiny_model, make_llm):
+    m = [{"role": "user", "content": "hello there"}]
+    whole = make_llm(tiny_model).create_chat_completion(m, **GREEDY)
+    chunks = list(make_llm(tiny_model).create_chat_completion(m, stream=True, stream_options={"include_usage": True},
+                                                              **GREEDY))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == _text(whole)
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_a_stream_stopped_early_ends_the_turn_with_the_reply_so_far(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    m = [{"role": "user", "content": "tell me a story"}]
+    it = llm.create_chat_completion(m, temperature=0, max_tokens=40, stream=True)
+    got = [next(it) for _ in range(4)]
+    it.close()
+    partial = "".join(c["choices"][0]["delta"]["content"] for c in got)
+    assert partial
+    r = llm.create_chat_completion(m + [{"role": "assistant", "content": partial},
+                                        {"role": "user", "content": "go on"}], **GREEDY)
+    # the dialogue was free again and held the partial reply: nothing before "go on" recomputed
+    (entry,) = llm._completions.store.entries.values()
+    assert r["loopserve"]["dialogue_id"] == entry.id
+    assert entry.dialogue.messages[1]["content"] == partial
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= r["usage"]["prompt_tokens"] - 16
+
+
+def test_an_edited_history_branches_and_the_original_goes_on(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    m = [{"role": "user", "content": "Pick a fruit."}]
+    a = _text(llm.create_chat_completion(m, **GREEDY))
+    edited = llm.create_chat_completion(m + [{"role": "assistant", "content": "Zzz, qwerty."},
+                                             {"role": "user", "content": "Why?"}], **GREEDY)
+    cached = edited["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < edited["usage"]["prompt_tokens"]
+    orig = llm.create_chat_completion(m + [{"role": "assistant", "content": a}, {"role": "user", "content": "Why?"}],
+                                      **GREEDY)
+    assert orig["usage"]["prompt_tokens_details"]["cached_tokens"] > cached
+    assert orig["loopserve"]["dialogue_id"] != edited["loopserve"]["dialogue_id"]
+
+
+def test_logprobs_cover_the_reply(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    r = llm.create_chat_completion([{"role": "user", "content": "count to ten"}], logprobs=True, top_logprobs=2,
+                                   temperature=0, max_tokens=8)
+    content = r["choices"][0]["logprobs"]["content"]
+    # one entry a token (the tiny model's byte tokens need not make whole UTF-8 characters)
+    assert len(content) == r["usage"]["completion_tokens"] - (r["choices"][0]["finish_reason"] == "stop")
+    assert b"".join(bytes(e["bytes"]) for e in content).decode(errors="replace") == _text(r)
+    for e in content:   # greedy: the chosen token is the most likely one
+        assert len(e["top_logprobs"]) == 2 and e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"])
+    # llama-cpp-python's logit_bias has integer keys: a token pushed up is chosen
+    biased = llm.create_chat_completion([{"role": "user", "content": "count to ten"}], logprobs=True,
+                                        logit_bias={200: 100}, temperature=0, max_tokens=1)
+    assert [e["token"] for e in biased["choices"][0]["logprobs"]["content"]] == [llm.detokenize([200])]
+
+
+def test_bad_calls_raise_naming_the_parameter_and_lose_nothing(tiny_model, make_llm):
+    llm = make_llm(tiny_model, n_ctx=256)
+    m = [{"role": "user", "content": "hi"}]
+    first = llm.create_chat_completion(m, **GREEDY)
+    cases = [(dict(temperature=5), "temperature"), (dict(response_format={"type": "json_object"}), "response_format"),
+             (dict(logit_bias={10 ** 6: 1}), "vocabulary"), (dict(loopserve={"policy": "loopserve"}), "budget"),
+             (dict(loopserve={"granularity": "head"}), "granularity")]
+    for kw, what in cases:
+        with pytest.raises(RequestError, match=what):
+            llm.create_chat_completion(m, **kw)
+    with pytest.raises(ValueError, match="non-empty"):
+        llm.create_chat_completion([])
+    # llama-cpp-python's other samplers: accepted where they do nothing, else refused by name
+    assert _text(llm.create_chat_completion(m, repeat_penalty=1.0, mirostat_mode=0, mirostat_tau=4.0,
+                                            grammar=None, **GREEDY)) == _text(first)
+    with pytest.raises(RequestError, match="repeat_penalty=1.1 is not supported"):
+        llm.create_chat_completion(m, repeat_penalty=1.1)
+    with pytest.raises(TypeError, match="n_probs"):
+        llm.create_chat_completion(m, n_probs=3)
+    with pytest.raises(ContextFullError):
+        llm.create_chat_completion(m + [{"role": "assistant", "content": _text(first)},
+                                        {"role": "user", "content": "word " * 400}], **GREEDY)
+    again = llm.create_chat_completion(m + [{"role": "assistant", "content": _text(first)},
+                                            {"role": "user", "content": "and?"}], **GREEDY)
+    u = first["usage"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_the_config_and_each_call_settings_bound_the_cache(tiny_model, make_llm):
+    llm = make_llm(tiny_model, loopserve=LoopServeConfig(policy="loopserve", budget=64, interval=8, recent=16))
+    m = []
+    for k in range(4):
+        m.append({"role": "user", "content": f"part {k}: " + "lorem ipsum dolor sit amet " * 8})
+        r = llm.create_chat_completion(m, **GREEDY)
+        assert r["loopserve"]["kv_cells"] <= 64 + 8
+        m.append({"role": "assistant", "content": _text(r)})
+    assert r["loopserve"]["kv_evicted"] > 0
+    # a call's own settings: a smaller budget for this conversation
+    m.append({"role": "user", "content": "and more " * 20})
+    r = llm.create_chat_completion(m, loopserve={"budget": 32, "interval": 4}, **GREEDY)
+    assert r["loopserve"]["kv_cells"] <= 32 + 4
+
+
+def test_conversations_beyond_the_ram_limit_are_forgotten(tiny_model, make_llm):
+    llm = make_llm(tiny_model, loopserve=LoopServeConfig(max_resident=1))
+    chats = ChatCompletions(llm, ram_limit=0)
+    a = [{"role": "user", "content": "alpha one"}]
+    ra = chats.create(dict(messages=a, **GREEDY))
+    chats.create(dict(messages=[{"role": "user", "content": "beta one"}], **GREEDY))
+    # a was swapped out to make room for b, and over the limit of 0 bytes: gone
+    assert [e.messages[0]["content"] for e in chats.store.entries.values()] == ["beta one"]
+    r = chats.create(dict(messages=a + [{"role": "assistant", "content": _text(ra)},
+                                        {"role": "user", "content": "alpha two"}], **GREEDY))
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
