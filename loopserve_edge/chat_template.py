@@ -79,3 +79,16 @@ class ChatTemplate:
     def render(self, messages: list[dict]) -> str:
         """The whole conversation as the model sees it, ending with the assistant's cue."""
         return self._fmt(messages=messages).prompt
+
+
+class RawText:
+    """Text completions (OpenAI's /v1/completions): the prompt is the text as given, with no
+    turns or control tokens (the tokenizer adds BOS where the model wants one), and the reply
+    continues it, ending at the model's end of generation or a stop string of the request."""
+    stops: tuple[str, ...] = ()
+
+    def __init__(self, bos_token: str):
+        self.bos_token = bos_token
+
+    def render(self, messages: list[dict]) -> str:
+        return "".join(m["content"] for m in messages)

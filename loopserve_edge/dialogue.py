@@ -84,11 +84,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 class Dialogue:
     def __init__(self, llm: "Context", evictor: "Evictor", system: str | None = None,
-                 name: str | None = None, dialogues_dir: str | os.PathLike | None = None):
+                 name: str | None = None, dialogues_dir: str | os.PathLike | None = None, template=None):
         """`llm`: the context the dialogue's KV state lives in; `evictor`: the eviction
         policy run at each turn; `dialogues_dir`: where save() puts a named dialogue
-        (None: paths.dialogues_dir())."""
+        (None: paths.dialogues_dir()); `template`: how messages become text (None: the
+        model's, llm.template; chat_template.RawText for text completions)."""
         self.llm = llm
+        self.template = template or llm.template
         self.evictor = evictor
         self.dialogues_dir = dialogues_dir
         self.name = name
@@ -145,7 +147,7 @@ class Dialogue:
         decodes Step.token at Step.pos in this dialogue and sends the logits back (or throws
         ContextFullError in)."""
         params = SamplingParams(**sampling)
-        stops = tuple(self.llm.template.stops) + ((stop,) if isinstance(stop, str) else tuple(stop or ()))
+        stops = tuple(self.template.stops) + ((stop,) if isinstance(stop, str) else tuple(stop or ()))
         if any(not s for s in stops):
             raise LoopServeError("a stop string must not be empty")
         t0 = time.perf_counter()
@@ -176,13 +178,13 @@ class Dialogue:
 
     def _render(self, messages: list[dict]) -> str:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.llm.template.render(head + messages)
+        return self.template.render(head + messages)
 
     def _prefill(self, text: str, reply_prefix: str = "") -> tuple[np.ndarray, int, int]:
         llm = self.llm
         messages = self.messages + [{"role": "user", "content": text}]
         rendered = self._render(messages) + reply_prefix
-        bos = llm.template.bos_token
+        bos = self.template.bos_token
         add_bos = llm.add_bos and not (bos and rendered.startswith(bos))
         if self.tokens and rendered.startswith(self.kv_text):
             keep = len(self.tokens)

@@ -10,6 +10,10 @@ only part of it (an edited or regenerated turn) is branched: a copy of its KV st
 with the request's history and recomputes from the first token that differs, and the original
 stays for whoever continues it.
 
+Text completions (one prompt, the whole text) go on in the text dialogue whose text shares the
+longest start with the prompt (as llama-server's slots: what differs is recomputed in place).
+They are kept in RAM only, never in state files.
+
 Not thread-safe: the server's engine calls it under its lock.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from . import state_file
 from .config import LoopServeConfig
+from .chat_template import RawText
 from .dialogue import Dialogue
 from .errors import LoopServeError
 from .eviction import Evictor
@@ -56,6 +62,7 @@ class Entry:
     used: float = field(default_factory=time.time)
     dirty: bool = False                   # changed since its state file was written
     busy: bool = False                    # a request is running in it: not to be matched
+    text: bool = False                    # a text completions' dialogue (chat_template.RawText)
 
 
 class DialogueStore:
@@ -137,6 +144,31 @@ class DialogueStore:
         e.used = time.time()
         return e, d
 
+    def for_text(self, prompt: str, evictor: Evictor) -> tuple[Entry, Dialogue]:
+        """The dialogue to run a text completion in: the free text dialogue whose text (prompt
+        and reply so far) shares the longest start with the prompt, at least half of the
+        prompt, or a new one. Its messages
+        are emptied: the prompt, sent to it next, is the whole text, and what the cache holds
+        beyond their common start is recomputed (Dialogue._prefill)."""
+        best, common = None, 0
+        for e in self.entries.values():
+            if e.text and not e.busy:
+                n = len(os.path.commonprefix([e.dialogue.kv_text, prompt]))
+                # at least half of the prompt (as llama-server picks a slot): a prompt that shares
+                # only a short start with it (another client's) should not cut down its cache
+                if 2 * n >= len(prompt) and (n > common or (n == common and best is not None
+                                                            and e.used > best.used)):
+                    best, common = e, n
+        e = best
+        if e is None:
+            e = Entry(uuid.uuid4().hex, None, [], text=True)
+            e.dialogue = Dialogue(self.llm, evictor, name=e.id, template=RawText(self.llm.template.bos_token))
+            self.entries[e.id] = e
+        e.dialogue.evictor = evictor
+        e.dialogue.messages = []
+        e.used = time.time()
+        return e, e.dialogue
+
     def _new(self, system: str | None, eid: str | None = None) -> Entry:
         e = Entry(eid or uuid.uuid4().hex, system, [])
         e.dialogue = self.llm.dialogue(system=system, name=e.id)
@@ -167,9 +199,10 @@ class DialogueStore:
 
     def updated(self, e: Entry) -> None:
         e.messages = list(e.dialogue.messages)
-        e.dirty = True
         e.used = time.time()
-        self._register(e)
+        if not e.text:     # a text dialogue is found by its text, and never saved
+            e.dirty = True
+            self._register(e)
         self._limit_ram(keep=e)
 
     def _limit_ram(self, keep: Entry) -> None:
@@ -183,7 +216,7 @@ class DialogueStore:
             self._to_disk(x)
 
     def _to_disk(self, e: Entry) -> None:
-        if self.root is None:
+        if self.root is None or e.text:
             self._forget(e)
             return
         if e.dirty or not self._path(e.id).exists():

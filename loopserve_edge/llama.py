@@ -3,7 +3,7 @@ KV sequences) with dialogues on top, the eviction policy of its `LoopServeConfig
 state files dialogues are saved to.
 
 Layers, each importing only those before it: context.py (llama.cpp) -> eviction.py (which
-cells to keep) -> dialogue.py (turns) -> dialogue_store.py, chat_completions.py (dialogues
+cells to keep) -> dialogue.py (turns) -> dialogue_store.py, completions.py (dialogues
 found from OpenAI-style requests) -> llama.py (dialogues of one model).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import paths, state_file
-from .chat_completions import ChatCompletions
+from .completions import Completions
 from .config import LoopServeConfig
 from .context import Context
 from .dialogue import Dialogue
@@ -26,7 +26,7 @@ from .openai_chat import RequestError
 # which they do nothing (accepted, so that code passing its defaults runs); mirostat's tau and
 # eta do nothing while mirostat_mode is 0
 NOOP_ARGS = {"typical_p": 1.0, "repeat_penalty": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "grammar": None,
-             "logits_processor": None, "functions": None, "function_call": None}
+             "logits_processor": None, "stopping_criteria": None, "functions": None, "function_call": None}
 MIROSTAT_TUNING = ("mirostat_tau", "mirostat_eta")
 
 
@@ -38,7 +38,7 @@ class Llama(Context):
         super().__init__(model_path, loopserve=loopserve, **kwargs)
         self._dialogues_dir = dialogues_dir
         self.evictor = Evictor(self, self.config)
-        self._completions: ChatCompletions | None = None
+        self._completions: Completions | None = None
 
     # -- dialogues ---------------------------------------------------------------------
 
@@ -79,7 +79,7 @@ class Llama(Context):
             raise StateFileError(f"{path}: {e}") from None
         return dlg
 
-    # -- llama-cpp-python's chat call --------------------------------------------------
+    # -- llama-cpp-python's calls --------------------------------------------------------
 
     def create_chat_completion(self, messages: list[dict], *, temperature: float = 0.2, top_p: float = 0.95,
                                top_k: int = 40, min_p: float = 0.05, max_tokens: int | None = None,
@@ -92,22 +92,12 @@ class Llama(Context):
                                **unsupported) -> dict | Iterator[dict]:
         """llama-cpp-python's `create_chat_completion`: OpenAI's response (or, with stream, its
         chunks). Calls that repeat a conversation's messages go on in the dialogue that holds
-        them, prefilling only what is new (chat_completions.py); `loopserve`: this call's
+        them, prefilling only what is new (completions.py); `loopserve`: this call's
         LoopServe settings, as the server's request field. Bad arguments raise
         `openai_chat.RequestError` (a ValueError) naming the parameter, as do llama-cpp-python's
         samplers that are not offered (repeat_penalty, mirostat, grammar, ...) unless left
         at values that do nothing."""
-        for k, v in unsupported.items():
-            if k in MIROSTAT_TUNING:
-                continue
-            if k not in NOOP_ARGS:
-                raise TypeError(f"create_chat_completion() got an unexpected keyword argument {k!r}")
-            if v != NOOP_ARGS[k]:
-                raise RequestError(f"{k}={v!r} is not supported (only {NOOP_ARGS[k]!r}, which does nothing); "
-                                   "sampling offers temperature, top_k, top_p, min_p, presence_penalty, "
-                                   "frequency_penalty, logit_bias and seed", k)
-        if self._completions is None:
-            self._completions = ChatCompletions(self)
+        _refuse("create_chat_completion", unsupported)
         body = dict(messages=messages, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                     max_tokens=max_tokens, stop=stop or None, stream=stream, seed=seed,
                     presence_penalty=presence_penalty,
@@ -116,4 +106,44 @@ class Llama(Context):
                     stream_options=stream_options, loopserve=loopserve,
                     # llama-cpp-python's bias maps token ids (ints) to biases; OpenAI's JSON, strings
                     logit_bias=None if logit_bias is None else {str(k): v for k, v in logit_bias.items()})
-        return self._completions.create({k: v for k, v in body.items() if v is not None})
+        return self._calls().chat({k: v for k, v in body.items() if v is not None})
+
+    def create_completion(self, prompt: str, *, max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                          stop: str | list[str] | None = None, stream: bool = False, echo: bool = False,
+                          seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                          logit_bias: dict | None = None, logprobs: int | None = None, suffix: str | None = None,
+                          model: str | None = None, stream_options: dict | None = None,
+                          loopserve: dict | None = None, **unsupported) -> dict | Iterator[dict]:
+        """llama-cpp-python's `create_completion` (also `llm(prompt, ...)`): the prompt continued
+        as text, no chat template; OpenAI's text completion (or, with stream, its chunks). A
+        prompt that starts with an earlier call's prompt and completion goes on in that call's
+        dialogue (completions.py). Errors as create_chat_completion's."""
+        _refuse("create_completion", unsupported)
+        body = dict(prompt=prompt, max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
+                    temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop or None,
+                    stream=stream, echo=echo, seed=seed, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, logprobs=logprobs, suffix=suffix, model=model,
+                    stream_options=stream_options, loopserve=loopserve,
+                    logit_bias=None if logit_bias is None else {str(k): v for k, v in logit_bias.items()})
+        return self._calls().text({k: v for k, v in body.items() if v is not None})
+
+    __call__ = create_completion
+
+    def _calls(self) -> Completions:
+        if self._completions is None:
+            self._completions = Completions(self)
+        return self._completions
+
+
+def _refuse(call: str, unsupported: dict) -> None:
+    """llama-cpp-python's arguments that are not offered: refused by name unless they do nothing."""
+    for k, v in unsupported.items():
+        if k in MIROSTAT_TUNING:
+            continue
+        if k not in NOOP_ARGS:
+            raise TypeError(f"{call}() got an unexpected keyword argument {k!r}")
+        if v != NOOP_ARGS[k]:
+            raise RequestError(f"{k}={v!r} is not supported (only {NOOP_ARGS[k]!r}, which does nothing); "
+                               "sampling offers temperature, top_k, top_p, min_p, presence_penalty, "
+                               "frequency_penalty, logit_bias and seed", k)

@@ -1,6 +1,7 @@
-"""OpenAI's chat-completions shapes, for the server and for `Llama.create_chat_completion`: a
-request validated into a `ChatRequest`, the sampling it asks for, the response, stream chunks
-and log-probability entries (https://platform.openai.com/docs/api-reference/chat).
+"""OpenAI's chat- and text-completions shapes, for the server and for `Llama.create_chat_completion`
+/ `create_completion`: a request validated into a `ChatRequest` (`TextRequest`), the sampling it
+asks for, the response, stream chunks and log-probability entries
+(https://platform.openai.com/docs/api-reference/chat, .../completions).
 
 Validation is by hand so that every error names the parameter (`RequestError`: the server
 answers it as an OpenAI-style 400 body, the Python API raises it), never a framework's own
@@ -55,6 +56,12 @@ class ChatRequest:
     min_p: float | None = None         # llama-server's and llama-cpp-python's extension
 
 
+@dataclass(frozen=True)
+class TextRequest(ChatRequest):
+    """A text completion: `prompt` is the whole text, continued as it is (no turns)."""
+    echo: bool = False                 # the response's text starts with the prompt
+
+
 def _bad(msg: str, param: str | None, code: str | None = None) -> RequestError:
     return RequestError(msg, param, code)
 
@@ -89,14 +96,19 @@ def _text(content, where: str) -> str:
     raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
 
 
-def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
-    """A request body (decoded JSON); `model`: the name to use when the body gives none (the
-    Python API), None to require one (the server)."""
+def _model(body, model: str | None) -> str:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
     model = body.get("model", model) or model
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required and must be a string", "model")
+    return model
+
+
+def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
+    """A chat request's body (decoded JSON); `model`: the name to use when the body gives none
+    (the Python API), None to require one (the server)."""
+    model = _model(body, model)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' is required and must be a non-empty list", "messages")
@@ -121,6 +133,39 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     reply_prefix = rest.pop()["content"] if rest and rest[-1]["role"] == "assistant" else ""
     if not rest:
         raise _bad("the conversation must have a user message", "messages")
+    _unsupported(body)
+    return ChatRequest(model=model, system="\n\n".join(system_parts) if system_parts else None,
+                       history=tuple(rest[:-1]), prompt=rest[-1]["content"], reply_prefix=reply_prefix,
+                       **_generation(body, _logprobs(body)))
+
+
+def parse_text(body: dict, model: str | None = None) -> TextRequest:
+    """A text completion request's body, as parse_chat."""
+    model = _model(body, model)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _bad("'prompt' must be a string (token arrays and several prompts are not supported)", "prompt")
+    if not prompt:
+        raise _bad("'prompt' must not be empty", "prompt")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise _bad("'echo' must be a boolean", "echo")
+    if body.get("suffix"):
+        raise _bad("'suffix' (fill in the middle) is not supported", "suffix")
+    if body.get("best_of", 1) != 1:
+        raise _bad("only best_of=1 is supported", "best_of")
+    logprobs = _number(body, "logprobs", 0, 20, integer=True)
+    if echo and logprobs is not None:
+        raise _bad("'echo' with 'logprobs' is not supported: the prompt's own log-probabilities are not "
+                   "computed", "echo")
+    return TextRequest(model=model, system=None, history=(), prompt=prompt, reply_prefix="", echo=echo,
+                       **_generation(body, logprobs))
+
+
+def _generation(body: dict, logprobs: int | None) -> dict:
+    """The fields chat and text completions share: length, sampling, stops, streaming."""
     if body.get("n", 1) != 1:
         raise _bad("only n=1 is supported", "n")
     max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
@@ -143,18 +188,14 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
-    _unsupported(body)
-    return ChatRequest(
-        model=model, system="\n\n".join(system_parts) if system_parts else None,
-        history=tuple(rest[:-1]), prompt=rest[-1]["content"], reply_prefix=reply_prefix, max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
+    return dict(
+        max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
         top_k=_number(body, "top_k", 0, 1 << 20, integer=True),
         seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True), stop=stop, stream=stream,
         include_usage=bool(opts.get("include_usage", False)), loopserve=_loopserve(body.get("loopserve")),
         presence_penalty=_number(body, "presence_penalty", -2, 2),
         frequency_penalty=_number(body, "frequency_penalty", -2, 2),
-        logit_bias=_logit_bias(body.get("logit_bias")), logprobs=_logprobs(body),
-        min_p=_number(body, "min_p", 0, 1))
+        logit_bias=_logit_bias(body.get("logit_bias")), logprobs=logprobs, min_p=_number(body, "min_p", 0, 1))
 
 
 def _logit_bias(v) -> tuple[tuple[int, float], ...]:
@@ -256,8 +297,8 @@ def sampling(req: ChatRequest, *, max_tokens: int, temperature: float, top_p: fl
 FINISH = {"stop": "stop", "length": "length", "context_full": "length"}
 
 
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
+def completion_id(text: bool = False) -> str:
+    return ("cmpl-" if text else "chatcmpl-") + uuid.uuid4().hex[:24]
 
 
 def usage(stats) -> dict:
@@ -328,3 +369,105 @@ def usage_chunk(cid: str, model: str, fingerprint: str, stats, dialogue_id: str)
     return dict(chunk(cid, model, fingerprint, {}), choices=[], usage=usage(stats),
                 loopserve=extras(dialogue_id, stats))
 
+
+
+# -- text completions ---------------------------------------------------------------------
+
+def text_logprobs(entries: list[dict] | None, offset: int) -> dict | None:
+    """Text completions' log-probabilities (the legacy form) from the chat form's entries;
+    `offset`: the characters of the response's text before the first entry's token."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [_top(e["top_logprobs"]) for e in entries],
+            "text_offset": offsets}
+
+
+def _top(best: list[dict]) -> dict:
+    """{token text: log-probability}, most likely first; of tokens that read alike (bytes of
+    an unfinished character), the most likely one's."""
+    out: dict[str, float] = {}
+    for t in best:
+        out.setdefault(t["token"], t["logprob"])
+    return out
+
+
+def text_response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str,
+                  logprobs: dict | None = None) -> dict:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs,
+                         "finish_reason": FINISH[stats.finish_reason]}],
+            "usage": usage(stats), "loopserve": extras(dialogue_id, stats)}
+
+
+def text_chunk(cid: str, model: str, fingerprint: str, text: str, finish: str | None = None,
+               logprobs: dict | None = None) -> dict:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def text_usage_chunk(cid: str, model: str, fingerprint: str, stats, dialogue_id: str) -> dict:
+    return dict(text_chunk(cid, model, fingerprint, ""), choices=[], usage=usage(stats),
+                loopserve=extras(dialogue_id, stats))
+
+
+
+# -- one request's shapes -------------------------------------------------------------------
+
+class ChatShapes:
+    """A chat request's response and stream chunks, from its reply, TurnStats and the
+    log-probability entries that come with the reply or with each piece (the server and the
+    Python API build both kinds of answer through these five calls)."""
+
+    def __init__(self, req: ChatRequest, fingerprint: str):
+        self.req, self.cid, self.fp = req, completion_id(), fingerprint
+
+    def response(self, text: str, stats, did: str, logprobs) -> dict:
+        return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs)
+
+    def start(self) -> list[dict]:
+        return [chunk(self.cid, self.req.model, self.fp, {"role": "assistant", "content": ""})]
+
+    def piece(self, text: str, logprobs) -> dict:
+        return chunk(self.cid, self.req.model, self.fp, {"content": text}, logprobs=logprobs)
+
+    def end(self, stats, logprobs) -> dict:
+        return chunk(self.cid, self.req.model, self.fp, {}, FINISH[stats.finish_reason], logprobs or None)
+
+    def usage(self, stats, did: str) -> dict:
+        return usage_chunk(self.cid, self.req.model, self.fp, stats, did)
+
+
+class TextShapes:
+    """A text completion's, as ChatShapes; the log-probabilities in the legacy form, their text
+    offsets counted across the chunks."""
+
+    def __init__(self, req: TextRequest, fingerprint: str):
+        self.req, self.cid, self.fp = req, completion_id(text=True), fingerprint
+        self.offset = len(req.prompt) if req.echo else 0
+
+    def response(self, text: str, stats, did: str, logprobs) -> dict:
+        start = self.req.prompt if self.req.echo else ""
+        return text_response(self.cid, self.req.model, self.fp, start + text, stats, did,
+                             text_logprobs(logprobs, len(start)))
+
+    def start(self) -> list[dict]:
+        return [text_chunk(self.cid, self.req.model, self.fp, self.req.prompt)] if self.req.echo else []
+
+    def piece(self, text: str, logprobs) -> dict:
+        c = text_chunk(self.cid, self.req.model, self.fp, text, logprobs=text_logprobs(logprobs, self.offset))
+        self.offset += len(text)
+        return c
+
+    def end(self, stats, logprobs) -> dict:
+        return text_chunk(self.cid, self.req.model, self.fp, "", FINISH[stats.finish_reason],
+                          text_logprobs(logprobs or None, self.offset))
+
+    def usage(self, stats, did: str) -> dict:
+        return text_usage_chunk(self.cid, self.req.model, self.fp, stats, did)

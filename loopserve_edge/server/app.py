@@ -1,5 +1,5 @@
-"""The HTTP API (FastAPI/Starlette, served by uvicorn): OpenAI's /v1/chat/completions and
-/v1/models, /health, Prometheus /metrics and a small chat page at /.
+"""The HTTP API (FastAPI/Starlette, served by uvicorn): OpenAI's /v1/chat/completions,
+/v1/completions and /v1/models, /health, Prometheus /metrics and a small chat page at /.
 
 Every error is an OpenAI-style JSON body; the server keeps serving after any of them.
 """
@@ -115,28 +115,41 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
     async def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        req = protocol.parse_chat_request(await request.body())
+    def check_model(req) -> None:
         if req.model != opts.model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server has {opts.model_name!r}",
                            param="model", code="model_not_found")
-        dialogue_id = request.headers.get(DIALOGUE_HEADER)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = protocol.parse_chat_request(await request.body())
+        check_model(req)
+        return await _answer(request, req, request.headers.get(DIALOGUE_HEADER),
+                             openai_chat.ChatShapes(req, engine.llm.fingerprint))
+
+    @app.post("/v1/completions")
+    async def text(request: Request):
+        req = protocol.parse_text_request(await request.body())
+        check_model(req)
+        if request.headers.get(DIALOGUE_HEADER) is not None:
+            raise ApiError(400, f"{DIALOGUE_HEADER} names a chat dialogue; a text completion goes on in the "
+                           "dialogue whose text its prompt starts with", param=DIALOGUE_HEADER)
+        return await _answer(request, req, None, openai_chat.TextShapes(req, engine.llm.fingerprint))
+
+    async def _answer(request: Request, req, dialogue_id: str | None, shapes):
+        path = request.url.path
         engine.admit()
-        cid = openai_chat.completion_id()
-        fp = engine.llm.fingerprint
         if not req.stream:
             try:
                 text, stats, did, logprobs = await anyio.to_thread.run_sync(
                     engine.run, req, dialogue_id, lambda *_: None, threading.Event())
             finally:
                 engine.release()
-            engine.metrics.request("/v1/chat/completions", 200)
-            return JSONResponse(openai_chat.response(cid, opts.model_name, fp, text, stats, did, logprobs),
-                                headers={DIALOGUE_HEADER: did})
-        return await _stream(request, req, dialogue_id, cid, fp)
+            engine.metrics.request(path, 200)
+            return JSONResponse(shapes.response(text, stats, did, logprobs), headers={DIALOGUE_HEADER: did})
+        return await _stream(path, req, dialogue_id, shapes)
 
-    async def _stream(request: Request, req, dialogue_id, cid: str, fp: str):
+    async def _stream(path: str, req, dialogue_id, shapes):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -166,28 +179,27 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         kind, value = await queue.get()
         if kind == "error":
             await task
-            engine.metrics.request("/v1/chat/completions", value.status)
+            engine.metrics.request(path, value.status)
             return _error(value)
-        engine.metrics.request("/v1/chat/completions", 200)
+        engine.metrics.request(path, 200)
 
         async def events():
             try:
-                yield protocol.sse(openai_chat.chunk(cid, opts.model_name, fp, {"role": "assistant", "content": ""}))
+                for c in shapes.start():
+                    yield protocol.sse(c)
                 item = await queue.get()
                 while True:
                     k, v = item
                     if k == "piece":
-                        yield protocol.sse(openai_chat.chunk(cid, opts.model_name, fp, {"content": v[0]},
-                                                          logprobs=v[1]))
+                        yield protocol.sse(shapes.piece(*v))
                     elif k == "error":
                         yield protocol.sse(v.body())
                         break
                     else:
                         _, stats, did, logprobs = v
-                        yield protocol.sse(openai_chat.chunk(cid, opts.model_name, fp, {},
-                                                          openai_chat.FINISH[stats.finish_reason], logprobs or None))
+                        yield protocol.sse(shapes.end(stats, logprobs))
                         if req.include_usage:
-                            yield protocol.sse(openai_chat.usage_chunk(cid, opts.model_name, fp, stats, did))
+                            yield protocol.sse(shapes.usage(stats, did))
                         break
                     item = await queue.get()
                 yield b"data: [DONE]\n\n"

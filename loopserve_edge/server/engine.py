@@ -17,7 +17,7 @@ from .. import openai_chat
 from ..dialogue import Step
 from ..dialogue_store import DialogueBusy, DialogueStore, Entry
 from ..errors import ContextFullError, LoopServeError
-from ..openai_chat import ChatRequest, LogprobCursor, RequestError
+from ..openai_chat import ChatRequest, LogprobCursor, RequestError, TextRequest
 from .metrics import Metrics
 from .protocol import ApiError
 
@@ -160,8 +160,11 @@ class Engine:
                 sampling = openai_chat.sampling(req, max_tokens=o.max_tokens, temperature=o.temperature,
                                                 top_p=o.top_p, top_k=o.top_k, n_vocab=self.llm.n_vocab)
                 evictor = self.store.evictor(req.loopserve)
-                job.entry, job.dlg = self.store.for_request(req.system, list(req.history), req.prompt,
-                                                            job.dialogue_id, evictor)
+                if isinstance(req, TextRequest):
+                    job.entry, job.dlg = self.store.for_text(req.prompt, evictor)
+                else:
+                    job.entry, job.dlg = self.store.for_request(req.system, list(req.history), req.prompt,
+                                                                job.dialogue_id, evictor)
             except RequestError as e:
                 raise ApiError.bad_request(e) from None
             except DialogueBusy as e:
@@ -295,6 +298,10 @@ class Engine:
             "loopserve_decode_batch_mean": ("mean replies decoded together per step so far",
                                             sum(k * n for k, n in self.batches.items()) /
                                             max(1, sum(self.batches.values()))),
+            "loopserve_decode_steps_total": ("decode steps of replies in progress (one llama_decode each)",
+                                             sum(self.batches.values()), "counter"),
+            "loopserve_decode_step_replies_total": ("replies' tokens decoded in those steps",
+                                                    sum(k * n for k, n in self.batches.items()), "counter"),
             "loopserve_kv_swaps_out_total": ("dialogues swapped out of the KV pool to make room",
                                              events.get("swap_out", 0), "counter"),
             "loopserve_kv_repacks_total": ("KV pool repacks (batch-invariant placement found too few "

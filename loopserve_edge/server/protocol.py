@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from ..openai_chat import ChatRequest, RequestError, parse_chat
+from ..openai_chat import ChatRequest, RequestError, TextRequest, parse_chat, parse_text
 
 
 class ApiError(Exception):
@@ -26,12 +26,20 @@ class ApiError(Exception):
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
+    return _parse(raw, parse_chat)
+
+
+def parse_text_request(raw: bytes) -> TextRequest:
+    return _parse(raw, parse_text)
+
+
+def _parse(raw: bytes, parse):
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
     try:
-        return parse_chat(body)
+        return parse(body)
     except RequestError as e:
         raise ApiError.bad_request(e) from None
 

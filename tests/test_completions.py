@@ -1,8 +1,10 @@
-"""`Llama.create_chat_completion`: llama-cpp-python's call over dialogues that carry on."""
+"""`Llama.create_chat_completion` and `create_completion`: llama-cpp-python's calls over
+dialogues that carry on."""
+import numpy as np
 import pytest
 
 from loopserve_edge import ContextFullError, LoopServeConfig
-from loopserve_edge.chat_completions import ChatCompletions
+from loopserve_edge.completions import Completions
 from loopserve_edge.openai_chat import RequestError
 
 GREEDY = dict(temperature=0, max_tokens=12)
@@ -140,12 +142,95 @@ def test_the_config_and_each_call_settings_bound_the_cache(tiny_model, make_llm)
 
 def test_conversations_beyond_the_ram_limit_are_forgotten(tiny_model, make_llm):
     llm = make_llm(tiny_model, loopserve=LoopServeConfig(max_resident=1))
-    chats = ChatCompletions(llm, ram_limit=0)
+    chats = Completions(llm, ram_limit=0)
     a = [{"role": "user", "content": "alpha one"}]
-    ra = chats.create(dict(messages=a, **GREEDY))
-    chats.create(dict(messages=[{"role": "user", "content": "beta one"}], **GREEDY))
+    ra = chats.chat(dict(messages=a, **GREEDY))
+    chats.chat(dict(messages=[{"role": "user", "content": "beta one"}], **GREEDY))
     # a was swapped out to make room for b, and over the limit of 0 bytes: gone
     assert [e.messages[0]["content"] for e in chats.store.entries.values()] == ["beta one"]
-    r = chats.create(dict(messages=a + [{"role": "assistant", "content": _text(ra)},
+    r = chats.chat(dict(messages=a + [{"role": "assistant", "content": _text(ra)},
                                         {"role": "user", "content": "alpha two"}], **GREEDY))
     assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+# -- text completions --------------------------------------------------------------------
+
+PROMPT = "Once upon a time, in a land far away,"
+
+
+def _greedy_by_hand(llm, prompt, n):
+    d = llm.dialogue()
+    toks = llm.tokenize(prompt, add_bos=llm.add_bos)
+    logits = llm.decode(d, toks, list(range(len(toks))))
+    out = []
+    for i in range(n):
+        t = int(np.argmax(logits))
+        if llm.is_eog(t):
+            break
+        out.append(t)
+        logits = llm.decode(d, [t], [len(toks) + i])
+    return len(toks), llm.detokenize(out, special=False)
+
+
+def test_a_text_completion_continues_the_prompt_as_given(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    r = llm(PROMPT, max_tokens=8, temperature=0)     # __call__, as llama-cpp-python's
+    n_prompt, want = _greedy_by_hand(make_llm(tiny_model), PROMPT, 8)
+    assert r["object"] == "text_completion" and r["id"].startswith("cmpl-")
+    c = r["choices"][0]
+    assert c["text"] == want and c["logprobs"] is None and c["finish_reason"] in ("stop", "length")
+    # no chat template around it: the prompt's own tokens only
+    assert r["usage"]["prompt_tokens"] == n_prompt and r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+    # a prompt that goes on from the last one's text reuses all of it
+    more = PROMPT + c["text"] + " and then"
+    r2 = llm.create_completion(more, max_tokens=4, temperature=0)
+    assert r2["choices"][0]["text"] == _greedy_by_hand(make_llm(tiny_model), more, 4)[1]
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] >= n_prompt
+    assert r2["loopserve"]["dialogue_id"] == r["loopserve"]["dialogue_id"]
+    # an unrelated prompt gets a dialogue of its own and leaves that one whole
+    other = llm.create_completion("Zebras", max_tokens=4, temperature=0)
+    assert other["loopserve"]["dialogue_id"] != r["loopserve"]["dialogue_id"]
+    r3 = llm.create_completion(more + r2["choices"][0]["text"], max_tokens=2, temperature=0)
+    assert r3["usage"]["prompt_tokens_details"]["cached_tokens"] >= r2["usage"]["prompt_tokens"]
+    # chat requests never land in a text dialogue (nor the other way)
+    chat = llm.create_chat_completion([{"role": "user", "content": PROMPT}], **GREEDY)
+    assert chat["loopserve"]["dialogue_id"] not in {r["loopserve"]["dialogue_id"], other["loopserve"]["dialogue_id"]}
+
+
+def test_echo_streams_and_text_logprobs(tiny_model, make_llm):
+    whole = make_llm(tiny_model).create_completion(PROMPT, max_tokens=8, temperature=0, echo=True)
+    assert whole["choices"][0]["text"].startswith(PROMPT)
+    chunks = list(make_llm(tiny_model).create_completion(PROMPT, max_tokens=8, temperature=0, echo=True,
+                                                         stream=True, stream_options={"include_usage": True}))
+    assert chunks[0]["choices"][0]["text"] == PROMPT
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+    r = make_llm(tiny_model).create_completion(PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    lp, text = r["choices"][0]["logprobs"], r["choices"][0]["text"]
+    n = r["usage"]["completion_tokens"] - (r["choices"][0]["finish_reason"] == "stop")
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert "".join(lp["tokens"]) == text and lp["text_offset"][0] == 0
+    for tok, x, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(x)   # greedy: its own best
+    streamed = [c["choices"][0]["logprobs"] for c in make_llm(tiny_model).create_completion(
+        PROMPT, max_tokens=6, temperature=0, logprobs=3, stream=True) if c["choices"][0]["logprobs"]]
+    assert sum((s["tokens"] for s in streamed), []) == lp["tokens"]
+    assert sum((s["text_offset"] for s in streamed), []) == lp["text_offset"]
+    with pytest.raises(RequestError, match="echo"):
+        make_llm(tiny_model).create_completion(PROMPT, echo=True, logprobs=1)
+    with pytest.raises(RequestError, match="prompt"):
+        make_llm(tiny_model).create_completion("")
+
+
+def test_a_budgeted_text_dialogue_stays_within_its_budget(tiny_model, make_llm):
+    llm = make_llm(tiny_model, loopserve=LoopServeConfig(policy="loopserve", budget=64, interval=8, recent=16))
+    text = PROMPT
+    for k in range(4):
+        text += f" Part {k}: " + "lorem ipsum dolor sit amet " * 6
+        r = llm.create_completion(text, max_tokens=6, temperature=0)
+        assert r["loopserve"]["kv_cells"] <= 64 + 8
+        text += r["choices"][0]["text"]
+    assert r["loopserve"]["kv_evicted"] > 0 and r["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

@@ -1,0 +1,87 @@
+"""`Llama.create_chat_completion` and `create_completion`: llama-cpp-python's calls with
+OpenAI's shapes, over dialogues.
+
+Each call gives the whole conversation (or text), as with llama-cpp-python or an OpenAI client.
+The dialogue holding the longest prefix of it goes on (for chat, a copy of it where the
+conversation differs: dialogue_store.py), so only what is new is prefilled, and the KV
+compression of the model's LoopServeConfig carries across calls as it does in one Dialogue.
+The dialogues stay in RAM, in the KV pool or swapped out of it; beyond `ram_limit` bytes of
+swapped-out state the least recently used are forgotten (the server keeps chats as state files).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from . import openai_chat
+from .dialogue_store import DialogueStore, Entry
+from .openai_chat import ChatRequest, LogprobCursor
+
+# llama-cpp-python's defaults (max_tokens None: up to the context)
+CHAT_DEFAULTS = dict(temperature=0.2, top_p=0.95, top_k=40, min_p=0.05)
+TEXT_DEFAULTS = dict(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05)
+
+
+class Completions:
+    def __init__(self, llm, ram_limit: int = 1 << 30):
+        self.llm = llm
+        self.store = DialogueStore(llm, None, ram_limit)
+
+    def chat(self, body: dict) -> dict | Iterator[dict]:
+        """An OpenAI chat request body (decoded): the response, or with "stream" an iterator of
+        its chunks. The prompt is prefilled before this returns, so that a bad request or a full
+        context raises here (RequestError, ContextFullError), even when streaming."""
+        req = openai_chat.parse_chat(body, model=str(self.llm.model_path))
+        sampling = self._sampling(req, CHAT_DEFAULTS)
+        entry, _ = self.store.for_request(req.system, list(req.history), req.prompt, None,
+                                          self.store.evictor(req.loopserve))
+        return self._run(req, entry, sampling, openai_chat.ChatShapes(req, self.llm.fingerprint))
+
+    def text(self, body: dict) -> dict | Iterator[dict]:
+        """An OpenAI text completion request body, as chat()."""
+        req = openai_chat.parse_text(body, model=str(self.llm.model_path))
+        sampling = self._sampling(req, TEXT_DEFAULTS)
+        entry, _ = self.store.for_text(req.prompt, self.store.evictor(req.loopserve))
+        return self._run(req, entry, sampling, openai_chat.TextShapes(req, self.llm.fingerprint))
+
+    def _sampling(self, req: ChatRequest, defaults: dict) -> dict:
+        # a reply's length is bounded by the context, as llama-cpp-python's max_tokens=None
+        return openai_chat.sampling(req, max_tokens=self.llm.n_ctx, n_vocab=self.llm.n_vocab, **defaults)
+
+    def _run(self, req: ChatRequest, entry: Entry, sampling: dict, shapes) -> dict | Iterator[dict]:
+        entry.busy = True
+        try:
+            pieces = entry.dialogue.send(req.prompt, stream=True, stop=list(req.stop),
+                                         reply_prefix=req.reply_prefix, **sampling)
+        except BaseException:
+            entry.busy = False
+            raise
+        return self._chunks(req, entry, pieces, shapes) if req.stream else self._whole(entry, pieces, shapes)
+
+    def _whole(self, entry: Entry, pieces: Iterator[str], shapes) -> dict:
+        try:
+            text = "".join(pieces)
+        finally:
+            self._end(entry, pieces)
+        dlg = entry.dialogue
+        logprobs = LogprobCursor(self.llm, dlg).take(len(text.encode()))
+        return shapes.response(text, dlg.last_stats, entry.id, logprobs)
+
+    def _chunks(self, req: ChatRequest, entry: Entry, pieces: Iterator[str], shapes) -> Iterator[dict]:
+        dlg = entry.dialogue
+        logprobs = LogprobCursor(self.llm, dlg)
+        shown = 0
+        try:
+            yield from shapes.start()
+            for piece in pieces:
+                shown += len(piece.encode())
+                yield shapes.piece(piece, logprobs.take(shown))   # the tokens that start in it
+        finally:
+            self._end(entry, pieces)   # also when the caller stops early
+        yield shapes.end(dlg.last_stats, None)   # a stop string's tokens, after the last piece: none
+        if req.include_usage:
+            yield shapes.usage(dlg.last_stats, entry.id)
+
+    def _end(self, entry: Entry, pieces: Iterator[str]) -> None:
+        pieces.close()          # ends the turn: the reply so far is the dialogue's last message
+        entry.busy = False
+        self.store.updated(entry)
