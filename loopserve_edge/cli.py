@@ -262,9 +262,9 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 def serve(model, host, port, api_key, model_name, cors_origins, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
           max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, kv_allocation, kv_span,
           sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
-    """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health,
-    /metrics, a chat page at /) whose dialogues persist: a request that repeats a known
-    conversation prefills only its new messages. Dialogues are saved to
+    """An OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, GET
+    /v1/models, /health, /metrics, a chat page at /) whose dialogues persist: a request that
+    repeats a known conversation prefills only its new messages. Chat dialogues are saved to
     DIALOGUES_DIR/server/<model> when idle and on shutdown, and found again after a restart.
     LoopServe settings may also be given per request in a "loopserve" object (policy, budget,
     interval, window, defer_cut, defer_scored, allocation, span)."""
