@@ -109,9 +109,21 @@ def _attention_like(h, n, seed):
     return rows
 
 
-@pytest.mark.parametrize("rows_of", [_tied_rows, _attention_like])
+def _sampled_high(h, n, seed):
+    """Rows whose high scores sit just at the cells the runtime samples (every n // 2048th) for
+    its shortcut to the k-th highest: the sample's bound then admits too few cells, and the
+    whole row is searched (with pooling 1; wider pooling spreads each peak over its window)."""
+    rows = _attention_like(h, n, seed) * 1e-3
+    step = max(1, n // 2048)
+    rows[:, ::step] = 1 + np.random.default_rng(seed).random((h, len(range(0, n, step))), dtype=np.float32)
+    return rows
+
+
+@pytest.mark.parametrize("rows_of", [_tied_rows, _attention_like, _sampled_high])
 @pytest.mark.parametrize("h,n,budget,pooling", [(37, 500, 100, 7), (21, 300, 100, 1), (5, 41, 24, 4),
-                                                (9, 90, 88, 7), (64, 2176, 2048, 7)])
+                                                (9, 90, 88, 7), (64, 2176, 2048, 7),
+                                                # a long history: the k-th highest from a sample's bound
+                                                (6, 20000, 512, 7), (4, 40000, 2048, 1), (3, 16384, 300, 5)])
 def test_the_runtimes_choice_keeps_what_numpys_keeps(rows_of, h, n, budget, pooling):
     """The host's choice runs in the runtime's C++ (llama_loopserve_select_rows); numpy's
     (_keep_rows, which the device path runs through cupy) is the reference: the same cells, the

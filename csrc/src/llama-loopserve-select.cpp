@@ -16,6 +16,50 @@
 #include <thread>
 #include <vector>
 
+// The pooling of a window of K: d[i] + d[i+1] + ... + d[i+K-1], added in that order, over K.
+template <int K> static void loopserve_pool_fixed(const double * d, double * s, int32_t n) {
+    for (int32_t i = 0; i < n; ++i) {
+        double acc = d[i];
+        for (int j = 1; j < K; ++j) {
+            acc += d[i + j];
+        }
+        s[i] = acc / K;
+    }
+}
+
+// The k-th highest of s[0..n). A search over the whole row costs most of a cut's choice after
+// a long input (one row of 64K cells: nth_element over 64K values, against a budget of 2048).
+// Where k is a small share of n, a sample of the row gives a value v that about 2k cells
+// reach; if at least k do, the k-th highest is among them (every cell at or above it is at or
+// above v), so the search runs over those alone and finds the same value. Else (a sample that
+// missed the row's shape) the whole row is searched, as before.
+static double loopserve_kth_highest(const double * s, int32_t n, int32_t k, std::vector<double> & tmp) {
+    tmp.resize((size_t) n);
+    if (n >= 4096 && n >= 8 * (int64_t) k) {
+        const int32_t step = n / 2048;
+        int32_t       m    = 0;
+        for (int32_t i = 0; i < n; i += step) {
+            tmp[m++] = s[i];
+        }
+        // the sample's rank of the k-th highest is about k*m/n: twice that, and some, for margin
+        const int32_t r = (int32_t) std::min<int64_t>(m - 1, 2 * (int64_t) k * m / n + 16);
+        std::nth_element(tmp.begin(), tmp.begin() + r, tmp.begin() + m, std::greater<double>());
+        const double v = tmp[r];
+        int32_t      c = 0;
+        for (int32_t i = 0; i < n; ++i) {  // branch-free: each value written, kept if >= v
+            tmp[c] = s[i];
+            c += s[i] >= v;
+        }
+        if (c >= k) {
+            std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.begin() + c, std::greater<double>());
+            return tmp[k - 1];
+        }
+    }
+    std::copy(s, s + n, tmp.begin());
+    std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<double>());
+    return tmp[k - 1];
+}
+
 // One row: pooled scores into s (n), then the kept indices, ascending, into out (budget).
 // d and tmp are the caller's buffers, reused from row to row. False if the row holds a NaN
 // (no order to choose by).
@@ -30,29 +74,44 @@ static bool loopserve_select_row(const float *         row,
                                  std::vector<double> & tmp,
                                  int32_t *             out) {
     // the mean over a window of `kernel` positions, edges repeated: the row padded, then the
-    // window's elements added one shifted copy at a time from its first, and divided once, as
-    // eviction.pool does (so each mean rounds alike; the loops over i vectorize)
+    // window's elements added in order from its first and divided once, as eviction.pool does
+    // (its shifted copies add them in the same order, so each mean rounds alike)
     const int32_t pad = kernel / 2;
     d.resize((size_t) n + kernel);
-    for (int32_t i = 0; i < n + kernel - 1; ++i) {
-        d[i] = row[std::clamp(i - pad, 0, n - 1)];
-        if (std::isnan(d[i])) {
-            return false;
-        }
+    bool nan = false;
+    for (int32_t i = 0; i < pad; ++i) {
+        d[i] = row[0];
     }
-    for (int32_t i = 0; i < n; ++i) {
-        s[i] = d[i];
+    for (int32_t i = 0; i < n; ++i) {  // vectorizes: no clamp or early exit inside
+        d[pad + i] = row[i];
+        nan |= std::isnan(row[i]);
     }
-    for (int32_t j = 1; j < kernel; ++j) {
-        const double * dj = d.data() + j;
-        for (int32_t i = 0; i < n; ++i) {
-            s[i] += dj[i];
-        }
+    for (int32_t i = pad + n; i < n + kernel - 1; ++i) {
+        d[i] = row[n - 1];
     }
-    if (kernel > 1) {
-        for (int32_t i = 0; i < n; ++i) {
-            s[i] /= kernel;
-        }
+    if (nan) {
+        return false;
+    }
+    switch (kernel) {
+        case 1:
+            std::copy(d.begin(), d.begin() + n, s.begin());
+            break;
+        case 7:  // the default: one pass, each window summed in registers
+            loopserve_pool_fixed<7>(d.data(), s.data(), n);
+            break;
+        default:
+            for (int32_t i = 0; i < n; ++i) {
+                s[i] = d[i];
+            }
+            for (int32_t j = 1; j < kernel; ++j) {
+                const double * dj = d.data() + j;
+                for (int32_t i = 0; i < n; ++i) {
+                    s[i] += dj[i];
+                }
+            }
+            for (int32_t i = 0; i < n; ++i) {
+                s[i] /= kernel;
+            }
     }
     // the sinks and the recent cells are always kept
     const double inf = std::numeric_limits<double>::infinity();
@@ -64,9 +123,7 @@ static bool loopserve_select_row(const float *         row,
     }
 
     // t: the budget-th highest; all above it are kept, and of those equal to it the latest
-    tmp.assign(s.begin(), s.begin() + n);
-    std::nth_element(tmp.begin(), tmp.begin() + (budget - 1), tmp.end(), std::greater<double>());
-    const double t     = tmp[budget - 1];
+    const double t     = loopserve_kth_highest(s.data(), n, budget, tmp);
     int32_t      above = 0;
     for (int32_t i = 0; i < n; ++i) {
         above += s[i] > t;
