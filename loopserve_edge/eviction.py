@@ -454,8 +454,10 @@ class Evictor:
         into the lists before it), then packing and position compaction as due."""
         if pack and dropped > len(kept):  # a big cut (typically after a prefill) leaves big holes
             self.llm.compact(dlg)
-        dlg.tokens = np.asarray(dlg.tokens)[kept].tolist()
-        dlg.positions = np.asarray(dlg.positions)[kept].tolist()
+        # picked from the lists (not converted whole to arrays: ~3 ms at 64K cells on the dev box)
+        idx = np.asarray(kept).tolist()
+        dlg.tokens = [dlg.tokens[i] for i in idx]
+        dlg.positions = [dlg.positions[i] for i in idx]
         if self._should_compact(dlg):
             self._compact(dlg)
         dlg.evicted += dropped
