@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from . import openai_chat
+from . import openai_api
 from .dialogue_store import DialogueStore, Entry
-from .openai_chat import ChatRequest, LogprobCursor
+from .openai_api import ChatRequest, LogprobCursor
 
 # llama-cpp-python's defaults (max_tokens None: up to the context)
 CHAT_DEFAULTS = dict(temperature=0.2, top_p=0.95, top_k=40, min_p=0.05)
@@ -30,22 +30,22 @@ class Completions:
         """An OpenAI chat request body (decoded): the response, or with "stream" an iterator of
         its chunks. The prompt is prefilled before this returns, so that a bad request or a full
         context raises here (RequestError, ContextFullError), even when streaming."""
-        req = openai_chat.parse_chat(body, model=str(self.llm.model_path))
+        req = openai_api.parse_chat(body, model=str(self.llm.model_path))
         sampling = self._sampling(req, CHAT_DEFAULTS)
         entry, _ = self.store.for_request(req.system, list(req.history), req.prompt, None,
                                           self.store.evictor(req.loopserve))
-        return self._run(req, entry, sampling, openai_chat.ChatShapes(req, self.llm.fingerprint))
+        return self._run(req, entry, sampling, openai_api.ChatShapes(req, self.llm.fingerprint))
 
     def text(self, body: dict) -> dict | Iterator[dict]:
         """An OpenAI text completion request body, as chat()."""
-        req = openai_chat.parse_text(body, model=str(self.llm.model_path))
+        req = openai_api.parse_text(body, model=str(self.llm.model_path))
         sampling = self._sampling(req, TEXT_DEFAULTS)
         entry, _ = self.store.for_text(req.prompt, self.store.evictor(req.loopserve))
-        return self._run(req, entry, sampling, openai_chat.TextShapes(req, self.llm.fingerprint))
+        return self._run(req, entry, sampling, openai_api.TextShapes(req, self.llm.fingerprint))
 
     def _sampling(self, req: ChatRequest, defaults: dict) -> dict:
         # a reply's length is bounded by the context, as llama-cpp-python's max_tokens=None
-        return openai_chat.sampling(req, max_tokens=self.llm.n_ctx, n_vocab=self.llm.n_vocab, **defaults)
+        return openai_api.sampling(req, max_tokens=self.llm.n_ctx, n_vocab=self.llm.n_vocab, **defaults)
 
     def _run(self, req: ChatRequest, entry: Entry, sampling: dict, shapes) -> dict | Iterator[dict]:
         entry.busy = True

@@ -34,7 +34,7 @@ from .chat_template import RawText
 from .dialogue import Dialogue
 from .errors import LoopServeError
 from .eviction import Evictor
-from .openai_chat import RequestError, merged_config
+from .openai_api import RequestError, merged_config
 
 log = logging.getLogger("loopserve_edge.dialogues")
 

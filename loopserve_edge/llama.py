@@ -20,7 +20,7 @@ from .context import Context
 from .dialogue import Dialogue
 from .errors import DialogueNotFoundError, StateFileError
 from .eviction import Evictor
-from .openai_chat import RequestError
+from .openai_api import RequestError
 
 # llama-cpp-python's create_chat_completion arguments that are not offered, with the values at
 # which they do nothing (accepted, so that code passing its defaults runs); mirostat's tau and
@@ -94,7 +94,7 @@ class Llama(Context):
         chunks). Calls that repeat a conversation's messages go on in the dialogue that holds
         them, prefilling only what is new (completions.py); `loopserve`: this call's
         LoopServe settings, as the server's request field. Bad arguments raise
-        `openai_chat.RequestError` (a ValueError) naming the parameter, as do llama-cpp-python's
+        `openai_api.RequestError` (a ValueError) naming the parameter, as do llama-cpp-python's
         samplers that are not offered (repeat_penalty, mirostat, grammar, ...) unless left
         at values that do nothing."""
         _refuse("create_chat_completion", unsupported)

@@ -5,7 +5,7 @@ import pytest
 
 from loopserve_edge import ContextFullError, LoopServeConfig
 from loopserve_edge.completions import Completions
-from loopserve_edge.openai_chat import RequestError
+from loopserve_edge.openai_api import RequestError
 
 GREEDY = dict(temperature=0, max_tokens=12)
 SYSTEM = {"role": "system", "content": "You are terse."}

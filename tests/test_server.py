@@ -144,7 +144,7 @@ def test_an_edited_history_branches_and_the_original_goes_on(server):
 
 def test_request_settings_set_defer_scored_and_refuse_bad_values():
     from loopserve_edge import LoopServeConfig
-    from loopserve_edge import openai_chat as protocol
+    from loopserve_edge import openai_api as protocol
 
     base = LoopServeConfig(policy="loopserve", budget=256, defer_scored=8)
     parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
@@ -159,7 +159,7 @@ def test_request_settings_set_defer_scored_and_refuse_bad_values():
 
 def test_request_settings_choose_the_allocation_of_a_head_wise_server():
     from loopserve_edge import LoopServeConfig
-    from loopserve_edge import openai_chat as protocol
+    from loopserve_edge import openai_api as protocol
 
     parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
     head = LoopServeConfig(policy="loopserve", budget=256, granularity="head")
@@ -173,7 +173,7 @@ def test_request_settings_choose_the_allocation_of_a_head_wise_server():
 
 def test_request_settings_choose_spans_and_refuse_bad_ones():
     from loopserve_edge import LoopServeConfig
-    from loopserve_edge import openai_chat as protocol
+    from loopserve_edge import openai_api as protocol
 
     parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
     base = LoopServeConfig(policy="loopserve", budget=256, granularity="head")

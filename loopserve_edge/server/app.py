@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import openai_chat
+from .. import openai_api
 from . import protocol
 from .engine import Engine
 from .protocol import ApiError
@@ -125,7 +125,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         req = protocol.parse_chat_request(await request.body())
         check_model(req)
         return await _answer(request, req, request.headers.get(DIALOGUE_HEADER),
-                             openai_chat.ChatShapes(req, engine.llm.fingerprint))
+                             openai_api.ChatShapes(req, engine.llm.fingerprint))
 
     @app.post("/v1/completions")
     async def text(request: Request):
@@ -134,7 +134,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         if request.headers.get(DIALOGUE_HEADER) is not None:
             raise ApiError(400, f"{DIALOGUE_HEADER} names a chat dialogue; a text completion goes on in the "
                            "dialogue whose text its prompt starts with", param=DIALOGUE_HEADER)
-        return await _answer(request, req, None, openai_chat.TextShapes(req, engine.llm.fingerprint))
+        return await _answer(request, req, None, openai_api.TextShapes(req, engine.llm.fingerprint))
 
     async def _answer(request: Request, req, dialogue_id: str | None, shapes):
         path = request.url.path

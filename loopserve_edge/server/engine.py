@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import openai_chat
+from .. import openai_api
 from ..dialogue import Step
 from ..dialogue_store import DialogueBusy, DialogueStore, Entry
 from ..errors import ContextFullError, LoopServeError
-from ..openai_chat import ChatRequest, LogprobCursor, RequestError, TextRequest
+from ..openai_api import ChatRequest, LogprobCursor, RequestError, TextRequest
 from .metrics import Metrics
 from .protocol import ApiError
 
@@ -157,7 +157,7 @@ class Engine:
                 raise ApiError(499, "the client went away", code="cancelled")
             req, o = job.req, self.opts
             try:
-                sampling = openai_chat.sampling(req, max_tokens=o.max_tokens, temperature=o.temperature,
+                sampling = openai_api.sampling(req, max_tokens=o.max_tokens, temperature=o.temperature,
                                                 top_p=o.top_p, top_k=o.top_k, n_vocab=self.llm.n_vocab)
                 evictor = self.store.evictor(req.loopserve)
                 if isinstance(req, TextRequest):

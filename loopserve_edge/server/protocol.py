@@ -1,11 +1,11 @@
-"""The HTTP side of OpenAI's chat-completions shapes (openai_chat.py has the rest): error
+"""The HTTP side of OpenAI's chat-completions shapes (openai_api.py has the rest): error
 bodies with their status, a request body decoded, server-sent events.
 """
 from __future__ import annotations
 
 import json
 
-from ..openai_chat import ChatRequest, RequestError, TextRequest, parse_chat, parse_text
+from ..openai_api import ChatRequest, RequestError, TextRequest, parse_chat, parse_text
 
 
 class ApiError(Exception):
