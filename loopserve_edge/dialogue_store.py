@@ -127,6 +127,8 @@ class DialogueStore:
             e = self.entries.get(dialogue_id)
             if e is None:
                 e = self._new(system, dialogue_id)
+            elif e.text:
+                raise LoopServeError(f"dialogue {dialogue_id} holds text completions, not a chat")
             elif e.busy:
                 raise DialogueBusy(f"dialogue {dialogue_id} is answering another request")
             elif e.system != system:

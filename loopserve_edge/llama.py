@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
 from typing import Iterator
 
 from . import paths, state_file
@@ -22,7 +21,7 @@ from .errors import DialogueNotFoundError, StateFileError
 from .eviction import Evictor
 from .openai_api import RequestError
 
-# llama-cpp-python's create_chat_completion arguments that are not offered, with the values at
+# llama-cpp-python's create_chat_completion / create_completion arguments that are not offered, with the values at
 # which they do nothing (accepted, so that code passing its defaults runs); mirostat's tau and
 # eta do nothing while mirostat_mode is 0
 NOOP_ARGS = {"typical_p": 1.0, "repeat_penalty": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "grammar": None,
@@ -100,12 +99,10 @@ class Llama(Context):
         _refuse("create_chat_completion", unsupported)
         body = dict(messages=messages, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                     max_tokens=max_tokens, stop=stop or None, stream=stream, seed=seed,
-                    presence_penalty=presence_penalty,
-                    frequency_penalty=frequency_penalty, logprobs=logprobs, top_logprobs=top_logprobs,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    logit_bias=_bias(logit_bias), logprobs=logprobs, top_logprobs=top_logprobs,
                     response_format=response_format, tools=tools, tool_choice=tool_choice, model=model,
-                    stream_options=stream_options, loopserve=loopserve,
-                    # llama-cpp-python's bias maps token ids (ints) to biases; OpenAI's JSON, strings
-                    logit_bias=None if logit_bias is None else {str(k): v for k, v in logit_bias.items()})
+                    stream_options=stream_options, loopserve=loopserve)
         return self._calls().chat({k: v for k, v in body.items() if v is not None})
 
     def create_completion(self, prompt: str, *, max_tokens: int | None = 16, temperature: float = 0.8,
@@ -123,9 +120,8 @@ class Llama(Context):
         body = dict(prompt=prompt, max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
                     temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop or None,
                     stream=stream, echo=echo, seed=seed, presence_penalty=presence_penalty,
-                    frequency_penalty=frequency_penalty, logprobs=logprobs, suffix=suffix, model=model,
-                    stream_options=stream_options, loopserve=loopserve,
-                    logit_bias=None if logit_bias is None else {str(k): v for k, v in logit_bias.items()})
+                    frequency_penalty=frequency_penalty, logit_bias=_bias(logit_bias), logprobs=logprobs,
+                    suffix=suffix, model=model, stream_options=stream_options, loopserve=loopserve)
         return self._calls().text({k: v for k, v in body.items() if v is not None})
 
     __call__ = create_completion
@@ -134,6 +130,11 @@ class Llama(Context):
         if self._completions is None:
             self._completions = Completions(self)
         return self._completions
+
+
+def _bias(logit_bias: dict | None) -> dict | None:
+    """llama-cpp-python's bias maps token ids (ints) to biases; OpenAI's JSON, their strings."""
+    return None if logit_bias is None else {str(k): v for k, v in logit_bias.items()}
 
 
 def _refuse(call: str, unsupported: dict) -> None:

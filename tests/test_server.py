@@ -313,6 +313,10 @@ def test_text_completions_continue_the_prompt_and_reuse_it(server, default_model
         assert e.value.body["param"] == param
     r = httpx.post(server.url + "/v1/completions", headers={"X-Dialogue-Id": "x"}, json={"model": MODEL, "prompt": "a"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "X-Dialogue-Id"
+    # nor is a text dialogue's id a chat's
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"X-Dialogue-Id": r2["loopserve"]["dialogue_id"]},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "text completions" in r.json()["error"]["message"]
 
 
 def test_a_dialogue_named_by_header_goes_on_whatever_the_history(server):
