@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -50,6 +49,21 @@ class DialogueBusy(LoopServeError):
 def prefix_key(system: str | None, messages) -> str:
     data = json.dumps([system, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
     return hashlib.sha256(data.encode()).hexdigest()
+
+
+def _common_start(a: str, b: str) -> int:
+    """The length of a and b's common start, by string comparisons (not character by character
+    in Python: a transcript's prompt may hold 100K characters); most often b extends a."""
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass
@@ -155,7 +169,7 @@ class DialogueStore:
         best, common = None, 0
         for e in self.entries.values():
             if e.text and not e.busy:
-                n = len(os.path.commonprefix([e.dialogue.kv_text, prompt]))
+                n = _common_start(e.dialogue.kv_text, prompt)
                 # at least half of the prompt (as llama-server picks a slot): a prompt that shares
                 # only a short start with it (another client's) should not cut down its cache
                 if 2 * n >= len(prompt) and (n > common or (n == common and best is not None
