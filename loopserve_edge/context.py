@@ -27,6 +27,7 @@ from .bindings import llama_c, llama_cpp
 from .chat_template import FORMATS, ChatTemplate
 from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileError
+from .grammar import Constraint
 from .model_file import check_model_file, fingerprint
 
 DEFAULT_N_CTX = 4096
@@ -190,6 +191,11 @@ class Context:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_c.llama_vocab_is_eog(self._vocab, token))
+
+    def grammar(self, gbnf: str) -> Constraint:
+        """A reply's state in a GBNF grammar over this model's vocabulary (GrammarError if it
+        does not parse)."""
+        return Constraint(self._vocab, self.n_vocab, gbnf)
 
     def context_settings(self) -> dict:
         p = self.context_params

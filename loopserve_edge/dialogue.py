@@ -150,11 +150,23 @@ class Dialogue:
         stops = tuple(self.template.stops) + ((stop,) if isinstance(stop, str) else tuple(stop or ()))
         if any(not s for s in stops):
             raise LoopServeError("a stop string must not be empty")
+        constraint = None
+        if params.grammar is not None and token_fn is None:
+            if reply_prefix:
+                raise LoopServeError("a grammar holds the reply from its first token: it cannot "
+                                     "continue a given start of the reply")
+            constraint = self.llm.grammar(params.grammar)  # parsed before anything changes
         t0 = time.perf_counter()
         self.evict_s = 0.0
         swapped_in = self._seq is None and self._swapped is not None
-        logits, reused, prefilled = self._prefill(text, reply_prefix)
-        return self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops, reply_prefix)
+        try:
+            logits, reused, prefilled = self._prefill(text, reply_prefix)
+        except BaseException:
+            if constraint is not None:
+                constraint.close()
+            raise
+        return self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops, reply_prefix,
+                              constraint)
 
     def _drive(self, steps: Iterator) -> Iterator[str]:
         """The text of send_steps(), each Step decoded on its own."""
@@ -262,9 +274,9 @@ class Dialogue:
 
     def _generate(self, params: SamplingParams, logits: np.ndarray, t0: float, reused: int,
                   prefilled: int, swapped_in: bool, token_fn=None, stops: tuple[str, ...] = (),
-                  reply_prefix: str = "") -> Iterator:
+                  reply_prefix: str = "", constraint=None) -> Iterator:
         llm = self.llm
-        sampler = token_fn or Sampler(params)
+        sampler = token_fn or Sampler(params, constraint)
         self.first_token_logits = logits
         self.reply_logprobs = None if params.logprobs is None else []
         out: list[int] = []
@@ -328,6 +340,8 @@ class Dialogue:
                 if rest:
                     yield rest
         finally:
+            if constraint is not None:
+                constraint.close()
             self.evictor.end_turn(self)
             reply = llm.detokenize(out, special=False)
             if cut is not None:

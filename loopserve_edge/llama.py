@@ -24,7 +24,7 @@ from .openai_api import RequestError
 # llama-cpp-python's create_chat_completion / create_completion arguments that are not offered, with the values at
 # which they do nothing (accepted, so that code passing its defaults runs); mirostat's tau and
 # eta do nothing while mirostat_mode is 0
-NOOP_ARGS = {"typical_p": 1.0, "repeat_penalty": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "grammar": None,
+NOOP_ARGS = {"typical_p": 1.0, "repeat_penalty": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
              "logits_processor": None, "stopping_criteria": None, "functions": None, "function_call": None}
 MIROSTAT_TUNING = ("mirostat_tau", "mirostat_eta")
 
@@ -87,22 +87,24 @@ class Llama(Context):
                                logit_bias: dict | None = None, logprobs: bool | None = None,
                                top_logprobs: int | None = None, response_format: dict | None = None,
                                tools: list | None = None, tool_choice=None, model: str | None = None,
-                               stream_options: dict | None = None, loopserve: dict | None = None,
+                               stream_options: dict | None = None, grammar=None, loopserve: dict | None = None,
                                **unsupported) -> dict | Iterator[dict]:
         """llama-cpp-python's `create_chat_completion`: OpenAI's response (or, with stream, its
         chunks). Calls that repeat a conversation's messages go on in the dialogue that holds
         them, prefilling only what is new (completions.py); `loopserve`: this call's
-        LoopServe settings, as the server's request field. Bad arguments raise
-        `openai_api.RequestError` (a ValueError) naming the parameter, as do llama-cpp-python's
-        samplers that are not offered (repeat_penalty, mirostat, grammar, ...) unless left
-        at values that do nothing."""
+        LoopServe settings, as the server's request field. `response_format` ({"type":
+        "json_object"}, with llama-cpp-python's "schema" or as {"type": "json_schema", ...}) or
+        `grammar` (GBNF text or a llama_cpp.LlamaGrammar) hold the reply to that form (grammar.py).
+        Bad arguments raise `openai_api.RequestError` (a ValueError) naming the parameter, as do
+        llama-cpp-python's samplers that are not offered (repeat_penalty, mirostat, ...) unless
+        left at values that do nothing."""
         _refuse("create_chat_completion", unsupported)
         body = dict(messages=messages, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                     max_tokens=max_tokens, stop=stop or None, stream=stream, seed=seed,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                     logit_bias=_bias(logit_bias), logprobs=logprobs, top_logprobs=top_logprobs,
                     response_format=response_format, tools=tools, tool_choice=tool_choice, model=model,
-                    stream_options=stream_options, loopserve=loopserve)
+                    stream_options=stream_options, grammar=_gbnf(grammar), loopserve=loopserve)
         return self._calls().chat({k: v for k, v in body.items() if v is not None})
 
     def create_completion(self, prompt: str, *, max_tokens: int | None = 16, temperature: float = 0.8,
@@ -110,18 +112,19 @@ class Llama(Context):
                           stop: str | list[str] | None = None, stream: bool = False, echo: bool = False,
                           seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                           logit_bias: dict | None = None, logprobs: int | None = None, suffix: str | None = None,
-                          model: str | None = None, stream_options: dict | None = None,
+                          model: str | None = None, stream_options: dict | None = None, grammar=None,
                           loopserve: dict | None = None, **unsupported) -> dict | Iterator[dict]:
         """llama-cpp-python's `create_completion` (also `llm(prompt, ...)`): the prompt continued
         as text, no chat template; OpenAI's text completion (or, with stream, its chunks). A
         prompt that starts with an earlier call's prompt and completion goes on in that call's
-        dialogue (completions.py). Errors as create_chat_completion's."""
+        dialogue (completions.py). `grammar` and errors as create_chat_completion's."""
         _refuse("create_completion", unsupported)
         body = dict(prompt=prompt, max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
                     temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop or None,
                     stream=stream, echo=echo, seed=seed, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, logit_bias=_bias(logit_bias), logprobs=logprobs,
-                    suffix=suffix, model=model, stream_options=stream_options, loopserve=loopserve)
+                    suffix=suffix, model=model, stream_options=stream_options, grammar=_gbnf(grammar),
+                    loopserve=loopserve)
         return self._calls().text({k: v for k, v in body.items() if v is not None})
 
     __call__ = create_completion
@@ -135,6 +138,12 @@ class Llama(Context):
 def _bias(logit_bias: dict | None) -> dict | None:
     """llama-cpp-python's bias maps token ids (ints) to biases; OpenAI's JSON, their strings."""
     return None if logit_bias is None else {str(k): v for k, v in logit_bias.items()}
+
+
+def _gbnf(grammar) -> str | None:
+    """llama-cpp-python's grammar argument (a LlamaGrammar, which keeps its GBNF text) or the
+    text itself."""
+    return getattr(grammar, "_grammar", grammar)
 
 
 def _refuse(call: str, unsupported: dict) -> None:

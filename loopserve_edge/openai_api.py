@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from . import grammar
 from .config import LoopServeConfig
 from .errors import LoopServeError
 
@@ -54,6 +55,7 @@ class ChatRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None        # None: none asked; else top_logprobs (0-20)
     min_p: float | None = None         # llama-server's and llama-cpp-python's extension
+    grammar: str | None = None         # the reply's form (GBNF): response_format, or "grammar" as given
 
 
 @dataclass(frozen=True)
@@ -134,9 +136,12 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     if not rest:
         raise _bad("the conversation must have a user message", "messages")
     _unsupported(body)
+    gen = _generation(body, _logprobs(body))
+    if reply_prefix and gen["grammar"]:
+        raise _bad("a reply held to a form (response_format, grammar) cannot continue a last assistant "
+                   "message: it is held from its first token", "messages")
     return ChatRequest(model=model, system="\n\n".join(system_parts) if system_parts else None,
-                       history=tuple(rest[:-1]), prompt=rest[-1]["content"], reply_prefix=reply_prefix,
-                       **_generation(body, _logprobs(body)))
+                       history=tuple(rest[:-1]), prompt=rest[-1]["content"], reply_prefix=reply_prefix, **gen)
 
 
 def parse_text(body: dict, model: str | None = None) -> TextRequest:
@@ -195,7 +200,23 @@ def _generation(body: dict, logprobs: int | None) -> dict:
         include_usage=bool(opts.get("include_usage", False)), loopserve=_loopserve(body.get("loopserve")),
         presence_penalty=_number(body, "presence_penalty", -2, 2),
         frequency_penalty=_number(body, "frequency_penalty", -2, 2),
-        logit_bias=_logit_bias(body.get("logit_bias")), logprobs=logprobs, min_p=_number(body, "min_p", 0, 1))
+        logit_bias=_logit_bias(body.get("logit_bias")), logprobs=logprobs, min_p=_number(body, "min_p", 0, 1),
+        grammar=_form(body))
+
+
+def _form(body: dict) -> str | None:
+    """The grammar the reply is held to: OpenAI's response_format (a JSON object, or one a JSON
+    schema describes), or llama-server's and llama-cpp-python's "grammar" (GBNF text)."""
+    fmt, gbnf = body.get("response_format"), body.get("grammar")
+    if gbnf is not None and not isinstance(gbnf, str):
+        raise _bad("'grammar' must be a string of GBNF rules", "grammar")
+    try:
+        from_fmt = grammar.for_response_format(fmt)
+    except grammar.GrammarError as e:
+        raise _bad(str(e), "response_format") from None
+    if from_fmt is not None and gbnf:
+        raise _bad("give either 'response_format' or 'grammar', not both", "grammar")
+    return from_fmt or gbnf or None
 
 
 def _logit_bias(v) -> tuple[tuple[int, float], ...]:
@@ -228,14 +249,9 @@ def _logprobs(body: dict) -> int | None:
 
 def _unsupported(body: dict) -> None:
     """What this server cannot honour is refused, not ignored: a reply that only looks like one
-    (prose where JSON was required, text where a tool call was required) would fail later and
-    quietly. Tools offered with the model free to use them (tool_choice "auto", the default,
-    or "none") are answered in text, which that choice allows."""
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise _bad(f"response_format {json.dumps(kind)} is not supported: this server does not constrain "
-                   'the form of the reply (only {"type": "text"})', "response_format")
+    (text where a tool call was required) would fail later and quietly. Tools offered with the
+    model free to use them (tool_choice "auto", the default, or "none") are answered in text,
+    which that choice allows."""
     choice = body.get("tool_choice")
     if body.get("tools") and choice not in (None, "auto", "none"):
         raise _bad('this server does not call tools: tool_choice must be "auto" or "none" (the reply is '
@@ -291,7 +307,8 @@ def sampling(req: ChatRequest, *, max_tokens: int, temperature: float, top_p: fl
                 top_p=top_p if req.top_p is None else req.top_p, top_k=top_k if req.top_k is None else req.top_k,
                 min_p=min_p if req.min_p is None else req.min_p,
                 seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
-                frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.logit_bias, logprobs=req.logprobs)
+                frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.logit_bias, logprobs=req.logprobs,
+                grammar=req.grammar)
 
 
 FINISH = {"stop": "stop", "length": "length", "context_full": "length"}

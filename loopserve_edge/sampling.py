@@ -1,5 +1,6 @@
 """Next-token choice from logits: greedy at temperature 0, else seeded top-k/top-p; OpenAI's
-presence and frequency penalties and logit bias applied first, at any temperature."""
+presence and frequency penalties and logit bias applied first, at any temperature; a grammar
+(grammar.py), when given, has the last word."""
 from __future__ import annotations
 
 import collections
@@ -26,13 +27,18 @@ class SamplingParams:
     # log-probabilities of the reply's tokens (Dialogue.reply_logprobs): None off, else how
     # many of the most likely tokens to list beside each chosen one
     logprobs: int | None = None
+    # the reply's form: GBNF text (grammar.py; OpenAI's response_format becomes one), None: free
+    grammar: str | None = None
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, constraint=None):
+        """constraint: the grammar's state for this reply (grammar.Constraint: allows(token),
+        mask(logits), accept(token)), or None."""
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.counts: collections.Counter[int] = collections.Counter()  # tokens chosen so far
+        self.constraint = constraint
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits the choice is made from: the penalties and the bias applied (a copy when
@@ -52,7 +58,15 @@ class Sampler:
         return x
 
     def __call__(self, logits: np.ndarray) -> int:
-        tok = self._choose(self.adjusted(logits))
+        x = self.adjusted(logits)
+        tok = self._choose(x)
+        c = self.constraint
+        if c is not None:
+            if not c.allows(tok):
+                # chosen again among the tokens the grammar allows (grammar.py says why this
+                # gives each of them its masked probability)
+                tok = self._choose(c.mask(x))
+            c.accept(tok)
         self.counts[tok] += 1
         return tok
 

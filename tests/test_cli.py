@@ -1,4 +1,5 @@
 """The loopserve-edge command, end to end, on the real default model."""
+import json
 import os
 import shutil
 import subprocess
@@ -46,6 +47,27 @@ def test_min_p_of_one_samples_the_greedy_reply(default_model, tmp_path):
     wild = run([*args, "--temperature", "2", "--seed", "5"], "Name three fruits.\n", home=tmp_path)
     assert greedy.returncode == hot.returncode == wild.returncode == 0, hot.stderr
     assert hot.stdout == greedy.stdout != wild.stdout
+
+
+def test_replies_held_to_a_json_schema_or_a_grammar(default_model, tmp_path):
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"type": "string"}},
+                                  "required": ["answer"]}))
+    r = run(["chat", *FAST, "--max-tokens", "64", "--json-schema", str(schema)], "What is 2+2?\nAnd 3+3?\n",
+            home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    replies = r.stdout.splitlines()
+    assert len(replies) == 2 and all(set(json.loads(x)) == {"answer"} for x in replies)
+    gbnf = tmp_path / "yn.gbnf"
+    gbnf.write_text('root ::= "yes" | "no"\n')
+    r = run(["chat", *FAST, "--grammar", str(gbnf)], "Is the sky blue?\n", home=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() in ("yes", "no"), r.stderr
+    # bad forms stop before any turn, in one line
+    gbnf.write_text("root ::= undefined\n")
+    for args, why in [(["--json", "--grammar", str(gbnf)], "give one of"), (["--grammar", str(gbnf)], "does not parse"),
+                      (["--json-schema", str(gbnf)], "Expecting value")]:
+        r = run(["chat", *FAST, *args], "hi\n", home=tmp_path)
+        assert r.returncode != 0 and why in r.stderr and not r.stdout and "Traceback" not in r.stderr
 
 
 def test_in_chat_commands(default_model, tmp_path):

@@ -101,7 +101,7 @@ def test_bad_calls_raise_naming_the_parameter_and_lose_nothing(tiny_model, make_
     llm = make_llm(tiny_model, n_ctx=256)
     m = [{"role": "user", "content": "hi"}]
     first = llm.create_chat_completion(m, **GREEDY)
-    cases = [(dict(temperature=5), "temperature"), (dict(response_format={"type": "json_object"}), "response_format"),
+    cases = [(dict(temperature=5), "temperature"), (dict(response_format={"type": "xml"}), "response_format"),
              (dict(logit_bias={10 ** 6: 1}), "vocabulary"), (dict(loopserve={"policy": "loopserve"}), "budget"),
              (dict(loopserve={"granularity": "head"}), "granularity")]
     for kw, what in cases:

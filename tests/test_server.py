@@ -268,7 +268,7 @@ def test_penalties_and_logit_bias_shape_the_choice(server):
     assert len(toks) == 4 and len(set(toks)) == 1 and r.choices[0].message.content == toks[0] * 4
     tools = [{"type": "function", "function": {"name": "f"}}]
     for param, kw in [("logit_bias", dict(logit_bias={"99999999": 1})), ("presence_penalty", dict(presence_penalty=3)),
-                      ("response_format", dict(response_format={"type": "json_object"})),
+                      ("response_format", dict(response_format={"type": "xml"})),
                       ("tool_choice", dict(tools=tools, tool_choice="required")),
                       ("top_logprobs", dict(top_logprobs=2))]:
         with pytest.raises(openai.BadRequestError) as e:
@@ -277,6 +277,28 @@ def test_penalties_and_logit_bias_shape_the_choice(server):
     # tools the model may leave unused ("auto", the default): a text reply
     r = _chat(client, [{"role": "user", "content": "hi"}], tools=tools)
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+def test_response_formats_and_grammars_hold_the_reply_to_their_form(server):
+    client = server.client()
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    r = _chat(client, [{"role": "user", "content": "What is 2+2? Answer in JSON."}], max_tokens=64, temperature=0,
+              response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop" and set(json.loads(r.choices[0].message.content)) == {"answer"}
+    cat = "Give me a JSON object describing a cat with its name and age."
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": cat}], max_tokens=96,
+                                            temperature=0, response_format={"type": "json_object"}, stream=True)
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), dict)
+    # llama-server's and llama-cpp-python's "grammar" field, on text completions too
+    r = client.completions.create(model=MODEL, prompt="Is it raining?", max_tokens=8, extra_body={
+        "grammar": 'root ::= "yes" | "no"'})
+    assert r.choices[0].text in ("yes", "no") and r.choices[0].finish_reason == "stop"
+    for body, param in [(dict(response_format={"type": "json_schema"}), "response_format"),
+                        (dict(extra_body={"grammar": "root ::= nothing-defined"}), None)]:
+        with pytest.raises(openai.BadRequestError, match="grammar|json_schema") as e:
+            _chat(client, [{"role": "user", "content": "hi"}], **body)
+        assert e.value.body["param"] == param
+    assert _chat(client, [{"role": "user", "content": "hi"}], max_tokens=4).choices[0].message.content
 
 
 def test_text_completions_continue_the_prompt_and_reuse_it(server, default_model):
