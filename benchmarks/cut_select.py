@@ -25,7 +25,7 @@ import time
 import loopserve_edge  # noqa: F401  the runtime, before numpy
 from loopserve_edge import cupy_device, eviction
 from loopserve_edge.config import LoopServeConfig
-from loopserve_edge.eviction import CUPY_MIN_SCORES, choose_keep_rows
+from loopserve_edge.eviction import choose_keep_rows
 from loopserve_edge.random_gguf import SHAPES
 
 import numpy as np
@@ -56,7 +56,7 @@ def main() -> None:
     where = f"cupy {cp.__version__} on {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}" if cp \
         else "no cupy or no CUDA device: host only"
     print(f"budget {a.budget}, pooling {host.pooling}, sink {host.sink}, recent {host.recent}; {where}; "
-          f"median of {a.repeats}; cupy_select='auto' uses the device from {CUPY_MIN_SCORES} scores; the runtime's "
+          f"median of {a.repeats}; the runtime's "
           f"choice on {eviction.HOST_THREADS} threads\n")
     print("| shape | rows | cells | scores | numpy ms | runtime (C++) ms | device ms (first call) | numpy / runtime "
           "| runtime / device | same cells |")

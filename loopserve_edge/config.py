@@ -175,11 +175,10 @@ class LoopServeConfig:
     # default. Uniform allocation only.
     span: int = 1
     aggregate: str = "mean"  # over layers and KV heads: mean | max
-    # Where a head-wise cut chooses its cells: "auto" on a CUDA device through cupy (the
-    # optional extra `loopserve-edge[cuda]`) when it is installed and the scores are many
-    # (eviction.CUPY_MIN_SCORES: a cut after a long prefill), else on the host (the runtime's
-    # C++, on several threads); "on" with cupy at any size where it is installed; "off" always
-    # on the host. The host and the device choose the same cells.
+    # Where a head-wise cut chooses its cells: "auto" (and "off") on the host, in the runtime's
+    # C++ on several threads, which measured faster than the device at every size (eviction.py
+    # says where); "on" on a CUDA device through cupy (the optional extra
+    # `loopserve-edge[cuda]`) where it is installed and sees one. Both choose the same cells.
     cupy_select: str = "auto"
 
     def __post_init__(self) -> None:

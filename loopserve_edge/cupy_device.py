@@ -1,7 +1,7 @@
 """cupy, where it is installed (`pip install loopserve-edge[cuda]`) and a CUDA device is
-visible: the array module that a head-wise cut's selection runs on when its scores are many
-(eviction.choose_keep_rows; the sizes where that pays: benchmarks/cut_select.py). The host
-(the runtime's C++) chooses everywhere else."""
+visible: the array module that a head-wise cut's selection runs on with cupy_select="on"
+(eviction.choose_keep_rows). By default the host (the runtime's C++) chooses, which measured
+faster at every size (benchmarks/cut_select.py, benchmarks/results/cut-select.md)."""
 from __future__ import annotations
 
 import warnings

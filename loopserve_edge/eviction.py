@@ -45,12 +45,12 @@ if TYPE_CHECKING:
     from .context import Context
 
 SCORED = ("snapkv", "h2o", "loopserve")
-# scores of a head-wise cut from which cupy_select="auto" chooses on the device (where cupy is
-# installed and sees one). On the H200 the runtime's C++ on 8 host threads was faster below
-# about this many: 1.1 against 5.1 ms for the 1B shape's periodic cut (128 rows x 2176 cells),
-# 13 against 16 ms at 128 x 32768, 24 against 25 ms at 256 x 32768; from here on the device:
-# 46 / 42 ms at 128 x 131072, 89 / 60 ms at 256 x 131072 (benchmarks/results/cut-select.md)
-CUPY_MIN_SCORES = 1 << 24
+# cupy_select="auto" chooses on the host: since session 32's C++ choice (the k-th highest from a
+# sample's bound, pooling in one pass) it was faster than cupy on the device at every size
+# measured, on an H100 box's 8 host threads 1.4 against 5.4 ms for the 135M shape's periodic cut
+# (90 rows x 2176 cells), 34 against 44 ms at 128 x 131072, 54 against 62 ms at 256 x 131072
+# (benchmarks/results/cut-select.md, session 33; session 18's slower C++ had set a threshold of
+# 2^24 scores above which the device was used)
 CUPY_BLOCK = 1 << 23  # scores per block on the device: a few hundred MB at most, beside the model's
 # threads of the host's choice (llama_loopserve_select_rows), which uses them from 2^16 scores on
 HOST_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -140,7 +140,7 @@ def choose_keep(n: int, scores: np.ndarray | None, cfg: LoopServeConfig, budget:
 def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.ndarray:
     """choose_keep for each row of [n_heads, n_cells] scores: [n_heads, budget] ascending cell
     indices, row for row the cells choose_keep keeps. On the device (cupy) where cfg.cupy_select
-    asks for it: "auto" from CUPY_MIN_SCORES scores on."""
+    is "on" and cupy sees one, else on the host."""
     h, n = rows.shape
     lo, hi = min(cfg.sink, n), max(0, n - cfg.recent)
     left = budget - lo - (n - max(lo, hi))
@@ -149,8 +149,7 @@ def choose_keep_rows(rows: np.ndarray, cfg: LoopServeConfig, budget: int) -> np.
     kernel = cfg.pooling
     if cfg.span > 1:  # whole spans: their sums, rounded to the scores' type, ranked without pooling
         rows, kernel = span_sums(rows, lo, hi, cfg.span), 1
-    want = cfg.cupy_select == "on" or (cfg.cupy_select == "auto" and rows.size >= CUPY_MIN_SCORES)
-    cp = cupy_device.module() if want else None
+    cp = cupy_device.module() if cfg.cupy_select == "on" else None
     if cp is not None:
         try:
             step = max(1, CUPY_BLOCK // n)
@@ -229,7 +228,7 @@ class Evictor:
         # the dialogues whose post-prefill cut waits (defer_cut), by id: several may be
         # generating at once (a server decoding them in one batch)
         self.deferred: set[int] = set()
-        if self.scored and cfg.granularity == "head" and cfg.cupy_select != "off":
+        if self.scored and cfg.granularity == "head" and cfg.cupy_select == "on":
             warm_device(cfg)
 
     # -- turn hooks ----------------------------------------------------------------------

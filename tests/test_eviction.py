@@ -85,16 +85,13 @@ class _NumpyAsDevice:
     asnumpy = staticmethod(np.asarray)
 
 
-@pytest.mark.parametrize("mode,size_min,device_used", [("on", 1 << 30, True), ("auto", 1, True),
-                                                       ("auto", 1 << 30, False), ("off", 1, False)])
-def test_the_device_path_runs_where_asked_in_blocks_and_keeps_the_same_cells(monkeypatch, mode, size_min,
-                                                                          device_used):
+@pytest.mark.parametrize("mode,device_used", [("on", True), ("auto", False), ("off", False)])
+def test_the_device_path_runs_where_asked_in_blocks_and_keeps_the_same_cells(monkeypatch, mode, device_used):
     rows = _tied_rows(21, 300, 0)
     c = cfg("loopserve", budget=100, pooling=7, cupy_select=mode)
     want = choose_keep_rows(rows, cfg("loopserve", budget=100, pooling=7, cupy_select="off"), 100)
     dev = _NumpyAsDevice()
     monkeypatch.setattr(eviction.cupy_device, "module", lambda: dev)
-    monkeypatch.setattr(eviction, "CUPY_MIN_SCORES", size_min)
     monkeypatch.setattr(eviction, "CUPY_BLOCK", 5 * 300)  # blocks of 5 rows: 21 rows in 5 blocks
     got = choose_keep_rows(rows, c, 100)
     np.testing.assert_array_equal(got, want)
@@ -183,10 +180,11 @@ def test_any_other_device_failure_is_said_once_and_the_host_does_the_work_from_t
     assert eviction.cupy_device.module() is None
 
 
-@pytest.mark.parametrize("granularity,mode,policy,warmed", [("head", "auto", "loopserve", True),
+@pytest.mark.parametrize("granularity,mode,policy,warmed", [("head", "on", "loopserve", True),
+                                                          ("head", "auto", "loopserve", False),
                                                           ("head", "off", "loopserve", False),
-                                                          ("cell", "auto", "loopserve", False),
-                                                          ("head", "auto", "streaming", False)])
+                                                          ("cell", "on", "loopserve", False),
+                                                          ("head", "on", "streaming", False)])
 def test_a_head_wise_evictor_warms_the_device_once(monkeypatch, granularity, mode, policy, warmed):
     """cupy's start (and, once a machine, its kernels' compilation) is paid when the Llama is
     made, not by the first cut."""
