@@ -99,6 +99,29 @@ def test_a_reply_is_the_one_a_local_dialogue_gives(server, default_model):
     assert u.prompt_tokens_details.cached_tokens == 0
 
 
+def test_tokenize_and_detokenize_as_llama_server_does(server, default_model):
+    from loopserve_edge import Llama
+
+    text = "Grüße, <|im_start|>world! 你好"
+    with Llama(default_model, n_ctx=256, n_threads=THREADS) as llm:
+        want = llm.tokenize(text)   # special tokens parsed, no BOS (SmolLM2 adds none)
+    got = httpx.post(server.url + "/tokenize", json={"content": text}).json()["tokens"]
+    assert got == want and len(got) > 5
+    pieces = httpx.post(server.url + "/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == want
+    # each piece its text, or its bytes where a character is split between tokens
+    joined = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
+    assert joined.decode() == text
+    assert httpx.post(server.url + "/detokenize", json={"tokens": got}).json() == {"content": text}
+    assert any(isinstance(p["piece"], list) for p in pieces)   # 你好 is split here
+    bad = [("/tokenize", {"content": 5}, "content"), ("/tokenize", {"content": "a", "with_pieces": 1}, "with_pieces"),
+           ("/detokenize", {"tokens": [1, -1]}, "tokens"), ("/detokenize", {"tokens": [10 ** 9]}, "tokens"),
+           ("/detokenize", {"tokens": "12"}, "tokens"), ("/tokenize", [1], None)]
+    for path, body, param in bad:
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
 def test_streaming_gives_the_same_reply_in_pieces_with_usage(server):
     msgs = [{"role": "user", "content": "Tell me about the sea."}]
     whole = _chat(server.client(), msgs).choices[0].message.content
@@ -541,6 +564,9 @@ def test_an_api_key_is_required_when_set(tmp_path):
         assert httpx.get(s.url + "/v1/models").status_code == 401
         assert _chat(s.client("s3cret"), [{"role": "user", "content": "hi"}]).choices[0].message.content
         assert httpx.get(s.url + "/health").status_code == 200   # health checks need no key
+        assert httpx.post(s.url + "/tokenize", json={"content": "hi"}).status_code == 401
+        assert httpx.post(s.url + "/tokenize", json={"content": "hi"},
+                          headers={"Authorization": "Bearer s3cret"}).json()["tokens"]
     finally:
         s.stop()
 

@@ -26,10 +26,21 @@ from .protocol import ApiError
 log = logging.getLogger("loopserve_edge.server")
 STATIC = Path(__file__).parent / "static"
 DIALOGUE_HEADER = "X-Dialogue-Id"
+# besides /v1/*, the paths an API key guards (llama-server's token endpoints)
+KEYED = ("/tokenize", "/detokenize")
 
 
 def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _piece(b: bytes):
+    """A token's text as llama-server gives it: a string, or its bytes where they are not whole
+    UTF-8 (part of a character)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(b)
 
 
 def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
@@ -71,7 +82,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and (request.url.path.startswith("/v1/") or request.url.path in KEYED):
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
                 engine.metrics.request(request.url.path, 401)
@@ -105,6 +116,23 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                            param="model", code="model_not_found")
         engine.metrics.request("/v1/models", 200)
         return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """llama-server's: the token ids of a text (for clients that count tokens themselves)."""
+        content, add_special, with_pieces = protocol.parse_tokenize(await request.body())
+        llm = engine.llm
+        toks = await anyio.to_thread.run_sync(lambda: llm.tokenize(content, add_bos=add_special and llm.add_bos))
+        engine.metrics.request("/tokenize", 200)
+        if not with_pieces:
+            return {"tokens": toks}
+        return {"tokens": [{"id": t, "piece": _piece(llm._piece(t, special=True))} for t in toks]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        toks = protocol.parse_detokenize(await request.body(), engine.llm.n_vocab)
+        engine.metrics.request("/detokenize", 200)
+        return {"content": engine.llm.detokenize(toks, special=True)}
 
     @app.get("/metrics")
     async def metrics():

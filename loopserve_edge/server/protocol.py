@@ -44,5 +44,41 @@ def _parse(raw: bytes, parse):
         raise ApiError.bad_request(e) from None
 
 
+def parse_tokenize(raw: bytes) -> tuple[str, bool, bool]:
+    """llama-server's POST /tokenize body: (content, add_special, with_pieces)."""
+    body = _json(raw)
+    content = body.get("content")
+    if not isinstance(content, str):
+        raise ApiError(400, "'content' must be a string", param="content")
+    flags = []
+    for name in ("add_special", "with_pieces"):
+        v = body.get(name, False)
+        if not isinstance(v, bool):
+            raise ApiError(400, f"'{name}' must be a boolean", param=name)
+        flags.append(v)
+    return content, flags[0], flags[1]
+
+
+def parse_detokenize(raw: bytes, n_vocab: int) -> list[int]:
+    """llama-server's POST /detokenize body: the token ids, each within the vocabulary."""
+    toks = _json(raw).get("tokens")
+    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+        raise ApiError(400, "'tokens' must be a list of token ids", param="tokens")
+    bad = [t for t in toks if not 0 <= t < n_vocab]
+    if bad:
+        raise ApiError(400, f"token {bad[0]} is not in the model's vocabulary ({n_vocab} tokens)", param="tokens")
+    return toks
+
+
+def _json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
 def sse(obj) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
