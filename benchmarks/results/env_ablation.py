@@ -1,7 +1,8 @@
 """Ablation variants for `loopserve-edge bench` that differ from a package method by an
 environment variable the runtime reads at every cut (not in the package): registered before the
 bench CLI runs, each variant marked by a `chunk_probe` value, which only budgeted prefill reads
-and a sliding-window model never uses; the variable is set while a marked variant's runs decode
+and a sliding-window model never uses (any value but the default, 32, which every other method
+has); the variable is set while a marked variant's runs decode
 and reset for every other method's.
 
     variant(package method, name, description, **options)   (a plain variant, no variable)
