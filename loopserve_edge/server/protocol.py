@@ -1,5 +1,6 @@
 """The HTTP side of OpenAI's chat-completions shapes (openai_api.py has the rest): error
-bodies with their status, a request body decoded, server-sent events.
+bodies with their status, a request body decoded, server-sent events; llama-server's token
+endpoints' bodies.
 """
 from __future__ import annotations
 
@@ -34,10 +35,7 @@ def parse_text_request(raw: bytes) -> TextRequest:
 
 
 def _parse(raw: bytes, parse):
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    body = _json(raw)
     try:
         return parse(body)
     except RequestError as e:
