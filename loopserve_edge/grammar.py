@@ -6,7 +6,9 @@ The sampler (sampling.py) first chooses as if there were no grammar and asks the
 that one token; only when it is refused are all the vocabulary's tokens checked and the choice
 made again among those allowed (as llama.cpp's common sampler does). Drawing again from the
 allowed tokens after a refusal gives each allowed token the probability it has once the refused
-ones are masked out, and checking one token costs a fraction of checking the vocabulary."""
+ones are masked out (exactly so where no top-k, top-p or min-p cut applies; with one, the first
+draw's cut is of the unmasked distribution), and checking one token costs a fraction of checking
+the vocabulary."""
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +27,8 @@ assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_c.llama_token_data)
 
 
 class GrammarError(LoopServeError, ValueError):
-    """A grammar, JSON schema or response_format that cannot be used; nothing was run."""
+    """A grammar, JSON schema or response_format that cannot be used (found before the prompt is
+    prefilled, but for a grammar that no token can continue, found where the reply gets there)."""
 
 
 def for_response_format(fmt) -> str | None:
