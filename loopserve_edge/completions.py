@@ -74,10 +74,10 @@ class Completions:
             yield from shapes.start()
             for piece in pieces:
                 shown += len(piece.encode())
-                yield shapes.piece(piece, logprobs.take(shown))   # the tokens that start in it
+                yield from shapes.piece(piece, logprobs.take(shown))   # the tokens that start in it
         finally:
             self._end(entry, pieces)   # also when the caller stops early
-        yield shapes.end(dlg.last_stats, None)   # a stop string's tokens, after the last piece: none
+        yield from shapes.end(dlg.last_stats, None)   # a stop string's tokens, after the last piece: none
         if req.include_usage:
             yield shapes.usage(dlg.last_stats, entry.id)
 

@@ -86,7 +86,8 @@ class Llama(Context):
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                logit_bias: dict | None = None, logprobs: bool | None = None,
                                top_logprobs: int | None = None, response_format: dict | None = None,
-                               tools: list | None = None, tool_choice=None, model: str | None = None,
+                               tools: list | None = None, tool_choice=None, parallel_tool_calls: bool | None = None,
+                               model: str | None = None,
                                stream_options: dict | None = None, grammar=None, loopserve: dict | None = None,
                                **unsupported) -> dict | Iterator[dict]:
         """llama-cpp-python's `create_chat_completion`: OpenAI's response (or, with stream, its
@@ -94,7 +95,9 @@ class Llama(Context):
         them, prefilling only what is new (completions.py); `loopserve`: this call's
         LoopServe settings, as the server's request field. `response_format` ({"type":
         "json_object"}, with llama-cpp-python's "schema" or as {"type": "json_schema", ...}) or
-        `grammar` (GBNF text or a llama_cpp.LlamaGrammar) hold the reply to that form (grammar.py).
+        `grammar` (GBNF text or a llama_cpp.LlamaGrammar) hold the reply to that form (grammar.py);
+        `tools` with `tool_choice` "auto" (the default with tools), "required" or a named tool give
+        a tool call (the message's tool_calls) or, with "auto", text (tool_calls.py).
         Bad arguments raise `openai_api.RequestError` (a ValueError) naming the parameter, as do
         llama-cpp-python's samplers that are not offered (repeat_penalty, mirostat, ...) unless
         left at values that do nothing."""
@@ -103,7 +106,8 @@ class Llama(Context):
                     max_tokens=max_tokens, stop=stop or None, stream=stream, seed=seed,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                     logit_bias=_bias(logit_bias), logprobs=logprobs, top_logprobs=top_logprobs,
-                    response_format=response_format, tools=tools, tool_choice=tool_choice, model=model,
+                    response_format=response_format, tools=tools, tool_choice=tool_choice,
+                    parallel_tool_calls=parallel_tool_calls, model=model,
                     stream_options=stream_options, grammar=_gbnf(grammar), loopserve=loopserve)
         return self._calls().chat({k: v for k, v in body.items() if v is not None})
 

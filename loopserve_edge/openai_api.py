@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import grammar
+from . import grammar, tool_calls
 from .config import LoopServeConfig
 from .errors import LoopServeError
 
@@ -23,7 +23,7 @@ from .errors import LoopServeError
 LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int, "defer_cut": int,
                     "defer_scored": int, "granularity": str, "allocation": str, "span": int,
                     "sparse_prefill": bool, "alpha": float}
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class RequestError(LoopServeError, ValueError):
@@ -55,7 +55,8 @@ class ChatRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None        # None: none asked; else top_logprobs (0-20)
     min_p: float | None = None         # llama-server's and llama-cpp-python's extension
-    grammar: str | None = None         # the reply's form (GBNF): response_format, or "grammar" as given
+    grammar: str | None = None         # the reply's form (GBNF): response_format, "grammar" as given, tools
+    tools: tool_calls.ToolMode | None = None   # the reply is a tool call or text, in tool_calls.py's form
 
 
 @dataclass(frozen=True)
@@ -114,34 +115,86 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' is required and must be a non-empty list", "messages")
-    system_parts, rest = [], []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _bad(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
-        text = _text(m.get("content"), where)
-        if m["role"] in ("system", "developer"):
-            if rest:
-                raise _bad(f"{where}: system messages must come before the conversation", f"{where}.role")
-            system_parts.append(text)
-            continue
-        want = "user" if len(rest) % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise _bad(f"{where}: expected a {want} message (turns alternate, starting with the user)",
-                       f"{where}.role")
-        rest.append({"role": m["role"], "content": text})
+    try:
+        tools = tool_calls.mode(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        system, rest = _turns(msgs, tools, bool(body.get("parallel_tool_calls")))
+    except tool_calls.ToolsError as e:
+        raise _bad(str(e), e.param) from None
     # a last assistant message is the start of the reply, which the model continues (as
     # llama-server does); the response holds the continuation
     reply_prefix = rest.pop()["content"] if rest and rest[-1]["role"] == "assistant" else ""
     if not rest:
         raise _bad("the conversation must have a user message", "messages")
-    _unsupported(body)
     gen = _generation(body, _logprobs(body))
+    if tools is not None:
+        if gen["grammar"]:
+            raise _bad("give either tools (with a tool_choice other than \"none\") or a reply form "
+                       "(response_format, grammar), not both", "response_format")
+        try:
+            gen["grammar"] = tools.grammar()
+        except tool_calls.ToolsError as e:
+            raise _bad(str(e), e.param) from None
+        system = tools.prompt() if system is None else f"{system}\n\n{tools.prompt()}"
     if reply_prefix and gen["grammar"]:
-        raise _bad("a reply held to a form (response_format, grammar) cannot continue a last assistant "
-                   "message: it is held from its first token", "messages")
-    return ChatRequest(model=model, system="\n\n".join(system_parts) if system_parts else None,
-                       history=tuple(rest[:-1]), prompt=rest[-1]["content"], reply_prefix=reply_prefix, **gen)
+        raise _bad("a reply held to a form (response_format, grammar, tools) cannot continue a last "
+                   "assistant message: it is held from its first token", "messages")
+    return ChatRequest(model=model, system=system, history=tuple(rest[:-1]), prompt=rest[-1]["content"],
+                       reply_prefix=reply_prefix, tools=tools, **gen)
+
+
+def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tuple[str | None, list[dict]]:
+    """The system text and the turns, user and assistant alternating, as the model sees them:
+    an assistant message's tool calls and the tool messages answering them in the form the
+    tools' grammar gives (tool_calls.py); with tools in use, a text reply in its form too."""
+    system_parts, rest = [], []
+    calls: dict[str, str] = {}               # id -> name: the calls of the last assistant message
+    results: list[tuple[str, str]] = []      # the tool messages since it
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise _bad(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
+        role = m["role"]
+        if role in ("system", "developer"):
+            if rest or results:
+                raise _bad(f"{where}: system messages must come before the conversation", f"{where}.role")
+            system_parts.append(_text(m.get("content"), where))
+            continue
+        if role == "tool":
+            if not calls:
+                raise _bad(f"{where}: a tool message answers a call of the assistant message before it, "
+                           "which has none", f"{where}.role")
+            if m.get("tool_call_id") not in calls:
+                raise _bad(f"{where}.tool_call_id must be the id of a call of the assistant message before it",
+                           f"{where}.tool_call_id")
+            results.append((calls[m["tool_call_id"]], _text(m.get("content"), where)))
+            continue
+        merge = bool(results) and role == "user"   # tool results, then a user message: one turn
+        if results:
+            rest.append({"role": "user", "content": tool_calls.render_results(results)})
+            results = []
+        calls = {}
+        if role == "assistant" and m.get("tool_calls"):
+            got = tool_calls.assistant_calls(m, where)
+            calls = {cid: name for cid, name, _ in got}
+            text = tool_calls.render_calls([(name, args) for _, name, args in got], parallel)
+        else:
+            text = _text(m.get("content"), where)
+            if role == "assistant" and tools is not None:
+                text = tool_calls.render_text(text)
+        if merge:
+            rest[-1]["content"] += "\n\n" + text
+            continue
+        want = "user" if len(rest) % 2 == 0 else "assistant"
+        if role != want:
+            raise _bad(f"{where}: expected a {want} message (turns alternate, starting with the user)",
+                       f"{where}.role")
+        rest.append({"role": role, "content": text})
+    if results:
+        rest.append({"role": "user", "content": tool_calls.render_results(results)})
+    elif calls:
+        raise _bad("the conversation ends with tool calls: their results come next, as tool messages",
+                   "messages")
+    return ("\n\n".join(system_parts) if system_parts else None), rest
 
 
 def parse_text(body: dict, model: str | None = None) -> TextRequest:
@@ -245,17 +298,6 @@ def _logprobs(body: dict) -> int | None:
     if top is not None and not on:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return (top or 0) if on else None
-
-
-def _unsupported(body: dict) -> None:
-    """What this server cannot honour is refused, not ignored: a reply that only looks like one
-    (text where a tool call was required) would fail later and quietly. Tools offered with the
-    model free to use them (tool_choice "auto", the default, or "none") are answered in text,
-    which that choice allows."""
-    choice = body.get("tool_choice")
-    if body.get("tools") and choice not in (None, "auto", "none"):
-        raise _bad('this server does not call tools: tool_choice must be "auto" or "none" (the reply is '
-                   'text)', "tool_choice")
 
 
 def _loopserve(v) -> dict:
@@ -365,12 +407,31 @@ def _logprobs_field(content: list[dict] | None) -> dict | None:
 
 
 def response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str,
-             logprobs: list[dict] | None = None) -> dict:
+             logprobs: list[dict] | None = None, tools: bool = False) -> dict:
+    """`tools`: the reply is in tool_calls.py's form: a call becomes the message's tool_calls,
+    a text reply its content (cut short: a text reply's content so far, a call's text as it is)."""
+    message, finish = {"role": "assistant", "content": text}, FINISH[stats.finish_reason]
+    if tools:
+        got = tool_calls.read(text)
+        if got.calls is not None:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": [_call(c) for c in got.calls]}, \
+                "tool_calls"
+        elif got.text is not None:
+            message["content"] = got.text
+        else:   # cut short: a text reply's content so far (as streamed), else the text as it is
+            part = tool_calls.TextStream()
+            content = part.feed(text)
+            message["content"] = content if part.text else text
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": _logprobs_field(logprobs), "finish_reason": FINISH[stats.finish_reason]}],
+            "choices": [{"index": 0, "message": message, "logprobs": _logprobs_field(logprobs),
+                         "finish_reason": finish}],
             "usage": usage(stats), "loopserve": extras(dialogue_id, stats)}
+
+
+def _call(c: tuple[str, str, str]) -> dict:
+    cid, name, arguments = c
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def chunk(cid: str, model: str, fingerprint: str, delta: dict, finish: str | None = None,
@@ -440,22 +501,48 @@ def text_usage_chunk(cid: str, model: str, fingerprint: str, stats, dialogue_id:
 class ChatShapes:
     """A chat request's response and stream chunks, from its reply, TurnStats and the
     log-probability entries that come with the reply or with each piece (the server and the
-    Python API build both kinds of answer through these five calls)."""
+    Python API build both kinds of answer through these five calls). With tools, the stream
+    gives a text reply's content as it comes and a call whole at the end (a client adds up the
+    deltas either way)."""
 
     def __init__(self, req: ChatRequest, fingerprint: str):
         self.req, self.cid, self.fp = req, completion_id(), fingerprint
+        self.text = tool_calls.TextStream() if req.tools is not None else None
+        self.held: list[dict] | None = None   # log-probabilities of pieces that showed nothing yet
 
     def response(self, text: str, stats, did: str, logprobs) -> dict:
-        return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs)
+        return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs, self.text is not None)
 
     def start(self) -> list[dict]:
         return [chunk(self.cid, self.req.model, self.fp, {"role": "assistant", "content": ""})]
 
-    def piece(self, text: str, logprobs) -> dict:
-        return chunk(self.cid, self.req.model, self.fp, {"content": text}, logprobs=logprobs)
+    def piece(self, text: str, logprobs) -> list[dict]:
+        if self.text is not None:
+            if logprobs is not None:
+                self.held = (self.held or []) + logprobs
+            text = self.text.feed(text)
+            if not text:
+                return []
+            logprobs, self.held = self.held, None
+        return [chunk(self.cid, self.req.model, self.fp, {"content": text}, logprobs=logprobs)]
 
-    def end(self, stats, logprobs) -> dict:
-        return chunk(self.cid, self.req.model, self.fp, {}, FINISH[stats.finish_reason], logprobs or None)
+    def end(self, stats, logprobs) -> list[dict]:
+        finish, out = FINISH[stats.finish_reason], []
+        if self.text is not None:
+            if logprobs is not None or self.held is not None:
+                logprobs = (self.held or []) + (logprobs or [])
+            got = tool_calls.read(self.text.raw)
+            delta = None
+            if got.calls is not None:
+                delta, finish = {"tool_calls": [dict(_call(c), index=i) for i, c in enumerate(got.calls)]}, \
+                    "tool_calls"
+            elif got.text is None and not self.text.text and self.text.raw:
+                delta = {"content": self.text.raw}   # neither form (cut short): as it is
+            if delta is not None:
+                out.append(chunk(self.cid, self.req.model, self.fp, delta, logprobs=logprobs))
+                logprobs = None
+        out.append(chunk(self.cid, self.req.model, self.fp, {}, finish, logprobs or None))
+        return out
 
     def usage(self, stats, did: str) -> dict:
         return usage_chunk(self.cid, self.req.model, self.fp, stats, did)
@@ -477,14 +564,14 @@ class TextShapes:
     def start(self) -> list[dict]:
         return [text_chunk(self.cid, self.req.model, self.fp, self.req.prompt)] if self.req.echo else []
 
-    def piece(self, text: str, logprobs) -> dict:
+    def piece(self, text: str, logprobs) -> list[dict]:
         c = text_chunk(self.cid, self.req.model, self.fp, text, logprobs=text_logprobs(logprobs, self.offset))
         self.offset += len(text)
-        return c
+        return [c]
 
-    def end(self, stats, logprobs) -> dict:
-        return text_chunk(self.cid, self.req.model, self.fp, "", FINISH[stats.finish_reason],
-                          text_logprobs(logprobs or None, self.offset))
+    def end(self, stats, logprobs) -> list[dict]:
+        return [text_chunk(self.cid, self.req.model, self.fp, "", FINISH[stats.finish_reason],
+                           text_logprobs(logprobs or None, self.offset))]
 
     def usage(self, stats, did: str) -> dict:
         return text_usage_chunk(self.cid, self.req.model, self.fp, stats, did)

@@ -292,14 +292,47 @@ def test_penalties_and_logit_bias_shape_the_choice(server):
     tools = [{"type": "function", "function": {"name": "f"}}]
     for param, kw in [("logit_bias", dict(logit_bias={"99999999": 1})), ("presence_penalty", dict(presence_penalty=3)),
                       ("response_format", dict(response_format={"type": "xml"})),
-                      ("tool_choice", dict(tools=tools, tool_choice="required")),
+                      ("tool_choice", dict(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}})),
                       ("top_logprobs", dict(top_logprobs=2))]:
         with pytest.raises(openai.BadRequestError) as e:
             _chat(client, [{"role": "user", "content": "hi"}], **kw)
         assert e.value.body["param"] == param
-    # tools the model may leave unused ("auto", the default): a text reply
-    r = _chat(client, [{"role": "user", "content": "hi"}], tools=tools)
+    # tools the reply may not use: a text reply
+    r = _chat(client, [{"role": "user", "content": "hi"}], tools=tools, tool_choice="none")
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+def test_tool_calls_come_back_as_openai_shapes_and_their_results_go_on_in_the_dialogue(server):
+    client = server.client()
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"], "additionalProperties": False}}}]
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = _chat(client, msgs, tools=tools, tool_choice="required", max_tokens=64)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    # the client sends the call back with its result: the dialogue goes on, nothing prefilled again
+    msgs += [c.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+    deltas, finish, usage = [], None, None
+    for ch in _chat(client, msgs, tools=tools, max_tokens=64, stream=True, stream_options={"include_usage": True}):
+        usage = ch.usage or usage
+        for x in ch.choices:
+            deltas.append(x.delta)
+            finish = x.finish_reason or finish
+    assert usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    streamed = [t for d in deltas for t in (d.tool_calls or [])]
+    text = "".join(d.content or "" for d in deltas)
+    # "auto": a call (whole, in one delta) or a text reply (its content as it comes)
+    assert (finish == "tool_calls" and len(streamed) == 1 and not text) or (finish == "stop" and text and not streamed)
+    bad = msgs[:1] + [{"role": "assistant", "tool_calls": [call.model_dump()]},
+                      {"role": "tool", "tool_call_id": "call_unknown", "content": "18 C"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, bad, tools=tools)
+    assert e.value.body["param"] == "messages[2].tool_call_id"
 
 
 def test_response_formats_and_grammars_hold_the_reply_to_their_form(server):

@@ -219,13 +219,15 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                 while True:
                     k, v = item
                     if k == "piece":
-                        yield protocol.sse(shapes.piece(*v))
+                        for c in shapes.piece(*v):
+                            yield protocol.sse(c)
                     elif k == "error":
                         yield protocol.sse(v.body())
                         break
                     else:
                         _, stats, did, logprobs = v
-                        yield protocol.sse(shapes.end(stats, logprobs))
+                        for c in shapes.end(stats, logprobs):
+                            yield protocol.sse(c)
                         if req.include_usage:
                             yield protocol.sse(shapes.usage(stats, did))
                         break

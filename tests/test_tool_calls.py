@@ -1,0 +1,190 @@
+"""Tool calls: OpenAI's tools / tool_choice / tool messages, held by a grammar to tool_calls.py's
+JSON form; a reply renders back to the text the model generated, so that the next request's
+history finds the dialogue that holds it."""
+import itertools
+import json
+
+import pytest
+
+from loopserve_edge import tool_calls
+from loopserve_edge.bindings import llama_c
+from loopserve_edge.openai_api import RequestError, parse_chat
+
+UNIT = {"type": "object", "properties": {"unit": {"enum": ["C", "F"]}, "exact": {"type": "boolean"}},
+        "required": ["unit", "exact"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather", "parameters": UNIT}},
+         {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+                                                                        "additionalProperties": False}}}]
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _call(name="get_weather", args='{"unit":"C","exact":true}', cid="call_1"):
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _rendered(msg: dict, parallel: bool = False) -> str:
+    """The text an OpenAI assistant message is shown to the model as, in a next request."""
+    req = parse_chat({"model": "m", "messages": USER + [msg, {"role": "user", "content": "next"}],
+                      "tools": TOOLS, "parallel_tool_calls": parallel})
+    return req.history[-1]["content"]
+
+
+@pytest.mark.parametrize("choice,parallel", [("required", False), ("required", True), ("auto", False),
+                                             ({"type": "function", "function": {"name": "now"}}, False)])
+def test_replies_are_in_the_form_and_render_back_to_the_same_text(tiny_model, make_llm, choice, parallel):
+    llm = make_llm(tiny_model, n_ctx=2048)   # the tools' description: ~600 byte tokens
+    kinds = set()
+    for seed in range(16):
+        r = llm.create_chat_completion(USER, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel,
+                                       temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed, max_tokens=96)
+        ch = r["choices"][0]
+        msg = ch["message"]
+        raw = llm._calls().store.entries[r["loopserve"]["dialogue_id"]].dialogue.messages[-1]["content"]
+        if ch["finish_reason"] == "length":   # cut short: a text reply's content so far, else the text
+            part = tool_calls.TextStream()
+            assert "tool_calls" not in msg
+            # (where the random bytes are not UTF-8, the reply and the dialogue's copy may differ
+            # in their replacement characters)
+            assert "\ufffd" in raw or msg["content"] == (part.feed(raw) if raw.startswith('{"response":"') else raw)
+            continue
+        if msg.get("tool_calls"):
+            assert ch["finish_reason"] == "tool_calls" and msg["content"] is None
+            names = [c["function"]["name"] for c in msg["tool_calls"]]
+            assert set(names) <= ({"now"} if isinstance(choice, dict) else {"get_weather", "now"})
+            assert parallel or len(names) == 1
+            assert raw.startswith('{"tool_calls":[' if parallel else '{"tool_call":')
+            for c in msg["tool_calls"]:
+                args = json.loads(c["function"]["arguments"])
+                assert args == {} if c["function"]["name"] == "now" else (
+                    set(args) == {"unit", "exact"} and args["unit"] in "CF" and isinstance(args["exact"], bool))
+            assert len({c["id"] for c in msg["tool_calls"]}) == len(names)
+            kinds.add("call")
+        else:
+            assert choice == "auto" and ch["finish_reason"] == "stop"
+            assert raw == tool_calls.render_text(msg["content"])
+            kinds.add("text")
+        assert _rendered(msg, parallel) == raw   # what the client sends back is what the model wrote
+    assert "call" in kinds   # (a random model's text replies rarely close within max_tokens)
+
+
+def _spells(llm, gbnf: str, text: str) -> bool:
+    """Whether the grammar lets a reply spell exactly this text and then end (the tiny model's
+    tokens are single bytes)."""
+    c = llm.grammar(gbnf)
+    try:
+        for tok in llm.tokenize(text):
+            if not c.allows(tok):
+                return False
+            c.accept(tok)
+        return c.allows(llama_c.llama_vocab_eos(llm._vocab))   # the reply may end here
+    finally:
+        c.close()
+
+
+def test_the_grammar_spells_a_reply_only_as_it_renders_back(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    mode = tool_calls.mode(TOOLS, "auto", False)
+    g = mode.grammar()
+    text = 'Il fait "beau" à Paris\\ \n/'
+    assert _spells(llm, g, tool_calls.render_text(text))
+    assert _spells(llm, g, tool_calls.render_calls([("get_weather", '{ "unit": "F", "exact": true }')], False))
+    for other in ['{"response":"\\u00e0"}', '{"response":"a\\/b"}', '{ "response":"a"}', '{"response": "a"}',
+                  '{"response":"a\nb"}',   # a raw newline: json.dumps writes it escaped
+                  '{"tool_call":{"name":"get_weather","arguments":{"unit":"K","exact":true}}}',
+                  '{"tool_call": {"name":"now","arguments":{}}}', '{"tool_calls":[{"name":"now","arguments":{}}]}']:
+        assert not _spells(llm, g, other), other
+    assert _spells(llm, tool_calls.mode(TOOLS, "required", True).grammar(),
+                   '{"tool_calls":[{"name":"now","arguments":{}},{"name":"now","arguments":{ }}]}')
+    assert not _spells(llm, tool_calls.mode(TOOLS, "required", False).grammar(), tool_calls.render_text("a"))
+    none = tool_calls.mode(TOOLS, "none", False).grammar()
+    assert _spells(llm, none, tool_calls.render_text("a")) and not _spells(llm, none, '{"tool_call":{"name":"now","arguments":{}}}')
+
+
+def test_a_text_reply_streams_its_content_whatever_the_pieces():
+    content = 'Il fait "beau"\\ à Paris.\n\tFin\b\f\r'
+    raw = tool_calls.render_text(content)
+    assert json.loads(raw) == {"response": content}
+    for cuts in itertools.combinations(range(1, len(raw)), 2):
+        s = tool_calls.TextStream()
+        got = "".join(s.feed(p) for p in (raw[:cuts[0]], raw[cuts[0]:cuts[1]], raw[cuts[1]:]))
+        assert got == content and s.text and s.closed
+    s = tool_calls.TextStream()
+    call = tool_calls.render_calls([("now", "{}")], False)
+    assert "".join(s.feed(c) for c in call) == "" and s.text is False
+    assert tool_calls.read(call).calls[0][1:] == ("now", "{}")
+
+
+def test_reading_back_keeps_the_arguments_as_generated():
+    raw = '{"tool_calls":[{"name":"get_weather","arguments":{ "unit": "F" , "exact":false} },{"name":"now","arguments":{}}]}'
+    got = tool_calls.read(raw)
+    assert [(n, a) for _, n, a in got.calls] == [("get_weather", '{ "unit": "F" , "exact":false} '), ("now", "{}")]
+    assert tool_calls.render_calls([(n, a) for _, n, a in got.calls], True) == raw
+    for bad in ['{"tool_call":{"name":"now","arguments":{', '{"response":"unfinished', '{"other":1}', "[]",
+                '{"tool_call":{"arguments":{},"name":"now"}}']:
+        assert tool_calls.read(bad) == tool_calls.Reply(None, None)
+
+
+def test_history_with_calls_and_results_becomes_alternating_turns():
+    msgs = USER + [{"role": "assistant", "content": None, "tool_calls": [_call(cid="a"), _call("now", "{}", "b")]},
+                   {"role": "tool", "tool_call_id": "b", "content": "noon"},
+                   {"role": "tool", "tool_call_id": "a", "content": "18 C"},
+                   {"role": "user", "content": "And tomorrow?"}]
+    req = parse_chat({"model": "m", "messages": msgs, "tools": TOOLS, "parallel_tool_calls": True})
+    assert [m["role"] for m in req.history] == ["user", "assistant"]
+    assert req.history[1]["content"] == ('{"tool_calls":[{"name":"get_weather","arguments":{"unit":"C","exact":true}},'
+                                         '{"name":"now","arguments":{}}]}')
+    assert req.prompt == ('{"tool_results":[{"name":"now","content":"noon"},{"name":"get_weather","content":"18 C"}]}'
+                          "\n\nAnd tomorrow?")
+    assert "get_weather" in req.system and req.tools.parallel and req.grammar
+    # whatever the tool_choice, the same prompt (the dialogue goes on in place); "none": a text reply
+    for choice in ("none", "required", {"type": "function", "function": {"name": "now"}}):
+        other = parse_chat({"model": "m", "messages": msgs, "tools": TOOLS, "parallel_tool_calls": True,
+                            "tool_choice": choice})
+        assert (other.system, other.history, other.prompt) == (req.system, req.history, req.prompt)
+    assert other.tools.callable == ("now",) and not other.tools.text
+    # no tools: the calls and results as before, the reply plain text
+    req = parse_chat({"model": "m", "messages": msgs[:-1], "parallel_tool_calls": True})
+    assert req.tools is None and req.grammar is None and req.system is None
+    assert req.prompt.startswith('{"tool_results":[') and len(req.history) == 2
+
+
+@pytest.mark.parametrize("body,param,what", [
+    (dict(tools={"f": 1}), "tools", "list"),
+    (dict(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools[0].function.name", "letters"),
+    (dict(tools=[{"type": "retrieval"}]), "tools[0]", "function"),
+    (dict(tools=TOOLS + TOOLS[:1]), "tools", "two tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]), "tools[0].function.parameters",
+     "schema"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice", "not among"),
+    (dict(tool_choice="required"), "tool_choice", "needs tools"),
+    (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice", "must be"),
+    (dict(tools=TOOLS, parallel_tool_calls="yes"), "parallel_tool_calls", "boolean"),
+    (dict(tools=TOOLS, response_format={"type": "json_object"}), "response_format", "not both"),
+    (dict(messages=USER + [{"role": "tool", "tool_call_id": "x", "content": "1"}]), "messages[1].role", "has none"),
+    (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call()]},
+                           {"role": "tool", "tool_call_id": "x", "content": "1"}]), "messages[2].tool_call_id", "id"),
+    (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call(args="{oops")]}]),
+     "messages[1].tool_calls", "not JSON"),
+    (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call()]}]), "messages", "results"),
+    (dict(tools=TOOLS, messages=USER + [{"role": "assistant", "content": '{"resp'}]), "messages", "held"),
+    (dict(messages=USER + [{"role": "user", "content": "again"}]), "messages[1].role", "alternate"),
+])
+def test_bad_tools_and_tool_messages_are_refused_by_name(body, param, what):
+    with pytest.raises(RequestError, match=what) as e:
+        parse_chat(dict({"model": "m", "messages": USER}, **body))
+    assert e.value.param == param
+
+
+def test_a_tool_round_trip_on_the_default_model_reuses_the_dialogue(default_model, make_llm):
+    llm = make_llm(default_model, n_ctx=2048)
+    r = llm.create_chat_completion(USER, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=64)
+    msg = r["choices"][0]["message"]
+    assert r["choices"][0]["finish_reason"] == "tool_calls" and msg["tool_calls"][0]["function"]["name"] == "get_weather"
+    done = r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    follow = USER + [msg, {"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": "18 C, sunny"}]
+    chunks = list(llm.create_chat_completion(follow, tools=TOOLS, tool_choice="required", temperature=0,
+                                             max_tokens=64, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == done   # nothing prefilled again
+    calls = [c for ch in chunks if ch["choices"] for c in ch["choices"][0]["delta"].get("tool_calls", [])]
+    assert len(calls) == 1 and calls[0]["index"] == 0 and json.loads(calls[0]["function"]["arguments"])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
