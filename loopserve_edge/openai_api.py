@@ -409,19 +409,17 @@ def _logprobs_field(content: list[dict] | None) -> dict | None:
 def response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str,
              logprobs: list[dict] | None = None, tools: bool = False) -> dict:
     """`tools`: the reply is in tool_calls.py's form: a call becomes the message's tool_calls,
-    a text reply its content (cut short: a text reply's content so far, a call's text as it is)."""
+    a text reply its content (cut short: what there is of either; a reply in neither form, its
+    text as it is)."""
     message, finish = {"role": "assistant", "content": text}, FINISH[stats.finish_reason]
     if tools:
-        got = tool_calls.read(text)
-        if got.calls is not None:
-            message, finish = {"role": "assistant", "content": None, "tool_calls": [_call(c) for c in got.calls]}, \
-                "tool_calls"
-        elif got.text is not None:
-            message["content"] = got.text
-        else:   # cut short: a text reply's content so far (as streamed), else the text as it is
-            part = tool_calls.TextStream()
-            content = part.feed(text)
-            message["content"] = content if part.text else text
+        reader = tool_calls.ReplyReader()
+        deltas = reader.feed(text)
+        if reader.form == "text":
+            message["content"] = "".join(d["content"] for d in deltas)
+        elif reader.form is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [_call(c) for c in reader.calls]}
+            finish = "tool_calls" if reader.done else finish
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": fingerprint,
             "choices": [{"index": 0, "message": message, "logprobs": _logprobs_field(logprobs),
@@ -502,45 +500,42 @@ class ChatShapes:
     """A chat request's response and stream chunks, from its reply, TurnStats and the
     log-probability entries that come with the reply or with each piece (the server and the
     Python API build both kinds of answer through these five calls). With tools, the stream
-    gives a text reply's content as it comes and a call whole at the end (a client adds up the
-    deltas either way)."""
+    gives a text reply's content, or a call's name and then its arguments, as they come."""
 
     def __init__(self, req: ChatRequest, fingerprint: str):
         self.req, self.cid, self.fp = req, completion_id(), fingerprint
-        self.text = tool_calls.TextStream() if req.tools is not None else None
+        self.reader = tool_calls.ReplyReader() if req.tools is not None else None
         self.held: list[dict] | None = None   # log-probabilities of pieces that showed nothing yet
 
     def response(self, text: str, stats, did: str, logprobs) -> dict:
-        return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs, self.text is not None)
+        return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs, self.reader is not None)
 
     def start(self) -> list[dict]:
         return [chunk(self.cid, self.req.model, self.fp, {"role": "assistant", "content": ""})]
 
     def piece(self, text: str, logprobs) -> list[dict]:
-        if self.text is not None:
-            if logprobs is not None:
-                self.held = (self.held or []) + logprobs
-            text = self.text.feed(text)
-            if not text:
-                return []
-            logprobs, self.held = self.held, None
-        return [chunk(self.cid, self.req.model, self.fp, {"content": text}, logprobs=logprobs)]
+        if self.reader is None:
+            return [chunk(self.cid, self.req.model, self.fp, {"content": text}, logprobs=logprobs)]
+        if logprobs is not None:
+            self.held = (self.held or []) + logprobs
+        return [self._chunk(d) for d in self.reader.feed(text)]
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+        """A chunk with the log-probabilities held so far (those of the tokens it completes)."""
+        logprobs, self.held = self.held, None
+        return chunk(self.cid, self.req.model, self.fp, delta, finish, logprobs)
 
     def end(self, stats, logprobs) -> list[dict]:
         finish, out = FINISH[stats.finish_reason], []
-        if self.text is not None:
-            if logprobs is not None or self.held is not None:
-                logprobs = (self.held or []) + (logprobs or [])
-            got = tool_calls.read(self.text.raw)
-            delta = None
-            if got.calls is not None:
-                delta, finish = {"tool_calls": [dict(_call(c), index=i) for i, c in enumerate(got.calls)]}, \
-                    "tool_calls"
-            elif got.text is None and not self.text.text and self.text.raw:
-                delta = {"content": self.text.raw}   # neither form (cut short): as it is
-            if delta is not None:
-                out.append(chunk(self.cid, self.req.model, self.fp, delta, logprobs=logprobs))
-                logprobs = None
+        if self.reader is not None:
+            if logprobs is not None:
+                self.held = (self.held or []) + logprobs
+            if self.reader.form is None and self.reader.raw:
+                out.append(self._chunk({"content": self.reader.raw}))   # in neither form: as it is
+            if self.reader.form in ("call", "calls") and self.reader.done:
+                finish = "tool_calls"
+            logprobs = self.held
+            self.held = None
         out.append(chunk(self.cid, self.req.model, self.fp, {}, finish, logprobs or None))
         return out
 

@@ -199,91 +199,135 @@ def assistant_calls(m: dict, where: str) -> list[tuple[str, str, str]]:
 
 # -- the reply --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Reply:
-    """A reply read back: `calls` [(id, name, arguments)] or `text`; neither where it is not
-    one of the forms (cut short by max_tokens or a stop string)."""
-    calls: tuple[tuple[str, str, str], ...] | None
-    text: str | None
+CALL_HEAD, ARGS_HEAD = '{"name":"', '","arguments":'
+FORMS = {TEXT_HEAD: "text", '{"tool_call":': "call", '{"tool_calls":[': "calls"}
 
 
 def call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def read(raw: str) -> Reply:
-    """The whole reply's text, read as the grammar wrote it."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return Reply(None, None)
-    if not isinstance(obj, dict) or len(obj) != 1:
-        return Reply(None, None)
-    if isinstance(obj.get("response"), str):
-        return Reply(None, obj["response"])
-    if "tool_call" in obj and raw.startswith('{"tool_call":'):
-        got = _call_at(raw, len('{"tool_call":'))
-        return Reply(None, None) if got is None else Reply((got[0],), None)
-    if "tool_calls" in obj and raw.startswith('{"tool_calls":['):
-        calls, pos, dec = [], len('{"tool_calls":['), json.JSONDecoder()
-        while True:
-            got = _call_at(raw, pos, dec)
-            if got is None:
-                return Reply(None, None)
-            calls.append(got[0])
-            pos = got[1]
-            if raw[pos] != ",":
-                break
-            pos += 1
-        return Reply(tuple(calls), None)
-    return Reply(None, None)
-
-
-def _call_at(raw: str, pos: int, dec: json.JSONDecoder | None = None):
-    """The call object at raw[pos:]: ((id, name, arguments as generated), its end)."""
-    try:
-        obj, end = (dec or json.JSONDecoder()).raw_decode(raw, pos)
-    except ValueError:
-        return None
-    name = obj.get("name") if isinstance(obj, dict) else None
-    head = '{"name":' + json.dumps(name) + ',"arguments":'
-    if not isinstance(name, str) or not raw.startswith(head, pos) or raw[end - 1] != "}":
-        return None
-    return (call_id(), name, raw[pos + len(head):end - 1]), end
-
-
-class TextStream:
-    """A reply's text as it is generated, for streaming: feed(piece) gives the part of a text
-    reply's content that piece completes ("" for a call, or while the form is not known yet)."""
+class ReplyReader:
+    """A reply's text read as it is generated, in the grammar's form, for streaming and for the
+    whole reply alike: feed(piece) gives the message deltas (OpenAI's) that piece completes: a
+    text reply's content as it comes; a call's id and name once its name is whole, then its
+    arguments as they come (as generated, up to the call's closing brace). `done`: the reply
+    is complete in its form (then `calls` are the calls' (id, name, arguments))."""
 
     def __init__(self):
-        self.raw = ""
-        self.pos = 0          # where the content's next character starts in raw
-        self.text = None      # None: not known yet; then True (a text reply) or False
-        self.closed = False   # the content's closing quote was read
+        self.raw, self.pos = "", 0
+        self.form: str | None = None   # "text", "call" (one), "calls" (parallel); None: not known yet
+        self.state = "head"
+        self.calls: list[list[str]] = []
+        self.done = False
+        # inside a call's arguments: nesting, a string, an escape
+        self._depth, self._str, self._esc = 0, False, False
 
-    def feed(self, piece: str) -> str:
+    def feed(self, piece: str) -> list[dict]:
         self.raw += piece
-        if self.text is None:
-            if self.raw.startswith(TEXT_HEAD):
-                self.text, self.pos = True, len(TEXT_HEAD)
-            elif not TEXT_HEAD.startswith(self.raw):
-                self.text = False
-        if not self.text or self.closed:
-            return ""
-        out, raw, i = [], self.raw, self.pos
-        while i < len(raw):
+        out: list[dict] = []
+        if self.form is None:
+            head = next((h for h in FORMS if self.raw.startswith(h)), None)
+            if head is None:
+                return out
+            self.form, self.pos = FORMS[head], len(head)
+            self.state = "content" if self.form == "text" else "call"
+        if self.form == "text":
+            self._content(out)
+        else:
+            self._calls(out)
+        return out
+
+    def _content(self, out: list[dict]) -> None:
+        raw, i, text = self.raw, self.pos, []
+        while i < len(raw) and self.state == "content":
             c = raw[i]
             if c == "\\":
                 if i + 1 >= len(raw):
                     break
-                out.append(_ESCAPES.get(raw[i + 1], raw[i + 1]))
+                text.append(_ESCAPES.get(raw[i + 1], raw[i + 1]))
                 i += 2
-            elif c == '"':
-                self.closed = True
-                break
+                continue
+            if c == '"':
+                self.state = "end"
             else:
-                out.append(c)
-                i += 1
+                text.append(c)
+            i += 1
         self.pos = i
-        return "".join(out)
+        if self.state == "end" and raw[i:] == "}":
+            self.done = True
+        if text:
+            out.append({"content": "".join(text)})
+
+    def _calls(self, out: list[dict]) -> None:
+        raw = self.raw
+        while True:
+            i = self.pos
+            if self.state == "call":
+                if len(raw) - i < len(CALL_HEAD):
+                    return
+                self.pos, self.state = i + len(CALL_HEAD), "name"
+            elif self.state == "name":
+                j = raw.find('"', i)
+                if j < 0 or len(raw) - j < len(ARGS_HEAD):
+                    return
+                self.calls.append([call_id(), raw[i:j], ""])
+                self.pos, self.state = j + len(ARGS_HEAD), "arguments"
+                self._depth, self._str, self._esc = 0, False, False
+                cid, name, _ = self.calls[-1]
+                out.append(self._delta({"id": cid, "type": "function", "function": {"name": name, "arguments": ""}}))
+            elif self.state == "arguments":
+                while i < len(raw):
+                    c = raw[i]
+                    if self._str:
+                        self._esc, self._str = (False, True) if self._esc else (c == "\\", c != '"')
+                    elif c == '"':
+                        self._str = True
+                    elif c in "{[":
+                        self._depth += 1
+                    elif c in "}]":
+                        if self._depth == 0:
+                            break   # the call's own closing brace
+                        self._depth -= 1
+                    i += 1
+                part = raw[self.pos:i]
+                if part:
+                    self.calls[-1][2] += part
+                    out.append(self._delta({"function": {"arguments": part}}))
+                self.pos = i
+                if i == len(raw):
+                    return
+                self.pos, self.state = i + 1, "next"
+            elif self.state == "next":
+                if i >= len(raw):
+                    return
+                if raw[i] == "," and self.form == "calls":
+                    self.pos, self.state = i + 1, "call"
+                    continue
+                self.state = "end"
+                self.done = raw[i:] == ("]}" if self.form == "calls" else "}")
+                return
+            else:
+                self.done = raw[self.pos:] == ("]}" if self.form == "calls" else "}")
+                return
+
+    def _delta(self, call: dict) -> dict:
+        return {"tool_calls": [dict(call, index=len(self.calls) - 1)]}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole reply read back: `calls` [(id, name, arguments)] or `text`; neither where it is
+    not complete in one of the forms (cut short by max_tokens or a stop string)."""
+    calls: tuple[tuple[str, str, str], ...] | None
+    text: str | None
+
+
+def read(raw: str) -> Reply:
+    r = ReplyReader()
+    deltas = r.feed(raw)
+    if not r.done:
+        return Reply(None, None)
+    if r.form == "text":
+        return Reply(None, "".join(d["content"] for d in deltas))
+    return Reply(tuple(tuple(c) for c in r.calls), None)

@@ -40,12 +40,17 @@ def test_replies_are_in_the_form_and_render_back_to_the_same_text(tiny_model, ma
         ch = r["choices"][0]
         msg = ch["message"]
         raw = llm._calls().store.entries[r["loopserve"]["dialogue_id"]].dialogue.messages[-1]["content"]
-        if ch["finish_reason"] == "length":   # cut short: a text reply's content so far, else the text
-            part = tool_calls.TextStream()
-            assert "tool_calls" not in msg
+        if ch["finish_reason"] == "length":   # cut short: what there is of a text or of the calls
+            reader = tool_calls.ReplyReader()
+            deltas = reader.feed(raw)
+            assert not reader.done
             # (where the random bytes are not UTF-8, the reply and the dialogue's copy may differ
             # in their replacement characters)
-            assert "\ufffd" in raw or msg["content"] == (part.feed(raw) if raw.startswith('{"response":"') else raw)
+            if reader.form == "text":
+                assert "\ufffd" in raw or msg["content"] == "".join(d["content"] for d in deltas)
+            elif reader.form is not None:
+                assert msg["content"] is None and [c["function"]["name"] for c in msg["tool_calls"]] == \
+                    [n for _, n, _ in reader.calls]
             continue
         if msg.get("tool_calls"):
             assert ch["finish_reason"] == "tool_calls" and msg["content"] is None
@@ -100,18 +105,37 @@ def test_the_grammar_spells_a_reply_only_as_it_renders_back(tiny_model, make_llm
     assert _spells(llm, none, tool_calls.render_text("a")) and not _spells(llm, none, '{"tool_call":{"name":"now","arguments":{}}}')
 
 
-def test_a_text_reply_streams_its_content_whatever_the_pieces():
+def _streamed(raw: str, cuts) -> tuple[str, list[list[str]], bool]:
+    """raw fed to a ReplyReader in the pieces the cuts make: (content, calls as [id, name,
+    arguments] put together from the deltas as a client does, done)."""
+    r, content, calls = tool_calls.ReplyReader(), [], []
+    for a, b in zip((0,) + cuts, cuts + (len(raw),)):
+        for d in r.feed(raw[a:b]):
+            content.append(d.get("content", ""))
+            for c in d.get("tool_calls", []):
+                if "id" in c:
+                    assert c["index"] == len(calls)
+                    calls.append([c["id"], c["function"]["name"], ""])
+                calls[c["index"]][2] += c["function"]["arguments"]
+    assert [list(c) for c in r.calls] == calls
+    return "".join(content), calls, r.done
+
+
+def test_a_reply_streams_whatever_its_pieces():
     content = 'Il fait "beau"\\ à Paris.\n\tFin\b\f\r'
     raw = tool_calls.render_text(content)
     assert json.loads(raw) == {"response": content}
     for cuts in itertools.combinations(range(1, len(raw)), 2):
-        s = tool_calls.TextStream()
-        got = "".join(s.feed(p) for p in (raw[:cuts[0]], raw[cuts[0]:cuts[1]], raw[cuts[1]:]))
-        assert got == content and s.text and s.closed
-    s = tool_calls.TextStream()
-    call = tool_calls.render_calls([("now", "{}")], False)
-    assert "".join(s.feed(c) for c in call) == "" and s.text is False
-    assert tool_calls.read(call).calls[0][1:] == ("now", "{}")
+        assert _streamed(raw, cuts) == (content, [], True)
+    args = '{ "s": "a}\\"]{" , "n": [1, {"x": null}]} '
+    raw = tool_calls.render_calls([("get_weather", args), ("now", "{}")], True)
+    for cuts in itertools.combinations(range(1, len(raw)), 2):
+        text, calls, done = _streamed(raw, cuts)
+        assert not text and done and [(n, a) for _, n, a in calls] == [("get_weather", args), ("now", "{}")]
+    # cut short: what there is, not done
+    text, calls, done = _streamed(raw[:60], (30,))
+    start = raw.index(":", raw.index('"arguments"')) + 1
+    assert not done and [(n, a) for _, n, a in calls] == [("get_weather", raw[start:60])]
 
 
 def test_reading_back_keeps_the_arguments_as_generated():
@@ -185,6 +209,9 @@ def test_a_tool_round_trip_on_the_default_model_reuses_the_dialogue(default_mode
     chunks = list(llm.create_chat_completion(follow, tools=TOOLS, tool_choice="required", temperature=0,
                                              max_tokens=64, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == done   # nothing prefilled again
-    calls = [c for ch in chunks if ch["choices"] for c in ch["choices"][0]["delta"].get("tool_calls", [])]
-    assert len(calls) == 1 and calls[0]["index"] == 0 and json.loads(calls[0]["function"]["arguments"])
+    deltas = [c for ch in chunks if ch["choices"] for c in ch["choices"][0]["delta"].get("tool_calls", [])]
+    # the name first, then the arguments as they come: put together, JSON
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["function"]["name"] == "get_weather" and len(deltas) > 2
+    assert {d["index"] for d in deltas} == {0}
+    assert set(json.loads("".join(d["function"]["arguments"] for d in deltas))) == {"unit", "exact"}
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
