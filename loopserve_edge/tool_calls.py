@@ -313,21 +313,3 @@ class ReplyReader:
 
     def _delta(self, call: dict) -> dict:
         return {"tool_calls": [dict(call, index=len(self.calls) - 1)]}
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A whole reply read back: `calls` [(id, name, arguments)] or `text`; neither where it is
-    not complete in one of the forms (cut short by max_tokens or a stop string)."""
-    calls: tuple[tuple[str, str, str], ...] | None
-    text: str | None
-
-
-def read(raw: str) -> Reply:
-    r = ReplyReader()
-    deltas = r.feed(raw)
-    if not r.done:
-        return Reply(None, None)
-    if r.form == "text":
-        return Reply(None, "".join(d["content"] for d in deltas))
-    return Reply(tuple(tuple(c) for c in r.calls), None)

@@ -140,12 +140,12 @@ def test_a_reply_streams_whatever_its_pieces():
 
 def test_reading_back_keeps_the_arguments_as_generated():
     raw = '{"tool_calls":[{"name":"get_weather","arguments":{ "unit": "F" , "exact":false} },{"name":"now","arguments":{}}]}'
-    got = tool_calls.read(raw)
-    assert [(n, a) for _, n, a in got.calls] == [("get_weather", '{ "unit": "F" , "exact":false} '), ("now", "{}")]
-    assert tool_calls.render_calls([(n, a) for _, n, a in got.calls], True) == raw
-    for bad in ['{"tool_call":{"name":"now","arguments":{', '{"response":"unfinished', '{"other":1}', "[]",
-                '{"tool_call":{"arguments":{},"name":"now"}}']:
-        assert tool_calls.read(bad) == tool_calls.Reply(None, None)
+    _, calls, done = _streamed(raw, ())
+    assert done and [(n, a) for _, n, a in calls] == [("get_weather", '{ "unit": "F" , "exact":false} '), ("now", "{}")]
+    assert tool_calls.render_calls([(n, a) for _, n, a in calls], True) == raw
+    for bad in ['{"tool_call":{"name":"now","arguments":{', '{"response":"unfinished', '{"response":"a"', '{"other":1}',
+                "[]", '{"tool_call":{"name":"now","arguments":{}}']:
+        assert not _streamed(bad, ())[2], bad
 
 
 def test_history_with_calls_and_results_becomes_alternating_turns():
