@@ -332,6 +332,16 @@ def test_tool_calls_come_back_as_openai_shapes_and_their_results_go_on_in_the_di
         assert set(json.loads("".join(t.function.arguments or "" for t in streamed))) == {"city"}
     else:
         assert finish == "stop" and text and not streamed
+    # the openai SDK's strict tools from pydantic models, parsed by the SDK
+    import pydantic
+
+    class Weather(pydantic.BaseModel):
+        city: str
+        celsius: bool
+
+    p = client.chat.completions.parse(model=MODEL, messages=msgs[:1], tools=[openai.pydantic_function_tool(Weather)],
+                                      tool_choice="required", temperature=0, max_tokens=64)
+    assert isinstance(p.choices[0].message.tool_calls[0].function.parsed_arguments, Weather)
     bad = msgs[:1] + [{"role": "assistant", "tool_calls": [call.model_dump()]},
                       {"role": "tool", "tool_call_id": "call_unknown", "content": "18 C"}]
     with pytest.raises(openai.BadRequestError) as e:
