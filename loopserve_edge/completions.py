@@ -77,7 +77,7 @@ class Completions:
                 yield from shapes.piece(piece, logprobs.take(shown))   # the tokens that start in it
         finally:
             self._end(entry, pieces)   # also when the caller stops early
-        yield from shapes.end(dlg.last_stats, None)   # a stop string's tokens, after the last piece: none
+        yield from shapes.end(dlg.last_stats, None, entry.id)   # a stop string's tokens, after the last piece: none
         if req.include_usage:
             yield shapes.usage(dlg.last_stats, entry.id)
 

@@ -499,7 +499,8 @@ def text_usage_chunk(cid: str, model: str, fingerprint: str, stats, dialogue_id:
 class ChatShapes:
     """A chat request's response and stream chunks, from its reply, TurnStats and the
     log-probability entries that come with the reply or with each piece (the server and the
-    Python API build both kinds of answer through these five calls). With tools, the stream
+    Python API build both kinds of answer through these five calls; end's `did`, the dialogue's
+    id, is for the Responses API's shapes). With tools, the stream
     gives a text reply's content, or a call's name and then its arguments, as they come."""
 
     def __init__(self, req: ChatRequest, fingerprint: str):
@@ -525,7 +526,7 @@ class ChatShapes:
         logprobs, self.held = self.held, None
         return chunk(self.cid, self.req.model, self.fp, delta, finish, logprobs)
 
-    def end(self, stats, logprobs) -> list[dict]:
+    def end(self, stats, logprobs, did: str | None = None) -> list[dict]:
         finish, out = FINISH[stats.finish_reason], []
         if self.reader is not None:
             if logprobs is not None:
@@ -564,7 +565,7 @@ class TextShapes:
         self.offset += len(text)
         return [c]
 
-    def end(self, stats, logprobs) -> list[dict]:
+    def end(self, stats, logprobs, did: str | None = None) -> list[dict]:
         return [text_chunk(self.cid, self.req.model, self.fp, "", FINISH[stats.finish_reason],
                            text_logprobs(logprobs or None, self.offset))]
 

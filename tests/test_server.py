@@ -371,6 +371,78 @@ def test_response_formats_and_grammars_hold_the_reply_to_their_form(server):
     assert _chat(client, [{"role": "user", "content": "hi"}], max_tokens=4).choices[0].message.content
 
 
+def test_responses_go_on_from_the_previous_response_as_chat_would(server):
+    client = server.client()
+    first = client.responses.create(model=MODEL, input="My name is Ada.", instructions="You are brief.",
+                                    temperature=0, max_output_tokens=12)
+    assert first.id.startswith("resp_") and first.output[0].type == "message" and first.output_text
+    assert first.status in ("completed", "incomplete") and first.usage.input_tokens_details.cached_tokens == 0
+    nxt = client.responses.create(model=MODEL, input=[{"role": "user", "content": "What is my name?"}],
+                                  previous_response_id=first.id, instructions="You are brief.", temperature=0,
+                                  max_output_tokens=12)
+    # only the new input is prefilled: the first response's input and output are in the cache
+    assert nxt.usage.input_tokens_details.cached_tokens == first.usage.input_tokens + first.usage.output_tokens
+    assert nxt.previous_response_id == first.id
+    # the same conversation through chat gives the same reply
+    chat = _chat(client, [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "My name is Ada."},
+                          {"role": "assistant", "content": first.output_text},
+                          {"role": "user", "content": "What is my name?"}])
+    assert chat.choices[0].message.content == nxt.output_text
+    third = client.responses.create(model=MODEL, input="Again?", previous_response_id=nxt.id,
+                                    instructions="You are brief.", temperature=0, max_output_tokens=4)
+    assert third.usage.input_tokens_details.cached_tokens == nxt.usage.input_tokens + nxt.usage.output_tokens
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError) as e:   # the conversation it started is gone with it
+        client.responses.create(model=MODEL, input="and?", previous_response_id=third.id)
+    assert e.value.body["param"] == "previous_response_id"
+    gone = client.responses.create(model=MODEL, input="hi", store=False, max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(gone.id)
+    for bad, param in [(dict(input=[{"type": "web_search_call"}]), "input[0].type"),
+                       (dict(input="x", tools=[{"type": "web_search"}]), "tools[0].type"),
+                       (dict(input="x", background=True), "background"), (dict(input="x", truncation="auto"), "truncation"),
+                       (dict(input="x", reasoning={"effort": "high"}), "reasoning"),
+                       (dict(input="x", text={"format": {"type": "xml"}}), "text.format"),
+                       (dict(input="x", previous_response_id="../../etc"), "previous_response_id"),
+                       (dict(input=[{"role": "tool", "content": "x"}]), "input[0].role"),
+                       (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "input"),
+                       (dict(input="x", max_output_tokens=0), "max_output_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, **bad)
+        assert e.value.body["param"] == param, bad
+
+
+def test_responses_stream_tool_calls_as_events_and_take_their_outputs(server):
+    client = server.client()
+    tools = [{"type": "function", "name": "get_weather", "description": "The weather in a city now",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                             "required": ["city"], "additionalProperties": False}}]
+    r = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=tools, tool_choice="required",
+                                temperature=0, max_output_tokens=64)
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}
+    events = list(client.responses.create(model=MODEL, previous_response_id=r.id, tools=tools, temperature=0,
+                                          max_output_tokens=64, stream=True, input=[
+                                              {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"}]))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    final = events[-1].response
+    assert final.usage.input_tokens_details.cached_tokens == r.usage.input_tokens + r.usage.output_tokens
+    added = [e.item.id for e in events if e.type == "response.output_item.added"]
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert added == [i.id for i in done] == [o.id for o in final.output] and added
+    for item in done:   # what the deltas put together is what each item holds
+        if item.type == "function_call":
+            assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta"
+                           and e.item_id == item.id) == item.arguments
+        else:
+            assert "".join(e.delta for e in events if e.type == "response.output_text.delta"
+                           and e.item_id == item.id) == item.content[0].text
+
+
 def test_text_completions_continue_the_prompt_and_reuse_it(server, default_model):
     from loopserve_edge import Llama
 

@@ -18,10 +18,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import openai_api
+from .. import openai_api, responses_api
 from . import protocol
 from .engine import Engine
 from .protocol import ApiError
+from .responses_store import ResponseStore
 
 log = logging.getLogger("loopserve_edge.server")
 STATIC = Path(__file__).parent / "static"
@@ -46,6 +47,7 @@ def _piece(b: bytes):
 def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     opts = engine.opts
     stop_saver = threading.Event()
+    responses = ResponseStore(opts.dialogues_dir / "responses")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -164,6 +166,32 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                            "dialogue whose text its prompt starts with", param=DIALOGUE_HEADER)
         return await _answer(request, req, None, openai_api.TextShapes(req, engine.llm.fingerprint))
 
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        """OpenAI's Responses API over the chat path; previous_response_id finds the conversation
+        (responses_api.py), stored responses are kept beside the dialogues' state files."""
+        body, req, added = protocol.parse_response_request(await request.body(), responses)
+        check_model(req)
+        prev = body.get("previous_response_id")
+
+        def done(obj: dict, message: dict) -> None:
+            if obj["store"]:
+                responses.save(obj, prev, added + [message])
+
+        return await _answer(request, req, None,
+                             responses_api.ResponseShapes(req, engine.llm.fingerprint, body, prev, done))
+
+    @app.get("/v1/responses/{rid}")
+    async def get_response(rid: str):
+        engine.metrics.request("/v1/responses", 200)
+        return responses.get(rid)
+
+    @app.delete("/v1/responses/{rid}")
+    async def delete_response(rid: str):
+        responses.delete(rid)
+        engine.metrics.request("/v1/responses", 200)
+        return {"id": rid, "object": "response", "deleted": True}
+
     async def _answer(request: Request, req, dialogue_id: str | None, shapes):
         path = request.url.path
         engine.admit()
@@ -226,13 +254,14 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                         break
                     else:
                         _, stats, did, logprobs = v
-                        for c in shapes.end(stats, logprobs):
+                        for c in shapes.end(stats, logprobs, did):
                             yield protocol.sse(c)
                         if req.include_usage:
                             yield protocol.sse(shapes.usage(stats, did))
                         break
                     item = await queue.get()
-                yield b"data: [DONE]\n\n"
+                if getattr(shapes, "done_marker", True):
+                    yield b"data: [DONE]\n\n"
             finally:
                 cancelled.set()   # a client gone mid-stream: the worker stops at the next token
                 await asyncio.shield(task)

@@ -1,11 +1,12 @@
-"""The HTTP side of OpenAI's chat-completions shapes (openai_api.py has the rest): error
-bodies with their status, a request body decoded, server-sent events; llama-server's token
-endpoints' bodies.
+"""The HTTP side of OpenAI's chat-completions and Responses shapes (openai_api.py and
+responses_api.py have the rest): error bodies with their status, a request body decoded,
+server-sent events; llama-server's token endpoints' bodies.
 """
 from __future__ import annotations
 
 import json
 
+from .. import responses_api
 from ..openai_api import ChatRequest, RequestError, TextRequest, parse_chat, parse_text
 
 
@@ -40,6 +41,18 @@ def _parse(raw: bytes, parse):
         return parse(body)
     except RequestError as e:
         raise ApiError.bad_request(e) from None
+
+
+def parse_response_request(raw: bytes, store) -> tuple[dict, ChatRequest, list[dict]]:
+    """A Responses API body: (the body, its chat request, the chat messages it adds); `store`
+    finds the conversation before previous_response_id."""
+    body = _json(raw)
+    try:
+        prev = body.get("previous_response_id")
+        chat, added = responses_api.to_chat(body, [] if prev is None else store.conversation(prev))
+        return body, parse_chat(chat), added
+    except RequestError as e:
+        raise ApiError(400, e.message, param=responses_api.param(e.param), code=e.code) from None
 
 
 def parse_tokenize(raw: bytes) -> tuple[str, bool, bool]:
@@ -79,4 +92,7 @@ def _json(raw: bytes) -> dict:
 
 
 def sse(obj) -> bytes:
-    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+    """A server-sent event; a Responses API event is named by its type, as OpenAI's are."""
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    head = f"event: {kind}\n".encode() if isinstance(kind, str) and kind.startswith("response.") else b""
+    return head + b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
