@@ -74,6 +74,22 @@ class Step:
     pos: int
 
 
+def common_start(a, b) -> int:
+    """The length of a and b's common start (strings or bytes), by slice comparisons (not
+    character by character in Python: a transcript may hold 100K characters); most often b
+    extends a."""
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -202,11 +218,16 @@ class Dialogue:
             keep = len(self.tokens)
             new = llm.tokenize(rendered[len(self.kv_text):])
         else:
-            # The template rewrote earlier text (or this is the first turn): reuse the
-            # longest common token prefix and recompute the rest.
+            # The template rewrote earlier text, or the conversation differs from the cache's
+            # (an edited or regenerated turn, a branch; or this is the first turn): reuse the
+            # longest common token prefix, or more where the texts share more, and recompute
+            # the rest.
             full = llm.tokenize(rendered, add_bos=add_bos)
             keep = _common_prefix(self.tokens, full)
             new = full[keep:]
+            by_text = self._text_prefix(rendered)
+            if by_text is not None and by_text[0] > keep:
+                keep, new = by_text
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
             new = self.tokens[keep:keep + 1]
@@ -236,6 +257,30 @@ class Dialogue:
         self.messages = messages
         self.evictor.after_prefill(self)
         return logits, keep, len(new)
+
+    def _text_prefix(self, rendered: str) -> tuple[int, list[int]] | None:
+        """(cache tokens to keep, tokens of the rest of rendered) by the text the cache and
+        rendered share: a reply's generated tokens need not be the ones the tokenizer makes of
+        its text, so the common token prefix can stop at the first reply that the texts still
+        share (a branch after it would recompute it and all that follows). None where the
+        cache's tokens do not spell kv_text (after a cut, or a BOS the text lacks)."""
+        if not self.kv_text:
+            return None
+        pieces = [self.llm._piece(t) for t in self.tokens]
+        kv, r = self.kv_text.encode(), rendered.encode()
+        if b"".join(pieces) != kv:
+            return None
+        common, n, pos = common_start(kv, r), 0, 0
+        while n < len(pieces) and pos + len(pieces[n]) <= common:
+            pos += len(pieces[n])
+            n += 1
+        while n > 0:   # the rest must start on a character (a token can end inside one)
+            try:
+                return n, self.llm.tokenize(r[pos:].decode())
+            except UnicodeDecodeError:
+                n -= 1
+                pos -= len(pieces[n])
+        return None
 
     def _prefill_chunk(self, new: list[int]) -> np.ndarray:
         self.evictor.begin_prefill(self, len(new))  # may renumber the kept cells first

@@ -7,7 +7,7 @@ hash of (system prompt, messages[:j]) for every message boundary j, so a request
 finds the dialogue that holds its longest prefix. A dialogue whose every message the request
 repeats goes on in place (the new messages are prefilled, the rest reused); one that shares
 only part of it (an edited or regenerated turn) is branched: a copy of its KV state goes on
-with the request's history and recomputes from the first token that differs, and the original
+with the request's history and recomputes from where the texts differ, and the original
 stays for whoever continues it.
 
 Text completions (one prompt, the whole text) go on in the text dialogue whose text shares the
@@ -30,7 +30,7 @@ from pathlib import Path
 from . import state_file
 from .config import LoopServeConfig
 from .chat_template import RawText
-from .dialogue import Dialogue
+from .dialogue import Dialogue, common_start
 from .errors import LoopServeError
 from .eviction import Evictor
 from .openai_api import RequestError, merged_config
@@ -49,21 +49,6 @@ class DialogueBusy(LoopServeError):
 def prefix_key(system: str | None, messages) -> str:
     data = json.dumps([system, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
     return hashlib.sha256(data.encode()).hexdigest()
-
-
-def _common_start(a: str, b: str) -> int:
-    """The length of a and b's common start, by string comparisons (not character by character
-    in Python: a transcript's prompt may hold 100K characters); most often b extends a."""
-    if b.startswith(a):
-        return len(a)
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @dataclass
@@ -169,7 +154,7 @@ class DialogueStore:
         best, common = None, 0
         for e in self.entries.values():
             if e.text and not e.busy:
-                n = _common_start(e.dialogue.kv_text, prompt)
+                n = common_start(e.dialogue.kv_text, prompt)
                 # at least half of the prompt (as llama-server picks a slot): a prompt that shares
                 # only a short start with it (another client's) should not cut down its cache
                 if 2 * n >= len(prompt) and (n > common or (n == common and best is not None

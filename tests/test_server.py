@@ -430,7 +430,8 @@ def test_responses_stream_tool_calls_as_events_and_take_their_outputs(server):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
     final = events[-1].response
-    assert final.usage.input_tokens_details.cached_tokens == r.usage.input_tokens + r.usage.output_tokens
+    # all of r is reused (more where an earlier dialogue already holds the output sent)
+    assert final.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens + r.usage.output_tokens
     added = [e.item.id for e in events if e.type == "response.output_item.added"]
     done = [e.item for e in events if e.type == "response.output_item.done"]
     assert added == [i.id for i in done] == [o.id for o in final.output] and added

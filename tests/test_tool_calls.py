@@ -215,3 +215,26 @@ def test_a_tool_round_trip_on_the_default_model_reuses_the_dialogue(default_mode
     assert {d["index"] for d in deltas} == {0}
     assert set(json.loads("".join(d["function"]["arguments"] for d in deltas))) == {"unit", "exact"}
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_branch_after_a_reply_keeps_its_generated_tokens(default_model, make_llm):
+    # a reply's generated tokens need not be the ones the tokenizer makes of its text (JSON's
+    # '{"' here); a request that branches after it (the first request regenerated, then the
+    # first conversation sent on) still reuses all of it, as a dialogue going on in place does
+    llm = make_llm(default_model, n_ctx=2048)
+    kw = dict(tools=TOOLS[:1], temperature=0, max_tokens=64)
+    r = llm.create_chat_completion(USER, tool_choice="required", **kw)
+    msg = r["choices"][0]["message"]
+    d = llm._calls().store.entries[r["loopserve"]["dialogue_id"]].dialogue
+    gen = d.tokens[-r["usage"]["completion_tokens"]:]
+    assert llm.tokenize(d.messages[-1]["content"]) != gen   # what makes this test worth having
+    follow = USER + [msg, {"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": "18 C"}]
+    r2 = llm.create_chat_completion(follow, **kw)
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == r["usage"]["total_tokens"]   # in place
+    again = llm.create_chat_completion(USER, tool_choice="required", **kw)   # regenerated: a branch
+    assert again["choices"][0]["message"]["tool_calls"][0]["function"] == msg["tool_calls"][0]["function"]
+    r3 = llm.create_chat_completion(follow, **kw)   # the longest match holds more: a branch after the reply
+    assert r3["usage"]["prompt_tokens_details"]["cached_tokens"] == r3["usage"]["prompt_tokens"] - 1
+    same = [(m["content"], [c["function"] for c in m.get("tool_calls") or ()])
+            for m in (r2["choices"][0]["message"], r3["choices"][0]["message"])]
+    assert same[0] == same[1]   # the same cache, the same greedy reply
