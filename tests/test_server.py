@@ -618,16 +618,22 @@ def test_dialogues_survive_a_restart(tmp_path):
     msgs = [{"role": "user", "content": "Remember the number 41."}]
     try:
         r = _chat(s.client(), msgs)
+        resp = s.client().responses.create(model=MODEL, input="Remember the word lark.", temperature=0,
+                                           max_output_tokens=8)
     finally:
         s.stop()
     saved = list((tmp_path / "dialogues" / "server").glob("*/*.lsd"))
-    assert len(saved) == 1
+    assert len(saved) == 2
     s = Server(tmp_path)
     try:
         msgs += [{"role": "assistant", "content": r.choices[0].message.content},
                  {"role": "user", "content": "Which number?"}]
         r2 = _chat(s.client(), msgs)
         assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        # a Responses conversation too: only the new input is prefilled
+        nxt = s.client().responses.create(model=MODEL, input="Which word?", previous_response_id=resp.id,
+                                          temperature=0, max_output_tokens=8)
+        assert nxt.usage.input_tokens_details.cached_tokens == resp.usage.input_tokens + resp.usage.output_tokens
     finally:
         s.stop()
 
