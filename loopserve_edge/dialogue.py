@@ -264,7 +264,7 @@ class Dialogue:
         its text, so the common token prefix can stop at the first reply that the texts still
         share (a branch after it would recompute it and all that follows). None where the
         cache's tokens do not spell kv_text (after a cut, or a BOS the text lacks)."""
-        if not self.kv_text:
+        if not self.kv_text or self.evicted:   # (a cut took tokens out of the list)
             return None
         pieces = [self.llm._piece(t) for t in self.tokens]
         kv, r = self.kv_text.encode(), rendered.encode()
