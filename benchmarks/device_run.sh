@@ -202,7 +202,7 @@ for step in "$@"; do
           tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py \
           tests/test_scores.py tests/test_eviction.py tests/test_head_wise.py tests/test_prefill.py tests/test_gemma.py \
           tests/test_kv_pool.py tests/test_budgeted_prefill.py tests/test_kv_types.py tests/test_batch_decode.py \
-          tests/test_allocation.py \
+          tests/test_allocation.py tests/test_completions.py tests/test_grammar.py tests/test_tool_calls.py \
           -k 'not default_model and not kept_content' ;;
     turns)
       for shape in 135m 1b; do
