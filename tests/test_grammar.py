@@ -89,7 +89,7 @@ def test_a_reply_follows_the_grammar_and_ends_where_it_is_complete(tiny_model, m
         assert d.messages[1]["content"] == reply and len(d.messages) == 4
 
 
-def test_json_from_a_schema_parses_and_has_its_fields(default_model, make_llm):
+def test_json_from_a_schema_parses_and_has_its_fields_on_the_default_model(default_model, make_llm):
     llm = make_llm(default_model, n_ctx=1024)
     schema = {"type": "object", "properties": {"answer": {"type": "string"}, "sure": {"type": "boolean"}},
               "required": ["answer", "sure"]}
