@@ -42,6 +42,9 @@ def to_chat(body: dict, previous: list[dict]) -> tuple[dict, list[dict]]:
     if body.get("truncation") not in (None, "disabled"):
         raise RequestError('truncation must be "disabled": LoopServe\'s budget keeps a dialogue within the '
                            "context instead (the loopserve settings)", "truncation")
+    for k, t, what in (("text", dict, "an object"), ("metadata", dict, "an object"), ("store", bool, "a boolean")):
+        if body.get(k) is not None and not isinstance(body[k], t):
+            raise RequestError(f"'{k}' must be {what}", k)
     added = _messages(body.get("input"))
     system = body.get("instructions")
     if system is not None and not isinstance(system, str):
@@ -57,7 +60,7 @@ def to_chat(body: dict, previous: list[dict]) -> tuple[dict, list[dict]]:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
-    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text") or {}, dict) else None
+    fmt = (body.get("text") or {}).get("format")
     if fmt is not None:
         chat["response_format"] = _format(fmt)
     return chat, added

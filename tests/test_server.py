@@ -405,7 +405,7 @@ def test_responses_go_on_from_the_previous_response_as_chat_would(server):
                        (dict(input="x", tools=[{"type": "web_search"}]), "tools[0].type"),
                        (dict(input="x", background=True), "background"), (dict(input="x", truncation="auto"), "truncation"),
                        (dict(input="x", reasoning={"effort": "high"}), "reasoning"),
-                       (dict(input="x", text={"format": {"type": "xml"}}), "text.format"),
+                       (dict(input="x", text={"format": {"type": "xml"}}), "text.format"), (dict(input="x", text="json"), "text"),
                        (dict(input="x", previous_response_id="../../etc"), "previous_response_id"),
                        (dict(input=[{"role": "tool", "content": "x"}]), "input[0].role"),
                        (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "input"),
