@@ -95,7 +95,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
     if cors_origins:
         # added after the key check, so it runs first: a browser's preflight carries no key, and
         # the answers (errors too) carry the headers that let the page read them
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"], expose_headers=[DIALOGUE_HEADER])
 
     @app.get("/health")
