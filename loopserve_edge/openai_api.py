@@ -115,6 +115,9 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' is required and must be a non-empty list", "messages")
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise _bad(f"'{legacy}' (OpenAI's older form) is not supported: give 'tools' and 'tool_choice'", legacy)
     try:
         tools = tool_calls.mode(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
         system, rest = _turns(msgs, tools, bool(body.get("parallel_tool_calls")))

@@ -197,6 +197,7 @@ def test_history_with_calls_and_results_becomes_alternating_turns():
     (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call()]}]), "messages", "results"),
     (dict(tools=TOOLS, messages=USER + [{"role": "assistant", "content": '{"resp'}]), "messages", "held"),
     (dict(messages=USER + [{"role": "user", "content": "again"}]), "messages[1].role", "alternate"),
+    (dict(functions=[{"name": "f"}]), "functions", "older form"), (dict(function_call="auto"), "function_call", "tools"),
 ])
 def test_bad_tools_and_tool_messages_are_refused_by_name(body, param, what):
     with pytest.raises(RequestError, match=what) as e:
