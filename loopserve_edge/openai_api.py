@@ -503,8 +503,8 @@ class ChatShapes:
     """A chat request's response and stream chunks, from its reply, TurnStats and the
     log-probability entries that come with the reply or with each piece (the server and the
     Python API build both kinds of answer through these five calls; end's `did`, the dialogue's
-    id, is for the Responses API's shapes). With tools, the stream
-    gives a text reply's content, or a call's name and then its arguments, as they come."""
+    id, is for the Responses API's shapes). With tools, the stream gives a text reply's content,
+    or a call's name and then its arguments, as they come."""
 
     def __init__(self, req: ChatRequest, fingerprint: str):
         self.req, self.cid, self.fp = req, completion_id(), fingerprint
@@ -524,10 +524,10 @@ class ChatShapes:
             self.held = (self.held or []) + logprobs
         return [self._chunk(d) for d in self.reader.feed(text)]
 
-    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+    def _chunk(self, delta: dict) -> dict:
         """A chunk with the log-probabilities held so far (those of the tokens it completes)."""
         logprobs, self.held = self.held, None
-        return chunk(self.cid, self.req.model, self.fp, delta, finish, logprobs)
+        return chunk(self.cid, self.req.model, self.fp, delta, logprobs=logprobs)
 
     def end(self, stats, logprobs, did: str | None = None) -> list[dict]:
         finish, out = FINISH[stats.finish_reason], []
