@@ -220,14 +220,15 @@ class Dialogue:
         else:
             # The template rewrote earlier text, or the conversation differs from the cache's
             # (an edited or regenerated turn, a branch; or this is the first turn): reuse the
-            # longest common token prefix, or more where the texts share more, and recompute
-            # the rest.
-            full = llm.tokenize(rendered, add_bos=add_bos)
-            keep = _common_prefix(self.tokens, full)
-            new = full[keep:]
+            # cache as far as the texts agree (else the longest common token prefix) and
+            # recompute the rest.
             by_text = self._text_prefix(rendered)
-            if by_text is not None and by_text[0] > keep:
+            if by_text is not None:
                 keep, new = by_text
+            else:
+                full = llm.tokenize(rendered, add_bos=add_bos)
+                keep = _common_prefix(self.tokens, full)
+                new = full[keep:]
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
             new = self.tokens[keep:keep + 1]
@@ -261,9 +262,11 @@ class Dialogue:
     def _text_prefix(self, rendered: str) -> tuple[int, list[int]] | None:
         """(cache tokens to keep, tokens of the rest of rendered) by the text the cache and
         rendered share: a reply's generated tokens need not be the ones the tokenizer makes of
-        its text, so the common token prefix can stop at the first reply that the texts still
-        share (a branch after it would recompute it and all that follows). None where the
-        cache's tokens do not spell kv_text (after a cut, or a BOS the text lacks)."""
+        its text, so a common token prefix would stop at the first reply that the texts still
+        share (a branch after it would recompute it and all that follows). The rest is
+        tokenized apart, as a turn going on in place tokenizes its new text. None where the
+        cache's tokens do not spell kv_text (after a cut, or a BOS the text lacks), or the texts
+        share no whole token."""
         if not self.kv_text or self.evicted:   # (a cut took tokens out of the list)
             return None
         pieces = [self.llm._piece(t) for t in self.tokens]

@@ -506,6 +506,8 @@ class ChatShapes:
     id, is for the Responses API's shapes). With tools, the stream gives a text reply's content,
     or a call's name and then its arguments, as they come."""
 
+    done_marker = True   # a stream ends with "data: [DONE]"
+
     def __init__(self, req: ChatRequest, fingerprint: str):
         self.req, self.cid, self.fp = req, completion_id(), fingerprint
         self.reader = tool_calls.ReplyReader() if req.tools is not None else None
@@ -550,6 +552,7 @@ class ChatShapes:
 class TextShapes:
     """A text completion's, as ChatShapes; the log-probabilities in the legacy form, their text
     offsets counted across the chunks."""
+    done_marker = True
 
     def __init__(self, req: TextRequest, fingerprint: str):
         self.req, self.cid, self.fp = req, completion_id(text=True), fingerprint

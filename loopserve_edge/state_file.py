@@ -152,9 +152,14 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
 
 def write(path: str | os.PathLike, state: StateFile) -> int:
     """Atomically replace `path` with `state`; returns the size written."""
+    return replace_atomically(path, encode(state))
+
+
+def replace_atomically(path: str | os.PathLike, data: bytes) -> int:
+    """Replace `path` with `data` whole or not at all, on the disk when this returns (also the
+    server's stored responses)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode(state)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP}")
     try:
         with open(tmp, "wb") as f:

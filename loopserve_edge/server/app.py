@@ -260,7 +260,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                             yield protocol.sse(shapes.usage(stats, did))
                         break
                     item = await queue.get()
-                if getattr(shapes, "done_marker", True):
+                if shapes.done_marker:
                     yield b"data: [DONE]\n\n"
             finally:
                 cancelled.set()   # a client gone mid-stream: the worker stops at the next token

@@ -2,15 +2,15 @@
 dialogues' state files, holding the Response, the id of the one before it and the chat
 messages it added (its input and its output). A conversation is read back by following the ids
 from the newest (responses_api.py says why); the KV state it needs is in the dialogue that holds
-those messages. Files are written whole or not at all (a temporary file renamed).
+those messages. Files are written whole or not at all (as state files are).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from .. import state_file
 from ..openai_api import RequestError
 from .protocol import ApiError
 
@@ -34,12 +34,8 @@ class ResponseStore:
             return None   # a file that cannot be read is as good as missing
 
     def save(self, obj: dict, previous_id: str | None, messages: list[dict]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self._path(obj["id"])
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"response": obj, "previous_response_id": previous_id, "messages": messages},
-                                  ensure_ascii=False))
-        os.replace(tmp, path)
+        state_file.replace_atomically(self._path(obj["id"]), json.dumps(
+            {"response": obj, "previous_response_id": previous_id, "messages": messages}).encode())
 
     def conversation(self, rid: str) -> list[dict]:
         """The chat messages of the conversation up to and with response rid."""
