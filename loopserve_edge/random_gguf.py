@@ -106,7 +106,7 @@ def _writer(path, arch, seed, *, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_h
 
 def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128,
                        n_ctx_train=4096, tokenizer_from=None, dtype=np.float32,
-                       std=0.02, qk_std=None, embd_std=None, fast=False) -> pathlib.Path:
+                       std=0.02, qk_std=None, embd_std=None, fast=False, quant=None) -> pathlib.Path:
     """Write a Llama-architecture GGUF with N(0, std) weights (norms are ones).
 
     tokenizer_from: a GGUF whose tokenizer is copied; None for the tiny byte-level one.
@@ -116,6 +116,9 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     fast (f16 only): random signs and mantissas at one exponent (|w| in [2^-6, 2^-5), about
     std 0.02) made from random bytes, several times quicker for the 8B shape; for runs that
     measure memory, where the values do not matter.
+    quant: "q4_1" stores the layers' matrices and the output matrix in Q4_1 (the default
+    model's type: the CPU's Q4_1 products are tested on it); n_embd and n_ff must then be
+    multiples of its block of 32.
     The default head size, n_embd / n_head = 32, is the smallest a quantized KV cache
     accepts: llama.cpp wants it to be a multiple of q8_0's block of 32.
     """
@@ -123,6 +126,17 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     head_dim = n_embd // n_head
     n_embd_kv = head_dim * n_head_kv
     rng = np.random.default_rng(seed)
+
+    if quant not in (None, "q4_1"):
+        raise ValueError(f"quant: {quant!r} (None or 'q4_1')")
+
+    def add_matrix(name, *shape, s=std):  # a layer's or the output's matrix, quantized if asked
+        m = rand(*shape, s=s)
+        if quant is None:
+            w.add_tensor(name, m)
+        else:
+            q4_1 = gguf.GGMLQuantizationType.Q4_1
+            w.add_tensor(name, gguf.quants.quantize(m.astype(np.float32), q4_1), raw_dtype=q4_1)
 
     def rand(*shape, s=std):  # numpy shape is ggml's reversed: (rows=out, cols=in)
         if fast:
@@ -135,7 +149,8 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if quant else
+                    gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
     n_vocab = _copy_tokenizer(w, pathlib.Path(tokenizer_from)) if tokenizer_from else _byte_tokenizer(w)
     w.add_vocab_size(n_vocab)
 
@@ -144,16 +159,16 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, s=embd_std or std))
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.attn_q.weight", rand(n_embd, n_embd, s=qk_std or std))
-        w.add_tensor(f"blk.{i}.attn_k.weight", rand(n_embd_kv, n_embd, s=qk_std or std))
-        w.add_tensor(f"blk.{i}.attn_v.weight", rand(n_embd_kv, n_embd))
-        w.add_tensor(f"blk.{i}.attn_output.weight", rand(n_embd, n_embd))
+        add_matrix(f"blk.{i}.attn_q.weight", n_embd, n_embd, s=qk_std or std)
+        add_matrix(f"blk.{i}.attn_k.weight", n_embd_kv, n_embd, s=qk_std or std)
+        add_matrix(f"blk.{i}.attn_v.weight", n_embd_kv, n_embd)
+        add_matrix(f"blk.{i}.attn_output.weight", n_embd, n_embd)
         w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(n_embd, n_ff))
+        add_matrix(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        add_matrix(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        add_matrix(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
     w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", rand(n_vocab, n_embd))
+    add_matrix("output.weight", n_vocab, n_embd)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -2,6 +2,7 @@
 
 // loopserve-edge: CPU implementation of GGML_OP_LOOPSERVE (ggml-loopserve.h)
 
+#include "ggml-backend.h"
 #include "ggml.h"
 
 #ifdef __cplusplus
@@ -35,6 +36,20 @@ bool ggml_cpu_loopserve_fa_row(const struct ggml_tensor * dst,
                                float *                    M,
                                float *                    S,
                                float *                    VKQ);
+
+// Q4_1 weights (src0) times two or more Q8_1 rows (wdata, row_size bytes apart: src1 as
+// ggml_compute_forward_mul_mat quantized it) in register tiles (loopserve-gemm.cpp), bit for
+// bit what its vec_dot loop computes. Called by every thread after that function's barrier;
+// false where it does not apply (other types, one row, batched products, no AVX2 and FMA,
+// LOOPSERVE_Q4_1_GEMM=0): the vec_dot loop runs. LOOPSERVE_Q4_1_GEMM=256: 256-bit tiles only.
+bool ggml_cpu_loopserve_mul_mat_q4_1(const struct ggml_compute_params * params,
+                                     struct ggml_tensor *               dst,
+                                     const void *                       wdata,
+                                     size_t                             row_size);
+
+// How many products ggml_cpu_loopserve_mul_mat_q4_1 has computed in this process (for the
+// tests: that the tiles ran)
+GGML_BACKEND_API uint64_t ggml_cpu_loopserve_gemm_q4_1_calls(void);
 
 #ifdef __cplusplus
 }
