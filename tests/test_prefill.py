@@ -99,8 +99,8 @@ def test_a_selection_over_fewer_cells_serves_a_longer_cache():
 
 @pytest.mark.parametrize("v_trans", [False, True])
 def test_key_sets_longer_than_a_cpu_chunk(v_trans):
-    """Key sets spanning several of the CPU kernel's 1024-key chunks (online softmax across
-    them, peaky scores), with the mask and without it (causal in cells: the same numbers)."""
+    """Key sets spanning many of the CPU kernel's 64-key chunks (online softmax across them,
+    peaky scores), with the mask and without it (causal in cells: the same numbers)."""
     n_head, n_head_kv, n_tok, d, block_q = 6, 2, 40, 64, 16
     start = 2600
     n_kv = start + n_tok
@@ -115,6 +115,30 @@ def test_key_sets_longer_than_a_cpu_chunk(v_trans):
               v_trans=v_trans, scale=scale, block_q=block_q)
     out, _ = so.run(so.OP_SPARSE, mask=mask, **kw)
     np.testing.assert_allclose(out[:n_tok], want, rtol=1e-4, atol=1e-5)
+    bare, _ = so.run(so.OP_SPARSE, mask=None, **kw)
+    np.testing.assert_array_equal(bare, out)
+
+
+@pytest.mark.parametrize("v_trans", [False, True])
+@pytest.mark.parametrize("n_head,n_head_kv,d,block_q", [(3, 1, 18, 5), (10, 2, 40, 7)])
+def test_shapes_off_the_cpu_kernels_blocks(v_trans, n_head, n_head_kv, d, block_q):
+    """Head dims that are not whole vectors or register blocks (18, 40: f16 conversion and the
+    output product's remainders), blocks whose pairs fill no whole vector (15, 35 lanes), a
+    last block of 2 rows, f16 K and V in both V layouts; with the mask and without it."""
+    r = RNG(11)
+    n_tok, start = 5 * block_q + 2, 70
+    n_kv = start + n_tok
+    q, k, v = qkv(11, n_head, n_head_kv, n_tok, n_kv, d)
+    cells = np.arange(start, start + n_tok)
+    mask = so.causal_mask(cells, n_kv)
+    lists = [[sorted(set(r.integers(0, n_kv, 25).tolist())), sorted(set(r.integers(0, n_kv, 9).tolist()) | {0, 1})]
+             for _ in range(n_head_kv)]
+    allowed = so.sparse_mask(lists, cells, n_kv, n_head, block_q)
+    want = so.ref_attention(f16(q), f16(k), f16(v), mask, allowed, scale=0.4, softcap=0.0)
+    kw = dict(q=q, k=k, v=v, cells=cells, sel=so.sel_array(lists, n_kv), type_k="f16", type_v="f16",
+              v_trans=v_trans, scale=0.4, block_q=block_q)
+    out, _ = so.run(so.OP_SPARSE, mask=mask, **kw)
+    np.testing.assert_allclose(out[:n_tok], want, rtol=2e-3, atol=2e-3)
     bare, _ = so.run(so.OP_SPARSE, mask=None, **kw)
     np.testing.assert_array_equal(bare, out)
 
@@ -159,11 +183,13 @@ def test_vs_scores_match_numpy(n_head, n_head_kv):
     np.testing.assert_allclose(out, so.ref_vs_scores(p, cells, n_head_kv), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_head,n_head_kv,d,softcap", [(4, 4, 64, 0.0), (6, 2, 128, 0.0), (8, 2, 64, 30.0)])
-def test_fused_estimate_matches_numpy(n_head, n_head_kv, d, softcap):
+# 37 rows at 4 query heads a KV head: three of the CPU op's tasks of 16 rows, the last partial
+@pytest.mark.parametrize("n_head,n_head_kv,d,softcap,n_rows", [(4, 4, 64, 0.0, 11), (6, 2, 128, 0.0, 11),
+                                                                (8, 2, 64, 30.0, 11), (8, 2, 40, 0.0, 37)])
+def test_fused_estimate_matches_numpy(n_head, n_head_kv, d, softcap, n_rows):
     # vs_estimate = vs_scores of the softmax; K goes to f16 (and Q with it for the dot)
     r = RNG(7)
-    n_rows, n_kv = 11, 203
+    n_kv = 203
     q = r.standard_normal((n_head, n_rows, d)).astype(np.float32)
     k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
     cells = np.arange(n_kv - n_rows - 5, n_kv - 5)

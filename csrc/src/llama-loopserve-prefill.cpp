@@ -99,11 +99,13 @@ static ggml_tensor * loopserve_estimate_select(const llm_graph_context & g,
     ggml_tensor *               cw    = ggml_view_1d(ctx0, q_cells, n_est, row0 * q_cells->nb[0]);
     ggml_tensor *               vs    = nullptr;
     const ggml_backend_buffer_t k_buf = k->view_src ? k->view_src->buffer : k->buffer;
-    if (k->type == GGML_TYPE_F16 && (k->ne[0] == 64 || k->ne[0] == 128 || k->ne[0] == 256) && k_buf &&
-        !ggml_backend_buffer_is_host(k_buf)) {
-        // on the GPU: fused, the [n_kv, n_est, n_head] probabilities never go to memory; and
-        // where the mask is causal in cells the ops do without it, so no layer may read it and
-        // the host neither fills nor uploads it (n_kv x n_tokens: ~1 GiB per ubatch at 128K)
+    const bool                  host  = k_buf && ggml_backend_buffer_is_host(k_buf);
+    if (k->type == GGML_TYPE_F16 && k_buf && (host || k->ne[0] == 64 || k->ne[0] == 128 || k->ne[0] == 256)) {
+        // fused: on the GPU the [n_kv, n_est, n_head] probabilities never go to memory; on the
+        // CPU each K row is read once for all the estimation rows and query heads of its KV
+        // head (2.2-2.6x faster than the chain below at 4K-8K); and where the mask is causal in
+        // cells the ops do without it, so no layer may read it and the host neither fills nor
+        // uploads it (n_kv x n_tokens: ~1 GiB per ubatch at 128K)
         if (cfg.cell_causal) {
             kq_mask = nullptr;
         }

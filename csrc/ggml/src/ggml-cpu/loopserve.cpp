@@ -15,137 +15,230 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
-// the sparse attention's chunks of keys (scratch per thread: (DK + DV) x 4 x this bytes),
-// (row, head) pairs and keys per register block
-#define LS_CPU_CHUNK  1024
-#define LS_CPU_PAIRS  8
-#define LS_CPU_LANES  16
-// floats between rows of the chunk's K^T, V^T and scores: a chunk plus a register block, so
-// that the rows are not 4 KiB apart (gathering a key's DK values into K^T then hit one L1
-// set DK times over: the op ran several times slower per element than stock attention)
-#define LS_CPU_STRIDE (LS_CPU_CHUNK + LS_CPU_LANES)
-
-// vectors per register block of the two products below: with 32 vector registers (AVX-512)
-// two, so that each broadcast of Q (scores) or load of S (output) serves two FMAs; with 16,
-// one (two would spill). Each output is summed in the same order either way.
-#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE) && GGML_F32_EPR >= 16
-#    define LS_CPU_WIDE 2
-#else
-#    define LS_CPU_WIDE 1
+// f16 values read as f32 vectors (GGML_F32_VEC): AVX-512 converts in AVX512F, AVX needs F16C
+#if defined(__AVX512F__)
+#    define LS_FA_F16_LOAD(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (p)))
+#elif defined(__AVX__) && defined(__F16C__)
+#    define LS_FA_F16_LOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (p)))
 #endif
 
-// S[p][i] = sum_d Q[p][d] KT[d][i] for LS_CPU_PAIRS rows of Q (DK apart) and i < n (rounded
-// up to LS_CPU_LANES), rows of S and KT LS_CPU_STRIDE apart; KB key vectors at a time
-template <int KB> static int64_t ls_cpu_scores_kb(float * S, const float * Q, const float * KT, int64_t DK, int64_t n) {
-    constexpr int NP = LS_CPU_PAIRS;
-    int64_t       ib = 0;
+// The sparse attention works on a block of query rows and a KV head at a time, with the
+// block's (row, query head) pairs along the vector lanes: scores as [key][pair], the output
+// as [d][pair], Q as [d][pair]. Then K and V rows are read as they are stored (each value
+// broadcast to a vector of pairs), the softmax's maxima, exponentials and sums run across
+// pairs in vectors, and no product needs a transpose or a horizontal sum (the earlier layout,
+// pairs x keys, gathered K and V transposed and summed lanes at the end of every dot: with
+// flash attention's V rows it spent more time arranging data than multiplying).
+
+// keys per chunk (scratch per thread: (DK + DV + pairs) x 4 x this bytes, within L1 for the
+// default model's 63 pairs)
+#define LS_CPU_CHUNK 64
+
+// keys (scores) or values of d (output) per register block: with 32 vector registers
+// (AVX-512) 4 x 4 accumulators, with 16 2 x 4 (more would spill)
+#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE) && GGML_F32_EPR >= 16
+#    define LS_CPU_RB 4
+#else
+#    define LS_CPU_RB 2
+#endif
+// pair vectors per register block
+#define LS_CPU_PV 4
+
 #if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE)
-    // a block whose last vector holds no key is left to the narrower pass
-    for (; ib + (KB - 1) * GGML_F32_EPR < n; ib += KB * GGML_F32_EPR) {
-        GGML_F32_VEC acc[KB][NP];
-        for (int kb = 0; kb < KB; ++kb) {
-            for (int p = 0; p < NP; ++p) {
-                acc[kb][p] = GGML_F32_VEC_ZERO;
-            }
+#    define LS_CPU_VL GGML_F32_EPR
+#else
+#    define LS_CPU_VL 1
+#endif
+
+// S[i][v] = sum_d K[i*ldk + d] QT[d][v] for KB keys and PV vectors of pairs (lanes v), S's
+// and QT's rows lds and ldq floats apart
+template <int KB, int PV>
+static void
+ls_cpu_scores(float * S, int64_t lds, const float * K, int64_t ldk, const float * QT, int64_t ldq, int64_t DK) {
+#if LS_CPU_VL > 1
+    GGML_F32_VEC acc[KB][PV];
+    for (int k = 0; k < KB; ++k) {
+        for (int v = 0; v < PV; ++v) {
+            acc[k][v] = GGML_F32_VEC_ZERO;
         }
-        for (int64_t d = 0; d < DK; ++d) {
-            GGML_F32_VEC k[KB];
-            for (int kb = 0; kb < KB; ++kb) {
-                k[kb] = GGML_F32_VEC_LOAD(KT + d * LS_CPU_STRIDE + ib + kb * GGML_F32_EPR);
-            }
-            for (int p = 0; p < NP; ++p) {
-                const GGML_F32_VEC q = GGML_F32_VEC_SET1(Q[p * DK + d]);
-                for (int kb = 0; kb < KB; ++kb) {
-                    acc[kb][p] = GGML_F32_VEC_FMA(acc[kb][p], k[kb], q);
-                }
-            }
+    }
+    for (int64_t d = 0; d < DK; ++d) {
+        GGML_F32_VEC q[PV];
+        for (int v = 0; v < PV; ++v) {
+            q[v] = GGML_F32_VEC_LOAD(QT + d * ldq + v * LS_CPU_VL);
         }
-        for (int kb = 0; kb < KB; ++kb) {
-            for (int p = 0; p < NP; ++p) {
-                GGML_F32_VEC_STORE(S + p * LS_CPU_STRIDE + ib + kb * GGML_F32_EPR, acc[kb][p]);
+        for (int k = 0; k < KB; ++k) {
+            const GGML_F32_VEC kv = GGML_F32_VEC_SET1(K[k * ldk + d]);
+            for (int v = 0; v < PV; ++v) {
+                acc[k][v] = GGML_F32_VEC_FMA(acc[k][v], q[v], kv);
             }
         }
     }
+    for (int k = 0; k < KB; ++k) {
+        for (int v = 0; v < PV; ++v) {
+            GGML_F32_VEC_STORE(S + k * lds + v * LS_CPU_VL, acc[k][v]);
+        }
+    }
 #else
-    for (; ib < n; ++ib) {
-        for (int p = 0; p < NP; ++p) {
+    for (int k = 0; k < KB; ++k) {
+        for (int v = 0; v < PV; ++v) {
             float s = 0.0f;
             for (int64_t d = 0; d < DK; ++d) {
-                s += Q[p * DK + d] * KT[d * LS_CPU_STRIDE + ib];
+                s += K[k * ldk + d] * QT[d * ldq + v];
             }
-            S[p * LS_CPU_STRIDE + ib] = s;
+            S[k * lds + v] = s;
         }
     }
 #endif
-    return ib;
 }
 
-static void ls_cpu_scores(float * S, const float * Q, const float * KT, int64_t DK, int64_t n) {
-    const int64_t done = ls_cpu_scores_kb<LS_CPU_WIDE>(S, Q, KT, DK, n);
-    if (LS_CPU_WIDE > 1 && done < n) {
-        ls_cpu_scores_kb<1>(S + done, Q, KT + done, DK, n - done);
-    }
-}
-
-// x[j][p] = sum_i S[p][i] v[j][i] for LS_CPU_PAIRS rows of S (LS_CPU_STRIDE apart) and ND
-// rows of V^T (LS_CPU_STRIDE apart), i < n rounded up to LS_CPU_LANES
-template <int ND> static void ls_cpu_dots(float (*x)[LS_CPU_PAIRS], const float * S, const float * v, int64_t n) {
-    constexpr int NP = LS_CPU_PAIRS;
-#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE)
-    GGML_F32_VEC acc[ND][NP];
-    for (int j = 0; j < ND; ++j) {
-        for (int p = 0; p < NP; ++p) {
-            acc[j][p] = GGML_F32_VEC_ZERO;
+// O[j][v] += sum_i V[i*svi + j*svd] P[i][v] for DB values j and PV vectors of pairs over n
+// keys, O's and P's rows ldo and ldp floats apart
+template <int DB, int PV>
+static void
+ls_cpu_out(float * O, int64_t ldo, const float * P, int64_t ldp, const float * V, int64_t svi, int64_t svd, int64_t n) {
+#if LS_CPU_VL > 1
+    GGML_F32_VEC acc[DB][PV];
+    for (int j = 0; j < DB; ++j) {
+        for (int v = 0; v < PV; ++v) {
+            acc[j][v] = GGML_F32_VEC_LOAD(O + j * ldo + v * LS_CPU_VL);
         }
     }
-    for (int64_t ib = 0; ib < n; ib += GGML_F32_EPR) {
-        GGML_F32_VEC vv[ND];
-        for (int j = 0; j < ND; ++j) {
-            vv[j] = GGML_F32_VEC_LOAD(v + j * LS_CPU_STRIDE + ib);
+    for (int64_t i = 0; i < n; ++i) {
+        GGML_F32_VEC p[PV];
+        for (int v = 0; v < PV; ++v) {
+            p[v] = GGML_F32_VEC_LOAD(P + i * ldp + v * LS_CPU_VL);
         }
-        for (int p = 0; p < NP; ++p) {
-            const GGML_F32_VEC sv = GGML_F32_VEC_LOAD(S + p * LS_CPU_STRIDE + ib);
-            for (int j = 0; j < ND; ++j) {
-                acc[j][p] = GGML_F32_VEC_FMA(acc[j][p], vv[j], sv);
+        for (int j = 0; j < DB; ++j) {
+            const GGML_F32_VEC vv = GGML_F32_VEC_SET1(V[i * svi + j * svd]);
+            for (int v = 0; v < PV; ++v) {
+                acc[j][v] = GGML_F32_VEC_FMA(acc[j][v], p[v], vv);
             }
         }
     }
-    for (int j = 0; j < ND; ++j) {
-        for (int p = 0; p < NP; ++p) {
-            float lanes[GGML_F32_EPR];
-            GGML_F32_VEC_STORE(lanes, acc[j][p]);
-            x[j][p] = 0.0f;
-            for (int e = 0; e < GGML_F32_EPR; ++e) {
-                x[j][p] += lanes[e];
-            }
+    for (int j = 0; j < DB; ++j) {
+        for (int v = 0; v < PV; ++v) {
+            GGML_F32_VEC_STORE(O + j * ldo + v * LS_CPU_VL, acc[j][v]);
         }
     }
 #else
-    for (int j = 0; j < ND; ++j) {
-        for (int p = 0; p < NP; ++p) {
-            x[j][p] = 0.0f;
+    for (int j = 0; j < DB; ++j) {
+        for (int v = 0; v < PV; ++v) {
             for (int64_t i = 0; i < n; ++i) {
-                x[j][p] += S[p * LS_CPU_STRIDE + i] * v[j * LS_CPU_STRIDE + i];
+                O[j * ldo + v] += V[i * svi + j * svd] * P[i * ldp + v];
             }
         }
     }
 #endif
+}
+
+// f(v, PV) over nv vectors of pairs: LS_CPU_PV vectors at a time from vector v, then one at a
+// time (PV a std::integral_constant, so that each call picks its register block at compile time)
+template <typename F> static void ls_cpu_each_pv(int64_t nv, F && f) {
+    int64_t v = 0;
+    for (; v + LS_CPU_PV <= nv; v += LS_CPU_PV) {
+        f(v, std::integral_constant<int, LS_CPU_PV>{});
+    }
+    for (; v < nv; ++v) {
+        f(v, std::integral_constant<int, 1>{});
+    }
+}
+
+// S[i][p] = sum_d K[i][d] QT[d][p] for n keys (K's rows DK apart) and nl lanes of pairs
+static void ls_cpu_scores_chunk(float * S, const float * K, int64_t n, int64_t DK, const float * QT, int64_t nl) {
+    int64_t i = 0;
+    for (; i + LS_CPU_RB <= n; i += LS_CPU_RB) {
+        ls_cpu_each_pv(nl / LS_CPU_VL, [&](int64_t v, auto pv) {
+            ls_cpu_scores<LS_CPU_RB, decltype(pv)::value>(S + i * nl + v * LS_CPU_VL, nl, K + i * DK, DK,
+                                                          QT + v * LS_CPU_VL, nl, DK);
+        });
+    }
+    for (; i < n; ++i) {
+        ls_cpu_each_pv(nl / LS_CPU_VL, [&](int64_t v, auto pv) {
+            ls_cpu_scores<1, decltype(pv)::value>(S + i * nl + v * LS_CPU_VL, nl, K + i * DK, DK, QT + v * LS_CPU_VL,
+                                                  nl, DK);
+        });
+    }
+}
+
+// O[d][p] += sum_i V[i*svi + d*svd] P[i][p] for d < DV, n keys and nl lanes of pairs
+static void ls_cpu_out_chunk(float *       O,
+                             const float * P,
+                             const float * V,
+                             int64_t       svi,
+                             int64_t       svd,
+                             int64_t       n,
+                             int64_t       DV,
+                             int64_t       nl) {
+    int64_t d = 0;
+    for (; d + LS_CPU_RB <= DV; d += LS_CPU_RB) {
+        ls_cpu_each_pv(nl / LS_CPU_VL, [&](int64_t v, auto pv) {
+            ls_cpu_out<LS_CPU_RB, decltype(pv)::value>(O + d * nl + v * LS_CPU_VL, nl, P + v * LS_CPU_VL, nl,
+                                                       V + d * svd, svi, svd, n);
+        });
+    }
+    for (; d < DV; ++d) {
+        ls_cpu_each_pv(nl / LS_CPU_VL, [&](int64_t v, auto pv) {
+            ls_cpu_out<1, decltype(pv)::value>(O + d * nl + v * LS_CPU_VL, nl, P + v * LS_CPU_VL, nl, V + d * svd, svi,
+                                               svd, n);
+        });
+    }
+}
+
+// pairs rounded up to whole vectors
+static int64_t ls_cpu_pair_lanes(int64_t n_pair) {
+    return (n_pair + LS_CPU_VL - 1) / LS_CPU_VL * LS_CPU_VL;
 }
 
 // floats of the sparse attention's per-thread scratch after the key list
 static int64_t ls_cpu_attn_floats(int64_t DK, int64_t DV, int64_t n_pair) {
-    return (DK + DV) * LS_CPU_STRIDE + LS_CPU_PAIRS * (LS_CPU_STRIDE + DK) + std::max(DK, DV) + n_pair * (DV + 2);
+    const int64_t np = ls_cpu_pair_lanes(n_pair);
+    // K and V rows of a chunk, its scores, Q^T, O^T, and five floats a pair (ls_sparse_attn)
+    return LS_CPU_CHUNK * (DK + DV + np) + np * (DK + DV + 5);
 }
 
-static void ls_f16_row(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n) {
-    ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) x, y, n);
+// n f16 values to f32: whole vectors inline where SIMD converts them (a call per key row of
+// a chunk cost about a tenth of the sparse attention), the rest through the CPU backend's
+// vector conversion (the type traits' one is a scalar loop in ggml-base)
+static inline void ls_f16_to_f32(const ggml_fp16_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n) {
+    int64_t i = 0;
+#if defined(GGML_SIMD) && defined(LS_FA_F16_LOAD)
+    for (; i + GGML_F32_EPR <= n; i += GGML_F32_EPR) {
+        GGML_F32_VEC_STORE(y + i, LS_FA_F16_LOAD(x + i));
+    }
+#endif
+    if (i < n) {
+        ggml_cpu_fp16_to_fp32(x + i, y + i, n - i);
+    }
 }
 
 static float ls_param_f(const ggml_tensor * t, int i) {
     float f;
     memcpy(&f, &t->op_params[i], sizeof(f));
     return f;
+}
+
+// the shapes and score scale of the attention-like ops: q [DK, n_rows, n_head], k [DK, n_kv,
+// n_head_kv], the scale (op parameter 1) divided by the logit softcap (parameter 2) where one
+// is set, as ggml_flash_attn_ext applies them
+struct ls_qk {
+    int64_t DK, n_kv, n_head_kv, n_rows, n_head, n_gqa;
+    float   scale, softcap;
+};
+
+static ls_qk ls_qk_of(const ggml_tensor * dst, const ggml_tensor * q, const ggml_tensor * k) {
+    const float softcap = ls_param_f(dst, 2);
+    const float scale   = ls_param_f(dst, 1);
+    return { k->ne[0],
+             k->ne[1],
+             k->ne[2],
+             q->ne[1],
+             q->ne[2],
+             q->ne[2] / k->ne[2],
+             softcap != 0.0f ? scale / softcap : scale,
+             softcap };
 }
 
 static int64_t ls_cell(const ggml_tensor * q_cells, int64_t i, int64_t cell_mod) {
@@ -214,63 +307,122 @@ static void ls_vs_scores(const ggml_compute_params * params, ggml_tensor * dst) 
                dst);
 }
 
+// QT[d][p] = f(Q of pair p) for the np (row, query head) pairs of rows from r0 and KV head g
+// (pair p: row r0 + p / n_gqa, head g*n_gqa + p % n_gqa), 0 in the lanes from np to nl
+template <typename F>
+static void
+ls_cpu_qt(float * QT, const ggml_tensor * q, int64_t r0, int64_t g, int64_t n_gqa, int64_t np, int64_t nl, F && f) {
+    const int64_t DK = q->ne[0];
+    memset(QT, 0, DK * nl * sizeof(float));
+    for (int64_t p = 0; p < np; ++p) {
+        const int64_t r = r0 + p / n_gqa, h = g * n_gqa + p % n_gqa;
+        const float * pq = (const float *) ((const char *) q->data + r * q->nb[1] + h * q->nb[2]);
+        for (int64_t d = 0; d < DK; ++d) {
+            QT[d * nl + p] = f(pq[d]);
+        }
+    }
+}
+
+// rows of one estimation task: its (row, query head) pairs fill about one block of lanes of
+// the sparse attention's products (ls_cpu_scores)
+static int64_t ls_est_rows(int64_t n_gqa) {
+    return std::max<int64_t>(1, 64 / n_gqa);
+}
+
+// per-thread floats of the estimation after the probabilities and the rows' maxima: a chunk of
+// K rows, its scores, Q^T and the pairs' maxima
+static int64_t ls_est_floats(int64_t DK, int64_t n_gqa) {
+    const int64_t nl = ls_cpu_pair_lanes(ls_est_rows(n_gqa) * n_gqa);
+    return LS_CPU_CHUNK * (DK + nl) + nl * (DK + 1);
+}
+
 // the probabilities in the work buffer ([n_kv, n_rows, n_head], shared by the threads),
-// then the sums as ggml_loopserve_vs_scores
+// then the sums as ggml_loopserve_vs_scores. The scores of a task's rows and the query heads
+// of one KV head come from the sparse attention's lane-wise product (K rows read once for
+// them all; one dot product call per row, head and key took most of this op's time), each
+// row's softmax then runs over its contiguous probabilities in SIMD.
 static void ls_vs_estimate(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_tensor * q       = dst->src[0];
     const ggml_tensor * k       = dst->src[1];
     const ggml_tensor * mask    = dst->src[2];
     const ggml_tensor * q_cells = dst->src[3];
-    const int64_t       DK      = k->ne[0];
-    const int64_t       n_kv    = k->ne[1];
-    const int64_t       n_rows  = q->ne[1];
-    const int64_t       n_head  = q->ne[2];
-    const int64_t       n_gqa   = n_head / k->ne[2];
-    float               scale   = ls_param_f(dst, 1);
-    const float         softcap = ls_param_f(dst, 2);
-    if (softcap != 0.0f) {
-        scale /= softcap;
-    }
 
-    float *       P   = (float *) params->wdata;
-    ggml_fp16_t * Q16 = (ggml_fp16_t *) ((char *) params->wdata + ls_align(sizeof(float) * n_kv * n_rows * n_head) +
-                                         params->ith * ls_align(sizeof(ggml_fp16_t) * DK));
-    for (int64_t task = params->ith; task < n_rows * n_head; task += params->nth) {
-        const int64_t r = task % n_rows, h = task / n_rows;
-        const float * pq = (const float *) ((const char *) q->data + r * q->nb[1] + h * q->nb[2]);
-        ggml_cpu_fp32_to_fp16(pq, Q16, DK);
-        const char *  kh   = (const char *) k->data + (h / n_gqa) * k->nb[2];
-        const char *  mrow = mask ? (const char *) mask->data + r * mask->nb[1] : nullptr;
-        const int64_t c    = ls_cell(q_cells, r, dst->op_params[3]);
-        float *       pr   = P + (h * n_rows + r) * n_kv;
-        float         mx   = -INFINITY;
-        for (int64_t j = 0; j < n_kv; ++j) {
-            float mv = 0.0f;
-            if (mrow) {
-                mv = mask->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) mrow)[j]) :
-                                                   ((const float *) mrow)[j];
+    const auto [DK, n_kv, n_head_kv, n_rows, n_head, n_gqa, scale, softcap] = ls_qk_of(dst, q, k);
+
+    constexpr int64_t CH = LS_CPU_CHUNK;
+
+    float *       P      = (float *) params->wdata;  // [n_head][n_rows][n_kv]
+    float *       MX     = (float *) ((char *) params->wdata + ls_align(sizeof(float) * n_kv * n_rows * n_head));
+    const int64_t rows_t = ls_est_rows(n_gqa);
+    const int64_t NPL    = ls_cpu_pair_lanes(rows_t * n_gqa);
+    float *       Kc     = (float *) ((char *) MX + ls_align(sizeof(float) * n_rows * n_head) +
+                            params->ith * ls_align(sizeof(float) * ls_est_floats(DK, n_gqa)));
+    float *       S      = Kc + CH * DK;   // [CH][lanes]
+    float *       QT     = S + CH * NPL;   // [DK][lanes]: Q^T, rounded to f16 as the GPU's kernel reads it
+    float *       M      = QT + DK * NPL;  // [lanes]: maxima
+
+    // scores (scaled, capped, masked) into P and each row's maximum into MX
+    const int64_t n_rb = (n_rows + rows_t - 1) / rows_t;
+    for (int64_t task = params->ith; task < n_head_kv * n_rb; task += params->nth) {
+        const int64_t g  = task / n_rb;
+        const int64_t r0 = (task % n_rb) * rows_t;
+        const int64_t r1 = std::min(n_rows, r0 + rows_t);
+        const int64_t np = (r1 - r0) * n_gqa;  // pair p: row r0 + p / n_gqa, head g*n_gqa + p % n_gqa
+        const int64_t nl = ls_cpu_pair_lanes(np);
+        ls_cpu_qt(QT, q, r0, g, n_gqa, np, nl, [](float x) { return GGML_CPU_FP16_TO_FP32(GGML_CPU_FP32_TO_FP16(x)); });
+        for (int64_t p = 0; p < np; ++p) {
+            M[p] = -INFINITY;
+        }
+        for (int64_t j0 = 0; j0 < n_kv; j0 += CH) {
+            const int64_t n_c = std::min(CH, n_kv - j0);
+            for (int64_t i = 0; i < n_c; ++i) {
+                ls_f16_to_f32((const ggml_fp16_t *) ((const char *) k->data + (j0 + i) * k->nb[1] + g * k->nb[2]),
+                              Kc + i * DK, DK);
             }
-            float s = -INFINITY;
-            if (mv != -INFINITY && (mrow || j <= c)) {  // no mask: causal in cells
-                ggml_vec_dot_f16(DK, &s, 0, (ggml_fp16_t *) (kh + j * k->nb[1]), 0, Q16, 0, 1);
-                s *= scale;
-                if (softcap != 0.0f) {
-                    s = softcap * tanhf(s);
+            ls_cpu_scores_chunk(S, Kc, n_c, DK, QT, nl);
+            for (int64_t p = 0; p < np; ++p) {
+                const int64_t r = r0 + p / n_gqa, h = g * n_gqa + p % n_gqa;
+                const char *  mrow = mask ? (const char *) mask->data + r * mask->nb[1] : nullptr;
+                const int64_t c    = ls_cell(q_cells, r, dst->op_params[3]);
+                float *       pr   = P + (h * n_rows + r) * n_kv;
+                float         mx   = M[p];
+                for (int64_t i = 0; i < n_c; ++i) {
+                    const int64_t j  = j0 + i;
+                    float         mv = 0.0f;
+                    if (mrow) {
+                        mv = mask->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) mrow)[j]) :
+                                                           ((const float *) mrow)[j];
+                    }
+                    float s = -INFINITY;
+                    if (mv != -INFINITY && (mrow || j <= c)) {  // no mask: causal in cells
+                        s = S[i * nl + p] * scale;
+                        if (softcap != 0.0f) {
+                            s = softcap * tanhf(s);
+                        }
+                        s += mv;
+                    }
+                    pr[j] = s;
+                    mx    = std::max(mx, s);
                 }
-                s += mv;
+                M[p] = mx;
             }
-            pr[j] = s;
-            mx    = std::max(mx, s);
         }
-        double sum = 0.0;
-        for (int64_t j = 0; j < n_kv; ++j) {
-            pr[j] = mx == -INFINITY ? 0.0f : expf(pr[j] - mx);
-            sum += pr[j];
+        for (int64_t p = 0; p < np; ++p) {
+            MX[(g * n_gqa + p % n_gqa) * n_rows + r0 + p / n_gqa] = M[p];
         }
-        const float inv = sum > 0.0 ? (float) (1.0 / sum) : 0.0f;
-        for (int64_t j = 0; j < n_kv; ++j) {
-            pr[j] *= inv;
+    }
+    ggml_barrier(params->threadpool);
+
+    // softmax of each row and head (a row that sees nothing contributes nothing)
+    for (int64_t task = params->ith; task < n_rows * n_head; task += params->nth) {
+        float *     pr = P + task * n_kv;
+        const float mx = MX[task];
+        if (mx == -INFINITY) {
+            memset(pr, 0, n_kv * sizeof(float));
+            continue;
         }
+        const ggml_float sum = ggml_vec_soft_max_f32((int) n_kv, pr, pr, mx);
+        ggml_vec_scale_f32((int) n_kv, pr, sum > 0.0 ? (float) (1.0 / sum) : 0.0f);
     }
     ggml_barrier(params->threadpool);
     ls_vs_sums(params, (const char *) P, sizeof(float) * n_kv, sizeof(float) * n_kv * n_rows, n_rows, n_head, q_cells,
@@ -409,57 +561,57 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
     const ggml_tensor * q_cells = dst->src[4];
     const ggml_tensor * sel     = dst->src[5];
 
-    const int64_t DK        = k->ne[0];
-    const int64_t DV        = v->ne[0];
-    const int64_t n_kv      = k->ne[1];
-    const int64_t n_head_kv = k->ne[2];
-    const int64_t n_tokens  = q->ne[1];
-    const int64_t n_head    = q->ne[2];
-    const int64_t n_gqa     = n_head / n_head_kv;
+    const auto [DK, n_kv, n_head_kv, n_tokens, n_head, n_gqa, scale, softcap] = ls_qk_of(dst, q, k);
 
-    float         scale    = ls_param_f(dst, 1);
-    const float   softcap  = ls_param_f(dst, 2);
+    const int64_t DV       = v->ne[0];
     const int64_t block_q  = dst->op_params[3];
     const int64_t cell_mod = dst->op_params[4];
-    if (softcap != 0.0f) {
-        scale /= softcap;
-    }
 
-    // f16 rows through the CPU backend's vector conversion (F16C): the type traits' one is a
-    // scalar loop in ggml-base, and took a third of this op's time (the same values)
-    const ggml_to_float_t k_to_float = k->type == GGML_TYPE_F16 ? ls_f16_row : ggml_get_type_traits(k->type)->to_float;
-    const ggml_to_float_t v_to_float = v->type == GGML_TYPE_F16 ? ls_f16_row : ggml_get_type_traits(v->type)->to_float;
+    // f16 rows converted inline (ls_f16_to_f32); other types through their type traits
+    const ggml_to_float_t k_to_float = ggml_get_type_traits(k->type)->to_float;
+    const ggml_to_float_t v_to_float = ggml_get_type_traits(v->type)->to_float;
     const bool            v_rows     = v->nb[0] == ggml_type_size(v->type);  // else transposed f16/f32
-    GGML_ASSERT((k->type == GGML_TYPE_F32 || k_to_float) && "loopserve sparse attention: unsupported K type");
-    GGML_ASSERT((v->type == GGML_TYPE_F32 || v_to_float) && "loopserve sparse attention: unsupported V type");
+    GGML_ASSERT((k->type == GGML_TYPE_F32 || k->type == GGML_TYPE_F16 || k_to_float) &&
+                "loopserve sparse attention: unsupported K type");
+    GGML_ASSERT((v->type == GGML_TYPE_F32 || v->type == GGML_TYPE_F16 || v_to_float) &&
+                "loopserve sparse attention: unsupported V type");
+    auto row_to_f32 = [](const ggml_tensor * t, ggml_to_float_t to_float, const char * x, float * y, int64_t n) {
+        if (t->type == GGML_TYPE_F32) {
+            memcpy(y, x, n * sizeof(float));
+        } else if (t->type == GGML_TYPE_F16) {
+            ls_f16_to_f32((const ggml_fp16_t *) x, y, n);
+        } else {
+            to_float(x, y, n);
+        }
+    };
 
     // A task is a block of query rows and a KV head; its key set is walked in chunks of
-    // LS_CPU_CHUNK keys, gathered once for the block's rows and the group's heads as K^T and
-    // V^T in f32, and LS_CPU_PAIRS (row, head) pairs at a time go through small
-    // register-blocked products (scores: pairs x chunk, output: pairs x DV; SIMD through
-    // ggml's vector macros); each K/V row is converted once per block instead of once per
-    // query row and head. Online softmax across chunks. Rows with a mask and rows without
-    // one (causal in cells) compute the same arithmetic; chunks no key of which the pairs'
-    // rows see are skipped (exactly what a chunk of -inf scores adds: nothing).
-    constexpr int64_t CH = LS_CPU_CHUNK, CS = LS_CPU_STRIDE;
-    constexpr int     NP = LS_CPU_PAIRS, LN = LS_CPU_LANES;
-#if defined(GGML_SIMD)
-    static_assert(LN % GGML_F32_EPR == 0, "a register block of keys is whole registers");
-#endif
-    const int64_t n_pair = block_q * n_gqa;  // (row, head) pairs of a block
-    char *        wbase  = (char *) params->wdata + params->ith * ggml_cpu_loopserve_work_size(dst, 1);
-    int32_t *     keys   = (int32_t *) wbase;
-    float *       KT     = (float *) (wbase + ls_align(sizeof(int32_t) * n_kv));  // [DK][CS]
-    float *       VT     = KT + DK * CS;                                          // [DV][CS]
-    float *       S      = VT + DV * CS;                                          // [NP][CS]
-    float *       Qs     = S + NP * CS;                                           // [NP][DK]
-    float *       row    = Qs + NP * DK;                                          // [max(DK, DV)]
-    float *       O      = row + std::max(DK, DV);                                // [n_pair][DV]
-    float *       M      = O + n_pair * DV;                                       // [n_pair]
-    float *       L      = M + n_pair;                                            // [n_pair]
-    double *      stats  = (double *) ((char *) wbase + ls_align(sizeof(int32_t) * n_kv) +
+    // LS_CPU_CHUNK keys (K and V rows converted to f32 once for all the block's pairs), with
+    // the pairs along the vector lanes (see ls_cpu_scores). Online softmax across chunks, each
+    // lane on its own. Rows with a mask and rows without one (causal in cells) compute the same
+    // arithmetic; keys above the block's last cell, which no row sees without a mask, are left
+    // out (exactly what their -inf scores add: nothing).
+    constexpr int64_t CH     = LS_CPU_CHUNK;
+    const int64_t     n_pair = block_q * n_gqa;  // (row, head) pairs of a full block
+    char *            wbase  = (char *) params->wdata + params->ith * ggml_cpu_loopserve_work_size(dst, 1);
+    const int64_t     NPL    = ls_cpu_pair_lanes(n_pair);
+    int32_t *         keys   = (int32_t *) wbase;
+    float *           Kc     = (float *) (wbase + ls_align(sizeof(int32_t) * n_kv));  // [CH][DK]
+    float *           Vc     = Kc + CH * DK;           // [CH][DV], or [DV][CH] where V is stored transposed
+    float *           S      = Vc + CH * DV;           // [CH][lanes]: scores, then probabilities
+    float *           QT     = S + CH * NPL;           // [DK][lanes]: Q^T, scaled
+    float *           OT     = QT + DK * NPL;          // [DV][lanes]: output, unnormalized
+    float *           M      = OT + DV * NPL;          // [lanes]: running maxima
+    float *           L      = M + NPL;                // [lanes]: running sums
+    float *           MU     = L + NPL;                // [lanes]: a chunk's maxima (0 for none yet)
+    float *           A      = MU + NPL;               // [lanes]: the factors of the earlier chunks' terms
+    int32_t *         CP     = (int32_t *) (A + NPL);  // [lanes]: each pair's cell
+    double *          stats  = (double *) ((char *) wbase + ls_align(sizeof(int32_t) * n_kv) +
                                  ls_align(sizeof(float) * ls_cpu_attn_floats(DK, DV, n_pair)));
     memset(stats, 0, 2 * n_head * sizeof(double));
+    // where V is stored transposed, a key's values are CH apart in Vc
+    const int64_t svi = v_rows ? DV : 1;
+    const int64_t svd = v_rows ? 1 : CH;
 
     const int64_t n_block = (n_tokens + block_q - 1) / block_q;
     for (int64_t task = params->ith; task < n_block * n_head_kv; task += params->nth) {
@@ -486,49 +638,44 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                 stats[n_head + h] += (double) (c + 1);
             }
         }
-        for (int64_t pr = 0; pr < n_pair; ++pr) {
-            M[pr] = -INFINITY;
-            L[pr] = 0.0f;
-        }
-        memset(O, 0, n_pair * DV * sizeof(float));
 
-        for (int64_t i0 = 0; i0 < n_keys; i0 += CH) {
-            const int64_t n_c  = std::min(CH, n_keys - i0);
-            // K^T and V^T of the chunk; V^T's columns up to the next multiple of LN zeroed
-            // (the products read them, with probabilities 0)
-            const int64_t n_cp = (n_c + LN - 1) / LN * LN;
+        // this block's pairs (row-major: pair p is row r0 + p / n_gqa, head g*n_gqa + p % n_gqa),
+        // in nl lanes (whole vectors); the lanes past them compute scores of 0 and are not written
+        const int64_t np = (r1 - r0) * n_gqa;
+        const int64_t nl = ls_cpu_pair_lanes(np);
+        ls_cpu_qt(QT, q, r0, g, n_gqa, np, nl, [scale](float x) { return x * scale; });
+        for (int64_t p = 0; p < np; ++p) {
+            CP[p] = (int32_t) ls_cell(q_cells, r0 + p / n_gqa, cell_mod);
+        }
+        for (int64_t p = 0; p < nl; ++p) {
+            M[p] = -INFINITY;
+            L[p] = 0.0f;
+            if (p >= np) {
+                CP[p] = INT32_MAX;
+            }
+        }
+        memset(OT, 0, DV * nl * sizeof(float));
+
+        const int64_t n_use = mask ? n_keys : std::upper_bound(keys, keys + n_keys, (int32_t) hi) - keys;
+        for (int64_t i0 = 0; i0 < n_use; i0 += CH) {
+            const int64_t   n_c = std::min(CH, n_use - i0);
+            const int32_t * ck  = keys + i0;
             for (int64_t i = 0; i < n_c; ++i) {
-                const char *  kr = (const char *) k->data + keys[i0 + i] * k->nb[1] + g * k->nb[2];
-                const float * kf = (const float *) kr;
-                if (k->type != GGML_TYPE_F32) {
-                    k_to_float(kr, row, DK);
-                    kf = row;
-                }
-                for (int64_t d = 0; d < DK; ++d) {
-                    KT[d * CS + i] = kf[d];
-                }
+                row_to_f32(k, k_to_float, (const char *) k->data + ck[i] * k->nb[1] + g * k->nb[2], Kc + i * DK, DK);
             }
             if (v_rows) {
                 for (int64_t i = 0; i < n_c; ++i) {
-                    const char *  vr = (const char *) v->data + keys[i0 + i] * v->nb[1] + g * v->nb[2];
-                    const float * vf = (const float *) vr;
-                    if (v->type != GGML_TYPE_F32) {
-                        v_to_float(vr, row, DV);
-                        vf = row;
-                    }
-                    for (int64_t d = 0; d < DV; ++d) {
-                        VT[d * CS + i] = vf[d];
-                    }
+                    row_to_f32(v, v_to_float, (const char *) v->data + ck[i] * v->nb[1] + g * v->nb[2], Vc + i * DV,
+                               DV);
                 }
             } else {
                 // V stored transposed: where keys are consecutive (a diagonal's range) a row of
-                // V^T is contiguous in the cache, so each run of keys converts in one vector call
-                // instead of one table lookup per value
+                // V^T is contiguous in the cache, so each run of keys converts in one call
                 const bool keys_contiguous = v->nb[1] == ggml_type_size(v->type);
                 int32_t    run0[LS_CPU_CHUNK + 1];
                 int64_t    n_run = 0;
                 for (int64_t i = 0; i < n_c; ++i) {
-                    if (i == 0 || !keys_contiguous || keys[i0 + i] != keys[i0 + i - 1] + 1) {
+                    if (i == 0 || !keys_contiguous || ck[i] != ck[i - 1] + 1) {
                         run0[n_run++] = (int32_t) i;
                     }
                 }
@@ -537,129 +684,94 @@ static void ls_sparse_attn(const ggml_compute_params * params, ggml_tensor * dst
                     const char * vt = (const char *) v->data + d * v->nb[0] + g * v->nb[2];
                     for (int64_t r = 0; r < n_run; ++r) {
                         const int64_t i = run0[r], n = run0[r + 1] - run0[r];
-                        const char *  e = vt + keys[i0 + i] * v->nb[1];
-                        if (v->type == GGML_TYPE_F16) {
-                            ls_f16_row(e, VT + d * CS + i, n);
-                        } else {
-                            memcpy(VT + d * CS + i, e, n * sizeof(float));
-                        }
+                        row_to_f32(v, v_to_float, vt + ck[i] * v->nb[1], Vc + d * CH + i, n);
                     }
-                }
-            }
-            for (int64_t d = 0; d < DV; ++d) {
-                for (int64_t i = n_c; i < n_cp; ++i) {
-                    VT[d * CS + i] = 0.0f;
                 }
             }
 
-            for (int64_t p0 = 0; p0 < (r1 - r0) * n_gqa; p0 += NP) {
-                const int64_t np = std::min<int64_t>(NP, (r1 - r0) * n_gqa - p0);
-                if (!mask) {
-                    bool any = false;
+            // scores: S[i][p] = sum_d K[i][d] QT[d][p]
+            ls_cpu_scores_chunk(S, Kc, n_c, DK, QT, nl);
+            if (softcap != 0.0f) {
+                for (int64_t e = 0; e < n_c * nl; ++e) {
+                    S[e] = softcap * tanhf(S[e]);
+                }
+            }
+            if (mask) {
+                for (int64_t i = 0; i < n_c; ++i) {
                     for (int64_t p = 0; p < np; ++p) {
-                        any = any || keys[i0] <= ls_cell(q_cells, r0 + (p0 + p) / n_gqa, cell_mod);
-                    }
-                    if (!any) {
-                        continue;  // no key of the chunk is visible to these rows (causal in cells)
-                    }
-                }
-                memset(Qs, 0, NP * DK * sizeof(float));  // pairs past the block: scores of nothing
-                for (int64_t p = 0; p < np; ++p) {
-                    const int64_t r = r0 + (p0 + p) / n_gqa, h = g * n_gqa + (p0 + p) % n_gqa;
-                    const float * pq = (const float *) ((const char *) q->data + r * q->nb[1] + h * q->nb[2]);
-                    for (int64_t d = 0; d < DK; ++d) {
-                        Qs[p * DK + d] = pq[d] * scale;
+                        const char * mrow = (const char *) mask->data + (r0 + p / n_gqa) * mask->nb[1];
+                        const float  mv   = mask->type == GGML_TYPE_F16 ?
+                                                GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) mrow)[ck[i]]) :
+                                                ((const float *) mrow)[ck[i]];
+                        S[i * nl + p]     = mv == -INFINITY ? -INFINITY : S[i * nl + p] + mv;
                     }
                 }
-                // scores: S[p][i] = sum_d Qs[p][d] KT[d][i], a register of keys at a time
-                ls_cpu_scores(S, Qs, KT, DK, n_c);
-                // each pair's visible scores, softmax against its running maximum; S becomes
-                // the probabilities, 0 past the chunk and for pairs that see nothing in it
-                for (int64_t p = 0; p < NP; ++p) {
-                    float *       sp   = S + p * CS;
-                    float         mx   = -INFINITY;
-                    const int64_t r    = p < np ? r0 + (p0 + p) / n_gqa : -1;
-                    const int64_t c    = p < np ? ls_cell(q_cells, r, cell_mod) : -1;
-                    const char *  mrow = mask && p < np ? (const char *) mask->data + r * mask->nb[1] : nullptr;
-                    if (p < np && !mrow && softcap == 0.0f) {
-                        // causal in cells: the chunk's keys ascend, so the visible ones are a
-                        // prefix. The same scores as the loop below gives (s + 0 and -inf), the
-                        // maximum over 8 running maxima instead of one chain of dependent maxss
-                        // (that loop was the op's largest cost after the gather)
-                        const int64_t n_vis = std::upper_bound(keys + i0, keys + i0 + n_c, (int32_t) c) - (keys + i0);
-                        float         m8[8] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY,
-                                                -INFINITY, -INFINITY, -INFINITY, -INFINITY };
-                        int64_t       i     = 0;
-                        for (; i + 8 <= n_vis; i += 8) {
-                            for (int e = 0; e < 8; ++e) {
-                                m8[e] = std::max(m8[e], sp[i + e]);
-                            }
-                        }
-                        for (; i < n_vis; ++i) {
-                            m8[0] = std::max(m8[0], sp[i]);
-                        }
-                        for (int e = 0; e < 8; ++e) {
-                            mx = std::max(mx, m8[e]);
-                        }
-                        for (i = n_vis; i < n_c; ++i) {
-                            sp[i] = -INFINITY;
-                        }
-                    }
-                    for (int64_t i = 0; p < np && (mrow || softcap != 0.0f) && i < n_c; ++i) {
-                        const int64_t j  = keys[i0 + i];
-                        float         mv = 0.0f;
-                        if (mrow) {
-                            mv = mask->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) mrow)[j]) :
-                                                               ((const float *) mrow)[j];
-                        } else if (j > c) {
-                            mv = -INFINITY;
-                        }
-                        const float s = softcap != 0.0f ? softcap * tanhf(sp[i]) : sp[i];
-                        sp[i]         = mv == -INFINITY ? -INFINITY : s + mv;
-                        mx            = std::max(mx, sp[i]);
-                    }
-                    if (mx == -INFINITY) {
-                        memset(sp, 0, n_cp * sizeof(float));
-                        continue;
-                    }
-                    const int64_t pr    = p0 + p;
-                    const float   m_new = std::max(M[pr], mx);
-                    const float   ms    = expf(M[pr] - m_new);  // 0 on the pair's first visible chunk
-                    if (ms != 1.0f) {
-                        ggml_vec_scale_f32((int) DV, O + pr * DV, ms);
-                    }
-                    L[pr] = L[pr] * ms + (float) ggml_vec_soft_max_f32((int) n_c, sp, sp, m_new);
-                    M[pr] = m_new;
-                    for (int64_t i = n_c; i < n_cp; ++i) {
-                        sp[i] = 0.0f;
-                    }
-                }
-                // output: O[p][d] += sum_i S[p][i] VT[d][i], LS_CPU_WIDE rows of V^T at a time
-                for (int64_t d = 0; d < DV;) {
-                    float      x[LS_CPU_WIDE][NP];
-                    const bool wide = d + LS_CPU_WIDE <= DV;
-                    if (wide) {
-                        ls_cpu_dots<LS_CPU_WIDE>(x, S, VT + d * CS, n_c);
-                    } else {
-                        ls_cpu_dots<1>(x, S, VT + d * CS, n_c);
-                    }
-                    for (int j = 0; j < (wide ? LS_CPU_WIDE : 1); ++j, ++d) {
-                        for (int64_t p = 0; p < np; ++p) {
-                            O[(p0 + p) * DV + d] += x[j][p];
+            } else {
+                // causal in cells: only keys above the block's first cell are hidden from some rows
+                for (int64_t i = std::upper_bound(ck, ck + n_c, (int32_t) lo) - ck; i < n_c; ++i) {
+                    for (int64_t p = 0; p < np; ++p) {
+                        if (ck[i] > CP[p]) {
+                            S[i * nl + p] = -INFINITY;
                         }
                     }
                 }
             }
+
+            // online softmax, lane by lane: the chunk's maxima, the rescale of what came before,
+            // then S becomes exp(S - max) (0 where -inf, and for a pair that sees nothing yet)
+            for (int64_t p = 0; p < nl; ++p) {
+                MU[p] = M[p];
+            }
+            for (int64_t i = 0; i < n_c; ++i) {
+                const float * sr = S + i * nl;
+                for (int64_t p = 0; p < nl; ++p) {
+                    MU[p] = MU[p] > sr[p] ? MU[p] : sr[p];
+                }
+            }
+            bool rescale = false;
+            for (int64_t p = 0; p < nl; ++p) {
+                const float m_new = MU[p];
+                MU[p]             = m_new == -INFINITY ? 0.0f : m_new;
+                A[p]              = 1.0f;
+                if (m_new != M[p]) {
+                    A[p] = expf(M[p] - MU[p]);  // 0 on the pair's first visible chunk
+                    L[p] *= A[p];
+                    M[p]    = m_new;
+                    rescale = true;
+                }
+            }
+            if (rescale) {
+                for (int64_t d = 0; d < DV; ++d) {
+                    float * o = OT + d * nl;
+                    for (int64_t p = 0; p < nl; ++p) {
+                        o[p] *= A[p];
+                    }
+                }
+            }
+            for (int64_t i = 0; i < n_c; ++i) {
+                float * sr = S + i * nl;
+                for (int64_t p = 0; p < nl; ++p) {
+                    sr[p] -= MU[p];
+                }
+            }
+            ggml_vec_soft_max_f32((int) (n_c * nl), S, S, 0.0f);
+            for (int64_t i = 0; i < n_c; ++i) {
+                const float * sr = S + i * nl;
+                for (int64_t p = 0; p < nl; ++p) {
+                    L[p] += sr[p];
+                }
+            }
+
+            // output: O^T[d][p] += sum_i V[i][d] S[i][p]
+            ls_cpu_out_chunk(OT, S, Vc, svi, svd, n_c, DV, nl);
         }
 
-        for (int64_t r = r0; r < r1; ++r) {
-            for (int64_t hh = 0; hh < n_gqa; ++hh) {
-                const int64_t pr    = (r - r0) * n_gqa + hh;
-                const float   l_inv = L[pr] == 0.0f ? 0.0f : 1.0f / L[pr];
-                float *       out   = (float *) ((char *) dst->data + (g * n_gqa + hh) * dst->nb[1] + r * dst->nb[2]);
-                for (int64_t d = 0; d < DV; ++d) {
-                    out[d] = O[pr * DV + d] * l_inv;
-                }
+        for (int64_t p = 0; p < np; ++p) {
+            const int64_t r = r0 + p / n_gqa, h = g * n_gqa + p % n_gqa;
+            const float   l_inv = L[p] == 0.0f ? 0.0f : 1.0f / L[p];
+            float *       out   = (float *) ((char *) dst->data + h * dst->nb[1] + r * dst->nb[2]);
+            for (int64_t d = 0; d < DV; ++d) {
+                out[d] = OT[d * nl + p] * l_inv;
             }
         }
     }
@@ -705,12 +817,6 @@ int64_t ggml_cpu_loopserve_next_visible(const ggml_fp16_t * mask, int64_t i0, in
     return n;
 }
 
-// f16 values read as f32 vectors (GGML_F32_VEC): AVX-512 converts in AVX512F, AVX needs F16C
-#if defined(__AVX512F__)
-#    define LS_FA_F16_LOAD(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (p)))
-#elif defined(__AVX__) && defined(__F16C__)
-#    define LS_FA_F16_LOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (p)))
-#endif
 // visible cells per block of the row below (their scores and cells on the stack; a multiple
 // of LS_FA_GROUP), and the largest K head dim (Q in f32 on the stack)
 #define LS_FA_BLOCK  256
@@ -950,10 +1056,12 @@ size_t ggml_cpu_loopserve_work_size(const ggml_tensor * node, int n_tasks) {
             return 0;
         case GGML_LOOPSERVE_OP_VS_ESTIMATE:
             {
-                const ggml_tensor * q = node->src[0];
-                const ggml_tensor * k = node->src[1];
+                const ggml_tensor * q     = node->src[0];
+                const ggml_tensor * k     = node->src[1];
+                const int64_t       n_gqa = q->ne[2] / k->ne[2];
                 return ls_align(sizeof(float) * k->ne[1] * q->ne[1] * q->ne[2]) +
-                       ls_align(sizeof(ggml_fp16_t) * k->ne[0]) * n_tasks;
+                       ls_align(sizeof(float) * q->ne[1] * q->ne[2]) +
+                       ls_align(sizeof(float) * ls_est_floats(k->ne[0], n_gqa)) * n_tasks;
             }
         case GGML_LOOPSERVE_OP_SELECT:
             {
