@@ -3,7 +3,7 @@
 unpatched build runs), side by side in one process, the two alternating, on the same tokens.
 
     python benchmarks/q4_1_gemm.py [--model M.gguf] [--lengths 512,2048,4096,8192] \\
-        [--threads 2] [--repeats 3] [--flash-attn both|on|off] [--decode 64]
+        [--threads 2] [--repeats 3] [--flash-attn both|on|off] [--decode 64] [--tiles 256]
 
 The prompt is real passages (the benchmark's shared data) when they are there, else random
 token ids (the products' time does not depend on the values). Each length gets its own
@@ -48,7 +48,7 @@ def prompt_tokens(llm, n: int) -> tuple[list[int], str]:
     return rng.integers(1000, llm.n_vocab() - 1, n).tolist(), "random token ids"
 
 
-def run(model: str, n: int, threads: int, repeats: int, fa: bool, decode: int) -> dict:
+def run(model: str, n: int, threads: int, repeats: int, fa: bool, decode: int, tiles: str = "1") -> dict:
     llm = llama_cpp.Llama(model, n_ctx=n + decode + 16, n_batch=2048, n_ubatch=2048, n_threads=threads,
                           n_threads_batch=threads, flash_attn=fa, verbose=False)
     toks, source = prompt_tokens(llm, n + decode)
@@ -58,7 +58,7 @@ def run(model: str, n: int, threads: int, repeats: int, fa: bool, decode: int) -
     logits = {}
     for k in range(repeats + 1):
         for mode in ("0", "1"):
-            os.environ["LOOPSERVE_Q4_1_GEMM"] = mode
+            os.environ["LOOPSERVE_Q4_1_GEMM"] = tiles if mode == "1" else mode
             llm.reset()
             t0 = time.perf_counter()
             llm.eval(prompt)
@@ -91,12 +91,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--flash-attn", choices=["both", "on", "off"], default="both")
     ap.add_argument("--decode", type=int, default=0)
+    ap.add_argument("--tiles", choices=["default", "256"], default="default",
+                    help="256: the 256-bit tiles alone (what a machine with AVX2 but no AVX-512 runs)")
     a = ap.parse_args()
     model = a.model or str(default_model())
     fas = {"both": [False, True], "on": [True], "off": [False]}[a.flash_attn]
-    rows = [run(model, int(n), a.threads, a.repeats, fa, a.decode) for fa in fas for n in a.lengths.split(",")]
+    tiles = "256" if a.tiles == "256" else "1"
+    rows = [run(model, int(n), a.threads, a.repeats, fa, a.decode, tiles) for fa in fas for n in a.lengths.split(",")]
     print(f"model {Path(model).name}, {a.threads} threads, n_ubatch 2048, {a.repeats} timed prefills per mode, "
-          f"{rows[0]['source']}")
+          f"{'256-bit tiles alone, ' if a.tiles == '256' else ''}{rows[0]['source']}")
     head = "  length  flash attn  vec_dot loop s  tiles s  loop/tiles [range]  same logits"
     if a.decode:
         head += f"  decode tok/s ({a.decode} steps) loop / tiles"

@@ -5,8 +5,9 @@
 // no llamafile case), so a prefill multiplies each weight row by each token row with
 // ggml_vec_dot_q4_1_q8_1 alone, unpacking the row's nibbles and converting its scales once
 // per token. The default model (SmolLM2-135M-Instruct Q4_1) spent most of a prefill there.
-// Here a tile of RM weight rows x RN token rows unpacks each weight block once for RN tokens
-// and loads each token block once for RM rows.
+// Here a job of 64 weight rows x 32 token rows unpacks each of its weight blocks and converts
+// each of its token blocks' scales once, and a register tile of RM rows x RN tokens loads each
+// token block once for RM rows and each unpacked weight block once for RN tokens.
 //
 // Each output is the sum ggml_vec_dot_q4_1_q8_1 (arch/x86/quants.c) computes, in its order:
 // per block an exact integer dot product, acc = fma(d_x * d_y, dot, acc) in 8 lanes, and
@@ -26,6 +27,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 static std::atomic<uint64_t> ls_gemm_q4_1_calls{ 0 };
 
@@ -86,44 +88,96 @@ struct ls_gemm_q4_1_args {
     int64_t            nb;
 };
 
-// rows i0 .. i0 + RM of C's columns j0 .. j0 + RN
-template <int RM, int RN> static void ls_gemm_q4_1_tile(const ls_gemm_q4_1_args & g, int64_t i0, int64_t j0) {
-    const block_q4_1 * a   = g.A + i0 * g.lda;
-    const block_q8_1 * b   = g.B + j0 * g.ldb;
-    float *            c   = g.C + j0 * g.ldc + i0;
-    const int64_t      lda = g.lda, ldb = g.ldb, ldc = g.ldc, nb = g.nb;
-    __m256             acc[RM][RN];
-    __m128             summs[RM][RN];  // lane 0 only: one scalar fma per block, as the vec_dot loop
-    for (int i = 0; i < RM; ++i) {
-        for (int j = 0; j < RN; ++j) {
-            acc[i][j]   = _mm256_setzero_ps();
-            summs[i][j] = _mm_setzero_ps();
+// A tile's weight rows unpacked once for all the columns of a job instead of once per RN of
+// them, and the job's columns' scales in f32 (the unpacking and the f16 conversions took
+// about half of a tile's instructions). Per block l: q the nibbles, d the scales, m[8*l + i]
+// row i's minimum (zeros past the tile's rows), laid out as each tile below reads them; per
+// column j: ys[2*(j*nb + l)] its block's scale, ys[2*(j*nb + l) + 1] its sum.
+struct ls_gemm_q4_1_prep {
+    std::vector<uint8_t> buf;  // the four below, 64-byte aligned
+    uint8_t *            q;    // 128 bytes a block (4 rows x 32 nibbles as bytes)
+    float *              d;    // 32 floats a block
+    float *              m;    // 8 floats a block
+    float *              ys;
+
+    void reserve(int64_t nb, int64_t n_cols) {
+        const size_t n_q = 128 * nb, n_d = sizeof(float) * 32 * nb, n_m = sizeof(float) * 8 * nb;
+        buf.resize(n_q + n_d + n_m + sizeof(float) * 2 * n_cols * nb + 64);
+        uint8_t * p = buf.data() + (64 - (uintptr_t) buf.data() % 64) % 64;
+        q           = p;
+        d           = (float *) (p + n_q);
+        m           = (float *) (p + n_q + n_d);
+        ys          = (float *) (p + n_q + n_d + n_m);
+    }
+};
+
+// the scales of columns [j0, j1) (B's blocks as the vec_dot loop converts them)
+static void ls_gemm_q4_1_scales(const ls_gemm_q4_1_args & g, int64_t j0, int64_t j1, ls_gemm_q4_1_prep & w) {
+    for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t l = 0; l < g.nb; ++l) {
+            const block_q8_1 & y                = g.B[j * g.ldb + l];
+            w.ys[2 * ((j - j0) * g.nb + l)]     = GGML_CPU_FP16_TO_FP32(y.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d);
+            w.ys[2 * ((j - j0) * g.nb + l) + 1] = GGML_CPU_FP16_TO_FP32(y.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.s);
         }
     }
-    for (int64_t l = 0; l < nb; ++l) {
-        __m256i qx[RM];
-        float   dx[RM];
-        __m128  mx[RM];
-        for (int i = 0; i < RM; ++i) {
-            const block_q4_1 & x = a[i * lda + l];
-            qx[i]                = ls_nibbles_32(x.qs);
-            dx[i]                = GGML_CPU_FP16_TO_FP32(x.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d);
-            mx[i]                = _mm_set_ss(GGML_CPU_FP16_TO_FP32(x.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.m));
+}
+
+// rows i0 .. i0 + RM for the 256-bit tiles: q[l*RM + i] 32 bytes, d[l*RM + i]
+template <int RM> static void ls_gemm_q4_1_unpack(const ls_gemm_q4_1_args & g, int64_t i0, ls_gemm_q4_1_prep & w) {
+    const block_q4_1 * a  = g.A + i0 * g.lda;
+    __m256i *          wq = (__m256i *) w.q;
+    for (int64_t l = 0; l < g.nb; ++l) {
+        for (int i = 0; i < 8; ++i) {
+            w.m[8 * l + i] = 0.0f;
         }
+        for (int i = 0; i < RM; ++i) {
+            const block_q4_1 & x = a[i * g.lda + l];
+            _mm256_store_si256(wq + l * RM + i, ls_nibbles_32(x.qs));
+            w.d[l * RM + i] = GGML_CPU_FP16_TO_FP32(x.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d);
+            w.m[8 * l + i]  = GGML_CPU_FP16_TO_FP32(x.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.m);
+        }
+    }
+}
+
+// a tile's place: B's first column, C at the tile's first row and column, the columns' scales
+struct ls_gemm_q4_1_at {
+    const block_q8_1 * b;
+    float *            c;
+    const float *      ys;
+};
+
+// RM rows (unpacked in w) x RN columns
+template <int RM, int RN>
+static void ls_gemm_q4_1_tile(const ls_gemm_q4_1_args & g, const ls_gemm_q4_1_prep & w, const ls_gemm_q4_1_at & t) {
+    const int64_t   ldb = g.ldb, ldc = g.ldc, nb = g.nb;
+    const __m256i * wq = (const __m256i *) w.q;
+    __m256          acc[RM][RN];
+    __m128          summs[RN];  // lane i: row i (RM <= 4), one fma a block as the vec_dot loop's
+    static_assert(RM <= 4, "one 4-lane vector of minima");
+    for (int j = 0; j < RN; ++j) {
+        for (int i = 0; i < RM; ++i) {
+            acc[i][j] = _mm256_setzero_ps();
+        }
+        summs[j] = _mm_setzero_ps();
+    }
+    for (int64_t l = 0; l < nb; ++l) {
+        const __m128 mx = _mm_load_ps(w.m + 8 * l);
         for (int j = 0; j < RN; ++j) {
-            const block_q8_1 & y  = b[j * ldb + l];
+            const block_q8_1 & y  = t.b[j * ldb + l];
+            const float *      yd = t.ys + 2 * (j * nb + l);
             const __m256i      qy = _mm256_loadu_si256((const __m256i *) y.qs);
-            const float        dy = GGML_CPU_FP16_TO_FP32(y.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d);
-            const __m128       sy = _mm_set_ss(GGML_CPU_FP16_TO_FP32(y.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.s));
+            summs[j]              = _mm_fmadd_ps(mx, _mm_set1_ps(yd[1]), summs[j]);
             for (int i = 0; i < RM; ++i) {
-                acc[i][j]   = _mm256_fmadd_ps(_mm256_set1_ps(dx[i] * dy), ls_dot_us8(qx[i], qy), acc[i][j]);
-                summs[i][j] = _mm_fmadd_ss(mx[i], sy, summs[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w.d[l * RM + i] * yd[0]),
+                                            ls_dot_us8(_mm256_load_si256(wq + l * RM + i), qy), acc[i][j]);
             }
         }
     }
     for (int j = 0; j < RN; ++j) {
+        alignas(16) float sm[4];
+        _mm_store_ps(sm, summs[j]);
         for (int i = 0; i < RM; ++i) {
-            c[j * ldc + i] = ls_hsum_8(acc[i][j]) + _mm_cvtss_f32(summs[i][j]);
+            t.c[j * ldc + i] = ls_hsum_8(acc[i][j]) + sm[i];
         }
     }
 }
@@ -131,32 +185,22 @@ template <int RM, int RN> static void ls_gemm_q4_1_tile(const ls_gemm_q4_1_args 
 #    if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #        define LS_GEMM_512 1
 
-// 2*RP rows x RN columns, two rows per 512-bit vector: lanes 0..7 hold row 2p's 8 lanes of the
-// loop above, lanes 8..15 row 2p+1's, so that each instruction serves two outputs with each
-// lane's arithmetic unchanged
-template <int RP, int RN> static void ls_gemm_q4_1_tile512(const ls_gemm_q4_1_args & g, int64_t i0, int64_t j0) {
+// rows i0 .. i0 + 2*RP for the 512-bit tiles: per block and pair p of rows, q[l*RP + p] the
+// nibbles as bytes (row 2p's 32 in the low 256 bits, row 2p+1's in the high), d[l*RP + p] the
+// scales (lanes 0..7 row 2p's, 8..15 row 2p+1's)
+template <int RP> static void ls_gemm_q4_1_unpack512(const ls_gemm_q4_1_args & g, int64_t i0, ls_gemm_q4_1_prep & w) {
     const block_q4_1 * a   = g.A + i0 * g.lda;
-    const block_q8_1 * b   = g.B + j0 * g.ldb;
-    float *            c   = g.C + j0 * g.ldc + i0;
-    const int64_t      lda = g.lda, ldb = g.ldb, ldc = g.ldc, nb = g.nb;
-    constexpr int      RM = 2 * RP;
-    __m512             acc[RP][RN];
-    __m256             summs[RN];  // lane i: row i (RM <= 8)
-    static_assert(RM <= 8, "one 8-lane vector of minima");
-    for (int j = 0; j < RN; ++j) {
-        for (int p = 0; p < RP; ++p) {
-            acc[p][j] = _mm512_setzero_ps();
+    const __m256i      low = _mm256_set1_epi8(0xF);
+    __m512i *          wq  = (__m512i *) w.q;
+    __m512 *           wd  = (__m512 *) w.d;
+    for (int64_t l = 0; l < g.nb; ++l) {
+        float * mrow = w.m + 8 * l;
+        for (int i = 2 * RP; i < 8; ++i) {
+            mrow[i] = 0.0f;
         }
-        summs[j] = _mm256_setzero_ps();
-    }
-    const __m256i low = _mm256_set1_epi8(0xF);
-    for (int64_t l = 0; l < nb; ++l) {
-        __m512i           qx[RP];
-        __m512            dx[RP];
-        alignas(32) float mrow[8] = { 0 };
         for (int p = 0; p < RP; ++p) {
-            const block_q4_1 & x0 = a[(2 * p) * lda + l];
-            const block_q4_1 & x1 = a[(2 * p + 1) * lda + l];
+            const block_q4_1 & x0 = a[(2 * p) * g.lda + l];
+            const block_q4_1 & x1 = a[(2 * p + 1) * g.lda + l];
             // [x0 raw | x1 raw] -> [x0 low | x1 low], [x0 high | x1 high] -> [x0 low, x0 high, x1 low, x1 high]
             const __m256i      raw =
                 _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) x0.qs)),
@@ -164,28 +208,50 @@ template <int RP, int RN> static void ls_gemm_q4_1_tile512(const ls_gemm_q4_1_ar
             const __m256i lo = _mm256_and_si256(raw, low);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
             const __m512i z  = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            qx[p]            = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
-            const __m256 d0  = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x0.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d));
-            const __m256 d1  = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x1.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d));
-            dx[p]            = _mm512_castpd_ps(
-                _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(d0)), _mm256_castps_pd(d1), 1));
+            _mm512_store_si512(wq + l * RP + p, _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)));
+            const __m256 d0 = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x0.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d));
+            const __m256 d1 = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x1.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d));
+            _mm512_store_ps(wd + l * RP + p,
+                            _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(d0)),
+                                                                _mm256_castps_pd(d1), 1)));
             mrow[2 * p]     = GGML_CPU_FP16_TO_FP32(x0.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.m);
             mrow[2 * p + 1] = GGML_CPU_FP16_TO_FP32(x1.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.m);
         }
-        const __m256 mx = _mm256_load_ps(mrow);
+    }
+}
+
+// 2*RP rows (unpacked in w) x RN columns, two rows per 512-bit vector: lanes 0..7 hold row
+// 2p's 8 lanes of the loop above, lanes 8..15 row 2p+1's, so that each instruction serves two
+// outputs with each lane's arithmetic unchanged
+template <int RP, int RN>
+static void ls_gemm_q4_1_tile512(const ls_gemm_q4_1_args & g, const ls_gemm_q4_1_prep & w, const ls_gemm_q4_1_at & t) {
+    const int64_t   ldb = g.ldb, ldc = g.ldc, nb = g.nb;
+    const __m512i * wq = (const __m512i *) w.q;
+    const __m512 *  wd = (const __m512 *) w.d;
+    __m512          acc[RP][RN];
+    __m256          summs[RN];  // lane i: row i (2*RP <= 8)
+    static_assert(2 * RP <= 8, "one 8-lane vector of minima");
+    for (int j = 0; j < RN; ++j) {
+        for (int p = 0; p < RP; ++p) {
+            acc[p][j] = _mm512_setzero_ps();
+        }
+        summs[j] = _mm256_setzero_ps();
+    }
+    for (int64_t l = 0; l < nb; ++l) {
+        const __m256 mx = _mm256_load_ps(w.m + 8 * l);
         for (int j = 0; j < RN; ++j) {
-            const block_q8_1 & y  = b[j * ldb + l];
+            const block_q8_1 & y  = t.b[j * ldb + l];
+            const float *      yd = t.ys + 2 * (j * nb + l);
             const __m512i      qy = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) y.qs));
-            const __m512       dy = _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(y.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d));
-            summs[j]              = _mm256_fmadd_ps(
-                mx, _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(y.GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.s)), summs[j]);
+            const __m512       dy = _mm512_set1_ps(yd[0]);
+            summs[j]              = _mm256_fmadd_ps(mx, _mm256_set1_ps(yd[1]), summs[j]);
             for (int p = 0; p < RP; ++p) {
 #        if defined(__AVX512VNNI__)
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qx[p], qy);
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[l * RP + p], qy);
 #        else
-                const __m512i dot = _mm512_madd_epi16(_mm512_set1_epi16(1), _mm512_maddubs_epi16(qx[p], qy));
+                const __m512i dot = _mm512_madd_epi16(_mm512_set1_epi16(1), _mm512_maddubs_epi16(wq[l * RP + p], qy));
 #        endif
-                acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(dx[p], dy), _mm512_cvtepi32_ps(dot), acc[p][j]);
+                acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(wd[l * RP + p], dy), _mm512_cvtepi32_ps(dot), acc[p][j]);
             }
         }
     }
@@ -193,8 +259,8 @@ template <int RP, int RN> static void ls_gemm_q4_1_tile512(const ls_gemm_q4_1_ar
         alignas(32) float sm[8];
         _mm256_store_ps(sm, summs[j]);
         for (int p = 0; p < RP; ++p) {
-            c[j * ldc + 2 * p] = ls_hsum_8(_mm512_castps512_ps256(acc[p][j])) + sm[2 * p];
-            c[j * ldc + 2 * p + 1] =
+            t.c[j * ldc + 2 * p] = ls_hsum_8(_mm512_castps512_ps256(acc[p][j])) + sm[2 * p];
+            t.c[j * ldc + 2 * p + 1] =
                 ls_hsum_8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][j]), 1))) + sm[2 * p + 1];
         }
     }
@@ -203,6 +269,12 @@ template <int RP, int RN> static void ls_gemm_q4_1_tile512(const ls_gemm_q4_1_ar
 
 // rows [i0, i1) x columns [j0, j1): whole tiles, then the edges a row or a column at a time
 static void ls_gemm_q4_1_job(const ls_gemm_q4_1_args & g, int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool narrow) {
+    static thread_local ls_gemm_q4_1_prep w;
+    w.reserve(g.nb, j1 - j0);
+    ls_gemm_q4_1_scales(g, j0, j1, w);
+    auto at = [&](int64_t i, int64_t j) {
+        return ls_gemm_q4_1_at{ g.B + j * g.ldb, g.C + j * g.ldc + i, w.ys + 2 * (j - j0) * g.nb };
+    };
 #    if defined(LS_GEMM_512)
     if (!narrow) {
         // 4 rows x 8 columns per tile (the fastest of 2-8 x 3-16 on the default model); what is
@@ -210,18 +282,14 @@ static void ls_gemm_q4_1_job(const ls_gemm_q4_1_args & g, int64_t i0, int64_t i1
         constexpr int RP = 2, RN = 8;
         const int64_t im = i0 + (i1 - i0) / (2 * RP) * (2 * RP);
         const int64_t jm = j0 + (j1 - j0) / RN * RN;
-        for (int64_t j = j0; j < jm; j += RN) {
-            for (int64_t i = i0; i < im; i += 2 * RP) {
-                ls_gemm_q4_1_tile512<RP, RN>(g, i, j);
+        for (int64_t i = i0; i < im; i += 2 * RP) {
+            ls_gemm_q4_1_unpack512<RP>(g, i, w);
+            for (int64_t j = j0; j < jm; j += RN) {
+                ls_gemm_q4_1_tile512<RP, RN>(g, w, at(i, j));
             }
-        }
-        for (int64_t j = jm; j < j1; ++j) {
-            for (int64_t i = i0; i < im; i += 2 * RP) {
-                ls_gemm_q4_1_tile512<RP, 1>(g, i, j);
+            for (int64_t j = jm; j < j1; ++j) {
+                ls_gemm_q4_1_tile512<RP, 1>(g, w, at(i, j));
             }
-        }
-        if (im == i1) {
-            return;
         }
         i0 = im;
     }
@@ -232,20 +300,22 @@ static void ls_gemm_q4_1_job(const ls_gemm_q4_1_args & g, int64_t i0, int64_t i1
     constexpr int RN = LS_GEMM_RN;
     const int64_t im = i0 + (i1 - i0) / RM * RM;
     const int64_t jm = j0 + (j1 - j0) / RN * RN;
-    for (int64_t j = j0; j < jm; j += RN) {
-        for (int64_t i = i0; i < im; i += RM) {
-            ls_gemm_q4_1_tile<RM, RN>(g, i, j);
+    for (int64_t i = i0; i < im; i += RM) {
+        ls_gemm_q4_1_unpack<RM>(g, i, w);
+        for (int64_t j = j0; j < jm; j += RN) {
+            ls_gemm_q4_1_tile<RM, RN>(g, w, at(i, j));
         }
-        for (int64_t i = im; i < i1; ++i) {
-            ls_gemm_q4_1_tile<1, RN>(g, i, j);
+        for (int64_t j = jm; j < j1; ++j) {
+            ls_gemm_q4_1_tile<RM, 1>(g, w, at(i, j));
         }
     }
-    for (int64_t j = jm; j < j1; ++j) {
-        for (int64_t i = i0; i < im; i += RM) {
-            ls_gemm_q4_1_tile<RM, 1>(g, i, j);
+    for (int64_t i = im; i < i1; ++i) {
+        ls_gemm_q4_1_unpack<1>(g, i, w);
+        for (int64_t j = j0; j < jm; j += RN) {
+            ls_gemm_q4_1_tile<1, RN>(g, w, at(i, j));
         }
-        for (int64_t i = im; i < i1; ++i) {
-            ls_gemm_q4_1_tile<1, 1>(g, i, j);
+        for (int64_t j = jm; j < j1; ++j) {
+            ls_gemm_q4_1_tile<1, 1>(g, w, at(i, j));
         }
     }
 }
