@@ -33,6 +33,11 @@
 #   scored-step - benchmarks/scored_step.py: a scored decode step against a plain one at SCORED_CELLS
 #            (311,2304,8192) cells, SCORED_SHAPES (1b 135m), CUDA graphs on, then off (1B); with nsys on
 #            the image, its CUDA API summary of the 1B scored run at 2304 cells
+#   est-profile - where the sparse prefill's estimation spends its time (issue 18: at the 8B shape's
+#            128K it is most of what the bound leaves): `prefill.py ops` at EST_SHAPE (8b), 128K, under
+#            nsys (each kernel's total: the statistics pass, the combine, the sums pass, the selection),
+#            then, where the image has ncu and the counters are readable, ncu's speed-of-light,
+#            occupancy and warp-state sections of the first EST_LAUNCHES (4) estimation kernels
 #   cut-parts  - benchmarks/cut_parts.py: where a periodic cut's time goes while decoding (scores,
 #            choice, move; the steps around it), cell-wise and head-wise with the choice on the host
 #            and through cupy (CUT_METHODS), random weights at CUT_SHAPES (1b), CUT_DEPTH (16384)
@@ -140,7 +145,9 @@ case "${1:-}" in
       exit 3
     fi
     t=0
-    while ! grep -q " done$" /tmp/bg/steps 2> /dev/null && [ "$t" -lt "$limit" ]; do sleep 5; t=$((t + 5)); done
+    # the closing line alone ("HH:MM:SS done"), not a step's own line that ends in "done" (a
+    # cmd: step with a shell loop: session 37's call returned while its steps still ran)
+    while ! grep -qE "^[0-9:]+ done$" /tmp/bg/steps 2> /dev/null && [ "$t" -lt "$limit" ]; do sleep 5; t=$((t + 5)); done
     cat /tmp/bg/steps
     for f in /tmp/bg/out/*; do
       [ -f "$f" ] || continue
@@ -414,6 +421,22 @@ for step in "$@"; do
           && nsys stats --report cuda_api_sum --report cuda_gpu_kern_sum /tmp/scored.nsys-rep | head -80
       else
         echo "no nsys on this image"
+      fi ;;
+    est-profile)
+      est_ops=(benchmarks/prefill.py ops --shape "${EST_SHAPE:-8b}" --lengths 131072 --n-slash 128 --iters 3)
+      if command -v nsys >/dev/null; then
+        nsys profile -o /tmp/est --force-overwrite true --stats=false python3 "${est_ops[@]}" \
+          && nsys stats --report cuda_gpu_kern_sum /tmp/est.nsys-rep | head -40
+      else
+        echo "no nsys on this image"
+      fi
+      if command -v ncu >/dev/null; then
+        # counters may be off limits in the container (ERR_NVGPUCTRPERM): then only this says so
+        ncu --kernel-name regex:ls_vs_estimate --launch-count "${EST_LAUNCHES:-4}" --section SpeedOfLight \
+            --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis python3 "${est_ops[@]}" \
+          | grep -v '^==PROF==' | tail -200 || echo "ncu failed"
+      else
+        echo "no ncu on this image"
       fi ;;
     cmd:*)
       # any command in this environment: device_run.sh 'cmd:python3 benchmarks/x.py ...'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,25 @@ def test_bg_wait_on_a_fresh_machine_says_so(tmp_path):
     # for holds it for the whole limit (session 16 lost 9.5 device minutes so)
     r = run("bg-wait=540", env=dict(os.environ, OUT=str(tmp_path)), timeout=20)
     assert r.returncode == 3 and "a fresh one" in r.stdout
+
+
+@pytest.mark.skipif(Path("/tmp/bg").exists(), reason="/tmp/bg holds another lease's background steps")
+def test_bg_wait_is_not_fooled_by_a_step_that_ends_in_done(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    # a step's text may end in "done" (cmd:for ...; do ...; done): its start line must not read
+    # as the closing line, or bg-wait returns while the steps still run
+    steps = Path("/tmp/bg/steps")
+    (steps.parent / "out").mkdir(parents=True)
+    try:
+        steps.write_text("12:00:00 start cmd:for i in 1 2; do sleep 1; done\n")
+        t = time.monotonic()
+        r = run("bg-wait=5", env=env)
+        assert r.returncode == 0 and time.monotonic() - t >= 5
+        with steps.open("a") as f:
+            f.write("12:00:02 rc=0 cmd:for i in 1 2; do sleep 1; done\n12:00:02 done\n")
+        t = time.monotonic()
+        r = run("bg-wait=30", env=env)
+        assert r.returncode == 0 and time.monotonic() - t < 5
+        assert r.stdout.strip().splitlines()[-1] == "12:00:02 done"
+    finally:
+        subprocess.run(["rm", "-rf", "/tmp/bg"])
