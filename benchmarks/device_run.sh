@@ -37,7 +37,7 @@
 #            128K it is most of what the bound leaves): `prefill.py ops` at EST_SHAPE (8b), 128K, under
 #            nsys (each kernel's total: the statistics pass, the combine, the sums pass, the selection),
 #            then, where the image has ncu and the counters are readable, ncu's speed-of-light,
-#            occupancy and warp-state sections of the first EST_LAUNCHES (4) estimation kernels
+#            occupancy and warp-state figures of the first EST_LAUNCHES (5) estimation kernels
 #   cut-parts  - benchmarks/cut_parts.py: where a periodic cut's time goes while decoding (scores,
 #            choice, move; the steps around it), cell-wise and head-wise with the choice on the host
 #            and through cupy (CUT_METHODS), random weights at CUT_SHAPES (1b), CUT_DEPTH (16384)
@@ -423,7 +423,7 @@ for step in "$@"; do
         echo "no nsys on this image"
       fi ;;
     est-profile)
-      est_ops=(benchmarks/prefill.py ops --shape "${EST_SHAPE:-8b}" --lengths 131072 --n-slash 128 --iters 3)
+      est_ops=(benchmarks/prefill.py ops --shape "${EST_SHAPE:-8b}" --lengths 131072 --est-only --iters 3)
       if command -v nsys >/dev/null; then
         nsys profile -o /tmp/est --force-overwrite true --stats=false python3 "${est_ops[@]}" \
           && nsys stats --report cuda_gpu_kern_sum /tmp/est.nsys-rep | head -40
@@ -432,9 +432,11 @@ for step in "$@"; do
       fi
       if command -v ncu >/dev/null; then
         # counters may be off limits in the container (ERR_NVGPUCTRPERM): then only this says so
-        ncu --kernel-name regex:ls_vs_estimate --launch-count "${EST_LAUNCHES:-4}" --section SpeedOfLight \
+        # each kernel's name, then its headline figures and the first line of each advice
+        ncu --kernel-name regex:ls_vs_estimate --launch-count "${EST_LAUNCHES:-5}" --section SpeedOfLight \
             --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis python3 "${est_ops[@]}" \
-          | grep -v '^==PROF==' | tail -200 || echo "ncu failed"
+          | grep -E 'ls_vs_estimate|Duration|Theoretical Occ|Achieved Occ|Block Limit (Reg|Shared)|Throughput|Spilling Requests |L2 Hit|Warp Cycles Per Issued|Est\. (Local )?Speedup|stalled' \
+          || echo "ncu failed"
       else
         echo "no ncu on this image"
       fi ;;

@@ -101,27 +101,34 @@ def check(args) -> int:
                 row("sparse_attn", f"d={d} gqa={gqa} tok={n_tok} kv={n_kv} block={block} {tk}{' vT' if vt else ''} "
                     f"{how}".rstrip(),
                     ok, err)
-    # the fused estimation against the CPU's, last 64 rows of a batch (a history before it)
-    for n_head, n_head_kv, d, softcap, mf16 in ((4, 4, 64, 0.0, True), (24, 8, 64, 0.0, True), (9, 3, 64, 0.0, False),
-                                                (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True), (32, 8, 64, 0.0, None),
-                                                (16, 2, 64, 0.0, None), (6, 3, 128, 0.0, None), (4, 4, 64, 0.0, None),
-                                                (9, 3, 64, 0.0, None)):
-        for n_kv in (1000, 4097):
-            q = r.standard_normal((n_head, 64, d)).astype(np.float32)
-            k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
-            cells = np.arange(n_kv - 64 - 7, n_kv - 7)
-            # mf16 None: no mask (causal in cells)
-            kw = dict(q=q, k=k, mask=None if mf16 is None else so.causal_mask(cells, n_kv), cells=cells,
-                      type_k="f16", mask_f16=bool(mf16), scale=1 / np.sqrt(d), softcap=softcap)
-            cpu, _ = so.run(so.OP_ESTIMATE, **kw, n_threads=8)
-            try:
-                gpu, _ = so.run(so.OP_ESTIMATE, **kw, gpu=True)
-                err = float(np.max(np.abs(gpu - cpu) / (np.abs(cpu) + 1e-3)))
-                ok = err < 2e-3
-            except RuntimeError as e:
-                err, ok = str(e), False
-            row("vs_estimate", f"heads={n_head}/{n_head_kv} d={d} kv={n_kv}{' softcap' if softcap else ''}"
-                f"{' no mask' if mf16 is None else '' if mf16 else ' f32 mask'}", ok, err)
+    # the fused estimation against the CPU's, last 64 rows of a batch (a history before it);
+    # 20000 keys: CTAs over several chunks, the lean path and the general one in one CTA;
+    # "gaps": no mask and the rows' cells with gaps, which the lean pass 2 (its shared sums
+    # unsynchronized) must leave to the general one
+    est_cases = [(*cfg, n_kv, False)
+                 for cfg in ((4, 4, 64, 0.0, True), (24, 8, 64, 0.0, True), (9, 3, 64, 0.0, False),
+                             (8, 2, 128, 30.0, True), (4, 1, 256, 0.0, True), (32, 8, 64, 0.0, None),
+                             (16, 2, 64, 0.0, None), (6, 3, 128, 0.0, None), (4, 4, 64, 0.0, None),
+                             (9, 3, 64, 0.0, None))
+                 for n_kv in (1000, 4097, 20000)]
+    est_cases += [(32, 8, 64, 0.0, None, 20000, True), (8, 1, 128, 0.0, None, 20000, True)]
+    for n_head, n_head_kv, d, softcap, mf16, n_kv, gaps in est_cases:
+        q = r.standard_normal((n_head, 64, d)).astype(np.float32)
+        k = r.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+        cells = (np.arange(n_kv - 64 - 200, n_kv - 200) + 3 * (np.arange(64) % 2) if gaps
+                 else np.arange(n_kv - 64 - 7, n_kv - 7))
+        # mf16 None: no mask (causal in cells)
+        kw = dict(q=q, k=k, mask=None if mf16 is None else so.causal_mask(cells, n_kv), cells=cells,
+                  type_k="f16", mask_f16=bool(mf16), scale=1 / np.sqrt(d), softcap=softcap)
+        cpu, _ = so.run(so.OP_ESTIMATE, **kw, n_threads=8)
+        try:
+            gpu, _ = so.run(so.OP_ESTIMATE, **kw, gpu=True)
+            err = float(np.max(np.abs(gpu - cpu) / (np.abs(cpu) + 1e-3)))
+            ok = err < 2e-3
+        except RuntimeError as e:
+            err, ok = str(e), False
+        row("vs_estimate", f"heads={n_head}/{n_head_kv} d={d} kv={n_kv}{' softcap' if softcap else ''}"
+            f"{' no mask' if mf16 is None else '' if mf16 else ' f32 mask'}{', cells with gaps' if gaps else ''}", ok, err)
     for n_head, n_head_kv in ((4, 4), (24, 8), (9, 3)):
         for n_kv in (1000, 4097):
             p = r.random((n_head, 64, n_kv)).astype(np.float32) / n_kv
@@ -164,8 +171,16 @@ def ops(args) -> int:
         n_tok = min(args.ubatch, L)
         q = r.standard_normal((n_head, n_tok, d)).astype(np.float32)
         k = r.standard_normal((n_head_kv, L, d)).astype(np.float32)
-        v = r.standard_normal((n_head_kv, L, d)).astype(np.float32)
         cells = np.arange(L - n_tok, L)
+        # the estimation of the ubatch's last 64 queries (the fused op: no mask, causal in cells)
+        ekw = dict(q=q[:, -64:], k=k, cells=cells[-64:], type_k="f16", mask_f16=True,
+                   scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
+        if args.est_only:
+            _, t_est = so.run(so.OP_ESTIMATE, **ekw, mask=None)
+            print(f"{L:8d} {'-':>9} {'-':>10} {'-':>8} {'-':>8} {'-':>8} {'-':>10} {'-':>13} {t_est:13.3f} {'-':>10}",
+                  flush=True)
+            continue
+        v = r.standard_normal((n_head_kv, L, d)).astype(np.float32)
         mask = so.causal_mask(cells, L)
         kw = dict(q=q, k=k, v=v, mask=mask, cells=cells, type_k=args.kv_type, type_v=args.kv_type, mask_f16=True,
                   scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
@@ -178,11 +193,9 @@ def ops(args) -> int:
         n_set = max(1, int(density * float(np.mean(cells + 1))))
         _, t_set = so.run(so.OP_FLASH, **{**kw, "k": k[:, :n_set], "v": v[:, :n_set],
                                             "mask": np.zeros((n_tok, n_set), np.float32)})
-        # the estimation of the ubatch's last 64 queries: the mul_mat/soft_max/vs_scores chain vs the fused op
-        ekw = dict(q=q[:, -64:], k=k, mask=mask[-64:], cells=cells[-64:], type_k="f16", mask_f16=True,
-                   scale=1 / np.sqrt(d), gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
-        _, t_chain = so.run(so.OP_ESTIMATE_CHAIN, **ekw)
-        sc, t_est = so.run(so.OP_ESTIMATE, **{**ekw, "mask": None})
+        # the mul_mat/soft_max/vs_scores chain (reading the mask) vs the fused op
+        _, t_chain = so.run(so.OP_ESTIMATE_CHAIN, **ekw, mask=mask[-64:])
+        sc, t_est = so.run(so.OP_ESTIMATE, **ekw, mask=None)
         _, t_sel = so.run(so.OP_SELECT, scores=sc, alpha=0.95, gpu=args.gpu, n_iter=args.iters, n_threads=args.threads)
         print(f"{L:8d} {t_fa:9.3f} {t_sp:10.3f} {t_fa / t_sp:7.2f}x {density:8.3f} {t_spm:8.3f} {t_set:10.3f} {t_chain:13.3f} "
               f"{t_est:13.3f} {t_sel:10.3f}",
@@ -281,6 +294,7 @@ def main() -> int:
     o.add_argument("--n-slash", type=int, default=512)
     o.add_argument("--block", type=int, default=None, help="query rows per block (default: the runtime's)")
     o.add_argument("--iters", type=int, default=5)
+    o.add_argument("--est-only", action="store_true", help="time only the fused estimation (the other columns '-')")
     o.add_argument("--threads", type=int, default=4)
     o.add_argument("--cpu", dest="gpu", action="store_false")
     o.add_argument("--kv-type", choices=("f16", "q8_0"), default="f16",

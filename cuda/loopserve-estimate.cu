@@ -3,47 +3,63 @@
 //
 // The unfused chain writes the estimation rows' scores over every cell (at 128K and 32
 // heads, 64 rows: 1 GiB of f32), reads and writes them again for the softmax and once more
-// for the sums. Here the scores never leave the SM: a CTA of 4 warps owns 64 (row, head)
-// rows of one KV head and a chunk of keys, computes Q K^T with mma.sync like the attention
-// kernel, and
-//   pass 1 (STATS): the rows' running maximum and sum of exponentials over the chunk;
-//   combine:        the chunks' partials into each row's maximum and 1 / sum;
+// for the sums. Here the scores never leave the SM: a CTA of W warps (8, or 4 where 128
+// rows would leave some empty) owns 16 W (row, head) rows of one KV head and a group of
+// 512-key chunks, computes Q K^T with mma.sync like the attention kernel, and
+//   pass 1 (STATS): the rows' running maximum and sum of exponentials over its chunks;
+//   combine:        the CTAs' partials into each row's maximum and 1 / sum;
 //   pass 2:         the probabilities, summed per key column (vertical) and per diagonal
-//                   offset (slash) in shared memory, then added to the result atomically.
-// K tiles of 64 keys are double buffered with cp.async (the keys of a chunk are contiguous).
+//                   offset (slash) in shared memory, then, chunk by chunk, added to the
+//                   result atomically.
+// K tiles of 64 keys are double buffered with cp.async (the keys of a chunk are contiguous),
+// the next chunk's first tile in flight during the last tile of the current one.
 // Chunks that need no masking (no mask, no softcap, every key at or below every row's cell:
 // all but the last one or two at long lengths) run a lean variant of each pass.
+// The row blocks are the grid's fastest index, so the CTAs reading one chunk of K run side
+// by side and all but the first find it in L2; a CTA walks as many chunks as make one wave
+// of CTAs, its Q fragments loaded once.
 
 #include "loopserve-attn.cuh"
 
 #include <cstdint>
 
-#define LS_EST_WARPS   4
-#define LS_EST_THREADS (LS_EST_WARPS*WARP_SIZE)
-#define LS_EST_ROWS    (LS_EST_WARPS*16)
 #define LS_EST_KEYS    64     // keys of a tile
-#define LS_EST_CHUNK   512    // keys of a CTA (more CTAs at short lengths; the partials are small)
+#define LS_EST_CHUNK   512    // keys of a chunk: the unit of the shared sums and of the lean/general split
 #define LS_EST_SPAN    256    // query cell spread the shared slash sums allow (else global atomics)
 #define LS_EST_SACC    (LS_EST_CHUNK + LS_EST_SPAN)
 
 struct ls_est_args {
     const float * q; const char * k; const char * mask; const void * cells; float * dst;
-    float2 * part;  // [n_head_kv][n_chunk][n_rows_pad]: (max, sum) per chunk, then (max, 1/sum) in chunk 0
+    float2 * part;  // [n_head_kv][n_part][n_rows_pad]: pass 1's (max, sum) per CTA and kernel, then (max, 1/sum) in slot 0
     int64_t n_kv, n_rows, n_gqa, n_chunk, n_rows_pad;
+    int cpc;        // chunks of a CTA (the launch sets it)
+    int64_t n_part; // 2 per group of chunks: the lean kernel's and the other's
     int64_t q_nb1, q_nb2, k_nb1, k_nb2, mask_nb1; // q in floats, others in bytes
     bool cells_i64, mask_f16;
     float scale, softcap;
     int64_t cell_mod;
 };
 
-static __host__ __device__ int ls_est_max_queries(int n_gqa) {
-    return min(LS_EST_ROWS, LS_EST_ROWS/n_gqa + 1);
+// rows of a CTA: 16 a warp
+static __host__ __device__ int ls_est_max_queries(int rows, int n_gqa) {
+    return min(rows, rows/n_gqa + 1);
 }
 
-template <int D>
+template <int D, int W>
 static size_t ls_est_smem_bytes(int n_gqa, bool stats, bool mask) {
-    return 2*LS_EST_KEYS*(D + 8)*sizeof(half) + (mask ? 2*(size_t) ls_est_max_queries(n_gqa)*LS_EST_KEYS*sizeof(uint32_t) : 0) +
-           (stats ? 0 : (LS_EST_WARPS*(LS_EST_CHUNK + LS_EST_SACC) + 2*LS_EST_ROWS)*sizeof(float)) + LS_EST_ROWS*sizeof(int);
+    return 2*LS_EST_KEYS*(D + 8)*sizeof(half) + (mask ? 2*(size_t) ls_est_max_queries(W*16, n_gqa)*LS_EST_KEYS*sizeof(uint32_t) : 0) +
+           (stats ? 0 : (W*(LS_EST_CHUNK + LS_EST_SACC) + 2*W*16)*sizeof(float)) + W*16*sizeof(int);
+}
+
+// whether chunk [j0, j1) takes the lean path (see ls_est_pass2_tile): whole tiles, no mask
+// or softcap, every key at or below every row's cell [lo, hi], and for pass 2 the slash sums
+// in shared memory, a power-of-two ratio and the CTA's queries in consecutive cells (what
+// keeps its lanes' unsynchronized sums off each other's offsets)
+static __device__ __forceinline__ bool ls_est_fast(const ls_est_args & a, bool stats, int64_t j0, int64_t j1,
+                                                   int lo, int hi, bool pass2_ok) {
+    const bool s_shared = (int64_t) hi - lo + (j1 - j0) <= LS_EST_SACC;
+    return !a.mask && a.softcap == 0.0f && (j1 - j0) % LS_EST_KEYS == 0 && (stats || (s_shared && pass2_ok)) &&
+           j1 <= (int64_t) lo + 1;
 }
 
 // Pass 2 on a tile that needs no masking (every key below every row's cell, no mask, no
@@ -95,15 +111,19 @@ static __device__ __forceinline__ void ls_est_pass2_tile(const float (&S)[8][4],
     }
 }
 
-// FAST: the CTAs whose tiles all take the fast path (ls_est_pass2_tile; the others return),
-// else the others: a kernel of its own, so that the general path's registers do not limit
-// its occupancy
-template <int D, bool STATS, bool FAST>
-static __global__ void __launch_bounds__(LS_EST_THREADS)
+// FAST: the chunks that take the lean path (ls_est_fast), else the others: a kernel of its
+// own, so that the general path's registers do not limit its occupancy. A CTA none of whose
+// chunks is its kind returns before loading anything. The lean kernels fit in 128 registers a
+// thread (16 warps an SM) up to head dim 128; the lean pass 2 is compiled for its GQA ratio G
+// (one ratio's sums a kernel: with all four in the tile loop it spilled).
+template <int D, int W, bool STATS, bool FAST, int G = 0>
+static __global__ void __launch_bounds__(W*WARP_SIZE, FAST && D <= 128 ? 16/W : 1)
 ls_vs_estimate_kernel(const ls_est_args a) {
 #ifndef AMPERE_MMA_AVAILABLE
     NO_DEVICE_CODE;
 #else
+    constexpr int NTH = W*WARP_SIZE;
+    constexpr int ROWS = W*16;
     constexpr int RH = D + 8;
     constexpr int KT = LS_EST_KEYS;
     constexpr int NT = KT/8;
@@ -112,22 +132,24 @@ ls_vs_estimate_kernel(const ls_est_args a) {
 
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
     const int n_gqa = (int) a.n_gqa;
-    const int max_q = ls_est_max_queries(n_gqa);
-    const int64_t chunk = blockIdx.x, g = blockIdx.z;
-    const int row_cta = blockIdx.y*LS_EST_ROWS;
+    const int max_q = ls_est_max_queries(ROWS, n_gqa);
+    // grid: (row block, group of chunks, KV head)
+    const int64_t group = blockIdx.y, g = blockIdx.z;
+    const int row_cta = blockIdx.x*ROWS;
     const int n_rows = (int) (a.n_rows*n_gqa);
     const int q_first = row_cta / n_gqa;
     const int n_q = min(max_q, (int) a.n_rows - q_first);
-    const int64_t j0 = chunk*LS_EST_CHUNK, j1 = min(a.n_kv, j0 + LS_EST_CHUNK);
+    const int c_first = (int) group*a.cpc, c_end = (int) min(a.n_chunk, (int64_t) c_first + a.cpc);
+    const bool gqa_pow2 = n_gqa <= 8 && (n_gqa & (n_gqa - 1)) == 0;
 
     extern __shared__ __align__(16) char ls_smem[];
     half  * Ks = (half *) ls_smem;                          // 2 buffers
     uint32_t * Ms = (uint32_t *) (Ks + 2*KT*RH);            // with a mask: 2 buffers of [n_q][KT] mask words
     int   * q_cell = (int *) (Ms + (a.mask ? 2*max_q*KT : 0));
-    float * vacc = (float *) (q_cell + LS_EST_ROWS);        // pass 2, per warp: per key of the chunk
-    float * sacc = vacc + LS_EST_WARPS*LS_EST_CHUNK;        // per warp: per offset in [s_base, s_base + LS_EST_SACC)
-    float * row_M = sacc + LS_EST_WARPS*LS_EST_SACC;
-    float * row_I = row_M + LS_EST_ROWS;
+    float * vacc = (float *) (q_cell + ROWS);               // pass 2, per warp: per key of the chunk
+    float * sacc = vacc + W*LS_EST_CHUNK;                   // per warp: per offset in [s_base, s_base + LS_EST_SACC)
+    float * row_M = sacc + W*LS_EST_SACC;
+    float * row_I = row_M + ROWS;
     float * vacc_w = vacc + warp*LS_EST_CHUNK;
     float * sacc_w = sacc + warp*LS_EST_SACC;
 
@@ -142,6 +164,26 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         atomicMin(&sh_lo, c);
         atomicMax(&sh_hi, c);
     }
+    __syncthreads();
+    const int lo = sh_lo, hi = sh_hi;
+    const bool pass2_ok = __syncthreads_and(tid >= n_q || q_cell[tid] == lo + tid) && gqa_pow2;
+    // this kernel's chunks: c_end when there are none
+    auto next_chunk = [&](int c) {
+        for (; c < c_end; ++c) {
+            const int64_t j0 = (int64_t) c*LS_EST_CHUNK, j1 = min(a.n_kv, j0 + LS_EST_CHUNK);
+            if (ls_est_fast(a, STATS, j0, j1, lo, hi, pass2_ok) == FAST) {
+                break;
+            }
+        }
+        return c;
+    };
+    int c = next_chunk(c_first);
+    if (c == c_end) {
+        if (STATS && tid < ROWS) {
+            a.part[(g*a.n_part + 2*group + !FAST)*a.n_rows_pad + row_cta + tid] = make_float2(-INFINITY, 0.0f);
+        }
+        return;
+    }
 
     int row_ql[2], row_m[2], row_x[2];
     bool row_ok[2];
@@ -152,7 +194,9 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         row_ql[i] = row_ok[i] ? rho/n_gqa - q_first : 0;
         row_m[i]  = row_ql[i]*KT;
         // f16 mask: the parity of the row's first half in its words (jt is even, so the
-        // key's is col's); no mask: the row's cell (causal in cells), set below
+        // key's is col's); no mask: the row's cell (causal in cells)
+        row_x[i] = a.mask ? (int) (((uintptr_t) (a.mask + (q_first + row_ql[i])*a.mask_nb1) >> 1) & 1)
+                          : q_cell[row_ql[i]];
     }
     // scores in log2 units from the start (the exponentials are exp2), except under a softcap
     uint32_t qa[KS][4];
@@ -161,21 +205,17 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         return a.q + (rho/n_gqa)*a.q_nb1 + (g*n_gqa + rho % n_gqa)*a.q_nb2;
     }, a.softcap != 0.0f ? a.scale : a.scale*LOG2E, lane);
 
-    const bool gqa_pow2 = n_gqa <= 8 && (n_gqa & (n_gqa - 1)) == 0;
-
-    // pass 2: the rows' final maximum and 1 / sum; shared sums zeroed
-    int64_t s_base = 0;
-    bool s_shared = false;
+    // pass 2: the rows' final maximum and 1 / sum; shared sums zeroed (each chunk's flush
+    // zeroes them again)
     float Mr[2] = {-INFINITY, -INFINITY}, Ir[2] = {0.0f, 0.0f};
     float M2[2] = {INFINITY, INFINITY}; // exp2(s - M2) = exp2(s - M)/sum; +inf: the row adds nothing
-    int sb[2] = {0, 0};                  // the row's cell - s_base
     if constexpr (!STATS) {
-        if (tid < LS_EST_ROWS) {
-            const float2 mi = a.part[(g*a.n_chunk)*a.n_rows_pad + row_cta + tid];
+        if (tid < ROWS) {
+            const float2 mi = a.part[(g*a.n_part)*a.n_rows_pad + row_cta + tid];
             row_M[tid] = mi.x;
             row_I[tid] = mi.y;
         }
-        for (int i = tid; i < LS_EST_WARPS*(LS_EST_CHUNK + LS_EST_SACC); i += LS_EST_THREADS) {
+        for (int i = tid; i < W*(LS_EST_CHUNK + LS_EST_SACC); i += NTH) {
             vacc[i] = 0.0f;
         }
         __syncthreads();
@@ -186,175 +226,209 @@ ls_vs_estimate_kernel(const ls_est_args a) {
             Ir[i] = row_ok[i] ? row_I[r] : 0.0f;
             M2[i] = Ir[i] > 0.0f ? Mr[i] - log2f(Ir[i]) : INFINITY;
         }
-        // offsets c - j of this chunk lie in [lo - j1 + 1, hi - j0]
-        s_base = (int64_t) sh_lo - j1 + 1;
-        s_shared = (int64_t) sh_hi - j0 - s_base + 1 <= LS_EST_SACC;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        row_x[i] = a.mask ? (int) (((uintptr_t) (a.mask + (q_first + row_ql[i])*a.mask_nb1) >> 1) & 1)
-                          : q_cell[row_ql[i]];
-        sb[i] = (int) (q_cell[row_ql[i]] - s_base);
-    }
-    // tiles with keys at or below every row's cell need no masking (see ls_est_pass2_tile)
-    const bool fast = !a.mask && a.softcap == 0.0f && (STATS || (s_shared && gqa_pow2)) && j1 <= (int64_t) sh_lo + 1;
-    if (fast != FAST) {
-        return;
     }
 
-    const char * kbase = a.k + g*a.k_nb2;
     const uint32_t Ks_s = (uint32_t) __cvta_generic_to_shared(Ks);
     const uint32_t Ms_s = (uint32_t) __cvta_generic_to_shared(Ms);
-    auto load = [&](int64_t jt, int buf) {
+    // the tile of keys [jt, jt + KT) of the chunk ending at j1 (past it: zeros, never read)
+    // (the addresses from the kernel's arguments each time: registers are tight)
+    auto load = [&](int jt, int j1, int buf) {
         constexpr int CPR = D/8;
-        for (int i = tid; i < KT*CPR; i += LS_EST_THREADS) {
-            const int64_t j = jt + i/CPR;
+        const char * kbase = a.k + blockIdx.z*a.k_nb2;
+        for (int i = tid; i < KT*CPR; i += NTH) {
+            const int j = jt + i/CPR;
             const int piece = i % CPR;
             ls_cp_async<16>(Ks_s + ((buf*KT + i/CPR)*RH + piece*8)*sizeof(half),
-                            kbase + (j < j1 ? j : j0)*a.k_nb1 + piece*16, j < j1);
+                            kbase + (int64_t) (j < j1 ? j : jt)*a.k_nb1 + piece*16, j < j1);
         }
         // the tile's mask values, also in flight: 4-byte words (for an f16 mask the aligned
         // pair holding the key's half, picked by the row's and the key's parities)
         const uint32_t Mb_s = Ms_s + buf*max_q*KT*sizeof(uint32_t);
-        for (int i = tid; a.mask && i < n_q*KT; i += LS_EST_THREADS) {
-            const int64_t j = jt + i % KT;
+        for (int i = tid; a.mask && i < n_q*KT; i += NTH) {
+            const int j = jt + i % KT;
             const bool ok = j < j1;
             const char * mr = ok ? a.mask + (q_first + i/KT)*a.mask_nb1 : (const char *) a.q;
-            const char * src = !ok ? mr : !a.mask_f16 ? mr + j*sizeof(float) :
-                (const char *) ((uintptr_t) (mr + j*sizeof(half)) & ~(uintptr_t) 3);
+            const char * src = !ok ? mr : !a.mask_f16 ? mr + (int64_t) j*sizeof(float) :
+                (const char *) ((uintptr_t) (mr + (int64_t) j*sizeof(half)) & ~(uintptr_t) 3);
             ls_cp_async<4>(Mb_s + i*sizeof(uint32_t), src, ok);
         }
         asm volatile("cp.async.commit_group;");
     };
 
-    float M[2] = {-INFINITY, -INFINITY}, L[2] = {0.0f, 0.0f};
-    float * dst_v = a.dst + (2*g + 0)*a.n_kv;
-    float * dst_s = a.dst + (2*g + 1)*a.n_kv;
-
-    load(j0, 0);
+    // key indices as int: a KV cache of 2^31 cells is far off
+    const int n_kv = (int) a.n_kv;
     int buf = 0;
-    for (int64_t jt = j0; jt < j1; jt += KT, buf ^= 1) {
-        if (jt + KT < j1) {
-            load(jt + KT, buf ^ 1); // the buffer the previous tile used: freed by its closing barrier
-            asm volatile("cp.async.wait_group 1;"); // the current tile's K and mask, not the next
-        } else {
-            asm volatile("cp.async.wait_group 0;");
+    float M[2] = {-INFINITY, -INFINITY}, L[2] = {0.0f, 0.0f}; // pass 1: over the CTA's chunks
+    load(c*LS_EST_CHUNK, min(n_kv, (c + 1)*LS_EST_CHUNK), buf);
+#pragma unroll 1
+    for (; c < c_end; ) {
+        const int j0 = c*LS_EST_CHUNK, j1 = min(n_kv, j0 + LS_EST_CHUNK);
+        const int c_next = next_chunk(c + 1);
+        // offsets c - j of this chunk lie in [lo - j1 + 1, hi - j0]
+        const int s_base = lo - j1 + 1;
+        const bool s_shared = hi - j0 - s_base + 1 <= LS_EST_SACC;
+        int sb[2]; // the row's cell - s_base
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            sb[i] = q_cell[row_ql[i]] - s_base;
         }
-        __syncthreads();
 
-        float S[NT][4];
-        ls_mma_qk<D, RH>(S, qa, Ks_s + buf*KT*RH*sizeof(half), lane);
-        if constexpr (FAST) {
+#pragma unroll 1
+        for (int jt = j0; jt < j1; jt += KT, buf ^= 1) {
+            // the next tile, of this chunk or the next one, in the buffer the previous tile
+            // used: freed by its closing barrier
+            if (jt + KT < j1) {
+                load(jt + KT, j1, buf ^ 1);
+                asm volatile("cp.async.wait_group 1;"); // the current tile's K and mask, not the next
+            } else if (c_next < c_end) {
+                load(c_next*LS_EST_CHUNK, min(n_kv, (c_next + 1)*LS_EST_CHUNK), buf ^ 1);
+                asm volatile("cp.async.wait_group 1;");
+            } else {
+                asm volatile("cp.async.wait_group 0;");
+            }
+            __syncthreads();
+
+            float S[NT][4];
+            ls_mma_qk<D, RH>(S, qa, Ks_s + buf*KT*RH*sizeof(half), lane);
+            if constexpr (FAST) {
+                if constexpr (STATS) {
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        float mx = M[i];
+#pragma unroll
+                        for (int t = 0; t < NT; ++t) {
+                            mx = fmaxf(mx, fmaxf(S[t][2*i], S[t][2*i + 1]));
+                        }
+                        float sum = 0.0f;
+#pragma unroll
+                        for (int t = 0; t < NT; ++t) {
+                            sum += exp2f(S[t][2*i] - mx) + exp2f(S[t][2*i + 1] - mx);
+                        }
+                        L[i] = L[i]*exp2f(M[i] - mx) + sum; // M = -inf on the first tile: exp2 gives 0
+                        M[i] = mx;
+                    }
+                } else {
+                    const int sbt[2] = {sb[0] - jt, sb[1] - jt};
+                    float * vt = vacc_w + (jt - j0);
+                    static_assert(G == 1 || G == 2 || G == 4 || G == 8, "the lean pass 2 needs a power-of-two ratio");
+                    ls_est_pass2_tile<G>(S, M2, sbt, sacc_w, vt, lane);
+                }
+                __syncthreads(); // this buffer is reloaded two tiles on
+                continue;
+            }
+            const uint32_t * Mb = Ms + buf*max_q*KT;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1, col = t*8 + 2*(lane % 4) + (e & 1);
+                    const float s = a.softcap != 0.0f ? a.softcap*tanhf(S[t][e])*LOG2E : S[t][e];
+                    const float m = jt + col >= j1 ? -INFINITY : !a.mask ? (jt + col <= row_x[i] ? 0.0f : -INFINITY) :
+                        ls_mask_word(Mb[row_m[i] + col], a.mask_f16, (row_x[i] + col) & 1);
+                    S[t][e] = row_ok[i] && m != -INFINITY ? s + m*LOG2E : -INFINITY;
+                }
+            }
+
             if constexpr (STATS) {
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
-                    float mx = M[i];
+                    float mx = -INFINITY;
 #pragma unroll
                     for (int t = 0; t < NT; ++t) {
                         mx = fmaxf(mx, fmaxf(S[t][2*i], S[t][2*i + 1]));
                     }
+                    const float Mn = fmaxf(M[i], mx);
+                    if (Mn == -INFINITY) {
+                        continue;
+                    }
                     float sum = 0.0f;
 #pragma unroll
                     for (int t = 0; t < NT; ++t) {
-                        sum += exp2f(S[t][2*i] - mx) + exp2f(S[t][2*i + 1] - mx);
+                        sum += exp2f(S[t][2*i] - Mn) + exp2f(S[t][2*i + 1] - Mn);
                     }
-                    L[i] = L[i]*exp2f(M[i] - mx) + sum; // M = -inf on the first tile: exp2 gives 0
-                    M[i] = mx;
+                    L[i] = L[i]*exp2f(M[i] - Mn) + sum;
+                    M[i] = Mn;
                 }
             } else {
-                const int sbt[2] = {sb[0] - (int) jt, sb[1] - (int) jt};
-                float * vt = vacc_w + (jt - j0);
-                switch (n_gqa) {
-                    case 1: ls_est_pass2_tile<1>(S, M2, sbt, sacc_w, vt, lane); break;
-                    case 2: ls_est_pass2_tile<2>(S, M2, sbt, sacc_w, vt, lane); break;
-                    case 4: ls_est_pass2_tile<4>(S, M2, sbt, sacc_w, vt, lane); break;
-                    default: ls_est_pass2_tile<8>(S, M2, sbt, sacc_w, vt, lane); break;
-                }
-            }
-            __syncthreads(); // this buffer is reloaded two tiles on
-            continue;
-        }
-        const uint32_t * Mb = Ms + buf*max_q*KT;
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = e >> 1, col = t*8 + 2*(lane % 4) + (e & 1);
-                const float s = a.softcap != 0.0f ? a.softcap*tanhf(S[t][e])*LOG2E : S[t][e];
-                const float m = jt + col >= j1 ? -INFINITY : !a.mask ? (jt + col <= row_x[i] ? 0.0f : -INFINITY) :
-                    ls_mask_word(Mb[row_m[i] + col], a.mask_f16, (row_x[i] + col) & 1);
-                S[t][e] = row_ok[i] && m != -INFINITY ? s + m*LOG2E : -INFINITY;
-            }
-        }
-
-        if constexpr (STATS) {
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                float mx = -INFINITY;
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
-                    mx = fmaxf(mx, fmaxf(S[t][2*i], S[t][2*i + 1]));
-                }
-                const float Mn = fmaxf(M[i], mx);
-                if (Mn == -INFINITY) {
-                    continue;
-                }
-                float sum = 0.0f;
 #pragma unroll
-                for (int t = 0; t < NT; ++t) {
-                    sum += exp2f(S[t][2*i] - Mn) + exp2f(S[t][2*i + 1] - Mn);
-                }
-                L[i] = L[i]*exp2f(M[i] - Mn) + sum;
-                M[i] = Mn;
-            }
-        } else {
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int col = t*8 + 2*(lane % 4) + c;
-                    const int64_t j = jt + col;
-                    float p[2];
-#pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        p[i] = S[t][2*i + c] == -INFINITY ? 0.0f : exp2f(S[t][2*i + c] - Mr[i])*Ir[i];
-                    }
-                    // A query's heads are n_gqa consecutive fragment rows (rows lane/4 and
-                    // lane/4 + 8): for a power-of-two ratio they are the lanes xor 4, 8, ..,
-                    // summed first, so one atomic per query and column adds to its offset.
-                    int o = 4;
-                    if (gqa_pow2) {
-                        for (; o < 4*n_gqa; o <<= 1) {
-                            p[0] += __shfl_xor_sync(0xffffffff, p[0], o);
-                            p[1] += __shfl_xor_sync(0xffffffff, p[1], o);
-                        }
-                    }
-                    if (!gqa_pow2 || (lane/4) % n_gqa == 0) {
+                    for (int cc = 0; cc < 2; ++cc) {
+                        const int col = t*8 + 2*(lane % 4) + cc;
+                        const int j = jt + col;
+                        float p[2];
 #pragma unroll
                         for (int i = 0; i < 2; ++i) {
-                            if (p[i] != 0.0f) {
-                                const int64_t off = (int64_t) q_cell[row_ql[i]] - j;
-                                if (s_shared) {
-                                    atomicAdd(&sacc_w[off - s_base], p[i]);
-                                } else if (off >= 0 && off < a.n_kv) {
-                                    atomicAdd(&dst_s[off], p[i]);
+                            p[i] = S[t][2*i + cc] == -INFINITY ? 0.0f : exp2f(S[t][2*i + cc] - Mr[i])*Ir[i];
+                        }
+                        // A query's heads are n_gqa consecutive fragment rows (rows lane/4 and
+                        // lane/4 + 8): for a power-of-two ratio they are the lanes xor 4, 8, ..,
+                        // summed first, so one atomic per query and column adds to its offset.
+                        int o = 4;
+                        if (gqa_pow2) {
+                            for (; o < 4*n_gqa; o <<= 1) {
+                                p[0] += __shfl_xor_sync(0xffffffff, p[0], o);
+                                p[1] += __shfl_xor_sync(0xffffffff, p[1], o);
+                            }
+                        }
+                        if (!gqa_pow2 || (lane/4) % n_gqa == 0) {
+#pragma unroll
+                            for (int i = 0; i < 2; ++i) {
+                                if (p[i] != 0.0f) {
+                                    const int off = q_cell[row_ql[i]] - j;
+                                    if (s_shared) {
+                                        atomicAdd(&sacc_w[off - s_base], p[i]);
+                                    } else if (off >= 0 && off < n_kv) {
+                                        atomicAdd(&a.dst[(2*g + 1)*a.n_kv + off], p[i]);
+                                    }
                                 }
                             }
                         }
-                    }
-                    // the column over the warp's 16 rows: the remaining lanes with the same lane % 4
-                    float v = p[0] + p[1];
-                    for (; o < WARP_SIZE; o <<= 1) {
-                        v += __shfl_xor_sync(0xffffffff, v, o);
-                    }
-                    if (lane < 4 && v != 0.0f) {
-                        vacc_w[j - j0] = v;
+                        // the column over the warp's 16 rows: the remaining lanes with the same lane % 4
+                        float v = p[0] + p[1];
+                        for (; o < WARP_SIZE; o <<= 1) {
+                            v += __shfl_xor_sync(0xffffffff, v, o);
+                        }
+                        if (lane < 4 && v != 0.0f) {
+                            vacc_w[j - j0] = v;
+                        }
                     }
                 }
             }
+            __syncthreads(); // this buffer is reloaded two tiles on
         }
-        __syncthreads(); // this buffer is reloaded two tiles on
+
+        if constexpr (!STATS) {
+            // add the chunk's sums to the result, zeroing them for the next chunk (the tiles'
+            // closing barrier has passed)
+            for (int i = tid; i < LS_EST_CHUNK; i += NTH) {
+                float v = 0.0f;
+#pragma unroll
+                for (int w = 0; w < W; ++w) {
+                    v += vacc[w*LS_EST_CHUNK + i];
+                    vacc[w*LS_EST_CHUNK + i] = 0.0f;
+                }
+                if (v != 0.0f && i < j1 - j0) {
+                    atomicAdd(&a.dst[(2*g + 0)*a.n_kv + j0 + i], v);
+                }
+            }
+            if (s_shared) {
+                for (int i = tid; i < LS_EST_SACC; i += NTH) {
+                    const int off = s_base + i;
+                    float s = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < W; ++w) {
+                        s += sacc[w*LS_EST_SACC + i];
+                        sacc[w*LS_EST_SACC + i] = 0.0f;
+                    }
+                    if (s != 0.0f && off >= 0 && off < n_kv) {
+                        atomicAdd(&a.dst[(2*g + 1)*a.n_kv + off], s);
+                    }
+                }
+            }
+            __syncthreads(); // the sums are zero before the next chunk adds to them
+        }
+        c = c_next;
     }
 
     if constexpr (STATS) {
@@ -364,55 +438,32 @@ ls_vs_estimate_kernel(const ls_est_args a) {
             float m = M[i], l = L[i];
 #pragma unroll
             for (int o = 1; o <= 2; o <<= 1) {
-                const float mo = __shfl_xor_sync(0xffffffff, m, o), lo = __shfl_xor_sync(0xffffffff, l, o);
+                const float mo = __shfl_xor_sync(0xffffffff, m, o), lo2 = __shfl_xor_sync(0xffffffff, l, o);
                 const float mn = fmaxf(m, mo);
-                l = (mn == -INFINITY) ? 0.0f : l*exp2f(m - mn) + lo*exp2f(mo - mn);
+                l = (mn == -INFINITY) ? 0.0f : l*exp2f(m - mn) + lo2*exp2f(mo - mn);
                 m = mn;
             }
             if (lane % 4 == 0) {
                 const int rho = row_cta + warp*16 + lane/4 + 8*i;
-                a.part[(g*a.n_chunk + chunk)*a.n_rows_pad + rho] = make_float2(m, l);
-            }
-        }
-    } else {
-        // add the chunk's sums to the result
-        for (int i = tid; i < j1 - j0; i += LS_EST_THREADS) {
-            float v = 0.0f;
-#pragma unroll
-            for (int w = 0; w < LS_EST_WARPS; ++w) {
-                v += vacc[w*LS_EST_CHUNK + i];
-            }
-            if (v != 0.0f) {
-                atomicAdd(&dst_v[j0 + i], v);
-            }
-        }
-        if (s_shared) {
-            for (int i = tid; i < LS_EST_SACC; i += LS_EST_THREADS) {
-                const int64_t off = s_base + i;
-                float s = 0.0f;
-#pragma unroll
-                for (int w = 0; w < LS_EST_WARPS; ++w) {
-                    s += sacc[w*LS_EST_SACC + i];
-                }
-                if (s != 0.0f && off >= 0 && off < a.n_kv) {
-                    atomicAdd(&dst_s[off], s);
-                }
+                a.part[(g*a.n_part + 2*group + !FAST)*a.n_rows_pad + rho] = make_float2(m, l);
             }
         }
     }
 #endif // AMPERE_MMA_AVAILABLE
 }
 
-// the chunks' (max, sum) per row -> (max, 1/sum) in chunk 0's slot
+// the partials' (max, sum) per row -> (max, 1/sum) in slot 0: a warp per row, its lanes over
+// the partials (a thread per row walking 256 of them took ~36 us at 128K)
 static __global__ void ls_vs_estimate_combine(const ls_est_args a) {
     const int64_t g = blockIdx.y;
-    const int64_t r = (int64_t) blockIdx.x*blockDim.x + threadIdx.x;
+    const int64_t r = (int64_t) blockIdx.x*(blockDim.x/WARP_SIZE) + threadIdx.x/WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
     if (r >= a.n_rows_pad) {
         return;
     }
-    float2 * p = a.part + g*a.n_chunk*a.n_rows_pad + r;
+    float2 * p = a.part + g*a.n_part*a.n_rows_pad + r;
     float m = -INFINITY, l = 0.0f;
-    for (int64_t c = 0; c < a.n_chunk; ++c) {
+    for (int64_t c = lane; c < a.n_part; c += WARP_SIZE) {
         const float2 x = p[c*a.n_rows_pad];
         const float mn = fmaxf(m, x.x);
         if (mn != -INFINITY) {
@@ -420,23 +471,69 @@ static __global__ void ls_vs_estimate_combine(const ls_est_args a) {
             m = mn;
         }
     }
-    p[0] = make_float2(m, l > 0.0f ? 1.0f/l : 0.0f);
+#pragma unroll
+    for (int o = WARP_SIZE/2; o > 0; o >>= 1) {
+        const float mo = __shfl_xor_sync(0xffffffff, m, o), lo = __shfl_xor_sync(0xffffffff, l, o);
+        const float mn = fmaxf(m, mo);
+        l = mn == -INFINITY ? 0.0f : l*exp2f(m - mn) + lo*exp2f(mo - mn);
+        m = mn;
+    }
+    if (lane == 0) {
+        p[0] = make_float2(m, l > 0.0f ? 1.0f/l : 0.0f);
+    }
 }
 
-template <int D>
-static void ls_launch_estimate(const ls_est_args & a, int64_t n_head_kv, cudaStream_t st) {
-    const dim3 grid((unsigned) a.n_chunk, (unsigned) (a.n_rows_pad/LS_EST_ROWS), (unsigned) n_head_kv);
-    const size_t smem1 = ls_est_smem_bytes<D>((int) a.n_gqa, true, a.mask != nullptr);
-    const size_t smem2 = ls_est_smem_bytes<D>((int) a.n_gqa, false, a.mask != nullptr);
-    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, true, true>,   cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem1));
-    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, true, false>,  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem1));
-    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, false, true>,  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem2));
-    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, false, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem2));
-    ls_vs_estimate_kernel<D, true, true> <<<grid, LS_EST_THREADS, smem1, st>>>(a);
-    ls_vs_estimate_kernel<D, true, false><<<grid, LS_EST_THREADS, smem1, st>>>(a);
-    ls_vs_estimate_combine<<<dim3((unsigned) ((a.n_rows_pad + 127)/128), (unsigned) n_head_kv), 128, 0, st>>>(a);
-    ls_vs_estimate_kernel<D, false, true> <<<grid, LS_EST_THREADS, smem2, st>>>(a);
-    ls_vs_estimate_kernel<D, false, false><<<grid, LS_EST_THREADS, smem2, st>>>(a);
+template <int D, int W, int G>
+static void ls_launch_estimate(ls_est_args a, int64_t n_head_kv, int nsm, cudaStream_t st) {
+    const size_t smem1 = ls_est_smem_bytes<D, W>((int) a.n_gqa, true, a.mask != nullptr);
+    const size_t smem2 = ls_est_smem_bytes<D, W>((int) a.n_gqa, false, a.mask != nullptr);
+    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, W, true, true>,   cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem1));
+    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, W, true, false>,  cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem1));
+    CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, W, false, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem2));
+    if constexpr (G != 0) {
+        CUDA_CHECK(cudaFuncSetAttribute(ls_vs_estimate_kernel<D, W, false, true, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem2));
+    }
+    // CTAs resident on an SM: those of the heaviest kernel, the lean pass 2 where there is one
+    // (read once per instantiation; the shared memory of its first call)
+    static const int occ = [&] {
+        int n = 1;
+        if constexpr (G != 0) {
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, ls_vs_estimate_kernel<D, W, false, true, G>, W*WARP_SIZE, smem2));
+        } else {
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, ls_vs_estimate_kernel<D, W, false, false>, W*WARP_SIZE, smem2));
+        }
+        return std::max(n, 1);
+    }();
+    // Chunks a CTA: as many as make one wave of CTAs (each with its Q fragments loaded once;
+    // measured on an H100 at 32K-128K, one wave beat two to four by 5-30% and half a wave
+    // lost as much)
+    const int64_t n_rb = a.n_rows_pad/(W*16);
+    const int64_t slots = (int64_t) occ*nsm;
+    a.cpc = (int) std::max<int64_t>(1, (a.n_chunk*n_rb*n_head_kv + slots - 1)/slots);
+    const int64_t n_group = (a.n_chunk + a.cpc - 1)/a.cpc;
+    a.n_part = 2*n_group;
+    const dim3 grid((unsigned) n_rb, (unsigned) n_group, (unsigned) n_head_kv);
+    ls_vs_estimate_kernel<D, W, true, true> <<<grid, W*WARP_SIZE, smem1, st>>>(a);
+    ls_vs_estimate_kernel<D, W, true, false><<<grid, W*WARP_SIZE, smem1, st>>>(a);
+    const int rows_cta = 8; // combine: warps a CTA
+    ls_vs_estimate_combine<<<dim3((unsigned) ((a.n_rows_pad + rows_cta - 1)/rows_cta), (unsigned) n_head_kv),
+                             rows_cta*WARP_SIZE, 0, st>>>(a);
+    if constexpr (G != 0) {
+        ls_vs_estimate_kernel<D, W, false, true, G><<<grid, W*WARP_SIZE, smem2, st>>>(a);
+    }
+    ls_vs_estimate_kernel<D, W, false, false><<<grid, W*WARP_SIZE, smem2, st>>>(a);
+}
+
+template <int D, int W>
+static void ls_launch_estimate(const ls_est_args & a, int64_t n_head_kv, int nsm, cudaStream_t st) {
+    // a ratio that is not a power of two has no lean pass 2 (ls_est_fast)
+    switch (a.n_gqa) {
+        case 1:  ls_launch_estimate<D, W, 1>(a, n_head_kv, nsm, st); break;
+        case 2:  ls_launch_estimate<D, W, 2>(a, n_head_kv, nsm, st); break;
+        case 4:  ls_launch_estimate<D, W, 4>(a, n_head_kv, nsm, st); break;
+        case 8:  ls_launch_estimate<D, W, 8>(a, n_head_kv, nsm, st); break;
+        default: ls_launch_estimate<D, W, 0>(a, n_head_kv, nsm, st); break;
+    }
 }
 
 bool ls_vs_estimate_supported(int64_t D, ggml_type k_type) {
@@ -457,8 +554,12 @@ void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     a.mask = mask ? (const char *) mask->data : nullptr;
     a.cells = cells->data; a.dst = (float *) dst->data;
     a.n_kv = k->ne[1]; a.n_rows = q->ne[1]; a.n_gqa = q->ne[2]/n_head_kv;
+    // 8 warps a CTA (128 rows: K read from L2 by half as many CTAs) where they are all rows,
+    // else 4 (64 rows x 3 heads at SmolLM2's ratio: 192 rows, no padded warps)
+    const int w = a.n_rows*a.n_gqa % 128 == 0 ? 8 : 4;
+    const int rows = w*16;
     a.n_chunk = (a.n_kv + LS_EST_CHUNK - 1)/LS_EST_CHUNK;
-    a.n_rows_pad = (a.n_rows*a.n_gqa + LS_EST_ROWS - 1)/LS_EST_ROWS*LS_EST_ROWS;
+    a.n_rows_pad = (a.n_rows*a.n_gqa + rows - 1)/rows*rows;
     a.q_nb1 = q->nb[1]/sizeof(float); a.q_nb2 = q->nb[2]/sizeof(float);
     a.k_nb1 = k->nb[1]; a.k_nb2 = k->nb[2];
     a.mask_nb1 = mask ? mask->nb[1] : 0;
@@ -470,13 +571,15 @@ void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     }
     a.cell_mod = dst->op_params[3];
 
-    ggml_cuda_pool_alloc<float2> part(ctx.pool(), n_head_kv*a.n_chunk*a.n_rows_pad);
+    // partials: at most two a chunk (the launch sets n_part)
+    ggml_cuda_pool_alloc<float2> part(ctx.pool(), n_head_kv*2*a.n_chunk*a.n_rows_pad);
     a.part = part.get();
     CUDA_CHECK(cudaMemsetAsync(a.dst, 0, ggml_nbytes(dst), st));
+    const int nsm = ggml_cuda_info().devices[ctx.device].nsm;
     switch (k->ne[0]) {
-        case 64:  ls_launch_estimate<64> (a, n_head_kv, st); break;
-        case 128: ls_launch_estimate<128>(a, n_head_kv, st); break;
-        case 256: ls_launch_estimate<256>(a, n_head_kv, st); break;
+        case 64:  w == 8 ? ls_launch_estimate<64, 8> (a, n_head_kv, nsm, st) : ls_launch_estimate<64, 4> (a, n_head_kv, nsm, st); break;
+        case 128: w == 8 ? ls_launch_estimate<128, 8>(a, n_head_kv, nsm, st) : ls_launch_estimate<128, 4>(a, n_head_kv, nsm, st); break;
+        case 256: w == 8 ? ls_launch_estimate<256, 8>(a, n_head_kv, nsm, st) : ls_launch_estimate<256, 4>(a, n_head_kv, nsm, st); break;
         default: GGML_ABORT("loopserve: unsupported head size");
     }
 }
