@@ -230,6 +230,24 @@ def test_no_mask_is_causal_in_cells():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_ops_est_only_times_the_fused_estimation():
+    # benchmarks/prefill.py ops --est-only (the estimation kernel's A/B on the GPU box): one row
+    # a length, the fused estimation's time and nothing else
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks/prefill.py"
+    r = subprocess.run([sys.executable, str(script), "ops", "--cpu", "--shape", "135m", "--lengths", "256,600",
+                        "--est-only", "--iters", "1", "--threads", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["256", "600"]
+    for row in rows:
+        assert len(row) == 10 and float(row[8]) > 0
+        assert set(row[1:8]) == {"-"} and row[9] == "-"
+
+
 def test_select_alpha_clamps_sinks_local():
     r = RNG(5)
     n_kv, n_head_kv = 300, 3
