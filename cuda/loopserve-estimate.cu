@@ -13,8 +13,10 @@
 //                   result atomically.
 // K tiles of 64 keys are double buffered with cp.async (the keys of a chunk are contiguous),
 // the next chunk's first tile in flight during the last tile of the current one.
-// Chunks that need no masking (no mask, no softcap, every key at or below every row's cell:
-// all but the last one or two at long lengths) run a lean variant of each pass.
+// Tiles that need no masking (no mask, no softcap, every key at or below every row's cell:
+// at long lengths all but the one or two holding the rows' own cells) run a lean variant of
+// each pass; a chunk can be split between the two (before session 39 a whole chunk went to
+// the general path, eight tiles for one: 10-37% of the op at 32K-128K on an H100).
 // The row blocks are the grid's fastest index, so the CTAs reading one chunk of K run side
 // by side and all but the first find it in L2; a CTA walks as many chunks as make one wave
 // of CTAs, its Q fragments loaded once.
@@ -24,7 +26,7 @@
 #include <cstdint>
 
 #define LS_EST_KEYS    64     // keys of a tile
-#define LS_EST_CHUNK   512    // keys of a chunk: the unit of the shared sums and of the lean/general split
+#define LS_EST_CHUNK   512    // keys of a chunk: the unit of the shared sums
 #define LS_EST_SPAN    256    // query cell spread the shared slash sums allow (else global atomics)
 #define LS_EST_SACC    (LS_EST_CHUNK + LS_EST_SPAN)
 
@@ -51,15 +53,20 @@ static size_t ls_est_smem_bytes(int n_gqa, bool stats, bool mask) {
            (stats ? 0 : (W*(LS_EST_CHUNK + LS_EST_SACC) + 2*W*16)*sizeof(float)) + W*16*sizeof(int);
 }
 
-// whether chunk [j0, j1) takes the lean path (see ls_est_pass2_tile): whole tiles, no mask
-// or softcap, every key at or below every row's cell [lo, hi], and for pass 2 the slash sums
-// in shared memory, a power-of-two ratio and the CTA's queries in consecutive cells (what
-// keeps its lanes' unsynchronized sums off each other's offsets)
-static __device__ __forceinline__ bool ls_est_fast(const ls_est_args & a, bool stats, int64_t j0, int64_t j1,
+// Where chunk [j0, j1) passes from the lean path (see ls_est_pass2_tile) to the general one:
+// the lean path takes its whole tiles whose keys are all at or below every row's cell [lo,
+// hi] when there is no mask or softcap and, for pass 2, the slash sums fit in shared memory,
+// the ratio is a power of two and the CTA's queries sit in consecutive cells (what keeps its
+// lanes' unsynchronized sums off each other's offsets); the general path the rest (at long
+// lengths one tile of one chunk, the rows' own)
+static __device__ __forceinline__ int ls_est_split(const ls_est_args & a, bool stats, int j0, int j1,
                                                    int lo, int hi, bool pass2_ok) {
-    const bool s_shared = (int64_t) hi - lo + (j1 - j0) <= LS_EST_SACC;
-    return !a.mask && a.softcap == 0.0f && (j1 - j0) % LS_EST_KEYS == 0 && (stats || (s_shared && pass2_ok)) &&
-           j1 <= (int64_t) lo + 1;
+    const bool s_shared = hi - lo + (j1 - j0) <= LS_EST_SACC;
+    if (a.mask || a.softcap != 0.0f || !(stats || (s_shared && pass2_ok))) {
+        return j0;
+    }
+    const int whole = min(j1, lo + 1) - j0;
+    return j0 + max(0, whole)/LS_EST_KEYS*LS_EST_KEYS;
 }
 
 // Pass 2 on a tile that needs no masking (every key below every row's cell, no mask, no
@@ -111,9 +118,9 @@ static __device__ __forceinline__ void ls_est_pass2_tile(const float (&S)[8][4],
     }
 }
 
-// FAST: the chunks that take the lean path (ls_est_fast), else the others: a kernel of its
+// FAST: the tiles that take the lean path (ls_est_split), else the others: a kernel of its
 // own, so that the general path's registers do not limit its occupancy. A CTA none of whose
-// chunks is its kind returns before loading anything. The lean kernels fit in 128 registers a
+// chunks has tiles of its kind returns before loading anything. The lean kernels fit in 128 registers a
 // thread (16 warps an SM) up to head dim 128; the lean pass 2 is compiled for its GQA ratio G
 // (one ratio's sums a kernel: with all four in the tile loop it spilled).
 template <int D, int W, bool STATS, bool FAST, int G = 0>
@@ -167,11 +174,19 @@ ls_vs_estimate_kernel(const ls_est_args a) {
     __syncthreads();
     const int lo = sh_lo, hi = sh_hi;
     const bool pass2_ok = __syncthreads_and(tid >= n_q || q_cell[tid] == lo + tid) && gqa_pow2;
-    // this kernel's chunks: c_end when there are none
+    // this kernel's part of chunk c: [r0, r1), empty when r1 <= r0
+    auto part_of = [&](int c, int & r0, int & r1) {
+        const int j0 = c*LS_EST_CHUNK, j1 = min((int) a.n_kv, j0 + LS_EST_CHUNK);
+        const int t = ls_est_split(a, STATS, j0, j1, lo, hi, pass2_ok);
+        r0 = FAST ? j0 : t;
+        r1 = FAST ? t : j1;
+    };
+    // this kernel's next chunk from c on: c_end when there is none
     auto next_chunk = [&](int c) {
         for (; c < c_end; ++c) {
-            const int64_t j0 = (int64_t) c*LS_EST_CHUNK, j1 = min(a.n_kv, j0 + LS_EST_CHUNK);
-            if (ls_est_fast(a, STATS, j0, j1, lo, hi, pass2_ok) == FAST) {
+            int r0, r1;
+            part_of(c, r0, r1);
+            if (r0 < r1) {
                 break;
             }
         }
@@ -259,11 +274,17 @@ ls_vs_estimate_kernel(const ls_est_args a) {
     const int n_kv = (int) a.n_kv;
     int buf = 0;
     float M[2] = {-INFINITY, -INFINITY}, L[2] = {0.0f, 0.0f}; // pass 1: over the CTA's chunks
-    load(c*LS_EST_CHUNK, min(n_kv, (c + 1)*LS_EST_CHUNK), buf);
+    int r0, r1; // this kernel's keys of the current chunk
+    part_of(c, r0, r1);
+    load(r0, r1, buf);
 #pragma unroll 1
     for (; c < c_end; ) {
         const int j0 = c*LS_EST_CHUNK, j1 = min(n_kv, j0 + LS_EST_CHUNK);
         const int c_next = next_chunk(c + 1);
+        int n0 = 0, n1 = 0; // the next chunk's part
+        if (c_next < c_end) {
+            part_of(c_next, n0, n1);
+        }
         // offsets c - j of this chunk lie in [lo - j1 + 1, hi - j0]
         const int s_base = lo - j1 + 1;
         const bool s_shared = hi - j0 - s_base + 1 <= LS_EST_SACC;
@@ -274,14 +295,14 @@ ls_vs_estimate_kernel(const ls_est_args a) {
         }
 
 #pragma unroll 1
-        for (int jt = j0; jt < j1; jt += KT, buf ^= 1) {
+        for (int jt = r0; jt < r1; jt += KT, buf ^= 1) {
             // the next tile, of this chunk or the next one, in the buffer the previous tile
             // used: freed by its closing barrier
-            if (jt + KT < j1) {
-                load(jt + KT, j1, buf ^ 1);
+            if (jt + KT < r1) {
+                load(jt + KT, r1, buf ^ 1);
                 asm volatile("cp.async.wait_group 1;"); // the current tile's K and mask, not the next
             } else if (c_next < c_end) {
-                load(c_next*LS_EST_CHUNK, min(n_kv, (c_next + 1)*LS_EST_CHUNK), buf ^ 1);
+                load(n0, n1, buf ^ 1);
                 asm volatile("cp.async.wait_group 1;");
             } else {
                 asm volatile("cp.async.wait_group 0;");
@@ -429,6 +450,7 @@ ls_vs_estimate_kernel(const ls_est_args a) {
             __syncthreads(); // the sums are zero before the next chunk adds to them
         }
         c = c_next;
+        r0 = n0; r1 = n1;
     }
 
     if constexpr (STATS) {
@@ -526,7 +548,7 @@ static void ls_launch_estimate(ls_est_args a, int64_t n_head_kv, int nsm, cudaSt
 
 template <int D, int W>
 static void ls_launch_estimate(const ls_est_args & a, int64_t n_head_kv, int nsm, cudaStream_t st) {
-    // a ratio that is not a power of two has no lean pass 2 (ls_est_fast)
+    // a ratio that is not a power of two has no lean pass 2 (ls_est_split)
     switch (a.n_gqa) {
         case 1:  ls_launch_estimate<D, W, 1>(a, n_head_kv, nsm, st); break;
         case 2:  ls_launch_estimate<D, W, 2>(a, n_head_kv, nsm, st); break;
