@@ -19,7 +19,8 @@
 #   prefill-ttft  - end-to-end prefill time, stock FA vs sparse, 8K-128K, 135M and 1B shapes
 #                   (PREFILL_SHAPES="gemma3-270m" for Gemma-3-270M's shape, head dim 256; either step)
 #                   (PREFILL_LENGTHS, PREFILL_UBATCH (4096), PREFILL_LASTQ (64), PREFILL_REUSE (1) with
-#                   PREFILL_BATCH=0 (the prompt in one decode call), PREFILL_FAST=1, PREFILL_CAPS=capped:
+#                   PREFILL_BATCH=0 (the prompt in one decode call), PREFILL_REPEATS (1): timed runs a path,
+#                   the median printed with the range, PREFILL_FAST=1, PREFILL_CAPS=capped:
 #                   only the capped selection; --profile times estimation, selection, attention
 #                   and the rest apart)
 #   build-stock   - llama-cpp-python from the same archive without our patches, into /tmp/stock-site
@@ -251,7 +252,7 @@ for step in "$@"; do
           python3 benchmarks/prefill.py ttft --model /tmp/random-$shape.gguf --n-gpu-layers -1 --flash-attn \
               --lengths "${PREFILL_LENGTHS:-8192,32768,65536,131072}" --ubatch "${PREFILL_UBATCH:-4096}" \
               --last-q "${PREFILL_LASTQ:-64}" --reuse "${PREFILL_REUSE:-1}" ${PREFILL_BATCH:+--batch $PREFILL_BATCH} \
-              --threads 8 --profile $caps
+              --threads 8 --repeats "${PREFILL_REPEATS:-1}" --profile $caps
         done
       done ;;
     build-stock)

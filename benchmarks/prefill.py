@@ -8,7 +8,7 @@
            and the estimation ops' time
   ttft   - end-to-end prefill time (TTFT) of a prompt, stock vs sparse, with the density
            (and, with --profile, the sparse run's estimation, selection, attention and the
-           rest of the model timed apart)
+           rest of the model timed apart; --repeats N: the median of N runs a path, and their range)
 
   python benchmarks/prefill.py check
   python benchmarks/prefill.py ops --lengths 8192,32768,65536,131072 --shape 1b
@@ -225,6 +225,8 @@ def real_tokens(model, n: int) -> list[int]:
 def ttft(args) -> int:
     from loopserve_edge import Llama, LoopServeConfig
 
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     lengths = [int(x) for x in args.lengths.split(",")]
     model = args.model
     if model is None:
@@ -248,7 +250,7 @@ def ttft(args) -> int:
     real = real_tokens(model, max(lengths)) if args.text == "real" else None
     for L in lengths:
         toks = real[:L] if real is not None else [int(t) for t in rng.integers(min(100, hi // 2), hi, L)]
-        res = {}
+        res, runs = {}, {}
         for mode in ("stock", "sparse", "profile") if args.profile else ("stock", "sparse"):
             cfg = LoopServeConfig(sparse_prefill=mode != "stock", alpha=args.alpha, last_q=args.last_q,
                                   prefill_reuse=args.reuse,
@@ -263,10 +265,16 @@ def ttft(args) -> int:
             dlg = llm.dialogue()
             llm.decode(dlg, toks[:64], list(range(64)))  # warm-up (graph build, allocations)
             llm.forget(dlg)
-            dlg = llm.dialogue()
-            t0 = time.perf_counter()
-            llm.decode(dlg, toks, list(range(L)))
-            res[mode] = (time.perf_counter() - t0, llm.prefill_stats())
+            # --repeats: the run of median time (one run's time moves by ~5% on the GPU box)
+            timed = []
+            for _ in range(args.repeats):
+                dlg = llm.dialogue()
+                t0 = time.perf_counter()
+                llm.decode(dlg, toks, list(range(L)))
+                timed.append((time.perf_counter() - t0, llm.prefill_stats()))
+                llm.forget(dlg)
+            timed.sort(key=lambda r: r[0])
+            res[mode], runs[mode] = timed[(len(timed) - 1) // 2], [t for t, _ in timed]
             llm.close()
         ts, (tp, st) = res["stock"][0], res["sparse"]
         dens = f"{st['density']:.3f}" if st["density"] is not None else "-"
@@ -279,7 +287,9 @@ def ttft(args) -> int:
             prof = " / ".join(f"{t:.0f}" for t in (*stages, tw * 1000 - sum(stages)))
         print(f"{L:8d} {ts:9.3f} {tp:9.3f} {ts / tp:7.2f}x {dens:>8} "
               f"{st['n_ubatch_sparse']:>7}/{st['n_ubatch_sparse'] + st['n_ubatch_stock']:<8} "
-              f"{st['n_ubatch_cell_causal']:>14} {st['n_ubatch_reused']:>7} {prof:>36}", flush=True)
+              f"{st['n_ubatch_cell_causal']:>14} {st['n_ubatch_reused']:>7} {prof:>36}"
+              + (f"   {args.repeats} runs: stock {runs['stock'][0]:.3f}-{runs['stock'][-1]:.3f} s, sparse "
+                 f"{runs['sparse'][0]:.3f}-{runs['sparse'][-1]:.3f} s" if args.repeats > 1 else ""), flush=True)
     return 0
 
 
@@ -316,6 +326,8 @@ def main() -> int:
     t.add_argument("--n-gpu-layers", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--flash-attn", action="store_true")
+    t.add_argument("--repeats", type=int, default=1,
+                   help="timed runs of each path (one model load each); the median's time and stats are printed")
     t.add_argument("--profile", action="store_true",
                    help="also a profiled sparse run (estimation, selection, attention and the rest apart)")
     t.add_argument("--text", choices=("random", "real"), default="random",

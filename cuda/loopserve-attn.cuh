@@ -165,3 +165,6 @@ bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStrea
 // The fused estimation (loopserve-estimate.cu): f16 K of head dim 64/128/256, sm_80+.
 bool ls_vs_estimate_supported(int64_t D, ggml_type k_type);
 void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+
+// The select op (loopserve-select.cu).
+void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst);

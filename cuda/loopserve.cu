@@ -3,10 +3,7 @@
 //
 // - vs_scores: one thread per (output index, KV head), summing over rows and query heads.
 // - vs_estimate: the estimation's softmax and these sums fused (loopserve-estimate.cu).
-// - select: one block per (KV head, kind); thresholds found by a radix search on the float
-//   bit pattern (scores are >= 0, so bit order is value order), ties broken by index like the
-//   reference's (score desc, index asc) order; the lists are written ascending with a
-//   block scan, no sort.
+// - select: a radix search on the scores' bits per (KV head, kind) (loopserve-select.cu).
 // - sparse attention: f16 or q8_0 K/V (both the same type, V in rows) on sm_80+ go to the
 //   tensor-core kernel (loopserve-attn-mma.cu); everything else to the SIMT kernel here, the
 //   first version, kept for f32 or mixed K/V types, transposed V and older GPUs. It runs
@@ -25,8 +22,6 @@
 #include <cstdint>
 
 #define LS_MAX_GQA 8
-#define LS_SEL_THREADS 512
-#define LS_SEL_BINS (LS_SEL_THREADS/WARP_SIZE)
 // warps per block: the group's queries of every warp sit in shared memory (<= 32 KiB)
 template <int D> static constexpr __host__ __device__ int ls_attn_warps() { return D >= 256 ? 4 : 8; }
 
@@ -56,221 +51,6 @@ static __global__ void ls_vs_scores_kernel(
     }
     dst[(2*g + 0)*n_kv + j] = vert;
     dst[(2*g + 1)*n_kv + j] = slash;
-}
-
-//
-// select
-//
-
-template <typename T>
-static __device__ T ls_block_sum(T v, T * sh) {
-    v = warp_reduce_sum(v);
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    __syncthreads();
-    if (lane == 0) {
-        sh[warp] = v;
-    }
-    __syncthreads();
-    T r = 0;
-    for (int w = 0; w < (int) blockDim.x / WARP_SIZE; ++w) {
-        r += sh[w];
-    }
-    return r;
-}
-
-// the line where a running sum over lines in descending bit order first reaches a goal
-struct ls_sel_cut {
-    uint32_t L;    // its bit pattern
-    float    m_gt; // mass of the lines above it
-    int      c_gt; // their count
-    int      c_eq; // lines with exactly its bits
-};
-
-static __global__ void __launch_bounds__(LS_SEL_THREADS, 1)
-ls_select_kernel(const float * sc, int32_t * out, int64_t n_kv, float alpha,
-        int n_min_v, int n_max_v, int n_min_s, int n_max_s, int n_sink, int n_local) {
-    constexpr int NT = LS_SEL_THREADS, NB = LS_SEL_BINS;
-    static_assert(NB == NT/WARP_SIZE, "one warp reduces one bin");
-    __shared__ float shf[32];
-    __shared__ int   shi[32];
-    __shared__ float bin_m[NB];
-    __shared__ int   bin_c[NB];
-    // a thread's private bins ([bin][thread]): no atomics, and a thread zeroes its own
-    extern __shared__ __align__(16) char ls_sel_smem[];
-    float * hm = (float *) ls_sel_smem;
-    int   * hc = (int *) (hm + NB*NT);
-    const int tid = threadIdx.x;
-
-    const int kind = blockIdx.x % 2;
-    const int64_t g = blockIdx.x / 2;
-    const float * x = sc + (2*g + kind)*n_kv;
-    int32_t * o = out + (2*g + kind)*(n_kv + 1);
-    const int n_min = kind == 0 ? n_min_v : n_min_s;
-    const int n_max = kind == 0 ? n_max_v : n_max_s;
-    const int n_force = kind == 0 ? n_sink : n_local;
-
-    // visit(v) for every score, 16-byte loads, several in flight per thread
-    auto for_all = [&](auto visit) {
-        int64_t j1 = 0;
-        if ((uintptr_t) x % 16 == 0) {
-            const float4 * x4 = (const float4 *) x;
-            j1 = n_kv/4;
-#pragma unroll 4
-            for (int64_t i = threadIdx.x; i < j1; i += NT) {
-                const float4 v = x4[i];
-                visit(v.x); visit(v.y); visit(v.z); visit(v.w);
-            }
-            j1 *= 4;
-        }
-        for (int64_t j = j1 + threadIdx.x; j < n_kv; j += NT) {
-            visit(x[j]);
-        }
-    };
-
-    // Radix search, 4 bits a pass (scores are >= 0, so bit order is value order): the
-    // largest bit pattern L whose lines with bits >= L reach the goal, by mass or by count.
-    // 8 sweeps over the scores, each positive line inside the pattern interval adding to its
-    // bin; a bisection needs one sweep per bit (~30), and one block per row has no other
-    // way to hide their latency.
-    auto search = [&](bool by_mass, float goal_m, int goal_c) {
-        uint32_t lo = 0, width_log2 = 31;
-        float base_m = 0.0f;
-        int   base_c = 0;
-        while (true) {
-            const int s = max((int) width_log2 - 4, 0);
-            const uint32_t hi = lo + (1u << width_log2) - 1; // inclusive: 2^31 does not overflow
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                hm[b*NT + tid] = 0.0f;
-                hc[b*NT + tid] = 0;
-            }
-            for_all([&](float v) {
-                const uint32_t u = __float_as_uint(v);
-                if (v > 0.0f && u >= lo && u <= hi) {
-                    const int b = (u - lo) >> s;
-                    hm[b*NT + tid] += v;
-                    hc[b*NT + tid] += 1;
-                }
-            });
-            __syncthreads();
-            {
-                const int warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
-                float m = 0.0f;
-                int   c = 0;
-                for (int t = lane; t < NT; t += WARP_SIZE) {
-                    m += hm[warp*NT + t];
-                    c += hc[warp*NT + t];
-                }
-                m = warp_reduce_sum(m);
-                c = warp_reduce_sum(c);
-                if (lane == 0) {
-                    bin_m[warp] = m;
-                    bin_c[warp] = c;
-                }
-            }
-            __syncthreads();
-            int b = (int) ((hi - lo) >> s);
-            for (; b > 0; --b) {
-                if (by_mass ? base_m + bin_m[b] >= goal_m : base_c + bin_c[b] >= goal_c) {
-                    break;
-                }
-                base_m += bin_m[b];
-                base_c += bin_c[b];
-            }
-            lo += (uint32_t) b << s;
-            if (s == 0) {
-                return ls_sel_cut{lo, base_m, base_c, bin_c[b]};
-            }
-            width_log2 = s;
-        }
-    };
-
-    float total = 0.0f;
-    int   n_pos = 0;
-    for_all([&](float v) {
-        total += v > 0.0f ? v : 0.0f;
-        n_pos += v > 0.0f;
-    });
-    total = ls_block_sum(total, shf);
-    n_pos = ls_block_sum(n_pos, shi);
-    int k = alpha >= 1.0f ? n_pos : 0; // alpha = 1: every line with mass
-    // the k-th line's threshold, when the mass search found it already
-    uint32_t Tk = 0xffffffffu;
-    int ties = 0, k_mass = -1;
-    if (total > 0.0f && alpha < 1.0f) {
-        const float target = alpha*total;
-        const ls_sel_cut c = search(true, target, 0);
-        const float T = __uint_as_float(c.L);
-        int need = T > 0.0f ? (int) ceilf((target - c.m_gt) / T) : c.c_eq;
-        need = max(0, min(need, c.c_eq));
-        k = c.c_gt + need;
-        if (need > 0) {
-            k_mass = k;
-            Tk = c.L;
-            ties = need;
-        }
-    }
-    k = max(k, n_min);
-    if (n_max > 0) k = min(k, n_max);
-    k = min(k, n_pos);
-
-    // threshold of the k-th line in (score desc, index asc) order (unless the clamps kept k)
-    if (k != k_mass) {
-        Tk = 0xffffffffu;
-        ties = 0;
-    }
-    if (k > 0 && k != k_mass) {
-        const ls_sel_cut c = search(false, 0.0f, k);
-        Tk = c.L;
-        ties = k - c.c_gt;
-    }
-
-    // write ascending: each warp a contiguous segment, 32 consecutive lines a step (coalesced;
-    // a thread's own contiguous chunk made each load touch 32 lines), block scans over the
-    // warps for tie ranks and slots
-    const int warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
-    const uint32_t below = (1u << lane) - 1;
-    const int64_t seg = ((n_kv + NT/WARP_SIZE - 1)/(NT/WARP_SIZE) + WARP_SIZE - 1)/WARP_SIZE*WARP_SIZE;
-    const int64_t s0 = min((int64_t) warp*seg, n_kv), s1 = min(s0 + seg, n_kv);
-    // the line j of this lane in a step: picked before ties are ranked, a tie
-    auto line = [&](int64_t j, bool & pick, bool & tie) {
-        const float v = j < s1 ? x[j] : 0.0f;
-        const uint32_t b = __float_as_uint(v);
-        const bool pos = v > 0.0f;
-        pick = j < s1 && (j < n_force || (pos && Tk != 0xffffffffu && b > Tk));
-        tie = pos && b == Tk;
-    };
-    int warp_ties = 0;
-    for (int64_t jb = s0; jb < s1; jb += WARP_SIZE) {
-        bool pick, tie;
-        line(jb + lane, pick, tie);
-        warp_ties += __popc(__ballot_sync(0xffffffff, tie));
-    }
-    int n_out;
-    const int tie_base = __shfl_sync(0xffffffff, ls_block_exscan(lane == 0 ? warp_ties : 0, shi, &n_out), 0);
-    // the segment's picks: counted, then written after the slots are known
-    int slot = 0;
-    for (int write = 0; write < 2; ++write) {
-        int tr = tie_base, n = 0;
-        for (int64_t jb = s0; jb < s1; jb += WARP_SIZE) {
-            bool pick, tie;
-            line(jb + lane, pick, tie);
-            const uint32_t tb = __ballot_sync(0xffffffff, tie);
-            pick = pick || (tie && tr + __popc(tb & below) < ties);
-            tr += __popc(tb);
-            const uint32_t pb = __ballot_sync(0xffffffff, pick);
-            if (write && pick) {
-                o[1 + slot + n + __popc(pb & below)] = (int32_t) (jb + lane);
-            }
-            n += __popc(pb);
-        }
-        if (!write) {
-            slot = __shfl_sync(0xffffffff, ls_block_exscan(lane == 0 ? n : 0, shi, &n_out), 0);
-        }
-    }
-    if (tid == 0) {
-        o[0] = n_out;
-    }
 }
 
 //
@@ -539,16 +319,9 @@ void ggml_cuda_op_loopserve(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
                     cells->type == GGML_TYPE_I64, (float *) dst->data, n_kv, p->ne[1], p->ne[2]/n_head_kv,
                     p->nb[1]/sizeof(float), p->nb[2]/sizeof(float), dst->op_params[2]);
         } break;
-        case GGML_LOOPSERVE_OP_SELECT: {
-            const ggml_tensor * sc = dst->src[0];
-            float alpha;
-            memcpy(&alpha, &dst->op_params[1], sizeof(float));
-            const int32_t * p = dst->op_params;
-            const size_t smem = 2*LS_SEL_BINS*LS_SEL_THREADS*sizeof(float);
-            CUDA_CHECK(cudaFuncSetAttribute(ls_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
-            ls_select_kernel<<<2*sc->ne[2], LS_SEL_THREADS, smem, st>>>((const float *) sc->data, (int32_t *) dst->data,
-                    sc->ne[0], alpha, p[2], p[3], p[4], p[5], p[6], p[7]);
-        } break;
+        case GGML_LOOPSERVE_OP_SELECT:
+            ls_select(ctx, dst);
+            break;
         case GGML_LOOPSERVE_OP_VS_ESTIMATE:
             ls_vs_estimate(ctx, dst);
             break;

@@ -395,6 +395,32 @@ def test_alpha_one_matches_stock_at_head_dim_256(tmp_path, make_llm, flash_attn)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
+def test_ttft_repeats_print_the_median_and_the_range(model):
+    # benchmarks/prefill.py ttft --repeats (single runs on the GPU box move by ~5%): the median
+    # run's time and stats, the speedup of the medians, the range of each path's runs
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks/prefill.py"
+    base = [sys.executable, str(script), "ttft", "--model", str(model), "--lengths", "1500", "--ubatch", "1024",
+            "--threads", "2"]
+    r = subprocess.run([*base, "--repeats", "3", "--profile"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.split() and line.split()[0] == "1500")
+    m = re.search(r"3 runs: stock ([\d.]+)-([\d.]+) s, sparse ([\d.]+)-([\d.]+) s$", row)
+    assert m, row
+    s_lo, s_hi, p_lo, p_hi = map(float, m.groups())
+    f = row.split()
+    stock, sparse = float(f[1]), float(f[2])
+    assert s_lo <= stock <= s_hi and p_lo <= sparse <= p_hi
+    assert float(f[3].rstrip("x")) == pytest.approx(stock / sparse, abs=0.006)
+    assert f[5] == "1/2"  # the second ubatch (476 tokens) is under sparse_min_tokens
+    r = subprocess.run([*base, "--repeats", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--repeats must be at least 1" in r.stderr
+
+
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
 def test_sparse_selection_runs(model, make_llm, flash_attn):
     """alpha < 1 computes less than the causal matrix, and stays close to dense."""
