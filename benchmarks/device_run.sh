@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU box (run by the device tool with .carry carried; see README "Development"):
-#   build  - the CUDA runtime from the slim archive, offline (sm_90a)
+#   build  - the CUDA runtime from the slim archive, offline (sm_90a), unless .carry-rt/ holds one
+#            packed for these sources (scripts/carried_runtime.py), which is installed instead
+#   pack-runtime - the built runtime as parts of <= 15 MiB into $OUT: a plain call of its own after
+#            the bg steps (bg-wait would bring them back with every call); here, move the parts
+#            into .carry-rt/ and carry it with .carry until the sources change
 #   test   - the test suite's model-free parts with every layer on the GPU
 #   turns  - benchmarks/turns.py at the 135M and 1B shapes (random weights, SmolLM2 tokenizer)
 #   decode - benchmarks/decode.py speed at depths 0/16K/64K, full vs. loopserve@2048, same shapes
@@ -202,17 +206,23 @@ PY
 for step in "$@"; do
   case $step in
     build)
-      python3 scripts/build_runtime.py --source .carry/slim.tar.gz --cuda on --cuda-arch 90a ;;
+      # a runtime that an earlier lease packed for these very sources (pack-runtime, carried
+      # in .carry-rt/) saves the ~5-minute build; any other goes unused
+      python3 scripts/carried_runtime.py install .carry-rt /tmp/site --cuda on ||
+        python3 scripts/build_runtime.py --source .carry/slim.tar.gz --cuda on --cuda-arch 90a ;;
+    pack-runtime)
+      python3 scripts/carried_runtime.py pack "$OUT" --cuda on ;;
     test)
       # No plugin autoload: a plugin that imports numpy before llama.cpp's library loads
-      # crashes the first model load on this box (see tests/conftest.py).
+      # crashes the first model load on this box (see tests/conftest.py). The carried-runtime
+      # tests would compress the CUDA runtime on device time: CI runs them.
       PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 LOOPSERVE_TEST_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider \
           tests/test_runtime.py tests/test_dialogue.py tests/test_state_file.py \
           tests/test_scores.py tests/test_eviction.py tests/test_head_wise.py tests/test_prefill.py tests/test_gemma.py \
           tests/test_kv_pool.py tests/test_budgeted_prefill.py tests/test_kv_types.py tests/test_batch_decode.py \
           tests/test_allocation.py tests/test_completions.py tests/test_grammar.py tests/test_tool_calls.py \
           tests/test_q4_1_gemm.py \
-          -k 'not default_model and not kept_content' ;;
+          -k 'not default_model and not kept_content and not carried_runtime and not pack_refuses' ;;
     turns)
       for shape in 135m 1b; do
         [ -f /tmp/random-$shape.gguf ] || python3 -m loopserve_edge.random_gguf /tmp/random-$shape.gguf $shape .carry/smollm2-tokenizer.gguf

@@ -104,3 +104,87 @@ def test_unpatched_runtime_gives_a_clear_error():
     assert r.stdout.startswith("RuntimeBuildError"), r.stdout + r.stderr
     assert "llama_loopserve_api_version" in r.stdout
     assert "setup.sh" in r.stdout
+
+
+# -- a built runtime carried between GPU-box leases (scripts/carried_runtime.py) ----------
+
+CARRIED = ROOT / "scripts/carried_runtime.py"
+
+
+def _carried(*args, **env):
+    import os
+
+    e = dict(os.environ, **env)
+    e.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, str(CARRIED), *map(str, args), "--cuda", _backend_arg()],
+                          capture_output=True, text=True, timeout=300, env=e)
+
+
+def _backend_arg():
+    from loopserve_edge import runtime_info
+
+    return "on" if runtime_info()["backend"] == "CUDA" else "off"
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    r = _carried("pack", out)
+    assert r.returncode == 0, r.stderr
+    parts = sorted(out.iterdir())
+    backend = "cuda" if _backend_arg() == "on" else "cpu"
+    assert [p.name for p in parts] == [f"runtime-{_build_script().patch_hash()}-{backend}.tar.xz.part{i}"
+                                       for i in range(len(parts))]
+    assert all(p.stat().st_size <= 15 << 20 for p in parts)
+    return out, parts
+
+
+def test_carried_runtime_installs_and_is_what_imports(packed, tmp_path):
+    out, _ = packed
+    site = tmp_path / "site"
+    r = _carried("install", out, site)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lib = site / "llama_cpp/lib"
+    # pip's three copies of each library came as one file and two links
+    assert any(p.is_symlink() for p in lib.iterdir()) and any(not p.is_symlink() for p in lib.iterdir())
+    code = "import llama_cpp, loopserve_edge as le; print(llama_cpp.__file__); print(le.runtime_info()['patch_hash'])"
+    import os
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}"))
+    assert r.returncode == 0, r.stderr
+    where, digest = r.stdout.split()
+    assert Path(where).is_relative_to(site) and digest == _build_script().patch_hash()
+
+
+@pytest.mark.parametrize("damage", ["other hash", "cut", "first part missing"])
+def test_carried_runtime_is_refused_unless_whole_and_current(packed, tmp_path, damage):
+    _, parts = packed
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    for p in parts:
+        shutil.copy(p, carried / p.name)
+    first = carried / parts[0].name
+    if damage == "other hash":
+        for p in carried.iterdir():
+            p.rename(carried / p.name.replace(_build_script().patch_hash(), "0" * 16))
+    elif damage == "cut":
+        last = carried / parts[-1].name
+        last.write_bytes(last.read_bytes()[:-4096])
+    else:
+        first.rename(carried / (first.name[:-1] + "9"))
+    site = tmp_path / "site"
+    (site / "llama_cpp").mkdir(parents=True)  # a runtime left there before is not kept either
+    r = _carried("install", carried, site)
+    assert r.returncode == 1
+    assert not (site / "llama_cpp").exists()
+    assert ("no carried runtime" if damage != "cut" else "could not be read") in r.stdout
+
+
+def test_pack_refuses_a_runtime_not_of_these_sources(tmp_path):
+    spec = importlib.util.spec_from_file_location("carried_runtime", CARRIED)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit, match="build first"):
+        mod.pack(tmp_path, "0" * 16, "cpu")
+    assert not any(tmp_path.iterdir())
