@@ -101,9 +101,12 @@ def install(carried: Path, site: Path, digest: str, backend: str) -> bool:
                 for p in parts:
                     f.write(p.read_bytes())
             with tarfile.open(joined, mode="r:xz") as tar:
-                if any(not m.name.startswith("llama_cpp/") for m in tar.getmembers()):
-                    raise tarfile.TarError("a member outside llama_cpp/")
-                tar.extractall(site, filter="data")
+                for m in tar.getmembers():
+                    if (not m.name.startswith("llama_cpp/") or ".." in Path(m.name).parts
+                            or (m.issym() and "/" in m.linkname) or not (m.isfile() or m.issym() or m.isdir())):
+                        raise tarfile.TarError(f"unexpected member {m.name}")
+                # Python's "data" filter where it has one (3.11.4 and later)
+                tar.extractall(site, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as e:
         shutil.rmtree(target, ignore_errors=True)
         print(f"the carried runtime could not be read ({e}): not installed", flush=True)

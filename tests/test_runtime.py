@@ -111,11 +111,11 @@ def test_unpatched_runtime_gives_a_clear_error():
 CARRIED = ROOT / "scripts/carried_runtime.py"
 
 
-def _carried(*args, **env):
+def _carried(*args):
     import os
 
-    e = dict(os.environ, **env)
-    e.pop("PYTHONPATH", None)
+    e = dict(os.environ)
+    e.pop("PYTHONPATH", None)  # the site under test is the only one added
     return subprocess.run([sys.executable, str(CARRIED), *map(str, args), "--cuda", _backend_arg()],
                           capture_output=True, text=True, timeout=300, env=e)
 
