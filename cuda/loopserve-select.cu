@@ -10,7 +10,8 @@
 // prefill. On sm_90 a cluster of LS_SEL_CLUSTER blocks shares a row: each block copies its
 // segment into shared memory once, the passes read it there, and the blocks add their bins
 // and counts through distributed shared memory. Elsewhere (and for rows too long for the
-// blocks' shared memory) one block reads the row from global memory, as before.
+// blocks' shared memory, or where such clusters cannot be resident) one block reads the row
+// from global memory, as before.
 
 #include "loopserve.cuh"
 #include "loopserve-attn.cuh"
@@ -330,6 +331,33 @@ ls_select_kernel(const float * sc, int32_t * out, int64_t n_kv, float alpha,
 #endif
 }
 
+// Whether clusters of LS_SEL_CLUSTER blocks with this shared memory each can be resident at
+// all: a cluster sits within one GPC, and a MIG slice or another sm_90 part may offer fewer
+// SMs there than an H100's. Asked once per device and size (the largest size that fit and the
+// smallest that did not are kept: residency only falls as the size grows).
+static bool ls_select_cluster_fits(int device, const cudaLaunchConfig_t & cfg) {
+    static size_t fit[GGML_CUDA_MAX_DEVICES]   = {};
+    static size_t unfit[GGML_CUDA_MAX_DEVICES] = {};
+    const size_t smem = cfg.dynamicSmemBytes;
+    if (smem <= fit[device]) {
+        return true;
+    }
+    if (unfit[device] != 0 && smem >= unfit[device]) {
+        return false;
+    }
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, (const void *) ls_select_kernel<LS_SEL_CLUSTER>, &cfg) != cudaSuccess) {
+        (void) cudaGetLastError();
+        n = 0;
+    }
+    if (n > 0) {
+        fit[device] = smem;
+    } else {
+        unfit[device] = smem;
+    }
+    return n > 0;
+}
+
 void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * sc = dst->src[0];
     cudaStream_t st = ctx.stream();
@@ -356,9 +384,11 @@ void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         attr[0].val.clusterDim.z = 1;
         cfg.attrs = attr;
         cfg.numAttrs = 1;
-        CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, (const float *) sc->data, (int32_t *) dst->data, n_kv, alpha,
-                (int) p[2], (int) p[3], (int) p[4], (int) p[5], (int) p[6], (int) p[7]));
-        return;
+        if (ls_select_cluster_fits(ctx.device, cfg)) {
+            CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, (const float *) sc->data, (int32_t *) dst->data, n_kv, alpha,
+                    (int) p[2], (int) p[3], (int) p[4], (int) p[5], (int) p[6], (int) p[7]));
+            return;
+        }
     }
     CUDA_CHECK(cudaFuncSetAttribute(ls_select_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) bins));
     ls_select_kernel<1><<<n_rows, LS_SEL_THREADS, bins, st>>>((const float *) sc->data, (int32_t *) dst->data,
