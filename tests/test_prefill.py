@@ -415,7 +415,9 @@ def test_ttft_repeats_print_the_median_and_the_range(model):
     f = row.split()
     stock, sparse = float(f[1]), float(f[2])
     assert s_lo <= stock <= s_hi and p_lo <= sparse <= p_hi
-    assert float(f[3].rstrip("x")) == pytest.approx(stock / sparse, abs=0.006)
+    # the ratio of the medians, which are printed rounded to the millisecond
+    ratio = float(f[3].rstrip("x"))
+    assert (stock - 5e-4) / (sparse + 5e-4) - 0.005 <= ratio <= (stock + 5e-4) / (sparse - 5e-4) + 0.005
     assert f[5] == "1/2"  # the second ubatch (476 tokens) is under sparse_min_tokens
     r = subprocess.run([*base, "--repeats", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--repeats must be at least 1" in r.stderr
