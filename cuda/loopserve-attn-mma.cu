@@ -132,8 +132,21 @@ static __device__ __forceinline__ void ls_mma_q8_dequant(half * dst, const char 
     }
 }
 
+// CTAs an SM: the kernel waits on its gathers more than on its math (ncu at the 1B shape's 128K:
+// no warp eligible half the cycles), so on Hopper one CTA more than the registers would
+// otherwise allow (128 a thread at head dim 64, 168 at 128: a few spilled; the op 14% / 7%
+// faster on the H100 at 128K; f16 K/V, what was measured). Consumer GPUs' 100 KB of shared
+// memory an SM would not hold the extra CTA, and only the spills would remain.
+template <int D, bool Q8> static __host__ __device__ constexpr int ls_mma_min_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return Q8 ? (D == 64 ? 3 : 2) : D == 64 ? 4 : D == 128 ? 3 : 2;
+#else
+    return D == 64 ? 3 : 2;
+#endif
+}
+
 template <int D, bool Q8>
-static __global__ void __launch_bounds__(LS_MMA_THREADS, D == 64 ? 3 : 2)
+static __global__ void __launch_bounds__(LS_MMA_THREADS, ls_mma_min_blocks<D, Q8>())
 ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 #ifndef AMPERE_MMA_AVAILABLE
     NO_DEVICE_CODE;
@@ -286,16 +299,25 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
         asm volatile("cp.async.commit_group;");
         stage(Vs_s, Vr_s, vbase, a.v_nb1);
         asm volatile("cp.async.commit_group;");
-        // a warp's 32 slots belong to one query: count its keys <= the query's cell
-        for (int i = tid; i < n_q*KT; i += LS_MMA_THREADS) {
-            const int ql = i / KT, key = tk[i % KT];
-            const int n_le = __popc(__ballot_sync(0xffffffff, key >= 0 && key <= q_cell[ql]));
-            if (lane == 0) {
-                atomicAdd(&q_seen[ql], n_le);
+        asm volatile("cp.async.wait_group 1;");
+        // the tile seen whole by every row (no mask, no empty slot, each key at or before the
+        // block's first cell): most tiles, as only the band at the block's own cells is causal
+        // within it; such a tile skips the masking and the per-query counting below
+        const bool whole = __syncthreads_and(tid >= KT || (tk[tid] >= 0 && tk[tid] <= lo)) && !a.mask;
+        if (whole) {
+            if (tid < n_q) {
+                q_seen[tid] += KT;
+            }
+        } else {
+            // a warp's 32 slots belong to one query: count its keys <= the query's cell
+            for (int i = tid; i < n_q*KT; i += LS_MMA_THREADS) {
+                const int ql = i / KT, key = tk[i % KT];
+                const int n_le = __popc(__ballot_sync(0xffffffff, key >= 0 && key <= q_cell[ql]));
+                if (lane == 0) {
+                    atomicAdd(&q_seen[ql], n_le);
+                }
             }
         }
-        asm volatile("cp.async.wait_group 1;");
-        __syncthreads();
         if constexpr (Q8) {
             ls_mma_q8_dequant<D, RH, KT>(Ks, Kr, tid);
             __syncthreads();
@@ -310,21 +332,36 @@ ls_sparse_attn_mma_kernel(const ls_attn_args a) {
 
         // softcap, mask, online softmax; the rows' maxima over the 4 lanes of a row
         float mx[2] = {-INFINITY, -INFINITY};
+        if (whole) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
+            for (int t = 0; t < NT; ++t) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = e >> 1, col = t*8 + 2*(lane % 4) + (e & 1);
-                float s = S[t][e];
-                if (a.softcap != 0.0f) {
-                    s = a.softcap*tanhf(s);
+                for (int e = 0; e < 4; ++e) {
+                    float s = S[t][e];
+                    if (a.softcap != 0.0f) {
+                        s = a.softcap*tanhf(s);
+                    }
+                    S[t][e] = s*LOG2E;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], S[t][e]);
                 }
-                const int ks = ksel[col];
-                const float m = ks < 0 ? -INFINITY : !a.mask ? (ks <= row_x[i] ? 0.0f : -INFINITY) :
-                    ls_mask_word(Ms[row_m[i] + col], a.mask_f16, (ks + row_x[i]) & 1);
-                s = m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
-                S[t][e] = s;
-                mx[i] = fmaxf(mx[i], s);
+            }
+        } else {
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1, col = t*8 + 2*(lane % 4) + (e & 1);
+                    float s = S[t][e];
+                    if (a.softcap != 0.0f) {
+                        s = a.softcap*tanhf(s);
+                    }
+                    const int ks = ksel[col];
+                    const float m = ks < 0 ? -INFINITY : !a.mask ? (ks <= row_x[i] ? 0.0f : -INFINITY) :
+                        ls_mask_word(Ms[row_m[i] + col], a.mask_f16, (ks + row_x[i]) & 1);
+                    s = m != -INFINITY ? (s + m)*LOG2E : -INFINITY;
+                    S[t][e] = s;
+                    mx[i] = fmaxf(mx[i], s);
+                }
             }
         }
         float corr[2];
