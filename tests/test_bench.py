@@ -308,7 +308,7 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     assert set(METHODS) == {"full", "streaming", "snapkv", "h2o", "loopserve", "loopserve-defer",
                             "snapkv-head", "h2o-head", "loopserve-head", "loopserve-defer-head",
                             "loopserve-prefill", "loopserve-prefill-r4", "loopserve-prefill-r2",
-                            "loopserve-prefill-u4096", "loopserve-prefill-q32", "loopserve-both", "streaming-chunked",
+                            "loopserve-prefill-u4096", "loopserve-prefill-u8192", "loopserve-prefill-q32", "loopserve-both", "streaming-chunked",
                             "snapkv-chunked",
                             "snapkv-head-chunked", "loopserve-defer-chunked", "loopserve-defer-head-chunked",
                             "loopserve-d32", "loopserve-d32-head", "loopserve-d32-q8", "loopserve-d32-head-q8",
@@ -337,6 +337,8 @@ def test_methods_expand_full_first_and_report_missing_sparse_prefill():
     assert (kw4["n_batch"], kw4["n_ubatch"], kw1["n_batch"], kw1["n_ubatch"]) == (8192, 2048, 2048, 2048)
     u = llama_kwargs(BenchSpec(model="m.gguf"), Run(METHODS["loopserve-prefill-u4096"], None, 0.95), 8192)
     assert (u["n_batch"], u["n_ubatch"]) == (4096, 4096)
+    u8 = llama_kwargs(BenchSpec(model="m.gguf"), Run(METHODS["loopserve-prefill-u8192"], None, 0.95), 8192)
+    assert (u8["n_batch"], u8["n_ubatch"]) == (8192, 8192)
     assert Run(METHODS["loopserve-prefill-r2"], None, 0.95).config().prefill_reuse == 2
     assert Run(METHODS["loopserve-prefill-q32"], None, 0.95).config().last_q == 32
     assert Run(METHODS["loopserve-d32-head"], 256).config().granularity == "head"

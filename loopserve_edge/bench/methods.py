@@ -135,6 +135,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # 3.46x with 4096), at the cost of compute buffers
     Method("loopserve-prefill-u4096", "full", True, "loopserve-prefill in ubatches of 4096 (2048 "
            "otherwise): one estimation per 4096 rows", ubatch=4096),
+    # issue 18: the GPU's 1B shape meets 4x at 128K only with ubatches of 8192 (4.18x; 3.43x with
+    # 4096 before session 41's kernel): what one estimation per 8192 rows costs in fidelity
+    Method("loopserve-prefill-u8192", "full", True, "loopserve-prefill in ubatches of 8192 (2048 "
+           "otherwise): one estimation per 8192 rows", ubatch=8192),
     # issue 18: the estimation's cost is proportional to its rows (64 by default)
     Method("loopserve-prefill-q32", "full", True, "loopserve-prefill estimating from each ubatch's "
            "last 32 rows (64 otherwise)", options=(("last_q", 32),)),
