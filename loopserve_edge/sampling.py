@@ -1,6 +1,6 @@
-"""Next-token choice from logits: greedy at temperature 0, else seeded top-k/top-p; OpenAI's
-presence and frequency penalties and logit bias applied first, at any temperature; a grammar
-(grammar.py), when given, has the last word."""
+"""Next-token choice from logits: greedy at temperature 0, else seeded top-k/top-p; logit bias,
+llama.cpp's repeat penalty and OpenAI's presence and frequency penalties applied first, at any
+temperature; a grammar (grammar.py), when given, has the last word."""
 from __future__ import annotations
 
 import collections
@@ -24,6 +24,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token, added to its logit) pairs
+    # llama.cpp's (llama-server's, llama-cpp-python's): each distinct token among the last
+    # repeat_last_n of the dialogue (its prompt too; -1: all, 0: none) has a positive logit
+    # divided by repeat_penalty, a negative one multiplied; 1: off
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
     # log-probabilities of the reply's tokens (Dialogue.reply_logprobs): None off, else how
     # many of the most likely tokens to list beside each chosen one
     logprobs: int | None = None
@@ -32,29 +37,41 @@ class SamplingParams:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, constraint=None):
+    def __init__(self, params: SamplingParams, constraint=None, history: list[int] | tuple[int, ...] = ()):
         """constraint: the grammar's state for this reply (grammar.Constraint: allows(token),
-        mask(logits), accept(token)), or None."""
+        mask(logits), accept(token)), or None; history: the dialogue's tokens before the reply
+        (the repeat penalty's window starts among them)."""
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.counts: collections.Counter[int] = collections.Counter()  # tokens chosen so far
         self.constraint = constraint
+        n = params.repeat_last_n
+        self.recent: collections.deque[int] | None = None
+        if params.repeat_penalty != 1.0 and n != 0:
+            self.recent = collections.deque(list(history) if n < 0 else list(history)[-n:],
+                                            maxlen=None if n < 0 else n)
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
-        """The logits the choice is made from: the penalties and the bias applied (a copy when
-        any applies)."""
+        """The logits the choice is made from: the bias, then the penalties applied (in llama.cpp's
+        order; a copy when any applies)."""
         p = self.params
         pen = self.counts and (p.presence_penalty or p.frequency_penalty)
-        if not pen and not p.logit_bias:
+        rep = bool(self.recent)
+        if not pen and not p.logit_bias and not rep:
             return logits
         x = logits.astype(np.float64)
+        for tok, bias in p.logit_bias:
+            if 0 <= tok < x.size:
+                x[tok] += bias
+        if rep:
+            toks = np.unique(np.fromiter(self.recent, dtype=np.int64, count=len(self.recent)))
+            toks = toks[(toks >= 0) & (toks < x.size)]
+            v = x[toks]
+            x[toks] = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
         if pen:
             toks = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
             n = np.fromiter(self.counts.values(), dtype=np.float64, count=len(self.counts))
             x[toks] -= p.presence_penalty + p.frequency_penalty * n
-        for tok, bias in p.logit_bias:
-            if 0 <= tok < x.size:
-                x[tok] += bias
         return x
 
     def __call__(self, logits: np.ndarray) -> int:
@@ -68,6 +85,8 @@ class Sampler:
                 tok = self._choose(c.mask(x))
             c.accept(tok)
         self.counts[tok] += 1
+        if self.recent is not None:
+            self.recent.append(tok)
         return tok
 
     def _choose(self, logits: np.ndarray) -> int:

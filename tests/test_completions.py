@@ -112,8 +112,10 @@ def test_bad_calls_raise_naming_the_parameter_and_lose_nothing(tiny_model, make_
     # llama-cpp-python's other samplers: accepted where they do nothing, else refused by name
     assert _text(llm.create_chat_completion(m, repeat_penalty=1.0, mirostat_mode=0, mirostat_tau=4.0,
                                             grammar=None, **GREEDY)) == _text(first)
-    with pytest.raises(RequestError, match="repeat_penalty=1.1 is not supported"):
-        llm.create_chat_completion(m, repeat_penalty=1.1)
+    with pytest.raises(RequestError, match="typical_p=0.9 is not supported"):
+        llm.create_chat_completion(m, typical_p=0.9)
+    with pytest.raises(RequestError, match="'repeat_penalty' must be above 0"):
+        llm.create_chat_completion(m, repeat_penalty=0)
     with pytest.raises(TypeError, match="n_probs"):
         llm.create_chat_completion(m, n_probs=3)
     with pytest.raises(ContextFullError):
@@ -123,6 +125,19 @@ def test_bad_calls_raise_naming_the_parameter_and_lose_nothing(tiny_model, make_
                                             {"role": "user", "content": "and?"}], **GREEDY)
     u = first["usage"]
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_repeat_penalty_over_llama_cpp_pythons_window(tiny_model, make_llm):
+    m = [SYSTEM, {"role": "user", "content": "apples apples apples and pears"}]
+    for size in (None, 4):
+        llm = make_llm(tiny_model, **({} if size is None else {"last_n_tokens_size": size}))
+        r = llm.create_chat_completion(m, repeat_penalty=100.0, **GREEDY)
+        d = make_llm(tiny_model).dialogue(system="You are terse.")
+        assert _text(r) == d.send("apples apples apples and pears", repeat_penalty=100.0,
+                                  repeat_last_n=size or 64, **GREEDY)
+        t = llm.create_completion("apples apples apples", repeat_penalty=100.0, **GREEDY)["choices"][0]["text"]
+        assert t != llm.create_completion("apples apples apples", **GREEDY)["choices"][0]["text"]
+    assert _text(r) != _text(make_llm(tiny_model).create_chat_completion(m, **GREEDY))
 
 
 def test_the_config_and_each_call_settings_bound_the_cache(tiny_model, make_llm):

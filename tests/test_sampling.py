@@ -74,3 +74,62 @@ def test_a_reply_records_each_tokens_logprob_from_the_logits_that_chose_it(tiny_
         assert len(top) == 3 and top[0] == (tok, lp) and top[0][1] >= top[1][1] >= top[2][1]
     d.send("again", temperature=0, max_tokens=4)
     assert d.reply_logprobs is None   # not asked for this turn
+
+
+def test_repeat_penalty_is_llama_cpps_over_the_window_of_the_dialogue_and_the_reply():
+    import ctypes
+
+    import llama_cpp
+
+    rng = np.random.default_rng(1)
+    n_vocab = 40
+    history = [int(t) for t in rng.integers(0, n_vocab, 30)]
+    for pen, last_n in ((1.3, 8), (0.8, 64), (2.0, 1)):
+        s = Sampler(SamplingParams(temperature=0, repeat_penalty=pen, repeat_last_n=last_n), history=history)
+        # the reference: llama.cpp's penalties sampler, fed the same tokens (llama-server feeds it the
+        # prompt, then each chosen token)
+        ref = llama_cpp.llama_sampler_init_penalties(n_vocab, last_n, pen, 0.0, 0.0)
+        for t in history:
+            llama_cpp.llama_sampler_accept(ref, t)
+        for _ in range(6):
+            logits = rng.normal(scale=2.0, size=n_vocab).astype(np.float32)
+            data = (llama_cpp.llama_token_data * n_vocab)(*(llama_cpp.llama_token_data(i, float(logits[i]), 0.0)
+                                                            for i in range(n_vocab)))
+            arr = llama_cpp.llama_token_data_array(data, n_vocab, -1, False)
+            llama_cpp.llama_sampler_apply(ref, ctypes.byref(arr))
+            want = np.array([data[i].logit for i in range(n_vocab)])
+            got = s.adjusted(logits)
+            assert not np.array_equal(got, logits)   # some token of the window was there
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+            tok = s(logits)
+            llama_cpp.llama_sampler_accept(ref, tok)
+        llama_cpp.llama_sampler_free(ref)
+    # 1 or an empty window: the logits as given; -1: the whole history
+    logits = np.array([2.0, -1.0, 0.5], dtype=np.float32)
+    for kw in (dict(repeat_penalty=1.0), dict(repeat_penalty=2.0, repeat_last_n=0)):
+        assert Sampler(SamplingParams(temperature=0, **kw), history=[0, 1]).adjusted(logits) is logits
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=-1), history=[0, 1] + [2] * 100)
+    np.testing.assert_array_equal(s.adjusted(logits), [1.0, -2.0, 0.25])
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=2), history=[0, 1] + [2] * 100)
+    np.testing.assert_array_equal(s.adjusted(logits), [2.0, -1.0, 0.25])
+
+
+def test_a_reply_with_a_repeat_penalty_is_chosen_over_its_prompt_and_itself(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    kw = dict(temperature=0, max_tokens=10, repeat_penalty=100.0, repeat_last_n=-1)
+    d = llm.dialogue()
+    reply = d.send("hello hello hello there", **kw)
+    assert reply != llm.dialogue().send("hello hello hello there", temperature=0, max_tokens=10)
+    n = d.last_stats.decode_tokens
+    prompt, toks = d.tokens[:-n], d.tokens[-n:]
+    # the same turn teacher-forced along the reply: a sampler given the prompt as history
+    # chooses each of its tokens from the logits the model gave there
+    seen = []
+
+    def force(logits):
+        seen.append(np.array(logits))
+        return toks[len(seen) - 1]
+
+    llm.dialogue().send("hello hello hello there", token_fn=force, max_tokens=n)
+    s = Sampler(SamplingParams(**kw), history=prompt)
+    assert len(seen) == n and [s(x) for x in seen] == toks

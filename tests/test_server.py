@@ -210,7 +210,7 @@ def test_request_settings_choose_spans_and_refuse_bad_ones():
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     post = lambda body: httpx.post(server.url + "/v1/chat/completions", content=body,  # noqa: E731
-                                   headers={"Content-Type": "application/json"})
+                                   headers={"Content-Type": "application/json"}, timeout=60)
     r = post(b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = post(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}))
@@ -221,6 +221,22 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     with pytest.raises(openai.NotFoundError) as e:
         server.client().chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
     assert e.value.code == "model_not_found"
+    # no model named: the loaded one serves it (as llama-server); a wrong type is still refused
+    for path, extra in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                        ("/v1/completions", {"prompt": "Once"}), ("/v1/responses", {"input": "hi"})):
+        r = httpx.post(server.url + path, json={"max_tokens" if path != "/v1/responses" else "max_output_tokens": 2,
+                                                **extra}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == MODEL, (path, r.text)
+    r = post(json.dumps({"model": 5, "messages": [{"role": "user", "content": "hi"}]}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    # llama-server's repeat penalty: taken, and checked
+    hi = {"messages": [{"role": "user", "content": "hi hi hi"}], "max_tokens": 6, "temperature": 0}
+    r = post(json.dumps({**hi, "repeat_penalty": 100, "repeat_last_n": -1}))
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"] != post(json.dumps(hi)).json()["choices"][0]["message"]
+    for bad, param in (({"repeat_penalty": 0}, "repeat_penalty"), ({"repeat_last_n": -2}, "repeat_last_n")):
+        r = post(json.dumps({**hi, **bad}))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
     with pytest.raises(openai.BadRequestError) as e:
         _chat(server.client(), [{"role": "user", "content": "word " * 3000}])
     assert e.value.code == "context_length_exceeded" and "n_ctx=2048" in e.value.message

@@ -152,14 +152,14 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = protocol.parse_chat_request(await request.body())
+        req = protocol.parse_chat_request(await request.body(), opts.model_name)
         check_model(req)
         return await _answer(request, req, request.headers.get(DIALOGUE_HEADER),
                              openai_api.ChatShapes(req, engine.llm.fingerprint))
 
     @app.post("/v1/completions")
     async def text(request: Request):
-        req = protocol.parse_text_request(await request.body())
+        req = protocol.parse_text_request(await request.body(), opts.model_name)
         check_model(req)
         if request.headers.get(DIALOGUE_HEADER) is not None:
             raise ApiError(400, f"{DIALOGUE_HEADER} names a chat dialogue; a text completion goes on in the "
@@ -170,7 +170,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
     async def create_response(request: Request):
         """OpenAI's Responses API over the chat path; previous_response_id finds the conversation
         (responses_api.py), stored responses are kept beside the dialogues' state files."""
-        body, req, added = protocol.parse_response_request(await request.body(), responses)
+        body, req, added = protocol.parse_response_request(await request.body(), responses, opts.model_name)
         check_model(req)
         prev = body.get("previous_response_id")
 

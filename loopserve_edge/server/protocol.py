@@ -27,30 +27,32 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
-    return _parse(raw, parse_chat)
+# `model`: the served model's name, what a body without one asks for (llama-server's curl
+# examples leave it out; a body naming another model is still refused by the app)
+def parse_chat_request(raw: bytes, model: str) -> ChatRequest:
+    return _parse(raw, parse_chat, model)
 
 
-def parse_text_request(raw: bytes) -> TextRequest:
-    return _parse(raw, parse_text)
+def parse_text_request(raw: bytes, model: str) -> TextRequest:
+    return _parse(raw, parse_text, model)
 
 
-def _parse(raw: bytes, parse):
+def _parse(raw: bytes, parse, model: str):
     body = _json(raw)
     try:
-        return parse(body)
+        return parse(body, model)
     except RequestError as e:
         raise ApiError.bad_request(e) from None
 
 
-def parse_response_request(raw: bytes, store) -> tuple[dict, ChatRequest, list[dict]]:
+def parse_response_request(raw: bytes, store, model: str) -> tuple[dict, ChatRequest, list[dict]]:
     """A Responses API body: (the body, its chat request, the chat messages it adds); `store`
-    finds the conversation before previous_response_id."""
+    finds the conversation before previous_response_id; `model` as parse_chat_request."""
     body = _json(raw)
     try:
         prev = body.get("previous_response_id")
         chat, added = responses_api.to_chat(body, [] if prev is None else store.conversation(prev))
-        return body, parse_chat(chat), added
+        return body, parse_chat(chat, model), added
     except RequestError as e:
         raise ApiError(400, e.message, param=responses_api.param(e.param), code=e.code) from None
 
