@@ -98,7 +98,10 @@
 #   bg STEP...      run the steps one after the other in the background, each one's output in
 #                   /tmp/bg/out/N-STEP.log (STEP with characters other than A-Za-z0-9._- as _: the
 #                   device tool brings back no other names; OUT=/tmp/bg/out), their start and exit status
-#                   in /tmp/bg/steps; the call returns at once
+#                   in /tmp/bg/steps; the call returns at once. The steps run in a copy of the tree
+#                   (/tmp/bg/tree, made here; without .git, .venv and build/): every later call
+#                   copies the working tree onto the box again, and a step that imported a module
+#                   meanwhile could miss it (session 42: one GPU test failed so)
 #   wait-parts=N    (a step for bg) wait until N Gemma parts are whole in /tmp/carried, put there
 #                   by the calls that carry them (`stash` alone: no wheels, so it cannot meet a
 #                   background step's install), at most 15 min
@@ -123,7 +126,9 @@ stash_carried() {
 }
 if [ "${1:-}" = bg ]; then
   shift
-  rm -rf /tmp/bg && mkdir -p /tmp/bg/out /tmp/carried
+  rm -rf /tmp/bg && mkdir -p /tmp/bg/out /tmp/bg/tree /tmp/carried
+  tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build . | tar -xf - -C /tmp/bg/tree
+  cd /tmp/bg/tree
   : > /tmp/bg/steps
   setsid nohup bash -c '
     i=0

@@ -41,6 +41,27 @@ def test_bg_runs_steps_and_bg_wait_brings_their_output_back(tmp_path, monkeypatc
         subprocess.run(["rm", "-rf", "/tmp/bg"])
 
 
+@pytest.mark.skipif(Path("/tmp/bg").exists() and any(Path("/tmp/bg").iterdir()),
+                    reason="/tmp/bg holds another lease's background steps")
+def test_bg_steps_run_in_a_copy_of_the_tree_that_later_changes_do_not_reach(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    probe = ROOT / "bg-probe.tmp"   # untracked, made for this test
+    probe.write_text("as at the start\n")
+    try:
+        r = run("bg", "wait-parts=0", env=env)
+        assert r.returncode == 0
+        probe.write_text("changed by a later call\n")  # as the device tool's next copy of the tree would
+        r = run("bg-wait=30", env=env)
+        assert r.returncode == 0 and r.stdout.strip().endswith("done")
+        tree = Path("/tmp/bg/tree")
+        assert (tree / "bg-probe.tmp").read_text() == "as at the start\n"
+        assert (tree / "benchmarks" / "device_run.sh").read_bytes() == SCRIPT.read_bytes()
+        assert not (tree / ".git").exists() and not (tree / "build").exists() and not (tree / ".venv").exists()
+    finally:
+        probe.unlink(missing_ok=True)
+        subprocess.run(["rm", "-rf", "/tmp/bg"])
+
+
 def test_bg_wait_on_a_fresh_machine_says_so(tmp_path):
     if Path("/tmp/bg").exists():
         pytest.skip("/tmp/bg exists here")
