@@ -48,8 +48,7 @@ class Sampler:
         n = params.repeat_last_n
         self.recent: collections.deque[int] | None = None
         if params.repeat_penalty != 1.0 and n != 0:
-            self.recent = collections.deque(list(history) if n < 0 else list(history)[-n:],
-                                            maxlen=None if n < 0 else n)
+            self.recent = collections.deque(history if n < 0 else history[-n:], maxlen=None if n < 0 else n)
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits the choice is made from: the bias, then the penalties applied (in llama.cpp's
