@@ -129,8 +129,9 @@ def _stats_line(dlg) -> str:
               help="every reply held to the GBNF grammar in this file (llama.cpp's grammar format)")
 @click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
-@click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True,
-              help="KV eviction policy (loopserve: progressive compression while decoding)")
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
+              help="KV eviction policy (loopserve: progressive compression while decoding)  "
+                   "[default: loopserve with --kv-budget, else full]")
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps (+ --kv-interval)")
 @click.option("--kv-interval", type=int, default=None,
               help="compress every N generated tokens  [default: about budget/16, up to the "
@@ -275,7 +276,8 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
               help="seconds a changed dialogue stays idle before its state file is written")
 @click.option("--n-gpu-layers", default=0, show_default=True, help="layers to offload to the GPU (-1 = all)")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: llama.cpp's choice)")
-@click.option("--policy", type=click.Choice(POLICIES), default="full", show_default=True, help="KV eviction policy")
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
+              help="KV eviction policy  [default: loopserve with --kv-budget, else full]")
 @click.option("--kv-budget", type=int, default=None, help="most KV cells a dialogue keeps")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="cell", show_default=True)
 @click.option("--kv-allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,

@@ -78,8 +78,10 @@ class LoopServeConfig:
     prefill_reuse: int = 1
 
     # Phase 2, progressive KV compression in decoding (eviction.py says what each policy
-    # does). A dialogue holds at most budget + interval cells; None = never evict.
-    policy: str = "full"
+    # does). A dialogue holds at most budget + interval cells; None = never evict. Policy None:
+    # "loopserve" when a budget is given, else "full" (a budget alone asks for compression, and
+    # "full" with a budget is refused rather than keeping every token unasked)
+    policy: str | None = None
     budget: int | None = None
     # compress every `interval` generated tokens; None: default_interval(budget), about
     # budget // 16, so that a dialogue overshoots its budget by little while the fixed cost of
@@ -182,6 +184,8 @@ class LoopServeConfig:
     cupy_select: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.policy is None:
+            object.__setattr__(self, "policy", "full" if self.budget is None else "loopserve")
         if self.interval is None:
             object.__setattr__(self, "interval", default_interval(self.budget or 1024))
         if self.prefill_window is None:
@@ -223,6 +227,9 @@ class LoopServeConfig:
                              f"recent={self.recent} cells")
         if self.policy != "full" and self.budget is None:
             raise ValueError(f"policy {self.policy!r} needs a budget")
+        if self.policy == "full" and self.budget is not None:
+            raise ValueError(f"policy 'full' keeps every token and takes no budget ({self.budget}); "
+                             f"give a policy that evicts ({', '.join(POLICIES[1:])}) or none (then loopserve)")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError("alpha must be in (0, 1]")
         if self.last_q < 1 or self.sparse_min_tokens < 2 or self.prefill_reuse < 1:

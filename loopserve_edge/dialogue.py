@@ -239,8 +239,9 @@ class Dialogue:
         chunked = self.evictor.active and keep + len(new) >= llm.n_ctx
         if not chunked and keep + len(new) >= llm.n_ctx:
             raise ContextFullError(
-                f"this turn needs {keep + len(new)} tokens of context but n_ctx={llm.n_ctx}; "
-                "start a new dialogue (/reset) or use a larger --n-ctx")
+                f"this turn needs {keep + len(new)} tokens of context but n_ctx={llm.n_ctx}: start a new "
+                "dialogue (/reset in the chat), use a larger n_ctx (--n-ctx), or set a KV budget "
+                "(--kv-budget; a longer input is then prefilled in chunks)")
         if keep < len(self.tokens):
             llm.make_resident(self)
             llm.remove_positions(self._seq, self.positions[keep])

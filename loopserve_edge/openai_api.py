@@ -342,6 +342,10 @@ def merged_config(base: LoopServeConfig, settings: dict) -> LoopServeConfig:
     d.update(settings)
     if "interval" not in settings and "budget" in settings:
         d["interval"] = None    # derived from the budget again
+    if "policy" not in settings and "budget" in settings and (base.policy == "full" or settings["budget"] is None):
+        d["policy"] = None      # a budget alone: loopserve; none: full (LoopServeConfig)
+    if settings.get("policy") == "full" and "budget" not in settings:
+        d["budget"] = None      # the server's budget does not go with "full"
     if "defer_cut" not in settings:
         d["defer_cut"] = None
     try:

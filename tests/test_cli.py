@@ -120,6 +120,18 @@ def test_context_overflow_is_reported(default_model, tmp_path):
     assert "n_ctx=256" in _one_error_line(r)
 
 
+def test_a_budget_alone_compresses_and_full_with_a_budget_is_refused(default_model, tmp_path):
+    # before, --kv-budget without --policy kept policy full: the budget did nothing and this
+    # input, longer than n_ctx, was refused
+    stdin = "word " * 400 + "\n/stats\n"
+    r = run(["chat", "--kv-budget", "256", "--n-ctx", "512", "--temperature", "0", "--max-tokens", "4",
+             "--threads", "2"], stdin, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "KV 256/512 cells" in r.stderr and "evicted so far" in r.stderr   # /stats
+    r = run(["chat", "--policy", "full", "--kv-budget", "256"], stdin="hi\n", timeout=60)
+    assert r.returncode == 2 and "takes no budget" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_info_reports_model_and_runtime(default_model):
     r = run(["info"])
     assert r.returncode == 0, r.stderr

@@ -294,6 +294,17 @@ def test_default_interval_follows_the_budget():
     assert LoopServeConfig.from_dict(c.to_dict()) == c
 
 
+def test_a_budget_alone_asks_for_loopserve_and_full_takes_none():
+    assert LoopServeConfig().policy == "full" and LoopServeConfig().budget is None
+    assert LoopServeConfig(budget=512).policy == "loopserve"
+    assert LoopServeConfig(policy="snapkv", budget=512).policy == "snapkv"
+    c = LoopServeConfig(budget=512)
+    assert LoopServeConfig.from_dict(c.to_dict()) == c
+    # before, "full" kept a given budget and never evicted: a budget that did nothing
+    with pytest.raises(ValueError, match="takes no budget"):
+        LoopServeConfig(policy="full", budget=512)
+
+
 def test_config_refuses_nonsense():
     with pytest.raises(ValueError, match="needs a budget"):
         LoopServeConfig(policy="loopserve")

@@ -180,6 +180,25 @@ def test_request_settings_set_defer_scored_and_refuse_bad_values():
         parse({"defer_scored": "four"})
 
 
+def test_a_request_budget_alone_asks_for_loopserve_and_full_drops_the_budget():
+    from loopserve_edge import LoopServeConfig
+    from loopserve_edge import openai_api as protocol
+
+    parse = lambda ls: protocol._loopserve(ls)  # noqa: E731
+    plain = LoopServeConfig()                                      # a server started without a budget
+    got = protocol.merged_config(plain, parse({"budget": 300}))
+    assert (got.policy, got.budget) == ("loopserve", 300)
+    assert protocol.merged_config(plain, parse({"budget": 300, "policy": "h2o"})).policy == "h2o"
+    budgeted = LoopServeConfig(policy="snapkv", budget=512)
+    assert protocol.merged_config(budgeted, parse({"budget": 300})).policy == "snapkv"   # kept
+    got = protocol.merged_config(budgeted, parse({"policy": "full"}))
+    assert (got.policy, got.budget) == ("full", None)
+    got = protocol.merged_config(budgeted, parse({"budget": None}))
+    assert (got.policy, got.budget) == ("full", None)
+    with pytest.raises(protocol.RequestError, match="takes no budget"):
+        protocol.merged_config(plain, parse({"policy": "full", "budget": 300}))
+
+
 def test_request_settings_choose_the_allocation_of_a_head_wise_server():
     from loopserve_edge import LoopServeConfig
     from loopserve_edge import openai_api as protocol
