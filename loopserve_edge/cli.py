@@ -52,6 +52,13 @@ kv_type_option = click.option(
     help="KV cache type of K and V (quantized: flash attention on)")
 
 
+format_option = click.option(
+    "--format", "prompt_format", type=click.Choice(chat_template.FORMAT_CHOICES), default="auto", show_default=True,
+    help="how turns reach the model: chat (the GGUF's chat template), completion (a plain transcript, "
+         "each question followed by 'Answer:', replies ending at their line: base models); auto: chat "
+         "when the GGUF has a chat template, else completion")
+
+
 @click.group()
 @click.version_option(package_name="loopserve-edge")
 def main() -> None:
@@ -100,6 +107,7 @@ def _stats_line(dlg) -> str:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--dialogue", "name", help="name of the dialogue: resumed if saved, else created; saved after every turn")
 @click.option("--system", default=None, help="system prompt of a new dialogue")
+@format_option
 @click.option("--n-ctx", default=4096, show_default=True,
               help="KV cells allocated (the pool; 0 = the model's trained context). Without a budget a "
                    "dialogue holds at most this many tokens; with --kv-budget, an input longer than "
@@ -151,7 +159,7 @@ def _stats_line(dlg) -> str:
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed, presence_penalty,
+def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed, presence_penalty,
          frequency_penalty, repeat_penalty, repeat_last_n, json_reply, json_schema, grammar_file, n_gpu_layers,
          threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill,
          alpha, verbose, dialogues_dir):
@@ -172,7 +180,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
         raise click.UsageError(str(e)) from None
     form = _reply_form(json_reply, json_schema, grammar_file)
     model_path = Path(model) if model else default_model()
-    llm = Llama(model_path, loopserve=config, n_ctx=n_ctx,
+    llm = Llama(model_path, loopserve=config, prompt_format=prompt_format, n_ctx=n_ctx,
                 n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose,
                 dialogues_dir=dialogues_dir, **kv_type_kwargs(kv_type))
     if form is not None:
@@ -265,6 +273,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="a web page origin allowed to call the API from a browser (repeatable; '*' for any); "
                    "none by default")
+@format_option
 @click.option("--n-ctx", default=8192, show_default=True, help="KV pool in cells, shared by the resident dialogues")
 @kv_type_option
 @click.option("--max-resident", default=4, show_default=True, help="dialogues in the KV pool at once")
@@ -295,7 +304,7 @@ def chat(model, name, system, n_ctx, kv_type, max_tokens, temperature, top_k, to
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def serve(model, host, port, api_key, model_name, cors_origins, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
+def serve(model, host, port, api_key, model_name, cors_origins, prompt_format, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
           max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, kv_allocation, kv_span,
           sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, GET
@@ -318,8 +327,8 @@ def serve(model, host, port, api_key, model_name, cors_origins, n_ctx, kv_type, 
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_path = Path(model) if model else default_model()
-    llm = Llama(model_path, loopserve=config, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                verbose=verbose, **kv_type_kwargs(kv_type, flash_attn=flash_attn))
+    llm = Llama(model_path, loopserve=config, prompt_format=prompt_format, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                n_threads=threads, verbose=verbose, **kv_type_kwargs(kv_type, flash_attn=flash_attn))
     name = model_name or model_path.stem
     opts = ServeOptions(model_name=name, dialogues_dir=resolve(dialogues_dir) / "server" / llm.fingerprint,
                         ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens,
@@ -446,7 +455,8 @@ def info(model, n_ctx, kv_type):
     click.echo(f"model.n_ctx_train: {llama_c.llama_model_n_ctx_train(m)}")
     click.echo(f"model.n_vocab: {llm.n_vocab}")
     fallback_name = chat_template.fallback(md.get("general.architecture"))[0]
-    click.echo(f"model.chat_template: {'yes' if 'tokenizer.chat_template' in md else f'no ({fallback_name} used)'}")
+    click.echo("model.chat_template: " + ("yes" if "tokenizer.chat_template" in md else
+               f"no (chat and serve use the completion format; with --format chat, {fallback_name}'s turns)"))
     click.echo(f"model.fingerprint: {llm.fingerprint}")
     click.echo(f"kv.n_ctx: {llm.n_ctx}")
     click.echo(f"kv.type: {kv_type}")

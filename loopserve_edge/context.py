@@ -24,7 +24,7 @@ import numpy as np
 
 from . import bindings
 from .bindings import llama_c, llama_cpp
-from .chat_template import FORMATS, ChatTemplate
+from .chat_template import FORMAT_CHOICES, ChatTemplate, resolve_format
 from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileError
 from .grammar import Constraint
@@ -74,9 +74,11 @@ class Context:
         """`kwargs` are llama_cpp.Llama's constructor arguments (n_ctx, n_gpu_layers,
         n_threads, flash_attn, type_k, seed, verbose, ...). `prompt_format`: `chat` renders
         dialogues with the model's chat template, `completion` as a plain transcript for
-        base models (chat_template.COMPLETION)."""
-        if prompt_format not in FORMATS:
-            raise LoopServeError(f"unknown prompt format {prompt_format!r}; choose from {', '.join(FORMATS)}")
+        base models (chat_template.COMPLETION), `auto` the first where the GGUF has a chat
+        template, else the second."""
+        if prompt_format not in FORMAT_CHOICES:
+            raise LoopServeError(f"unknown prompt format {prompt_format!r}; "
+                                 f"choose from {', '.join(FORMAT_CHOICES)}")
         self.config = loopserve or LoopServeConfig()
         self.model_path = check_model_file(model_path)
         kwargs.setdefault("verbose", False)
@@ -116,9 +118,9 @@ class Context:
         self._logits_type = ctypes.c_float * self.n_vocab
         self.metadata: dict[str, str] = dict(self._llm.metadata)
         self.fingerprint = fingerprint(self.model_path, self.metadata)
-        self.prompt_format = prompt_format
+        self.prompt_format = resolve_format(prompt_format, self.metadata.get("tokenizer.chat_template"))
         self.template = ChatTemplate.for_format(
-            prompt_format, self.metadata.get("tokenizer.chat_template"),
+            self.prompt_format, self.metadata.get("tokenizer.chat_template"),
             bos_token=self._piece(llama_c.llama_vocab_bos(self._vocab)).decode(errors="replace"),
             eos_token=self._piece(llama_c.llama_vocab_eos(self._vocab)).decode(errors="replace"),
             architecture=self.metadata.get("general.architecture"),

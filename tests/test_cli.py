@@ -132,6 +132,22 @@ def test_a_budget_alone_compresses_and_full_with_a_budget_is_refused(default_mod
     assert r.returncode == 2 and "takes no budget" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_model_without_a_chat_template_chats_in_the_completion_format(tmp_path):
+    from loopserve_edge.random_gguf import write_random_llama
+
+    base = write_random_llama(tmp_path / "base.gguf", seed=0, chat_template=None)  # as a base model's GGUF
+    line = [x for x in run(["info", str(base)]).stdout.splitlines() if x.startswith("model.chat_template")]
+    assert line == ["model.chat_template: no (chat and serve use the completion format; with --format chat, "
+                    "ChatML's turns)"]
+    args = ["chat", str(base), "--dialogue", "t", "--temperature", "0", "--max-tokens", "40", "--threads", "2"]
+    for fmt in ("auto", "chat"):
+        r = run(args + ["--format", fmt, "--dialogues-dir", str(tmp_path / fmt)], "Q?\n")
+        assert r.returncode == 0, r.stderr
+    from loopserve_edge import state_file
+    formats = {fmt: state_file.read(tmp_path / fmt / "t.lsd").header["context"]["prompt_format"] for fmt in ("auto", "chat")}
+    assert formats == {"auto": "completion", "chat": "chat"}
+
+
 def test_info_reports_model_and_runtime(default_model):
     r = run(["info"])
     assert r.returncode == 0, r.stderr

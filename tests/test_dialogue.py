@@ -161,8 +161,21 @@ def test_completion_format_is_a_plain_transcript(tiny_model, make_llm):
     d = llm.dialogue(system="Examples.")
     reply = d.send("Text.\n\nQ?", temperature=0, max_tokens=30)
     assert "\n" not in reply and "<|im_start|>" not in d.kv_text
-    with pytest.raises(LoopServeError, match="unknown prompt format"):
+    with pytest.raises(LoopServeError, match="unknown prompt format 'markdown'; choose from auto, chat"):
         make_llm(tiny_model, prompt_format="markdown")
+
+
+def test_auto_format_is_completion_without_a_chat_template(tiny_model, make_llm, tmp_path):
+    from loopserve_edge.random_gguf import write_random_llama
+
+    base = write_random_llama(tmp_path / "base.gguf", seed=0, chat_template=None)  # as a base model's GGUF
+    llm = make_llm(base, prompt_format="auto")
+    assert "tokenizer.chat_template" not in llm.metadata
+    assert llm.prompt_format == "completion" and llm.template.stops == ("\n",)
+    assert llm.context_settings()["prompt_format"] == "completion"   # what a state file records
+    assert make_llm(base).prompt_format == "chat"                    # the Python API's default stays
+    chat = make_llm(tiny_model, prompt_format="auto")                 # ChatML in its GGUF
+    assert chat.prompt_format == "chat" and "<|im_start|>" in chat.template.render([{"role": "user", "content": "x"}])
 
 
 def test_a_reply_prefix_is_continued_and_kept_in_the_message(tiny_model, make_llm):

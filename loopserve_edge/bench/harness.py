@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .. import chat_template
 from ..context import kv_type_kwargs
 from ..errors import LoopServeError
 from ..model_file import check_model_file
@@ -335,9 +336,7 @@ def llama_kwargs(spec: BenchSpec, run: Run, n_ctx: int) -> dict:
 def resolve_format(requested: str, metadata: dict) -> str:
     """`auto`: the chat format for a GGUF that carries a chat template (an instruction-tuned
     model), the completion format with worked examples for one that does not (a base model)."""
-    if requested != "auto":
-        return requested
-    return "chat" if metadata.get("tokenizer.chat_template") else "completion"
+    return chat_template.resolve_format(requested, metadata.get("tokenizer.chat_template"))
 
 
 def read_levels(path: str) -> dict:
