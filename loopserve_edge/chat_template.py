@@ -56,6 +56,7 @@ def resolve_format(fmt: str, template: str | None) -> str:
         raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(FORMAT_CHOICES)}")
     return fmt
 
+
 # general.architecture -> (name, template) used when the GGUF has no template
 FALLBACKS = {"gemma": ("Gemma", GEMMA), "gemma2": ("Gemma", GEMMA), "gemma3": ("Gemma", GEMMA)}
 

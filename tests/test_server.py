@@ -648,6 +648,21 @@ def test_a_client_gone_mid_stream_leaves_a_consistent_dialogue(server):
     assert "loopserve_kv_cells_used" in metrics and "loopserve_dialogues_resident" in metrics
 
 
+def test_a_server_given_only_a_budget_compresses_and_says_so(tmp_path):
+    # before, --kv-budget without --policy started a server of policy full: the budget did nothing
+    s = Server(tmp_path, "--kv-budget", "256")
+    try:
+        text = " ".join(f"Line {i}: the {i}th fact is {i * 7}." for i in range(60))   # ~900 tokens
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=300, json={
+            "model": MODEL, "messages": [{"role": "user", "content": text + " Which is the 3rd fact?"}],
+            "temperature": 0, "max_tokens": 8}).json()
+        assert r["usage"]["prompt_tokens"] > 600
+        assert r["loopserve"]["kv_evicted"] > 0 and r["loopserve"]["kv_cells"] <= 256 + 64
+    finally:
+        out = s.stop()
+    assert "KV loopserve budget 256 cell-wise, chat format" in out
+
+
 def test_dialogues_survive_a_restart(tmp_path):
     s = Server(tmp_path)
     msgs = [{"role": "user", "content": "Remember the number 41."}]
