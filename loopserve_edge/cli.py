@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ HELP = """commands:
   /reset         forget the conversation, keep the system prompt
   /stats         statistics of the last turn
   /help          this text
-  /quit          leave (also Ctrl-D)"""
+  /quit          leave (also Ctrl-D)
+Ctrl-C stops a reply where it is (what it said so far stays its reply); at the prompt, it leaves."""
 
 
 class _Failure(click.ClickException):
@@ -101,6 +103,25 @@ def _stats_line(dlg) -> str:
                if s.prefill_density is not None else "")
             + (f"input in {s.prefill_chunks} chunks, " if s.prefill_chunks > 1 else "")
             + f"finish: {s.finish_reason}")
+
+
+def _print_reply(pieces, stop_on_sigint: bool) -> bool:
+    """Print a reply as it streams; True when Ctrl-C stopped it. With stop_on_sigint, SIGINT only
+    sets a flag that is read between pieces, so no token's decode is cut in the middle: the
+    stream is closed there, and the turn ends with the reply so far (Dialogue._generate)."""
+    hit: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda *_: hit.append(1)) if stop_on_sigint else None
+    try:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+            if hit:
+                break
+    finally:
+        pieces.close()
+        if stop_on_sigint:
+            signal.signal(signal.SIGINT, old)
+    click.echo()
+    return bool(hit)
 
 
 @main.command()
@@ -245,9 +266,16 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
                             repeat_last_n=repeat_last_n, grammar=form)
             if interactive:
                 click.echo("bot> ", nl=False)
-            for piece in dlg.send(line, stream=True, **sampling):
-                click.echo(piece, nl=False)
-            click.echo()
+            try:
+                pieces = dlg.send(line, stream=True, **sampling)   # the prefill, before the first piece
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                # the input's decode took its cells back out (Context.decode): nothing was sent
+                click.echo("\n[interrupted: the message was not sent]", err=True)
+                continue
+            if _print_reply(pieces, stop_on_sigint=interactive):
+                click.echo("[stopped]", err=True)
             if dlg.last_stats.finish_reason == "context_full":
                 click.echo("note: the reply stopped because the context is full; /reset or a "
                            "larger --n-ctx", err=True)

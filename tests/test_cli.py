@@ -148,6 +148,56 @@ def test_a_model_without_a_chat_template_chats_in_the_completion_format(tmp_path
     assert formats == {"auto": "completion", "chat": "chat"}
 
 
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(default_model, tmp_path):
+    # a terminal chat (stdin a tty): Ctrl-C during a reply ends that reply where it is, the words
+    # so far kept as the turn's reply, and the next prompt comes; before, it ended the program
+    import pty
+    import select
+    import signal
+    import time
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, LOOPSERVE_EDGE_HOME=str(tmp_path))
+    proc = subprocess.Popen(CLI + ["chat", "--dialogue", "story", "--temperature", "0", "--max-tokens", "2000",
+                                   "--threads", "2", "--n-ctx", "4096"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.time() + timeout
+        while marker not in seen:
+            assert time.time() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+
+    try:
+        read_until(b"you> ")
+        os.write(master, b"Write a very long story about a dragon who learns to cook.\n")
+        read_until(b"bot> ")
+        start, deadline = len(seen), time.time() + 120
+        while len(seen) - start < 80:            # the reply is streaming (greedy: a long story)
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+            assert proc.poll() is None and time.time() < deadline and b"you> " not in seen[start:]
+        proc.send_signal(signal.SIGINT)
+        read_until(b"[stopped]")
+        read_until(b"you> ", 60)
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    from loopserve_edge import state_file
+
+    saved = state_file.read(tmp_path / "dialogues" / "story.lsd").header["dialogue"]
+    reply = saved["messages"][-1]
+    assert reply["role"] == "assistant" and len(reply["content"]) > 40          # what it said before Ctrl-C
+    assert saved["turns"] == 1 and reply["content"][:40] in seen.decode(errors="replace")
+
+
 def test_info_reports_model_and_runtime(default_model):
     r = run(["info"])
     assert r.returncode == 0, r.stderr
