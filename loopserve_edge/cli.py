@@ -17,13 +17,17 @@ from .errors import LoopServeError
 from .paths import ENV_DIALOGUES, default_model
 
 HELP = """commands:
+  /file path     put a text file's contents before your next message (a document to ask about)
   /save [path]   save the dialogue (default: its named file)
   /load path     switch to a saved dialogue (a name or a .lsd path)
   /reset         forget the conversation, keep the system prompt
   /stats         statistics of the last turn
   /help          this text
   /quit          leave (also Ctrl-D)
-Ctrl-C stops a reply where it is (what it said so far stays its reply); at the prompt, it leaves."""
+A line starting with \"\"\" begins a message of several lines (pasted text), ended by a line ending
+with \"\"\". Ctrl-C stops a reply where it is (what it said so far stays its reply); at the prompt,
+it leaves."""
+BLOCK = '"""'
 
 
 class _Failure(click.ClickException):
@@ -103,6 +107,58 @@ def _stats_line(dlg) -> str:
                if s.prefill_density is not None else "")
             + (f"input in {s.prefill_chunks} chunks, " if s.prefill_chunks > 1 else "")
             + f"finish: {s.finish_reason}")
+
+
+def _read_line(prompt: str, interactive: bool) -> str | None:
+    """A line of input without its newline; None at the end of the input (Ctrl-D), or at Ctrl-C
+    at a terminal's prompt."""
+    try:
+        line = input(prompt) if interactive else sys.stdin.readline()
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        return None
+    if not interactive and line == "":
+        return None
+    return line.rstrip("\n")
+
+
+def _read_input(interactive: bool) -> tuple[str, bool] | None:
+    """The next input and whether it was a block: a line, or the lines from one starting with
+    BLOCK to one ending with it, as one message (pasted text keeps its lines; a block is never a
+    command). Input that ends inside a block sends what the block holds. None: no more input."""
+    line = _read_line("you> ", interactive)
+    if line is None or not line.lstrip().startswith(BLOCK):
+        return None if line is None else (line, False)
+    text, lines = line.lstrip()[len(BLOCK):], []
+    while text is not None:
+        if text.rstrip().endswith(BLOCK):
+            lines.append(text.rstrip()[:-len(BLOCK)])
+            break
+        lines.append(text)
+        text = _read_line("... ", interactive)
+    return "\n".join(lines).strip("\n"), True
+
+
+def _read_text_file(arg: str) -> str:
+    """/file's text: a UTF-8 file, or a one-line error (nothing is sent)."""
+    if not arg:
+        raise LoopServeError("/file needs the path of a text file")
+    path = Path(arg).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LoopServeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LoopServeError(f"{path}: a directory, not a text file") from None
+    except UnicodeDecodeError:
+        raise LoopServeError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise LoopServeError(f"{path}: cannot read it ({e.strerror})") from None
+    if not text.strip():
+        raise LoopServeError(f"{path}: empty")
+    return text.strip("\n")
 
 
 def _print_reply(pieces, stop_on_sigint: bool) -> bool:
@@ -219,21 +275,16 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
         click.echo(f"loopserve-edge chat on {model_path.name} (n_ctx {llm.n_ctx}); /help for commands", err=True)
 
     failed = False
+    attached: str | None = None   # a /file's text, sent before the next message
     while True:
-        try:
-            line = input("you> ") if interactive else sys.stdin.readline()
-        except EOFError:
+        got = _read_input(interactive)
+        if got is None:
             break
-        except KeyboardInterrupt:
-            click.echo("", err=True)
-            break
-        if not interactive and line == "":
-            break
-        line = line.rstrip("\n")
+        line, block = got
         if not line.strip():
             continue
         try:
-            if line.startswith("/"):
+            if line.startswith("/") and not block:
                 cmd, _, arg = line.partition(" ")
                 arg = arg.strip()
                 if cmd in ("/quit", "/exit"):
@@ -242,7 +293,11 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
                     click.echo(HELP, err=True)
                 elif cmd == "/stats":
                     click.echo(_stats_line(dlg), err=not interactive)
+                elif cmd == "/file":
+                    attached = _read_text_file(arg)
+                    click.echo(f"{arg}: {len(attached):,} characters, sent before your next message", err=True)
                 elif cmd == "/reset":
+                    attached = None
                     dlg.reset()
                     if dlg.name:
                         dlg.save()
@@ -264,6 +319,8 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
                             seed=None if seed is None else seed + dlg.turns, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
                             repeat_last_n=repeat_last_n, grammar=form)
+            if attached is not None:
+                line, attached = f"{attached}\n\n{line}", None
             if interactive:
                 click.echo("bot> ", nl=False)
             try:

@@ -249,6 +249,27 @@ def test_ctrl_c_during_a_long_prefill_drops_the_message(default_model, tmp_path)
     assert saved["turns"] == 2 and [m["content"] for m in saved["messages"][::2]] == ["Hello.", "What did I say?"]
 
 
+def test_blocks_of_lines_and_files_are_one_message(default_model, tmp_path):
+    from loopserve_edge import state_file
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Notes.\nThe secret number is 4417.\n")
+    stdin = ('"""\nLine one.\n/stats is a word here\n"""\n'     # a block: one message, never a command
+             '"""One line."""\n'
+             f"/file {doc}\nWhat is the secret number?\n")
+    r = run(["chat", "--dialogue", "b", "--temperature", "0", "--max-tokens", "8", "--threads", "2"], stdin,
+            home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "doc.txt: 33 characters, sent before your next message" in r.stderr
+    users = [m["content"] for m in state_file.read(tmp_path / "dialogues" / "b.lsd").header["dialogue"]["messages"][::2]]
+    assert users == ["Line one.\n/stats is a word here", "One line.",
+                     "Notes.\nThe secret number is 4417.\n\nWhat is the secret number?"]
+    for arg, why in ((str(tmp_path / "missing.txt"), "no such file"), (str(tmp_path), "a directory"), ("", "needs")):
+        line = _one_error_line(run(["chat", "--temperature", "0", "--max-tokens", "4"], f"/file {arg}\nhi\n",
+                                   home=tmp_path / "e"))
+        assert why in line
+
+
 def test_info_reports_model_and_runtime(default_model):
     r = run(["info"])
     assert r.returncode == 0, r.stderr
