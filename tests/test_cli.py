@@ -1,12 +1,18 @@
 """The loopserve-edge command, end to end, on the real default model."""
 import json
 import os
+import pty
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from loopserve_edge import state_file
 
 CLI = [sys.executable, "-m", "loopserve_edge.cli"]
 FAST = ["--temperature", "0", "--max-tokens", "24", "--threads", "2", "--n-ctx", "2048"]
@@ -143,115 +149,96 @@ def test_a_model_without_a_chat_template_chats_in_the_completion_format(tmp_path
     for fmt in ("auto", "chat"):
         r = run(args + ["--format", fmt, "--dialogues-dir", str(tmp_path / fmt)], "Q?\n")
         assert r.returncode == 0, r.stderr
-    from loopserve_edge import state_file
-    formats = {fmt: state_file.read(tmp_path / fmt / "t.lsd").header["context"]["prompt_format"] for fmt in ("auto", "chat")}
+    formats = {fmt: state_file.read(tmp_path / fmt / "t.lsd").header["context"]["prompt_format"]
+               for fmt in ("auto", "chat")}
     assert formats == {"auto": "completion", "chat": "chat"}
 
 
-def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(default_model, tmp_path):
-    # a terminal chat (stdin a tty): Ctrl-C during a reply ends that reply where it is, the words
-    # so far kept as the turn's reply, and the next prompt comes; before, it ended the program
-    import pty
-    import select
-    import signal
-    import time
+class TerminalChat:
+    """`chat` on a pseudo-terminal, as a person runs it (stdin a tty: the interactive chat)."""
 
-    master, slave = pty.openpty()
-    env = dict(os.environ, LOOPSERVE_EDGE_HOME=str(tmp_path))
-    proc = subprocess.Popen(CLI + ["chat", "--dialogue", "story", "--temperature", "0", "--max-tokens", "2000",
-                                   "--threads", "2", "--n-ctx", "4096"],
-                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    seen = b""
+    def __init__(self, home: Path, *args: str):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(CLI + ["chat", *args], stdin=slave, stdout=slave, stderr=slave,
+                                     env=dict(os.environ, LOOPSERVE_EDGE_HOME=str(home)), close_fds=True)
+        os.close(slave)
+        self.seen = b""
 
-    def read_until(marker: bytes, timeout: float = 120) -> None:
-        nonlocal seen
+    def read(self) -> None:
+        assert self.proc.poll() is None, self.seen.decode(errors="replace")
+        if select.select([self.master], [], [], 0.5)[0]:
+            self.seen += os.read(self.master, 4096)
+
+    def read_until(self, marker: bytes, count: int = 1, timeout: float = 120) -> None:
         deadline = time.time() + timeout
-        while marker not in seen:
-            assert time.time() < deadline and proc.poll() is None, seen.decode(errors="replace")
-            if select.select([master], [], [], 0.5)[0]:
-                seen += os.read(master, 4096)
+        while self.seen.count(marker) < count:
+            assert time.time() < deadline, self.seen.decode(errors="replace")
+            self.read()
 
+    def send(self, text: bytes) -> None:
+        os.write(self.master, text)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(default_model, tmp_path):
+    # a terminal chat: Ctrl-C during a reply ends that reply where it is, the words so far kept as
+    # the turn's reply, and the next prompt comes; before, it ended the program
+    chat = TerminalChat(tmp_path, "--dialogue", "story", "--temperature", "0", "--max-tokens", "2000",
+                        "--threads", "2", "--n-ctx", "4096")
     try:
-        read_until(b"you> ")
-        os.write(master, b"Write a very long story about a dragon who learns to cook.\n")
-        read_until(b"bot> ")
-        start, deadline = len(seen), time.time() + 120
-        while len(seen) - start < 80:            # the reply is streaming (greedy: a long story)
-            if select.select([master], [], [], 0.5)[0]:
-                seen += os.read(master, 4096)
-            assert proc.poll() is None and time.time() < deadline and b"you> " not in seen[start:]
-        proc.send_signal(signal.SIGINT)
-        read_until(b"[stopped]")
-        read_until(b"you> ", 60)
-        os.write(master, b"/quit\n")
-        assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+        chat.read_until(b"you> ")
+        chat.send(b"Write a very long story about a dragon who learns to cook.\n")
+        chat.read_until(b"bot> ")
+        start, deadline = len(chat.seen), time.time() + 120
+        while len(chat.seen) - start < 80:       # the reply is streaming (greedy: a long story)
+            chat.read()
+            assert time.time() < deadline and b"you> " not in chat.seen[start:]
+        chat.proc.send_signal(signal.SIGINT)
+        chat.read_until(b"[stopped]")
+        chat.read_until(b"you> ", 2, 60)
+        chat.send(b"/quit\n")
+        assert chat.proc.wait(timeout=60) == 0, chat.seen.decode(errors="replace")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-    from loopserve_edge import state_file
-
+        chat.close()
     saved = state_file.read(tmp_path / "dialogues" / "story.lsd").header["dialogue"]
     reply = saved["messages"][-1]
     assert reply["role"] == "assistant" and len(reply["content"]) > 40          # what it said before Ctrl-C
-    assert saved["turns"] == 1 and reply["content"][:40] in seen.decode(errors="replace")
+    assert saved["turns"] == 1 and reply["content"][:40] in chat.seen.decode(errors="replace")
 
 
 def test_ctrl_c_during_a_long_prefill_drops_the_message(default_model, tmp_path):
-    import pty
-    import select
-    import signal
-    import time
-
     args = ["--temperature", "0", "--max-tokens", "16", "--threads", "2", "--n-ctx", "4096"]
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(CLI + ["chat", "--dialogue", "d", *args], stdin=slave, stdout=slave, stderr=slave,
-                            env=dict(os.environ, LOOPSERVE_EDGE_HOME=str(tmp_path)), close_fds=True)
-    os.close(slave)
-    seen = b""
-
-    def read_until(marker: bytes, count: int = 1, timeout: float = 120) -> None:
-        nonlocal seen
-        deadline = time.time() + timeout
-        while seen.count(marker) < count:
-            assert time.time() < deadline and proc.poll() is None, seen.decode(errors="replace")
-            if select.select([master], [], [], 0.5)[0]:
-                seen += os.read(master, 4096)
-
+    chat = TerminalChat(tmp_path, "--dialogue", "d", *args)
     try:
-        read_until(b"you> ")
-        os.write(master, b"Hello.\n")
-        read_until(b"you> ", 2)
-        os.write(master, ("word " * 3000).encode() + b"\n")   # seconds of prefill on 2 threads
-        read_until(b"bot> ", 2)
+        chat.read_until(b"you> ")
+        chat.send(b"Hello.\n")
+        chat.read_until(b"you> ", 2)
+        chat.send(("word " * 3000).encode() + b"\n")   # seconds of prefill on 2 threads
+        chat.read_until(b"bot> ", 2)
         time.sleep(1)
-        proc.send_signal(signal.SIGINT)
-        read_until(b"[interrupted: the message was not sent]")
-        read_until(b"you> ", 3)
-        os.write(master, b"What did I say?\n")
-        read_until(b"you> ", 4)
-        os.write(master, b"/quit\n")
-        assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+        chat.proc.send_signal(signal.SIGINT)
+        chat.read_until(b"[interrupted: the message was not sent]")
+        chat.read_until(b"you> ", 3)
+        chat.send(b"What did I say?\n")
+        chat.read_until(b"you> ", 4)
+        chat.send(b"/quit\n")
+        assert chat.proc.wait(timeout=60) == 0, chat.seen.decode(errors="replace")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-    text = seen.decode(errors="replace").replace("\r", "")
-    reply = text.split("bot> ")[-1].split("\nyou> ")[0]
+        chat.close()
+    reply = chat.seen.decode(errors="replace").replace("\r", "").split("bot> ")[-1].split("\nyou> ")[0]
     # the same dialogue goes on as if the long message had never come: its reply is the one a
     # dialogue that never saw it gives (cells of the interrupted input left behind would change it)
     twin = run(["chat", *args], "Hello.\nWhat did I say?\n", home=tmp_path / "twin")
     assert twin.returncode == 0 and reply.strip() == twin.stdout.splitlines()[-1].strip()
-    from loopserve_edge import state_file
-
     saved = state_file.read(tmp_path / "dialogues" / "d.lsd").header["dialogue"]
     assert saved["turns"] == 2 and [m["content"] for m in saved["messages"][::2]] == ["Hello.", "What did I say?"]
 
 
 def test_blocks_of_lines_and_files_are_one_message(default_model, tmp_path):
-    from loopserve_edge import state_file
-
     doc = tmp_path / "doc.txt"
     doc.write_text("Notes.\nThe secret number is 4417.\n")
     stdin = ('"""\nLine one.\n/stats is a word here\n"""\n'     # a block: one message, never a command
