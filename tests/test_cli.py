@@ -248,7 +248,8 @@ def test_blocks_of_lines_and_files_are_one_message(default_model, tmp_path):
             home=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "doc.txt: 33 characters, sent before your next message" in r.stderr
-    users = [m["content"] for m in state_file.read(tmp_path / "dialogues" / "b.lsd").header["dialogue"]["messages"][::2]]
+    saved = state_file.read(tmp_path / "dialogues" / "b.lsd").header["dialogue"]
+    users = [m["content"] for m in saved["messages"][::2]]
     assert users == ["Line one.\n/stats is a word here", "One line.",
                      "Notes.\nThe secret number is 4417.\n\nWhat is the secret number?"]
     for arg, why in ((str(tmp_path / "missing.txt"), "no such file"), (str(tmp_path), "a directory"), ("", "needs")):
