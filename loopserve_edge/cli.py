@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import chat_template, state_file
+from . import chat_template, context, state_file
 from .config import ALLOCATIONS, GRANULARITIES, POLICIES, LoopServeConfig
 from .context import KV_TYPES, kv_type_kwargs
 from .errors import LoopServeError
@@ -161,11 +161,30 @@ def _read_text_file(arg: str) -> str:
     return text.strip("\n")
 
 
-def _print_reply(pieces, stop_on_sigint: bool) -> bool:
-    """Print a reply as it streams; True when Ctrl-C stopped it. With stop_on_sigint, SIGINT only
-    sets a flag that is read between pieces, so no token's decode is cut in the middle: the
-    stream is closed there, and the turn ends with the reply so far (Dialogue._generate)."""
-    hit: list[int] = []
+def _prefill(dlg, line: str, sampling: dict, stop_on_sigint: bool):
+    """dlg.send's prefill: (the generator of the reply's pieces, whether Ctrl-C came during the
+    input's last decode, which sent it all). With stop_on_sigint, Ctrl-C stops the input between
+    its llama_decode calls (context.interrupt) with a KeyboardInterrupt that nothing swallows."""
+    if not stop_on_sigint:
+        return dlg.send(line, stream=True, **sampling), False
+    context.interrupt.clear()
+    old = signal.signal(signal.SIGINT, lambda *_: context.interrupt.set())
+    try:
+        pieces = dlg.send(line, stream=True, **sampling)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    late = context.interrupt.is_set()
+    context.interrupt.clear()
+    return pieces, late
+
+
+def _print_reply(pieces, stop_on_sigint: bool, stopped: bool = False) -> bool:
+    """Print a reply as it streams; True when Ctrl-C stopped it (`stopped`: before it began, so
+    it ends at its first piece: a stream closed before it starts would not end the turn). With
+    stop_on_sigint, SIGINT only sets a flag that is read between pieces, so no token's decode is
+    cut in the middle: the stream is closed there, and the turn ends with the reply so far
+    (Dialogue._generate)."""
+    hit: list[int] = [1] if stopped else []
     old = signal.signal(signal.SIGINT, lambda *_: hit.append(1)) if stop_on_sigint else None
     try:
         for piece in pieces:
@@ -324,14 +343,14 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
             if interactive:
                 click.echo("bot> ", nl=False)
             try:
-                pieces = dlg.send(line, stream=True, **sampling)   # the prefill, before the first piece
+                pieces, late = _prefill(dlg, line, sampling, stop_on_sigint=interactive)
             except KeyboardInterrupt:
                 if not interactive:
                     raise
                 # the input's decode took its cells back out (Context.decode): nothing was sent
                 click.echo("\n[interrupted: the message was not sent]", err=True)
                 continue
-            if _print_reply(pieces, stop_on_sigint=interactive):
+            if _print_reply(pieces, stop_on_sigint=interactive, stopped=late):
                 click.echo("[stopped]", err=True)
             if dlg.last_stats.finish_reason == "context_full":
                 click.echo("note: the reply stopped because the context is full; /reset or a "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import threading
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -36,6 +37,11 @@ SPARSE_N_BATCH = 2048    # n_batch/n_ubatch default with sparse prefill on
 # llama_cpp.Llama always creates a context of its own; it is made this small and closed
 # before the pool is created, so loading never holds two full-size KV caches at once
 BOOT_N_CTX = 64
+# Set (by a SIGINT handler: the CLI's) to stop an input's decode between its llama_decode calls
+# with KeyboardInterrupt, its cells taken out again. Python's own handler raises at whichever
+# Python code runs next, and during llama_decode that is llama-cpp-python's log callback, a ctypes
+# callback, which swallows the exception ("Exception ignored"): the prefill then went on.
+interrupt = threading.Event()
 # KV cache types by name (ggml type ids, llama_cpp.GGML_TYPE_*); quantized V needs flash attention
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
@@ -659,6 +665,9 @@ class Context:
             starts[-1] = min(starts[-1], len(tokens) - min(window, self.n_batch))
         try:
             for k, i in enumerate(starts):
+                if interrupt.is_set():
+                    interrupt.clear()
+                    raise KeyboardInterrupt
                 j = starts[k + 1] if k + 1 < len(starts) else len(tokens)
                 if window:
                     self.set_score_window(window if j == len(tokens) else 0)

@@ -217,7 +217,9 @@ def test_ctrl_c_during_a_long_prefill_drops_the_message(default_model, tmp_path)
         chat.read_until(b"you> ")
         chat.send(b"Hello.\n")
         chat.read_until(b"you> ", 2)
-        chat.send(("word " * 3000).encode() + b"\n")   # seconds of prefill on 2 threads
+        # ~3000 tokens, seconds of prefill on 2 threads, in lines under a terminal's line limit
+        # (4095 characters; a longer line is cut there) as a block
+        chat.send(b'"""\n' + ("word " * 150 + "\n").encode() * 20 + b'"""\n')
         chat.read_until(b"bot> ", 2)
         time.sleep(1)
         chat.proc.send_signal(signal.SIGINT)
