@@ -49,12 +49,11 @@ FORMAT_CHOICES = ("auto",) + FORMATS
 def resolve_format(fmt: str, template: str | None) -> str:
     """`auto`: `chat` for a GGUF that carries a chat template (an instruction-tuned model),
     `completion` for one that does not (most often a base model, which answers a transcript's
-    cue where it rambles in turns it was never tuned on: Gemma-3-270M base)."""
-    if fmt == "auto":
-        return "chat" if template else "completion"
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(FORMAT_CHOICES)}")
-    return fmt
+    cue where it rambles in turns it was never tuned on: Gemma-3-270M base). Other formats as
+    given (Context and ChatTemplate.for_format refuse unknown ones)."""
+    if fmt != "auto":
+        return fmt
+    return "chat" if template else "completion"
 
 
 # general.architecture -> (name, template) used when the GGUF has no template
