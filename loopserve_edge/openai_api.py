@@ -148,7 +148,8 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
 
 
 def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tuple[str | None, list[dict]]:
-    """The system text and the turns, user and assistant alternating, as the model sees them:
+    """The system text and the turns, user and assistant alternating (messages of one role in
+    a row joined into one turn), as the model sees them:
     an assistant message's tool calls and the tool messages answering them in the form the
     tools' grammar gives (tool_calls.py); with tools in use, a text reply in its form too."""
     system_parts, rest = [], []
@@ -173,7 +174,12 @@ def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tup
                            f"{where}.tool_call_id")
             results.append((calls[m["tool_call_id"]], _text(m.get("content"), where)))
             continue
-        merge = bool(results) and role == "user"   # tool results, then a user message: one turn
+        # tool results, then a user message: one turn; so are messages of one role in a row
+        # (two user messages, as OpenAI's API takes them, or a reply sent in parts): the
+        # dialogue is a sequence of turns, and a blank line joins them as a template would
+        # separate them. An assistant message with tool calls stays a turn of its own.
+        merge = bool(results) and role == "user" or not results and not calls and rest and \
+            rest[-1]["role"] == role and not (role == "assistant" and m.get("tool_calls"))
         if results:
             rest.append({"role": "user", "content": tool_calls.render_results(results)})
             results = []

@@ -196,13 +196,34 @@ def test_history_with_calls_and_results_becomes_alternating_turns():
      "messages[1].tool_calls", "not JSON"),
     (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call()]}]), "messages", "results"),
     (dict(tools=TOOLS, messages=USER + [{"role": "assistant", "content": '{"resp'}]), "messages", "held"),
-    (dict(messages=USER + [{"role": "user", "content": "again"}]), "messages[1].role", "alternate"),
+    (dict(messages=[{"role": "assistant", "content": "hi"}] + USER), "messages[0].role", "alternate"),
+    (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call()]},
+                           {"role": "assistant", "content": "more"}]), "messages[2].role", "alternate"),
     (dict(functions=[{"name": "f"}]), "functions", "older form"), (dict(function_call="auto"), "function_call", "tools"),
 ])
 def test_bad_tools_and_tool_messages_are_refused_by_name(body, param, what):
     with pytest.raises(RequestError, match=what) as e:
         parse_chat(dict({"model": "m", "messages": USER}, **body))
     assert e.value.param == param
+
+
+def test_messages_of_one_role_in_a_row_are_one_turn():
+    """OpenAI's API takes two user messages in a row (and a reply sent in parts); the dialogue
+    is a sequence of turns, so they join, a blank line between them."""
+    msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c"}, {"role": "assistant", "content": "d"},
+            {"role": "user", "content": "e"}, {"role": "user", "content": "f"}]
+    r = parse_chat({"model": "m", "messages": msgs})
+    assert r.history == ({"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c\n\nd"})
+    assert r.prompt == "e\n\nf" and r.reply_prefix == ""
+    # two last assistant messages: one start of the reply
+    r = parse_chat({"model": "m", "messages": msgs[:4]})
+    assert r.history == () and r.prompt == "a\n\nb" and r.reply_prefix == "c\n\nd"
+    # a tool call's results, then two user messages: one turn
+    call = {"role": "assistant", "content": None, "tool_calls": [_call()]}
+    r = parse_chat({"model": "m", "messages": USER + [call, {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"],
+                                                              "content": "1"}, msgs[0], msgs[1]]})
+    assert r.prompt.endswith("\n\na\n\nb") and len(r.history) == 2
 
 
 def test_a_tool_round_trip_on_the_default_model_reuses_the_dialogue(default_model, make_llm):
