@@ -38,16 +38,19 @@ class Completions:
 
     def text(self, body: dict) -> dict | Iterator[dict]:
         """An OpenAI text completion request body, as chat()."""
-        req = openai_api.parse_text(body, model=str(self.llm.model_path))
+        req = openai_api.resolve_text(openai_api.parse_text(body, model=str(self.llm.model_path)), self.llm)
         sampling = self._sampling(req, TEXT_DEFAULTS)
+        head = openai_api.prompt_logprobs(self.llm, req) if req.scores_prompt else None
         entry, _ = self.store.for_text(req.prompt, self.store.evictor(req.loopserve))
-        return self._run(req, entry, sampling, openai_api.TextShapes(req, self.llm.fingerprint))
+        return self._run(req, entry, sampling, openai_api.TextShapes(req, self.llm.fingerprint), head)
 
     def _sampling(self, req: ChatRequest, defaults: dict) -> dict:
         # a reply's length is bounded by the context, as llama-cpp-python's max_tokens=None
         return openai_api.sampling(req, max_tokens=self.llm.n_ctx, n_vocab=self.llm.n_vocab, **defaults)
 
-    def _run(self, req: ChatRequest, entry: Entry, sampling: dict, shapes) -> dict | Iterator[dict]:
+    def _run(self, req: ChatRequest, entry: Entry, sampling: dict, shapes,
+             head: list[dict] | None = None) -> dict | Iterator[dict]:
+        """`head`: the prompt's log-probability entries, before the reply's (never streamed)."""
         entry.busy = True
         try:
             pieces = entry.dialogue.send(req.prompt, stream=True, stop=list(req.stop),
@@ -55,15 +58,17 @@ class Completions:
         except BaseException:
             entry.busy = False
             raise
-        return self._chunks(req, entry, pieces, shapes) if req.stream else self._whole(entry, pieces, shapes)
+        return self._chunks(req, entry, pieces, shapes) if req.stream else self._whole(entry, pieces, shapes, head)
 
-    def _whole(self, entry: Entry, pieces: Iterator[str], shapes) -> dict:
+    def _whole(self, entry: Entry, pieces: Iterator[str], shapes, head: list[dict] | None = None) -> dict:
         try:
             text = "".join(pieces)
         finally:
             self._end(entry, pieces)
         dlg = entry.dialogue
         logprobs = LogprobCursor(self.llm, dlg).take(len(text.encode()))
+        if head is not None:
+            logprobs = head + (logprobs or [])
         return shapes.response(text, dlg.last_stats, entry.id, logprobs)
 
     def _chunks(self, req: ChatRequest, entry: Entry, pieces: Iterator[str], shapes) -> Iterator[dict]:

@@ -30,8 +30,11 @@ from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileError
 from .grammar import Constraint
 from .model_file import check_model_file, fingerprint
+from .sampling import logprobs
 
 DEFAULT_N_CTX = 4096
+# rows whose logits one llama_decode of prompt_logprobs keeps (x n_vocab floats: 25 MB at 49K)
+SCORE_CHUNK = 128
 DEFAULT_N_BATCH = 512    # llama_cpp.Llama's n_batch/n_ubatch defaults
 SPARSE_N_BATCH = 2048    # n_batch/n_ubatch default with sparse prefill on
 # llama_cpp.Llama always creates a context of its own; it is made this small and closed
@@ -72,6 +75,16 @@ class Resident(Protocol):
     hidden: np.ndarray | None  # rows of its first cells hidden from their heads (set_hidden)
     _seq: int | None
     _swapped: bytes | None
+
+
+class _Scratch:
+    """A sequence for a moment (Context.prompt_logprobs): a Resident of no dialogue."""
+
+    def __init__(self):
+        self.positions: list[int] = []
+        self.hidden = None
+        self._seq = None
+        self._swapped = None
 
 
 class Context:
@@ -132,6 +145,7 @@ class Context:
             architecture=self.metadata.get("general.architecture"),
         )
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self._vocab))
+        self.bos_id = int(llama_c.llama_vocab_bos(self._vocab))
         if self.config.sparse_prefill:
             self.set_sparse_prefill(self.config)
         if self.config.batch_invariant:
@@ -684,6 +698,39 @@ class Context:
                 self.set_score_window(window)
         return self._logits(-1)
 
+    def prompt_logprobs(self, tokens: list[int], top: int) -> list[tuple[int, float, tuple]]:
+        """For each of tokens[1:], (the token, its log-probability after the tokens before it,
+        the `top` most likely tokens there with theirs), as sampling.logprobs gives a reply's:
+        a text's own log-probabilities (OpenAI's legacy `echo` with `logprobs`, which scoring
+        tools read). One pass over the tokens in a sequence of their own, with every row's
+        logits, in chunks of at most SCORE_CHUNK rows (the logits buffer holds a chunk's rows of
+        n_vocab floats); the sequence is dropped after, the dialogues' cells and scores as they
+        were (a full pool raises ContextFullError)."""
+        scratch = _Scratch()
+        seq = self.make_resident(scratch)
+        window = self.score_window
+        out = []
+        try:
+            self._free_cells(len(tokens), keep=(scratch,))
+            if window:
+                self.set_score_window(0)   # nothing here is to be scored
+            step = min(self.n_batch, SCORE_CHUNK)
+            for i in range(0, len(tokens), step):
+                part = tokens[i:i + step]
+                try:
+                    self._decode_chunk(seq, part, list(range(i, i + len(part))), last=True, every=True)
+                except _NoSlot:
+                    raise ContextFullError(f"the KV cache has no room for a text of {len(tokens)} tokens "
+                                           f"(n_ctx={self.n_ctx})") from None
+                for j in range(len(part)):
+                    if i + j + 1 < len(tokens):
+                        out.append(logprobs(self._logits(j), tokens[i + j + 1], top))
+        finally:
+            if window:
+                self.set_score_window(window)
+            self.forget(scratch)
+        return out
+
     def _logits(self, i: int) -> np.ndarray:
         """A copy of the logits of output row i (-1: the last); np.frombuffer over a cached
         ctypes array type costs half of np.ctypeslib.as_array's per-call type building."""
@@ -724,7 +771,10 @@ class Context:
             raise RuntimeError(f"llama_decode failed ({rc})")
         return [self._logits(i) for i in range(n)]
 
-    def _decode_chunk(self, seq: int, tokens: list[int], positions: list[int], last: bool) -> None:
+    def _decode_chunk(self, seq: int, tokens: list[int], positions: list[int], last: bool,
+                      every: bool = False) -> None:
+        """llama_decode of tokens at positions in seq, with the logits of the last row (`last`)
+        or of every row (`every`)."""
         b = self._batch
         n = len(tokens)
         b.n_tokens = n
@@ -738,7 +788,7 @@ class Context:
             pos = np.asarray(positions, dtype=np.int32)
             ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
             ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
-            ctypes.memset(b.logits, 0, n)
+            ctypes.memset(b.logits, int(every), n)
             for i in range(n):
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq

@@ -116,7 +116,7 @@ class Llama(Context):
                     stream_options=stream_options, grammar=_gbnf(grammar), loopserve=loopserve)
         return self._calls().chat({k: v for k, v in body.items() if v is not None})
 
-    def create_completion(self, prompt: str, *, max_tokens: int | None = 16, temperature: float = 0.8,
+    def create_completion(self, prompt: str | list[int], *, max_tokens: int | None = 16, temperature: float = 0.8,
                           top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                           stop: str | list[str] | None = None, stream: bool = False, echo: bool = False,
                           seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,

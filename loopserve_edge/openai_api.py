@@ -13,7 +13,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import grammar, tool_calls
 from .config import LoopServeConfig
@@ -65,6 +65,13 @@ class ChatRequest:
 class TextRequest(ChatRequest):
     """A text completion: `prompt` is the whole text, continued as it is (no turns)."""
     echo: bool = False                 # the response's text starts with the prompt
+    # a prompt given as token ids: these (`prompt` is their text once resolve_text has run)
+    prompt_tokens: tuple[int, ...] = ()
+
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's own tokens get log-probabilities too"""
+        return self.echo and self.logprobs is not None
 
 
 def _bad(msg: str, param: str | None, code: str | None = None) -> RequestError:
@@ -209,15 +216,31 @@ def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tup
 
 
 def parse_text(body: dict, model: str | None = None) -> TextRequest:
-    """A text completion request's body, as parse_chat."""
+    """A text completion request's body, as parse_chat: one prompt."""
+    reqs = parse_texts(body, model)
+    if len(reqs) > 1:
+        raise _bad("one prompt per call here (the server takes several, each its own choice)", "prompt")
+    return reqs[0]
+
+
+def _is_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_texts(body: dict, model: str | None = None) -> list[TextRequest]:
+    """A text completion request's body: a request per prompt, which OpenAI's `prompt` gives as
+    a string, token ids, or a list of either (several prompts, a choice each)."""
     model = _model(body, model)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad("'prompt' must be a string (token arrays and several prompts are not supported)", "prompt")
-    if not prompt:
-        raise _bad("'prompt' must not be empty", "prompt")
+    several = isinstance(prompt, list) and bool(prompt) and not _is_ids(prompt)
+    prompts = prompt if several else [prompt]
+    for p in prompts:
+        if not (isinstance(p, str) or _is_ids(p)):
+            raise _bad("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
+        if p == "":
+            raise _bad("'prompt' must not be empty", "prompt")
+        if isinstance(p, list) and min(p) < 0:
+            raise _bad("'prompt' token ids must not be negative", "prompt")
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise _bad("'echo' must be a boolean", "echo")
@@ -226,20 +249,54 @@ def parse_text(body: dict, model: str | None = None) -> TextRequest:
     if body.get("best_of", 1) != 1:
         raise _bad("only best_of=1 is supported", "best_of")
     logprobs = _number(body, "logprobs", 0, 20, integer=True)
-    if echo and logprobs is not None:
-        raise _bad("'echo' with 'logprobs' is not supported: the prompt's own log-probabilities are not "
-                   "computed", "echo")
-    return TextRequest(model=model, system=None, history=(), prompt=prompt, reply_prefix="", echo=echo,
-                       **_generation(body, logprobs))
+    # max_tokens 0 with echo: the prompt alone, as scoring tools ask for its log-probabilities
+    gen = _generation(body, logprobs, min_tokens=0 if echo else 1)
+    if echo and logprobs is not None and gen["stream"]:
+        raise _bad("'echo' with 'logprobs' (the prompt's log-probabilities) is not streamed: ask without "
+                   "'stream'", "stream")
+    if len(prompts) > 1 and gen["stream"]:
+        raise _bad("several prompts are not streamed: send them one per request, or without 'stream'", "prompt")
+    return [TextRequest(model=model, system=None, history=(), prompt=p if isinstance(p, str) else "",
+                        prompt_tokens=() if isinstance(p, str) else tuple(p), reply_prefix="", echo=echo, **gen)
+            for p in prompts]
 
 
-def _generation(body: dict, logprobs: int | None) -> dict:
+def resolve_text(req: TextRequest, llm) -> TextRequest:
+    """A prompt given as token ids gets their text, which the dialogue goes on from (a leading
+    BOS left to the tokenizer, which adds it where the model wants one)."""
+    if not req.prompt_tokens:
+        return req
+    ids = list(req.prompt_tokens)
+    if max(ids) >= llm.n_vocab:
+        raise _bad(f"'prompt': token {max(ids)} is beyond the model's vocabulary ({llm.n_vocab} tokens)", "prompt")
+    if llm.add_bos and ids[0] == llm.bos_id:
+        ids = ids[1:]
+    if not ids:
+        raise _bad("'prompt' must not be empty", "prompt")
+    return replace(req, prompt=llm.detokenize(ids, special=True), prompt_tokens=tuple(ids))
+
+
+def prompt_logprobs(llm, req: TextRequest) -> list[dict]:
+    """The prompt's tokens as log-probability entries (LogprobCursor's), each scored after the
+    tokens before it (Context.prompt_logprobs); the first has none unless the model starts with
+    BOS, which it is then scored after."""
+    ids = list(req.prompt_tokens) or llm.tokenize(req.prompt, add_bos=False)
+    head = [llm.bos_id] if llm.add_bos else []
+    scored = llm.prompt_logprobs(head + ids, req.logprobs)
+    out = [] if head else [dict(logprob_entry(llm._piece(ids[0], special=True), None), top_logprobs=None)]
+    for tok, lp, best in scored:
+        out.append(dict(logprob_entry(llm._piece(tok, special=True), lp), top_logprobs=[
+            logprob_entry(llm._piece(t, special=False), x) for t, x in best]))
+    return out
+
+
+def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
     """The fields chat and text completions share: length, sampling, stops, streaming."""
     if body.get("n", 1) != 1:
         raise _bad("only n=1 is supported", "n")
-    max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
+    max_tokens = _number(body, "max_completion_tokens", min_tokens, 1 << 20, integer=True)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, 1 << 20, integer=True)
+        max_tokens = _number(body, "max_tokens", min_tokens, 1 << 20, integer=True)
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -367,7 +424,7 @@ def sampling(req: ChatRequest, *, max_tokens: int, temperature: float, top_p: fl
     if bad:
         raise _bad(f"logit_bias: token {bad[0]} is beyond the model's vocabulary ({n_vocab} tokens)",
                    "logit_bias")
-    return dict(max_tokens=req.max_tokens or max_tokens,
+    return dict(max_tokens=max_tokens if req.max_tokens is None else req.max_tokens,
                 temperature=temperature if req.temperature is None else req.temperature,
                 top_p=top_p if req.top_p is None else req.top_p, top_k=top_k if req.top_k is None else req.top_k,
                 min_p=min_p if req.min_p is None else req.min_p,
@@ -483,7 +540,7 @@ def text_logprobs(entries: list[dict] | None, offset: int) -> dict | None:
         offsets.append(offset)
         offset += len(e["token"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [_top(e["top_logprobs"]) for e in entries],
+            "top_logprobs": [None if e["top_logprobs"] is None else _top(e["top_logprobs"]) for e in entries],
             "text_offset": offsets}
 
 
@@ -503,6 +560,18 @@ def text_response(cid: str, model: str, fingerprint: str, text: str, stats, dial
             "choices": [{"text": text, "index": 0, "logprobs": logprobs,
                          "finish_reason": FINISH[stats.finish_reason]}],
             "usage": usage(stats), "loopserve": extras(dialogue_id, stats)}
+
+
+def merge_text_responses(responses: list[dict]) -> dict:
+    """Several prompts' responses as OpenAI gives them for one call: a choice per prompt, in
+    order, and the usage summed (the `loopserve` extras: the first's, with each dialogue's id)."""
+    out = dict(responses[0], choices=[dict(r["choices"][0], index=i) for i, r in enumerate(responses)])
+    u = out["usage"] = {k: sum(r["usage"][k] for r in responses)
+                        for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    u["prompt_tokens_details"] = {"cached_tokens": sum(r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                                                       for r in responses)}
+    out["loopserve"] = dict(responses[0]["loopserve"], dialogue_ids=[r["loopserve"]["dialogue_id"] for r in responses])
+    return out
 
 
 def text_chunk(cid: str, model: str, fingerprint: str, text: str, finish: str | None = None,
@@ -580,9 +649,10 @@ class TextShapes:
         self.offset = len(req.prompt) if req.echo else 0
 
     def response(self, text: str, stats, did: str, logprobs) -> dict:
+        """`logprobs`: the reply's entries, led by the prompt's where the request scores it."""
         start = self.req.prompt if self.req.echo else ""
         return text_response(self.cid, self.req.model, self.fp, start + text, stats, did,
-                             text_logprobs(logprobs, len(start)))
+                             text_logprobs(logprobs, 0 if self.req.scores_prompt else len(start)))
 
     def start(self) -> list[dict]:
         return [text_chunk(self.cid, self.req.model, self.fp, self.req.prompt)] if self.req.echo else []

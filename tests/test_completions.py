@@ -234,10 +234,68 @@ def test_echo_streams_and_text_logprobs(tiny_model, make_llm):
         PROMPT, max_tokens=6, temperature=0, logprobs=3, stream=True) if c["choices"][0]["logprobs"]]
     assert sum((s["tokens"] for s in streamed), []) == lp["tokens"]
     assert sum((s["text_offset"] for s in streamed), []) == lp["text_offset"]
-    with pytest.raises(RequestError, match="echo"):
-        make_llm(tiny_model).create_completion(PROMPT, echo=True, logprobs=1)
+    with pytest.raises(RequestError, match="not streamed"):
+        make_llm(tiny_model).create_completion(PROMPT, echo=True, logprobs=1, stream=True)
     with pytest.raises(RequestError, match="prompt"):
         make_llm(tiny_model).create_completion("")
+
+
+def test_echo_with_logprobs_scores_the_prompt_token_by_token(tiny_model, make_llm, monkeypatch):
+    """OpenAI's legacy scoring of a text (what lm-eval's completion models send): each prompt
+    token's log-probability after the ones before it, and its most likely tokens there."""
+    from loopserve_edge import context
+    from loopserve_edge.sampling import logprobs
+
+    monkeypatch.setattr(context, "SCORE_CHUNK", 5)   # several chunks of every-row logits
+    llm = make_llm(tiny_model)
+    other = llm.create_completion("Zebras run", max_tokens=3, temperature=0)   # a dialogue beside it
+    cells = llm.cells_used
+    r = llm.create_completion(PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    c, lp = r["choices"][0], r["choices"][0]["logprobs"]
+    toks = llm.tokenize(PROMPT, add_bos=False)
+    n = len(toks) + r["usage"]["completion_tokens"] - (c["finish_reason"] == "stop")
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert "".join(lp["tokens"]) == c["text"] and c["text"].startswith(PROMPT)
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(n)]
+    # by hand: one token at a time, each after BOS (where the model has one) and those before it
+    ref = make_llm(tiny_model)
+    d, ctx = ref.dialogue(), ([llm.bos_id] if llm.add_bos else []) + toks
+    by_hand = []
+    for i, t in enumerate(ctx):
+        lg = ref.decode(d, [t], [i])
+        if i + 1 < len(ctx):
+            by_hand.append(logprobs(lg, ctx[i + 1], 2))
+    head = 0 if llm.add_bos else 1
+    assert lp["token_logprobs"][:head] == [None] * head and lp["top_logprobs"][:head] == [None] * head
+    for (tok, x, best), got, top in zip(by_hand, lp["token_logprobs"][head:], lp["top_logprobs"][head:]):
+        assert got == pytest.approx(x, abs=1e-4)
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(best[0][1], abs=1e-4)
+    # the reply's own entries follow, as without echo
+    plain = make_llm(tiny_model).create_completion(PROMPT, max_tokens=3, temperature=0, logprobs=2)
+    assert lp["token_logprobs"][len(toks):] == pytest.approx(plain["choices"][0]["logprobs"]["token_logprobs"])
+    # the other dialogue and the pool are as they were; max_tokens 0: the prompt alone
+    assert llm.cells_used == cells + r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    again = llm.create_completion("Zebras run" + other["choices"][0]["text"], max_tokens=2, temperature=0)
+    assert again["loopserve"]["dialogue_id"] == other["loopserve"]["dialogue_id"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    from loopserve_edge.openai_api import parse_text
+    only = parse_text({"model": "m", "prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert only.max_tokens == 0
+    with pytest.raises(RequestError, match="max_tokens"):
+        parse_text({"model": "m", "prompt": PROMPT, "max_tokens": 0})
+
+
+def test_a_prompt_of_token_ids_is_their_text(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    ids = llm.tokenize(PROMPT, add_bos=llm.add_bos)
+    r = llm.create_completion(ids, max_tokens=6, temperature=0, echo=True)
+    want = make_llm(tiny_model).create_completion(PROMPT, max_tokens=6, temperature=0, echo=True)
+    assert r["choices"][0]["text"] == want["choices"][0]["text"]
+    assert r["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    for bad, what in (([llm.n_vocab], "vocabulary"), ([3, -1], "negative"), ([[1], [2]], "one prompt"),
+                      ([[1], 2], "must be a string")):
+        with pytest.raises(RequestError, match=what):
+            llm.create_completion(bad, max_tokens=2)
 
 
 def test_a_budgeted_text_dialogue_stays_within_its_budget(tiny_model, make_llm):

@@ -506,7 +506,8 @@ def test_text_completions_continue_the_prompt_and_reuse_it(server, default_model
     assert text == r2["choices"][0]["text"] and streamed == lp["tokens"]
     echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True)
     assert echo.choices[0].text.startswith(prompt)
-    for param, kw in [("prompt", dict(prompt=[1, 2, 3])), ("echo", dict(echo=True, logprobs=1)),
+    for param, kw in [("prompt", dict(prompt=[[1], 2])), ("stream", dict(echo=True, logprobs=1, stream=True)),
+                      ("prompt", dict(prompt=["a", "b"], stream=True)), ("max_tokens", dict(max_tokens=0)),
                       ("suffix", dict(suffix="}"))]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, **{"prompt": prompt, **kw})
@@ -517,6 +518,37 @@ def test_text_completions_continue_the_prompt_and_reuse_it(server, default_model
     r = httpx.post(server.url + "/v1/chat/completions", headers={"X-Dialogue-Id": r2["loopserve"]["dialogue_id"]},
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "text completions" in r.json()["error"]["message"]
+
+
+def test_text_completions_score_prompts_of_token_ids_as_scoring_tools_send_them(server, default_model):
+    """lm-eval's completion models: several prompts of token ids in one call, each echoed with
+    its tokens' log-probabilities and one generated token, greedy."""
+    from loopserve_edge import Llama
+
+    texts = ["The capital of France is Paris", "Two plus two is four"]
+    with Llama(default_model, n_ctx=2048, n_threads=THREADS, flash_attn=True) as llm:
+        ids = [llm.tokenize(t, add_bos=llm.add_bos) for t in texts]
+        sizes = [len(llm.tokenize(t, add_bos=False)) for t in texts]
+        want = [llm.create_completion(t, max_tokens=1, temperature=0, echo=True, logprobs=1) for t in texts]
+    r = httpx.post(server.url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1, "seed": 1234})
+    assert r.status_code == 200
+    got = r.json()
+    assert [c["index"] for c in got["choices"]] == [0, 1]
+    for c, w, t, n in zip(got["choices"], want, texts, sizes):
+        lp, wl = c["logprobs"], w["choices"][0]["logprobs"]
+        assert c["text"] == w["choices"][0]["text"] and c["text"].startswith(t)
+        assert lp["tokens"] == wl["tokens"] and lp["text_offset"] == wl["text_offset"]
+        assert lp["token_logprobs"][1:] == pytest.approx(wl["token_logprobs"][1:], abs=1e-3)
+        # where the context ends and how likely its continuation is, as lm-eval reads them
+        cut = next(i for i, o in enumerate(lp["text_offset"]) if o >= len(t.rsplit(" ", 1)[0]))
+        assert sum(lp["token_logprobs"][cut:-1]) < 0 and len(lp["tokens"]) == n + 1
+    assert got["usage"]["prompt_tokens"] == sum(w["usage"]["prompt_tokens"] for w in want)
+    # the prompt alone: max_tokens 0
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": texts[0], "max_tokens": 0,
+                                                        "echo": True, "logprobs": 0}).json()
+    assert r["choices"][0]["text"] == texts[0] and r["usage"]["completion_tokens"] == 0
+    assert r["choices"][0]["logprobs"]["tokens"] == want[0]["choices"][0]["logprobs"]["tokens"][:-1]
 
 
 def test_a_dialogue_named_by_header_goes_on_whatever_the_history(server):

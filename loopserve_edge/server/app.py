@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -159,12 +160,17 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
 
     @app.post("/v1/completions")
     async def text(request: Request):
-        req = protocol.parse_text_request(await request.body(), opts.model_name)
-        check_model(req)
+        reqs = protocol.parse_text_requests(await request.body(), opts.model_name, engine.llm)
+        check_model(reqs[0])
         if request.headers.get(DIALOGUE_HEADER) is not None:
             raise ApiError(400, f"{DIALOGUE_HEADER} names a chat dialogue; a text completion goes on in the "
                            "dialogue whose text its prompt starts with", param=DIALOGUE_HEADER)
-        return await _answer(request, req, None, openai_api.TextShapes(req, engine.llm.fingerprint))
+        if len(reqs) == 1:
+            return await _answer(request, reqs[0], None, openai_api.TextShapes(reqs[0], engine.llm.fingerprint))
+        # several prompts (never streamed): one after another, a choice each, as one response
+        answers = [await _answer(request, r, None, openai_api.TextShapes(r, engine.llm.fingerprint)) for r in reqs]
+        return JSONResponse(openai_api.merge_text_responses([json.loads(a.body) for a in answers]),
+                            headers={DIALOGUE_HEADER: answers[0].headers[DIALOGUE_HEADER]})
 
     @app.post("/v1/responses")
     async def create_response(request: Request):

@@ -58,6 +58,7 @@ class _Job:
     pieces: list = field(default_factory=list)
     shown: int = 0                # bytes of the reply emitted
     logprobs: LogprobCursor | None = None
+    head: list | None = None      # the prompt's log-probability entries (a text request's echo)
 
 
 class Engine:
@@ -161,12 +162,16 @@ class Engine:
                                                 top_p=o.top_p, top_k=o.top_k, n_vocab=self.llm.n_vocab)
                 evictor = self.store.evictor(req.loopserve)
                 if isinstance(req, TextRequest):
+                    if req.scores_prompt:
+                        job.head = openai_api.prompt_logprobs(self.llm, req)
                     job.entry, job.dlg = self.store.for_text(req.prompt, evictor)
                 else:
                     job.entry, job.dlg = self.store.for_request(req.system, list(req.history), req.prompt,
                                                                 job.dialogue_id, evictor)
             except RequestError as e:
                 raise ApiError.bad_request(e) from None
+            except ContextFullError as e:
+                raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
             except DialogueBusy as e:
                 raise ApiError(409, str(e), code="dialogue_busy") from None
             except LoopServeError as e:
@@ -273,7 +278,10 @@ class Engine:
         else:
             self.metrics.turn(job.dlg.last_stats, job.before)
             reply = "".join(job.pieces)
-            job.result = (reply, job.dlg.last_stats, job.entry.id, job.logprobs.take(len(reply.encode())))
+            logprobs = job.logprobs.take(len(reply.encode()))
+            if job.head is not None:
+                logprobs = job.head + (logprobs or [])
+            job.result = (reply, job.dlg.last_stats, job.entry.id, logprobs)
         job.done.set()
 
     # -- upkeep --------------------------------------------------------------------------

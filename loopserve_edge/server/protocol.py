@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from .. import responses_api
-from ..openai_api import ChatRequest, RequestError, TextRequest, parse_chat, parse_text
+from ..openai_api import ChatRequest, RequestError, TextRequest, parse_chat, parse_texts, resolve_text
 
 
 class ApiError(Exception):
@@ -33,8 +33,13 @@ def parse_chat_request(raw: bytes, model: str) -> ChatRequest:
     return _parse(raw, parse_chat, model)
 
 
-def parse_text_request(raw: bytes, model: str) -> TextRequest:
-    return _parse(raw, parse_text, model)
+def parse_text_requests(raw: bytes, model: str, llm) -> list[TextRequest]:
+    """A text completion body: a request per prompt, token ids read as their text."""
+    reqs = _parse(raw, parse_texts, model)
+    try:
+        return [resolve_text(r, llm) for r in reqs]
+    except RequestError as e:
+        raise ApiError.bad_request(e) from None
 
 
 def _parse(raw: bytes, parse, model: str):
