@@ -24,6 +24,7 @@ LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int
                     "defer_scored": int, "granularity": str, "allocation": str, "span": int,
                     "sparse_prefill": bool, "alpha": float}
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_CHOICES = 16   # `n`: each choice is a reply of its own, run one after another
 
 
 class RequestError(LoopServeError, ValueError):
@@ -59,6 +60,7 @@ class ChatRequest:
     repeat_last_n: int | None = None
     grammar: str | None = None         # the reply's form (GBNF): response_format, "grammar" as given, tools
     tools: tool_calls.ToolMode | None = None   # the reply is a tool call or text, in tool_calls.py's form
+    n: int = 1                         # choices asked for (the server runs them one after another)
 
 
 @dataclass(frozen=True)
@@ -292,8 +294,7 @@ def prompt_logprobs(llm, req: TextRequest) -> list[dict]:
 
 def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
     """The fields chat and text completions share: length, sampling, stops, streaming."""
-    if body.get("n", 1) != 1:
-        raise _bad("only n=1 is supported", "n")
+    n = _number(body, "n", 1, MAX_CHOICES, integer=True) or 1
     max_tokens = _number(body, "max_completion_tokens", min_tokens, 1 << 20, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", min_tokens, 1 << 20, integer=True)
@@ -311,6 +312,8 @@ def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
+    if n > 1 and stream:
+        raise _bad("several choices (n > 1) are not streamed: ask without 'stream'", "n")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
@@ -323,7 +326,7 @@ def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
         frequency_penalty=_number(body, "frequency_penalty", -2, 2),
         logit_bias=_logit_bias(body.get("logit_bias")), logprobs=logprobs, min_p=_number(body, "min_p", 0, 1),
         repeat_penalty=_repeat_penalty(body), repeat_last_n=_number(body, "repeat_last_n", -1, 1 << 30, integer=True),
-        grammar=_form(body))
+        grammar=_form(body), n=n)
 
 
 def _repeat_penalty(body: dict) -> float | None:
@@ -562,16 +565,27 @@ def text_response(cid: str, model: str, fingerprint: str, text: str, stats, dial
             "usage": usage(stats), "loopserve": extras(dialogue_id, stats)}
 
 
-def merge_text_responses(responses: list[dict]) -> dict:
-    """Several prompts' responses as OpenAI gives them for one call: a choice per prompt, in
-    order, and the usage summed (the `loopserve` extras: the first's, with each dialogue's id)."""
+def merge_responses(responses: list[dict], one_prompt: bool) -> dict:
+    """Several replies' responses as OpenAI gives them for one call: a choice each, in order,
+    the completion tokens summed, and the prompt's tokens counted once where every reply
+    answered the same prompt (`n` choices), else summed (several text prompts); the
+    `loopserve` extras: the first's, with each reply's dialogue id."""
     out = dict(responses[0], choices=[dict(r["choices"][0], index=i) for i, r in enumerate(responses)])
-    u = out["usage"] = {k: sum(r["usage"][k] for r in responses)
-                        for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    u["prompt_tokens_details"] = {"cached_tokens": sum(r["usage"]["prompt_tokens_details"]["cached_tokens"]
-                                                       for r in responses)}
+    prompts = responses[:1] if one_prompt else responses
+    done = sum(r["usage"]["completion_tokens"] for r in responses)
+    n_prompt = sum(r["usage"]["prompt_tokens"] for r in prompts)
+    out["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done,
+                    "prompt_tokens_details": {"cached_tokens": sum(r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                                                                   for r in prompts)}}
     out["loopserve"] = dict(responses[0]["loopserve"], dialogue_ids=[r["loopserve"]["dialogue_id"] for r in responses])
     return out
+
+
+def choices(req: ChatRequest) -> list[ChatRequest]:
+    """A request per choice of `n`: the first as asked, each next one with the next seed (the
+    same seed would give the same reply)."""
+    return [req if i == 0 else replace(req, n=1, seed=None if req.seed is None else req.seed + i)
+            for i in range(req.n)]
 
 
 def text_chunk(cid: str, model: str, fingerprint: str, text: str, finish: str | None = None,

@@ -551,6 +551,35 @@ def test_text_completions_score_prompts_of_token_ids_as_scoring_tools_send_them(
     assert r["choices"][0]["logprobs"]["tokens"] == want[0]["choices"][0]["logprobs"]["tokens"][:-1]
 
 
+def test_several_choices_are_replies_of_their_own_branching_from_the_conversation(server):
+    client = server.client()
+    msgs = [{"role": "user", "content": "Name a fruit and say why you like it."}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=12, temperature=1.0, seed=7)
+    r = client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and len({c.message.content for c in r.choices}) > 1
+    # choice i is the reply that seed 7 + i gives alone
+    done = 0
+    for i, c in enumerate(r.choices):
+        alone = client.chat.completions.create(**dict(kw, seed=7 + i))
+        assert alone.choices[0].message.content == c.message.content
+        assert alone.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 1   # a branch: no prefill
+        done += alone.usage.completion_tokens
+    assert r.usage.prompt_tokens == alone.usage.prompt_tokens and r.usage.completion_tokens == done   # prompt once
+    # each choice goes on as its own conversation
+    nxt = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=msgs + [
+        {"role": "assistant", "content": r.choices[1].message.content}, {"role": "user", "content": "Why?"}])
+    assert nxt.usage.prompt_tokens_details.cached_tokens > r.usage.prompt_tokens
+    t = client.completions.create(model=MODEL, prompt="My favourite fruit is", n=2, max_tokens=6, temperature=1.0,
+                                  seed=3)
+    assert [c.index for c in t.choices] == [0, 1]
+    for bad in (dict(n=2, stream=True), dict(n=17), dict(n=0)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**dict(kw, **bad))
+        assert e.value.body["param"] == "n"
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"X-Dialogue-Id": "n-two"}, json=dict(kw, n=2))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
 def test_a_dialogue_named_by_header_goes_on_whatever_the_history(server):
     url, h = server.url + "/v1/chat/completions", {"X-Dialogue-Id": "my-chat_1"}
     body = {"model": MODEL, "temperature": 0, "max_tokens": 6, "messages": [{"role": "user", "content": "Hello."}]}

@@ -155,8 +155,13 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
     async def chat(request: Request):
         req = protocol.parse_chat_request(await request.body(), opts.model_name)
         check_model(req)
-        return await _answer(request, req, request.headers.get(DIALOGUE_HEADER),
-                             openai_api.ChatShapes(req, engine.llm.fingerprint))
+        did = request.headers.get(DIALOGUE_HEADER)
+        if req.n == 1:
+            return await _answer(request, req, did, openai_api.ChatShapes(req, engine.llm.fingerprint))
+        if did is not None:
+            raise ApiError(400, f"several choices (n > 1) branch from the conversation their messages give; "
+                           f"{DIALOGUE_HEADER} would make each the next turn of one dialogue", param="n")
+        return await _several(request, openai_api.choices(req), one_prompt=True)
 
     @app.post("/v1/completions")
     async def text(request: Request):
@@ -165,11 +170,21 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         if request.headers.get(DIALOGUE_HEADER) is not None:
             raise ApiError(400, f"{DIALOGUE_HEADER} names a chat dialogue; a text completion goes on in the "
                            "dialogue whose text its prompt starts with", param=DIALOGUE_HEADER)
-        if len(reqs) == 1:
+        if len(reqs) == 1 and reqs[0].n == 1:
             return await _answer(request, reqs[0], None, openai_api.TextShapes(reqs[0], engine.llm.fingerprint))
-        # several prompts (never streamed): one after another, a choice each, as one response
-        answers = [await _answer(request, r, None, openai_api.TextShapes(r, engine.llm.fingerprint)) for r in reqs]
-        return JSONResponse(openai_api.merge_text_responses([json.loads(a.body) for a in answers]),
+        return await _several(request, [c for r in reqs for c in openai_api.choices(r)],
+                              one_prompt=len(reqs) == 1)
+
+    async def _several(request: Request, reqs: list, one_prompt: bool):
+        """Several choices (`n`, several text prompts; never streamed): each a request of its
+        own, one after another (a chat's next choices branch from the dialogue the first went
+        on in, its KV copied: they prefill nothing again), as one response."""
+        answers = []
+        for r in reqs:
+            shapes = (openai_api.TextShapes if isinstance(r, openai_api.TextRequest) else openai_api.ChatShapes)(
+                r, engine.llm.fingerprint)
+            answers.append(await _answer(request, r, None, shapes))
+        return JSONResponse(openai_api.merge_responses([json.loads(a.body) for a in answers], one_prompt),
                             headers={DIALOGUE_HEADER: answers[0].headers[DIALOGUE_HEADER]})
 
     @app.post("/v1/responses")
