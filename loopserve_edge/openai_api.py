@@ -25,6 +25,9 @@ LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int
                     "sparse_prefill": bool, "alpha": float}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_CHOICES = 16   # `n`: each choice is a reply of its own, run one after another
+# OpenAI takes 4 stop strings; llama-server and llama-cpp-python any number, and scoring tools
+# send more (lm-eval's code tasks stop at 5 line starts)
+MAX_STOPS = 32
 
 
 class RequestError(LoopServeError, ValueError):
@@ -303,10 +306,10 @@ def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
         stop = ()
     elif isinstance(stop, str):
         stop = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+    elif isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) for s in stop):
         stop = tuple(stop)
     else:
-        raise _bad("'stop' must be a string or a list of at most 4 strings", "stop")
+        raise _bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
     if any(not s for s in stop):
         raise _bad("'stop' strings must not be empty", "stop")
     stream = body.get("stream", False)
@@ -584,8 +587,7 @@ def merge_responses(responses: list[dict], one_prompt: bool) -> dict:
 def choices(req: ChatRequest) -> list[ChatRequest]:
     """A request per choice of `n`: the first as asked, each next one with the next seed (the
     same seed would give the same reply)."""
-    return [req if i == 0 else replace(req, n=1, seed=None if req.seed is None else req.seed + i)
-            for i in range(req.n)]
+    return [replace(req, n=1, seed=None if req.seed is None else req.seed + i) for i in range(req.n)]
 
 
 def text_chunk(cid: str, model: str, fingerprint: str, text: str, finish: str | None = None,

@@ -307,3 +307,15 @@ def test_a_budgeted_text_dialogue_stays_within_its_budget(tiny_model, make_llm):
         assert r["loopserve"]["kv_cells"] <= 64 + 8
         text += r["choices"][0]["text"]
     assert r["loopserve"]["kv_evicted"] > 0 and r["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_more_stop_strings_than_openais_four(tiny_model, make_llm):
+    """lm-eval's code tasks stop at five line starts; llama-cpp-python takes any number."""
+    plain = make_llm(tiny_model).create_completion(PROMPT, max_tokens=8, temperature=0)["choices"][0]["text"]
+    s = plain[3:5]
+    assert len(s) == 2
+    stops = [f"zq{i}" for i in range(4)] + [s]
+    r = make_llm(tiny_model).create_completion(PROMPT, max_tokens=8, temperature=0, stop=stops)
+    assert r["choices"][0]["text"] == plain[:plain.find(s)] and r["choices"][0]["finish_reason"] == "stop"
+    with pytest.raises(RequestError, match="at most 32"):
+        make_llm(tiny_model).create_completion(PROMPT, stop=[f"zq{i}" for i in range(33)])
