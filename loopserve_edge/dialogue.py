@@ -130,6 +130,8 @@ class Dialogue:
         # sampling.logprobs() of each token of the reply in progress or last, when its
         # sampling asked for them (SamplingParams.logprobs), else None
         self.reply_logprobs: list[tuple] | None = None
+        # the same of the end-of-generation token that ended that reply (never decoded), if one did
+        self.end_logprob: tuple | None = None
         self._prefill_stats: dict | None = None  # llm.prefill_stats() of this turn's prefill
         self.prefill_chunks = 0  # pieces this turn's input was prefilled in
         self._seq: int | None = None        # llama.cpp sequence while resident
@@ -328,6 +330,7 @@ class Dialogue:
         sampler = token_fn or Sampler(params, constraint, history=self.tokens)
         self.first_token_logits = logits
         self.reply_logprobs = None if params.logprobs is None else []
+        self.end_logprob = None
         out: list[int] = []
         pending = b""
         reply_text = ""   # the reply decoded so far; with stops, text is held back until it
@@ -348,6 +351,8 @@ class Dialogue:
                 if llm.is_eog(tok):
                     # Not decoded: the next turn's render supplies the end-of-turn text.
                     finish = "stop"
+                    if self.reply_logprobs is not None:
+                        self.end_logprob = logprobs(chosen_from, tok, params.logprobs)
                     break
                 if len(self.positions) + 1 >= llm.n_ctx and not self.evictor.make_room(self):
                     finish = "context_full"

@@ -268,31 +268,46 @@ def parse_texts(body: dict, model: str | None = None) -> list[TextRequest]:
 
 def resolve_text(req: TextRequest, llm) -> TextRequest:
     """A prompt given as token ids gets their text, which the dialogue goes on from (a leading
-    BOS left to the tokenizer, which adds it where the model wants one)."""
+    BOS left to the tokenizer, which adds it where the model wants one); the ids stay, for the
+    prompt's log-probabilities (an entry each)."""
     if not req.prompt_tokens:
         return req
     ids = list(req.prompt_tokens)
     if max(ids) >= llm.n_vocab:
         raise _bad(f"'prompt': token {max(ids)} is beyond the model's vocabulary ({llm.n_vocab} tokens)", "prompt")
-    if llm.add_bos and ids[0] == llm.bos_id:
-        ids = ids[1:]
-    if not ids:
+    text = ids[1:] if llm.add_bos and ids[0] == llm.bos_id else ids   # the tokenizer adds BOS again
+    if not text:
         raise _bad("'prompt' must not be empty", "prompt")
-    return replace(req, prompt=llm.detokenize(ids, special=True), prompt_tokens=tuple(ids))
+    return replace(req, prompt=llm.detokenize(text, special=True))
 
 
 def prompt_logprobs(llm, req: TextRequest) -> list[dict]:
     """The prompt's tokens as log-probability entries (LogprobCursor's), each scored after the
-    tokens before it (Context.prompt_logprobs); the first has none unless the model starts with
-    BOS, which it is then scored after."""
+    tokens before it (Context.prompt_logprobs): an entry per token id given (a BOS among them
+    too, its text empty, as the echoed text has none), or per token of the text. The first has
+    none, unless the model starts with a BOS the prompt did not give, which it is scored after."""
     ids = list(req.prompt_tokens) or llm.tokenize(req.prompt, add_bos=False)
-    head = [llm.bos_id] if llm.add_bos else []
+    given_bos = llm.add_bos and ids[0] == llm.bos_id
+    head = [llm.bos_id] if llm.add_bos and not given_bos else []
     scored = llm.prompt_logprobs(head + ids, req.logprobs)
-    out = [] if head else [dict(logprob_entry(llm._piece(ids[0], special=True), None), top_logprobs=None)]
+    out = [] if head else [dict(logprob_entry(llm._piece(ids[0], special=not given_bos), None), top_logprobs=None)]
     for tok, lp, best in scored:
-        out.append(dict(logprob_entry(llm._piece(tok, special=True), lp), top_logprobs=[
-            logprob_entry(llm._piece(t, special=False), x) for t, x in best]))
+        out.append(_entry(llm, tok, lp, best, special=True))
     return out
+
+
+def end_logprob(llm, dialogue) -> list[dict]:
+    """The end-of-generation token that ended the dialogue's last reply, as an entry (its text
+    empty), where one did: a text that is scored (echo with logprobs) gets an entry for every
+    token generated, as OpenAI's legacy completions list the end token, and scoring tools take
+    the prompt's entries as all but the last (lm-eval asks for one token and drops it)."""
+    e = dialogue.end_logprob
+    return [] if e is None else [_entry(llm, *e, special=False)]
+
+
+def _entry(llm, tok: int, lp: float, best, special: bool) -> dict:
+    return dict(logprob_entry(llm._piece(tok, special=special), lp), top_logprobs=[
+        logprob_entry(llm._piece(t, special=False), x) for t, x in best])
 
 
 def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:

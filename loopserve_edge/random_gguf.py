@@ -76,7 +76,7 @@ def _copy_tokenizer(w: gguf.GGUFWriter, source: pathlib.Path) -> int:
     return n_vocab
 
 
-def _byte_tokenizer(w: gguf.GGUFWriter, chat_template: str | None = CHATML) -> int:
+def _byte_tokenizer(w: gguf.GGUFWriter, chat_template: str | None = CHATML, add_bos: bool = False) -> int:
     tokens, types = _vocab()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")  # SmolLM2's pre-tokenizer regex; plain GPT-2-style splitting
@@ -85,7 +85,7 @@ def _byte_tokenizer(w: gguf.GGUFWriter, chat_template: str | None = CHATML) -> i
     w.add_token_merges(MERGES)
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))  # so a chat reply ends on <|im_end|>
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_add_eos_token(False)
     if chat_template is not None:
         w.add_chat_template(chat_template)
@@ -108,11 +108,12 @@ def _writer(path, arch, seed, *, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_h
 def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128,
                        n_ctx_train=4096, tokenizer_from=None, dtype=np.float32,
                        std=0.02, qk_std=None, embd_std=None, fast=False, quant=None,
-                       chat_template=CHATML) -> pathlib.Path:
+                       chat_template=CHATML, add_bos=False) -> pathlib.Path:
     """Write a Llama-architecture GGUF with N(0, std) weights (norms are ones).
 
     tokenizer_from: a GGUF whose tokenizer is copied; None for the tiny byte-level one, with
-    `chat_template` (None: none, as a base model's GGUF).
+    `chat_template` (None: none, as a base model's GGUF) and `add_bos` (the tokenizer starts a
+    text with BOS, as Llama's and Gemma's do).
     dtype: np.float32 or np.float16 (half the file for large shapes).
     qk_std, embd_std: other scales for attn_q/attn_k and token_embd (default: std); large
     Q/K scales make attention far from uniform, which attention-score checks need.
@@ -154,7 +155,7 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     w.add_rope_freq_base(10000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if quant else
                     gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
-    n_vocab = _copy_tokenizer(w, pathlib.Path(tokenizer_from)) if tokenizer_from else _byte_tokenizer(w, chat_template)
+    n_vocab = _copy_tokenizer(w, pathlib.Path(tokenizer_from)) if tokenizer_from else _byte_tokenizer(w, chat_template, add_bos)
     w.add_vocab_size(n_vocab)
 
     # Norm weights are ones (and f32, as llama.cpp expects): random norms add nothing.

@@ -319,3 +319,33 @@ def test_more_stop_strings_than_openais_four(tiny_model, make_llm):
     assert r["choices"][0]["text"] == plain[:plain.find(s)] and r["choices"][0]["finish_reason"] == "stop"
     with pytest.raises(RequestError, match="at most 32"):
         make_llm(tiny_model).create_completion(PROMPT, stop=[f"zq{i}" for i in range(33)])
+
+
+def test_scored_token_ids_get_an_entry_each_and_the_end_token_its_own(tmp_path, make_llm):
+    """lm-eval reads a scored prompt's entries by its own token count (token_logprobs[ctxlen:-1],
+    the one token it asked for dropped), so every id it sent has an entry, a BOS among them,
+    and a reply that ended at once on the end token still has that token's."""
+    from loopserve_edge.bindings import llama_c
+    from loopserve_edge.random_gguf import write_random_llama
+    from loopserve_edge.sampling import logprobs
+
+    tiny_model = write_random_llama(tmp_path / "bos.gguf", add_bos=True)   # starts with BOS, as Gemma's
+    llm = make_llm(tiny_model)
+    assert llm.add_bos
+    eos = int(llama_c.llama_vocab_eos(llm._vocab))
+    ids = [llm.bos_id] + llm.tokenize(PROMPT, add_bos=False)
+    r = llm.create_completion(ids, max_tokens=1, temperature=0, echo=True, logprobs=1, logit_bias={eos: 100})
+    c, lp = r["choices"][0], r["choices"][0]["logprobs"]
+    assert c["finish_reason"] == "stop" and c["text"] == PROMPT
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(ids) + 1
+    assert lp["tokens"][0] == lp["tokens"][-1] == "" and lp["token_logprobs"][0] is None
+    ref = make_llm(tiny_model)
+    lg = ref.decode(ref.dialogue(), ids, list(range(len(ids))))
+    assert lp["token_logprobs"][-1] == pytest.approx(logprobs(lg, eos, 1)[1], abs=1e-4)   # the model's own, unbiased
+    # the text alone: BOS added where the model wants one, each token scored after it
+    t = llm.create_completion(PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=1, logit_bias={eos: 100})
+    assert t["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][1:], abs=1e-4)
+    assert len(t["choices"][0]["logprobs"]["tokens"]) == len(ids)
+    # without echo nothing changes: the end token is not a token of the text
+    plain = llm.create_completion(PROMPT, max_tokens=1, temperature=0, logprobs=1, logit_bias={eos: 100})
+    assert plain["choices"][0]["logprobs"]["tokens"] == []

@@ -280,7 +280,7 @@ class Engine:
             reply = "".join(job.pieces)
             logprobs = job.logprobs.take(len(reply.encode()))
             if job.head is not None:
-                logprobs = job.head + (logprobs or [])
+                logprobs = job.head + (logprobs or []) + openai_api.end_logprob(self.llm, job.dlg)
             job.result = (reply, job.dlg.last_stats, job.entry.id, logprobs)
         job.done.set()
 
