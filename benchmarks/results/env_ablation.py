@@ -7,6 +7,11 @@ and reset for every other method's.
 
     variant(package method, name, description, **options)   (a plain variant, no variable)
     run(env, on, off, mark, {name: (package method, description)})
+
+and variants that change what a head-wise cut leaves, through the sequence's state:
+
+    edit_head_cuts(modes, edit)   (each marked cut: edit(evictor, dialogue, state before,
+                                   state after, kept rows, scores, mode) -> (state, hidden))
 """
 import dataclasses
 import os
@@ -22,6 +27,40 @@ def variant(base: str, name: str, describe: str, **options) -> None:
     m = M.METHODS[base]
     M.METHODS[name] = dataclasses.replace(m, name=name, describe=describe,
                                           options=tuple({**dict(m.options), **options}.items()))
+
+
+def edit_head_cuts(modes: dict, edit) -> None:
+    """Wrap the head-wise cut: for a config whose `chunk_probe` is a key of `modes` (uniform
+    allocation, f16 K/V), the sequence's state before the cut and after it, with the rows each
+    head kept (choose_keep_rows's answer) and the cut's scores, go to `edit`, whose state is
+    loaded in place of the cut's and whose hidden rows (None: none) are set."""
+    from loopserve_edge import eviction
+
+    cut_heads, choose = eviction.Evictor._cut_heads, eviction.choose_keep_rows
+
+    def wrapped(self, dlg, rows, budget):
+        if self.cfg.chunk_probe not in modes or self.cfg.allocation != "uniform":
+            return cut_heads(self, dlg, rows, budget)
+        assert int(self.llm.context_params.type_k) == 1 == int(self.llm.context_params.type_v)  # f16 rows
+        before = self.llm.sequence_state(self.llm.make_resident(dlg))
+        seen = {}
+
+        def keep(r, c, b):
+            seen["sel"] = choose(r, c, b)
+            return seen["sel"]
+
+        eviction.choose_keep_rows = keep
+        try:
+            cut_heads(self, dlg, rows, budget)
+        finally:
+            eviction.choose_keep_rows = choose
+        after = self.llm.sequence_state(self.llm.make_resident(dlg))
+        state, hidden = edit(self, dlg, before, after, seen["sel"], rows, modes[self.cfg.chunk_probe])
+        self.llm.restore(dlg, state)
+        if hidden is not None:
+            self.llm.set_hidden(dlg, hidden)
+
+    eviction.Evictor._cut_heads = wrapped
 
 
 def run(env: str, on: str, off: str, mark: int, variants: dict[str, tuple[str, str]]) -> None:

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from loopserve_edge import cli, eviction
+from loopserve_edge import cli
 from loopserve_edge.bench import methods as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import env_ablation  # noqa: E402  (the bench's wrapper of head-wise cuts)
 from test_head_wise import parse_seq_state  # noqa: E402  (the tests' reader of a sequence's state)
 
 MODES = {11: None, 12: -2.0, 13: 0.5}  # chunk_probe -> cosine threshold (None: no merge)
@@ -68,34 +70,11 @@ def merge(before: bytes, after: bytes, sel: np.ndarray, scores: np.ndarray, n_he
     return bytes(out)
 
 
-_cut_heads = eviction.Evictor._cut_heads
-_choose = eviction.choose_keep_rows
+def edit(evictor, dlg, before, after, sel, rows, tau):
+    return (after if tau is None else merge(before, after, sel, rows, evictor.llm.layer_heads(), tau)), None
 
 
-def cut_heads(self, dlg, rows, budget):
-    if self.cfg.chunk_probe not in MODES or self.cfg.allocation != "uniform":
-        return _cut_heads(self, dlg, rows, budget)
-    tau = MODES[self.cfg.chunk_probe]
-    assert int(self.llm.context_params.type_k) == 1 == int(self.llm.context_params.type_v)  # f16 rows
-    before = self.llm.sequence_state(self.llm.make_resident(dlg))
-    seen = {}
-
-    def choose(r, c, b):
-        seen["sel"] = _choose(r, c, b)
-        return seen["sel"]
-
-    eviction.choose_keep_rows = choose
-    try:
-        _cut_heads(self, dlg, rows, budget)
-    finally:
-        eviction.choose_keep_rows = _choose
-    after = self.llm.sequence_state(self.llm.make_resident(dlg))
-    if tau is not None:
-        after = merge(before, after, seen["sel"], rows, self.llm.layer_heads(), tau)
-    self.llm.restore(dlg, after)
-
-
-eviction.Evictor._cut_heads = cut_heads
+env_ablation.edit_head_cuts(MODES, edit)
 opts = dict(M.METHODS["loopserve-d64-head"].options)
 for mark, name, what in [(11, "d64h-rt", "with a state round trip after each cut (the control)"),
                          (12, "d64h-merge", "merging each evicted value into its nearest kept key's"),

@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from loopserve_edge import cli, eviction
+from loopserve_edge import cli
 from loopserve_edge.bench import methods as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import env_ablation  # noqa: E402  (the bench's wrapper of head-wise cuts)
 from test_head_wise import parse_seq_state  # noqa: E402  (the tests' reader of a sequence's state)
 
 MODES = {21: 0.0, 22: 1.0, 23: None}  # chunk_probe -> bias added to log N (None: no bias at all)
@@ -54,11 +56,7 @@ class Summary:
         self.at = np.full(n_rows, -1)  # the summary's cell (index into the dialogue's cells)
 
 
-_cut_heads = eviction.Evictor._cut_heads
-_choose = eviction.choose_keep_rows
-
-
-def summarise(self, dlg, before: bytes, after: bytes, sel: np.ndarray, rows: np.ndarray, extra) -> tuple[bytes, np.ndarray]:
+def summarise(self, dlg, before: bytes, after: bytes, sel: np.ndarray, rows: np.ndarray, extra):
     nh = self.llm.layer_heads()
     assert len(set(nh)) == 1
     nh = nh[0]
@@ -101,33 +99,10 @@ def summarise(self, dlg, before: bytes, after: bytes, sel: np.ndarray, rows: np.
             else:
                 s.at[r] = -1
             r += 1
-    return bytes(out), hidden
+    return bytes(out), (hidden if hidden.any() else None)
 
 
-def cut_heads(self, dlg, rows, budget):
-    if self.cfg.chunk_probe not in MODES or self.cfg.allocation != "uniform":
-        return _cut_heads(self, dlg, rows, budget)
-    extra = MODES[self.cfg.chunk_probe]
-    assert int(self.llm.context_params.type_k) == 1 == int(self.llm.context_params.type_v)  # f16 rows
-    before = self.llm.sequence_state(self.llm.make_resident(dlg))
-    seen = {}
-
-    def choose(r, c, b):
-        seen["sel"] = _choose(r, c, b)
-        return seen["sel"]
-
-    eviction.choose_keep_rows = choose
-    try:
-        _cut_heads(self, dlg, rows, budget)
-    finally:
-        eviction.choose_keep_rows = _choose
-    after = self.llm.sequence_state(self.llm.make_resident(dlg))
-    after, hidden = summarise(self, dlg, before, after, seen["sel"], rows, extra)
-    self.llm.restore(dlg, after)
-    self.llm.set_hidden(dlg, hidden if hidden.any() else None)
-
-
-eviction.Evictor._cut_heads = cut_heads
+env_ablation.edit_head_cuts(MODES, summarise)
 opts = dict(M.METHODS["loopserve-d64-head"].options)
 for mark, name, what in [(21, "d64h-sum", "with a summary row per head, bias log N"),
                          (22, "d64h-sum1", "with a summary row per head, bias log N + 1"),
