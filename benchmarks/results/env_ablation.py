@@ -12,6 +12,7 @@ and variants that change what a head-wise cut leaves, through the sequence's sta
 
     edit_head_cuts(modes, edit)   (each marked cut: edit(evictor, dialogue, state before,
                                    state after, kept rows, scores, mode) -> (state, hidden))
+    bench(package method, {mark: (name, description)})
 """
 import dataclasses
 import os
@@ -61,6 +62,15 @@ def edit_head_cuts(modes: dict, edit) -> None:
             self.llm.set_hidden(dlg, hidden)
 
     eviction.Evictor._cut_heads = wrapped
+
+
+def bench(base: str, variants: dict[int, tuple[str, str]]) -> None:
+    """Register each of {mark: (name, description)}, the package method `base` marked by that
+    `chunk_probe`, and run the bench CLI with this script's arguments."""
+    for mark, (name, describe) in variants.items():
+        variant(base, name, describe, chunk_probe=mark)
+    sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
+    cli.main()
 
 
 def run(env: str, on: str, off: str, mark: int, variants: dict[str, tuple[str, str]]) -> None:

@@ -23,9 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from loopserve_edge import cli
-from loopserve_edge.bench import methods as M
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import env_ablation  # noqa: E402  (the bench's wrapper of head-wise cuts)
@@ -75,11 +72,7 @@ def edit(evictor, dlg, before, after, sel, rows, tau):
 
 
 env_ablation.edit_head_cuts(MODES, edit)
-opts = dict(M.METHODS["loopserve-d64-head"].options)
-for mark, name, what in [(11, "d64h-rt", "with a state round trip after each cut (the control)"),
-                         (12, "d64h-merge", "merging each evicted value into its nearest kept key's"),
-                         (13, "d64h-merge5", "merging evicted values where the keys' cosine is >= 0.5")]:
-    M.METHODS[name] = M.Method(name, "loopserve", describe=f"loopserve-d64-head {what}",
-                               options=tuple({**opts, "chunk_probe": mark}.items()))
-sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
-cli.main()
+env_ablation.bench("loopserve-d64-head", {
+    11: ("d64h-rt", "loopserve-d64-head with a state round trip after each cut (the control)"),
+    12: ("d64h-merge", "loopserve-d64-head merging each evicted value into its nearest kept key's"),
+    13: ("d64h-merge5", "loopserve-d64-head merging evicted values where the keys' cosine is >= 0.5")})

@@ -30,9 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from loopserve_edge import cli
-from loopserve_edge.bench import methods as M
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import env_ablation  # noqa: E402  (the bench's wrapper of head-wise cuts)
@@ -103,11 +100,7 @@ def summarise(self, dlg, before: bytes, after: bytes, sel: np.ndarray, rows: np.
 
 
 env_ablation.edit_head_cuts(MODES, summarise)
-opts = dict(M.METHODS["loopserve-d64-head"].options)
-for mark, name, what in [(21, "d64h-sum", "with a summary row per head, bias log N"),
-                         (22, "d64h-sum1", "with a summary row per head, bias log N + 1"),
-                         (23, "d64h-sum0", "with a summary row per head, no bias")]:
-    M.METHODS[name] = M.Method(name, "loopserve", describe=f"loopserve-d64-head {what}",
-                               options=tuple({**opts, "chunk_probe": mark}.items()))
-sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
-cli.main()
+env_ablation.bench("loopserve-d64-head", {
+    21: ("d64h-sum", "loopserve-d64-head with a summary row per head, bias log N"),
+    22: ("d64h-sum1", "loopserve-d64-head with a summary row per head, bias log N + 1"),
+    23: ("d64h-sum0", "loopserve-d64-head with a summary row per head, no bias")})
