@@ -40,9 +40,13 @@ class Completions:
         """An OpenAI text completion request body, as chat()."""
         req = openai_api.resolve_text(openai_api.parse_text(body, model=str(self.llm.model_path)), self.llm)
         sampling = self._sampling(req, TEXT_DEFAULTS)
+        shapes = openai_api.TextShapes(req, self.llm.fingerprint)
+        if openai_api.scores_only(req):   # scoring tools' texts: the scoring pass alone, no dialogue
+            text, stats, entries = openai_api.score_text(self.llm, req, sampling)
+            return shapes.response(text, stats, None, entries)
         head = openai_api.prompt_logprobs(self.llm, req) if req.scores_prompt else None
         entry, _ = self.store.for_text(req.prompt, self.store.evictor(req.loopserve))
-        return self._run(req, entry, sampling, openai_api.TextShapes(req, self.llm.fingerprint), head)
+        return self._run(req, entry, sampling, shapes, head)
 
     def _sampling(self, req: ChatRequest, defaults: dict) -> dict:
         # a reply's length is bounded by the context, as llama-cpp-python's max_tokens=None

@@ -698,9 +698,10 @@ class Context:
                 self.set_score_window(window)
         return self._logits(-1)
 
-    def prompt_logprobs(self, tokens: list[int], top: int) -> list[tuple[int, float, tuple]]:
+    def prompt_logprobs(self, tokens: list[int], top: int) -> tuple[list[tuple[int, float, tuple]], np.ndarray]:
         """For each of tokens[1:], (the token, its log-probability after the tokens before it,
-        the `top` most likely tokens there with theirs), as sampling.logprobs gives a reply's:
+        the `top` most likely tokens there with theirs), as sampling.logprobs gives a reply's,
+        and the logits after the last token:
         a text's own log-probabilities (OpenAI's legacy `echo` with `logprobs`, which scoring
         tools read). One pass over the tokens in a sequence of their own, with every row's
         logits, in chunks of at most SCORE_CHUNK rows (the logits buffer holds a chunk's rows of
@@ -725,11 +726,12 @@ class Context:
                 for j in range(len(part)):
                     if i + j + 1 < len(tokens):
                         out.append(logprobs(self._logits(j), tokens[i + j + 1], top))
+            last = self._logits(len(part) - 1)
         finally:
             if window:
                 self.set_score_window(window)
             self.forget(scratch)
-        return out
+        return out, last
 
     def _logits(self, i: int) -> np.ndarray:
         """A copy of the logits of output row i (-1: the last); np.frombuffer over a cached

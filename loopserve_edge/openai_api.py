@@ -15,9 +15,14 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from . import grammar, tool_calls
 from .config import LoopServeConfig
+from .dialogue import TurnStats
 from .errors import LoopServeError
+from .sampling import Sampler, SamplingParams
+from .sampling import logprobs as token_logprobs
 
 # per-request LoopServe settings (the request's "loopserve" object) and their types
 LOOPSERVE_FIELDS = {"policy": str, "budget": int, "interval": int, "window": int, "defer_cut": int,
@@ -286,14 +291,48 @@ def prompt_logprobs(llm, req: TextRequest) -> list[dict]:
     tokens before it (Context.prompt_logprobs): an entry per token id given (a BOS among them
     too, its text empty, as the echoed text has none), or per token of the text. The first has
     none, unless the model starts with a BOS the prompt did not give, which it is scored after."""
+    return _scored(llm, req)[0]
+
+
+def _scored(llm, req: TextRequest) -> tuple[list[dict], np.ndarray, list[int]]:
+    """prompt_logprobs, the logits after the prompt and the tokens it was scored as."""
     ids = list(req.prompt_tokens) or llm.tokenize(req.prompt, add_bos=False)
     given_bos = llm.add_bos and ids[0] == llm.bos_id
     head = [llm.bos_id] if llm.add_bos and not given_bos else []
-    scored = llm.prompt_logprobs(head + ids, req.logprobs)
+    scored, last = llm.prompt_logprobs(head + ids, req.logprobs)
     out = [] if head else [dict(logprob_entry(llm._piece(ids[0], special=not given_bos), None), top_logprobs=None)]
     for tok, lp, best in scored:
         out.append(_entry(llm, tok, lp, best, special=True))
-    return out
+    return out, last, head + ids
+
+
+def scores_only(req: ChatRequest) -> bool:
+    """A scored text asking for at most one token, held to no form and no stop string: what
+    scoring tools send, thousands of texts none of which goes on. The scoring pass answers it
+    alone (score_text), no dialogue made or prefilled."""
+    return (isinstance(req, TextRequest) and req.scores_prompt and req.max_tokens is not None
+            and req.max_tokens <= 1 and not req.grammar and not req.stop)
+
+
+def score_text(llm, req: TextRequest, sampling: dict) -> tuple[str, TurnStats, list[dict]]:
+    """A scores_only request: (the reply, its TurnStats, the entries), the one token asked for
+    chosen from the logits after the prompt as a dialogue's reply would choose it."""
+    t0 = time.perf_counter()
+    entries, last, ids = _scored(llm, req)
+    text, finish, done = "", "length", 0
+    if req.max_tokens == 1:
+        tok = Sampler(SamplingParams(**sampling), None, history=ids)(last)
+        special = llm.is_eog(tok)   # an end token: not part of the text, its entry's text empty
+        entries.append(_entry(llm, *token_logprobs(last, tok, req.logprobs), special=False))
+        if special:
+            finish = "stop"
+        else:
+            text, done = llm._piece(tok, special=False).decode("utf-8", errors="replace"), 1
+    took = time.perf_counter() - t0
+    stats = TurnStats(prompt_tokens=len(ids), reused_tokens=0, prefilled_tokens=len(ids), ttft_s=took,
+                      decode_tokens=done, decode_s=0.0, kv_cells=0, kv_capacity=llm.n_ctx, finish_reason=finish,
+                      swapped_in=False)
+    return text, stats, entries
 
 
 def end_logprob(llm, dialogue) -> list[dict]:

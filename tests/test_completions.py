@@ -349,3 +349,23 @@ def test_scored_token_ids_get_an_entry_each_and_the_end_token_its_own(tmp_path, 
     # without echo nothing changes: the end token is not a token of the text
     plain = llm.create_completion(PROMPT, max_tokens=1, temperature=0, logprobs=1, logit_bias={eos: 100})
     assert plain["choices"][0]["logprobs"]["tokens"] == []
+
+
+def test_a_scoring_request_is_answered_by_the_scoring_pass_alone(tiny_model, make_llm):
+    """What scoring tools send (echo, logprobs, one token or none): no dialogue made or
+    prefilled, the answer a dialogue would give."""
+    llm = make_llm(tiny_model)
+    one = llm.create_completion(PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    assert one["loopserve"]["dialogue_id"] is None and llm.cells_used == 0 and not llm._calls().store.entries
+    two = make_llm(tiny_model).create_completion(PROMPT, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    assert two["loopserve"]["dialogue_id"] is not None   # two tokens: through a dialogue
+    lp1, lp2 = one["choices"][0]["logprobs"], two["choices"][0]["logprobs"]
+    n = len(lp1["tokens"])
+    assert lp1["tokens"] == lp2["tokens"][:n] and lp1["text_offset"] == lp2["text_offset"][:n]
+    assert lp1["token_logprobs"] == pytest.approx(lp2["token_logprobs"][:n], abs=1e-4)
+    assert two["choices"][0]["text"].startswith(one["choices"][0]["text"])
+    assert one["usage"]["prompt_tokens"] == two["usage"]["prompt_tokens"] and one["usage"]["completion_tokens"] == 1
+    # sampled, the seed's choice as a dialogue makes it
+    s1 = llm.create_completion(PROMPT, max_tokens=1, temperature=1.5, seed=11, echo=True, logprobs=0)
+    s2 = make_llm(tiny_model).create_completion(PROMPT, max_tokens=1, temperature=1.5, seed=11, logprobs=0)
+    assert s1["choices"][0]["text"] == PROMPT + s2["choices"][0]["text"]

@@ -184,8 +184,9 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
             shapes = (openai_api.TextShapes if isinstance(r, openai_api.TextRequest) else openai_api.ChatShapes)(
                 r, engine.llm.fingerprint)
             answers.append(await _answer(request, r, None, shapes))
+        did = answers[0].headers.get(DIALOGUE_HEADER)
         return JSONResponse(openai_api.merge_responses([json.loads(a.body) for a in answers], one_prompt),
-                            headers={DIALOGUE_HEADER: answers[0].headers[DIALOGUE_HEADER]})
+                            headers={DIALOGUE_HEADER: did} if did else {})
 
     @app.post("/v1/responses")
     async def create_response(request: Request):
@@ -223,7 +224,8 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
             finally:
                 engine.release()
             engine.metrics.request(path, 200)
-            return JSONResponse(shapes.response(text, stats, did, logprobs), headers={DIALOGUE_HEADER: did})
+            return JSONResponse(shapes.response(text, stats, did, logprobs),
+                                headers={DIALOGUE_HEADER: did} if did else {})
         return await _stream(path, req, dialogue_id, shapes)
 
     async def _stream(path: str, req, dialogue_id, shapes):

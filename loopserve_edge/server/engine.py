@@ -161,6 +161,12 @@ class Engine:
                 sampling = openai_api.sampling(req, max_tokens=o.max_tokens, temperature=o.temperature,
                                                 top_p=o.top_p, top_k=o.top_k, n_vocab=self.llm.n_vocab)
                 evictor = self.store.evictor(req.loopserve)
+                if openai_api.scores_only(req):   # scoring tools' texts: the scoring pass alone
+                    text, stats, entries = openai_api.score_text(self.llm, req, sampling)
+                    self.metrics.turn(stats, 0)
+                    job.result = (text, stats, None, entries)
+                    job.done.set()
+                    return
                 if isinstance(req, TextRequest):
                     if req.scores_prompt:
                         job.head = openai_api.prompt_logprobs(self.llm, req)
