@@ -155,7 +155,10 @@ def write_random_llama(path, *, seed=0, n_layer=2, n_embd=128, n_head=4, n_head_
     w.add_rope_freq_base(10000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if quant else
                     gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
-    n_vocab = _copy_tokenizer(w, pathlib.Path(tokenizer_from)) if tokenizer_from else _byte_tokenizer(w, chat_template, add_bos)
+    if tokenizer_from:
+        n_vocab = _copy_tokenizer(w, pathlib.Path(tokenizer_from))
+    else:
+        n_vocab = _byte_tokenizer(w, chat_template, add_bos)
     w.add_vocab_size(n_vocab)
 
     # Norm weights are ones (and f32, as llama.cpp expects): random norms add nothing.

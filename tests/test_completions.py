@@ -268,11 +268,12 @@ def test_echo_with_logprobs_scores_the_prompt_token_by_token(tiny_model, make_ll
     head = 0 if llm.add_bos else 1
     assert lp["token_logprobs"][:head] == [None] * head and lp["top_logprobs"][:head] == [None] * head
     for (tok, x, best), got, top in zip(by_hand, lp["token_logprobs"][head:], lp["top_logprobs"][head:]):
-        assert got == pytest.approx(x, abs=1e-4)
-        assert len(top) <= 2 and max(top.values()) == pytest.approx(best[0][1], abs=1e-4)
+        assert got == pytest.approx(x, abs=1e-3)
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(best[0][1], abs=1e-3)
     # the reply's own entries follow, as without echo
     plain = make_llm(tiny_model).create_completion(PROMPT, max_tokens=3, temperature=0, logprobs=2)
-    assert lp["token_logprobs"][len(toks):] == pytest.approx(plain["choices"][0]["logprobs"]["token_logprobs"])
+    want = plain["choices"][0]["logprobs"]["token_logprobs"]
+    assert lp["token_logprobs"][len(toks):] == pytest.approx(want, abs=1e-3)
     # the other dialogue and the pool are as they were; max_tokens 0: the prompt alone
     assert llm.cells_used == cells + r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
     again = llm.create_completion("Zebras run" + other["choices"][0]["text"], max_tokens=2, temperature=0)
@@ -341,10 +342,10 @@ def test_scored_token_ids_get_an_entry_each_and_the_end_token_its_own(tmp_path, 
     assert lp["tokens"][0] == lp["tokens"][-1] == "" and lp["token_logprobs"][0] is None
     ref = make_llm(tiny_model)
     lg = ref.decode(ref.dialogue(), ids, list(range(len(ids))))
-    assert lp["token_logprobs"][-1] == pytest.approx(logprobs(lg, eos, 1)[1], abs=1e-4)   # the model's own, unbiased
+    assert lp["token_logprobs"][-1] == pytest.approx(logprobs(lg, eos, 1)[1], abs=1e-3)   # the model's own, unbiased
     # the text alone: BOS added where the model wants one, each token scored after it
     t = llm.create_completion(PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=1, logit_bias={eos: 100})
-    assert t["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][1:], abs=1e-4)
+    assert t["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][1:], abs=1e-3)
     assert len(t["choices"][0]["logprobs"]["tokens"]) == len(ids)
     # without echo nothing changes: the end token is not a token of the text
     plain = llm.create_completion(PROMPT, max_tokens=1, temperature=0, logprobs=1, logit_bias={eos: 100})
@@ -362,7 +363,7 @@ def test_a_scoring_request_is_answered_by_the_scoring_pass_alone(tiny_model, mak
     lp1, lp2 = one["choices"][0]["logprobs"], two["choices"][0]["logprobs"]
     n = len(lp1["tokens"])
     assert lp1["tokens"] == lp2["tokens"][:n] and lp1["text_offset"] == lp2["text_offset"][:n]
-    assert lp1["token_logprobs"] == pytest.approx(lp2["token_logprobs"][:n], abs=1e-4)
+    assert lp1["token_logprobs"] == pytest.approx(lp2["token_logprobs"][:n], abs=1e-3)
     assert two["choices"][0]["text"].startswith(one["choices"][0]["text"])
     assert one["usage"]["prompt_tokens"] == two["usage"]["prompt_tokens"] and one["usage"]["completion_tokens"] == 1
     # sampled, the seed's choice as a dialogue makes it

@@ -221,8 +221,8 @@ def test_messages_of_one_role_in_a_row_are_one_turn():
     assert r.history == () and r.prompt == "a\n\nb" and r.reply_prefix == "c\n\nd"
     # a tool call's results, then two user messages: one turn
     call = {"role": "assistant", "content": None, "tool_calls": [_call()]}
-    r = parse_chat({"model": "m", "messages": USER + [call, {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"],
-                                                              "content": "1"}, msgs[0], msgs[1]]})
+    result = {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "1"}
+    r = parse_chat({"model": "m", "messages": USER + [call, result, msgs[0], msgs[1]]})
     assert r.prompt.endswith("\n\na\n\nb") and len(r.history) == 2
 
 
