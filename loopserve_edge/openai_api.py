@@ -534,12 +534,10 @@ class LogprobCursor:
             return None
         out = []
         while self.sent < len(got) and self.byte < upto:
-            tok, lp, best = got[self.sent]
-            piece = self.llm._piece(tok, special=False)
-            out.append(dict(logprob_entry(piece, lp), top_logprobs=[
-                logprob_entry(self.llm._piece(t, special=False), x) for t, x in best]))
+            e = _entry(self.llm, *got[self.sent], special=False)
+            out.append(e)
             self.sent += 1
-            self.byte += len(piece)
+            self.byte += len(e["bytes"])
         return out
 
 
