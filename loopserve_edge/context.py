@@ -77,14 +77,26 @@ class Resident(Protocol):
     _swapped: bytes | None
 
 
-class _Scratch:
-    """A sequence for a moment (Context.prompt_logprobs): a Resident of no dialogue."""
+class _ScoreCache:
+    """The last text Context.prompt_logprobs scored, kept in a sequence of its own so that the
+    next one goes on from the tokens the two share (scoring tools send a question once per
+    answer, the question first; llama-server's prompt cache likewise keeps a slot's last
+    prompt). A Resident of no dialogue, and a disposable one: pool pressure drops it rather
+    than swap it out (Context._victim), as re-scoring costs no more than the bytes would."""
+
+    disposable = True
 
     def __init__(self):
         self.positions: list[int] = []
         self.hidden = None
         self._seq = None
         self._swapped = None
+        self.tokens: list[int] = []   # what its cells hold, in position order
+        self.entries: list = []       # sampling.logprobs of tokens[1:], each after those before it
+        self.top = 0                  # the number of best tokens in each entry
+
+    def reset(self) -> None:
+        self.tokens, self.entries, self.positions = [], [], []
 
 
 class Context:
@@ -161,6 +173,7 @@ class Context:
         self._resident: dict[int, Resident] = {}
         # what pool pressure cost so far: dialogues swapped out ("swap_out"), repacks ("repack")
         self.pool_events = collections.Counter()
+        self._score_cache = _ScoreCache()   # the last text prompt_logprobs scored
 
     # -- construction ------------------------------------------------------------------
 
@@ -235,8 +248,7 @@ class Context:
             self._resident[dlg._seq] = dlg
             return dlg._seq
         if len(self._resident) >= self.config.max_resident:
-            kept = {id(d) for d in keep}
-            lru = next((d for d in self._resident.values() if id(d) not in kept), None)
+            lru = self._victim(keep)
             self.swap_out(lru if lru is not None else next(iter(self._resident.values())))
         seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
         if dlg._swapped:
@@ -256,8 +268,20 @@ class Context:
 
     @property
     def cells_used(self) -> int:
-        """Cells of the pool that the resident dialogues hold."""
+        """Cells of the pool that the resident dialogues (and the last scored text) hold."""
         return sum(self.seq_cells(s) for s in self._resident)
+
+    @property
+    def score_cache_cells(self) -> int:
+        """Cells that the last text prompt_logprobs scored still holds (a dialogue that needs
+        them drops them first)."""
+        c = self._score_cache
+        return self.seq_cells(c._seq) if c._seq is not None else 0
+
+    def drop_score_cache(self) -> None:
+        """Free the last scored text's cells now."""
+        self.forget(self._score_cache)
+        self._score_cache.reset()
 
     @property
     def kv_bytes(self) -> int:
@@ -278,7 +302,7 @@ class Context:
         # (nobody to swap out, the common case of one dialogue: no need to count)
         if not all(id(d) in kept for d in self._resident.values()):
             while self.n_ctx - self.cells_used < n:
-                lru = next((d for d in self._resident.values() if id(d) not in kept), None)
+                lru = self._victim(keep)
                 if lru is None:
                     break
                 self.swap_out(lru)
@@ -305,9 +329,21 @@ class Context:
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         return llama_c.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), seq) != 0
 
+    def _victim(self, keep: tuple = ()) -> Resident | None:
+        """The resident that gives up its sequence or cells first: a disposable one (the
+        scoring cache), else the least recently used; never one in `keep`."""
+        kept = {id(d) for d in keep}
+        others = [d for d in self._resident.values() if id(d) not in kept]
+        return next((d for d in others if getattr(d, "disposable", False)), others[0] if others else None)
+
     def swap_out(self, dlg: Resident) -> None:
-        """Move a resident dialogue's KV state to RAM and free its cells."""
+        """Move a resident dialogue's KV state to RAM and free its cells (a disposable
+        resident's are dropped)."""
         if dlg._seq is None:
+            return
+        if getattr(dlg, "disposable", False):
+            self.forget(dlg)
+            self.pool_events["score_cache_drop"] += 1
             return
         dlg._swapped = self.sequence_state(dlg._seq)
         self.pool_events["swap_out"] += 1
@@ -698,25 +734,38 @@ class Context:
                 self.set_score_window(window)
         return self._logits(-1)
 
-    def prompt_logprobs(self, tokens: list[int], top: int) -> tuple[list[tuple[int, float, tuple]], np.ndarray]:
+    def prompt_logprobs(self, tokens: list[int], top: int) -> tuple[list[tuple[int, float, tuple]], np.ndarray, int]:
         """For each of tokens[1:], (the token, its log-probability after the tokens before it,
         the `top` most likely tokens there with theirs), as sampling.logprobs gives a reply's,
-        and the logits after the last token:
+        the logits after the last token and how many tokens' cells were reused (below):
         a text's own log-probabilities (OpenAI's legacy `echo` with `logprobs`, which scoring
-        tools read). One pass over the tokens in a sequence of their own, with every row's
-        logits, in chunks of at most SCORE_CHUNK rows (the logits buffer holds a chunk's rows of
-        n_vocab floats); the sequence is dropped after, the dialogues' cells and scores as they
-        were (a full pool raises ContextFullError)."""
-        scratch = _Scratch()
-        seq = self.make_resident(scratch)
+        tools read). One pass over the tokens in a sequence of their own (_ScoreCache), with
+        every row's logits, in chunks of at most SCORE_CHUNK rows (the logits buffer holds a
+        chunk's rows of n_vocab floats); the dialogues' cells and scores stay as they were (a
+        full pool raises ContextFullError). That sequence keeps the text until the next call,
+        which decodes only from the first token the two texts do not share (one token before
+        it, for the logits there) and takes the entries before it as they were; pool pressure
+        drops it."""
+        cache = self._score_cache
+        if cache._seq is None or cache.top != top:
+            cache.reset()
+        seq = self.make_resident(cache)
+        shared = 0
+        for a, b in zip(cache.tokens, tokens):
+            if a != b:
+                break
+            shared += 1
+        keep = max(0, shared - 1)    # the cells kept; decoding from `keep` gives the logits there
+        self._seq_rm(seq, keep, -1)
+        out = cache.entries[:keep]
+        cache.tokens, cache.entries, cache.positions, cache.top = tokens[:keep], out, list(range(keep)), top
         window = self.score_window
-        out = []
         try:
-            self._free_cells(len(tokens), keep=(scratch,))
+            self._free_cells(len(tokens) - keep, keep=(cache,))
             if window:
                 self.set_score_window(0)   # nothing here is to be scored
             step = min(self.n_batch, SCORE_CHUNK)
-            for i in range(0, len(tokens), step):
+            for i in range(keep, len(tokens), step):
                 part = tokens[i:i + step]
                 try:
                     self._decode_chunk(seq, part, list(range(i, i + len(part))), last=True, every=True)
@@ -727,11 +776,15 @@ class Context:
                     if i + j + 1 < len(tokens):
                         out.append(logprobs(self._logits(j), tokens[i + j + 1], top))
             last = self._logits(len(part) - 1)
+        except BaseException:
+            self.forget(cache)
+            cache.reset()
+            raise
         finally:
             if window:
                 self.set_score_window(window)
-            self.forget(scratch)
-        return out, last
+        cache.tokens, cache.positions = list(tokens), list(range(len(tokens)))
+        return list(out), last, keep
 
     def _logits(self, i: int) -> np.ndarray:
         """A copy of the logits of output row i (-1: the last); np.frombuffer over a cached

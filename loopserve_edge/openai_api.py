@@ -294,16 +294,17 @@ def prompt_logprobs(llm, req: TextRequest) -> list[dict]:
     return _scored(llm, req)[0]
 
 
-def _scored(llm, req: TextRequest) -> tuple[list[dict], np.ndarray, list[int]]:
-    """prompt_logprobs, the logits after the prompt and the tokens it was scored as."""
+def _scored(llm, req: TextRequest) -> tuple[list[dict], np.ndarray, list[int], int]:
+    """prompt_logprobs, the logits after the prompt, the tokens it was scored as and how many
+    of them the last scored text's cells served."""
     ids = list(req.prompt_tokens) or llm.tokenize(req.prompt, add_bos=False)
     given_bos = llm.add_bos and ids[0] == llm.bos_id
     head = [llm.bos_id] if llm.add_bos and not given_bos else []
-    scored, last = llm.prompt_logprobs(head + ids, req.logprobs)
+    scored, last, reused = llm.prompt_logprobs(head + ids, req.logprobs)
     out = [] if head else [dict(logprob_entry(llm._piece(ids[0], special=not given_bos), None), top_logprobs=None)]
     for tok, lp, best in scored:
         out.append(_entry(llm, tok, lp, best, special=True))
-    return out, last, head + ids
+    return out, last, head + ids, reused
 
 
 def scores_only(req: ChatRequest) -> bool:
@@ -318,7 +319,7 @@ def score_text(llm, req: TextRequest, sampling: dict) -> tuple[str, TurnStats, l
     """A scores_only request: (the reply, its TurnStats, the entries), the one token asked for
     chosen from the logits after the prompt as a dialogue's reply would choose it."""
     t0 = time.perf_counter()
-    entries, last, ids = _scored(llm, req)
+    entries, last, ids, reused = _scored(llm, req)
     text, finish, done = "", "length", 0
     if req.max_tokens == 1:
         tok = Sampler(SamplingParams(**sampling), None, history=ids)(last)
@@ -329,7 +330,7 @@ def score_text(llm, req: TextRequest, sampling: dict) -> tuple[str, TurnStats, l
         else:
             text, done = llm._piece(tok, special=False).decode("utf-8", errors="replace"), 1
     took = time.perf_counter() - t0
-    stats = TurnStats(prompt_tokens=len(ids), reused_tokens=0, prefilled_tokens=len(ids), ttft_s=took,
+    stats = TurnStats(prompt_tokens=len(ids), reused_tokens=reused, prefilled_tokens=len(ids) - reused, ttft_s=took,
                       decode_tokens=done, decode_s=0.0, kv_cells=0, kv_capacity=llm.n_ctx, finish_reason=finish,
                       swapped_in=False)
     return text, stats, entries
@@ -634,6 +635,16 @@ def merge_responses(responses: list[dict], one_prompt: bool) -> dict:
                                                                    for r in prompts)}}
     out["loopserve"] = dict(responses[0]["loopserve"], dialogue_ids=[r["loopserve"]["dialogue_id"] for r in responses])
     return out
+
+
+def run_order(reqs: list[ChatRequest]) -> list[int]:
+    """The order in which to run several requests of one call: scoring requests (scores_only)
+    by their prompts, so that prompts that start alike follow one another and each is scored
+    from where it leaves the last (Context.prompt_logprobs keeps the last scored text: lm-eval
+    batches a question's answers among others' of the same length); any other as given."""
+    if len(reqs) > 1 and all(scores_only(r) for r in reqs):
+        return sorted(range(len(reqs)), key=lambda i: (tuple(reqs[i].prompt_tokens), reqs[i].prompt))
+    return list(range(len(reqs)))
 
 
 def choices(req: ChatRequest) -> list[ChatRequest]:

@@ -274,8 +274,10 @@ def test_echo_with_logprobs_scores_the_prompt_token_by_token(tiny_model, make_ll
     plain = make_llm(tiny_model).create_completion(PROMPT, max_tokens=3, temperature=0, logprobs=2)
     want = plain["choices"][0]["logprobs"]["token_logprobs"]
     assert lp["token_logprobs"][len(toks):] == pytest.approx(want, abs=1e-3)
-    # the other dialogue and the pool are as they were; max_tokens 0: the prompt alone
-    assert llm.cells_used == cells + r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    # the other dialogue and the pool are as they were, beside the scored text's cells (kept
+    # for the next text that starts as it does); max_tokens 0: the prompt alone
+    assert llm.score_cache_cells == r["usage"]["prompt_tokens"] + llm.add_bos
+    assert llm.cells_used == cells + llm.score_cache_cells + r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
     again = llm.create_completion("Zebras run" + other["choices"][0]["text"], max_tokens=2, temperature=0)
     assert again["loopserve"]["dialogue_id"] == other["loopserve"]["dialogue_id"]
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
@@ -357,7 +359,8 @@ def test_a_scoring_request_is_answered_by_the_scoring_pass_alone(tiny_model, mak
     prefilled, the answer a dialogue would give."""
     llm = make_llm(tiny_model)
     one = llm.create_completion(PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=2)
-    assert one["loopserve"]["dialogue_id"] is None and llm.cells_used == 0 and not llm._calls().store.entries
+    assert one["loopserve"]["dialogue_id"] is None and not llm._calls().store.entries
+    assert llm.cells_used == llm.score_cache_cells == one["usage"]["prompt_tokens"]   # the text scored, kept
     two = make_llm(tiny_model).create_completion(PROMPT, max_tokens=2, temperature=0, echo=True, logprobs=2)
     assert two["loopserve"]["dialogue_id"] is not None   # two tokens: through a dialogue
     lp1, lp2 = one["choices"][0]["logprobs"], two["choices"][0]["logprobs"]
@@ -370,3 +373,94 @@ def test_a_scoring_request_is_answered_by_the_scoring_pass_alone(tiny_model, mak
     s1 = llm.create_completion(PROMPT, max_tokens=1, temperature=1.5, seed=11, echo=True, logprobs=0)
     s2 = make_llm(tiny_model).create_completion(PROMPT, max_tokens=1, temperature=1.5, seed=11, logprobs=0)
     assert s1["choices"][0]["text"] == PROMPT + s2["choices"][0]["text"]
+
+
+def _counting_rows(monkeypatch):
+    """The rows each llama_decode of a scoring pass takes (SCORE_CHUNK 5: several chunks)."""
+    from loopserve_edge import context
+
+    monkeypatch.setattr(context, "SCORE_CHUNK", 5)
+    rows, real = [], context.Context._decode_chunk
+
+    def counting(self, seq, tokens, positions, last, every=False):
+        if every:
+            rows.append(len(tokens))
+        return real(self, seq, tokens, positions, last, every)
+
+    monkeypatch.setattr(context.Context, "_decode_chunk", counting)
+    return rows
+
+
+def test_scoring_goes_on_from_the_text_it_scored_last(tiny_model, make_llm, monkeypatch):
+    """lm-eval sends a question once per answer, the question first: each text after the
+    first decodes only from where it leaves the last one (one token before, for the logits
+    there), and its entries are those it gets scored alone."""
+    import os
+
+    rows = _counting_rows(monkeypatch)
+    llm, alone = make_llm(tiny_model), make_llm(tiny_model)
+    question = llm.tokenize(PROMPT + " Which of them came first?", add_bos=llm.add_bos)
+    answers = [llm.tokenize(a) for a in (" the red one", " the red and blue ones", " neither")]
+    last = None
+    for k, a in enumerate(answers):
+        ids = question + a
+        rows.clear()
+        r = llm.create_completion(ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+        shared = 0 if last is None else len(os.path.commonprefix([last, ids]))
+        reused = max(0, shared - 1)
+        assert sum(rows) == len(ids) - reused and (k == 0 or reused >= len(question) - 1)
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == reused
+        assert llm.score_cache_cells == len(ids) and r["loopserve"]["dialogue_id"] is None
+        want = alone.create_completion(ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+        alone.drop_score_cache()
+        got, ref = r["choices"][0]["logprobs"], want["choices"][0]["logprobs"]
+        assert got["tokens"] == ref["tokens"] and r["choices"][0]["text"] == want["choices"][0]["text"]
+        assert got["token_logprobs"][1:] == pytest.approx(ref["token_logprobs"][1:], abs=1e-3)
+        for mine, theirs in zip(got["top_logprobs"][1:], ref["top_logprobs"][1:]):
+            assert list(mine) == list(theirs)
+        last = ids
+    # a prefix of the last text: one token decoded, for the logits after it
+    rows.clear()
+    r = llm.create_completion(question, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    assert sum(rows) == 1 and r["usage"]["prompt_tokens_details"]["cached_tokens"] == len(question) - 1
+    one = alone.create_completion(question, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    assert r["choices"][0]["text"] == one["choices"][0]["text"]
+    # another number of best tokens: scored afresh
+    rows.clear()
+    r = llm.create_completion(question, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    assert sum(rows) == len(question) and r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert all(len(t) <= 1 for t in r["choices"][0]["logprobs"]["top_logprobs"][1:])
+
+
+def test_a_dialogue_drops_the_scored_text_before_it_swaps_out_another(tiny_model, make_llm, monkeypatch):
+    """The last scored text's cells and sequence go first when a dialogue needs them, freely
+    (nothing is saved); the next scoring pass starts over, and a failed one leaves nothing."""
+    rows = _counting_rows(monkeypatch)
+    llm = make_llm(tiny_model, n_ctx=256, loopserve=LoopServeConfig(max_resident=2))
+    text = PROMPT
+    while len(llm.tokenize(text)) < 140:   # more than half the pool
+        text += " the quick brown fox"
+    first = llm.create_completion("Zebras run", max_tokens=2, temperature=0)   # one dialogue
+    s = llm.create_completion(text, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    n = s["usage"]["prompt_tokens"]
+    assert llm.score_cache_cells == n > 100
+    # a second dialogue: a sequence and more cells than are free
+    other = llm.create_completion(text + " and a reply", max_tokens=2, temperature=0)
+    assert llm.pool_events["score_cache_drop"] == 1 and llm.pool_events["swap_out"] == 0
+    assert llm.score_cache_cells == 0
+    again = llm.create_completion("Zebras run" + first["choices"][0]["text"], max_tokens=1, temperature=0)
+    assert again["loopserve"]["dialogue_id"] == first["loopserve"]["dialogue_id"]
+    assert other["loopserve"]["dialogue_id"] != first["loopserve"]["dialogue_id"]
+    rows.clear()
+    s2 = llm.create_completion(text, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    assert sum(rows) == n and s2["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert s2["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        s["choices"][0]["logprobs"]["token_logprobs"][1:], abs=1e-3)
+    # a text the pool cannot hold fails whole, and the text before it is scored afresh after
+    with pytest.raises(ContextFullError):
+        llm.create_completion(text * 3, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    assert llm.score_cache_cells == 0
+    rows.clear()
+    s3 = llm.create_completion(text, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    assert sum(rows) == n and s3["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        s2["choices"][0]["logprobs"]["token_logprobs"][1:], abs=1e-3)

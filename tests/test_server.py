@@ -551,6 +551,41 @@ def test_text_completions_score_prompts_of_token_ids_as_scoring_tools_send_them(
     assert r["choices"][0]["logprobs"]["tokens"] == want[0]["choices"][0]["logprobs"]["tokens"][:-1]
 
 
+def test_a_questions_answers_are_scored_from_where_they_part(server, default_model):
+    """A multiple-choice question as lm-eval sends it (the question once per answer, each
+    scored): the second answer is decoded from where it leaves the first, the question's cells
+    kept between the calls, its log-probabilities as scored alone."""
+    from loopserve_edge import Llama
+
+    question = "Question: Which city is the capital of France?\nAnswer:"
+    with Llama(default_model, n_ctx=2048, n_threads=THREADS, flash_attn=True) as llm:
+        ids = [llm.tokenize(question + a, add_bos=llm.add_bos) for a in (" Paris", " London")]
+        n_q = len(llm.tokenize(question, add_bos=llm.add_bos))
+        want = []
+        for i in ids:
+            want.append(llm.create_completion(i, max_tokens=1, temperature=0, echo=True, logprobs=1))
+            llm.drop_score_cache()
+    got = [httpx.post(server.url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": i, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}).json()
+        for i in ids]
+    assert got[1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= n_q - 1
+    for g, w in zip(got, want):
+        assert g["choices"][0]["logprobs"]["tokens"] == w["choices"][0]["logprobs"]["tokens"]
+        assert g["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            w["choices"][0]["logprobs"]["token_logprobs"][1:], abs=1e-3)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f"loopserve_kv_cells_scored_text {len(ids[1])}" in metrics
+    # in one call (lm-eval's batches: a question's answers among others' of the same length),
+    # scored in the order of their prompts, answered in the order asked
+    other = ids[0][:2] + [t + 1 for t in ids[0][2:]]
+    r = httpx.post(server.url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": [ids[1], other, ids[0]], "max_tokens": 1, "temperature": 0, "echo": True,
+        "logprobs": 1}).json()
+    assert [c["logprobs"]["tokens"] for c in r["choices"][::2]] == [g["choices"][0]["logprobs"]["tokens"]
+                                                                   for g in got[::-1]]
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= 2 * (n_q - 1)   # other's share: 1
+
+
 def test_several_choices_are_replies_of_their_own_branching_from_the_conversation(server):
     client = server.client()
     msgs = [{"role": "user", "content": "Name a fruit and say why you like it."}]

@@ -178,12 +178,14 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
     async def _several(request: Request, reqs: list, one_prompt: bool):
         """Several choices (`n`, several text prompts; never streamed): each a request of its
         own, one after another (a chat's next choices branch from the dialogue the first went
-        on in, its KV copied: they prefill nothing again), as one response."""
-        answers = []
-        for r in reqs:
+        on in, its KV copied: they prefill nothing again; scoring requests in the order of
+        their prompts, openai_api.run_order), as one response, in the order asked."""
+        answers = [None] * len(reqs)
+        for i in openai_api.run_order(reqs):
+            r = reqs[i]
             shapes = (openai_api.TextShapes if isinstance(r, openai_api.TextRequest) else openai_api.ChatShapes)(
                 r, engine.llm.fingerprint)
-            answers.append(await _answer(request, r, None, shapes))
+            answers[i] = await _answer(request, r, None, shapes)
         did = answers[0].headers.get(DIALOGUE_HEADER)
         return JSONResponse(openai_api.merge_responses([json.loads(a.body) for a in answers], one_prompt),
                             headers={DIALOGUE_HEADER: did} if did else {})

@@ -300,9 +300,12 @@ class Engine:
         with self._lock:
             st = self.store.stats()
             used = self.llm.cells_used
+            scored = self.llm.score_cache_cells
             events = dict(self.llm.pool_events)
         return {
-            "loopserve_kv_cells_used": ("KV cells held by resident dialogues", used),
+            "loopserve_kv_cells_used": ("KV cells held by resident dialogues and the last scored text", used),
+            "loopserve_kv_cells_scored_text": ("KV cells the last scored text (echo with logprobs) holds for the "
+                                               "next one that starts as it does; dropped first for room", scored),
             "loopserve_kv_cells_total": ("KV cells of the pool (n_ctx)", self.llm.n_ctx),
             "loopserve_kv_bytes_allocated": ("bytes allocated for the KV pool", self.llm.kv_bytes),
             "loopserve_dialogues_resident": ("dialogues in the KV pool", st["resident"]),
@@ -318,6 +321,8 @@ class Engine:
                                                     sum(k * n for k, n in self.batches.items()), "counter"),
             "loopserve_kv_swaps_out_total": ("dialogues swapped out of the KV pool to make room",
                                              events.get("swap_out", 0), "counter"),
+            "loopserve_kv_scored_text_drops_total": ("times the last scored text's cells were dropped for room",
+                                                     events.get("score_cache_drop", 0), "counter"),
             "loopserve_kv_repacks_total": ("KV pool repacks (batch-invariant placement found too few "
                                            "cells at the pool's end)", events.get("repack", 0), "counter"),
             "loopserve_decode_waits_total": ("times a reply in progress waited a step for room in the KV pool",
