@@ -307,7 +307,13 @@ class Context:
                     break
                 self.swap_out(lru)
         if self.config.batch_invariant and bindings.llama_loopserve_kv_tail(self._ctx.ctx) < n:
-            self._repack()
+            # the last scored text first: often the highest cells in use, dropped it may leave
+            # room enough at the pool's end, for nothing, where a repack moves every resident
+            victim = self._victim(keep)
+            if victim is not None and getattr(victim, "disposable", False):
+                self.swap_out(victim)
+            if bindings.llama_loopserve_kv_tail(self._ctx.ctx) < n:
+                self._repack()
 
     def _repack(self) -> None:
         """Batch-invariant placement (LoopServeConfig.batch_invariant): new tokens go after

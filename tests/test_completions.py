@@ -464,3 +464,25 @@ def test_a_dialogue_drops_the_scored_text_before_it_swaps_out_another(tiny_model
     s3 = llm.create_completion(text, max_tokens=1, temperature=0, echo=True, logprobs=1)
     assert sum(rows) == n and s3["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
         s2["choices"][0]["logprobs"]["token_logprobs"][1:], abs=1e-3)
+
+
+def test_with_batch_invariant_placement_the_scored_text_goes_before_a_repack(tiny_model, make_llm):
+    """New tokens go after the highest cell in use; where the last scored text holds the cells
+    at the pool's end, dropping it makes the room that a repack (every resident's state moved)
+    would have."""
+    from loopserve_edge import bindings
+
+    rng = np.random.default_rng(3)
+    a_toks, b_toks, text, d_toks = ([int(t) for t in rng.integers(3, 250, n)] for n in (100, 100, 250, 100))
+    llm = make_llm(tiny_model, n_ctx=512, n_threads=2, flash_attn=True,
+                   loopserve=LoopServeConfig(max_resident=4, batch_invariant=True))
+    a, b = llm.dialogue(), llm.dialogue()
+    llm.decode(a, a_toks, list(range(100)))
+    llm.decode(b, b_toks, list(range(100)))
+    llm.prompt_logprobs(text, 1)
+    a.close()   # free cells below; 62 at the end
+    assert bindings.llama_loopserve_kv_tail(llm._ctx.ctx) == 512 - 450 and llm.score_cache_cells == 250
+    d = llm.dialogue()
+    llm.decode(d, d_toks, list(range(100)))
+    assert llm.pool_events["score_cache_drop"] == 1 and llm.pool_events["repack"] == 0
+    assert llm.score_cache_cells == 0 and bindings.llama_loopserve_kv_tail(llm._ctx.ctx) == 512 - 300
