@@ -264,8 +264,6 @@ def parse_texts(body: dict, model: str | None = None) -> list[TextRequest]:
     if echo and logprobs is not None and gen["stream"]:
         raise _bad("'echo' with 'logprobs' (the prompt's log-probabilities) is not streamed: ask without "
                    "'stream'", "stream")
-    if len(prompts) > 1 and gen["stream"]:
-        raise _bad("several prompts are not streamed: send them one per request, or without 'stream'", "prompt")
     return [TextRequest(model=model, system=None, history=(), prompt=p if isinstance(p, str) else "",
                         prompt_tokens=() if isinstance(p, str) else tuple(p), reply_prefix="", echo=echo, **gen)
             for p in prompts]
@@ -370,8 +368,6 @@ def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
-    if n > 1 and stream:
-        raise _bad("several choices (n > 1) are not streamed: ask without 'stream'", "n")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
@@ -627,14 +623,20 @@ def merge_responses(responses: list[dict], one_prompt: bool) -> dict:
     answered the same prompt (`n` choices), else summed (several text prompts); the
     `loopserve` extras: the first's, with each reply's dialogue id."""
     out = dict(responses[0], choices=[dict(r["choices"][0], index=i) for i, r in enumerate(responses)])
-    prompts = responses[:1] if one_prompt else responses
-    done = sum(r["usage"]["completion_tokens"] for r in responses)
-    n_prompt = sum(r["usage"]["prompt_tokens"] for r in prompts)
-    out["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done,
-                    "prompt_tokens_details": {"cached_tokens": sum(r["usage"]["prompt_tokens_details"]["cached_tokens"]
-                                                                   for r in prompts)}}
+    out["usage"] = sum_usage([r["usage"] for r in responses], one_prompt)
     out["loopserve"] = dict(responses[0]["loopserve"], dialogue_ids=[r["loopserve"]["dialogue_id"] for r in responses])
     return out
+
+
+def sum_usage(usages: list[dict], one_prompt: bool) -> dict:
+    """Several replies' usage as one call's: the completion tokens summed, the prompt's counted
+    once where every reply answered the same prompt (`n` choices), else summed."""
+    prompts = usages[:1] if one_prompt else usages
+    done = sum(u["completion_tokens"] for u in usages)
+    n_prompt = sum(u["prompt_tokens"] for u in prompts)
+    return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done,
+            "prompt_tokens_details": {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                           for u in prompts)}}
 
 
 def run_order(reqs: list[ChatRequest]) -> list[int]:
@@ -716,6 +718,45 @@ class ChatShapes:
 
     def usage(self, stats, did: str) -> dict:
         return usage_chunk(self.cid, self.req.model, self.fp, stats, did)
+
+
+class StreamChoices:
+    """Several choices' shapes (`n`, several text prompts) as one stream, the choices one after
+    another (the server runs them so): each chunk with its choice's index and the first
+    choice's id, and one usage chunk at the end, summed as merge_responses sums a response's."""
+
+    done_marker = True
+
+    def __init__(self, shapes: list, one_prompt: bool):
+        self.shapes, self.one_prompt, self.cid = shapes, one_prompt, shapes[0].cid
+        self.i = 0                 # the choice whose chunks come now
+        self.ends: list = []       # (TurnStats, dialogue id) of the choices done
+
+    def _mark(self, chunks: list[dict]) -> list[dict]:
+        for c in chunks:
+            c["id"] = self.cid
+            for choice in c["choices"]:
+                choice["index"] = self.i
+        return chunks
+
+    def start(self) -> list[dict]:
+        return self._mark(self.shapes[self.i].start())
+
+    def piece(self, text: str, logprobs) -> list[dict]:
+        return self._mark(self.shapes[self.i].piece(text, logprobs))
+
+    def end(self, stats, logprobs, did: str | None = None) -> list[dict]:
+        out = self._mark(self.shapes[self.i].end(stats, logprobs, did))
+        self.ends.append((stats, did))
+        self.i += 1
+        return out
+
+    def usage(self, stats, did: str) -> dict:
+        first, first_did = self.ends[0]
+        c = dict(self.shapes[0].usage(first, first_did), id=self.cid)
+        c["usage"] = sum_usage([usage(s) for s, _ in self.ends], self.one_prompt)
+        c["loopserve"] = dict(c["loopserve"], dialogue_ids=[d for _, d in self.ends])
+        return c
 
 
 class TextShapes:

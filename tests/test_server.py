@@ -507,7 +507,7 @@ def test_text_completions_continue_the_prompt_and_reuse_it(server, default_model
     echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True)
     assert echo.choices[0].text.startswith(prompt)
     for param, kw in [("prompt", dict(prompt=[[1], 2])), ("stream", dict(echo=True, logprobs=1, stream=True)),
-                      ("prompt", dict(prompt=["a", "b"], stream=True)), ("max_tokens", dict(max_tokens=0)),
+                      ("max_tokens", dict(max_tokens=0)),
                       ("suffix", dict(suffix="}"))]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, **{"prompt": prompt, **kw})
@@ -607,12 +607,43 @@ def test_several_choices_are_replies_of_their_own_branching_from_the_conversatio
     t = client.completions.create(model=MODEL, prompt="My favourite fruit is", n=2, max_tokens=6, temperature=1.0,
                                   seed=3)
     assert [c.index for c in t.choices] == [0, 1]
-    for bad in (dict(n=2, stream=True), dict(n=17), dict(n=0)):
+    for bad in (dict(n=17), dict(n=0)):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**dict(kw, **bad))
         assert e.value.body["param"] == "n"
     r = httpx.post(server.url + "/v1/chat/completions", headers={"X-Dialogue-Id": "n-two"}, json=dict(kw, n=2))
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_several_choices_stream_each_with_its_index(server):
+    """n > 1 and several prompts streamed, as OpenAI's streams give them: every chunk names its
+    choice, each choice's text as it comes without a stream, one usage chunk for all, one id."""
+    client = server.client()
+    msgs = [{"role": "user", "content": "Name a colour and say why you like it."}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=10, temperature=1.0, seed=11)
+    whole = client.chat.completions.create(n=3, **kw)
+    texts, roles, ids, usage, finishes = {}, {}, set(), [], {}
+    for ch in client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        ids.add(ch.id)
+        if ch.usage is not None:
+            usage.append(ch.usage)
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            roles[c.index] = roles.get(c.index) or c.delta.role
+            finishes[c.index] = c.finish_reason or finishes.get(c.index)
+    assert texts == {c.index: c.message.content for c in whole.choices} and len(set(texts.values())) > 1
+    assert roles == {0: "assistant", 1: "assistant", 2: "assistant"} and len(ids) == 1
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert len(usage) == 1 and usage[0].completion_tokens == whole.usage.completion_tokens
+    assert usage[0].prompt_tokens == whole.usage.prompt_tokens
+    prompts = ["My favourite fruit is", "The sky at night is"]
+    whole = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0)
+    texts = {}
+    for ch in client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True,
+                                        echo=True):
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: p + c.text for c, p in zip(whole.choices, prompts)}
 
 
 def test_a_dialogue_named_by_header_goes_on_whatever_the_history(server):

@@ -161,6 +161,8 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         if did is not None:
             raise ApiError(400, f"several choices (n > 1) branch from the conversation their messages give; "
                            f"{DIALOGUE_HEADER} would make each the next turn of one dialogue", param="n")
+        if req.stream:
+            return await _stream_several(request, openai_api.choices(req), one_prompt=True)
         return await _several(request, openai_api.choices(req), one_prompt=True)
 
     @app.post("/v1/completions")
@@ -172,11 +174,21 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                            "dialogue whose text its prompt starts with", param=DIALOGUE_HEADER)
         if len(reqs) == 1 and reqs[0].n == 1:
             return await _answer(request, reqs[0], None, openai_api.TextShapes(reqs[0], engine.llm.fingerprint))
-        return await _several(request, [c for r in reqs for c in openai_api.choices(r)],
-                              one_prompt=len(reqs) == 1)
+        several = [c for r in reqs for c in openai_api.choices(r)]
+        if reqs[0].stream:
+            return await _stream_several(request, several, one_prompt=len(reqs) == 1)
+        return await _several(request, several, one_prompt=len(reqs) == 1)
+
+    async def _stream_several(request: Request, reqs: list, one_prompt: bool):
+        """Several choices streamed: run one after another as _several runs them, each
+        choice's chunks with its index (openai_api.StreamChoices)."""
+        engine.admit()
+        shapes = (openai_api.TextShapes if isinstance(reqs[0], openai_api.TextRequest) else openai_api.ChatShapes)
+        return await _stream(request.url.path, [(r, shapes(r, engine.llm.fingerprint)) for r in reqs], None,
+                             one_prompt)
 
     async def _several(request: Request, reqs: list, one_prompt: bool):
-        """Several choices (`n`, several text prompts; never streamed): each a request of its
+        """Several choices (`n`, several text prompts; not streamed): each a request of its
         own, one after another (a chat's next choices branch from the dialogue the first went
         on in, its KV copied: they prefill nothing again; scoring requests in the order of
         their prompts, openai_api.run_order), as one response, in the order asked."""
@@ -228,9 +240,12 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
             engine.metrics.request(path, 200)
             return JSONResponse(shapes.response(text, stats, did, logprobs),
                                 headers={DIALOGUE_HEADER: did} if did else {})
-        return await _stream(path, req, dialogue_id, shapes)
+        return await _stream(path, [(req, shapes)], dialogue_id)
 
-    async def _stream(path: str, req, dialogue_id, shapes):
+    async def _stream(path: str, items: list, dialogue_id, one_prompt: bool = True):
+        """A stream of one request's reply, or of several choices' (`items`: (request, shapes)
+        each, run one after another, each choice's chunks with its index and the usage once at
+        the end, as openai_api.StreamChoices merges them)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -243,8 +258,11 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
 
         async def work():
             try:
-                result = await anyio.to_thread.run_sync(engine.run, req, dialogue_id, emit, cancelled, started)
-                queue.put_nowait(("done", result))
+                for req, _ in items:
+                    result = await anyio.to_thread.run_sync(engine.run, req, dialogue_id, emit, cancelled, started)
+                    queue.put_nowait(("done", result))
+                    if cancelled.is_set():
+                        break
             except ApiError as e:
                 queue.put_nowait(("error", e))
             except Exception as e:  # noqa: BLE001 (reported in the stream, the server goes on)
@@ -263,15 +281,19 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
             engine.metrics.request(path, value.status)
             return _error(value)
         engine.metrics.request(path, 200)
+        shapes = items[0][1] if len(items) == 1 else openai_api.StreamChoices([s for _, s in items], one_prompt)
 
         async def events():
             try:
                 for c in shapes.start():
                     yield protocol.sse(c)
-                item = await queue.get()
-                while True:
-                    k, v = item
-                    if k == "piece":
+                done = 0
+                while done < len(items):
+                    k, v = await queue.get()
+                    if k == "start":   # the next choice's prompt is in
+                        for c in shapes.start():
+                            yield protocol.sse(c)
+                    elif k == "piece":
                         for c in shapes.piece(*v):
                             yield protocol.sse(c)
                     elif k == "error":
@@ -281,10 +303,9 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                         _, stats, did, logprobs = v
                         for c in shapes.end(stats, logprobs, did):
                             yield protocol.sse(c)
-                        if req.include_usage:
+                        done += 1
+                        if done == len(items) and items[0][0].include_usage:
                             yield protocol.sse(shapes.usage(stats, did))
-                        break
-                    item = await queue.get()
                 if shapes.done_marker:
                     yield b"data: [DONE]\n\n"
             finally:
