@@ -102,6 +102,39 @@ def table(llm, form: str, orders: dict) -> None:
                   f"{'' if r is off else f'{same:.0%}'} | {'' if r is off else f'{diff:.1e}'} |", flush=True)
 
 
+def row_costs(n_vocab: int, rows: int = 128) -> None:
+    """Host time a scored row's log-probabilities take: one row at a time in float64 (the
+    computation before session 45, written out here) against sampling.logprobs_rows."""
+    import numpy as np
+    from loopserve_edge.sampling import logprobs_rows
+
+    def one_row(x, tok, top):
+        x = x.astype(np.float64)
+        lse = x.max() + np.log(np.exp(x - x.max()).sum())
+        idx = np.argpartition(-x, min(top, x.size - 1))[:top] if top else []
+        return tok, x[tok] - lse, sorted((-x[i], i) for i in idx)
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((rows, n_vocab)) * 4).astype(np.float32)
+    toks = rng.integers(0, n_vocab, rows)
+    print(f"\nhost time of a row's log-probabilities, {n_vocab} tokens, {rows} rows a chunk "
+          f"(ms a row, best of 5):\n")
+    print("| best tokens | one row at a time, float64 | rows at once (logprobs_rows) |")
+    print("|---:|---:|---:|")
+    def best_of(f, n=5) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times) / rows * 1e3
+
+    for top in (0, 1, 5, 20):
+        old = best_of(lambda: [one_row(x[i], int(toks[i]), top) for i in range(rows)])
+        new = best_of(lambda: logprobs_rows(x, toks, top))
+        print(f"| {top} | {old:.3f} | {new:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default=None)
@@ -132,6 +165,7 @@ def main():
             orders = {"lm-eval": lm_eval, f"lm-eval, {a.batch} a call": server_batches(lm_eval, a.batch),
                       "grouped": reqs}
             table(llm, "letters" if letters else "text", orders)
+        row_costs(llm.n_vocab)
 
 
 if __name__ == "__main__":

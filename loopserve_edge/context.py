@@ -30,7 +30,7 @@ from .config import LoopServeConfig
 from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileError
 from .grammar import Constraint
 from .model_file import check_model_file, fingerprint
-from .sampling import logprobs
+from .sampling import logprobs_rows
 
 DEFAULT_N_CTX = 4096
 # rows whose logits one llama_decode of prompt_logprobs keeps (x n_vocab floats: 25 MB at 49K)
@@ -778,10 +778,10 @@ class Context:
                 except _NoSlot:
                     raise ContextFullError(f"the KV cache has no room for a text of {len(tokens)} tokens "
                                            f"(n_ctx={self.n_ctx})") from None
-                for j in range(len(part)):
-                    if i + j + 1 < len(tokens):
-                        out.append(logprobs(self._logits(j), tokens[i + j + 1], top))
-            last = self._logits(len(part) - 1)
+                rows = self._logits_rows(len(part))
+                nxt = tokens[i + 1:i + 1 + len(part)]   # the token each row scores (the text's last: none)
+                out += logprobs_rows(rows[:len(nxt)], nxt, top)
+            last = rows[-1].copy()
         except BaseException:
             self.forget(cache)
             cache.reset()
@@ -791,6 +791,17 @@ class Context:
                 self.set_score_window(window)
         cache.tokens, cache.positions = list(tokens), list(range(len(tokens)))
         return list(out), last, keep
+
+    def _logits_rows(self, n: int) -> np.ndarray:
+        """The logits of the last decode's n output rows (every row of it an output), as one
+        (n, n_vocab) array: a view of llama.cpp's buffer, valid until the next decode."""
+        first = llama_c.llama_get_logits_ith(self._ctx.ctx, 0)
+        last = llama_c.llama_get_logits_ith(self._ctx.ctx, n - 1)
+        base = ctypes.addressof(first.contents)
+        if ctypes.addressof(last.contents) != base + 4 * (n - 1) * self.n_vocab:   # rows not in batch order
+            return np.stack([self._logits(j) for j in range(n)])
+        return np.frombuffer((ctypes.c_float * (n * self.n_vocab)).from_address(base),
+                             dtype=np.float32).reshape(n, self.n_vocab)
 
     def _logits(self, i: int) -> np.ndarray:
         """A copy of the logits of output row i (-1: the last); np.frombuffer over a cached

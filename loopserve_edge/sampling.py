@@ -112,11 +112,41 @@ def logprobs(logits: np.ndarray, tok: int, top: int) -> tuple[int, float, tuple[
     """(tok, its log-probability, the `top` most likely tokens with theirs) under the model's
     own distribution: the logits as the model gave them, before temperature, penalties or bias
     (what the reply's tokens cost the model, whatever chose them)."""
-    x = logits.astype(np.float64)
-    lse = x.max() + np.log(np.exp(x - x.max()).sum())
-    best = ()
+    return logprobs_rows(np.asarray(logits)[None], [tok], top)[0]
+
+
+# rows of a vocabulary that logprobs_rows works on at once: 8 x 49K floats stay in a core's
+# cache, where a whole chunk's exponentials (128 rows, 25 MB) would go through memory
+ROW_BLOCK = 8
+
+
+def logprobs_rows(logits: np.ndarray, toks, top: int) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
+    """logprobs() of each row of `logits` (rows x vocabulary) for its token of `toks`: a scored
+    text's rows are thousands of vocabularies. The exponentials in float32 (the logits' own
+    precision, less their row's maximum), their sums and the log-probabilities in float64:
+    within ~1e-7 of an all-float64 computation, in blocks of ROW_BLOCK rows."""
+    out = []
+    for i in range(0, len(logits), ROW_BLOCK):
+        out += _logprobs_block(logits[i:i + ROW_BLOCK], toks[i:i + ROW_BLOCK], top)
+    return out
+
+
+def _logprobs_block(logits: np.ndarray, toks, top: int) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max(axis=1, keepdims=True)
+    lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=1, dtype=np.float64))
+    rows = np.arange(len(x))
+    lp = x[rows, np.asarray(toks, dtype=np.int64)].astype(np.float64) - lse
+    best = [()] * len(x)
     if top > 0:
-        idx = np.argpartition(-x, min(top, x.size - 1))[:top]
-        idx = idx[np.argsort(-x[idx], kind="stable")]
-        best = tuple((int(i), float(x[i] - lse)) for i in idx)
-    return int(tok), float(x[tok] - lse), best
+        # the best `top` by repeated argmax (ties: the lowest id first): a pass over a row is
+        # ~1/100 of argpartition's time at the few best tokens asked for (OpenAI: up to 20)
+        top = min(top, x.shape[1])
+        y = x.copy() if top > 1 else x
+        idx = np.empty((len(x), top), dtype=np.int64)
+        for j in range(top):
+            idx[:, j] = y.argmax(axis=1)
+            if j + 1 < top:
+                y[rows, idx[:, j]] = -np.inf
+        best = [tuple((int(i), float(x[r, i]) - float(lse[r])) for i in idx[r]) for r in rows]
+    return [(int(t), float(v), b) for t, v, b in zip(toks, lp, best)]

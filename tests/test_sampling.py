@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from loopserve_edge.sampling import Sampler, SamplingParams, logprobs
+from loopserve_edge.sampling import Sampler, SamplingParams, logprobs, logprobs_rows
 
 
 def _greedy(**kw):
@@ -55,10 +55,32 @@ def test_logprobs_are_the_models_log_softmax_with_the_most_likely_first():
     logits = rng.normal(size=300).astype(np.float32)
     want = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
     tok, lp, top = logprobs(logits, 17, 5)
-    assert tok == 17 and lp == pytest.approx(want[17], abs=1e-9)
+    # (exponentials in float32, sums in float64: sampling.logprobs_rows)
+    assert tok == 17 and lp == pytest.approx(want[17], abs=1e-7)
     assert [t for t, _ in top] == list(np.argsort(-want)[:5])
-    np.testing.assert_allclose([x for _, x in top], np.sort(want)[::-1][:5], atol=1e-9)
+    np.testing.assert_allclose([x for _, x in top], np.sort(want)[::-1][:5], atol=1e-7)
     assert logprobs(logits, 3, 0)[2] == ()
+
+
+def test_logprobs_of_many_rows_at_once_are_each_rows_own():
+    """A scored text's rows in one call: each row's log-softmax (float64 sums) for its own
+    token, the best in order, ties by the lowest id, and a `top` beyond the vocabulary."""
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(6, 40000)) * 4).astype(np.float32)
+    logits[2, [7, 9, 11]] = logits[2].max() + 1   # a three-way tie at the top
+    toks = [0, 5, 9, 39999, 123, 77]
+    got = logprobs_rows(logits, toks, 4)
+    for r, (tok, lp, best) in enumerate(got):
+        x = logits[r].astype(np.float64)
+        want = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        assert tok == toks[r] and lp == pytest.approx(want[tok], abs=1e-6)
+        order = sorted(range(x.size), key=lambda i: (-x[i], i))[:4]
+        assert [t for t, _ in best] == order
+        np.testing.assert_allclose([v for _, v in best], want[order], atol=1e-6)
+    assert [t for t, _ in got[2][2][:3]] == [7, 9, 11]
+    small = logprobs_rows(np.array([[1.0, 3.0, 2.0]], np.float32), [0], 5)[0]
+    assert [t for t, _ in small[2]] == [1, 2, 0] and small[1] == pytest.approx(np.log(np.exp(1) / np.exp([1, 3, 2]).sum()))
+    assert [b for _, _, b in logprobs_rows(logits, toks, 0)] == [()] * 6
 
 
 def test_a_reply_records_each_tokens_logprob_from_the_logits_that_chose_it(tiny_model, make_llm):
