@@ -102,7 +102,7 @@ def table(llm, form: str, orders: dict) -> None:
                   f"{'' if r is off else f'{same:.0%}'} | {'' if r is off else f'{diff:.1e}'} |", flush=True)
 
 
-def row_costs(n_vocab: int, rows: int = 128) -> None:
+def row_costs(n_vocab: int, threads: int, rows: int = 128) -> None:
     """Host time a scored row's log-probabilities take: one row at a time in float64 (the
     computation before session 45, written out here) against sampling.logprobs_rows."""
     import numpy as np
@@ -119,8 +119,8 @@ def row_costs(n_vocab: int, rows: int = 128) -> None:
     toks = rng.integers(0, n_vocab, rows)
     print(f"\nhost time of a row's log-probabilities, {n_vocab} tokens, {rows} rows a chunk "
           f"(ms a row, best of 5):\n")
-    print("| best tokens | one row at a time, float64 | rows at once (logprobs_rows) |")
-    print("|---:|---:|---:|")
+    print(f"| best tokens | one row at a time, float64 | logprobs_rows, 1 thread | {threads} threads |")
+    print("|---:|---:|---:|---:|")
     def best_of(f, n=5) -> float:
         times = []
         for _ in range(n):
@@ -132,7 +132,8 @@ def row_costs(n_vocab: int, rows: int = 128) -> None:
     for top in (0, 1, 5, 20):
         old = best_of(lambda: [one_row(x[i], int(toks[i]), top) for i in range(rows)])
         new = best_of(lambda: logprobs_rows(x, toks, top))
-        print(f"| {top} | {old:.3f} | {new:.3f} |")
+        spread = best_of(lambda: logprobs_rows(x, toks, top, threads=threads))
+        print(f"| {top} | {old:.3f} | {new:.3f} | {spread:.3f} |")
 
 
 def main():
@@ -165,7 +166,7 @@ def main():
             orders = {"lm-eval": lm_eval, f"lm-eval, {a.batch} a call": server_batches(lm_eval, a.batch),
                       "grouped": reqs}
             table(llm, "letters" if letters else "text", orders)
-        row_costs(llm.n_vocab)
+        row_costs(llm.n_vocab, a.threads)
 
 
 if __name__ == "__main__":

@@ -780,7 +780,7 @@ class Context:
                                            f"(n_ctx={self.n_ctx})") from None
                 rows = self._logits_rows(len(part))
                 nxt = tokens[i + 1:i + 1 + len(part)]   # the token each row scores (the text's last: none)
-                out += logprobs_rows(rows[:len(nxt)], nxt, top)
+                out += logprobs_rows(rows[:len(nxt)], nxt, top, threads=self._llm.n_threads_batch)
             last = rows[-1].copy()
         except BaseException:
             self.forget(cache)

@@ -81,6 +81,8 @@ def test_logprobs_of_many_rows_at_once_are_each_rows_own():
     small = logprobs_rows(np.array([[1.0, 3.0, 2.0]], np.float32), [0], 5)[0]
     assert [t for t, _ in small[2]] == [1, 2, 0] and small[1] == pytest.approx(np.log(np.exp(1) / np.exp([1, 3, 2]).sum()))
     assert [b for _, _, b in logprobs_rows(logits, toks, 0)] == [()] * 6
+    many = np.repeat(logits, 5, axis=0)   # blocks spread over threads: each row as alone
+    assert logprobs_rows(many, np.repeat(toks, 5), 4, threads=3) == [g for g in got for _ in range(5)]
 
 
 def test_a_reply_records_each_tokens_logprob_from_the_logits_that_chose_it(tiny_model, make_llm):
