@@ -141,10 +141,10 @@ _LOCAL = threading.local()
 
 
 def _scratch(shape: tuple[int, int]) -> np.ndarray:
-    """A float32 block of `shape` kept by this thread: a vocabulary's temporaries allocated
-    and freed row block after row block ran ~6x slower on the main thread than in a worker
-    (glibc's heap, after a large array raised its thresholds, faulting in fresh pages each
-    time), so each thread reuses one."""
+    """A float32 block of `shape` kept by this thread: with a fresh temporary per row block,
+    the main thread's exponentials ran ~6x slower than a worker thread's on the dev box
+    (most likely glibc's main heap handing back fresh pages each time after a large array
+    moved its thresholds; a worker's arena did not), so each thread reuses one."""
     b = getattr(_LOCAL, "buf", None)
     if b is None or b.shape[1] != shape[1] or len(b) < shape[0]:
         b = _LOCAL.buf = np.empty((max(ROW_BLOCK, shape[0]), shape[1]), dtype=np.float32)
