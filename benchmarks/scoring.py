@@ -61,6 +61,11 @@ def requests(llm, n_questions: int, n_options: int, letters: bool,
     return out
 
 
+def context_chunk() -> int:
+    from loopserve_edge import context
+    return context.SCORE_CHUNK
+
+
 def server_batches(reqs: list, size: int) -> list:
     """lm-eval's order sent `size` prompts a call: the order the server scores them in
     (openai_api.run_order, by their prompts within each call)."""
@@ -145,15 +150,22 @@ def main():
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8, help="prompts a call (lm-eval's batch_size)")
+    ap.add_argument("--score-chunk", type=int, default=None,
+                    help="rows of every-row logits a decode of the scoring pass takes (context.SCORE_CHUNK)")
+    ap.add_argument("--no-rows", action="store_true", help="leave out the host-time table")
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="the server's default: a row's logits do not depend on the ubatch it is in")
     a = ap.parse_args()
     model = a.model or default_model()
+    if a.score_chunk:
+        from loopserve_edge import context
+        context.SCORE_CHUNK = a.score_chunk
     with Llama(model, n_ctx=a.n_ctx, n_threads=a.threads, n_threads_batch=a.threads,
                n_gpu_layers=a.n_gpu_layers, flash_attn=True,
                loopserve=LoopServeConfig(batch_invariant=a.batch_invariant)) as llm:
         print(f"model {os.path.basename(str(model))}, threads {a.threads}, n_gpu_layers {a.n_gpu_layers}, "
               f"flash attention, batch-invariant {'on' if a.batch_invariant else 'off'}, "
+              f"scoring chunks of {min(llm.n_batch, context_chunk())} rows, "
               f"{a.questions} questions x {a.options} answers (Natural Questions, test split, gold passage "
               f"+ question; the other answers other questions')")
         print()
@@ -166,7 +178,8 @@ def main():
             orders = {"lm-eval": lm_eval, f"lm-eval, {a.batch} a call": server_batches(lm_eval, a.batch),
                       "grouped": reqs}
             table(llm, "letters" if letters else "text", orders)
-        row_costs(llm.n_vocab, a.threads)
+        if not a.no_rows:
+            row_costs(llm.n_vocab, a.threads)
 
 
 if __name__ == "__main__":
