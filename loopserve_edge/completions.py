@@ -72,7 +72,7 @@ class Completions:
         dlg = entry.dialogue
         logprobs = LogprobCursor(self.llm, dlg).take(len(text.encode()))
         if head is not None:
-            logprobs = head + (logprobs or []) + openai_api.end_logprob(self.llm, dlg)
+            logprobs = openai_api.scored_reply(self.llm, head, logprobs, dlg)
         return shapes.response(text, dlg.last_stats, entry.id, logprobs)
 
     def _chunks(self, req: ChatRequest, entry: Entry, pieces: Iterator[str], shapes) -> Iterator[dict]:

@@ -349,6 +349,7 @@ class Context:
             return
         if getattr(dlg, "disposable", False):
             self.forget(dlg)
+            dlg.reset()
             self.pool_events["score_cache_drop"] += 1
             return
         dlg._swapped = self.sequence_state(dlg._seq)
@@ -753,7 +754,7 @@ class Context:
         it, for the logits there) and takes the entries before it as they were; pool pressure
         drops it."""
         cache = self._score_cache
-        if cache._seq is None or cache.top != top:
+        if cache._seq is None or cache.top != top:   # no cells, or entries of another number of best tokens
             cache.reset()
         seq = self.make_resident(cache)
         shared = 0
@@ -783,8 +784,7 @@ class Context:
                 out += logprobs_rows(rows[:len(nxt)], nxt, top, threads=self._llm.n_threads_batch)
             last = rows[-1].copy()
         except BaseException:
-            self.forget(cache)
-            cache.reset()
+            self.drop_score_cache()
             raise
         finally:
             if window:

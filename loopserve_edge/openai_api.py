@@ -334,13 +334,13 @@ def score_text(llm, req: TextRequest, sampling: dict) -> tuple[str, TurnStats, l
     return text, stats, entries
 
 
-def end_logprob(llm, dialogue) -> list[dict]:
-    """The end-of-generation token that ended the dialogue's last reply, as an entry (its text
-    empty), where one did: a text that is scored (echo with logprobs) gets an entry for every
-    token generated, as OpenAI's legacy completions list the end token, and scoring tools take
-    the prompt's entries as all but the last (lm-eval asks for one token and drops it)."""
+def scored_reply(llm, head: list[dict], reply: list[dict] | None, dialogue) -> list[dict]:
+    """A scored text's entries (echo with logprobs): the prompt's (`head`), the reply's, and
+    the end-of-generation token's that ended the reply where one did (its text empty): OpenAI's
+    legacy completions list the end token, and scoring tools take the prompt's entries as all
+    but the last (lm-eval asks for one token and drops it)."""
     e = dialogue.end_logprob
-    return [] if e is None else [_entry(llm, *e, special=False)]
+    return head + (reply or []) + ([] if e is None else [_entry(llm, *e, special=False)])
 
 
 def _entry(llm, tok: int, lp: float, best, special: bool) -> dict:

@@ -183,9 +183,11 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         """Several choices streamed: run one after another as _several runs them, each
         choice's chunks with its index (openai_api.StreamChoices)."""
         engine.admit()
-        shapes = (openai_api.TextShapes if isinstance(reqs[0], openai_api.TextRequest) else openai_api.ChatShapes)
-        return await _stream(request.url.path, [(r, shapes(r, engine.llm.fingerprint)) for r in reqs], None,
-                             one_prompt)
+        return await _stream(request.url.path, [(r, _shapes(r)) for r in reqs], None, one_prompt)
+
+    def _shapes(req):
+        return (openai_api.TextShapes if isinstance(req, openai_api.TextRequest) else openai_api.ChatShapes)(
+            req, engine.llm.fingerprint)
 
     async def _several(request: Request, reqs: list, one_prompt: bool):
         """Several choices (`n`, several text prompts; not streamed): each a request of its
@@ -194,10 +196,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         their prompts, openai_api.run_order), as one response, in the order asked."""
         answers = [None] * len(reqs)
         for i in openai_api.run_order(reqs):
-            r = reqs[i]
-            shapes = (openai_api.TextShapes if isinstance(r, openai_api.TextRequest) else openai_api.ChatShapes)(
-                r, engine.llm.fingerprint)
-            answers[i] = await _answer(request, r, None, shapes)
+            answers[i] = await _answer(request, reqs[i], None, _shapes(reqs[i]))
         did = answers[0].headers.get(DIALOGUE_HEADER)
         return JSONResponse(openai_api.merge_responses([json.loads(a.body) for a in answers], one_prompt),
                             headers={DIALOGUE_HEADER: did} if did else {})

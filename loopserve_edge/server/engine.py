@@ -286,7 +286,7 @@ class Engine:
             reply = "".join(job.pieces)
             logprobs = job.logprobs.take(len(reply.encode()))
             if job.head is not None:
-                logprobs = job.head + (logprobs or []) + openai_api.end_logprob(self.llm, job.dlg)
+                logprobs = openai_api.scored_reply(self.llm, job.head, logprobs, job.dlg)
             job.result = (reply, job.dlg.last_stats, job.entry.id, logprobs)
         job.done.set()
 
