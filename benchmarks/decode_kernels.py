@@ -5,6 +5,7 @@ script tells when to profile (cudaProfilerStart/Stop around the timed steps only
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
         python benchmarks/decode_kernels.py MODEL.gguf 311 > k311.csv
     python benchmarks/decode_kernels.py --table k311.csv k2304.csv
+    python benchmarks/decode_kernels.py --table --steps 1 stock.csv sparse.csv   (CSVs of one step)
 
 Without ncu it prints the mean wall time of the steps (CUDA graphs as llama.cpp uses them);
 `--steps N` times N steps instead of 8 (for wall times alone). Random weights at a shape are for
@@ -50,8 +51,9 @@ def run(model: str, n_fill: int, steps: int = STEPS) -> None:
     llm.close()
 
 
-def table(paths: list[str]) -> None:
-    """Per kernel name: total GPU time per step (us) in each ncu CSV, side by side."""
+def table(paths: list[str], steps: int = STEPS) -> None:
+    """Per kernel name: total GPU time per step (us) in each ncu CSV, side by side (`steps`: the
+    steps each CSV profiled; 1 for benchmarks/prefill_kernels.py's one ubatch)."""
     cols = []
     for p in paths:
         per: dict[str, float] = defaultdict(float)
@@ -62,7 +64,7 @@ def table(paths: list[str]) -> None:
                 continue
             v = float(row["Metric Value"].replace(",", "")) * UNIT_US[row["Metric Unit"]]
             per[row["Kernel Name"].split("(")[0].split("<")[0]] += v
-        cols.append({k: v / STEPS for k, v in per.items()})
+        cols.append({k: v / steps for k, v in per.items()})
     names = sorted(set().union(*cols), key=lambda k: -max(c.get(k, 0.0) for c in cols))
     print("| kernel | " + " | ".join(paths) + " |")
     print("|---|" + "---:|" * len(paths))
@@ -73,6 +75,9 @@ def table(paths: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--table":
-        table(sys.argv[2:])
+        if sys.argv[2:3] == ["--steps"]:
+            table(sys.argv[4:], int(sys.argv[3]))
+        else:
+            table(sys.argv[2:])
     else:
         run(sys.argv[1], int(sys.argv[2]), int(sys.argv[4]) if sys.argv[3:4] == ["--steps"] else STEPS)
