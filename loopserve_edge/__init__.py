@@ -1,6 +1,6 @@
 """loopserve-edge: long multi-turn chat with quantized GGUF models (LoopServe on llama.cpp)."""
-from .errors import (ContextFullError, DialogueNotFoundError, LoopServeError, ModelFileError,
-                     RuntimeBuildError, StateFileError)
+from .errors import (ChatTemplateError, ContextFullError, DialogueNotFoundError, LoopServeError,
+                     ModelFileError, RuntimeBuildError, StateFileError)
 from .config import LoopServeConfig
 from .bindings import runtime_info
 from .dialogue import Dialogue, TurnStats
@@ -10,4 +10,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Llama", "LoopServeConfig", "Dialogue", "TurnStats", "runtime_info", "LoopServeError",
            "ModelFileError", "StateFileError", "ContextFullError", "DialogueNotFoundError",
-           "RuntimeBuildError"]
+           "RuntimeBuildError", "ChatTemplateError"]

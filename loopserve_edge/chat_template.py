@@ -1,7 +1,10 @@
 """Renders a dialogue's messages with the model's own chat template."""
 from __future__ import annotations
 
+import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .errors import ChatTemplateError
 
 # For GGUFs that carry no template (tiny test models, some base models).
 CHATML = (
@@ -89,8 +92,14 @@ class ChatTemplate:
         raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(FORMATS)}")
 
     def render(self, messages: list[dict]) -> str:
-        """The whole conversation as the model sees it, ending with the assistant's cue."""
-        return self._fmt(messages=messages).prompt
+        """The whole conversation as the model sees it, ending with the assistant's cue. A
+        template's own refusal (`raise_exception`, which llama-cpp-python's formatter raises as
+        ValueError: Gemma's and Mistral's templates refuse a conversation that opens with the
+        assistant) is a ChatTemplateError naming it."""
+        try:
+            return self._fmt(messages=messages).prompt
+        except (ValueError, jinja2.TemplateError) as e:
+            raise ChatTemplateError(f"the model's chat template cannot render these messages: {e}") from None
 
 
 class RawText:

@@ -60,7 +60,7 @@ class Completions:
             pieces = entry.dialogue.send(req.prompt, stream=True, stop=list(req.stop),
                                          reply_prefix=req.reply_prefix, **sampling)
         except BaseException:
-            entry.busy = False
+            self.store.failed(entry)
             raise
         return self._chunks(req, entry, pieces, shapes) if req.stream else self._whole(entry, pieces, shapes, head)
 

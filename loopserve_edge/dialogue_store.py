@@ -198,6 +198,15 @@ class DialogueStore:
 
     # -- after a turn ----------------------------------------------------------------------
 
+    def failed(self, e: Entry) -> None:
+        """A request refused before anything was computed in e (a full context, messages the
+        chat template cannot render): its dialogue's messages back to those its cache holds,
+        which for_request had set to the request's (a state file written later must not list
+        a turn it lacks)."""
+        e.busy = False
+        if e.dialogue is not None and not e.text:
+            e.dialogue.messages = list(e.messages)
+
     def updated(self, e: Entry) -> None:
         e.messages = list(e.dialogue.messages)
         e.used = time.time()

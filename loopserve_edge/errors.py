@@ -21,5 +21,10 @@ class ContextFullError(LoopServeError):
     """A turn that does not fit in the context; the dialogue is left as it was."""
 
 
+class ChatTemplateError(LoopServeError):
+    """Messages that the model's chat template refuses to render (its own check, such as roles
+    that must alternate from the user's); nothing was computed."""
+
+
 class DialogueNotFoundError(LoopServeError):
     """A dialogue name with no state file."""

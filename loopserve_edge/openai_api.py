@@ -166,7 +166,8 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
 
 def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tuple[str | None, list[dict]]:
     """The system text and the turns, user and assistant alternating (messages of one role in
-    a row joined into one turn), as the model sees them:
+    a row joined into one turn; the first may be the assistant's, an opening such as a chat
+    page's greeting, which OpenAI takes too), as the model sees them:
     an assistant message's tool calls and the tool messages answering them in the form the
     tools' grammar gives (tool_calls.py); with tools in use, a text reply in its form too."""
     system_parts, rest = [], []
@@ -212,10 +213,12 @@ def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tup
         if merge:
             rest[-1]["content"] += "\n\n" + text
             continue
-        want = "user" if len(rest) % 2 == 0 else "assistant"
+        opening = rest[0]["role"] == "assistant" if rest else role == "assistant"
+        want = "user" if (len(rest) + opening) % 2 == 0 else "assistant"
         if role != want:
-            raise _bad(f"{where}: expected a {want} message (turns alternate, starting with the user)",
-                       f"{where}.role")
+            raise _bad(f"{where}: expected a {want} message (turns alternate)", f"{where}.role")
+        if not rest and calls:
+            raise _bad(f"{where}: a tool call answers a user message, and none comes before it", f"{where}.role")
         rest.append({"role": role, "content": text})
     if results:
         rest.append({"role": "user", "content": tool_calls.render_results(results)})

@@ -127,6 +127,55 @@ def test_bad_calls_raise_naming_the_parameter_and_lose_nothing(tiny_model, make_
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
 
 
+def test_a_conversation_opening_with_the_assistant_goes_on_in_its_dialogue(tiny_model, make_llm):
+    """A greeting before the user's first message (as chat pages send): the reply is the one a
+    dialogue holding the greeting gives, and the next turn prefills only its new message."""
+    llm = make_llm(tiny_model)
+    hello = {"role": "assistant", "content": "Hello! What shall we talk about?"}
+    m = [SYSTEM, hello, {"role": "user", "content": "apples, please"}]
+    r = llm.create_chat_completion(m, **GREEDY)
+    d = make_llm(tiny_model).dialogue(system="You are terse.")
+    d.messages = [hello]   # what the dialogue store sets from a request's history
+    assert _text(r) == d.send("apples, please", **GREEDY)
+    assert r["usage"]["prompt_tokens"] == d.last_stats.prompt_tokens
+    m += [{"role": "assistant", "content": _text(r)}, {"role": "user", "content": "and pears?"}]
+    r2 = llm.create_chat_completion(m, **GREEDY)
+    assert _text(r2) == d.send("and pears?", **GREEDY)
+    u = r["usage"]
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_messages_the_chat_template_refuses_raise_and_lose_nothing(tmp_path, make_llm):
+    """A template's own check (Gemma's and Mistral's refuse a conversation that opens with the
+    assistant) is a ChatTemplateError naming it, raised before anything is computed: the
+    conversations already held go on from their caches."""
+    from loopserve_edge import ChatTemplateError
+    from loopserve_edge.chat_template import CHATML
+    from loopserve_edge.random_gguf import write_random_llama
+
+    strict = ("{% if messages[0]['role'] == 'assistant' %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+              "{% endif %}{% for m in messages %}{% if m['content'] == 'BOOM' %}"
+              "{{ raise_exception('no BOOM here') }}{% endif %}{% endfor %}" + CHATML)
+    llm = make_llm(write_random_llama(tmp_path / "strict.gguf", chat_template=strict))
+    m = [{"role": "user", "content": "apples"}]
+    first = llm.create_chat_completion(m, **GREEDY)
+    m += [{"role": "assistant", "content": _text(first)}]
+    hello = {"role": "assistant", "content": "Hello!"}
+    with pytest.raises(ChatTemplateError, match="cannot render these messages: Conversation roles must"):
+        llm.create_chat_completion([hello] + m + [{"role": "user", "content": "more"}], **GREEDY)
+    # a request that goes on from the first conversation, with more history than its dialogue holds
+    with pytest.raises(ChatTemplateError, match="no BOOM here"):
+        llm.create_chat_completion(m + [{"role": "user", "content": "BOOM"}, {"role": "assistant", "content": "x"},
+                                        {"role": "user", "content": "next"}], **GREEDY)
+    held = llm._completions.store.entries[first["loopserve"]["dialogue_id"]]
+    assert held.dialogue.messages == held.messages == m   # what its cache holds, not the refused history
+    again = llm.create_chat_completion(m + [{"role": "user", "content": "and?"}], **GREEDY)
+    u = first["usage"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert again["loopserve"]["dialogue_id"] == first["loopserve"]["dialogue_id"]
+
+
 def test_repeat_penalty_over_llama_cpp_pythons_window(tiny_model, make_llm):
     m = [SYSTEM, {"role": "user", "content": "apples apples apples and pears"}]
     for size in (None, 4):

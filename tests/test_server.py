@@ -261,12 +261,44 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     assert e.value.code == "context_length_exceeded" and "n_ctx=2048" in e.value.message
     with pytest.raises(openai.BadRequestError, match="must have a user message"):
         _chat(server.client(), [{"role": "system", "content": "You are brief."}])
-    with pytest.raises(openai.BadRequestError, match="turns alternate"):
-        _chat(server.client(), [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="system messages must come before"):
+        _chat(server.client(), [{"role": "assistant", "content": "hello"}, {"role": "system", "content": "hi"}])
     r = httpx.post(server.url + "/v1/chat/completions", headers={"X-Dialogue-Id": "../../escape"},
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "dialogue id" in r.json()["error"]["message"]
     assert _chat(server.client(), [{"role": "user", "content": "still there?"}]).choices[0].message.content
+
+
+def test_a_conversation_may_open_with_the_assistants_greeting(server, default_model, tmp_path):
+    from loopserve_edge import Llama
+    from loopserve_edge.chat_template import CHATML
+    from loopserve_edge.random_gguf import write_random_llama
+
+    hello = {"role": "assistant", "content": "Hello! I can answer questions about geography."}
+    msgs = [hello, {"role": "user", "content": "What is the capital of France?"}]
+    r = _chat(server.client(), msgs)
+    with Llama(default_model, n_ctx=2048, n_threads=THREADS, flash_attn=True) as llm:
+        d = llm.dialogue()
+        d.messages = [hello]   # the history the server's dialogue store gives it
+        want = d.send(msgs[1]["content"], **GREEDY)
+    assert r.choices[0].message.content == want
+    msgs += [{"role": "assistant", "content": want}, {"role": "user", "content": "And of Italy?"}]
+    r2 = _chat(server.client(), msgs)
+    assert r2.loopserve["dialogue_id"] == r.loopserve["dialogue_id"]
+    assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.total_tokens
+    # a model whose chat template refuses it (as Gemma's and Mistral's do): a 400 naming the
+    # messages, and the server goes on
+    strict = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation roles must "
+              "alternate user/assistant/user/assistant/...') }}{% endif %}" + CHATML)
+    s = Server(tmp_path, str(write_random_llama(tmp_path / "strict.gguf", chat_template=strict)))
+    try:
+        body = {"messages": msgs[:2], "max_tokens": 4}
+        bad = httpx.post(s.url + "/v1/chat/completions", json=body).json()["error"]
+        assert bad["param"] == "messages" and "Conversation roles must alternate" in bad["message"]
+        ok = httpx.post(s.url + "/v1/chat/completions", json=dict(body, messages=msgs[1:2]))
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        s.stop()
 
 
 def test_a_last_assistant_message_is_the_start_of_the_reply(server, default_model):

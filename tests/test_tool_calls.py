@@ -196,7 +196,10 @@ def test_history_with_calls_and_results_becomes_alternating_turns():
      "messages[1].tool_calls", "not JSON"),
     (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call()]}]), "messages", "results"),
     (dict(tools=TOOLS, messages=USER + [{"role": "assistant", "content": '{"resp'}]), "messages", "held"),
-    (dict(messages=[{"role": "assistant", "content": "hi"}] + USER), "messages[0].role", "alternate"),
+    (dict(messages=[{"role": "assistant", "content": None, "tool_calls": [_call()]}] + USER), "messages[0].role",
+     "none comes before it"),
+    (dict(messages=[{"role": "assistant", "content": "hi"}, {"role": "system", "content": "s"}] + USER),
+     "messages[1].role", "before the conversation"),
     (dict(messages=USER + [{"role": "assistant", "content": None, "tool_calls": [_call()]},
                            {"role": "assistant", "content": "more"}]), "messages[2].role", "alternate"),
     (dict(functions=[{"name": "f"}]), "functions", "older form"), (dict(function_call="auto"), "function_call", "tools"),
@@ -224,6 +227,31 @@ def test_messages_of_one_role_in_a_row_are_one_turn():
     result = {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "1"}
     r = parse_chat({"model": "m", "messages": USER + [call, result, msgs[0], msgs[1]]})
     assert r.prompt.endswith("\n\na\n\nb") and len(r.history) == 2
+
+
+def test_a_conversation_may_open_with_the_assistant():
+    """A chat page's greeting before the user's first message, which OpenAI takes: the opening
+    is a turn of the history, and the turns alternate from it."""
+    hello = {"role": "assistant", "content": "Hello! How can I help?"}
+    r = parse_chat({"model": "m", "messages": [{"role": "system", "content": "s"}, hello] + USER})
+    assert r.system == "s" and r.history == (hello,) and r.prompt == USER[0]["content"] and r.reply_prefix == ""
+    more = [hello, {"role": "assistant", "content": "Ask away."}] + USER + [{"role": "assistant", "content": "18 C"},
+                                                                         {"role": "user", "content": "And Rome?"}]
+    r = parse_chat({"model": "m", "messages": more})
+    assert r.history == ({"role": "assistant", "content": "Hello! How can I help?\n\nAsk away."}, USER[0],
+                         {"role": "assistant", "content": "18 C"}) and r.prompt == "And Rome?"
+    # the greeting, the question and the start of the reply
+    r = parse_chat({"model": "m", "messages": [hello] + USER + [{"role": "assistant", "content": "It is"}]})
+    assert r.history == (hello,) and r.reply_prefix == "It is"
+    for msgs, param in (([hello], "messages"), ([hello] + USER * 2 + [hello, hello, hello], None),
+                        ([hello] + USER + [hello, {"role": "tool", "tool_call_id": "x", "content": "1"}],
+                         "messages[3].role")):
+        if param is None:   # runs of one role join: still alternating
+            assert parse_chat({"model": "m", "messages": msgs + USER}).prompt == USER[0]["content"]
+            continue
+        with pytest.raises(RequestError) as e:
+            parse_chat({"model": "m", "messages": msgs})
+        assert e.value.param == param
 
 
 def test_a_tool_round_trip_on_the_default_model_reuses_the_dialogue(default_model, make_llm):

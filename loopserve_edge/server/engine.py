@@ -16,7 +16,7 @@ from typing import Callable
 from .. import openai_api
 from ..dialogue import Step
 from ..dialogue_store import DialogueBusy, DialogueStore, Entry
-from ..errors import ContextFullError, LoopServeError
+from ..errors import ChatTemplateError, ContextFullError, LoopServeError
 from ..openai_api import ChatRequest, LogprobCursor, RequestError, TextRequest
 from .metrics import Metrics
 from .protocol import ApiError
@@ -190,11 +190,13 @@ class Engine:
                                              **sampling)
             except ContextFullError as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            except ChatTemplateError as e:
+                raise ApiError(400, str(e), param="messages") from None
             except LoopServeError as e:
                 raise ApiError(400, str(e)) from None
         except BaseException as e:  # noqa: BLE001 (answered to its request; the server goes on)
             if job.entry is not None:
-                job.entry.busy = False
+                self.store.failed(job.entry)
             job.error = e if isinstance(e, ApiError) else ApiError(500, f"internal error ({type(e).__name__})",
                                                                   type="server_error")
             job.done.set()
