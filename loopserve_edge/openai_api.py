@@ -118,6 +118,13 @@ def _text(content, where: str) -> str:
     raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
 
 
+def _given(body: dict, name: str, default):
+    """body[name], or the default where it is missing or null (OpenAI's optional fields are
+    nullable, and clients other than OpenAI's own send null for what they leave unset)."""
+    v = body.get(name)
+    return default if v is None else v
+
+
 def _model(body, model: str | None) -> str:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
@@ -254,12 +261,12 @@ def parse_texts(body: dict, model: str | None = None) -> list[TextRequest]:
             raise _bad("'prompt' must not be empty", "prompt")
         if isinstance(p, list) and min(p) < 0:
             raise _bad("'prompt' token ids must not be negative", "prompt")
-    echo = body.get("echo", False)
+    echo = _given(body, "echo", False)
     if not isinstance(echo, bool):
         raise _bad("'echo' must be a boolean", "echo")
     if body.get("suffix"):
         raise _bad("'suffix' (fill in the middle) is not supported", "suffix")
-    if body.get("best_of", 1) != 1:
+    if _given(body, "best_of", 1) != 1:
         raise _bad("only best_of=1 is supported", "best_of")
     logprobs = _number(body, "logprobs", 0, 20, integer=True)
     # max_tokens 0 with echo: the prompt alone, as scoring tools ask for its log-probabilities
@@ -368,11 +375,11 @@ def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
         raise _bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
     if any(not s for s in stop):
         raise _bad("'stop' strings must not be empty", "stop")
-    stream = body.get("stream", False)
+    stream = _given(body, "stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
     opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+    if not isinstance(opts, dict) or not isinstance(_given(opts, "include_usage", False), bool):
         raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
     return dict(
         max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),

@@ -269,6 +269,23 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     assert _chat(server.client(), [{"role": "user", "content": "still there?"}]).choices[0].message.content
 
 
+def test_null_for_an_optional_field_is_its_default(server):
+    """OpenAI's optional fields are nullable, and clients other than its SDK send null for what
+    they leave unset: the same answer as without the field."""
+    chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4, "temperature": 0}
+    text = {"prompt": "Colours: red,", "max_tokens": 4, "temperature": 0}
+    for path, body, nulls in (("/v1/chat/completions", chat, {"stream": None, "n": None, "stop": None,
+                                                              "stream_options": {"include_usage": None}}),
+                              ("/v1/completions", text, {"stream": None, "echo": None, "best_of": None,
+                                                         "logprobs": None, "suffix": None}),
+                              ("/tokenize", {"content": "red"}, {"add_special": None, "with_pieces": None})):
+        want = httpx.post(server.url + path, json=body)
+        got = httpx.post(server.url + path, json=dict(body, **nulls))
+        assert got.status_code == want.status_code == 200, got.text
+        key = "tokens" if path == "/tokenize" else "choices"
+        assert got.json()[key] == want.json()[key]
+
+
 def test_a_conversation_may_open_with_the_assistants_greeting(server, default_model, tmp_path):
     from loopserve_edge import Llama
     from loopserve_edge.chat_template import CHATML

@@ -70,7 +70,8 @@ def parse_tokenize(raw: bytes) -> tuple[str, bool, bool]:
         raise ApiError(400, "'content' must be a string", param="content")
     flags = []
     for name in ("add_special", "with_pieces"):
-        v = body.get(name, False)
+        v = body.get(name)
+        v = False if v is None else v   # null: unset, as llama-server reads it
         if not isinstance(v, bool):
             raise ApiError(400, f"'{name}' must be a boolean", param=name)
         flags.append(v)
