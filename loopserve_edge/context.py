@@ -146,6 +146,9 @@ class Context:
         self._batch = llama_c.llama_batch_init(self.n_batch, 0, 1)
         self._vocab = self._llm._model.vocab
         self.n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
+        # each token's text, once asked for: a scored text's entries ask twice a token, and a
+        # turn compares the whole cache's text (Dialogue._text_prefix)
+        self._pieces: dict[tuple[int, bool], bytes] = {}
         self._logits_type = ctypes.c_float * self.n_vocab
         self.metadata: dict[str, str] = dict(self._llm.metadata)
         self.fingerprint = fingerprint(self.model_path, self.metadata)
@@ -214,12 +217,16 @@ class Context:
         return self._llm.tokenize(text.encode(), add_bos=add_bos, special=True)
 
     def _piece(self, token: int, special: bool = True) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = llama_c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        key = (token, special)
+        got = self._pieces.get(key)
+        if got is None:
+            buf = ctypes.create_string_buffer(256)
             n = llama_c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            got = self._pieces[key] = buf.raw[:n]
+        return got
 
     def detokenize(self, tokens: Iterable[int], special: bool = True) -> str:
         return b"".join(self._piece(t, special) for t in tokens).decode(errors="replace")

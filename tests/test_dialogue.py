@@ -195,3 +195,24 @@ def test_a_reply_prefix_is_continued_and_kept_in_the_message(tiny_model, make_ll
     toks = llm.tokenize(text, add_bos=llm.add_bos and not (bos and text.startswith(bos)))
     ref = llm.decode(llm.dialogue(), toks, list(range(len(toks))))
     assert_same_logits(e.first_token_logits, ref, atol=1e-4)
+
+
+def test_a_tokens_text_is_the_runtimes_asked_again_or_not(tiny_model, make_llm):
+    """Token texts are kept once asked for (Context._piece): every id, with and without its
+    special text, gives what llama_token_to_piece gives, the second time from the store."""
+    import ctypes
+
+    from loopserve_edge.bindings import llama_c
+
+    llm = make_llm(tiny_model)
+
+    def runtime(t, special):
+        buf = ctypes.create_string_buffer(256)
+        n = llama_c.llama_token_to_piece(llm._vocab, t, buf, 256, 0, special)
+        return buf.raw[:n]
+
+    eos = int(llama_c.llama_vocab_eos(llm._vocab))
+    assert runtime(eos, True) != runtime(eos, False)    # a control token: the flag matters
+    for special in (True, False, True):
+        assert [llm._piece(t, special) for t in range(llm.n_vocab)] == \
+            [runtime(t, special) for t in range(llm.n_vocab)]
