@@ -77,6 +77,15 @@ class Resident(Protocol):
     _swapped: bytes | None
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens a and b share from their start."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class _ScoreCache:
     """The last text Context.prompt_logprobs scored, kept in a sequence of its own so that the
     next one goes on from the tokens the two share (scoring tools send a question once per
@@ -764,12 +773,8 @@ class Context:
         if cache._seq is None or cache.top != top:   # no cells, or entries of another number of best tokens
             cache.reset()
         seq = self.make_resident(cache)
-        shared = 0
-        for a, b in zip(cache.tokens, tokens):
-            if a != b:
-                break
-            shared += 1
-        keep = max(0, shared - 1)    # the cells kept; decoding from `keep` gives the logits there
+        # the cells kept; decoding from `keep` gives the logits there
+        keep = max(0, common_prefix(cache.tokens, tokens) - 1)
         self._seq_rm(seq, keep, -1)
         out = cache.entries[:keep]
         cache.tokens, cache.entries, cache.positions, cache.top = tokens[:keep], out, list(range(keep)), top

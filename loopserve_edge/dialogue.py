@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from . import paths, state_file
+from .context import common_prefix
 from .errors import ContextFullError, LoopServeError, StateFileError
 from .sampling import Sampler, SamplingParams, logprobs
 
@@ -88,14 +89,6 @@ def common_start(a, b) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Dialogue:
@@ -229,7 +222,7 @@ class Dialogue:
                 keep, new = by_text
             else:
                 full = llm.tokenize(rendered, add_bos=add_bos)
-                keep = _common_prefix(self.tokens, full)
+                keep = common_prefix(self.tokens, full)
                 new = full[keep:]
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
