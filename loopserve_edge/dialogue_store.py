@@ -86,7 +86,10 @@ class DialogueStore:
             raise RequestError("sparse_prefill and granularity are set when the model is loaded (the server's "
                                "--sparse-prefill, --granularity), not per request", "loopserve")
         if cfg not in self._evictors:
-            self._evictors[cfg] = Evictor(self.llm, cfg)
+            try:
+                self._evictors[cfg] = Evictor(self.llm, cfg)
+            except LoopServeError as e:
+                raise RequestError(f"loopserve settings: {e}", "loopserve") from None
         return self._evictors[cfg]
 
     # -- finding a request's dialogue --------------------------------------------------------

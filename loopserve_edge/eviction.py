@@ -228,6 +228,16 @@ class Evictor:
         # the dialogues whose post-prefill cut waits (defer_cut), by id: several may be
         # generating at once (a server decoding them in one batch)
         self.deferred: set[int] = set()
+        if self.active:
+            # a dialogue cut back to its cells must leave room for new input (next_chunk's
+            # least: one token and the chunk's probe); refused here, not at the first long input
+            probe = cfg.chunk_probe if self.scored and not llm.sliding_window else 0
+            least = cfg.cells + 2 + max(1, probe)
+            if llm.n_ctx < least:
+                raise LoopServeError(
+                    f"n_ctx={llm.n_ctx} leaves no cells for new input beside the KV budget of {cfg.budget}"
+                    + (f" ({cfg.cells} cells with allocation {cfg.allocation!r})" if cfg.cells != cfg.budget else "")
+                    + f": use an n_ctx well above the budget (about twice it; at least {least})")
         if self.scored and cfg.granularity == "head" and cfg.cupy_select == "on":
             warm_device(cfg)
 

@@ -38,7 +38,11 @@ class Llama(Context):
         # the repeat penalty's window, as llama-cpp-python's constructor argument sets it
         self.last_n_tokens_size = int(kwargs.get("last_n_tokens_size", 64))
         self._dialogues_dir = dialogues_dir
-        self.evictor = Evictor(self, self.config)
+        try:
+            self.evictor = Evictor(self, self.config)
+        except BaseException:
+            self.close()
+            raise
         self._completions: Completions | None = None
 
     # -- dialogues ---------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import assert_same_logits
 
-from loopserve_edge import ContextFullError, LoopServeConfig
+from loopserve_edge import ContextFullError, LoopServeConfig, LoopServeError
 
 GREEDY = dict(temperature=0, max_tokens=12)
 LONG = " ".join(f"line {i} of a long document about ships and harbours." for i in range(40))
@@ -165,8 +165,24 @@ def test_a_context_without_room_for_the_deferred_cuts_tokens_still_takes_the_inp
     assert d.evicted > 0 and d.n_cells <= cfg.budget + cfg.interval and d.n_cells == len(d.tokens)
 
 
-def test_a_context_with_no_room_beside_the_budget_says_so(tiny_model, make_llm):
-    d = make_llm(tiny_model, n_ctx=256, loopserve=_cfg(budget=250)).dialogue()
-    with pytest.raises(ContextFullError, match="beside the KV budget of 250"):
-        d.send(LONG, **GREEDY)
-    assert d.tokens == [] and d.n_cells == 0
+def test_a_context_with_no_room_beside_the_budget_is_refused_when_made(tiny_model, make_llm):
+    """A budget that leaves no cells for new input is refused by the Llama, before any turn
+    (it was accepted until the first long input); the least n_ctx it names is taken."""
+    with pytest.raises(LoopServeError, match=r"n_ctx=256 .* beside the KV budget of 250.* at least 284\)"):
+        make_llm(tiny_model, n_ctx=256, loopserve=_cfg(budget=250))
+    # the least is taken (n_ctx stays 256: llama.cpp pads a context to 256 cells)
+    d = make_llm(tiny_model, n_ctx=256, loopserve=_cfg(budget=222)).dialogue()
+    d.send(LONG, **GREEDY)
+    assert d.last_stats.prefill_chunks > 1 and d.n_cells <= 222 + 16
+    with pytest.raises(LoopServeError, match="at least 257"):
+        make_llm(tiny_model, n_ctx=256, loopserve=_cfg(budget=223))
+    # unscored policies decode no probe after a chunk: one token of room is enough
+    d = make_llm(tiny_model, n_ctx=256, loopserve=_cfg("streaming", budget=253)).dialogue()
+    d.send(LONG, **GREEDY)
+    assert d.last_stats.prefill_chunks > 1 and d.n_cells <= 253 + 16
+    with pytest.raises(LoopServeError, match="at least 257"):
+        make_llm(tiny_model, n_ctx=256, loopserve=_cfg("streaming", budget=254))
+    # a non-uniform allocation keeps more cells than its budget: they count
+    with pytest.raises(LoopServeError, match="cells with allocation 'pyramid'"):
+        make_llm(tiny_model, n_ctx=256, flash_attn=True,
+                 loopserve=_cfg(budget=150, granularity="head", allocation="pyramid"))

@@ -192,8 +192,9 @@ def test_a_head_wise_evictor_warms_the_device_once(monkeypatch, granularity, mod
     monkeypatch.setattr(eviction.cupy_device, "module", lambda: dev)
     monkeypatch.setattr(eviction, "_warm", False)
     c = cfg(policy, budget=64, granularity=granularity, cupy_select=mode)
-    eviction.Evictor(None, c)
-    eviction.Evictor(None, c)
+    pool = types.SimpleNamespace(n_ctx=512, sliding_window=False)   # what the Evictor reads of its context
+    eviction.Evictor(pool, c)
+    eviction.Evictor(pool, c)
     assert len(dev.blocks) == (1 if warmed else 0)
 
 
@@ -347,7 +348,8 @@ def test_a_budget_above_the_context_changes_nothing(tiny_model, make_llm, policy
     full = make_llm(tiny_model).dialogue()
     ref = [full.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")]
     ref_logits = full.first_token_logits
-    llm = make_llm(tiny_model, loopserve=cfg(policy, budget=4096))
+    # above the dialogue's length, below n_ctx (512), as an n_ctx at or below the budget is refused
+    llm = make_llm(tiny_model, loopserve=cfg(policy, budget=448))
     d = llm.dialogue()
     got = [d.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")]
     assert got == ref

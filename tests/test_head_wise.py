@@ -262,7 +262,7 @@ def test_head_wise_cuts_change_the_cache_and_not_its_size(tiny_model, make_llm):
 def test_a_budget_above_the_context_changes_nothing(tiny_model, make_llm, policy):
     full = make_llm(tiny_model, flash_attn=True).dialogue()
     ref = [full.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")]
-    d = make_llm(tiny_model, loopserve=cfg(policy, budget=4096)).dialogue()
+    d = make_llm(tiny_model, loopserve=cfg(policy, budget=448)).dialogue()
     assert [d.send(t, max_tokens=24, **GREEDY) for t in ("one thing", "another thing")] == ref
     np.testing.assert_array_equal(d.first_token_logits, full.first_token_logits)
     assert d.evicted == 0 and d.layout == "cell"
