@@ -15,6 +15,7 @@ from .config import ALLOCATIONS, GRANULARITIES, POLICIES, LoopServeConfig
 from .context import KV_TYPES, kv_type_kwargs
 from .errors import LoopServeError
 from .paths import ENV_DIALOGUES, default_model
+from .sampling import RANDOM_SEED
 
 HELP = """commands:
   /file path     put a text file's contents before your next message (a document to ask about)
@@ -43,9 +44,17 @@ def _guard(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except LoopServeError as e:
-            raise _Failure(str(e)) from None
+        except (LoopServeError, OSError) as e:
+            raise _Failure(_message(e)) from None
     return wrapper
+
+
+def _message(e: Exception) -> str:
+    """A LoopServeError's text; an OSError's (the file system's refusal: a name too long, a
+    folder not writable) as its file and reason."""
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+    return str(e)
 
 
 dialogues_dir_option = click.option(
@@ -210,13 +219,15 @@ def _print_reply(pieces, stop_on_sigint: bool, stopped: bool = False) -> bool:
                    "the room beside the budget is prefilled in chunks, so n_ctx near 2x the budget "
                    "bounds memory whatever the input length")
 @kv_type_option
-@click.option("--max-tokens", default=256, show_default=True, help="most tokens a reply may have")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=-1),
+              help="most tokens a reply may have (-1: no limit, as llama.cpp's -n -1: up to the end of "
+                   "the context or, with --kv-budget, until the model ends it)")
 @click.option("--temperature", default=0.7, show_default=True, help="0 = greedy")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=0.95, show_default=True)
 @click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="leave out tokens less likely than this share of the most likely one (llama.cpp's min-p)")
-@click.option("--seed", default=None, type=int, help="sampling seed (turn k uses seed + k)")
+@click.option("--seed", default=None, type=int, help="sampling seed (turn k uses seed + k; -1: random, as without)")
 @click.option("--presence-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
               help="subtracted from the logit of each token the reply already has (OpenAI's)")
 @click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
@@ -334,8 +345,9 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
                 else:
                     raise LoopServeError(f"unknown command {cmd}; /help lists them")
                 continue
-            sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            seed=None if seed is None else seed + dlg.turns, presence_penalty=presence_penalty,
+            sampling = dict(max_tokens=sys.maxsize if max_tokens == -1 else max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            seed=None if seed in (None, RANDOM_SEED) else seed + dlg.turns,
+                            presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
                             repeat_last_n=repeat_last_n, grammar=form)
             if attached is not None:
@@ -357,8 +369,8 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
                            "larger --n-ctx", err=True)
             if dlg.name:
                 dlg.save()
-        except LoopServeError as e:
-            click.echo(f"loopserve-edge: error: {e}", err=True)
+        except (LoopServeError, OSError) as e:   # in a terminal the chat goes on
+            click.echo(f"loopserve-edge: error: {_message(e)}", err=True)
             if not interactive:
                 failed = True
                 break

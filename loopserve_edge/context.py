@@ -26,7 +26,7 @@ import numpy as np
 from . import bindings
 from .bindings import llama_c, llama_cpp
 from .chat_template import FORMAT_CHOICES, ChatTemplate, resolve_format
-from .config import LoopServeConfig
+from .config import N_KV_PAD, LoopServeConfig
 from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileError
 from .grammar import Constraint
 from .model_file import check_model_file, fingerprint
@@ -47,6 +47,28 @@ BOOT_N_CTX = 64
 interrupt = threading.Event()
 # KV cache types by name (ggml type ids, llama_cpp.GGML_TYPE_*); quantized V needs flash attention
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+# every K/V type llama.cpp's KV cache stores (llama-server's cache types), by ggml type id, for
+# llama-cpp-python's type_k / type_v: another id aborts the process in ggml (one past its
+# types) or fails the context; V in a quantized type needs flash attention
+KV_CACHE_TYPES = {0: "f32", 1: "f16", 30: "bf16", 8: "q8_0", 2: "q4_0", 3: "q4_1", 20: "iq4_nl", 6: "q5_0", 7: "q5_1"}
+UNQUANTIZED = (0, 1, 30)
+
+
+def check_kv_types(kwargs: dict) -> None:
+    """Refuse type_k / type_v that llama.cpp's KV cache does not store, and quantized V with
+    flash attention off; turn flash attention on for quantized V where it is not given (as
+    kv_type_kwargs does). Before: an abort or a "could not load" the model."""
+    for key in ("type_k", "type_v"):
+        t = kwargs.get(key)
+        if t is not None and (isinstance(t, bool) or t not in KV_CACHE_TYPES):
+            raise LoopServeError(f"{key}={t!r} is not a type llama.cpp's KV cache stores; choose from "
+                                 + ", ".join(f"{i} ({n})" for i, n in KV_CACHE_TYPES.items()))
+    t = kwargs.get("type_v")
+    if t is not None and t not in UNQUANTIZED:
+        if kwargs.get("flash_attn") is False:
+            raise LoopServeError(f"a {KV_CACHE_TYPES[t]} V cache (type_v={t}) needs flash attention "
+                                 f"(llama.cpp stores quantized V only untransposed)")
+        kwargs.setdefault("flash_attn", True)
 
 
 def kv_type_kwargs(name: str, flash_attn: bool | None = None) -> dict:
@@ -129,6 +151,7 @@ class Context:
             # head-wise cuts move rows of V: it must not be stored transposed; batch-invariant
             # attention is flash attention's reference path
             kwargs.setdefault("flash_attn", True)
+        check_kv_types(kwargs)
         n_ctx = kwargs.pop("n_ctx", DEFAULT_N_CTX)
         # the sparse path runs per ubatch of >= sparse_min_tokens tokens: with it, prefill in
         # large ubatches unless told otherwise
@@ -140,10 +163,15 @@ class Context:
             self._llm = llama_cpp.Llama(str(self.model_path), n_ctx=BOOT_N_CTX, n_batch=BOOT_N_CTX,
                                         n_ubatch=BOOT_N_CTX, **kwargs)
         except ValueError as e:
+            if "context" in str(e):   # the model loaded; the context of these kwargs did not
+                raise LoopServeError(f"llama.cpp could not create a context with these settings ({e})") from None
             raise ModelFileError(f"{self.model_path}: llama.cpp could not load it ({e})") from None
         self.verbose = kwargs["verbose"]
         n_ctx = n_ctx or int(llama_c.llama_model_n_ctx_train(self._llm._model.model))
-        self.n_batch = min(n_ctx, n_batch)
+        # llama.cpp pads its pool to N_KV_PAD cells but clamps n_batch to the n_ctx asked, and
+        # keeps room for an output per sequence: a batch below max_resident aborts it (n_ctx 1)
+        n_ctx = -(-n_ctx // N_KV_PAD) * N_KV_PAD
+        self.n_batch = max(min(n_ctx, n_batch), self.config.max_resident)
         try:
             self._ctx = self._pool_context(n_ctx, self.n_batch, min(self.n_batch, n_ubatch))
         except BaseException:
@@ -223,7 +251,12 @@ class Context:
     # -- tokens ------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
-        return self._llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+        try:
+            data = text.encode()
+        except UnicodeEncodeError as e:   # a lone surrogate (say, from a JSON "\ud800" escape)
+            raise LoopServeError(f"the text is not valid Unicode: it holds a lone UTF-16 surrogate "
+                                 f"(\\u{ord(text[e.start]):04x})") from None
+        return self._llm.tokenize(data, add_bos=add_bos, special=True)
 
     def _piece(self, token: int, special: bool = True) -> bytes:
         key = (token, special)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ from . import grammar, tool_calls
 from .config import LoopServeConfig
 from .dialogue import TurnStats
 from .errors import LoopServeError
-from .sampling import Sampler, SamplingParams
+from .sampling import RANDOM_SEED, Sampler, SamplingParams
 from .sampling import logprobs as token_logprobs
 
 # per-request LoopServe settings (the request's "loopserve" object) and their types
@@ -134,9 +135,37 @@ def _model(body, model: str | None) -> str:
     return model
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(body: dict) -> None:
+    """A RequestError naming the field whose strings hold a lone UTF-16 surrogate: JSON's
+    "\\ud800" escapes (and Python's reading of such bytes) give strings that are not Unicode
+    text, which would fail wherever they are encoded (a 500 before)."""
+    def first(x) -> str | None:
+        if isinstance(x, str):
+            m = _SURROGATE.search(x)
+            return m.group() if m else None
+        if isinstance(x, dict):
+            x = [*x.keys(), *x.values()]
+        if isinstance(x, (list, tuple)):
+            for v in x:
+                got = first(v)
+                if got is not None:
+                    return got
+        return None
+
+    for k, v in body.items():
+        bad = first(k) or first(v)
+        if bad is not None:
+            raise _bad(f"{k!r} is not valid Unicode text: it holds a lone UTF-16 surrogate (\\u{ord(bad):04x})",
+                       k if first(k) is None else None)
+
+
 def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     """A chat request's body (decoded JSON); `model`: the name to use when the body gives none
     (the Python API: the model's path; the server: the served model's name), None to require one."""
+    check_unicode(body)
     model = _model(body, model)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -250,6 +279,7 @@ def _is_ids(x) -> bool:
 def parse_texts(body: dict, model: str | None = None) -> list[TextRequest]:
     """A text completion request's body: a request per prompt, which OpenAI's `prompt` gives as
     a string, token ids, or a list of either (several prompts, a choice each)."""
+    check_unicode(body)
     model = _model(body, model)
     prompt = body.get("prompt")
     several = isinstance(prompt, list) and bool(prompt) and not _is_ids(prompt)
@@ -384,7 +414,7 @@ def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
     return dict(
         max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
         top_k=_number(body, "top_k", 0, 1 << 20, integer=True),
-        seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True), stop=stop, stream=stream,
+        seed=_seed(body), stop=stop, stream=stream,
         include_usage=bool(opts.get("include_usage", False)), loopserve=_loopserve(body.get("loopserve")),
         presence_penalty=_number(body, "presence_penalty", -2, 2),
         frequency_penalty=_number(body, "frequency_penalty", -2, 2),
@@ -441,6 +471,13 @@ def _logprobs(body: dict) -> int | None:
     if top is not None and not on:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return (top or 0) if on else None
+
+
+def _seed(body: dict) -> int | None:
+    """-1 is llama.cpp's "random" (llama-server's and llama-cpp-python's): none, so that each of
+    `n` choices is random too."""
+    seed = _number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True)
+    return None if seed == RANDOM_SEED else seed
 
 
 def _loopserve(v) -> dict:

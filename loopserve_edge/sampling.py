@@ -38,13 +38,23 @@ class SamplingParams:
     grammar: str | None = None
 
 
+# llama.cpp's seed for "random" (LLAMA_DEFAULT_SEED), as llama-server and llama-cpp-python take -1
+RANDOM_SEED = -1
+
+
+def rng_seed(seed: int | None) -> int | None:
+    """numpy's seed for a sampling seed: None (random) for None and -1, else the seed's 64-bit
+    two's complement, so that another negative seed repeats its reply too (numpy takes none)."""
+    return None if seed is None or seed == RANDOM_SEED else seed & ((1 << 64) - 1)
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, constraint=None, history: list[int] | tuple[int, ...] = ()):
         """constraint: the grammar's state for this reply (grammar.Constraint: allows(token),
         mask(logits), accept(token)), or None; history: the dialogue's tokens before the reply
         (the repeat penalty's window starts among them)."""
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(rng_seed(params.seed))
         self.counts: collections.Counter[int] = collections.Counter()  # tokens chosen so far
         self.constraint = constraint
         n = params.repeat_last_n

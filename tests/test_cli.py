@@ -136,6 +136,10 @@ def test_a_budget_alone_compresses_and_full_with_a_budget_is_refused(default_mod
     assert "KV 256/512 cells" in r.stderr and "evicted so far" in r.stderr   # /stats
     r = run(["chat", "--policy", "full", "--kv-budget", "256"], stdin="hi\n", timeout=60)
     assert r.returncode == 2 and "takes no budget" in r.stderr and "Traceback" not in r.stderr
+    # a budget the context has no room beside: refused at the start, not at the first long input
+    r = run(["chat", "--kv-budget", "4096", "--n-ctx", "2048", "--threads", "2"], stdin="hi\n", timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "n_ctx=2048 leaves no cells for new input beside the KV budget of 4096" in _one_error_line(r)
 
 
 def test_a_model_without_a_chat_template_chats_in_the_completion_format(tmp_path):
@@ -295,3 +299,21 @@ def test_an_allocation_without_head_granularity_is_a_usage_error():
 def test_spans_that_cannot_be_kept_are_usage_errors(args, why):
     r = run(["chat", "--policy", "loopserve", "--kv-budget", "256", *args], stdin="hi\n", timeout=60)
     assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_dialogue_name_the_file_system_refuses_is_one_error_line(default_model, tmp_path):
+    """An OSError (here a name longer than a file name may be) was a traceback."""
+    r = run(["chat", "--dialogue", "x" * 300, *FAST], "hi\n", home=tmp_path)
+    assert "File name too long" in _one_error_line(r) and r.returncode == 1
+    r = run(["chat", *FAST], "hi\n/save " + "y" * 300 + "\n", home=tmp_path)
+    assert "File name too long" in r.stderr and "Traceback" not in r.stderr and r.returncode == 1
+
+
+def test_max_tokens_minus_one_is_no_limit(default_model, tmp_path):
+    """llama.cpp's -n -1: the reply goes on to the end of the context (an empty reply before)."""
+    r = run(["chat", "--max-tokens", "-1", "--n-ctx", "256", "--temperature", "0", "--threads", "2"],
+            "Write a long story about a cat.\n/stats\n", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "the context is full" in r.stderr and len(r.stdout.split()) > 100
+    r = run(["chat", "--max-tokens", "-2"], "hi\n", home=tmp_path)
+    assert r.returncode == 2 and "-2 is not in the range x>=-1" in r.stderr

@@ -3,7 +3,7 @@ dialogues that carry on."""
 import numpy as np
 import pytest
 
-from loopserve_edge import ContextFullError, LoopServeConfig
+from loopserve_edge import ContextFullError, LoopServeConfig, LoopServeError
 from loopserve_edge.completions import Completions
 from loopserve_edge.openai_api import RequestError
 
@@ -535,3 +535,27 @@ def test_with_batch_invariant_placement_the_scored_text_goes_before_a_repack(tin
     llm.decode(d, d_toks, list(range(100)))
     assert llm.pool_events["score_cache_drop"] == 1 and llm.pool_events["repack"] == 0
     assert llm.score_cache_cells == 0 and bindings.llama_loopserve_kv_tail(llm._ctx.ctx) == 512 - 300
+
+
+def test_a_seed_of_minus_one_is_random_and_a_lone_surrogate_is_refused(tiny_model, make_llm):
+    """llama-cpp-python's callers pass seed=-1 for "random" (a ValueError from numpy before); a
+    string holding a lone UTF-16 surrogate (a JSON "\\ud800" escape) is a RequestError naming
+    the parameter (a UnicodeEncodeError before), and the conversation is left as it was."""
+    llm = make_llm(tiny_model)
+    m = [{"role": "user", "content": "tell me a story"}]
+    sampled = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=8)
+    assert len({_text(llm.create_chat_completion(m, seed=-1, **sampled)) for _ in range(4)}) > 1
+    assert _text(llm.create_chat_completion(m, seed=-9, **sampled)) == \
+        _text(llm.create_chat_completion(m, seed=-9, **sampled))
+    with pytest.raises(RequestError, match="lone UTF-16 surrogate") as e:
+        llm.create_chat_completion([*m, {"role": "assistant", "content": "x"}, {"role": "user", "content": "a\ud800"}])
+    assert e.value.param == "messages"
+    with pytest.raises(RequestError, match="lone UTF-16 surrogate") as e:
+        llm.create_completion("b\udfff")
+    assert e.value.param == "prompt"
+    d = llm.dialogue()
+    d.send("hello", **GREEDY)
+    before = (list(d.messages), list(d.tokens))
+    with pytest.raises(LoopServeError, match="not valid Unicode"):
+        d.send("c\ud801", **GREEDY)
+    assert (list(d.messages), list(d.tokens)) == before

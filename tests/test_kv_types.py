@@ -79,3 +79,27 @@ def test_flash_attention_follows_the_kv_type_unless_asked():
     assert kv_type_kwargs("q4_0", flash_attn=True)["flash_attn"] is True
     with pytest.raises(LoopServeError, match="q8_0 KV cache needs flash attention"):
         kv_type_kwargs("q8_0", flash_attn=False)
+
+
+def test_llama_cpp_pythons_type_ids_llama_cpp_cannot_store_are_refused_before_they_abort(tiny_model, make_llm):
+    """type_k / type_v as llama-cpp-python takes them (ggml type ids): an id past ggml's types
+    aborted the process, a K-quant or quantized V without flash attention was "could not load"
+    the model; quantized V without flash_attn given gets it, as kv_type_kwargs does."""
+    for kw, msg in ((dict(type_k=99), "type_k=99 is not a type"), (dict(type_v=12), r"type_v=12 .* 8 \(q8_0\)"),
+                    (dict(type_k=True), "type_k=True"),
+                    (dict(type_k=3, type_v=3, flash_attn=False), r"q4_1 V cache \(type_v=3\) needs flash attention")):
+        with pytest.raises(LoopServeError, match=msg):
+            make_llm(tiny_model, **kw)
+    llm = make_llm(tiny_model, type_k=7, type_v=7)   # q5_1, no flash_attn given
+    assert llm.context_params.flash_attn_type == 1 and llm.context_params.type_v == 7
+    assert llm.dialogue().send("a short turn", **GREEDY)
+
+
+@pytest.mark.parametrize("kw", [dict(n_ctx=1), dict(n_ctx=512, n_batch=1)])
+def test_a_batch_below_the_dialogues_resident_is_raised_not_an_abort(tiny_model, make_llm, kw):
+    """llama.cpp keeps an output per sequence (max_resident) and clamps n_batch to the n_ctx
+    asked: n_ctx 1 or n_batch 1 aborted the process in GGML_ASSERT."""
+    llm = make_llm(tiny_model, **kw)
+    assert llm.n_batch >= llm.config.max_resident and llm.n_ctx == (256 if kw["n_ctx"] == 1 else 512)
+    ref = make_llm(tiny_model, n_ctx=512).dialogue().send("a short turn", **GREEDY)
+    assert llm.dialogue().send("a short turn", **GREEDY) == ref

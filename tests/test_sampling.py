@@ -157,3 +157,20 @@ def test_a_reply_with_a_repeat_penalty_is_chosen_over_its_prompt_and_itself(tiny
     llm.dialogue().send("hello hello hello there", token_fn=force, max_tokens=n)
     s = Sampler(SamplingParams(**kw), history=prompt)
     assert len(seen) == n and [s(x) for x in seen] == toks
+
+
+def test_a_negative_seed_is_taken_and_minus_one_is_random():
+    """numpy takes no negative seed (a 500 from the server, a traceback from the CLI before):
+    -1 is llama.cpp's "random", another negative seed repeats its choices as a positive one does."""
+    from loopserve_edge.sampling import rng_seed
+
+    assert rng_seed(None) is None and rng_seed(-1) is None and rng_seed(7) == 7
+    assert rng_seed(-5) == (1 << 64) - 5
+    logits = np.random.default_rng(0).normal(size=500).astype(np.float32)
+
+    def draws(seed):
+        s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=seed))
+        return [s(logits) for _ in range(20)]
+
+    assert draws(-5) == draws(-5) != draws(-6)
+    assert len({tuple(draws(-1)) for _ in range(3)}) > 1   # 20 draws over 500 tokens: never the same thrice

@@ -237,6 +237,26 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     r = post(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                          "loopserve": {"policy": "loopserve"}}))   # a policy without a budget
     assert r.status_code == 400 and "budget" in r.json()["error"]["message"]
+    r = post(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                         "loopserve": {"budget": 4096}}))   # no room beside it in n_ctx 2048
+    assert r.status_code == 400 and r.json()["error"]["param"] == "loopserve"
+    assert "n_ctx=2048 leaves no cells for new input beside the KV budget of 4096" in r.json()["error"]["message"]
+    # strings that are not Unicode text (a lone surrogate, escaped or as bytes; 500s before) and
+    # nesting past Python's recursion limit: 400s
+    for body in (b'{"messages": [{"role": "user", "content": "a\\ud800"}]}',
+                 '{"messages": [{"role": "user", "content": "\ud800"}]}'.encode("utf-8", "surrogatepass")):
+        r = post(body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "lone UTF-16 surrogate (\\ud800)" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/tokenize", content=b'{"content": "\\udc00"}', timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "content"
+    r = post(b"[" * 100000 + b"]" * 100000)
+    assert r.status_code == 400
+    # seed -1: llama.cpp's "random", as llama-server takes it (a 500 before)
+    for path, extra in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                        ("/v1/completions", {"prompt": "Once"})):
+        r = httpx.post(server.url + path, json={"max_tokens": 2, "seed": -1, "n": 2, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
     with pytest.raises(openai.NotFoundError) as e:
         server.client().chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
     assert e.value.code == "model_not_found"

@@ -197,6 +197,8 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 (answered to its request; the server goes on)
             if job.entry is not None:
                 self.store.failed(job.entry)
+            if not isinstance(e, ApiError):   # a bug: the operator sees its traceback
+                log.error("internal error in a request", exc_info=e)
             job.error = e if isinstance(e, ApiError) else ApiError(500, f"internal error ({type(e).__name__})",
                                                                   type="server_error")
             job.done.set()
@@ -282,6 +284,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             error = error or e
         if error is not None:
+            log.error("internal error in a reply", exc_info=error)
             job.error = ApiError(500, f"internal error ({type(error).__name__}: {error})", type="server_error")
         else:
             self.metrics.turn(job.dlg.last_stats, job.before)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 from .. import responses_api
-from ..openai_api import ChatRequest, RequestError, TextRequest, parse_chat, parse_texts, resolve_text
+from ..openai_api import (ChatRequest, RequestError, TextRequest, check_unicode, parse_chat, parse_texts,
+                          resolve_text)
 
 
 class ApiError(Exception):
@@ -94,8 +95,16 @@ def _json(raw: bytes) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:
+        check_unicode(body)   # every endpoint's strings, /tokenize's too
+    except RequestError as e:
+        raise ApiError.bad_request(e) from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     return body
 
 
