@@ -345,7 +345,8 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
                 else:
                     raise LoopServeError(f"unknown command {cmd}; /help lists them")
                 continue
-            sampling = dict(max_tokens=sys.maxsize if max_tokens == -1 else max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            sampling = dict(max_tokens=sys.maxsize if max_tokens == -1 else max_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, min_p=min_p,
                             seed=None if seed in (None, RANDOM_SEED) else seed + dlg.turns,
                             presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,

@@ -149,6 +149,13 @@ def param(p: str | None) -> str | None:
         p, p.replace(".function.", ".") if p.startswith("tools[") else p)
 
 
+def message(text: str, p: str | None) -> str:
+    """A chat request's error message with its parameter as this API names it ('max_tokens'
+    read 'max_output_tokens')."""
+    q = param(p)
+    return text if p is None or q == p else text.replace(f"'{p}'", f"'{q}'")
+
+
 # -- the response ------------------------------------------------------------------------------
 
 class ResponseShapes:

@@ -517,6 +517,8 @@ def test_responses_go_on_from_the_previous_response_as_chat_would(server):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model=MODEL, **bad)
         assert e.value.body["param"] == param, bad
+        if param == "max_output_tokens":   # the message names it as this API does ('max_tokens' before)
+            assert e.value.body["message"].startswith("'max_output_tokens' must be")
 
 
 def test_responses_stream_tool_calls_as_events_and_take_their_outputs(server):

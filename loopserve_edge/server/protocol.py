@@ -60,7 +60,8 @@ def parse_response_request(raw: bytes, store, model: str) -> tuple[dict, ChatReq
         chat, added = responses_api.to_chat(body, [] if prev is None else store.conversation(prev))
         return body, parse_chat(chat, model), added
     except RequestError as e:
-        raise ApiError(400, e.message, param=responses_api.param(e.param), code=e.code) from None
+        raise ApiError(400, responses_api.message(e.message, e.param), param=responses_api.param(e.param),
+                       code=e.code) from None
 
 
 def parse_tokenize(raw: bytes) -> tuple[str, bool, bool]:
