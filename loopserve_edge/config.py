@@ -92,8 +92,8 @@ class LoopServeConfig:
     # window; in a chat turn they hold the reply's header and cue); None: `window`. 32 instead
     # of 4 changed nothing on the benchmark's dev split (default model, 2K, budget 1/8, with
     # defer_cut 4: -0.1 points [-1.5, +1.2]; benchmarks/results/chunk-probe-dev/; head-wise with
-    # defer_cut 64: -0.8 [-2.6, +0.9], prefill-window-dev/; Gemma-3-270M at 8K, whose replies
-    # are short: +0.02 [-4.90, +4.95], prefill-window-gemma-cpu/)
+    # defer_cut 64: -0.8 [-2.6, +0.9], prefill-window-dev/; Gemma-3-270M, whose replies are
+    # short: +0.02 [-4.90, +4.95] at 8K, -1.05 [-1.84, -0.35] at 16K, prefill-window-gemma-gpu/)
     prefill_window: int | None = None
     # loopserve: the cut after a prefill waits for the first `defer_cut` generated tokens and
     # is scored by them as well as by the input's last `window` tokens (0: cut as soon as the
