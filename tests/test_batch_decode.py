@@ -247,3 +247,37 @@ def test_batch_invariant_flash_attention_agrees_with_attention_without_it(defaul
     assert (fa.argmax(axis=1) == ref.argmax(axis=1)).all()
     # f16 K/V either way: KL 0.003 / 0.021 here (the stock loop it replaced: 0.006 / 0.030)
     assert kl.max() < 0.05
+
+
+@pytest.mark.parametrize("granularity", ["cell", "head"])
+def test_a_reply_swapped_out_between_its_decode_and_its_cut_goes_on(tiny_model, make_llm, granularity):
+    """The server decodes a batch, then may prefill a new request (which can swap out a dialogue
+    whose reply is in progress), then hands each reply its logits: the reply's cut then found
+    its dialogue out of the pool ("attention scores do not cover the dialogue's cells", a 500
+    found by a load of concurrent budgeted conversations). A swapped-out dialogue's scores are
+    gone: its cut waits for the next one, scored anew, and the reply goes on."""
+    cfg = LoopServeConfig(max_resident=2, policy="loopserve", budget=64, interval=8, defer_cut=0, recent=16,
+                          granularity=granularity)
+    llm = make_llm(tiny_model, n_ctx=1024, loopserve=cfg, flash_attn=True)
+    d, other = llm.dialogue(), llm.dialogue()
+    gen = d.send_steps(" ".join(f"w{i}" for i in range(150)), temperature=0, max_tokens=40,
+                       token_fn=lambda logits: int(np.argmax(logits[3:])) + 3)   # never the end token
+    feed, k, swapped, most = None, 0, 0, 0
+    while True:
+        try:
+            item = next(gen) if feed is None else gen.send(feed)
+            while not isinstance(item, Step):
+                item = next(gen)
+        except StopIteration:
+            break
+        most = max(most, len(d.positions))
+        feed = llm.decode_batch([(d, item.token, item.pos)], scored=d.score_window > 0)[0]
+        k += 1
+        if k % cfg.interval == 0 and swapped < 3:   # this token's cut is due when handed its logits
+            llm.swap_out(d)
+            other.send("x", max_tokens=1, temperature=0)   # another dialogue takes the pool meanwhile
+            swapped += 1
+    assert swapped == 3 and d.last_stats.decode_tokens == 40
+    # three cuts skipped while it was out (it grew by their intervals), then the next in the pool
+    # took it back to the budget
+    assert most == cfg.budget + 4 * cfg.interval - 1 and len(d.positions) <= cfg.budget + cfg.interval
