@@ -301,7 +301,8 @@ class Context:
             self.swap_out(lru if lru is not None else next(iter(self._resident.values())))
         seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
         if dlg._swapped:
-            self._free_cells(len(dlg.positions), keep=keep)
+            # its window cache part may be a whole window whatever a cut kept: room for the most
+            self._free_cells(len(dlg.positions), keep=keep, swa_n=1 << 30)
             if self.n_ctx - self.cells_used < len(dlg.positions):  # the others are all kept
                 raise ContextFullError(f"the KV pool has no room to bring back a dialogue of "
                                        f"{len(dlg.positions)} cells (n_ctx={self.n_ctx})")
@@ -343,10 +344,12 @@ class Context:
         cells = self.cells_used if dlg is None else (self.seq_cells(dlg._seq) if dlg._seq is not None else 0)
         return self.kv_bytes * cells // self.n_ctx
 
-    def _free_cells(self, n: int, keep: tuple = ()) -> None:
+    def _free_cells(self, n: int, keep: tuple = (), swa_n: int | None = None) -> None:
         """Swap out the least recently used residents but those in `keep` until `n` cells of
-        the pool are free (or none is left to swap: the decode then reports a full context);
-        with batch_invariant, also repack the pool when fewer than `n` are left at its end."""
+        the pool are free (or none is left to swap: the decode then reports a full context),
+        and a sliding-window model's window cache has room for `swa_n` (default `n`) of them,
+        at most a window and a ubatch; with batch_invariant, also repack the pool when fewer
+        than `n` are left at its end."""
         kept = {id(d) for d in keep}
         # (nobody to swap out, the common case of one dialogue: no need to count)
         if not all(id(d) in kept for d in self._resident.values()):
@@ -355,6 +358,17 @@ class Context:
                 if lru is None:
                     break
                 self.swap_out(lru)
+            # a sliding-window model's window cache as well, which holds each resident's window
+            # whatever a cut kept, and may be smaller than the pool: the decode needs room there
+            # for n tokens, or for its own window and a ubatch once n is larger
+            swa = self._swa_cache()
+            if swa is not None:
+                size, most = swa
+                while self._swa_cells() + min(n if swa_n is None else swa_n, most) > size:
+                    lru = self._victim(keep)
+                    if lru is None:
+                        break
+                    self.swap_out(lru)
         if self.config.batch_invariant and bindings.llama_loopserve_kv_tail(self._ctx.ctx) < n:
             # the last scored text first: often the highest cells in use, dropped it may leave
             # room enough at the pool's end, for nothing, where a repack moves every resident
@@ -363,6 +377,28 @@ class Context:
                 self.swap_out(victim)
             if bindings.llama_loopserve_kv_tail(self._ctx.ctx) < n:
                 self._repack()
+
+    def _swa_cache(self) -> tuple[int, int] | None:
+        """(cells, a dialogue's most) of the sliding-window layers' cache, None without one:
+        llama.cpp sizes it min(n_ctx, window x n_seq_max + n_ubatch), padded to 256 cells
+        (llama-kv-cache-iswa.cpp), and a sequence holds at most its window and a ubatch there."""
+        n_swa = int(llama_c.llama_model_n_swa(self._llm._model.model))
+        if n_swa <= 0 or not self.sliding_window:
+            return None
+        n_ubatch = int(self.context_params.n_ubatch)
+        size = min(self.n_ctx, n_swa * self.config.max_resident + n_ubatch)
+        if self.context_params.swa_full:   # asked for: a window cache as large as the pool
+            size = self.n_ctx
+        return -(-size // N_KV_PAD) * N_KV_PAD, n_swa + n_ubatch
+
+    def _swa_cells(self) -> int:
+        """Cells the residents hold in the window cache: each one's span of positions there."""
+        total = 0
+        for seq in self._resident:
+            lo = llama_c.llama_memory_seq_pos_min(self._mem, seq)
+            if lo >= 0:
+                total += llama_c.llama_memory_seq_pos_max(self._mem, seq) - lo + 1
+        return total
 
     def _repack(self) -> None:
         """Batch-invariant placement (LoopServeConfig.batch_invariant): new tokens go after

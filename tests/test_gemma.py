@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_same_logits
 
 from loopserve_edge import LoopServeConfig
+from loopserve_edge.bindings import llama_c
 from loopserve_edge.chat_template import CHATML, GEMMA, ChatTemplate, fallback
 from loopserve_edge.errors import ModelFileError
 from loopserve_edge.paths import assemble_gguf
@@ -347,3 +348,25 @@ def test_an_allocation_on_a_sliding_window_model_hides_full_attention_rows_only(
     path = d.save(tmp_path / "ga.lsd")
     e = make_llm(tiny_gemma, loopserve=c).load_dialogue(path)
     assert d.send("c" * 20, max_tokens=8, **GREEDY) == e.send("c" * 20, max_tokens=8, **GREEDY)
+
+
+def test_dialogues_swap_out_for_room_in_the_window_cache_too(tmp_path, make_llm):
+    """llama.cpp's window cache holds min(n_ctx, window x residents + ubatch) cells and each
+    resident's window whatever a cut kept, so on a small pool it fills before the cells the pool
+    counts: budgeted dialogues then had inputs refused with ContextFullError (and a server's
+    swap-ins rejected). Residents now give way for the window cache's room as for the pool's."""
+    from loopserve_edge.random_gguf import write_random_gemma3
+
+    model = write_random_gemma3(tmp_path / "gemma-w128.gguf", n_layer=4, n_swa=128, swa_pattern=2)
+    llm = make_llm(model, n_ctx=256, loopserve=LoopServeConfig(max_resident=3, budget=64, sink=4, recent=16))
+    rng = np.random.default_rng(0)
+    ds = [llm.dialogue() for _ in range(5)]
+    for step in range(30):
+        d = ds[step % 5]
+        d.send(" ".join(f"w{i}" for i in rng.integers(0, 99, int(rng.choice([5, 80, 200])))), max_tokens=4,
+               temperature=0)
+        # each resident's span of positions in the window cache, as llama.cpp reports it
+        spans = [llama_c.llama_memory_seq_pos_max(llm._mem, s) - llama_c.llama_memory_seq_pos_min(llm._mem, s) + 1
+                 for s in llm._resident if llama_c.llama_memory_seq_pos_min(llm._mem, s) >= 0]
+        assert sum(spans) <= 256
+    assert llm.pool_events["swap_out"] > 0 and llm._swa_cache() == (256, 128 + 256)
