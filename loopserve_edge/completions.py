@@ -30,6 +30,7 @@ class Completions:
         """An OpenAI chat request body (decoded): the response, or with "stream" an iterator of
         its chunks. The prompt is prefilled before this returns, so that a bad request or a full
         context raises here (RequestError, ContextFullError), even when streaming."""
+        openai_api.check_unicode(body)
         req = openai_api.parse_chat(body, model=str(self.llm.model_path))
         sampling = self._sampling(req, CHAT_DEFAULTS)
         entry, _ = self.store.for_request(req.system, list(req.history), req.prompt, None,
@@ -38,6 +39,7 @@ class Completions:
 
     def text(self, body: dict) -> dict | Iterator[dict]:
         """An OpenAI text completion request body, as chat()."""
+        openai_api.check_unicode(body)
         req = openai_api.resolve_text(openai_api.parse_text(body, model=str(self.llm.model_path)), self.llm)
         sampling = self._sampling(req, TEXT_DEFAULTS)
         shapes = openai_api.TextShapes(req, self.llm.fingerprint)

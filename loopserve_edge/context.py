@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import os
 import threading
 from typing import Iterable, Protocol
@@ -361,7 +362,7 @@ class Context:
             # a sliding-window model's window cache as well, which holds each resident's window
             # whatever a cut kept, and may be smaller than the pool: the decode needs room there
             # for n tokens, or for its own window and a ubatch once n is larger
-            swa = self._swa_cache()
+            swa = self._swa_cache
             if swa is not None:
                 size, most = swa
                 while self._swa_cells() + min(n if swa_n is None else swa_n, most) > size:
@@ -378,6 +379,7 @@ class Context:
             if bindings.llama_loopserve_kv_tail(self._ctx.ctx) < n:
                 self._repack()
 
+    @functools.cached_property
     def _swa_cache(self) -> tuple[int, int] | None:
         """(cells, a dialogue's most) of the sliding-window layers' cache, None without one:
         llama.cpp sizes it min(n_ctx, window x n_seq_max + n_ubatch), padded to 256 cells

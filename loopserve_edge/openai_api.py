@@ -119,7 +119,7 @@ def _text(content, where: str) -> str:
     raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
 
 
-def _given(body: dict, name: str, default):
+def given(body: dict, name: str, default):
     """body[name], or the default where it is missing or null (OpenAI's optional fields are
     nullable, and clients other than OpenAI's own send null for what they leave unset)."""
     v = body.get(name)
@@ -141,31 +141,28 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def check_unicode(body: dict) -> None:
     """A RequestError naming the field whose strings hold a lone UTF-16 surrogate: JSON's
     "\\ud800" escapes (and Python's reading of such bytes) give strings that are not Unicode
-    text, which would fail wherever they are encoded (a 500 before)."""
-    def first(x) -> str | None:
-        if isinstance(x, str):
-            m = _SURROGATE.search(x)
-            return m.group() if m else None
-        if isinstance(x, dict):
-            x = [*x.keys(), *x.values()]
-        if isinstance(x, (list, tuple)):
-            for v in x:
-                got = first(v)
-                if got is not None:
-                    return got
-        return None
-
+    text, which would fail wherever they are encoded (a 500 before). Run once where a body
+    comes in (the server's reader, the Python API's calls); a stack, not recursion, so any
+    nesting json.loads took is walked."""
     for k, v in body.items():
-        bad = first(k) or first(v)
-        if bad is not None:
-            raise _bad(f"{k!r} is not valid Unicode text: it holds a lone UTF-16 surrogate (\\u{ord(bad):04x})",
-                       k if first(k) is None else None)
+        stack = [k, v]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, str):
+                m = _SURROGATE.search(x)
+                if m:
+                    raise _bad(f"{k!r} is not valid Unicode text: it holds a lone UTF-16 surrogate "
+                               f"(\\u{ord(m.group()):04x})", None if x is k else k)
+            elif isinstance(x, dict):
+                stack.extend(x.keys())
+                stack.extend(x.values())
+            elif isinstance(x, (list, tuple)):
+                stack.extend(x)
 
 
 def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     """A chat request's body (decoded JSON); `model`: the name to use when the body gives none
     (the Python API: the model's path; the server: the served model's name), None to require one."""
-    check_unicode(body)
     model = _model(body, model)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -279,7 +276,6 @@ def _is_ids(x) -> bool:
 def parse_texts(body: dict, model: str | None = None) -> list[TextRequest]:
     """A text completion request's body: a request per prompt, which OpenAI's `prompt` gives as
     a string, token ids, or a list of either (several prompts, a choice each)."""
-    check_unicode(body)
     model = _model(body, model)
     prompt = body.get("prompt")
     several = isinstance(prompt, list) and bool(prompt) and not _is_ids(prompt)
@@ -291,12 +287,12 @@ def parse_texts(body: dict, model: str | None = None) -> list[TextRequest]:
             raise _bad("'prompt' must not be empty", "prompt")
         if isinstance(p, list) and min(p) < 0:
             raise _bad("'prompt' token ids must not be negative", "prompt")
-    echo = _given(body, "echo", False)
+    echo = given(body, "echo", False)
     if not isinstance(echo, bool):
         raise _bad("'echo' must be a boolean", "echo")
     if body.get("suffix"):
         raise _bad("'suffix' (fill in the middle) is not supported", "suffix")
-    if _given(body, "best_of", 1) != 1:
+    if given(body, "best_of", 1) != 1:
         raise _bad("only best_of=1 is supported", "best_of")
     logprobs = _number(body, "logprobs", 0, 20, integer=True)
     # max_tokens 0 with echo: the prompt alone, as scoring tools ask for its log-probabilities
@@ -405,11 +401,11 @@ def _generation(body: dict, logprobs: int | None, min_tokens: int = 1) -> dict:
         raise _bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
     if any(not s for s in stop):
         raise _bad("'stop' strings must not be empty", "stop")
-    stream = _given(body, "stream", False)
+    stream = given(body, "stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
     opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict) or not isinstance(_given(opts, "include_usage", False), bool):
+    if not isinstance(opts, dict) or not isinstance(given(opts, "include_usage", False), bool):
         raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
     return dict(
         max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),

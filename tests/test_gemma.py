@@ -369,4 +369,4 @@ def test_dialogues_swap_out_for_room_in_the_window_cache_too(tmp_path, make_llm)
         spans = [llama_c.llama_memory_seq_pos_max(llm._mem, s) - llama_c.llama_memory_seq_pos_min(llm._mem, s) + 1
                  for s in llm._resident if llama_c.llama_memory_seq_pos_min(llm._mem, s) >= 0]
         assert sum(spans) <= 256
-    assert llm.pool_events["swap_out"] > 0 and llm._swa_cache() == (256, 128 + 256)
+    assert llm.pool_events["swap_out"] > 0 and llm._swa_cache == (256, 128 + 256)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 from .. import responses_api
-from ..openai_api import (ChatRequest, RequestError, TextRequest, check_unicode, parse_chat, parse_texts,
-                          resolve_text)
+from ..openai_api import (ChatRequest, RequestError, TextRequest, check_unicode, given, parse_chat,
+                          parse_texts, resolve_text)
 
 
 class ApiError(Exception):
@@ -72,8 +72,7 @@ def parse_tokenize(raw: bytes) -> tuple[str, bool, bool]:
         raise ApiError(400, "'content' must be a string", param="content")
     flags = []
     for name in ("add_special", "with_pieces"):
-        v = body.get(name)
-        v = False if v is None else v   # null: unset, as llama-server reads it
+        v = given(body, name, False)   # null: unset, as llama-server reads it
         if not isinstance(v, bool):
             raise ApiError(400, f"'{name}' must be a boolean", param=name)
         flags.append(v)
@@ -104,8 +103,6 @@ def _json(raw: bytes) -> dict:
         check_unicode(body)   # every endpoint's strings, /tokenize's too
     except RequestError as e:
         raise ApiError.bad_request(e) from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
     return body
 
 
