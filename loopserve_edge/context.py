@@ -307,6 +307,12 @@ class Context:
             if self.n_ctx - self.cells_used < len(dlg.positions):  # the others are all kept
                 raise ContextFullError(f"the KV pool has no room to bring back a dialogue of "
                                        f"{len(dlg.positions)} cells (n_ctx={self.n_ctx})")
+            if self._swa_cache is not None and self._swa_cells() + self.window_need(dlg) > self.window_cache_cells:
+                # the others' windows are all kept (a batch decoded together): llama.cpp would
+                # reject the state for want of window cells
+                raise ContextFullError(f"the sliding-window cache ({self.window_cache_cells} cells) has no room "
+                                       f"to bring back a dialogue's window beside the others' "
+                                       f"(n_ctx={self.n_ctx}, max_resident={self.config.max_resident})")
             if not self._load_sequence(seq, dlg._swapped):
                 self._seq_rm(seq, -1, -1)
                 raise StateFileError("llama.cpp rejected the sequence state")
@@ -384,7 +390,7 @@ class Context:
         """(cells, a dialogue's most) of the sliding-window layers' cache, None without one:
         llama.cpp sizes it min(n_ctx, window x n_seq_max + n_ubatch), padded to 256 cells
         (llama-kv-cache-iswa.cpp), and a sequence holds at most its window and a ubatch there."""
-        n_swa = int(llama_c.llama_model_n_swa(self._llm._model.model))
+        n_swa = self._n_swa
         if n_swa <= 0 or not self.sliding_window:
             return None
         n_ubatch = int(self.context_params.n_ubatch)
@@ -393,14 +399,36 @@ class Context:
             size = self.n_ctx
         return -(-size // N_KV_PAD) * N_KV_PAD, n_swa + n_ubatch
 
+    @property
+    def window_cache_cells(self) -> int:
+        """Cells of the sliding-window layers' cache (0 without one)."""
+        return self._swa_cache[0] if self._swa_cache is not None else 0
+
+    @functools.cached_property
+    def _n_swa(self) -> int:
+        return int(llama_c.llama_model_n_swa(self._llm._model.model))
+
     def _swa_cells(self) -> int:
-        """Cells the residents hold in the window cache: each one's span of positions there."""
+        """Cells the residents hold in the window cache that new tokens cannot take: each one's
+        span of positions there, at most the window its next token sees besides itself
+        (llama.cpp gives a new token, or a state it loads, the cells that a sequence's next
+        token no longer sees)."""
         total = 0
         for seq in self._resident:
             lo = llama_c.llama_memory_seq_pos_min(self._mem, seq)
             if lo >= 0:
-                total += llama_c.llama_memory_seq_pos_max(self._mem, seq) - lo + 1
+                total += min(llama_c.llama_memory_seq_pos_max(self._mem, seq) - lo + 1, self._n_swa - 1)
         return total
+
+    def window_need(self, dlg: Resident, n: int = 1) -> int:
+        """Window cache cells that dlg needs to decode n more tokens: those tokens and the
+        positions before them that its next token sees (at most the window less one); 0 without
+        a sliding-window cache. The dialogues of a batch decoded together must all fit there at
+        once, and a swapped-out one's state brings at most its window (n=1)."""
+        if self._swa_cache is None:
+            return 0
+        last = dlg.positions[-1] if dlg.positions else -1
+        return min(self._n_swa - 1, last + 1) + n
 
     def _repack(self) -> None:
         """Batch-invariant placement (LoopServeConfig.batch_invariant): new tokens go after
@@ -713,7 +741,7 @@ class Context:
         """Whether dlg's cells from position p on can be dropped and new tokens computed from
         there: a window-sized sliding-window cache (llama.cpp drops the cells that fell out of
         the window) must still hold every kept position within the window before p."""
-        n_swa = int(llama_c.llama_model_n_swa(self._llm._model.model))
+        n_swa = self._n_swa
         if not n_swa or not self.sliding_window or not dlg.positions:
             return True
         self.make_resident(dlg)
@@ -905,6 +933,10 @@ class Context:
         # a dialogue of the batch swapped in makes room by swapping out others, never one of
         # the batch (its sequence is already in the batch)
         batch = tuple(d for d, _, _ in steps)
+        if self._swa_cache is not None and sum(self.window_need(d) for d in batch) > self.window_cache_cells:
+            # refused before any is swapped in: each one's window must be there at once
+            raise ContextFullError(f"the sliding-window cache ({self.window_cache_cells} cells) cannot hold the "
+                                   f"windows of {len(batch)} dialogues decoded together (n_ctx={self.n_ctx})")
         seqs = [self.make_resident(d, keep=batch) for d in batch]
         self._free_cells(len(steps), keep=batch)
         window = self.score_window

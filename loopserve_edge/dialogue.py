@@ -358,6 +358,11 @@ class Dialogue:
                 except ContextFullError:
                     finish = "context_full"
                     break
+                except GeneratorExit:
+                    # closed between the token's decode and its logits (a server's client gone,
+                    # the reply decoded with others): the cache may hold it, the dialogue does not
+                    llm.remove_positions(llm.make_resident(self), pos)
+                    raise
                 decode_times[scored].append(time.perf_counter() - t_tok)
                 self.tokens.append(tok)
                 self.positions.append(pos)

@@ -281,3 +281,36 @@ def test_a_reply_swapped_out_between_its_decode_and_its_cut_goes_on(tiny_model, 
     # three cuts skipped while it was out (it grew by their intervals), then the next in the pool
     # took it back to the budget
     assert most == cfg.budget + 4 * cfg.interval - 1 and len(d.positions) <= cfg.budget + cfg.interval
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_a_reply_closed_between_a_tokens_decode_and_its_logits_leaves_the_dialogue_whole(tiny_model, make_llm,
+                                                                                         budgeted):
+    """The server decodes a step, then hands the logits on at the next one; a client gone in
+    between closes the reply there. That token stayed in the cache but not in the dialogue: the
+    next turn of a full-attention dialogue failed in llama_decode (its position taken), a
+    budgeted one's cut at the end of the reply raised ("attention scores do not cover the
+    dialogue's cells"). Now it goes as the token was never decoded."""
+    cfg = LoopServeConfig(budget=64, recent=16, interval=8) if budgeted else LoopServeConfig()
+    llm = make_llm(tiny_model, n_ctx=512, loopserve=cfg, flash_attn=True)
+
+    def reply_closed(decode_last):
+        d = llm.dialogue()
+        gen = d.send_steps("w " * 100, temperature=0, max_tokens=20,
+                           token_fn=lambda logits: int(np.argmax(logits[3:])) + 3)   # never the end token
+        feed = None
+        for k in range(5):
+            item = next(gen) if feed is None else gen.send(feed)
+            while not isinstance(item, Step):
+                item = next(gen)
+            if k < 4 or decode_last:
+                feed = llm.decode_batch([(d, item.token, item.pos)], scored=d.score_window > 0)[0]
+        gen.close()
+        return d
+
+    d, twin = reply_closed(True), reply_closed(False)
+    assert d.last_stats.decode_tokens == twin.last_stats.decode_tokens == 4
+    assert llm.seq_cells(d._seq) == len(d.positions) == len(twin.positions)
+    assert d.send("more", **GREEDY) == twin.send("more", **GREEDY)
+    if not budgeted:
+        np.testing.assert_allclose(d.first_token_logits, twin.first_token_logits, atol=1e-4)

@@ -370,3 +370,57 @@ def test_dialogues_swap_out_for_room_in_the_window_cache_too(tmp_path, make_llm)
                  for s in llm._resident if llama_c.llama_memory_seq_pos_min(llm._mem, s) >= 0]
         assert sum(spans) <= 256
     assert llm.pool_events["swap_out"] > 0 and llm._swa_cache == (256, 128 + 256)
+
+
+@pytest.mark.parametrize("granularity", ["cell", "head"])
+def test_replies_decoded_together_fit_their_windows_in_the_window_cache(tmp_path, make_llm, granularity):
+    """The server decodes the replies in progress together, and every dialogue of such a batch
+    must hold its window in the window cache at once: three whole windows of 128 do not fit in
+    the 256 cells llama.cpp gives it here, and the third swap-in was rejected by llama.cpp (a
+    500 under concurrent budgeted conversations on Gemma-3-270M). Replies whose windows do not
+    fit now wait a step, as those that overflow the pool do, and the API's batch is refused
+    whole with ContextFullError."""
+    import threading
+
+    from loopserve_edge.errors import ContextFullError
+    from loopserve_edge.openai_api import parse_text
+    from loopserve_edge.random_gguf import write_random_gemma3
+    from loopserve_edge.server.engine import Engine, ServeOptions
+
+    model = write_random_gemma3(tmp_path / "gemma-w128.gguf", n_layer=4, n_swa=128, swa_pattern=2)
+    llm = make_llm(model, n_ctx=256, loopserve=LoopServeConfig(max_resident=3, budget=64, sink=4, recent=16,
+                                                                granularity=granularity))
+    assert llm.window_cache_cells == 256
+    ds = [llm.dialogue() for _ in range(3)]
+    for d in ds:
+        d.send("w " * 150, max_tokens=2, **GREEDY)
+    assert [llm.window_need(d) for d in ds] == [128] * 3
+    with pytest.raises(ContextFullError, match="sliding-window cache"):
+        llm.decode_batch([(d, 7, d.positions[-1] + 1) for d in ds])
+    assert all(d.send("more", max_tokens=2, **GREEDY) is not None for d in ds)   # each goes on
+
+    engine = Engine(llm, ServeOptions(model_name="m", dialogues_dir=tmp_path / "dialogues"))
+    errors, turns = [], []
+
+    def conversation(i):
+        rng = np.random.default_rng(i)
+        prompt = f"c{i} "
+        try:
+            for _ in range(4):
+                prompt += " ".join(f"w{k}" for k in rng.integers(0, 99, int(rng.choice([5, 60, 150]))))
+                req = parse_text({"model": "m", "prompt": prompt, "temperature": 0,
+                                  "max_tokens": int(rng.choice([4, 40]))})
+                reply, *_ = engine.run(req, None, lambda *a: None, threading.Event())
+                prompt += reply + " "
+                turns.append(i)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=conversation, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.stop()
+    assert not errors, errors
+    assert len(turns) == 24 and engine.waits > 0 and max(engine.batches) >= 2

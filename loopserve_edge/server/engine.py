@@ -262,16 +262,20 @@ class Engine:
         """The steps whose dialogues fit in the KV pool together, the replies that started
         first first (so that each gets to finish and free its cells); the others keep their
         token for a later step. Decoding them all at once would not fit: a batch's dialogues
-        must all be resident, and a full pool would end every reply of the batch. The first
+        must all be resident, and a full pool would end every reply of the batch. On a
+        sliding-window model their windows must also fit in its window cache together. The first
         always runs (alone on a full pool it ends as it would alone)."""
         room, fit = self.llm.n_ctx, []
+        window_room = self.llm.window_cache_cells
         for job, st in steps:
             need = len(job.dlg.positions) + 1
-            if fit and need > room:
+            window = self.llm.window_need(job.dlg)
+            if fit and (need > room or window > window_room):
                 job.waiting = st
                 self.waits += 1
                 continue
             room -= need
+            window_room -= window
             fit.append((job, st))
         return fit
 
