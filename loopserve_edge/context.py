@@ -24,7 +24,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from . import bindings
+from . import bindings, held_scores
 from .bindings import llama_c, llama_cpp
 from .chat_template import FORMAT_CHOICES, ChatTemplate, resolve_format
 from .config import N_KV_PAD, LoopServeConfig
@@ -98,6 +98,7 @@ class Resident(Protocol):
     hidden: np.ndarray | None  # rows of its first cells hidden from their heads (set_hidden)
     _seq: int | None
     _swapped: bytes | None
+    _held_scores: held_scores.HeldScores | None   # scores kept through a state round trip
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -123,6 +124,7 @@ class _ScoreCache:
         self.hidden = None
         self._seq = None
         self._swapped = None
+        self._held_scores = None
         self.tokens: list[int] = []   # what its cells hold, in position order
         self.entries: list = []       # sampling.logprobs of tokens[1:], each after those before it
         self.top = 0                  # the number of best tokens in each entry
@@ -435,6 +437,8 @@ class Context:
         the highest cell in use, so when too few are left there, every resident is moved down
         to the first cells by a state round trip, which keeps each one's cells in order."""
         self.pool_events["repack"] += 1
+        for dlg in self._resident.values():
+            self._hold_scores(dlg)
         states = [(seq, self.sequence_state(seq)) for seq in self._resident
                   if bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq) > 0]
         for seq, _ in states:
@@ -467,6 +471,7 @@ class Context:
             dlg.reset()
             self.pool_events["score_cache_drop"] += 1
             return
+        self._hold_scores(dlg)
         dlg._swapped = self.sequence_state(dlg._seq)
         self.pool_events["swap_out"] += 1
         self._seq_rm(dlg._seq, -1, -1)
@@ -480,16 +485,21 @@ class Context:
             del self._resident[dlg._seq]
             dlg._seq = None
         dlg._swapped = None
+        dlg._held_scores = None
 
     def compact(self, dlg: Resident) -> None:
         """Move a resident dialogue's cells into the pool's first free cells. Attention runs
         over every cell up to the highest one in use, so after a large eviction the holes
         would still cost time; a state round trip packs the kept cells together."""
         if dlg._seq is not None:
-            self.restore(dlg, self.sequence_state(dlg._seq))
+            self._hold_scores(dlg)
+            self.restore(dlg, self.sequence_state(dlg._seq), scores=True)
 
-    def restore(self, dlg: Resident, state: bytes) -> None:
-        """Put dlg's sequence back to a state taken by sequence_state (undo of a failed turn)."""
+    def restore(self, dlg: Resident, state: bytes, scores: bool = False) -> None:
+        """Put dlg's sequence back to a state taken by sequence_state (undo of a failed turn),
+        with no scores; `scores`: the same cells back, keeping the scores held for them."""
+        if not scores:
+            dlg._held_scores = None
         seq = self.make_resident(dlg)
         self._seq_rm(seq, -1, -1)
         self._free_cells(len(dlg.positions), keep=(dlg,))
@@ -544,15 +554,31 @@ class Context:
         return bindings.llama_loopserve_scores_window(self._ctx.ctx)
 
     def reset_scores(self, dlg: Resident | None = None) -> None:
-        """Zero the scores of dlg's cells (all dialogues when None)."""
+        """Zero the scores of dlg's cells (all resident dialogues when None)."""
         if dlg is None:
             bindings.llama_loopserve_scores_reset(self._ctx.ctx, -1)
-        elif dlg._seq is not None:
+            for d in self._resident.values():
+                d._held_scores = None
+            return
+        dlg._held_scores = None
+        if dlg._seq is not None:
             bindings.llama_loopserve_scores_reset(self._ctx.ctx, dlg._seq)
 
     def score_rows(self, dlg: Resident) -> int:
         """Query rows accumulated into dlg's scores since the last reset."""
-        return bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
+        held = getattr(dlg, "_held_scores", None)
+        n = bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
+        return n + (held.n_rows if held is not None else 0)
+
+    def _hold_scores(self, dlg: Resident) -> None:
+        """Before a state round trip of dlg's cells, which starts them with no scores in the
+        runtime: keep the scores read so far on the dialogue (held_scores)."""
+        if dlg._seq is None:
+            return
+        bindings.llama_loopserve_scores_flush(self._ctx.ctx)   # rows saved, not yet counted
+        if self.score_rows(dlg) > 0:
+            pos, rows = self.attention_scores_by_head(dlg)
+            dlg._held_scores = held_scores.HeldScores(pos, rows, self.score_rows(dlg))
 
     @property
     def saved_room(self) -> int:
@@ -570,7 +596,7 @@ class Context:
     def attention_scores(self, dlg: Resident) -> tuple[np.ndarray, np.ndarray]:
         """(positions, scores) of dlg's cells in position order; a score is the attention
         mass summed over window rows, scored layers and all query heads. Empty when dlg is
-        not resident (a swapped-out dialogue's scores are not kept)."""
+        not resident (its scores are held until it is back)."""
         if dlg._seq is None:
             return np.zeros(0, np.int32), np.zeros(0, np.float32)
         n = self.seq_cells(dlg._seq)
@@ -580,6 +606,10 @@ class Context:
             sc.ctypes.data_as(bindings._f32p), n)
         if got != n:
             raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {n}")
+        held = getattr(dlg, "_held_scores", None)
+        if held is not None:
+            held_scores.add_to(held_scores.HeldScores(held.pos, held.rows.sum(axis=0, keepdims=True), 0),
+                               pos, sc[None])
         return pos, sc
 
     def cell_positions(self, dlg: Resident) -> list[int]:
@@ -615,6 +645,7 @@ class Context:
             self._ctx.ctx, dlg._seq, rows.ctypes.data_as(bindings._f32p), rows.size)
         if got != len(pos):
             raise RuntimeError(f"llama_loopserve_scores_get_heads returned {got}, expected {len(pos)}")
+        held_scores.add_to(getattr(dlg, "_held_scores", None), pos, rows)
         return pos, rows
 
     def value_norms(self, dlg: Resident) -> np.ndarray:
@@ -647,6 +678,13 @@ class Context:
             if got != len(pos):
                 raise RuntimeError(f"llama_loopserve_scores_get_layer returned {got}, expected {len(pos)}")
             out[il] = buf
+        held = getattr(dlg, "_held_scores", None)
+        if held is not None:   # its rows are attention_scores_by_head's: the layers' heads in order
+            first = 0
+            for il, buf in out.items():
+                part = held_scores.HeldScores(held.pos, held.rows[first:first + len(buf)], 0)
+                held_scores.add_to(part, pos, buf)
+                first += len(buf)
         return pos, out
 
     # -- sparse prefill ------------------------------------------------------------------
@@ -707,6 +745,10 @@ class Context:
 
     def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
         self._seq_rm(seq, p0, p1)
+        dlg = self._resident.get(seq)
+        if dlg is not None and getattr(dlg, "_held_scores", None) is not None:
+            end = np.inf if p1 < 0 else p1
+            dlg._held_scores = held_scores.without(dlg._held_scores, lambda q: (q >= max(p0, 0)) & (q < end))
 
     @property
     def can_shift(self) -> bool:
@@ -729,7 +771,11 @@ class Context:
         sliding-window model the window's positions are ranked with them, so the new positions
         can have gaps (`cell_positions` reads them)."""
         seq = self.make_resident(dlg)
+        held = getattr(dlg, "_held_scores", None)
+        before = self._score_positions(dlg) if held is not None else None
         rc = bindings.llama_loopserve_seq_compact_positions(self._ctx.ctx, seq, p0)
+        if held is not None and rc >= 0:
+            dlg._held_scores = held_scores.renumbered(held, before, self._score_positions(dlg))
         if rc == -2:
             raise LoopServeError("this model's position encoding cannot be shifted, so the "
                                  "positions an eviction frees cannot be reused")
@@ -770,8 +816,12 @@ class Context:
         attention_scores_by_head). Returns the number of cells freed."""
         seq = self.make_resident(dlg)
         sel = np.ascontiguousarray(sel, dtype=np.int32)
+        held = getattr(dlg, "_held_scores", None)
+        before = self._score_positions(dlg) if held is not None else None
         rc = bindings.llama_loopserve_seq_keep_per_head(self._ctx.ctx, seq, sel.ctypes.data_as(bindings._i32p),
                                                         sel.shape[1])
+        if held is not None and rc >= 0:
+            dlg._held_scores = held_scores.kept_per_head(held, before, sel, self._score_positions(dlg))
         if rc == -2:
             raise LoopServeError("head-wise cuts need f16, q8_0 or q4_0 K/V and flash attention")
         if rc < 0:
@@ -819,6 +869,9 @@ class Context:
             self._ctx.ctx, seq, pos.ctypes.data_as(bindings._i32p), len(pos))
         if got != len(pos):
             raise RuntimeError(f"llama_loopserve_seq_rm_positions removed {got} of {len(pos)} cells")
+        dlg = self._resident.get(seq)
+        if dlg is not None and getattr(dlg, "_held_scores", None) is not None:
+            dlg._held_scores = held_scores.without(dlg._held_scores, lambda q: np.isin(q, pos))
 
     def decode(self, dlg: Resident, tokens: list[int], positions: list[int]) -> np.ndarray:
         """Append tokens at positions to dlg's sequence; returns the logits of the last.

@@ -129,6 +129,7 @@ class Dialogue:
         self.prefill_chunks = 0  # pieces this turn's input was prefilled in
         self._seq: int | None = None        # llama.cpp sequence while resident
         self._swapped: bytes | None = None  # sequence state while not resident
+        self._held_scores = None  # its scores through a state round trip (held_scores)
 
     # -- turns -------------------------------------------------------------------------
 

@@ -386,11 +386,9 @@ class Evictor:
     def compress(self, dlg: Tracked) -> None:
         if len(dlg.positions) <= self.cfg.budget:
             return
-        if dlg._seq is None:
-            # swapped out between its reply's decode and this cut (the server prefills another
-            # request there): its cells are in RAM and its scores gone, so the next cut, in the
-            # pool and scored anew, takes this one's place
-            return
+        # swapped out between its reply's decode and this cut (the server prefills another
+        # request there): back into the pool, its scores held meanwhile (held_scores)
+        self.llm.make_resident(dlg)
         t0 = time.perf_counter()
         rows = None
         if self.scored:

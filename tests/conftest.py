@@ -41,6 +41,30 @@ def whole_spans(cells, lo, hi, span):
     return partial <= 1
 
 
+def step_reply(llm, dlg, gen, between=None, until=None) -> int:
+    """Run a reply's steps (Dialogue.send_steps' generator) as the server does: each token
+    decoded by Context.decode_batch and its logits handed on at the next step. between(k) runs
+    after the k-th decode, before its logits are handed on; if it returns True the generator is
+    left open there (the token decoded, its logits not handed on). until=n leaves it open at
+    step n + 1, not decoded. Returns the tokens decoded."""
+    from loopserve_edge.dialogue import Step
+
+    feed, k = None, 0
+    while True:
+        try:
+            item = next(gen) if feed is None else gen.send(feed)
+            while not isinstance(item, Step):
+                item = next(gen)
+        except StopIteration:
+            return k
+        if k == until:
+            return k
+        feed = llm.decode_batch([(dlg, item.token, item.pos)], scored=dlg.score_window > 0)[0]
+        k += 1
+        if between is not None and between(k):
+            return k
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from tiny_model import write_tiny_model

@@ -1,7 +1,7 @@
 """Several dialogues' replies decoded together, one llama_decode per step (the server's way)."""
 import numpy as np
 import pytest
-from conftest import GPU_LAYERS
+from conftest import GPU_LAYERS, step_reply
 
 from loopserve_edge import LoopServeConfig, bindings
 from loopserve_edge.dialogue import Step
@@ -254,33 +254,33 @@ def test_a_reply_swapped_out_between_its_decode_and_its_cut_goes_on(tiny_model, 
     """The server decodes a batch, then may prefill a new request (which can swap out a dialogue
     whose reply is in progress), then hands each reply its logits: the reply's cut then found
     its dialogue out of the pool ("attention scores do not cover the dialogue's cells", a 500
-    found by a load of concurrent budgeted conversations). A swapped-out dialogue's scores are
-    gone: its cut waits for the next one, scored anew, and the reply goes on."""
+    found by a load of concurrent budgeted conversations). Its scores are held through the swap
+    (held_scores): the cut brings it back and is made as it would have been, the reply goes on."""
     cfg = LoopServeConfig(max_resident=2, policy="loopserve", budget=64, interval=8, defer_cut=0, recent=16,
                           granularity=granularity)
     llm = make_llm(tiny_model, n_ctx=1024, loopserve=cfg, flash_attn=True)
     d, other = llm.dialogue(), llm.dialogue()
     gen = d.send_steps(" ".join(f"w{i}" for i in range(150)), temperature=0, max_tokens=40,
                        token_fn=lambda logits: int(np.argmax(logits[3:])) + 3)   # never the end token
-    feed, k, swapped, most = None, 0, 0, 0
-    while True:
-        try:
-            item = next(gen) if feed is None else gen.send(feed)
-            while not isinstance(item, Step):
-                item = next(gen)
-        except StopIteration:
-            break
-        most = max(most, len(d.positions))
-        feed = llm.decode_batch([(d, item.token, item.pos)], scored=d.score_window > 0)[0]
-        k += 1
-        if k % cfg.interval == 0 and swapped < 3:   # this token's cut is due when handed its logits
+    seen = {"swapped": 0, "most": 0}
+
+    def between(k):
+        seen["most"] = max(seen["most"], len(d.positions))
+        if k % cfg.interval == 0 and seen["swapped"] < 3:   # this token's cut is due when handed its logits
             llm.swap_out(d)
             other.send("x", max_tokens=1, temperature=0)   # another dialogue takes the pool meanwhile
-            swapped += 1
+            seen["swapped"] += 1
+
+    step_reply(llm, d, gen, between=between)
+    swapped, most = seen["swapped"], seen["most"]
     assert swapped == 3 and d.last_stats.decode_tokens == 40
-    # three cuts skipped while it was out (it grew by their intervals), then the next in the pool
-    # took it back to the budget
-    assert most == cfg.budget + 4 * cfg.interval - 1 and len(d.positions) <= cfg.budget + cfg.interval
+    # every cut made, those due while it was out too
+    assert most == cfg.budget + cfg.interval - 1 and len(d.positions) <= cfg.budget + cfg.interval
+    twin_llm = make_llm(tiny_model, n_ctx=1024, loopserve=cfg, flash_attn=True)
+    twin = twin_llm.dialogue()
+    twin.send(" ".join(f"w{i}" for i in range(150)), temperature=0, max_tokens=40,
+              token_fn=lambda logits: int(np.argmax(logits[3:])) + 3)
+    assert d.positions == twin.positions and d.tokens == twin.tokens and d.evicted == twin.evicted
 
 
 @pytest.mark.parametrize("budgeted", [False, True])
@@ -298,13 +298,8 @@ def test_a_reply_closed_between_a_tokens_decode_and_its_logits_leaves_the_dialog
         d = llm.dialogue()
         gen = d.send_steps("w " * 100, temperature=0, max_tokens=20,
                            token_fn=lambda logits: int(np.argmax(logits[3:])) + 3)   # never the end token
-        feed = None
-        for k in range(5):
-            item = next(gen) if feed is None else gen.send(feed)
-            while not isinstance(item, Step):
-                item = next(gen)
-            if k < 4 or decode_last:
-                feed = llm.decode_batch([(d, item.token, item.pos)], scored=d.score_window > 0)[0]
+        # closed at its 5th token: decoded, or not yet
+        step_reply(llm, d, gen, between=lambda k: k == 5) if decode_last else step_reply(llm, d, gen, until=4)
         gen.close()
         return d
 

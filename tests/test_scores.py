@@ -279,18 +279,44 @@ def test_reused_cells_start_from_zero(model, weights, make_llm, score_new):
     np.testing.assert_allclose(new[:20], old[:20] + fresh[:20], rtol=2e-2, atol=2e-3)
 
 
-def test_state_load_restarts_scores(model, make_llm):
-    """A dialogue swapped out and back in gets its cells from a state load: scores restart."""
-    llm = make_llm(model, loopserve=LoopServeConfig(max_resident=1))
-    a, b = llm.dialogue(), llm.dialogue()
-    llm.set_score_window(4)
-    llm.decode(a, tokens_for(10, 12), list(range(12)))
-    assert llm.attention_scores(a)[1].any()
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_scores_are_held_through_a_state_round_trip(model, make_llm, flash_attn):
+    """A dialogue swapped out and back in gets its cells from a state load, which starts them
+    with no scores in the runtime (as does the packing after a cut): the reply's deferred cut,
+    or H2O's history, was then ranked by zeros. The context holds the scores read before and
+    adds them, so the dialogue reads what it would have had it stayed; a reset drops them."""
+    llm = make_llm(model, loopserve=LoopServeConfig(max_resident=1), flash_attn=flash_attn)
+    twin_llm = make_llm(model, loopserve=LoopServeConfig(max_resident=2), flash_attn=flash_attn)
+    a, b, twin = llm.dialogue(), llm.dialogue(), twin_llm.dialogue()
+    for ctx, d in ((llm, a), (twin_llm, twin)):
+        ctx.set_score_window(4)
+        ctx.decode(d, tokens_for(10, 12), list(range(12)))
+    pos0, sc0 = llm.attention_scores(a)
+    heads0 = llm.attention_scores_by_head(a)[1]
+    assert sc0.any() and llm.score_rows(a) > 0
     llm.decode(b, tokens_for(11, 12), list(range(12)))  # swaps a out (one resident)
     assert a._seq is None and llm.attention_scores(a)[0].size == 0
     llm.make_resident(a)  # swaps b out, loads a's state into the same cells
     pos, sc = llm.attention_scores(a)
-    assert len(pos) == 12 and not sc.any() and llm.score_rows(a) == 0
+    np.testing.assert_array_equal(pos, pos0)
+    np.testing.assert_allclose(sc, sc0, rtol=1e-6)
+    np.testing.assert_allclose(llm.attention_scores_by_head(a)[1], heads0, rtol=1e-6)
+    _, layers = llm.attention_scores_by_layer(a)
+    np.testing.assert_allclose(np.concatenate(list(layers.values())), heads0, rtol=1e-6)
+    # rows scored after it came back add to them, as to the twin's that never left; a packing
+    # (Context.compact) and the batch-invariant repack keep them, a removal drops its cells' part
+    for ctx, d in ((llm, a), (twin_llm, twin)):
+        ctx.decode(d, tokens_for(12, 6), list(range(12, 18)))
+        ctx.compact(d)
+        ctx._repack()
+        ctx.remove_positions(d._seq, 16)
+    assert llm.score_rows(a) == twin_llm.score_rows(twin) > 0
+    for got, want in ((llm.attention_scores(a), twin_llm.attention_scores(twin)),
+                      (llm.attention_scores_by_head(a), twin_llm.attention_scores_by_head(twin))):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+    llm.reset_scores(a)
+    assert not llm.attention_scores(a)[1].any() and llm.score_rows(a) == 0
 
 
 def test_bad_window_and_layer_queries(model, make_llm):

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 # the package (llama.cpp's library) before numpy: tests/conftest.py
-from loopserve_edge import cli, eviction  # isort: skip
+from loopserve_edge import eviction  # isort: skip
 
 import numpy as np  # noqa: E402
 
@@ -88,10 +88,7 @@ def end_turn(self, dlg) -> None:
 
 
 E.end_turn = end_turn
-for name, mark, describe in (("d64h-lookq", 11, "loopserve-d64-head whose turn-ending cut is ranked by a next "
-                              "question the model writes (a lookahead)"),
-                             ("d64h-lookq-mix", 12, "d64h-lookq ranking by the lookahead's scores plus its own, "
-                              "each normalised")):
-    env_ablation.variant("loopserve-d64-head", name, describe, chunk_probe=mark)
-sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
-cli.main()
+env_ablation.bench("loopserve-d64-head", {
+    11: ("d64h-lookq", "loopserve-d64-head whose turn-ending cut is ranked by a next question the model writes "
+                       "(a lookahead)"),
+    12: ("d64h-lookq-mix", "d64h-lookq ranking by the lookahead's scores plus its own, each normalised")})
