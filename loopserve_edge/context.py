@@ -566,7 +566,7 @@ class Context:
 
     def score_rows(self, dlg: Resident) -> int:
         """Query rows accumulated into dlg's scores since the last reset."""
-        held = getattr(dlg, "_held_scores", None)
+        held = dlg._held_scores
         n = bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
         return n + (held.n_rows if held is not None else 0)
 
@@ -576,9 +576,10 @@ class Context:
         if dlg._seq is None:
             return
         bindings.llama_loopserve_scores_flush(self._ctx.ctx)   # rows saved, not yet counted
-        if self.score_rows(dlg) > 0:
+        n_rows = self.score_rows(dlg)
+        if n_rows > 0:
             pos, rows = self.attention_scores_by_head(dlg)
-            dlg._held_scores = held_scores.HeldScores(pos, rows, self.score_rows(dlg))
+            dlg._held_scores = held_scores.HeldScores(pos, rows, n_rows)
 
     @property
     def saved_room(self) -> int:
@@ -606,7 +607,7 @@ class Context:
             sc.ctypes.data_as(bindings._f32p), n)
         if got != n:
             raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {n}")
-        held = getattr(dlg, "_held_scores", None)
+        held = dlg._held_scores
         if held is not None:
             held_scores.add_to(held_scores.HeldScores(held.pos, held.rows.sum(axis=0, keepdims=True), 0),
                                pos, sc[None])
@@ -645,7 +646,7 @@ class Context:
             self._ctx.ctx, dlg._seq, rows.ctypes.data_as(bindings._f32p), rows.size)
         if got != len(pos):
             raise RuntimeError(f"llama_loopserve_scores_get_heads returned {got}, expected {len(pos)}")
-        held_scores.add_to(getattr(dlg, "_held_scores", None), pos, rows)
+        held_scores.add_to(dlg._held_scores, pos, rows)
         return pos, rows
 
     def value_norms(self, dlg: Resident) -> np.ndarray:
@@ -678,7 +679,7 @@ class Context:
             if got != len(pos):
                 raise RuntimeError(f"llama_loopserve_scores_get_layer returned {got}, expected {len(pos)}")
             out[il] = buf
-        held = getattr(dlg, "_held_scores", None)
+        held = dlg._held_scores
         if held is not None:   # its rows are attention_scores_by_head's: the layers' heads in order
             first = 0
             for il, buf in out.items():
@@ -746,7 +747,7 @@ class Context:
     def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
         self._seq_rm(seq, p0, p1)
         dlg = self._resident.get(seq)
-        if dlg is not None and getattr(dlg, "_held_scores", None) is not None:
+        if dlg is not None and dlg._held_scores is not None:
             end = np.inf if p1 < 0 else p1
             dlg._held_scores = held_scores.without(dlg._held_scores, lambda q: (q >= max(p0, 0)) & (q < end))
 
@@ -771,7 +772,7 @@ class Context:
         sliding-window model the window's positions are ranked with them, so the new positions
         can have gaps (`cell_positions` reads them)."""
         seq = self.make_resident(dlg)
-        held = getattr(dlg, "_held_scores", None)
+        held = dlg._held_scores
         before = self._score_positions(dlg) if held is not None else None
         rc = bindings.llama_loopserve_seq_compact_positions(self._ctx.ctx, seq, p0)
         if held is not None and rc >= 0:
@@ -816,7 +817,7 @@ class Context:
         attention_scores_by_head). Returns the number of cells freed."""
         seq = self.make_resident(dlg)
         sel = np.ascontiguousarray(sel, dtype=np.int32)
-        held = getattr(dlg, "_held_scores", None)
+        held = dlg._held_scores
         before = self._score_positions(dlg) if held is not None else None
         rc = bindings.llama_loopserve_seq_keep_per_head(self._ctx.ctx, seq, sel.ctypes.data_as(bindings._i32p),
                                                         sel.shape[1])
@@ -870,7 +871,7 @@ class Context:
         if got != len(pos):
             raise RuntimeError(f"llama_loopserve_seq_rm_positions removed {got} of {len(pos)} cells")
         dlg = self._resident.get(seq)
-        if dlg is not None and getattr(dlg, "_held_scores", None) is not None:
+        if dlg is not None and dlg._held_scores is not None:
             dlg._held_scores = held_scores.without(dlg._held_scores, lambda q: np.isin(q, pos))
 
     def decode(self, dlg: Resident, tokens: list[int], positions: list[int]) -> np.ndarray:

@@ -42,10 +42,10 @@ def without(held: HeldScores | None, drop) -> HeldScores | None:
 
 def renumbered(held: HeldScores | None, before: np.ndarray, after: np.ndarray) -> HeldScores | None:
     """The held scores after the cells at positions `before` (ascending) got `after`, in order."""
-    if held is None:
+    if held is None or not len(before):
         return None
-    idx = np.minimum(np.searchsorted(before, held.pos), max(len(before) - 1, 0))
-    ok = (before[idx] == held.pos) if len(before) else np.zeros(len(held.pos), bool)
+    idx = np.minimum(np.searchsorted(before, held.pos), len(before) - 1)
+    ok = before[idx] == held.pos
     return HeldScores(np.asarray(after)[idx[ok]], held.rows[:, ok], held.n_rows)
 
 
