@@ -20,7 +20,7 @@ import ctypes
 import functools
 import os
 import threading
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -303,6 +303,8 @@ class Context:
             lru = self._victim(keep)
             self.swap_out(lru if lru is not None else next(iter(self._resident.values())))
         seq = next(s for s in range(self.config.max_resident) if s not in self._resident)
+        # the runtime counts scored rows per sequence: not the last occupant's (score_rows)
+        bindings.llama_loopserve_scores_reset(self._ctx.ctx, seq)
         if dlg._swapped:
             # its window cache part may be a whole window whatever a cut kept: room for the most
             self._free_cells(len(dlg.positions), keep=keep, swa_n=1 << 30)
@@ -570,16 +572,24 @@ class Context:
         n = bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
         return n + (held.n_rows if held is not None else 0)
 
-    def _hold_scores(self, dlg: Resident) -> None:
-        """Before a state round trip of dlg's cells, which starts them with no scores in the
-        runtime: keep the scores read so far on the dialogue (held_scores)."""
+    def scores_to_hold(self, dlg: Resident) -> held_scores.HeldScores | None:
+        """dlg's scores as a state round trip keeps them (held_scores): read from the runtime,
+        with those held before added, while it is resident; those held while it is out; None
+        when it has none. Also what its state file keeps."""
         if dlg._seq is None:
-            return
+            return dlg._held_scores
         bindings.llama_loopserve_scores_flush(self._ctx.ctx)   # rows saved, not yet counted
         n_rows = self.score_rows(dlg)
-        if n_rows > 0:
-            pos, rows = self.attention_scores_by_head(dlg)
-            dlg._held_scores = held_scores.HeldScores(pos, rows, n_rows)
+        if n_rows == 0:
+            return None
+        pos, rows = self.attention_scores_by_head(dlg)
+        return held_scores.HeldScores(pos, rows, n_rows)
+
+    def _hold_scores(self, dlg: Resident) -> None:
+        """Before a state round trip of dlg's cells, which starts them with no scores in the
+        runtime: keep the scores read so far on the dialogue."""
+        if dlg._seq is not None:
+            dlg._held_scores = self.scores_to_hold(dlg)
 
     @property
     def saved_room(self) -> int:
@@ -974,16 +984,20 @@ class Context:
         ptr = llama_c.llama_get_logits_ith(self._ctx.ctx, i)
         return np.frombuffer(self._logits_type.from_address(ctypes.addressof(ptr.contents)), dtype=np.float32).copy()
 
-    def decode_batch(self, steps: list[tuple[Resident, int, int]], scored: bool = False) -> list[np.ndarray]:
+    def decode_batch(self, steps: list[tuple[Resident, int, int]],
+                     scored: bool | Sequence[bool] = False) -> list[np.ndarray]:
         """Decode one token in each of several dialogues in one llama_decode: steps are
         (dialogue, token, position), at most one per dialogue and at most max_resident. Returns
-        each token's logits. `scored`: every row of the batch scores its own dialogue's cells (a
-        row attends to its own sequence only), else none does. A full pool raises
+        each token's logits. `scored`: which steps score their own dialogue's cells (a row
+        attends to its own sequence only), one flag per step or one for all. A full pool raises
         ContextFullError and keeps none of the tokens."""
         if len(steps) > self.config.max_resident or len({id(d) for d, _, _ in steps}) != len(steps):
             raise ValueError("one step per dialogue, at most max_resident of them")
         if len(steps) > self.n_batch:
             raise ValueError(f"at most n_batch={self.n_batch} steps")
+        flags = [bool(scored)] * len(steps) if np.ndim(scored) == 0 else [bool(s) for s in scored]
+        if len(flags) != len(steps):
+            raise ValueError(f"{len(flags)} scored flags for {len(steps)} steps")
         # a dialogue of the batch swapped in makes room by swapping out others, never one of
         # the batch (its sequence is already in the batch)
         batch = tuple(d for d, _, _ in steps)
@@ -993,13 +1007,20 @@ class Context:
                                    f"windows of {len(batch)} dialogues decoded together (n_ctx={self.n_ctx})")
         seqs = [self.make_resident(d, keep=batch) for d in batch]
         self._free_cells(len(steps), keep=batch)
+        # the runtime scores a batch's last rows, so the scored steps go last: a dialogue whose
+        # step is not scored (LoopServe between its windows, the rest of a defer_scored wait)
+        # gets nothing from the others' scored steps, which a later cut or H2O's history would
+        # count, and its scores are those it would have alone (a row's logits do not depend on
+        # its place in the batch)
+        order = sorted(range(len(steps)), key=flags.__getitem__)
         window = self.score_window
-        self.set_score_window(len(steps) if scored else 0)
+        self.set_score_window(sum(flags))
         b = self._batch
         n = b.n_tokens = len(steps)
-        for i, ((_, tok, pos), seq) in enumerate(zip(steps, seqs)):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, 1
-            b.seq_id[i][0] = seq
+        for row, i in enumerate(order):
+            _, tok, pos = steps[i]
+            b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = tok, pos, 1, 1
+            b.seq_id[row][0] = seqs[i]
         try:
             rc = llama_c.llama_decode(self._ctx.ctx, b)
         finally:
@@ -1010,7 +1031,10 @@ class Context:
             for (_, _, pos), seq in zip(steps, seqs):
                 self.remove_positions(seq, pos)
             raise RuntimeError(f"llama_decode failed ({rc})")
-        return [self._logits(i) for i in range(n)]
+        logits = [None] * n
+        for row, i in enumerate(order):
+            logits[i] = self._logits(row)
+        return logits
 
     def _decode_chunk(self, seq: int, tokens: list[int], positions: list[int], last: bool,
                       every: bool = False) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from . import paths, state_file
 from .context import common_prefix
 from .errors import ContextFullError, LoopServeError, StateFileError
+from .held_scores import HeldScores
 from .sampling import Sampler, SamplingParams, logprobs
 
 if TYPE_CHECKING:
@@ -449,6 +450,7 @@ class Dialogue:
                          "tokens": self.tokens, "positions": self.positions,
                          "kv_text": self.kv_text, "turns": self.turns, "evicted": self.evicted,
                          "layout": self.layout, **_hidden_field(self.hidden),
+                         **_scores_field(llm.scores_to_hold(self)),
                          "created": self.created, "updated": self.updated},
         }
 
@@ -466,6 +468,7 @@ class Dialogue:
             dlg.evicted = int(d.get("evicted", 0))
             dlg.layout = str(d.get("layout", "cell"))  # version 1: always cell-wise
             dlg.hidden = _read_hidden(d.get("hidden"))  # before version 3: none
+            dlg._held_scores = _read_scores(d.get("scores"), len(dlg.positions), sum(llm.layer_heads()))
             dlg.created, dlg.updated = float(d["created"]), float(d["updated"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{path}: malformed dialogue header ({e!r})") from None
@@ -511,6 +514,32 @@ def _read_hidden(field) -> np.ndarray | None:
     if rows < 0 or cols < 0 or len(bits) != (rows * cols + 7) // 8:
         raise ValueError("hidden rows of the wrong size")
     return np.unpackbits(bits, count=rows * cols).reshape(rows, cols)
+
+
+def _scores_field(held: HeldScores | None) -> dict:
+    """The dialogue header's record of its attention scores (held_scores), so that a dialogue
+    loaded from its file, or branched from another, ranks its next cut by the history it had
+    (H2O's; a cut still due): by position, one row per scored KV head, none without scores.
+    An older loopserve-edge ignores the field and starts with no scores, as it always did."""
+    if held is None:
+        return {}
+    rows = np.ascontiguousarray(held.rows, "<f4")
+    return {"scores": {"n_rows": int(held.n_rows), "shape": list(rows.shape),
+                       "pos": base64.b64encode(np.ascontiguousarray(held.pos, "<i4").tobytes()).decode(),
+                       "rows": base64.b64encode(rows.tobytes()).decode()}}
+
+
+def _read_scores(field, n_cells: int, n_heads: int) -> HeldScores | None:
+    if field is None:
+        return None
+    rows_n, cols = (int(x) for x in field["shape"])
+    pos = np.frombuffer(base64.b64decode(field["pos"], validate=True), "<i4").astype(np.int32)
+    rows = np.frombuffer(base64.b64decode(field["rows"], validate=True), "<f4").astype(np.float32)
+    if rows_n != n_heads or not 0 <= cols <= n_cells or len(pos) != cols or rows.size != rows_n * cols:
+        raise ValueError("attention scores that do not fit the dialogue's cells or the model's heads")
+    if np.any(np.diff(pos) <= 0) or int(field["n_rows"]) <= 0:
+        raise ValueError("attention scores out of order")
+    return HeldScores(pos, rows.reshape(rows_n, cols), int(field["n_rows"]))
 
 
 def _split_utf8(data: bytes) -> tuple[str, bytes]:

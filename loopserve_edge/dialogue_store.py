@@ -219,8 +219,10 @@ class DialogueStore:
         self._limit_ram(keep=e)
 
     def _limit_ram(self, keep: Entry) -> None:
+        # never one answering a request: its reply goes on in that Dialogue (swapped out while
+        # another request prefilled), which a move to disk would close under it
         swapped = [x for x in self.entries.values()
-                   if x is not keep and x.dialogue is not None and x.dialogue._seq is None]
+                   if x is not keep and not x.busy and x.dialogue is not None and x.dialogue._seq is None]
         total = sum(len(x.dialogue._swapped or b"") for x in swapped)
         for x in sorted(swapped, key=lambda x: x.used):
             if total <= self.ram_limit:
@@ -250,10 +252,12 @@ class DialogueStore:
         return Path(name) if self.root is None else self.root / name   # without a root: for messages
 
     def save(self, idle_s: float = 0.0) -> int:
-        """Write the state files of the dialogues changed and idle for idle_s seconds."""
+        """Write the state files of the dialogues changed and idle for idle_s seconds. One
+        answering a request waits for its turn's end (updated): mid-reply its cache may hold a
+        token its lists do not yet (decoded, its logits not yet handed on)."""
         n, now = 0, time.time()
         for e in self.entries.values():
-            if e.dirty and e.dialogue is not None and now - e.used >= idle_s:
+            if e.dirty and not e.busy and e.dialogue is not None and now - e.used >= idle_s:
                 e.dialogue.save(self._path(e.id))
                 e.dirty = False
                 n += 1

@@ -15,6 +15,8 @@ older loopserve-edge refuses a version 2 file by its version, so none misreads o
 Version 3 adds hidden rows (the dialogue's "hidden": the rows of its first cells that a
 non-uniform allocation hid from their heads, as packed bits). Only a file that has them is
 written as version 3, so that an older loopserve-edge refuses it rather than show those rows.
+The dialogue's attention scores (its "scores": positions, rows per scored KV head, the query
+rows counted) need no version: a reader that ignores them starts with none, as all did before.
 
 A file is validated whole (size, magic, version, checksum, header) before any of it is
 used, and written to a temporary file that is renamed over the old one only when

@@ -31,7 +31,7 @@ def drive_together(llm, dialogues, prompts, **sampling):
             except StopIteration:
                 active.remove(i)
         if steps:
-            scored = any(dialogues[i].score_window > 0 for i, _ in steps)
+            scored = [dialogues[i].score_window > 0 for i, _ in steps]
             out = llm.decode_batch([(dialogues[i], s.token, s.pos) for i, s in steps], scored=scored)
             for (i, _), lg in zip(steps, out):
                 feed[i] = lg
@@ -114,6 +114,39 @@ def test_scoring_a_batch_scores_each_dialogue_by_its_own_row(tiny_model, make_ll
     for a, t in zip(alone, together):
         # each row spreads its mass over its own dialogue's cells only
         np.testing.assert_allclose(t, a, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("first_scored", [True, False])
+def test_a_step_that_is_not_scored_gets_no_scores_from_the_batch(tiny_model, make_llm, first_scored):
+    """One reply scoring its step (H2O, a cut's window) beside one that does not (a reply
+    before its deferred cut's rows): before, the whole batch was scored, so the second
+    dialogue's scores counted rows it never asked for, which an H2O turn after a LoopServe one
+    ranked by (found by replaying the server's concurrent conversations alone)."""
+    llm = make_llm(tiny_model, loopserve=LoopServeConfig(max_resident=3))
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(3, 250, n)] for n in (40, 55)]
+    ds = [llm.dialogue() for _ in prompts]
+    for d, p in zip(ds, prompts):
+        llm.decode(d, p, list(range(len(p))))
+        d.tokens, d.positions = list(p), list(range(len(p)))
+        llm.reset_scores(d)
+    want = [first_scored, not first_scored]
+    logits = llm.decode_batch([(d, 9, len(p)) for d, p in zip(ds, prompts)], scored=want)
+    got = [llm.attention_scores_by_head(d)[1] for d in ds]
+    assert [llm.score_rows(d) for d in ds] == [int(w) for w in want]
+    assert [bool(g.any()) for g in got] == want
+    # the scored one's scores and both logits are those of each step alone
+    yes = want.index(True)
+    twins = [llm.dialogue() for _ in prompts]
+    for i, (d, p) in enumerate(zip(twins, prompts)):
+        llm.decode(d, p, list(range(len(p))))
+        d.tokens, d.positions = list(p), list(range(len(p)))
+        llm.reset_scores(d)
+        np.testing.assert_allclose(llm.decode_batch([(d, 9, len(p))], scored=i == yes)[0], logits[i],
+                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[yes], llm.attention_scores_by_head(twins[yes])[1], rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="scored flags"):
+        llm.decode_batch([(d, 10, len(p) + 1) for d, p in zip(ds, prompts)], scored=[True])
 
 
 def test_deferred_cuts_of_dialogues_decoded_together_all_happen(tiny_model, make_llm):

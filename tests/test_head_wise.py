@@ -386,3 +386,51 @@ def test_a_dialogue_swapped_out_between_turns_cuts_as_one_that_stayed(tiny_model
     assert d.positions == twin.positions and d.tokens == twin.tokens
     np.testing.assert_allclose(d.first_token_logits, twin.first_token_logits, atol=1e-4)
     assert d.send("more", **GREEDY) == twin.send("more", **GREEDY)
+
+
+@pytest.mark.parametrize("granularity", ["cell", "head"])
+def test_a_dialogue_loaded_from_its_state_file_cuts_as_one_that_stayed(tiny_model, make_llm, tmp_path, granularity):
+    """A state file kept no scores, so an H2O dialogue saved and loaded (the server's dialogues
+    beyond its RAM limit, after a restart; a branched conversation) ranked its next cut without
+    its history. The file now keeps them (the "scores" of its header), and a loaded dialogue
+    cuts as the live one does."""
+    from loopserve_edge import state_file
+
+    c = cfg("h2o", granularity=granularity)
+    live = make_llm(tiny_model, loopserve=c, flash_attn=True)
+    d = live.dialogue()
+    d.send("x" * 150, max_tokens=12, **GREEDY)
+    path = d.save(tmp_path / "d.lsd")
+    field = state_file.read(path).header["dialogue"]["scores"]
+    assert field["n_rows"] == live.score_rows(d) > 0 and field["shape"] == [sum(live.layer_heads()), d.n_cells]
+    e = make_llm(tiny_model, loopserve=c, flash_attn=True).load_dialogue(path)
+    assert e.llm.score_rows(e) == live.score_rows(d)
+    for got, want in zip(e.llm.attention_scores_by_head(e), live.attention_scores_by_head(d)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    step_reply(live, d, d.send_steps("y" * 90, temperature=0, max_tokens=24))
+    step_reply(e.llm, e, e.send_steps("y" * 90, temperature=0, max_tokens=24))
+    assert e.evicted == d.evicted > 0 and e.positions == d.positions and e.tokens == d.tokens
+    np.testing.assert_allclose(e.first_token_logits, d.first_token_logits, atol=1e-4)
+    assert e.send("more", **GREEDY) == d.send("more", **GREEDY)
+
+
+def test_state_file_scores_that_do_not_fit_are_refused(tiny_model, make_llm, tmp_path):
+    from loopserve_edge import state_file
+    from loopserve_edge.errors import StateFileError
+
+    c = cfg("h2o")
+    llm = make_llm(tiny_model, loopserve=c, flash_attn=True)
+    d = llm.dialogue()
+    d.send("x" * 150, max_tokens=12, **GREEDY)
+    st = state_file.read(d.save(tmp_path / "d.lsd"))
+    good = st.header["dialogue"]["scores"]
+    for bad in ({**good, "shape": [good["shape"][0] + 1, good["shape"][1]]}, {**good, "pos": good["pos"][:-8]},
+                {**good, "n_rows": 0}, {**good, "rows": "not base64!"}, [1, 2]):
+        st.header["dialogue"]["scores"] = bad
+        state_file.write(tmp_path / "bad.lsd", st)
+        with pytest.raises(StateFileError, match="malformed dialogue header"):
+            llm.load_dialogue(tmp_path / "bad.lsd")
+    del st.header["dialogue"]["scores"]   # a file without them (older): loads, no scores
+    state_file.write(tmp_path / "old.lsd", st)
+    e = llm.load_dialogue(tmp_path / "old.lsd")
+    assert llm.score_rows(e) == 0 and e.positions == d.positions

@@ -455,3 +455,18 @@ def test_rows_beyond_the_saved_room_flush_first(model, make_llm):
     off.set_score_window(1)
     off.decode(d, tokens_for(28, 10), list(range(10)))
     assert off.saved_rows == 0 and off.attention_scores(d)[1].any()
+
+
+def test_a_dialogue_counts_its_own_rows_in_a_sequence_another_used(model, make_llm):
+    """The runtime counts scored rows per sequence, and a dialogue swapped in takes a free
+    sequence that the last occupant's rows were counted in (its scores were held, its cells
+    gone): the count (score_rows, a state file's) is the dialogue's own."""
+    llm = make_llm(model, loopserve=LoopServeConfig(max_resident=1))
+    a, b = llm.dialogue(), llm.dialogue()
+    llm.set_score_window(3)
+    llm.decode(a, tokens_for(30, 12), list(range(12)))
+    llm.set_score_window(0)
+    llm.decode(b, tokens_for(31, 12), list(range(12)))   # a out (held: 3 rows), b in its sequence
+    assert llm.score_rows(b) == 0 and llm.score_rows(a) == 3
+    llm.make_resident(a)
+    assert llm.score_rows(a) == 3 and llm.score_rows(b) == 0

@@ -243,7 +243,7 @@ class Engine:
         steps = self._fit(steps)
         if not steps:
             return
-        scored = any(job.dlg.score_window > 0 for job, _ in steps)
+        scored = [job.dlg.score_window > 0 for job, _ in steps]   # each reply's own wish
         try:
             logits = self.llm.decode_batch([(job.dlg, st.token, st.pos) for job, st in steps], scored=scored)
         except ContextFullError as e:   # each reply ends as it would alone on a full context
