@@ -229,7 +229,9 @@ class Dialogue:
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
             new = self.tokens[keep:keep + 1]
-        if keep < len(self.tokens) and not llm.can_truncate(self, self.positions[keep]):
+        # the new tokens take the positions after the last kept one: below the next cell's
+        # where an eviction left a gap, whose last window a sliding-window cache still holds
+        if keep < len(self.tokens) and not llm.can_truncate(self, self._next_pos(keep)):
             # a sliding-window cache no longer holds the window the recomputed tokens attend
             # to (llama.cpp drops older cells from it): recompute everything
             keep, new = 0, llm.tokenize(rendered, add_bos=add_bos)
@@ -241,7 +243,7 @@ class Dialogue:
                 "(--kv-budget; a longer input is then prefilled in chunks)")
         if keep < len(self.tokens):
             llm.make_resident(self)
-            llm.remove_positions(self._seq, self.positions[keep])
+            llm.remove_positions(self._seq, self._next_pos(keep))
             del self.tokens[keep:], self.positions[keep:]
             if self.hidden is not None and self.hidden.shape[1] > keep:
                 self.hidden = self.hidden[:, :keep]
@@ -256,6 +258,10 @@ class Dialogue:
         self.messages = messages
         self.evictor.after_prefill(self)
         return logits, keep, len(new)
+
+    def _next_pos(self, keep: int) -> int:
+        """The position of the first token computed after the first `keep` cells."""
+        return self.positions[keep - 1] + 1 if keep else 0
 
     def _text_prefix(self, rendered: str) -> tuple[int, list[int]] | None:
         """(cache tokens to keep, tokens of the rest of rendered) by the text the cache and

@@ -424,3 +424,29 @@ def test_replies_decoded_together_fit_their_windows_in_the_window_cache(tmp_path
     engine.stop()
     assert not errors, errors
     assert len(turns) == 24 and engine.waits > 0 and max(engine.batches) >= 2
+
+
+@pytest.mark.parametrize("policy", ["streaming", "loopserve"])
+def test_an_edit_after_an_eviction_gap_recomputes_instead_of_failing(tiny_gemma, make_llm, policy):
+    """A budgeted dialogue keeps its first cells and later ones, with a gap between; an edited
+    history (or a text completion that differs from the text held) is kept up to that gap, and the
+    new tokens take the positions after the last kept one. The window cache still held the gap's
+    last window, above those positions: llama.cpp refused the batch ("sequence positions remain
+    consecutive"), a 500 on a Gemma server found by replaying text completions. The new tokens'
+    window (the kept cells just before them) is gone from that cache, so all is computed again."""
+    # kept cells spanning fewer positions than the window: the window cache still holds the gap's end
+    c = LoopServeConfig(policy=policy, budget=24, sink=4, recent=8, interval=8, window=4, max_resident=2)
+    llm = make_llm(tiny_gemma, n_ctx=1024, loopserve=c)
+    d = llm.dialogue()
+    d.send("first " * 60, max_tokens=12, **GREEDY)
+    d.send("second " * 60, max_tokens=12, **GREEDY)
+    assert d.evicted > 0 and d.positions[4] > d.positions[3] + N_SWA
+    d.messages[0] = dict(d.messages[0], content=d.messages[0]["content"] + " (edited)")   # in the gap
+    d.send("third", max_tokens=4, **GREEDY)
+    s = d.last_stats
+    assert s.reused_tokens == 0
+    twin = llm.dialogue()
+    twin.messages = [dict(m) for m in d.messages[:-2]]
+    twin.send("third", max_tokens=4, **GREEDY)
+    assert twin.messages == d.messages and twin.tokens == d.tokens
+    np.testing.assert_allclose(d.first_token_logits, twin.first_token_logits, rtol=1e-3, atol=1e-3)

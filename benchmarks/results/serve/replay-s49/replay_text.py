@@ -1,0 +1,71 @@
+"""replay_text.py PORT N SEED ARGS...: replay.py for /v1/completions: each conversation one growing
+text (the last prompt, its reply, a new passage and a question), N of them x 4 turns of
+/v1/completions against `loopserve-edge serve ARGS` on PORT (random passages of the README,
+random per-request LoopServe settings and lengths, 40% streamed to the end; text dialogues
+are found by the longest common start of their text), then every request sent again, one conversation at a time, to a fresh server with the
+same ARGS on PORT + 1. With batch-invariant attention (the server's default) each reply should
+be the one it got alone; each that is not is printed (its text and finish reason both ways)."""
+import sys, threading, random, time, json, httpx
+sys.path.insert(0, "benchmarks/results/serve/concurrency-s48")
+from server import start
+port = int(sys.argv[1]); nconv = int(sys.argv[2]); seed = int(sys.argv[3]); args = sys.argv[4:]
+words = open("README.md").read().split()
+def settings(r):
+    if r.random() < 0.3: return None
+    pol = r.choice(["loopserve", "snapkv", "h2o", "streaming", None])
+    d = {"policy": pol} if pol else {}
+    d["budget"] = r.choice([128, 192, 256])
+    if pol in ("loopserve", None) and r.random() < 0.5: d["defer_cut"] = r.choice([0, 4, 64])
+    if r.random() < 0.3: d["interval"] = r.choice([8, 16, 64])
+    return d
+def post(url, body, hdr, stream):
+    if not stream:
+        resp = httpx.post(url + "/v1/completions", json=body, headers=hdr, timeout=1800)
+        if resp.status_code != 200: return f"HTTP {resp.status_code} {resp.text[:200]}"
+        c = resp.json()["choices"][0]
+        return c["text"] + f" [{c['finish_reason']}]"
+    got, fin = "", None
+    body = dict(body, stream=True)
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=hdr, timeout=1800) as sr:
+        if sr.status_code != 200: sr.read(); return f"HTTP {sr.status_code} {sr.text[:200]}"
+        for line in sr.iter_lines():
+            if line.startswith("data: {"):
+                ch = json.loads(line[6:])["choices"]
+                if ch and ch[0].get("text"): got += ch[0]["text"]
+                if ch and ch[0].get("finish_reason"): fin = ch[0]["finish_reason"]
+    return got + f" [{fin}]"
+def conv(url, i, rec):
+    r = random.Random(seed * 1000 + i); text = ""; hdr = {}
+    for t in range(4):
+        k = r.choice([10, 100, 300]); s = r.randrange(len(words) - k)
+        text += " ".join(words[s:s + k]) + "\nQuestion: what is that about?\nAnswer:"
+        body = {"model": MODEL, "prompt": text, "temperature": 0, "max_tokens": r.choice([4, 30, 80])}
+        ls = settings(r)
+        if ls is not None: body["loopserve"] = ls
+        stream = r.random() < 0.4
+        out = post(url, body, hdr, stream)
+        rec.append((i, t, body, hdr, stream, out))
+        if out.startswith("HTTP "):
+            text = text[:text.rfind("\n", 0, len(text) - 30) + 1]; continue
+        text += out.rsplit(" [", 1)[0] + "\n"
+def metrics(url):
+    m = httpx.get(url + "/metrics").text
+    return [l for l in m.splitlines() if l.startswith(("loopserve_decode_waits_total", "loopserve_decode_batch_mean", "loopserve_kv_swaps_out_total"))]
+p, url = start(port, ["--max-queue", "200", *args]); MODEL = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+rec = []
+ts = [threading.Thread(target=conv, args=(url, i, rec)) for i in range(nconv)]
+t0 = time.time(); [t.start() for t in ts]; [t.join() for t in ts]
+print(f"concurrent: {len(rec)} requests {time.time()-t0:.0f}s", metrics(url))
+json.dump(rec, open(f"/tmp/replay-rec{port}.json", "w"))   # the requests, to replay one conversation
+p.terminate(); p.wait()
+p, url = start(port + 1, ["--max-queue", "200", *args])
+t0 = time.time(); same = diff = 0
+by = sorted(rec, key=lambda x: (x[0], x[1]))
+for (i, t, body, hdr, stream, out) in by:
+    alone = post(url, body, hdr, stream)
+    if alone == out: same += 1
+    else:
+        diff += 1
+        print("DIFF", i, t, body.get("loopserve"), "stream" if stream else "", "\n  concurrent:", repr(out[:150]), "\n  alone:     ", repr(alone[:150]))
+print(f"alone: {time.time()-t0:.0f}s same {same} diff {diff}")
+p.terminate(); p.wait()
