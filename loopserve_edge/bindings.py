@@ -75,6 +75,8 @@ llama_loopserve_scores_get_layer = _bind(
 
 llama_loopserve_scores_get_heads = _bind(
     "llama_loopserve_scores_get_heads", [_ctx, ctypes.c_int32, _f32p, ctypes.c_int64], ctypes.c_int32)
+llama_loopserve_scores_set_heads = _bind(
+    "llama_loopserve_scores_set_heads", [_ctx, ctypes.c_int32, _f32p, ctypes.c_int64, ctypes.c_int64], ctypes.c_int32)
 llama_loopserve_value_norms = _bind(
     "llama_loopserve_value_norms", [_ctx, ctypes.c_int32, _f32p, ctypes.c_int64], ctypes.c_int32)
 

@@ -325,6 +325,7 @@ class Context:
         self._resident[seq] = dlg
         if getattr(dlg, "hidden", None) is not None:  # a state load shows every row
             self._hide(seq, dlg.hidden)
+        self._put_back_scores(dlg)
         return seq
 
     @property
@@ -439,10 +440,13 @@ class Context:
         the highest cell in use, so when too few are left there, every resident is moved down
         to the first cells by a state round trip, which keeps each one's cells in order."""
         self.pool_events["repack"] += 1
-        for dlg in self._resident.values():
-            self._hold_scores(dlg)
-        states = [(seq, self.sequence_state(seq)) for seq in self._resident
-                  if bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq) > 0]
+        # only the residents that hold cells make the round trip: one whose cells are out
+        # (compact() of a dialogue, between its removal and its reload) holds its scores
+        # already, and reading them again would take its empty cells' for them
+        seqs = [seq for seq in self._resident if bindings.llama_loopserve_seq_n_cells(self._ctx.ctx, seq) > 0]
+        for seq in seqs:
+            self._hold_scores(self._resident[seq])
+        states = [(seq, self.sequence_state(seq)) for seq in seqs]
         for seq, _ in states:
             self._seq_rm(seq, -1, -1)
         for seq, state in states:
@@ -450,6 +454,7 @@ class Context:
                 raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
             if getattr(self._resident[seq], "hidden", None) is not None:
                 self._hide(seq, self._resident[seq].hidden)
+            self._put_back_scores(self._resident[seq])
 
     def _load_sequence(self, seq: int, state: bytes) -> bool:
         """Put a sequence_state blob into seq's (empty) sequence; False if llama.cpp refuses it."""
@@ -509,6 +514,7 @@ class Context:
             raise RuntimeError("llama.cpp could not reload a sequence state it had saved")
         if getattr(dlg, "hidden", None) is not None:
             self._hide(seq, dlg.hidden)
+        self._put_back_scores(dlg)
 
     def sequence_state_size(self, seq: int) -> int:
         """Bytes of sequence_state(seq), counted without copying the cells."""
@@ -590,6 +596,25 @@ class Context:
         runtime: keep the scores read so far on the dialogue."""
         if dlg._seq is not None:
             dlg._held_scores = self.scores_to_hold(dlg)
+
+    def _put_back_scores(self, dlg: Resident) -> None:
+        """After a state round trip of dlg's cells (which starts them with no scores in the
+        runtime), its held scores go back into the runtime with its count of rows, so that its
+        sums go on from the same floats as without the round trip. (Added to the runtime's at
+        each read instead, the order of the additions changed: on a busy server, where dialogues
+        are swapped out and back, a cut could rank a near-tie the other way than for the same
+        dialogue alone; benchmarks/results/serve/replay-s50/.)"""
+        held = dlg._held_scores
+        if held is None or dlg._seq is None:
+            return
+        pos = self._score_positions(dlg)
+        rows = np.zeros((sum(self._scored_heads().values()), len(pos)), np.float32)
+        held_scores.add_to(held, pos, rows)
+        got = bindings.llama_loopserve_scores_set_heads(self._ctx.ctx, dlg._seq, rows.ctypes.data_as(bindings._f32p),
+                                                        len(pos), held.n_rows)
+        if got != len(pos):
+            raise RuntimeError(f"llama_loopserve_scores_set_heads returned {got}, expected {len(pos)}")
+        dlg._held_scores = None
 
     @property
     def saved_room(self) -> int:

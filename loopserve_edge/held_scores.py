@@ -4,10 +4,11 @@ The runtime accumulates scores per KV cell, and a sequence state loaded into the
 with none: swapping a dialogue out of the pool and back, packing its cells after a cut
 (Context.compact) and the batch-invariant repack all go through one, and zeroed the scores a
 coming cut was to be ranked by (a reply's deferred cut, H2O's history). Before such a round trip
-the scores read so far are held on the dialogue, by position, and every later read adds them to
-the runtime's until the scores are reset; the operations that drop or move cells drop or move
-them too. Positions identify a dialogue's cells: a round trip keeps them, and only position
-compaction renumbers them (in order)."""
+the scores read so far are held on the dialogue, by position, while its cells are out (the
+operations that drop or move cells drop or move them too), and put back into the runtime with its
+count of rows when they are in again (Context._put_back_scores), so that the sums go on from the
+same floats as without the round trip. Positions identify a dialogue's cells: a round trip keeps
+them, and only position compaction renumbers them (in order)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -470,3 +470,104 @@ def test_a_dialogue_counts_its_own_rows_in_a_sequence_another_used(model, make_l
     assert llm.score_rows(b) == 0 and llm.score_rows(a) == 3
     llm.make_resident(a)
     assert llm.score_rows(a) == 3 and llm.score_rows(b) == 0
+
+
+@pytest.mark.skipif(int(os.environ.get("LOOPSERVE_TEST_GPU_LAYERS", "0")) != 0,
+                    reason="CUDA's kernels are not covered (the CPU backend's switch)")
+@pytest.mark.parametrize("invariant", [False, True])
+def test_batch_invariant_scores_follow_neither_placement_nor_flushes(default_model, make_llm, invariant):
+    """With batch_invariant, a dialogue's scores are the same to the bit at any cells of the
+    pool, decoded alone or beside another dialogue, its saved rows scored in one flush or
+    several (another dialogue's removal scores every saved row first): a cut then keeps the same
+    tokens alone and on a busy server. Without it the softmax sums follow where the visible
+    cells fall among the backend's vector lanes, and a flush scales the mean of whatever rows it
+    holds (here the two differ). (The default model: its quantized products give a row the
+    same sums at any batch size, the tiny models' float32 ones do not.)"""
+    llm = make_llm(default_model, n_ctx=1024, n_threads=2, flash_attn=True,
+                   loopserve=LoopServeConfig(max_resident=3, batch_invariant=invariant))
+    rng = np.random.default_rng(40)
+    prompt, gen = [int(t) for t in rng.integers(300, 40000, 150)], [int(t) for t in rng.integers(300, 40000, 12)]
+    n = len(prompt)
+
+    def run(d, other=None, n_other=0):
+        llm.set_score_window(8)
+        llm.decode(d, prompt, list(range(n)))
+        llm.set_score_window(1)
+        for i, t in enumerate(gen):
+            if other is None:
+                llm.decode(d, [t], [n + i])
+            else:   # beside a step of the other dialogue, unscored, which is then removed
+                llm.decode_batch([(d, t, n + i), (other, 7, n_other)], scored=[True, False])
+                llm.remove_positions(llm.make_resident(other), n_other)
+        assert llm.score_rows(d) == 8 + len(gen)
+        return llm.attention_scores_by_head(d)
+
+    a = llm.dialogue()
+    pa, sa = run(a)                                   # the pool's first cells
+    other = llm.dialogue()
+    llm.set_score_window(0)
+    llm.decode(other, [int(t) for t in rng.integers(300, 40000, 13)], list(range(13)))
+    b = llm.dialogue()
+    pb, sb = run(b, other, 13)                        # 13 cells higher, batched, flushed in parts
+    assert list(pa) == list(pb)
+    assert np.array_equal(sa, sb) == invariant
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["scored-as-decoded", "saved-batch-invariant"])
+def test_scores_go_on_through_a_round_trip_as_without_it(model, make_llm, flash_attn):
+    """A dialogue swapped out and back in (its state loaded, its scores held on the host
+    meanwhile) and one that stayed have the same scores to the bit after more scored decodes:
+    the held scores go back into the runtime, which adds to the same floats. (Added to the
+    runtime's at each read, the sums ran in another order, and an H2O cut on a busy server
+    could rank a near-tie the other way than alone.) Saved rows are flushed at the swap, so
+    there the sums are split-invariant only with batch_invariant."""
+    prompt, more = tokens_for(50, 40), tokens_for(51, 8)
+
+    def run(swap):
+        llm = make_llm(model, flash_attn=flash_attn,
+                       loopserve=LoopServeConfig(max_resident=1, batch_invariant=flash_attn))
+        a = llm.dialogue()
+        llm.set_score_window(4)
+        llm.decode(a, prompt, list(range(40)))
+        llm.set_score_window(1)
+        for i, t in enumerate(more):
+            if swap and i == 4:   # b takes the only sequence, then a comes back
+                b = llm.dialogue()
+                llm.decode(b, tokens_for(52, 10), list(range(10)))
+                assert a._seq is None and a._held_scores is not None
+            llm.decode(a, [t], [40 + i])
+        assert a._held_scores is None
+        return llm.attention_scores_by_head(a), llm.attention_scores(a)[1], llm.score_rows(a)
+
+    (p0, h0), c0, n0 = run(False)
+    (p1, h1), c1, n1 = run(True)
+    assert list(p0) == list(p1) and n0 == n1 == 4 + 8
+    assert np.array_equal(h0, h1) and np.array_equal(c0, c1)
+
+
+def test_a_repack_while_a_dialogue_is_packed_keeps_its_scores(model, make_llm):
+    """With batch_invariant, packing one dialogue's cells (compact, after a big cut) can need a
+    repack of the pool between the removal of its cells and their reload: its scores, held for
+    that round trip, come back as they were. (The repack held them again, read from the
+    removed cells: none, with the row count doubled; on a busy server H2O's history was lost.)"""
+    from loopserve_edge import bindings
+
+    llm = make_llm(model, n_ctx=256, flash_attn=True,
+                   loopserve=LoopServeConfig(max_resident=2, batch_invariant=True))
+    a, b = llm.dialogue(), llm.dialogue()
+    ta, tb = tokens_for(60, 100), tokens_for(61, 100)
+    llm.set_score_window(8)
+    llm.decode(a, ta, list(range(100)))
+    llm.set_score_window(0)
+    llm.decode(b, tb, list(range(100)))
+    llm.remove_positions(a._seq, 70)
+    a.tokens, a.positions = ta[:70], list(range(70))
+    b.tokens, b.positions = tb, list(range(100))
+    (p0, s0), n0 = llm.attention_scores_by_head(a), llm.score_rows(a)
+    assert bindings.llama_loopserve_kv_tail(llm._ctx.ctx) < 70 and n0 == 8   # the pack needs a repack
+    repacks = llm.pool_events["repack"]
+    llm.compact(a)
+    assert llm.pool_events["repack"] == repacks + 1
+    (p1, s1), n1 = llm.attention_scores_by_head(a), llm.score_rows(a)
+    assert list(p1) == list(p0) and n1 == n0
+    assert np.array_equal(s1, s0)

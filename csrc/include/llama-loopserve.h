@@ -34,8 +34,11 @@ LLAMA_API int64_t llama_loopserve_kv_bytes(struct llama_context * ctx);
 // position order: a dialogue's logits are then the same alone or beside others. When fewer
 // cells than a batch needs are left after the highest one in use (llama_loopserve_kv_tail),
 // the caller repacks the pool (a state round trip of each sequence keeps its order);
-// otherwise the search wraps to the lowest free cells. Sliding-window caches are not
-// covered. Returns the number of CPU backends set (0: none in this context).
+// otherwise the search wraps to the lowest free cells. Saved query rows scored on the CPU
+// (llama_loopserve_scores_flush) are then scored per sequence, against its own cells in
+// position order, and added one row at a time, so that a dialogue's scores too are the same
+// wherever its cells sit and however its rows were split between flushes. Sliding-window
+// caches are not covered. Returns the number of CPU backends set (0: none in this context).
 LLAMA_API int32_t llama_loopserve_set_batch_invariant(struct llama_context * ctx, bool on);
 
 // Free cells after the highest cell in use in the full-attention cache; -1 without a KV cache.
@@ -157,6 +160,19 @@ LLAMA_API int32_t llama_loopserve_scores_get_heads(struct llama_context * ctx,
                                                    llama_seq_id           seq_id,
                                                    float *                scores,
                                                    int64_t                n_max);
+
+// The inverse of llama_loopserve_scores_get_heads: seq_id's scores become `scores`
+// ([n_heads][n], n the sequence's cells in position order) and its count of scored rows
+// n_rows. For scores kept on the host through a state round trip (a dialogue swapped out of
+// the pool and back, a repack), which a sequence state load starts at zero: put back, the sums
+// go on from the same floats, as they would have without the round trip (added to the
+// runtime's at each read instead, the order of the additions, and the last bits, changed).
+// Returns n; -1 on error (n not the sequence's cell count, a model that cannot be scored).
+LLAMA_API int32_t llama_loopserve_scores_set_heads(struct llama_context * ctx,
+                                                   llama_seq_id           seq_id,
+                                                   const float *          scores,
+                                                   int64_t                n,
+                                                   int64_t                n_rows);
 
 // The L2 norm of the V row of every scored layer's KV heads at the cells of seq_id, laid
 // out as llama_loopserve_scores_get_heads lays out the scores ([n_heads][n]), so that a

@@ -91,6 +91,18 @@ ggml_tensor * llama_loopserve_scores_from_qk(ggml_context * ctx,
                                              float          softcap,
                                              int32_t        n_window);
 
+// the probabilities of contiguous query rows qw [d, n_rows, n_head] against k [d, n_kv,
+// n_head_kv] under mask [n_kv, n_rows] (or none): [n_kv, n_rows, n_head], computed as
+// ggml_flash_attn_ext orders it (softcap, then the mask)
+ggml_tensor * loopserve_probs_from_qk(ggml_context * ctx,
+                                      ggml_tensor *  qw,
+                                      ggml_tensor *  k,
+                                      ggml_tensor *  mask,
+                                      ggml_tensor *  sinks,
+                                      float          kq_scale,
+                                      float          max_bias,
+                                      float          softcap);
+
 // the cache that holds every position of a sequence (the plain cache, or the non-sliding half
 // of an interleaved one), and the part of a ubatch's memory context that covers it
 llama_kv_cache *               loopserve_full_cache(llama_context * ctx);

@@ -250,6 +250,23 @@ ggml_tensor * llama_loopserve_scores_from_qk(ggml_context * ctx,
         ggml_view_4d(ctx, q, q->ne[0], n_rows, q->ne[2], q->ne[3], q->nb[1], q->nb[2], q->nb[3], row0 * q->nb[1]);
     qw = ggml_cont(ctx, qw);
 
+    ggml_tensor * mask = nullptr;
+    if (kq_mask) {
+        GGML_ASSERT(kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1);
+        mask = ggml_view_2d(ctx, kq_mask, kq_mask->ne[0], n_rows, kq_mask->nb[1], row0 * kq_mask->nb[1]);
+    }
+    ggml_tensor * kq = loopserve_probs_from_qk(ctx, qw, k, mask, sinks, kq_scale, max_bias, softcap);
+    return loopserve_reduce(ctx, kq, 0, n_rows, k->ne[2]);
+}
+
+ggml_tensor * loopserve_probs_from_qk(ggml_context * ctx,
+                                      ggml_tensor *  qw,
+                                      ggml_tensor *  k,
+                                      ggml_tensor *  mask,
+                                      ggml_tensor *  sinks,
+                                      float          kq_scale,
+                                      float          max_bias,
+                                      float          softcap) {
     ggml_tensor * kq = ggml_mul_mat(ctx, k, qw);  // [n_kv, n_rows, n_head]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
 
@@ -262,16 +279,9 @@ ggml_tensor * llama_loopserve_scores_from_qk(ggml_context * ctx,
         scale = 1.0f;
     }
 
-    ggml_tensor * mask = nullptr;
-    if (kq_mask) {
-        GGML_ASSERT(kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1);
-        mask = ggml_view_2d(ctx, kq_mask, kq_mask->ne[0], n_rows, kq_mask->nb[1], row0 * kq_mask->nb[1]);
-    }
-
     kq = ggml_soft_max_ext(ctx, kq, mask, scale, max_bias);
     ggml_soft_max_add_sinks(kq, sinks);
-
-    return loopserve_reduce(ctx, kq, 0, n_rows, k->ne[2]);
+    return kq;
 }
 
 void llama_loopserve_ubatch_begin(llama_context & lctx, const llama_ubatch & ubatch, uint32_t n_tokens_all) {
@@ -585,6 +595,41 @@ int32_t llama_loopserve_scores_get_layer(llama_context * ctx,
         }
     }
     return n;
+}
+
+int32_t llama_loopserve_scores_set_heads(llama_context * ctx,
+                                         llama_seq_id    seq_id,
+                                         const float *   scores,
+                                         int64_t         n,
+                                         int64_t         n_rows) {
+    llama_kv_cache * kv = loopserve_full_cache(ctx);
+    if (kv == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max() || n_rows < 0) {
+        return -1;
+    }
+    if (!ctx->loopserve_scores) {
+        // scores from a state file, in a context that has not scored yet: make the
+        // accumulators, scoring left off
+        const int32_t w = llama_loopserve_scores_window(ctx);
+        if (llama_loopserve_scores_set(ctx, 1) != 0) {
+            return -1;
+        }
+        llama_loopserve_scores_set(ctx, w);
+    }
+    auto *                      st  = loopserve_scores(ctx);
+    const std::vector<uint32_t> idx = loopserve_seq_cells(kv, seq_id);
+    if (scores == nullptr || n != (int64_t) idx.size()) {
+        return -1;
+    }
+    const uint32_t strm = kv->get_stream(seq_id);
+    for (int32_t h = 0; h < st->n_head_total; ++h) {
+        float *       row = &loopserve_acc(*st, strm, h, 0);
+        const float * src = scores + (size_t) h * n;
+        for (int64_t i = 0; i < n; ++i) {
+            row[idx[i]] = src[i];
+        }
+    }
+    st->n_rows[seq_id] = n_rows;
+    return (int32_t) n;
 }
 
 int32_t llama_loopserve_scores_get_heads(llama_context * ctx, llama_seq_id seq_id, float * scores, int64_t n_max) {
