@@ -67,6 +67,10 @@ struct llama_loopserve_scores_state {
     ~llama_loopserve_scores_state();
 };
 
+// The accumulators' state of ctx, made (scoring left off) if it was not yet; false for a context
+// that cannot be scored.
+bool loopserve_scores_made(llama_context * ctx);
+
 // LOOPSERVE_TRACE_CUTS set: a head-wise cut prints the time of each of its parts to stderr
 // (benchmarks/cut_parts.py reads them; measuring them from Python lumps them together)
 bool loopserve_trace_cuts();

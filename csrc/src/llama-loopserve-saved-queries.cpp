@@ -67,13 +67,8 @@ int32_t llama_loopserve_scores_save_queries(llama_context * ctx, int32_t n_max) 
     if (n_max < 0 || kv == nullptr) {
         return -1;
     }
-    if (!ctx->loopserve_scores) {
-        // the accumulators' state holds the queries; make it, scoring left off
-        const int32_t w = llama_loopserve_scores_window(ctx);
-        if (llama_loopserve_scores_set(ctx, 1) != 0) {
-            return -1;
-        }
-        llama_loopserve_scores_set(ctx, w);
+    if (!loopserve_scores_made(ctx)) {  // the accumulators' state holds the queries
+        return -1;
     }
     auto * st = ctx->loopserve_scores.get();
     llama_loopserve_scores_flush(ctx);

@@ -483,6 +483,17 @@ int32_t llama_loopserve_scores_window(llama_context * ctx) {
     return st ? st->n_window : 0;
 }
 
+bool loopserve_scores_made(llama_context * ctx) {
+    if (!ctx->loopserve_scores) {
+        const int32_t w = llama_loopserve_scores_window(ctx);
+        if (llama_loopserve_scores_set(ctx, 1) != 0) {
+            return false;
+        }
+        llama_loopserve_scores_set(ctx, w);
+    }
+    return true;
+}
+
 void llama_loopserve_scores_reset(llama_context * ctx, llama_seq_id seq_id) {
     auto *           st = loopserve_scores(ctx);
     llama_kv_cache * kv = loopserve_full_cache(ctx);
@@ -606,14 +617,8 @@ int32_t llama_loopserve_scores_set_heads(llama_context * ctx,
     if (kv == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max() || n_rows < 0) {
         return -1;
     }
-    if (!ctx->loopserve_scores) {
-        // scores from a state file, in a context that has not scored yet: make the
-        // accumulators, scoring left off
-        const int32_t w = llama_loopserve_scores_window(ctx);
-        if (llama_loopserve_scores_set(ctx, 1) != 0) {
-            return -1;
-        }
-        llama_loopserve_scores_set(ctx, w);
+    if (!loopserve_scores_made(ctx)) {  // scores from a state file, in a context that has not scored
+        return -1;
     }
     auto *                      st  = loopserve_scores(ctx);
     const std::vector<uint32_t> idx = loopserve_seq_cells(kv, seq_id);
