@@ -573,15 +573,15 @@ class Context:
             bindings.llama_loopserve_scores_reset(self._ctx.ctx, dlg._seq)
 
     def score_rows(self, dlg: Resident) -> int:
-        """Query rows accumulated into dlg's scores since the last reset."""
-        held = dlg._held_scores
-        n = bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq) if dlg._seq is not None else 0
-        return n + (held.n_rows if held is not None else 0)
+        """Query rows accumulated into dlg's scores since the last reset (held while it is out)."""
+        if dlg._seq is None:
+            return dlg._held_scores.n_rows if dlg._held_scores is not None else 0
+        return int(bindings.llama_loopserve_scores_n_rows(self._ctx.ctx, dlg._seq))
 
     def scores_to_hold(self, dlg: Resident) -> held_scores.HeldScores | None:
-        """dlg's scores as a state round trip keeps them (held_scores): read from the runtime,
-        with those held before added, while it is resident; those held while it is out; None
-        when it has none. Also what its state file keeps."""
+        """dlg's scores as a state round trip keeps them (held_scores): read from the runtime
+        while it is resident (held scores are put back when it comes in); those held while it is
+        out; None when it has none. Also what its state file keeps."""
         if dlg._seq is None:
             return dlg._held_scores
         bindings.llama_loopserve_scores_flush(self._ctx.ctx)   # rows saved, not yet counted
@@ -642,10 +642,6 @@ class Context:
             sc.ctypes.data_as(bindings._f32p), n)
         if got != n:
             raise RuntimeError(f"llama_loopserve_scores_get returned {got}, expected {n}")
-        held = dlg._held_scores
-        if held is not None:
-            held_scores.add_to(held_scores.HeldScores(held.pos, held.rows.sum(axis=0, keepdims=True), 0),
-                               pos, sc[None])
         return pos, sc
 
     def cell_positions(self, dlg: Resident) -> list[int]:
@@ -681,7 +677,6 @@ class Context:
             self._ctx.ctx, dlg._seq, rows.ctypes.data_as(bindings._f32p), rows.size)
         if got != len(pos):
             raise RuntimeError(f"llama_loopserve_scores_get_heads returned {got}, expected {len(pos)}")
-        held_scores.add_to(dlg._held_scores, pos, rows)
         return pos, rows
 
     def value_norms(self, dlg: Resident) -> np.ndarray:
@@ -714,13 +709,6 @@ class Context:
             if got != len(pos):
                 raise RuntimeError(f"llama_loopserve_scores_get_layer returned {got}, expected {len(pos)}")
             out[il] = buf
-        held = dlg._held_scores
-        if held is not None:   # its rows are attention_scores_by_head's: the layers' heads in order
-            first = 0
-            for il, buf in out.items():
-                part = held_scores.HeldScores(held.pos, held.rows[first:first + len(buf)], 0)
-                held_scores.add_to(part, pos, buf)
-                first += len(buf)
         return pos, out
 
     # -- sparse prefill ------------------------------------------------------------------
@@ -781,10 +769,6 @@ class Context:
 
     def remove_positions(self, seq: int, p0: int, p1: int = -1) -> None:
         self._seq_rm(seq, p0, p1)
-        dlg = self._resident.get(seq)
-        if dlg is not None and dlg._held_scores is not None:
-            end = np.inf if p1 < 0 else p1
-            dlg._held_scores = held_scores.without(dlg._held_scores, lambda q: (q >= max(p0, 0)) & (q < end))
 
     @property
     def can_shift(self) -> bool:
@@ -807,11 +791,7 @@ class Context:
         sliding-window model the window's positions are ranked with them, so the new positions
         can have gaps (`cell_positions` reads them)."""
         seq = self.make_resident(dlg)
-        held = dlg._held_scores
-        before = self._score_positions(dlg) if held is not None else None
         rc = bindings.llama_loopserve_seq_compact_positions(self._ctx.ctx, seq, p0)
-        if held is not None and rc >= 0:
-            dlg._held_scores = held_scores.renumbered(held, before, self._score_positions(dlg))
         if rc == -2:
             raise LoopServeError("this model's position encoding cannot be shifted, so the "
                                  "positions an eviction frees cannot be reused")
@@ -852,12 +832,8 @@ class Context:
         attention_scores_by_head). Returns the number of cells freed."""
         seq = self.make_resident(dlg)
         sel = np.ascontiguousarray(sel, dtype=np.int32)
-        held = dlg._held_scores
-        before = self._score_positions(dlg) if held is not None else None
         rc = bindings.llama_loopserve_seq_keep_per_head(self._ctx.ctx, seq, sel.ctypes.data_as(bindings._i32p),
                                                         sel.shape[1])
-        if held is not None and rc >= 0:
-            dlg._held_scores = held_scores.kept_per_head(held, before, sel, self._score_positions(dlg))
         if rc == -2:
             raise LoopServeError("head-wise cuts need f16, q8_0 or q4_0 K/V and flash attention")
         if rc < 0:
@@ -905,9 +881,6 @@ class Context:
             self._ctx.ctx, seq, pos.ctypes.data_as(bindings._i32p), len(pos))
         if got != len(pos):
             raise RuntimeError(f"llama_loopserve_seq_rm_positions removed {got} of {len(pos)} cells")
-        dlg = self._resident.get(seq)
-        if dlg is not None and dlg._held_scores is not None:
-            dlg._held_scores = held_scores.without(dlg._held_scores, lambda q: np.isin(q, pos))
 
     def decode(self, dlg: Resident, tokens: list[int], positions: list[int]) -> np.ndarray:
         """Append tokens at positions to dlg's sequence; returns the logits of the last.
