@@ -6,7 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import assert_same_logits
+from conftest import GPU_LAYERS, assert_same_logits
 
 from loopserve_edge import LoopServeConfig
 from loopserve_edge.bindings import llama_c
@@ -450,3 +450,42 @@ def test_an_edit_after_an_eviction_gap_recomputes_instead_of_failing(tiny_gemma,
     twin.send("third", max_tokens=4, **GREEDY)
     assert twin.messages == d.messages and twin.tokens == d.tokens
     np.testing.assert_allclose(d.first_token_logits, twin.first_token_logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(GPU_LAYERS != 0, reason="the CPU backend's flash attention row")
+def test_batch_invariant_attention_keeps_a_dialogues_logits_after_the_window_cache_wraps(tmp_path, make_llm):
+    """The window cache hands a new token the cells that fell out of any dialogue's window (a ring
+    the pool shares), so once it has wrapped a dialogue's window sits in an order that follows
+    what else the pool held, and the CPU's flash attention row summed the cells in cell order:
+    on Gemma-3-270M a dialogue's logits parted from its logits alone (by up to 9.6) as soon as
+    the ring wrapped. With batch_invariant the row walks each dialogue's cells in position order
+    (patch 0014). One-token steps both ways, so that only the placement differs (the tiny
+    model's float32 products do not give a row the same sums at every batch size)."""
+    from loopserve_edge.random_gguf import write_random_gemma3
+
+    model = write_random_gemma3(tmp_path / "gemma-w32.gguf", n_layer=4, n_swa=N_SWA, swa_pattern=2, qk_std=0.3)
+    llm = make_llm(model, n_ctx=512, n_batch=64, n_ubatch=64, flash_attn=True,
+                   loopserve=LoopServeConfig(max_resident=2, batch_invariant=True))
+    rng = np.random.default_rng(3)
+    prompt, other = ([int(t) for t in rng.integers(3, 250, n)] for n in (40, 50))
+    n_steps = 150
+    # the other dialogue's tokens and these pass the window cache's cells: it wraps
+    assert len(prompt) + len(other) + 2 * n_steps > llm.window_cache_cells == 256
+
+    def run(beside: bool) -> list[np.ndarray]:
+        b = llm.dialogue() if beside else None
+        for d, toks in ([(b, other)] if beside else []) + [(a := llm.dialogue(), prompt)]:
+            llm.decode(d, toks, list(range(len(toks))))
+            d.tokens, d.positions = list(toks), list(range(len(toks)))
+        out = []
+        for i in range(n_steps):
+            out.append(llm.decode_batch([(a, 9 + i % 50, len(prompt) + i)])[0])
+            if beside:
+                llm.decode_batch([(b, 11 + i % 40, len(other) + i)])
+        for d in (a, b) if beside else (a,):
+            d.close()
+        return out
+
+    alone, beside = run(False), run(True)
+    for x, y in zip(alone, beside):
+        assert_same_logits(y, x)

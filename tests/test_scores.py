@@ -513,7 +513,13 @@ def test_batch_invariant_scores_follow_neither_placement_nor_flushes(default_mod
     assert np.array_equal(sa, sb) == invariant
 
 
-@pytest.mark.parametrize("flash_attn", [False, True], ids=["scored-as-decoded", "saved-batch-invariant"])
+@pytest.mark.parametrize("flash_attn", [
+    pytest.param(False, id="scored-as-decoded"),
+    # on the GPU the saved rows stay in device memory, where a flush adds their mean times their
+    # number (the per-row, split-invariant flush is the CPU's): the sums follow the swap's split
+    pytest.param(True, id="saved-batch-invariant", marks=pytest.mark.skipif(
+        int(os.environ.get("LOOPSERVE_TEST_GPU_LAYERS", "0")) != 0, reason="the CPU's split-invariant flush")),
+])
 def test_scores_go_on_through_a_round_trip_as_without_it(model, make_llm, flash_attn):
     """A dialogue swapped out and back in (its state loaded, its scores held on the host
     meanwhile) and one that stayed have the same scores to the bit after more scored decodes:

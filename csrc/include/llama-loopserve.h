@@ -37,8 +37,12 @@ LLAMA_API int64_t llama_loopserve_kv_bytes(struct llama_context * ctx);
 // otherwise the search wraps to the lowest free cells. Saved query rows scored on the CPU
 // (llama_loopserve_scores_flush) are then scored per sequence, against its own cells in
 // position order, and added one row at a time, so that a dialogue's scores too are the same
-// wherever its cells sit and however its rows were split between flushes. Sliding-window
-// caches are not covered. Returns the number of CPU backends set (0: none in this context).
+// wherever its cells sit and however its rows were split between flushes. A sliding-window
+// cache hands new tokens the cells that left any sequence's window (a ring), so there the
+// query rows (with f16 K and V) go over their sequence's cells in position order from a list
+// the cache makes before each ubatch (patch 0014), in the full cache too (not with the
+// environment's LOOPSERVE_FA_ORDER=0 when the switch is made: an ablation). Returns the number
+// of CPU backends set (0: none in this context).
 LLAMA_API int32_t llama_loopserve_set_batch_invariant(struct llama_context * ctx, bool on);
 
 // Free cells after the highest cell in use in the full-attention cache; -1 without a KV cache.

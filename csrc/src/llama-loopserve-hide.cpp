@@ -262,6 +262,7 @@ ggml_tensor * llama_loopserve_hide_attn(const llm_graph_context & g,
             ggml_flash_attn_ext_add_sinks(oh, ggml_view_1d(ctx0, sinks, n_gqa, h * n_gqa * sinks->nb[0]));
         }
         ggml_prec_set_acc(oh, GGML_PREC_F32);
+        llama_loopserve_fa_cell_order(g, oh, il);
         // [dv, n_gqa, n_tokens]: the heads of the next KV head follow along dim 1
         cur = cur ? ggml_concat(ctx0, cur, oh, 1) : oh;
     }

@@ -133,6 +133,11 @@ ggml_tensor * llama_loopserve_hide_attn(const llm_graph_context & g,
                                         float                     kq_scale,
                                         int                       il);
 
+// graph side, batch-invariant attention: give flash attention node fa of layer il the order of
+// its cache's cells (GGML_LOOPSERVE_FA_ORDER_SRC, llama-loopserve-order.cpp) where the cache
+// asks for it (llama_kv_cache::loopserve_position_order) and K is the cache's own
+void llama_loopserve_fa_cell_order(const llm_graph_context & g, ggml_tensor * fa, int il);
+
 // context side: graph nodes to add to a context's budget (llama_context::graph_max_nodes) for
 // the per-head attention of llama_loopserve_hide_attn, in case rows get hidden
 struct llama_model;

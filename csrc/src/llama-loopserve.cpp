@@ -59,9 +59,21 @@ int32_t llama_loopserve_set_batch_invariant(llama_context * ctx, bool on) {
             n++;
         }
     }
+    // LOOPSERVE_FA_ORDER=0 (read as the context is switched): without the cells' order, to
+    // measure what it costs (benchmarks/results/serve/replay-s51/order_cost.py)
+    const char * env   = getenv("LOOPSERVE_FA_ORDER");
+    const bool   order = on && !(env != nullptr && strcmp(env, "0") == 0);
     if (llama_kv_cache * kv = loopserve_full_cache(ctx)) {
-        kv->loopserve_append_only = on;
+        kv->loopserve_append_only    = on;
+        kv->loopserve_position_order = order;
     }
+    // the sliding-window cache reuses cells in a ring: its rows read the cells' order instead
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(ctx->get_memory())) {
+        iswa->get_swa()->loopserve_position_order = order;
+    }
+    // the graphs gain or lose the order's input: none is reused, the scheduler reserves again
+    ctx->loopserve_graph_ran();
+    ctx->loopserve_reserve_again();
     return n;
 }
 

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 // f16 values read as f32 vectors (GGML_F32_VEC): AVX-512 converts in AVX512F, AVX needs F16C
 #if defined(__AVX512F__)
@@ -986,6 +987,58 @@ static void ls_fa_block(float *       sc,
 }
 #endif
 
+#if defined(GGML_SIMD) && defined(LS_FA_F16_LOAD)
+// The visible cells of a mask row in the order of a batch-invariant list
+// (GGML_LOOPSERVE_FA_ORDER_SRC), with their mask values, as last found on this thread.
+struct ls_fa_walk {
+    const int32_t *      order = nullptr;
+    int32_t              gen   = 0;
+    const ggml_fp16_t *  mask  = nullptr;
+    int64_t              ic0   = 0;
+    int64_t              ic1   = 0;
+    std::vector<int32_t> cells;
+    std::vector<float>   m;
+};
+
+// keep: the mask is a graph input (or a view of one), whose rows hold through a ubatch; a mask
+// computed in the graph may share its memory with another one computed later
+static const ls_fa_walk & ls_fa_visible(const int32_t *     order,
+                                        int64_t             n_kv,
+                                        const ggml_fp16_t * mask,
+                                        int64_t             ic0,
+                                        int64_t             ic1,
+                                        bool                keep) {
+    static thread_local ls_fa_walk w;
+    const int32_t                  gen = order[3 * n_kv];
+    if (keep && w.order == order && w.gen == gen && w.mask == mask && w.ic0 == ic0 && w.ic1 == ic1) {
+        return w;
+    }
+    w.order = keep ? order : nullptr;
+    w.gen   = gen;
+    w.mask  = mask;
+    w.ic0   = ic0;
+    w.ic1   = ic1;
+    w.cells.clear();
+    w.m.clear();
+    const int64_t first = ggml_cpu_loopserve_next_visible(mask, ic0, ic1);
+    const int32_t j0    = first < ic1 ? order[n_kv + first] : 0;
+    const int32_t j1    = first < ic1 ? order[2 * n_kv + first] : 0;
+    for (int32_t j = j0; j < j1; ++j) {
+        const int64_t ic = order[j];
+        if (ic < ic0 || ic >= ic1) {
+            continue;
+        }
+        const float m = GGML_CPU_FP16_TO_FP32(mask[ic]);
+        if (m == -INFINITY) {
+            continue;
+        }
+        w.cells.push_back((int32_t) ic);
+        w.m.push_back(m);
+    }
+    return w;
+}
+#endif
+
 bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
                                int64_t             iq1,
                                int64_t             iq2,
@@ -1023,21 +1076,45 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
     *M = -INFINITY;
     *S = 0.0f;
     memset(VKQ, 0, DV * sizeof(float));
-    float   sc[LS_FA_BLOCK];
-    float   mv[LS_FA_BLOCK];
-    int32_t cells[LS_FA_BLOCK];
-    int     n = 0;
-    for (int64_t ic = ic0; ic < ic1; ++ic) {
-        const float m = mask ? slope * GGML_CPU_FP16_TO_FP32(mask[ic]) : 0.0f;
-        if (m == -INFINITY) {
-            ic = ggml_cpu_loopserve_next_visible(mask, ic + 1, ic1) - 1;
-            continue;
+    float               sc[LS_FA_BLOCK];
+    float               mv[LS_FA_BLOCK];
+    int32_t             cells[LS_FA_BLOCK];
+    int                 n   = 0;
+    const ggml_tensor * ord = dst->src[GGML_LOOPSERVE_FA_ORDER_SRC];
+    if (ord != nullptr && mask != nullptr && ord->type == GGML_TYPE_I32 && ord->ne[0] == 3 * k->ne[1] + 1) {
+        // the row's cells in position order: its sequence's group, found from any cell it sees.
+        // The heads of a query row come one after another (and every layer of a cache has the
+        // same mask), so the visible cells found are kept for the next call with the same mask
+        // row, list and ubatch (the list's last value numbers the ubatches)
+        const ggml_tensor * mt = dst->src[3];
+        while (mt->view_src != nullptr) {
+            mt = mt->view_src;
         }
-        mv[n]    = m;
-        cells[n] = (int32_t) ic;
-        if (++n == LS_FA_BLOCK) {
+        const bool         keep = (mt->flags & GGML_TENSOR_FLAG_INPUT) != 0;
+        const ls_fa_walk & w    = ls_fa_visible((const int32_t *) ord->data, k->ne[1], mask, ic0, ic1, keep);
+        const int64_t      nv   = (int64_t) w.cells.size();
+        for (int64_t b = 0; b < nv; b += LS_FA_BLOCK) {
+            n = (int) std::min<int64_t>(LS_FA_BLOCK, nv - b);
+            for (int i = 0; i < n; ++i) {
+                cells[i] = w.cells[b + i];
+                mv[i]    = slope * w.m[b + i];
+            }
             ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
-            n = 0;
+        }
+        n = 0;
+    } else {
+        for (int64_t ic = ic0; ic < ic1; ++ic) {
+            const float m = mask ? slope * GGML_CPU_FP16_TO_FP32(mask[ic]) : 0.0f;
+            if (m == -INFINITY) {
+                ic = ggml_cpu_loopserve_next_visible(mask, ic + 1, ic1) - 1;
+                continue;
+            }
+            mv[n]    = m;
+            cells[n] = (int32_t) ic;
+            if (++n == LS_FA_BLOCK) {
+                ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
+                n = 0;
+            }
         }
     }
     if (n > 0) {

@@ -23,8 +23,10 @@ int64_t ggml_cpu_loopserve_next_visible(const ggml_fp16_t * mask, int64_t i0, in
 // block of visible cells first, then their exp in SIMD, then V; the per-cell expf and f16
 // accumulator of the stock loop took over a quarter of a 16-client server's attention time. The
 // blocks follow the visible cells alone, so a row's result does not depend on the other
-// rows of the batch or on the masked cells. False where it does not apply (the stock loop
-// runs): other K/V types, head dims that are not whole SIMD steps, no SIMD f16 loads.
+// rows of the batch or on the masked cells; with the cells' order as a source of dst
+// (GGML_LOOPSERVE_FA_ORDER_SRC) they go in position order, so not on where the cells sit
+// either. False where it does not apply (the stock loop runs, in cell order): other K/V
+// types, head dims that are not whole SIMD steps, no SIMD f16 loads.
 bool ggml_cpu_loopserve_fa_row(const struct ggml_tensor * dst,
                                int64_t                    iq1,
                                int64_t                    iq2,
