@@ -453,18 +453,21 @@ def test_an_edit_after_an_eviction_gap_recomputes_instead_of_failing(tiny_gemma,
 
 
 @pytest.mark.skipif(GPU_LAYERS != 0, reason="the CPU backend's flash attention row")
-def test_batch_invariant_attention_keeps_a_dialogues_logits_after_the_window_cache_wraps(tmp_path, make_llm):
+@pytest.mark.parametrize("kv_type", [1, 8], ids=["f16", "q8_0"])   # ggml types: the row, the stock loop
+def test_batch_invariant_attention_keeps_a_dialogues_logits_after_the_window_cache_wraps(tmp_path, make_llm,
+                                                                                         kv_type):
     """The window cache hands a new token the cells that fell out of any dialogue's window (a ring
     the pool shares), so once it has wrapped a dialogue's window sits in an order that follows
     what else the pool held, and the CPU's flash attention row summed the cells in cell order:
     on Gemma-3-270M a dialogue's logits parted from its logits alone (by up to 9.6) as soon as
     the ring wrapped. With batch_invariant the row walks each dialogue's cells in position order
-    (patch 0014). One-token steps both ways, so that only the placement differs (the tiny
-    model's float32 products do not give a row the same sums at every batch size)."""
+    (patch 0014): f16 K and V in the row of patch 0010, quantized ones in the stock loop. One-token
+    steps both ways, so that only the placement differs (the tiny model's float32 products do not
+    give a row the same sums at every batch size)."""
     from loopserve_edge.random_gguf import write_random_gemma3
 
     model = write_random_gemma3(tmp_path / "gemma-w32.gguf", n_layer=4, n_swa=N_SWA, swa_pattern=2, qk_std=0.3)
-    llm = make_llm(model, n_ctx=512, n_batch=64, n_ubatch=64, flash_attn=True,
+    llm = make_llm(model, n_ctx=512, n_batch=64, n_ubatch=64, flash_attn=True, type_k=kv_type, type_v=kv_type,
                    loopserve=LoopServeConfig(max_resident=2, batch_invariant=True))
     rng = np.random.default_rng(3)
     prompt, other = ([int(t) for t in rng.integers(3, 250, n)] for n in (40, 50))

@@ -39,7 +39,7 @@ LLAMA_API int64_t llama_loopserve_kv_bytes(struct llama_context * ctx);
 // position order, and added one row at a time, so that a dialogue's scores too are the same
 // wherever its cells sit and however its rows were split between flushes. A sliding-window
 // cache hands new tokens the cells that left any sequence's window (a ring), so there the
-// query rows (with f16 K and V) go over their sequence's cells in position order from a list
+// query rows go over their sequence's cells in position order from a list
 // the cache makes before each ubatch (patch 0014), in the full cache too (not with the
 // environment's LOOPSERVE_FA_ORDER=0 when the switch is made: an ablation). Returns the number
 // of CPU backends set (0: none in this context).

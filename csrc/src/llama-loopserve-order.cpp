@@ -1,6 +1,6 @@
 // loopserve-edge: each sequence's cells in position order, for batch-invariant attention.
 //
-// With batch-invariant attention the CPU flash attention row (ggml_cpu_loopserve_fa_row) sums a
+// With batch-invariant attention the CPU's flash attention (ggml_cpu_loopserve_fa_row) sums a
 // query's visible cells block by block; the sums are the same alone and on a busy server only
 // if the cells come in the same order. Append-only placement (patch 0009) keeps a sequence's
 // cells in position order in the full cache, but a sliding-window cache reuses the cells that
@@ -149,6 +149,6 @@ void llama_loopserve_fa_cell_order(const llm_graph_context & g, ggml_tensor * fa
         order = inp->order;
         g.res->add_input(std::move(inp));
     }
-    // read by the CPU row when its K and V are f16; other kernels ignore it
+    // read by the CPU's flash attention (ggml_cpu_loopserve_fa_row, the stock loop); others ignore it
     fa->src[GGML_LOOPSERVE_FA_ORDER_SRC] = order;
 }

@@ -110,8 +110,9 @@ GGML_API struct ggml_tensor * ggml_loopserve_sparse_attn(struct ggml_context * c
 // node (ggml_flash_attn_ext) has a source in this slot, it is [3 * n_kv + 1] I32, the cells
 // grouped by sequence, each group in position order, then the range of each cell's group in that
 // list (llama_kv_cache::loopserve_cell_order), then a number that changes with every ubatch. The
-// CPU's row with f16 K and V walks a query's visible cells in that order, so its sums do not
-// depend on where the cells sit; other kernels ignore it.
+// CPU's flash attention (its row with f16 K and V, the stock loop with other types) walks a
+// query's visible cells in that order, so its sums do not depend on where the cells sit; other
+// kernels ignore it.
 #define GGML_LOOPSERVE_FA_ORDER_SRC 5
 
 #ifdef __cplusplus

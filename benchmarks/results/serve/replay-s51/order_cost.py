@@ -1,8 +1,9 @@
-"""order_cost.py MODEL N PROMPT ROUNDS: what the cells' order costs batch-invariant attention.
+"""order_cost.py MODEL N PROMPT ROUNDS [KV_TYPE]: what the cells' order costs batch-invariant attention.
 Two contexts in one process, one made with LOOPSERVE_FA_ORDER=0 (no order: the walk in cell
 order, as before session 51); N dialogues of PROMPT random tokens prefilled into each
 (alternating), then ROUNDS rounds of 32 steps of the N decoded together, the contexts
-alternating round by round. Prints the prefill time and the median decode rate of each."""
+alternating round by round. Prints the prefill time and the median decode rate of each. KV_TYPE:
+a ggml type number for K and V (8: q8_0, which the stock loop takes), f16 by default."""
 import os
 import sys
 import time
@@ -12,12 +13,13 @@ import numpy as np
 from loopserve_edge import Llama, LoopServeConfig
 
 model, nd, plen, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+kv = dict(type_k=int(sys.argv[5]), type_v=int(sys.argv[5])) if len(sys.argv) > 5 else {}
 llms = {}
 for off in (False, True):
     if off:
         os.environ["LOOPSERVE_FA_ORDER"] = "0"   # read as the context is switched to batch invariance
     llms[off] = Llama(model, n_ctx=nd * (plen + 32 * rounds + 8) + 256, n_threads=2, flash_attn=True,
-                      verbose=False, loopserve=LoopServeConfig(max_resident=nd, batch_invariant=True))
+                      verbose=False, **kv, loopserve=LoopServeConfig(max_resident=nd, batch_invariant=True))
     os.environ.pop("LOOPSERVE_FA_ORDER", None)
 rng = np.random.default_rng(1)
 prompts = [[int(t) for t in rng.integers(300, 40000, plen)] for _ in range(nd)]

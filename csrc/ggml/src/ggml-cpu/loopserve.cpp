@@ -987,9 +987,10 @@ static void ls_fa_block(float *       sc,
 }
 #endif
 
-#if defined(GGML_SIMD) && defined(LS_FA_F16_LOAD)
 // The visible cells of a mask row in the order of a batch-invariant list
-// (GGML_LOOPSERVE_FA_ORDER_SRC), with their mask values, as last found on this thread.
+// (GGML_LOOPSERVE_FA_ORDER_SRC), as last found on this thread: the heads of a query row come one
+// after another, and every layer of a cache has the same mask, so a row's cells serve the next
+// calls with the same mask row, list and ubatch (the list's last value numbers the ubatches).
 struct ls_fa_walk {
     const int32_t *      order = nullptr;
     int32_t              gen   = 0;
@@ -997,7 +998,6 @@ struct ls_fa_walk {
     int64_t              ic0   = 0;
     int64_t              ic1   = 0;
     std::vector<int32_t> cells;
-    std::vector<float>   m;
 };
 
 // keep: the mask is a graph input (or a view of one), whose rows hold through a ubatch; a mask
@@ -1019,7 +1019,6 @@ static const ls_fa_walk & ls_fa_visible(const int32_t *     order,
     w.ic0   = ic0;
     w.ic1   = ic1;
     w.cells.clear();
-    w.m.clear();
     const int64_t first = ggml_cpu_loopserve_next_visible(mask, ic0, ic1);
     const int32_t j0    = first < ic1 ? order[n_kv + first] : 0;
     const int32_t j1    = first < ic1 ? order[2 * n_kv + first] : 0;
@@ -1033,11 +1032,9 @@ static const ls_fa_walk & ls_fa_visible(const int32_t *     order,
             continue;
         }
         w.cells.push_back((int32_t) ic);
-        w.m.push_back(m);
     }
     return w;
 }
-#endif
 
 bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
                                int64_t             iq1,
@@ -1076,28 +1073,19 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
     *M = -INFINITY;
     *S = 0.0f;
     memset(VKQ, 0, DV * sizeof(float));
-    float               sc[LS_FA_BLOCK];
-    float               mv[LS_FA_BLOCK];
-    int32_t             cells[LS_FA_BLOCK];
-    int                 n   = 0;
-    const ggml_tensor * ord = dst->src[GGML_LOOPSERVE_FA_ORDER_SRC];
-    if (ord != nullptr && mask != nullptr && ord->type == GGML_TYPE_I32 && ord->ne[0] == 3 * k->ne[1] + 1) {
-        // the row's cells in position order: its sequence's group, found from any cell it sees.
-        // The heads of a query row come one after another (and every layer of a cache has the
-        // same mask), so the visible cells found are kept for the next call with the same mask
-        // row, list and ubatch (the list's last value numbers the ubatches)
-        const ggml_tensor * mt = dst->src[3];
-        while (mt->view_src != nullptr) {
-            mt = mt->view_src;
-        }
-        const bool         keep = (mt->flags & GGML_TENSOR_FLAG_INPUT) != 0;
-        const ls_fa_walk & w    = ls_fa_visible((const int32_t *) ord->data, k->ne[1], mask, ic0, ic1, keep);
-        const int64_t      nv   = (int64_t) w.cells.size();
+    float           sc[LS_FA_BLOCK];
+    float           mv[LS_FA_BLOCK];
+    int32_t         cells[LS_FA_BLOCK];
+    int             n  = 0;
+    // the row's cells in position order where the graph gives their list (batch invariance)
+    int64_t         nv = 0;
+    const int32_t * vc = ggml_cpu_loopserve_fa_cells(dst, mask, ic0, ic1, &nv);
+    if (vc != nullptr) {
         for (int64_t b = 0; b < nv; b += LS_FA_BLOCK) {
             n = (int) std::min<int64_t>(LS_FA_BLOCK, nv - b);
             for (int i = 0; i < n; ++i) {
-                cells[i] = w.cells[b + i];
-                mv[i]    = slope * w.m[b + i];
+                cells[i] = vc[b + i];
+                mv[i]    = slope * GGML_CPU_FP16_TO_FP32(mask[cells[i]]);
             }
             ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
         }
@@ -1125,6 +1113,26 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
     GGML_UNUSED_VARS(dst, iq1, iq2, iq3, mask, slope, ic0, ic1, M, S, VKQ);
     return false;
 #endif
+}
+
+const int32_t * ggml_cpu_loopserve_fa_cells(const ggml_tensor * dst,
+                                            const ggml_fp16_t * mask,
+                                            int64_t             ic0,
+                                            int64_t             ic1,
+                                            int64_t *           n) {
+    const ggml_tensor * ord = dst->src[GGML_LOOPSERVE_FA_ORDER_SRC];
+    const ggml_tensor * k   = dst->src[1];
+    if (ord == nullptr || mask == nullptr || ord->type != GGML_TYPE_I32 || ord->ne[0] != 3 * k->ne[1] + 1) {
+        return nullptr;
+    }
+    const ggml_tensor * mt = dst->src[3];
+    while (mt->view_src != nullptr) {
+        mt = mt->view_src;
+    }
+    const bool         keep = (mt->flags & GGML_TENSOR_FLAG_INPUT) != 0;
+    const ls_fa_walk & w    = ls_fa_visible((const int32_t *) ord->data, k->ne[1], mask, ic0, ic1, keep);
+    *n                      = (int64_t) w.cells.size();
+    return w.cells.data();
 }
 
 size_t ggml_cpu_loopserve_work_size(const ggml_tensor * node, int n_tasks) {

@@ -39,6 +39,15 @@ bool ggml_cpu_loopserve_fa_row(const struct ggml_tensor * dst,
                                float *                    S,
                                float *                    VKQ);
 
+// The stock loop's side of the same (K/V types the row above does not take): the visible cells
+// of the mask row in [ic0, ic1), in the order of dst's batch-invariant list, n of them; nullptr
+// without a list (every cell from ic0 in cell order). Valid until the thread's next call.
+const int32_t * ggml_cpu_loopserve_fa_cells(const struct ggml_tensor * dst,
+                                            const ggml_fp16_t *        mask,
+                                            int64_t                    ic0,
+                                            int64_t                    ic1,
+                                            int64_t *                  n);
+
 // Q4_1 weights (src0) times two or more Q8_1 rows (wdata, row_size bytes apart: src1 as
 // ggml_compute_forward_mul_mat quantized it) in register tiles (loopserve-gemm.cpp), bit for
 // bit what its vec_dot loop computes. Called by every thread after that function's barrier;
