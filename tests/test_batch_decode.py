@@ -342,3 +342,37 @@ def test_a_reply_closed_between_a_tokens_decode_and_its_logits_leaves_the_dialog
     assert d.send("more", **GREEDY) == twin.send("more", **GREEDY)
     if not budgeted:
         np.testing.assert_allclose(d.first_token_logits, twin.first_token_logits, atol=1e-4)
+
+
+@pytest.mark.skipif(GPU_LAYERS != 0, reason="the CPU backend's flash attention row")
+def test_batch_invariant_attention_over_cells_that_dialogues_share(tiny_model, make_llm):
+    """A cell can carry several sequences (llama_memory_seq_cp: a prefix shared). The cells' list
+    of batch-invariant attention (patch 0014) then makes one group of every cell, by position,
+    since no sequence's group would hold the shared ones. A dialogue stepping over a prefix it
+    shares with another gets the logits it gets over its own copy of it, and so does the other."""
+    from loopserve_edge.bindings import llama_c
+
+    llm = make_llm(tiny_model, n_ctx=512, n_threads=2, flash_attn=True,
+                   loopserve=LoopServeConfig(max_resident=3, batch_invariant=True))
+    rng = np.random.default_rng(11)
+    prompt = [int(t) for t in rng.integers(3, 250, 40)]
+
+    def steps(d):
+        return [llm.decode_batch([(d, 9 + i, len(prompt) + i)])[0] for i in range(8)]
+
+    own = llm.dialogue()
+    llm.decode(own, prompt, list(range(len(prompt))))
+    own.tokens, own.positions = list(prompt), list(range(len(prompt)))
+    alone = steps(own)
+    own.close()
+
+    a, b = llm.dialogue(), llm.dialogue()
+    llm.decode(a, prompt, list(range(len(prompt))))
+    a.tokens, a.positions = list(prompt), list(range(len(prompt)))
+    llm.make_resident(b)
+    llama_c.llama_memory_seq_cp(llm._mem, a._seq, b._seq, -1, -1)   # a's cells now b's too
+    b.tokens, b.positions = list(prompt), list(range(len(prompt)))
+    assert bindings.llama_loopserve_seq_n_cells(llm._ctx.ctx, b._seq) == len(prompt)
+    for d in (b, a):   # each over the shared cells, then its own
+        for x, y in zip(alone, steps(d)):
+            assert np.array_equal(x, y)
