@@ -78,15 +78,14 @@ void llama_kv_cache::loopserve_cell_order(uint32_t strm, uint32_t n_kv, int32_t 
     }
 }
 
-// The part of a ubatch's memory context that layer il attends over; nullptr for other memories.
+// The part of a ubatch's memory context that a (sliding-window or full-attention) layer
+// attends over; nullptr for other memories.
 static const llama_kv_cache_context * loopserve_layer_cache_context(const llama_memory_context_i * mctx, bool swa) {
-    if (auto * kvc = dynamic_cast<const llama_kv_cache_context *>(mctx)) {
-        return swa ? nullptr : kvc;
+    if (!swa) {
+        return loopserve_full_cache_context(mctx);
     }
-    if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
-        return swa ? iswa->get_swa() : iswa->get_base();
-    }
-    return nullptr;
+    auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx);
+    return iswa != nullptr ? iswa->get_swa() : nullptr;
 }
 
 // I32 [3 * n_kv + 1], llama_kv_cache::loopserve_cell_order's and a number of its own (the CPU
