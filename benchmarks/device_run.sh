@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU box (run by the device tool with .carry carried; see README "Development"):
-#   build  - the CUDA runtime from the slim archive, offline (sm_90a), unless .carry-rt/ holds one
+#   build  - the CUDA runtime from the slim archive, offline (sm_90a; BUILD_ARCH), unless .carry-rt/ holds one
 #            packed for these sources (scripts/carried_runtime.py), which is installed instead
 #   pack-runtime - the built runtime as parts of <= 15 MiB into $OUT: a plain call of its own after
 #            the bg steps (bg-wait would bring them back with every call); here, move the parts
@@ -212,9 +212,15 @@ for step in "$@"; do
   case $step in
     build)
       # a runtime that an earlier lease packed for these very sources (pack-runtime, carried
-      # in .carry-rt/) saves the ~5-minute build; any other goes unused
-      python3 scripts/carried_runtime.py install .carry-rt /tmp/site --cuda on ||
-        python3 scripts/build_runtime.py --source .carry/slim.tar.gz --cuda on --cuda-arch 90a ;;
+      # in .carry-rt/) saves the ~5-minute build; any other goes unused. BUILD_ARCH (90a): the
+      # CUDA architectures built; e.g. 86-virtual, PTX alone, which the box's driver compiles
+      # for its Hopper GPU at load, so that ggml's and our kernels run the code they would on
+      # a consumer Ampere GPU (never a carried runtime: that one is sm_90a)
+      if [ "${BUILD_ARCH:-90a}" = 90a ] && python3 scripts/carried_runtime.py install .carry-rt /tmp/site --cuda on; then
+        :
+      else
+        python3 scripts/build_runtime.py --source .carry/slim.tar.gz --cuda on --cuda-arch "${BUILD_ARCH:-90a}"
+      fi ;;
     pack-runtime)
       python3 scripts/carried_runtime.py pack "$OUT" --cuda on ;;
     test)

@@ -547,10 +547,11 @@ bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStrea
     if (!ok) {
         return false;
     }
+    const size_t smem = ls_smem_max(device);
     switch (D) {
-        case 64:  return q8 ? ls_launch_mma<64, true>(a, dev.smpbo, st)  : ls_launch_mma<64, false>(a, dev.smpbo, st);
-        case 128: return q8 ? ls_launch_mma<128, true>(a, dev.smpbo, st) : ls_launch_mma<128, false>(a, dev.smpbo, st);
-        case 256: return q8 ? ls_launch_mma<256, true>(a, dev.smpbo, st) : ls_launch_mma<256, false>(a, dev.smpbo, st);
+        case 64:  return q8 ? ls_launch_mma<64, true>(a, smem, st)  : ls_launch_mma<64, false>(a, smem, st);
+        case 128: return q8 ? ls_launch_mma<128, true>(a, smem, st) : ls_launch_mma<128, false>(a, smem, st);
+        case 256: return q8 ? ls_launch_mma<256, true>(a, smem, st) : ls_launch_mma<256, false>(a, smem, st);
         default:  return false;
     }
 }

@@ -162,9 +162,16 @@ static __device__ __forceinline__ float ls_mask_word(uint32_t w, bool f16, int h
 // limit); false leaves the work to the SIMT kernel.
 bool ls_sparse_attn_mma(const ls_attn_args & a, int64_t D, int device, cudaStream_t st);
 
-// The fused estimation (loopserve-estimate.cu): f16 K of head dim 64/128/256, sm_80+.
-bool ls_vs_estimate_supported(int64_t D, ggml_type k_type);
+// The fused estimation (loopserve-estimate.cu): f16 K of head dim 64/128/256, sm_80+, where
+// its CTA's shared memory (which grows with the head dim, the rows and a mask) fits the device.
+bool ls_vs_estimate_supported(const ggml_tensor * op, int device);
 void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+
+// The shared memory a block of these kernels may take on the device: what it offers with
+// opt-in (99 KiB on consumer GPUs of sm_86 and sm_89, 227 KiB on an H100), or less where the
+// environment's LOOPSERVE_CUDA_SMEM_MAX says (bytes; read at each call). With 101376 a large GPU
+// launches what a consumer one would, so its tests cover those configurations.
+size_t ls_smem_max(int device);
 
 // The select op (loopserve-select.cu).
 void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst);

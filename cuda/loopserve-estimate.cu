@@ -558,8 +558,34 @@ static void ls_launch_estimate(const ls_est_args & a, int64_t n_head_kv, int nsm
     }
 }
 
-bool ls_vs_estimate_supported(int64_t D, ggml_type k_type) {
-    return k_type == GGML_TYPE_F16 && (D == 64 || D == 128 || D == 256);
+// Warps a CTA: 8 (128 rows: K read from L2 by half as many CTAs) where they are all rows and
+// its shared memory fits, else 4 (64 rows x 3 heads at SmolLM2's ratio: 192 rows, no padded
+// warps); 0 where neither fits. Pass 2's CTA takes the most (its sums beside the K tiles), and
+// a mask adds its tile. At head dim 256, 8 warps need 108 KiB without a mask and 116-172 KiB
+// with one, more than the 99 KiB a consumer GPU gives a block. 4 warps need 87 KiB, or 91-119
+// KiB with a mask, which fits at GQA ratios of 3 and more.
+template <int D>
+static int ls_est_warps_d(int64_t n_rows, int n_gqa, bool mask, size_t smem_max) {
+    if (n_rows*n_gqa % 128 == 0 && ls_est_smem_bytes<D, 8>(n_gqa, false, mask) <= smem_max) {
+        return 8;
+    }
+    return ls_est_smem_bytes<D, 4>(n_gqa, false, mask) <= smem_max ? 4 : 0;
+}
+
+static int ls_est_warps(int64_t D, int64_t n_rows, int64_t n_gqa, bool mask, size_t smem_max) {
+    switch (D) {
+        case 64:  return ls_est_warps_d<64>(n_rows, (int) n_gqa, mask, smem_max);
+        case 128: return ls_est_warps_d<128>(n_rows, (int) n_gqa, mask, smem_max);
+        case 256: return ls_est_warps_d<256>(n_rows, (int) n_gqa, mask, smem_max);
+        default:  return 0;
+    }
+}
+
+bool ls_vs_estimate_supported(const ggml_tensor * op, int device) {
+    const ggml_tensor * q = op->src[0];
+    const ggml_tensor * k = op->src[1];
+    return k->type == GGML_TYPE_F16 && ampere_mma_available(ggml_cuda_info().devices[device].cc) &&
+           ls_est_warps(k->ne[0], q->ne[1], q->ne[2]/k->ne[2], op->src[2] != nullptr, ls_smem_max(device)) != 0;
 }
 
 void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -576,9 +602,8 @@ void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     a.mask = mask ? (const char *) mask->data : nullptr;
     a.cells = cells->data; a.dst = (float *) dst->data;
     a.n_kv = k->ne[1]; a.n_rows = q->ne[1]; a.n_gqa = q->ne[2]/n_head_kv;
-    // 8 warps a CTA (128 rows: K read from L2 by half as many CTAs) where they are all rows,
-    // else 4 (64 rows x 3 heads at SmolLM2's ratio: 192 rows, no padded warps)
-    const int w = a.n_rows*a.n_gqa % 128 == 0 ? 8 : 4;
+    const int w = ls_est_warps(k->ne[0], a.n_rows, a.n_gqa, mask != nullptr, ls_smem_max(ctx.device));
+    GGML_ASSERT(w != 0 && "loopserve: the estimation's shared memory exceeds the device's (supports_op says so)");
     const int rows = w*16;
     a.n_chunk = (a.n_kv + LS_EST_CHUNK - 1)/LS_EST_CHUNK;
     a.n_rows_pad = (a.n_rows*a.n_gqa + rows - 1)/rows*rows;

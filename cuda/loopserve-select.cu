@@ -369,7 +369,7 @@ void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const size_t bins = 2*LS_SEL_BINS*LS_SEL_THREADS*sizeof(float);
     const size_t smem_cl = bins + (size_t) ((n_kv + LS_SEL_CLUSTER - 1)/LS_SEL_CLUSTER)*sizeof(float);
     if (GGML_CUDA_CC_IS_NVIDIA(dev.cc) && ggml_cuda_highest_compiled_arch(dev.cc) >= GGML_CUDA_CC_HOPPER &&
-            n_kv >= LS_SEL_CLUSTER_MIN && smem_cl + 2048 <= dev.smpbo) {
+            n_kv >= LS_SEL_CLUSTER_MIN && smem_cl + 2048 <= ls_smem_max(ctx.device)) {
         auto * kern = ls_select_kernel<LS_SEL_CLUSTER>;
         CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem_cl));
         cudaLaunchConfig_t cfg = {};

@@ -19,7 +19,9 @@
 #include "loopserve-attn.cuh"
 #include "ggml-loopserve.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #define LS_MAX_GQA 8
 // warps per block: the group's queries of every warp sit in shared memory (<= 32 KiB)
@@ -276,6 +278,17 @@ static void ls_launch_attn_d(const ls_attn_args & a, ggml_type kt, dim3 grid, cu
     }
 }
 
+size_t ls_smem_max(int device) {
+    const size_t dev = ggml_cuda_info().devices[device].smpbo;
+    const char * env = getenv("LOOPSERVE_CUDA_SMEM_MAX");
+    if (env == nullptr || *env == '\0') {
+        return dev;
+    }
+    char * end = nullptr;
+    const unsigned long long v = strtoull(env, &end, 10);
+    return *end == '\0' && v > 0 ? std::min<size_t>(dev, (size_t) v) : dev;
+}
+
 static bool ls_type_ok(ggml_type t) {
     return t == GGML_TYPE_F16 || t == GGML_TYPE_F32 || t == GGML_TYPE_Q8_0;
 }
@@ -288,8 +301,7 @@ bool ggml_cuda_loopserve_supported(const ggml_tensor * op) {
         case GGML_LOOPSERVE_OP_SELECT:
             return ggml_is_contiguous(op->src[0]);
         case GGML_LOOPSERVE_OP_VS_ESTIMATE:
-            return ls_vs_estimate_supported(op->src[1]->ne[0], op->src[1]->type) &&
-                   ampere_mma_available(ggml_cuda_info().devices[ggml_cuda_get_device()].cc) &&
+            return ls_vs_estimate_supported(op, ggml_cuda_get_device()) &&
                    op->src[0]->nb[1] % sizeof(float) == 0 && op->src[0]->nb[2] % sizeof(float) == 0 &&
                    op->src[1]->nb[1] % 16 == 0 && op->src[1]->nb[2] % 16 == 0;
         case GGML_LOOPSERVE_OP_SPARSE_ATTN: {

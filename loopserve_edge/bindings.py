@@ -10,7 +10,7 @@ import ctypes
 
 from .errors import RuntimeBuildError
 
-API_VERSION = 8
+API_VERSION = 9
 
 _HOW_TO_BUILD = (
     "loopserve-edge needs the patched llama-cpp-python runtime: run ./scripts/setup.sh "
@@ -111,7 +111,8 @@ class llama_loopserve_prefill_stats(ctypes.Structure):
                 ("n_tokens_sparse", ctypes.c_int64), ("density", ctypes.c_double),
                 ("t_sparse_ms", ctypes.c_double), ("t_estimate_ms", ctypes.c_double),
                 ("t_attend_ms", ctypes.c_double), ("n_ubatch_cell_causal", ctypes.c_int32),
-                ("t_select_ms", ctypes.c_double), ("n_ubatch_reused", ctypes.c_int32)]
+                ("t_select_ms", ctypes.c_double), ("n_ubatch_reused", ctypes.c_int32),
+                ("n_layer_est_chain", ctypes.c_int32)]
 
 
 class llama_loopserve_op_test(ctypes.Structure):

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import GPU_LAYERS
 
 from loopserve_edge import LoopServeConfig
 from loopserve_edge import sparse_ops as so
@@ -391,6 +392,36 @@ def test_alpha_one_matches_stock_at_head_dim_256(tmp_path, make_llm, flash_attn)
     assert st["n_ubatch_sparse"] == 1 and st["n_tokens_sparse"] == 256
     # layers 1 and 3 see every position, 0 and 2 the last 32
     assert [d is not None for d in st["layer_density"]] == [False, True, False, True]
+    assert st["density"] == pytest.approx(1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("n_head", [2, 4], ids=["gqa2", "gqa4"])
+def test_head_dim_256_with_a_mask_within_a_consumer_gpus_shared_memory(tmp_path, make_llm, monkeypatch, n_head):
+    """A consumer GPU gives a block 99 KiB of shared memory (sm_86, sm_89), an H100 227 KiB.
+    With a mask (cells out of position order) at head dim 256, the fused estimation's CTA of 8
+    warps needs more than 99 KiB: 4 warps fit at a GQA ratio of 4, and at 2 nothing does, so the
+    graph estimates with stock ops on the device. LOOPSERVE_CUDA_SMEM_MAX makes this GPU offer
+    what a consumer one does. On the CPU the estimation is its own and the cap changes nothing."""
+    from loopserve_edge.random_gguf import write_random_gemma3
+
+    monkeypatch.setenv("LOOPSERVE_CUDA_SMEM_MAX", str(99 * 1024))
+    model = write_random_gemma3(tmp_path / "g256.gguf", n_layer=4, n_embd=256, n_head=n_head, n_head_kv=1,
+                                head_dim=256, n_swa=32, swa_pattern=2)
+    toks = tokens(9, 300)
+    kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=True)
+
+    def run(llm):
+        dlg = llm.dialogue()
+        llm.decode(dlg, toks[:40], list(range(40)))
+        llm.remove_positions(dlg._seq, 10, 20)  # a hole the input's first tokens fill: a mask
+        return llm.decode(dlg, toks[40:], list(range(40, 300))), llm.prefill_stats()
+
+    want, _ = run(make_llm(model, **kw))
+    got, st = run(make_llm(model, loopserve=ALL_LINES, **kw))
+    assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 0
+    # the two full-attention layers (1 and 3) of the one sparse ubatch
+    assert st["n_layer_est_chain"] == (2 if GPU_LAYERS != 0 and n_head == 2 else 0)
     assert st["density"] == pytest.approx(1.0)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 

@@ -253,6 +253,9 @@ struct llama_loopserve_prefill_stats {
                                    // GPU path then does without it)
     double  t_select_ms;           // profile mode: selection of the lines from the scores
     int32_t n_ubatch_reused;       // sparse ubatches that reused the previous one's selection
+    int32_t n_layer_est_chain;     // their layers whose estimation on a GPU ran as stock ops (a
+                                   // matrix product, softmax, sums): the fused op's shared
+                                   // memory exceeded what the device gives a block
 };
 
 // Statistics since the last reset; returns 1 if the phase is enabled, else 0.

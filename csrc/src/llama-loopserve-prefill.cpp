@@ -112,8 +112,22 @@ static ggml_tensor * loopserve_estimate_select(const llm_graph_context & g,
         ggml_tensor * mw =
             kq_mask ? ggml_view_2d(ctx0, kq_mask, kq_mask->ne[0], n_est, kq_mask->nb[1], row0 * kq_mask->nb[1]) :
                       nullptr;
-        vs = ggml_loopserve_vs_estimate(ctx0, qw, k, mw, cw, kq_scale, softcap, cell_mod);
+        vs                     = ggml_loopserve_vs_estimate(ctx0, qw, k, mw, cw, kq_scale, softcap, cell_mod);
+        // with a mask, a GPU that cannot run the fused op takes the chain below on the device,
+        // rather than the scheduler moving the op, and the whole of K, to the CPU: a consumer
+        // GPU gives a block 99 KiB of shared memory, short of the op's at head dim 256 and a
+        // GQA ratio of 1 or 2 (cuda/loopserve-estimate.cu), and sm_75 lacks its instructions
+        ggml_backend_dev_t dev = host ? nullptr : ggml_backend_buft_get_device(ggml_backend_buffer_get_type(k_buf));
+        if (mw != nullptr && dev != nullptr && !ggml_backend_dev_supports_op(dev, vs)) {
+            vs = nullptr;
+        }
+    }
+    if (vs == nullptr && !host) {
+        cfg.st->est_chain_by_graph[g.res].insert(il);
     } else {
+        cfg.st->est_chain_by_graph[g.res].erase(il);
+    }
+    if (vs == nullptr) {
         ggml_tensor * mw =
             kq_mask ? ggml_view_2d(ctx0, kq_mask, kq_mask->ne[0], n_est, kq_mask->nb[1], row0 * kq_mask->nb[1]) :
                       nullptr;
@@ -345,6 +359,8 @@ void llama_loopserve_prefill_ubatch_end(llama_context &          lctx,
     // KQ mask grows with the cache: ~0.1 s per ubatch at 128K cells) while the device works.
     st->n_ubatch_sparse++;
     st->n_ubatch_cell_causal += res->loopserve_cell_causal;
+    const auto ec = st->est_chain_by_graph.find(res);
+    st->n_layer_est_chain += ec != st->est_chain_by_graph.end() ? (int32_t) ec->second.size() : 0;
     st->n_tokens_sparse += ubatch.n_tokens;
     if (st->t_first_us == 0) {
         st->t_first_us = t_start_us;
@@ -534,6 +550,7 @@ void llama_loopserve_prefill_stats_reset(llama_context * ctx) {
     st->n_ubatch_stock       = 0;
     st->n_ubatch_cell_causal = 0;
     st->n_ubatch_reused      = 0;
+    st->n_layer_est_chain    = 0;
     st->n_tokens_sparse      = 0;
     st->t_sparse_us          = 0;
     st->t_estimate_us        = 0;
@@ -554,6 +571,7 @@ int32_t llama_loopserve_prefill_stats_get(llama_context * ctx, llama_loopserve_p
     out->n_ubatch_stock       = st->n_ubatch_stock;
     out->n_ubatch_cell_causal = st->n_ubatch_cell_causal;
     out->n_ubatch_reused      = st->n_ubatch_reused;
+    out->n_layer_est_chain    = st->n_layer_est_chain;
     out->n_tokens_sparse      = st->n_tokens_sparse;
     out->t_sparse_ms          = st->t_sparse_us / 1000.0;
     out->t_estimate_ms        = st->t_estimate_us / 1000.0;

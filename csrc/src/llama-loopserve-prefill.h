@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <vector>
 
 struct ggml_context;
@@ -75,6 +76,7 @@ struct llama_loopserve_prefill_state {
     int32_t             n_ubatch_stock       = 0;  // prompt ubatches (> 1 token) that kept the stock path
     int32_t             n_ubatch_cell_causal = 0;
     int32_t             n_ubatch_reused      = 0;  // sparse ubatches that reused the previous selection
+    int32_t             n_layer_est_chain    = 0;  // their layers estimated by the chain on a GPU
     int64_t             n_tokens_sparse      = 0;
     int64_t             t_sparse_us          = 0;  // wall time from a decode call's first sparse ubatch to its end
     int64_t             t_estimate_us        = 0;  // profile mode only
@@ -115,6 +117,9 @@ struct llama_loopserve_prefill_state {
     int64_t                                     sel_n_kv     = 0;
     int32_t                                     sel_seq      = -1;
     int32_t                                     sel_pos_next = -1;
+
+    // the layers of each graph whose estimation is the chain on a GPU (the fused op did not fit)
+    std::map<const llm_graph_result *, std::set<int>> est_chain_by_graph;
 
     ~llama_loopserve_prefill_state();
 };

@@ -18,7 +18,7 @@
 // patches themselves.
 #include "llama-loopserve-build.h"
 
-#define LLAMA_LOOPSERVE_API_VERSION 8
+#define LLAMA_LOOPSERVE_API_VERSION 9
 
 int32_t llama_loopserve_api_version(void) {
     return LLAMA_LOOPSERVE_API_VERSION;
