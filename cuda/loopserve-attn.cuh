@@ -173,5 +173,7 @@ void ls_vs_estimate(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 // launches what a consumer one would, so its tests cover those configurations.
 size_t ls_smem_max(int device);
 
-// The select op (loopserve-select.cu).
+// The select op (loopserve-select.cu), and the shared memory a block of it needs at the least:
+// 64 KiB, more than GPUs before sm_70 give a block (48 KiB); there the CPU selects.
 void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+size_t ls_select_smem_min();

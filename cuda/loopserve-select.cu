@@ -358,6 +358,10 @@ static bool ls_select_cluster_fits(int device, const cudaLaunchConfig_t & cfg) {
     return n > 0;
 }
 
+size_t ls_select_smem_min() {
+    return 2*LS_SEL_BINS*LS_SEL_THREADS*sizeof(float);
+}
+
 void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * sc = dst->src[0];
     cudaStream_t st = ctx.stream();
@@ -366,7 +370,8 @@ void ls_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const int32_t * p = dst->op_params;
     const int64_t n_kv = sc->ne[0], n_rows = 2*sc->ne[2];
     const auto & dev = ggml_cuda_info().devices[ctx.device];
-    const size_t bins = 2*LS_SEL_BINS*LS_SEL_THREADS*sizeof(float);
+    const size_t bins = ls_select_smem_min();
+    GGML_ASSERT(bins <= ls_smem_max(ctx.device) && "loopserve: the selection's shared memory exceeds the device's (supports_op says so)");
     const size_t smem_cl = bins + (size_t) ((n_kv + LS_SEL_CLUSTER - 1)/LS_SEL_CLUSTER)*sizeof(float);
     if (GGML_CUDA_CC_IS_NVIDIA(dev.cc) && ggml_cuda_highest_compiled_arch(dev.cc) >= GGML_CUDA_CC_HOPPER &&
             n_kv >= LS_SEL_CLUSTER_MIN && smem_cl + 2048 <= ls_smem_max(ctx.device)) {

@@ -299,7 +299,7 @@ bool ggml_cuda_loopserve_supported(const ggml_tensor * op) {
             return op->src[0]->type == GGML_TYPE_F32 && op->src[0]->nb[0] == sizeof(float) &&
                    op->src[0]->nb[1] % sizeof(float) == 0 && op->src[0]->nb[2] % sizeof(float) == 0;
         case GGML_LOOPSERVE_OP_SELECT:
-            return ggml_is_contiguous(op->src[0]);
+            return ggml_is_contiguous(op->src[0]) && ls_select_smem_min() <= ls_smem_max(ggml_cuda_get_device());
         case GGML_LOOPSERVE_OP_VS_ESTIMATE:
             return ls_vs_estimate_supported(op, ggml_cuda_get_device()) &&
                    op->src[0]->nb[1] % sizeof(float) == 0 && op->src[0]->nb[2] % sizeof(float) == 0 &&

@@ -758,7 +758,8 @@ class Context:
             "n_ubatch_cell_causal": s.n_ubatch_cell_causal,
             # sparse ubatches that attended over the previous ubatch's selection (prefill_reuse)
             "n_ubatch_reused": s.n_ubatch_reused,
-            # their layers estimated on a GPU by stock ops (the fused op's shared memory did not fit)
+            # their layers estimated on a GPU by stock ops, not the fused one (K not f16, a head dim
+            # not 64/128/256, a GPU before sm_80, or more shared memory than a block gets)
             "n_layer_est_chain": s.n_layer_est_chain,
             "n_tokens_sparse": s.n_tokens_sparse,
             "density": s.density if s.n_ubatch_sparse else None,

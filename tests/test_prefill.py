@@ -426,6 +426,22 @@ def test_head_dim_256_with_a_mask_within_a_consumer_gpus_shared_memory(tmp_path,
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
+def test_a_gpu_with_48_kib_a_block_selects_on_the_cpu(flat_model, make_llm, monkeypatch):
+    """GPUs before sm_70 give a block 48 KiB of shared memory, and the selection's block needs
+    64 KiB: its op is then not the GPU's (supports_op), and the scheduler runs it on the CPU,
+    with the rest of the sparse path on the GPU. LOOPSERVE_CUDA_SMEM_MAX=49152 makes this GPU
+    such a one; the selection's launch asserts that it fits, so an op that reached it would
+    abort. On the CPU the cap changes nothing."""
+    monkeypatch.setenv("LOOPSERVE_CUDA_SMEM_MAX", str(48 * 1024))
+    toks = tokens(10, 300)
+    kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=True)
+    want, _ = prefill(make_llm(flat_model, **kw), toks, history=40)
+    got, st = prefill(make_llm(flat_model, loopserve=ALL_LINES, **kw), toks, history=40)
+    assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 1
+    assert st["density"] == pytest.approx(1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
 def test_ttft_repeats_print_the_median_and_the_range(model):
     # benchmarks/prefill.py ttft --repeats (single runs on the GPU box move by ~5%): the median
     # run's time and stats, the speedup of the medians, the range of each path's runs

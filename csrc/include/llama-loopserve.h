@@ -254,8 +254,9 @@ struct llama_loopserve_prefill_stats {
     double  t_select_ms;           // profile mode: selection of the lines from the scores
     int32_t n_ubatch_reused;       // sparse ubatches that reused the previous one's selection
     int32_t n_layer_est_chain;     // their layers whose estimation on a GPU ran as stock ops (a
-                                   // matrix product, softmax, sums): the fused op's shared
-                                   // memory exceeded what the device gives a block
+                                   // matrix product, softmax, sums), not the fused op: K not
+                                   // f16, a head dim not 64/128/256, a GPU before sm_80, or the
+                                   // op's shared memory more than the device gives a block
 };
 
 // Statistics since the last reset; returns 1 if the phase is enabled, else 0.

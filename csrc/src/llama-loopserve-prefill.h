@@ -118,7 +118,7 @@ struct llama_loopserve_prefill_state {
     int32_t                                     sel_seq      = -1;
     int32_t                                     sel_pos_next = -1;
 
-    // the layers of each graph whose estimation is the chain on a GPU (the fused op did not fit)
+    // the layers of each graph whose estimation is the chain on a GPU (not the fused op)
     std::map<const llm_graph_result *, std::set<int>> est_chain_by_graph;
 
     ~llama_loopserve_prefill_state();
