@@ -426,18 +426,25 @@ def test_head_dim_256_with_a_mask_within_a_consumer_gpus_shared_memory(tmp_path,
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
-def test_a_gpu_with_48_kib_a_block_selects_on_the_cpu(flat_model, make_llm, monkeypatch):
-    """GPUs before sm_70 give a block 48 KiB of shared memory, and the selection's block needs
-    64 KiB: its op is then not the GPU's (supports_op), and the scheduler runs it on the CPU,
-    with the rest of the sparse path on the GPU. LOOPSERVE_CUDA_SMEM_MAX=49152 makes this GPU
-    such a one; the selection's launch asserts that it fits, so an op that reached it would
-    abort. On the CPU the cap changes nothing."""
+def test_a_gpu_with_48_kib_a_block_prefills_sparse(tmp_path, make_llm, monkeypatch):
+    """GPUs before sm_70 give a block 48 KiB of shared memory. At head dim 256 the fused
+    estimation does not fit there even without a mask (4 warps: 87 KiB), the tensor-core
+    attention does not (71 KiB: the SIMT kernel runs), nor does the selection (64 KiB: the
+    scheduler runs it on the CPU). The estimation then takes stock ops on the device, reading
+    the mask although the ubatch is causal in cells. LOOPSERVE_CUDA_SMEM_MAX=49152 makes this
+    GPU such a one; the estimation and the selection assert at launch that they fit, so one that
+    reached a launch would abort. On the CPU the cap changes nothing."""
+    from loopserve_edge.random_gguf import write_random_gemma3
+
     monkeypatch.setenv("LOOPSERVE_CUDA_SMEM_MAX", str(48 * 1024))
+    model = write_random_gemma3(tmp_path / "g256.gguf", n_layer=4, n_embd=256, n_head=4, n_head_kv=1,
+                                head_dim=256, n_swa=32, swa_pattern=2)
     toks = tokens(10, 300)
     kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=True)
-    want, _ = prefill(make_llm(flat_model, **kw), toks, history=40)
-    got, st = prefill(make_llm(flat_model, loopserve=ALL_LINES, **kw), toks, history=40)
+    want, _ = prefill(make_llm(model, **kw), toks, history=40)
+    got, st = prefill(make_llm(model, loopserve=ALL_LINES, **kw), toks, history=40)
     assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 1
+    assert st["n_layer_est_chain"] == (2 if GPU_LAYERS != 0 else 0)
     assert st["density"] == pytest.approx(1.0)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 

@@ -106,20 +106,20 @@ static ggml_tensor * loopserve_estimate_select(const llm_graph_context & g,
         // head (2.2-2.6x faster than the chain below at 4K-8K); and where the mask is causal in
         // cells the ops do without it, so no layer may read it and the host neither fills nor
         // uploads it (n_kv x n_tokens: ~1 GiB per ubatch at 128K)
-        if (cfg.cell_causal) {
-            kq_mask = nullptr;
-        }
-        ggml_tensor * mw =
-            kq_mask ? ggml_view_2d(ctx0, kq_mask, kq_mask->ne[0], n_est, kq_mask->nb[1], row0 * kq_mask->nb[1]) :
-                      nullptr;
+        ggml_tensor * mw       = kq_mask && !cfg.cell_causal ? ggml_view_2d(ctx0, kq_mask, kq_mask->ne[0], n_est,
+                                                                            kq_mask->nb[1], row0 * kq_mask->nb[1]) :
+                                                               nullptr;
         vs                     = ggml_loopserve_vs_estimate(ctx0, qw, k, mw, cw, kq_scale, softcap, cell_mod);
-        // with a mask, a GPU that cannot run the fused op takes the chain below on the device,
+        // a GPU that cannot run the fused op takes the chain below on the device, with the
+        // mask even where the ubatch is causal in cells (reading it makes the host fill it),
         // rather than the scheduler moving the op, and the whole of K, to the CPU: a consumer
-        // GPU gives a block 99 KiB of shared memory, short of the op's at head dim 256 and a
-        // GQA ratio of 1 or 2 (cuda/loopserve-estimate.cu), and sm_75 lacks its instructions
+        // GPU gives a block 99 KiB of shared memory, short of the op's at head dim 256 with a
+        // mask and a GQA ratio of 1 or 2 (cuda/loopserve-estimate.cu); sm_75 lacks its mma
         ggml_backend_dev_t dev = host ? nullptr : ggml_backend_buft_get_device(ggml_backend_buffer_get_type(k_buf));
-        if (mw != nullptr && dev != nullptr && !ggml_backend_dev_supports_op(dev, vs)) {
+        if (dev != nullptr && !ggml_backend_dev_supports_op(dev, vs)) {
             vs = nullptr;
+        } else if (cfg.cell_causal) {
+            kq_mask = nullptr;
         }
     }
     if (vs == nullptr && !host) {
