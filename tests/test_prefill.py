@@ -376,15 +376,30 @@ def test_alpha_one_matches_stock_with_holes(flat_model, make_llm):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
-def test_alpha_one_matches_stock_at_head_dim_256(tmp_path, make_llm, flash_attn):
-    """Gemma 3's head dim (on the GPU, the tensor-core kernel's variant with Q in shared
-    memory): the full-attention layers run sparse, the sliding-window ones stock, and the
-    logits are the stock path's."""
+def gemma_256(tmp_path, n_head=4):
+    """A tiny Gemma 3 at its head dim, 256: layers 1 and 3 full attention, 0 and 2 a window of 32."""
     from loopserve_edge.random_gguf import write_random_gemma3
 
-    model = write_random_gemma3(tmp_path / "g256.gguf", n_layer=4, n_embd=256, n_head=4, n_head_kv=1,
-                                head_dim=256, n_swa=32, swa_pattern=2)
+    return write_random_gemma3(tmp_path / "g256.gguf", n_layer=4, n_embd=256, n_head=n_head, n_head_kv=1,
+                               head_dim=256, n_swa=32, swa_pattern=2)
+
+
+@pytest.mark.parametrize("flash_attn,smem", [(False, None), (True, None), (True, 48 * 1024)],
+                         ids=["fa-off", "fa-on", "fa-on-48kib"])
+def test_alpha_one_matches_stock_at_head_dim_256(tmp_path, make_llm, monkeypatch, flash_attn, smem):
+    """Gemma 3's head dim (on the GPU, the tensor-core kernel's variant with Q in shared
+    memory): the full-attention layers run sparse, the sliding-window ones stock, and the
+    logits are the stock path's.
+    48kib: GPUs before sm_70 give a block 48 KiB of shared memory (LOOPSERVE_CUDA_SMEM_MAX makes
+    this GPU such a one). There the fused estimation does not fit even without a mask (4 warps:
+    87 KiB), nor does the tensor-core attention (71 KiB: the SIMT kernel runs) or the selection
+    (64 KiB: the scheduler runs it on the CPU). The estimation takes stock ops on the device,
+    reading the mask although the ubatch is causal in cells. The estimation and the selection
+    assert at launch that they fit, so one that reached a launch would abort. On the CPU the cap
+    changes nothing."""
+    if smem is not None:
+        monkeypatch.setenv("LOOPSERVE_CUDA_SMEM_MAX", str(smem))
+    model = gemma_256(tmp_path)
     toks = tokens(6, 300)
     kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=flash_attn)
     want, _ = prefill(make_llm(model, **kw), toks, history=40)
@@ -393,6 +408,9 @@ def test_alpha_one_matches_stock_at_head_dim_256(tmp_path, make_llm, flash_attn)
     # layers 1 and 3 see every position, 0 and 2 the last 32
     assert [d is not None for d in st["layer_density"]] == [False, True, False, True]
     assert st["density"] == pytest.approx(1.0)
+    assert st["n_layer_est_chain"] == (2 if GPU_LAYERS != 0 and smem is not None else 0)
+    if smem is not None:
+        assert st["n_ubatch_cell_causal"] == 1
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
@@ -403,11 +421,8 @@ def test_head_dim_256_with_a_mask_within_a_consumer_gpus_shared_memory(tmp_path,
     warps needs more than 99 KiB: 4 warps fit at a GQA ratio of 4, and at 2 nothing does, so the
     graph estimates with stock ops on the device. LOOPSERVE_CUDA_SMEM_MAX makes this GPU offer
     what a consumer one does. On the CPU the estimation is its own and the cap changes nothing."""
-    from loopserve_edge.random_gguf import write_random_gemma3
-
     monkeypatch.setenv("LOOPSERVE_CUDA_SMEM_MAX", str(99 * 1024))
-    model = write_random_gemma3(tmp_path / "g256.gguf", n_layer=4, n_embd=256, n_head=n_head, n_head_kv=1,
-                                head_dim=256, n_swa=32, swa_pattern=2)
+    model = gemma_256(tmp_path, n_head)
     toks = tokens(9, 300)
     kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=True)
 
@@ -422,29 +437,6 @@ def test_head_dim_256_with_a_mask_within_a_consumer_gpus_shared_memory(tmp_path,
     assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 0
     # the two full-attention layers (1 and 3) of the one sparse ubatch
     assert st["n_layer_est_chain"] == (2 if GPU_LAYERS != 0 and n_head == 2 else 0)
-    assert st["density"] == pytest.approx(1.0)
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
-
-
-def test_a_gpu_with_48_kib_a_block_prefills_sparse(tmp_path, make_llm, monkeypatch):
-    """GPUs before sm_70 give a block 48 KiB of shared memory. At head dim 256 the fused
-    estimation does not fit there even without a mask (4 warps: 87 KiB), the tensor-core
-    attention does not (71 KiB: the SIMT kernel runs), nor does the selection (64 KiB: the
-    scheduler runs it on the CPU). The estimation then takes stock ops on the device, reading
-    the mask although the ubatch is causal in cells. LOOPSERVE_CUDA_SMEM_MAX=49152 makes this
-    GPU such a one; the estimation and the selection assert at launch that they fit, so one that
-    reached a launch would abort. On the CPU the cap changes nothing."""
-    from loopserve_edge.random_gguf import write_random_gemma3
-
-    monkeypatch.setenv("LOOPSERVE_CUDA_SMEM_MAX", str(48 * 1024))
-    model = write_random_gemma3(tmp_path / "g256.gguf", n_layer=4, n_embd=256, n_head=4, n_head_kv=1,
-                                head_dim=256, n_swa=32, swa_pattern=2)
-    toks = tokens(10, 300)
-    kw = dict(n_ctx=512, n_batch=256, n_ubatch=256, flash_attn=True)
-    want, _ = prefill(make_llm(model, **kw), toks, history=40)
-    got, st = prefill(make_llm(model, loopserve=ALL_LINES, **kw), toks, history=40)
-    assert st["n_ubatch_sparse"] == 1 and st["n_ubatch_cell_causal"] == 1
-    assert st["n_layer_est_chain"] == (2 if GPU_LAYERS != 0 else 0)
     assert st["density"] == pytest.approx(1.0)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
