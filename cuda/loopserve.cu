@@ -293,15 +293,15 @@ static bool ls_type_ok(ggml_type t) {
     return t == GGML_TYPE_F16 || t == GGML_TYPE_F32 || t == GGML_TYPE_Q8_0;
 }
 
-bool ggml_cuda_loopserve_supported(const ggml_tensor * op) {
+bool ggml_cuda_loopserve_supported(int device, const ggml_tensor * op) {
     switch ((ggml_loopserve_op) op->op_params[0]) {
         case GGML_LOOPSERVE_OP_VS_SCORES:
             return op->src[0]->type == GGML_TYPE_F32 && op->src[0]->nb[0] == sizeof(float) &&
                    op->src[0]->nb[1] % sizeof(float) == 0 && op->src[0]->nb[2] % sizeof(float) == 0;
         case GGML_LOOPSERVE_OP_SELECT:
-            return ggml_is_contiguous(op->src[0]) && ls_select_smem_min() <= ls_smem_max(ggml_cuda_get_device());
+            return ggml_is_contiguous(op->src[0]) && ls_select_smem_min() <= ls_smem_max(device);
         case GGML_LOOPSERVE_OP_VS_ESTIMATE:
-            return ls_vs_estimate_supported(op, ggml_cuda_get_device()) &&
+            return ls_vs_estimate_supported(op, device) &&
                    op->src[0]->nb[1] % sizeof(float) == 0 && op->src[0]->nb[2] % sizeof(float) == 0 &&
                    op->src[1]->nb[1] % 16 == 0 && op->src[1]->nb[2] % 16 == 0;
         case GGML_LOOPSERVE_OP_SPARSE_ATTN: {
