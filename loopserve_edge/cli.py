@@ -102,9 +102,12 @@ def _reply_form(json_reply: bool, json_schema: str | None, grammar_file: str | N
 
 def _stats_line(dlg) -> str:
     s = dlg.last_stats
-    if s is None:
-        return "no turn yet"
     llm = dlg.llm
+    if s is None:
+        # a resumed or just reset dialogue: what it holds, there being no turn to time yet
+        return (f"no turn yet in this session; the dialogue holds {dlg.turns} turns, KV {dlg.n_cells}/"
+                f"{llm.n_ctx} cells, {_mib(llm.kv_bytes_used(dlg))} of {_mib(llm.kv_bytes)} allocated "
+                f"({dlg.evicted} evicted so far)")
     return (f"turn {dlg.turns}: prompt {s.prompt_tokens} tok ({s.reused_tokens} reused, "
             f"{s.prefilled_tokens} prefilled{', swapped in' if s.swapped_in else ''}), "
             f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens} tok at {s.decode_tps:.1f} tok/s, "

@@ -2,6 +2,7 @@
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -85,9 +86,13 @@ def test_in_chat_commands(default_model, tmp_path):
     assert "evicted so far" in r.stderr and "tok scored" in r.stderr
     assert "no turn yet" in r.stderr and "/load path" in r.stderr
     assert (tmp_path / "x.lsd").is_file()
+    assert "the dialogue holds 0 turns, KV 0/" in r.stderr    # after /reset
     loaded = run(["chat", *FAST], f"/load {tmp_path / 'x.lsd'}\n/stats\n", home=tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     assert "loaded" in loaded.stderr and "1 turns" in loaded.stderr
+    # /stats before a turn of this session says what the loaded dialogue holds
+    held = re.search(r"the dialogue holds 1 turns, KV (\d+)/", loaded.stderr)
+    assert held and int(held.group(1)) > 0, loaded.stderr
 
 
 def _one_error_line(r):
