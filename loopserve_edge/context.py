@@ -30,7 +30,7 @@ from .chat_template import FORMAT_CHOICES, ChatTemplate, resolve_format
 from .config import N_KV_PAD, LoopServeConfig
 from .errors import ContextFullError, LoopServeError, ModelFileError, StateFileError
 from .grammar import Constraint
-from .model_file import check_model_file, fingerprint
+from .model_file import check_model_file, fingerprint, load_failure
 from .sampling import logprobs_rows
 
 DEFAULT_N_CTX = 4096
@@ -168,7 +168,7 @@ class Context:
         except ValueError as e:
             if "context" in str(e):   # the model loaded; the context of these kwargs did not
                 raise LoopServeError(f"llama.cpp could not create a context with these settings ({e})") from None
-            raise ModelFileError(f"{self.model_path}: llama.cpp could not load it ({e})") from None
+            raise load_failure(self.model_path, str(e)) from None
         self.verbose = kwargs["verbose"]
         n_ctx = n_ctx or int(llama_c.llama_model_n_ctx_train(self._llm._model.model))
         # llama.cpp pads its pool to N_KV_PAD cells but clamps n_batch to the n_ctx asked, and

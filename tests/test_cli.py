@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from loopserve_edge import state_file
+from loopserve_edge.model_file import gguf_extent
 
 CLI = [sys.executable, "-m", "loopserve_edge.cli"]
 FAST = ["--temperature", "0", "--max-tokens", "24", "--threads", "2", "--n-ctx", "2048"]
@@ -103,7 +104,7 @@ def _one_error_line(r):
     return lines[0]
 
 
-def test_bad_model_paths(tmp_path):
+def test_bad_model_paths(tmp_path, tiny_model, default_model):
     assert "no such model file" in _one_error_line(run(["chat", str(tmp_path / "none.gguf")], ""))
     notgguf = tmp_path / "notes.gguf"
     notgguf.write_text("hello")
@@ -111,6 +112,16 @@ def test_bad_model_paths(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + bytes(64))
     assert "could not load" in _one_error_line(run(["chat", str(broken)], ""))
+    # a download cut short: the header's tensor extents say so (exactly the size of whole files)
+    for whole in (tiny_model, default_model):
+        assert gguf_extent(whole) == whole.stat().st_size
+    data = tiny_model.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    line = _one_error_line(run(["chat", str(cut)], ""))
+    assert f"truncated ({len(data) * 3 // 4:,} bytes; its header lists tensors up to byte {len(data):,})" in line
+    cut.write_bytes(data[:40])
+    assert "ending inside its header" in _one_error_line(run(["chat", str(cut)], ""))
 
 
 def test_corrupt_or_unknown_dialogue(default_model, tmp_path):
