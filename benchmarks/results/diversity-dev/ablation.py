@@ -16,11 +16,13 @@ Not in the package. Registered before the bench CLI runs, each marked by a `chun
 (only budgeted prefill reads it; the bench's 2K dialogues never need it; 32 is the default):
 `d64h-div25`, `d64h-div50`, `d64h-div75`, `d64h-div100` (lam = 0.25, 0.5, 0.75, 1)."""
 import sys
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import env_ablation  # noqa: E402  (loopserve_edge first, as tests/conftest.py)
+from loopserve_edge import cli, eviction  # noqa: E402
 
-from loopserve_edge import cli, eviction
-from loopserve_edge.bench import methods as M
+import numpy as np  # noqa: E402
 
 LAMS = {51: 0.25, 52: 0.5, 53: 0.75, 54: 1.0}  # chunk_probe -> lam
 
@@ -39,9 +41,8 @@ def cut_heads(self, dlg, rows, budget):
 
 
 eviction.Evictor._cut_heads = cut_heads
-opts = dict(M.METHODS["loopserve-d64-head"].options)
 for mark, name in [(51, "d64h-div25"), (52, "d64h-div50"), (53, "d64h-div75"), (54, "d64h-div100")]:
-    M.METHODS[name] = M.Method(name, "loopserve", describe=f"loopserve-d64-head with the cells many heads "
-                               f"keep discounted by {LAMS[mark]:g}", options=tuple({**opts, "chunk_probe": mark}.items()))
+    env_ablation.variant("loopserve-d64-head", name, f"loopserve-d64-head with the cells many heads keep "
+                         f"discounted by {LAMS[mark]:g}", chunk_probe=mark)
 sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
 cli.main()

@@ -19,12 +19,14 @@ Not in the package. Registered before the bench CLI runs, each marked by a `chun
 (only budgeted prefill reads it; the bench's 2K dialogues never need it): `d64h-sp25` (w = 0.25),
 `d64h-sp50` (w = 0.5)."""
 import sys
+from pathlib import Path
 
-import llama_cpp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import env_ablation  # noqa: E402  (loopserve_edge first, as tests/conftest.py)
+from loopserve_edge import cli, eviction  # noqa: E402
 
-from loopserve_edge import cli, eviction
-from loopserve_edge.bench import methods as M
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
 
 WEIGHTS = {31: 0.25, 33: 0.5}  # chunk_probe -> w (not 32: the default)
 _scorer: dict = {}
@@ -62,10 +64,8 @@ def cut_heads(self, dlg, rows, budget):
 
 
 eviction.Evictor._cut_heads = cut_heads
-opts = dict(M.METHODS["loopserve-d64-head"].options)
 for mark, name in [(31, "d64h-sp25"), (33, "d64h-sp50")]:
-    M.METHODS[name] = M.Method(name, "loopserve", describe=f"loopserve-d64-head with each token's surprisal "
-                               f"mixed into its first cut at {WEIGHTS[mark]:g}",
-                               options=tuple({**opts, "chunk_probe": mark}.items()))
+    env_ablation.variant("loopserve-d64-head", name, f"loopserve-d64-head with each token's surprisal mixed "
+                         f"into its first cut at {WEIGHTS[mark]:g}", chunk_probe=mark)
 sys.argv = ["loopserve-edge", "bench", *sys.argv[1:]]
 cli.main()
