@@ -47,7 +47,9 @@ class Browser:
             self.proc.kill()
             raise RuntimeError(f"chromium did not start (status {self.proc.wait()})")
         page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page")
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60)
+        # no Origin header: Chromium refuses DevTools connections from an origin it was not told
+        # to allow (--remote-allow-origins), which a client without one needs no flag for
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
         self._ids = itertools.count(1)
 
     def call(self, method: str, **params) -> dict:
