@@ -44,7 +44,10 @@ for b in budgets:
             continue
         row = sums.setdefault(d["full"]["task"], [0.0, 0.0, 0.0])
         for i, name in enumerate(("full", f"loopserve-d64-head@{b}", f"d64h-oracle@{b}")):
-            row[i] += d[name]["turns"][1]["score"] or 0.0
+            # the second question turn: a dialogue whose material comes in a turn of its own
+            # has a turn without a score before it
+            asked = [t for t in d[name]["turns"] if "score" in t]
+            row[i] += asked[1]["score"] or 0.0
     print(f"budget {b}:")
     for task, (f, m, o) in sorted(sums.items()):
         print(f"  {task:18s} {f:4.1f} {m:4.1f} {o:4.1f}")
