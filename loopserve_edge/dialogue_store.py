@@ -264,7 +264,8 @@ class DialogueStore:
         return n
 
     def restore(self) -> int:
-        """Index the state files of this model found in root (loaded when a request needs one).
+        """Index the state files of this model found in root (loaded when a request needs one;
+        one whose K/V types or flash attention differ from this context's is left out, on disk).
         The temporary file of a save that a killed process left behind goes (the state file
         it was to replace is still the previous one, whole)."""
         state_file.remove_stale_temporaries(self.root)
@@ -274,6 +275,11 @@ class DialogueStore:
                 h = state_file.read_header(path)
                 if h["model"].get("fingerprint") != self.llm.fingerprint:
                     continue
+                why = self.llm.state_mismatch(h["context"])
+                if why is not None:
+                    # a server started with other K/V types or flash attention: the file stays
+                    # as it is, and a request that repeats its conversation prefills it afresh
+                    raise ValueError(why)
                 d = h["dialogue"]
                 e = Entry(path.stem, d["system"], list(d["messages"]), used=float(d["updated"]))
             except (LoopServeError, KeyError, TypeError, ValueError) as err:

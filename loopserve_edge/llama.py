@@ -57,6 +57,24 @@ class Llama(Context):
         """A path as given, or the default file of a dialogue name."""
         return paths.dialogue_path(name_or_path, self._dialogues_dir)
 
+    def state_mismatch(self, saved: dict) -> str | None:
+        """Why a state file's KV state (its header's context settings) cannot load into this
+        context, or None: the K/V types, and flash attention, without which llama.cpp keeps V
+        transposed and refuses the other layout's state with no word of why (flash_attn_type
+        0: off, 1: on; -1, auto, is resolved when a context starts and left to llama.cpp)."""
+        mine = self.context_settings()
+        for key in ("type_k", "type_v"):
+            if saved.get(key) != mine[key]:
+                return (f"KV cache {key}={saved.get(key)} in the file, {mine[key]} in this context; "
+                        f"load it with the same setting")
+        fa = saved.get("flash_attn_type")
+        if fa in (0, 1) and mine["flash_attn_type"] in (0, 1) and fa != mine["flash_attn_type"]:
+            on = ("off", "on")
+            return (f"saved with flash attention {on[fa]}, this context has it {on[1 - fa]} (the V cache "
+                    f"is laid out otherwise); load it with flash_attn={bool(fa)} (the CLI: "
+                    f"--{'' if fa else 'no-'}flash-attn)")
+        return None
+
     def load_dialogue(self, name_or_path: str | os.PathLike) -> Dialogue:
         """Resume a saved dialogue. Every check runs before the live context is touched."""
         path = self.dialogue_path(name_or_path)
@@ -68,11 +86,9 @@ class Llama(Context):
             raise StateFileError(
                 f"{path}: made with another model ({h['model'].get('name', '?')}, fingerprint "
                 f"{h['model'].get('fingerprint')}); this model is {self.fingerprint}")
-        mine, theirs = self.context_settings(), h["context"]
-        for key in ("type_k", "type_v"):
-            if theirs.get(key) != mine[key]:
-                raise StateFileError(f"{path}: KV cache {key}={theirs.get(key)} in the file, "
-                                     f"{mine[key]} in this context; load it with the same setting")
+        why = self.state_mismatch(h["context"])
+        if why is not None:
+            raise StateFileError(f"{path}: {why}")
         dlg = Dialogue.from_header(self, self.evictor, h, path, dialogues_dir=self._dialogues_dir)
         if len(dlg.positions) >= self.n_ctx:
             raise StateFileError(f"{path}: holds {len(dlg.positions)} cells, more than this "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loopserve_edge import state_file
+from loopserve_edge import LoopServeConfig, state_file
 from loopserve_edge.model_file import gguf_extent
 
 CLI = [sys.executable, "-m", "loopserve_edge.cli"]
@@ -45,6 +45,38 @@ def test_scripted_chat_resumes_in_a_new_process_like_in_process(default_model, t
     assert listing.returncode == 0
     row = next(line for line in listing.stdout.splitlines() if line.startswith("t1 "))
     assert "SmolLM2-135M-Instruct" in row and " 3 " in row
+
+
+def test_a_resumed_dialogue_goes_on_with_its_own_settings(default_model, tmp_path):
+    """Options left out take the saved dialogue's values. Resumed with the defaults, a head-wise
+    budgeted dialogue (flash attention on) failed in llama.cpp's state read, and a budget was
+    dropped; an option given still wins."""
+    turns = ["My name is Ada.", "What is my name?", "Say it once more."]
+    made = ["--kv-budget", "96", "--granularity", "head"]
+    one = run(["chat", "--dialogue", "h", *FAST, *made], "\n".join(turns) + "\n", home=tmp_path / "a")
+    first = run(["chat", "--dialogue", "h", *FAST, *made], "\n".join(turns[:2]) + "\n", home=tmp_path / "b")
+    second = run(["chat", "--dialogue", "h", *FAST], turns[2] + "\n", home=tmp_path / "b")
+    assert one.returncode == first.returncode == second.returncode == 0, second.stderr
+    assert first.stdout + second.stdout == one.stdout
+    path = tmp_path / "b/dialogues/h.lsd"
+    h = state_file.read_header(path)
+    assert h["dialogue"]["layout"] == "head" and h["context"]["flash_attn_type"] == 1
+    assert (h["loopserve"]["policy"], h["loopserve"]["budget"], h["loopserve"]["granularity"]) == ("loopserve", 96, "head")
+
+    more = run(["chat", "--dialogue", "h", *FAST, "--kv-budget", "128"], "And again.\n", home=tmp_path / "b")
+    assert more.returncode == 0, more.stderr
+    c = state_file.read_header(path)["loopserve"]
+    assert (c["budget"], c["interval"], c["granularity"]) == (128, LoopServeConfig(budget=128).interval, "head")
+
+    # head-wise asked of a dialogue saved without flash attention: one line saying so, not llama.cpp's refusal
+    assert run(["chat", "--dialogue", "c", *FAST], "hi\n", home=tmp_path / "b").returncode == 0
+    r = run(["chat", "--dialogue", "c", *FAST, "--granularity", "head"], "hi\n", home=tmp_path / "b")
+    assert r.returncode == 2 and "saved with flash attention off" in r.stderr and not r.stdout
+    r = run(["chat", "--dialogue", "h", *FAST, "--no-flash-attn"], "hi\n", home=tmp_path / "b")
+    assert r.returncode == 1 and "granularity='head' cannot run with flash attention off" in r.stderr
+    r = run(["chat", "--dialogue", "h", *FAST, "--no-flash-attn", "--granularity", "cell"], "hi\n", home=tmp_path / "b")
+    assert r.returncode == 1 and "saved with flash attention on" in r.stderr and "--flash-attn" in r.stderr
+    assert state_file.read_header(path)["dialogue"]["turns"] == 4       # nothing lost
 
 
 def test_min_p_of_one_samples_the_greedy_reply(default_model, tmp_path):

@@ -886,6 +886,31 @@ def test_dialogues_survive_a_restart(tmp_path):
         s.stop()
 
 
+def test_a_restart_with_other_flash_attention_prefills_afresh(tmp_path):
+    """A saved dialogue whose KV state this server cannot load (flash attention changed, so V is
+    laid out otherwise): its conversation is prefilled afresh and its file stays as it was.
+    Before, every request that repeated it failed with "llama.cpp rejected the sequence state"."""
+    s = Server(tmp_path)
+    msgs = [{"role": "user", "content": "Remember the number 41."}]
+    try:
+        r = _chat(s.client(), msgs)
+    finally:
+        s.stop()
+    saved = list((tmp_path / "dialogues" / "server").glob("*/*.lsd"))
+    assert len(saved) == 1
+    kept = saved[0].read_bytes()
+    s = Server(tmp_path, "--no-flash-attn")
+    try:
+        msgs += [{"role": "assistant", "content": r.choices[0].message.content},
+                 {"role": "user", "content": "Which number?"}]
+        r2 = _chat(s.client(), msgs)
+        assert r2.choices[0].message.content and r2.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        out = s.stop()
+    assert "saved with flash attention on, this context has it off" in out and "0 saved dialogues found" in out
+    assert saved[0].read_bytes() == kept
+
+
 def test_a_server_killed_during_a_save_keeps_the_dialogue(tmp_path):
     # kill -9 while a state file is being written (its temporary file exists): after a restart
     # the dialogue is the one saved before, whole, and goes on from there

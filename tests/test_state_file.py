@@ -144,6 +144,20 @@ def test_other_kv_cache_type_is_refused(saved, tiny_model, make_llm):
     _assert_refused(q8, path, "type_k")
 
 
+def test_other_flash_attention_setting_is_refused(saved, tiny_model, make_llm, tmp_path):
+    """Without flash attention llama.cpp keeps V transposed: a state of the other layout was
+    refused inside llama.cpp ("rejected the sequence state"), with no word of the setting."""
+    _, _, path = saved                                      # flash attention off
+    on = make_llm(tiny_model, flash_attn=True)
+    live = on.dialogue()
+    live.send("kept", **GREEDY)
+    _assert_refused(on, path, "saved with flash attention off, this context has it on")
+    assert live.send("still here", **GREEDY) is not None and live.turns == 2   # nothing lost
+    made_on = live.save(tmp_path / "on.lsd")
+    _assert_refused(make_llm(tiny_model), made_on, r"flash attention on, this context has it off.*--flash-attn")
+    assert make_llm(tiny_model, flash_attn=True).load_dialogue(made_on).tokens == live.tokens
+
+
 def test_missing_file(tiny_model, make_llm, tmp_path):
     llm = make_llm(tiny_model)
     _assert_refused(llm, tmp_path / "absent.lsd", "no such state file")
