@@ -545,19 +545,29 @@ def list_dialogues(dialogues_dir):
     if not files:
         click.echo(f"no saved dialogues in {root}")
         return
-    rows = [("NAME", "MODEL", "TURNS", "TOKENS", "SIZE", "UPDATED")]
+    rows = [("NAME", "MODEL", "TURNS", "TOKENS", "KV", "SIZE", "UPDATED")]
     for f in files:
         try:
             h = state_file.read_header(f)
             d = h["dialogue"]
             rows.append((f.stem, h["model"].get("name", "?"), str(d.get("turns", "?")),
-                         str(len(d.get("tokens", []))), _size(f.stat().st_size),
+                         str(len(d.get("tokens", []))), _kv_settings(h), _size(f.stat().st_size),
                          _dt.datetime.fromtimestamp(d.get("updated", 0)).strftime("%Y-%m-%d %H:%M")))
         except LoopServeError as e:
-            rows.append((f.stem, f"(unreadable: {str(e).split(': ', 1)[-1]})", "", "", _size(f.stat().st_size), ""))
+            rows.append((f.stem, f"(unreadable: {str(e).split(': ', 1)[-1]})", "", "", "",
+                         _size(f.stat().st_size), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _kv_settings(header: dict) -> str:
+    """What `chat --dialogue` resumes a saved dialogue with: its policy, budget and granularity
+    ("loopserve 256 head"), or "full"."""
+    c = header.get("loopserve") or {}
+    if not isinstance(c, dict) or c.get("budget") is None:
+        return str(c.get("policy", "full")) if isinstance(c, dict) else "?"
+    return f"{c.get('policy', '?')} {c['budget']} {c.get('granularity', 'cell')}"
 
 
 def _size(n: int) -> str:

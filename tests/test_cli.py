@@ -77,6 +77,10 @@ def test_a_resumed_dialogue_goes_on_with_its_own_settings(default_model, tmp_pat
     r = run(["chat", "--dialogue", "h", *FAST, "--no-flash-attn", "--granularity", "cell"], "hi\n", home=tmp_path / "b")
     assert r.returncode == 1 and "saved with flash attention on" in r.stderr and "--flash-attn" in r.stderr
     assert state_file.read_header(path)["dialogue"]["turns"] == 4       # nothing lost
+    listing = run(["dialogues"], home=tmp_path / "b").stdout.splitlines()
+    assert " KV " in listing[0]
+    assert " loopserve 128 head " in next(x for x in listing if x.startswith("h "))
+    assert " full " in next(x for x in listing if x.startswith("c "))
 
 
 def test_min_p_of_one_samples_the_greedy_reply(default_model, tmp_path):
