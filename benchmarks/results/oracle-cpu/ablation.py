@@ -22,6 +22,8 @@ order, after `full`, at one budget at a time or more (the lookahead does not dep
 - `d64h-oracle-mix`: the same, ranking by the sum of the two, each normalised to sum 1 per head
   over the cells between the sinks and the recent window (`chunk_probe` 9).
 """
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +50,20 @@ def normalised(rows: np.ndarray, sink: int, recent: int) -> np.ndarray:
     return r / np.maximum(mid.sum(axis=1, keepdims=True), 1e-30)
 
 
+def record_cut(self, dlg, look: np.ndarray, out: str) -> None:
+    """ORACLE_CUTS=FILE (session 55): append what each head keeps at the oracle's cut ending
+    turn 1 and what the method's own scores would have kept there, with the tokens, for
+    regions.py."""
+    _, own = self.llm.attention_scores_by_head(dlg)
+    rec = {"n": len(dlg.tokens), "budget": self.cfg.budget, "tokens": [int(t) for t in dlg.tokens],
+           "pieces": [self.llm.detokenize([t]) for t in dlg.tokens],
+           "method": eviction.choose_keep_rows(own, self.cfg, self.cfg.budget).tolist(),
+           "oracle": eviction.choose_keep_rows(look.astype(np.float32), self.cfg, self.cfg.budget).tolist()}
+    rec["starts"] = [i for i, p in enumerate(rec["pieces"]) if p == "<|im_start|>"]
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def compress(self, dlg) -> None:
     mark = marked(self.cfg)
     n_cut = getattr(dlg, "_oracle_cuts", 0)
@@ -66,6 +82,8 @@ def compress(self, dlg) -> None:
             _, own = self.llm.attention_scores_by_head(dlg)
             look = normalised(look, self.cfg.sink, self.cfg.recent) + normalised(own, self.cfg.sink, self.cfg.recent)
         assert look.shape[1] == len(dlg.positions)
+        if os.environ.get("ORACLE_CUTS"):
+            record_cut(self, dlg, look, os.environ["ORACLE_CUTS"])
         self._cut_heads(dlg, look.astype(np.float32), self.cfg.budget)
         return
     if mark == 7:  # the cut ending turn 2: record the turn-1 cells' scores
