@@ -261,7 +261,8 @@ def _resumed_settings(ctx: click.Context, path: Path, opts: dict) -> tuple[dict,
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("--dialogue", "name", help="name of the dialogue: resumed if saved, else created; saved after every turn")
+@click.option("--dialogue", "name", help="name of the dialogue: resumed if saved (with its own settings where "
+              "options are left out), else created; saved after every turn")
 @click.option("--system", default=None, help="system prompt of a new dialogue")
 @format_option
 @click.option("--n-ctx", default=4096, show_default=True,
