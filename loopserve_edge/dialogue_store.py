@@ -31,7 +31,7 @@ from . import state_file
 from .config import LoopServeConfig
 from .chat_template import RawText
 from .dialogue import Dialogue, common_start
-from .errors import LoopServeError
+from .errors import LoopServeError, StateFileError
 from .eviction import Evictor
 from .openai_api import RequestError, merged_config
 
@@ -44,6 +44,10 @@ ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 class DialogueBusy(LoopServeError):
     """A dialogue named by a request is answering another one."""
+
+
+class _Unloadable(Exception):
+    """An indexed dialogue's state file no longer loads (set aside by _live)."""
 
 
 def prefix_key(system: str | None, messages) -> str:
@@ -123,25 +127,30 @@ class DialogueStore:
         """The dialogue to run a request in, its messages set to the request's history (the
         prompt, its last user message, is sent to it next). The match covers the prompt too,
         so that a regenerated reply reuses the whole prompt."""
-        if dialogue_id is not None:
-            if not ID.fullmatch(dialogue_id):
-                raise LoopServeError("a dialogue id is 1-64 letters, digits, '-' or '_'")
-            e = self.entries.get(dialogue_id)
-            if e is None:
-                e = self._new(system, dialogue_id)
-            elif e.text:
-                raise LoopServeError(f"dialogue {dialogue_id} holds text completions, not a chat")
-            elif e.busy:
-                raise DialogueBusy(f"dialogue {dialogue_id} is answering another request")
-            elif e.system != system:
-                raise LoopServeError(f"dialogue {dialogue_id} has another system prompt")
-        else:
-            e, j = self.match(system, history + [{"role": "user", "content": prompt}])
-            if e is None or (j == 0 and e.messages):
-                e = self._new(system)           # only the system prompt in common: start afresh
-            elif j < len(e.messages):
-                e = self._branch(e, j)
-        d = self._live(e)
+        try:
+            if dialogue_id is not None:
+                if not ID.fullmatch(dialogue_id):
+                    raise LoopServeError("a dialogue id is 1-64 letters, digits, '-' or '_'")
+                e = self.entries.get(dialogue_id)
+                if e is None:
+                    e = self._new(system, dialogue_id)
+                elif e.text:
+                    raise LoopServeError(f"dialogue {dialogue_id} holds text completions, not a chat")
+                elif e.busy:
+                    raise DialogueBusy(f"dialogue {dialogue_id} is answering another request")
+                elif e.system != system:
+                    raise LoopServeError(f"dialogue {dialogue_id} has another system prompt")
+            else:
+                e, j = self.match(system, history + [{"role": "user", "content": prompt}])
+                if e is None or (j == 0 and e.messages):
+                    e = self._new(system)           # only the system prompt in common: start afresh
+                elif j < len(e.messages):
+                    e = self._branch(e, j)
+            d = self._live(e)
+        except _Unloadable:
+            # the request holds the whole conversation: it goes on in a new dialogue, prefilled
+            e = self._new(system, dialogue_id)
+            d = e.dialogue
         d.evictor = evictor
         if d.messages != list(history):
             d.messages = list(history)          # rendered and compared with the cache at send()
@@ -196,7 +205,23 @@ class DialogueStore:
 
     def _live(self, e: Entry) -> Dialogue:
         if e.dialogue is None:   # only with a root: without one, a dialogue leaving RAM is forgotten
-            e.dialogue = self.llm.load_dialogue(self._path(e.id))
+            path = self._path(e.id)
+            try:
+                e.dialogue = self.llm.load_dialogue(path)
+            except StateFileError as err:
+                # damaged on disk, or a state this runtime or context refuses: every request that
+                # repeated the conversation failed on it. It leaves the index, and the file is
+                # kept beside under a name that is not indexed again
+                self.entries.pop(e.id, None)
+                self._unregister(e)
+                aside = path.with_name(path.name + ".unloadable")
+                try:
+                    path.replace(aside)
+                except OSError:
+                    pass
+                log.warning("dialogue %s could not be loaded (%s); its file set aside as %s, the "
+                            "conversation prefilled afresh", e.id, err, aside.name)
+                raise _Unloadable from None
         return e.dialogue
 
     # -- after a turn ----------------------------------------------------------------------
@@ -265,7 +290,8 @@ class DialogueStore:
 
     def restore(self) -> int:
         """Index the state files of this model found in root (loaded when a request needs one;
-        one whose K/V types or flash attention differ from this context's is left out, on disk).
+        one whose K/V types, flash attention or size this context cannot take is left out, on
+        disk).
         The temporary file of a save that a killed process left behind goes (the state file
         it was to replace is still the previous one, whole)."""
         state_file.remove_stale_temporaries(self.root)
@@ -276,11 +302,14 @@ class DialogueStore:
                 if h["model"].get("fingerprint") != self.llm.fingerprint:
                     continue
                 why = self.llm.state_mismatch(h["context"])
-                if why is not None:
-                    # a server started with other K/V types or flash attention: the file stays
-                    # as it is, and a request that repeats its conversation prefills it afresh
-                    raise ValueError(why)
                 d = h["dialogue"]
+                if why is None and len(d["positions"]) >= self.llm.n_ctx:
+                    why = f"it holds {len(d['positions'])} cells, more than n_ctx={self.llm.n_ctx}"
+                if why is not None:
+                    # a server started with other K/V types, flash attention or a smaller pool:
+                    # the file stays as it is (a restart with its settings finds it again), and a
+                    # request that repeats its conversation prefills it afresh
+                    raise ValueError(why)
                 e = Entry(path.stem, d["system"], list(d["messages"]), used=float(d["updated"]))
             except (LoopServeError, KeyError, TypeError, ValueError) as err:
                 log.warning("skipped %s: %s", path, err)

@@ -45,3 +45,21 @@ def test_a_dialogue_answering_a_request_stays_in_ram_and_unsaved_until_its_turn_
     assert twin.send("x" * 40, **GREEDY) == first
     assert twin.send("y" * 30, **GREEDY) == da.messages[-1]["content"]
     assert twin.tokens == da.tokens
+
+
+def test_files_this_context_cannot_take_are_left_out_of_the_index_and_kept(tiny_model, make_llm, tmp_path):
+    """A server restarted with a smaller pool, other K/V types or flash attention switched: its
+    files are not indexed (a request then prefills the conversation afresh) and stay as they
+    were, for a restart with their settings."""
+    store = DialogueStore(make_llm(tiny_model, n_ctx=512), tmp_path, ram_limit=1 << 30)
+    e, d = store.for_request(None, [], "x" * 300, None, store.evictor({}))
+    d.send("x" * 300, **GREEDY)
+    store.updated(e)
+    assert store.save() == 1
+    (path,) = tmp_path.glob("*.lsd")
+    data = path.read_bytes()
+    assert 256 < len(d.positions) < 512
+    for kw in (dict(n_ctx=256), dict(n_ctx=512, flash_attn=True), dict(n_ctx=512, type_k=8, flash_attn=True)):
+        assert DialogueStore(make_llm(tiny_model, **kw), tmp_path, ram_limit=1 << 30).restore() == 0, kw
+    assert path.read_bytes() == data
+    assert DialogueStore(make_llm(tiny_model, n_ctx=512), tmp_path, ram_limit=1 << 30).restore() == 1

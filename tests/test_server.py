@@ -911,6 +911,36 @@ def test_a_restart_with_other_flash_attention_prefills_afresh(tmp_path):
     assert saved[0].read_bytes() == kept
 
 
+def test_a_state_file_damaged_on_disk_is_set_aside_and_the_conversation_goes_on(tmp_path):
+    """The index reads a file's header only; its KV state is checked when a request needs it. A
+    file damaged there (or refused by llama.cpp) failed every request that repeated the
+    conversation with a 400; now it is set aside and the conversation prefilled afresh."""
+    s = Server(tmp_path)
+    msgs = [{"role": "user", "content": "Remember the number 41."}]
+    try:
+        r = _chat(s.client(), msgs)
+    finally:
+        s.stop()
+    (saved,) = (tmp_path / "dialogues" / "server").glob("*/*.lsd")
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0x01                     # in the KV state, past the header
+    saved.write_bytes(bytes(data))
+    s = Server(tmp_path)
+    try:
+        msgs += [{"role": "assistant", "content": r.choices[0].message.content},
+                 {"role": "user", "content": "Which number?"}]
+        r2 = _chat(s.client(), msgs)
+        assert r2.choices[0].message.content and r2.usage.prompt_tokens_details.cached_tokens == 0
+        again = _chat(s.client(), msgs + [{"role": "assistant", "content": r2.choices[0].message.content},
+                                          {"role": "user", "content": "Thanks."}])
+        assert again.usage.prompt_tokens_details.cached_tokens > 0   # the new dialogue goes on
+    finally:
+        out = s.stop()
+    assert "could not be loaded" in out and "checksum" in out
+    aside = saved.with_name(saved.name + ".unloadable")
+    assert aside.read_bytes() == bytes(data)         # kept, out of the index
+
+
 def test_a_server_killed_during_a_save_keeps_the_dialogue(tmp_path):
     # kill -9 while a state file is being written (its temporary file exists): after a restart
     # the dialogue is the one saved before, whole, and goes on from there
