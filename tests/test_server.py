@@ -886,49 +886,46 @@ def test_dialogues_survive_a_restart(tmp_path):
         s.stop()
 
 
-def test_a_restart_with_other_flash_attention_prefills_afresh(tmp_path):
-    """A saved dialogue whose KV state this server cannot load (flash attention changed, so V is
-    laid out otherwise): its conversation is prefilled afresh and its file stays as it was.
-    Before, every request that repeated it failed with "llama.cpp rejected the sequence state"."""
-    s = Server(tmp_path)
+def _saved_conversation(home: Path) -> tuple[list[dict], Path]:
+    """One turn on a server that then stops: the conversation with its next question, and the
+    state file it saved."""
+    s = Server(home)
     msgs = [{"role": "user", "content": "Remember the number 41."}]
     try:
         r = _chat(s.client(), msgs)
     finally:
         s.stop()
-    saved = list((tmp_path / "dialogues" / "server").glob("*/*.lsd"))
-    assert len(saved) == 1
-    kept = saved[0].read_bytes()
+    (saved,) = (home / "dialogues" / "server").glob("*/*.lsd")
+    return msgs + [{"role": "assistant", "content": r.choices[0].message.content},
+                   {"role": "user", "content": "Which number?"}], saved
+
+
+def test_a_restart_with_other_flash_attention_prefills_afresh(tmp_path):
+    """A saved dialogue whose KV state this server cannot load (flash attention changed, so V is
+    laid out otherwise): its conversation is prefilled afresh and its file stays as it was.
+    Before, every request that repeated it failed with "llama.cpp rejected the sequence state"."""
+    msgs, saved = _saved_conversation(tmp_path)
+    kept = saved.read_bytes()
     s = Server(tmp_path, "--no-flash-attn")
     try:
-        msgs += [{"role": "assistant", "content": r.choices[0].message.content},
-                 {"role": "user", "content": "Which number?"}]
         r2 = _chat(s.client(), msgs)
         assert r2.choices[0].message.content and r2.usage.prompt_tokens_details.cached_tokens == 0
     finally:
         out = s.stop()
     assert "saved with flash attention on, this context has it off" in out and "0 saved dialogues found" in out
-    assert saved[0].read_bytes() == kept
+    assert saved.read_bytes() == kept
 
 
 def test_a_state_file_damaged_on_disk_is_set_aside_and_the_conversation_goes_on(tmp_path):
     """The index reads a file's header only; its KV state is checked when a request needs it. A
     file damaged there (or refused by llama.cpp) failed every request that repeated the
     conversation with a 400; now it is set aside and the conversation prefilled afresh."""
-    s = Server(tmp_path)
-    msgs = [{"role": "user", "content": "Remember the number 41."}]
-    try:
-        r = _chat(s.client(), msgs)
-    finally:
-        s.stop()
-    (saved,) = (tmp_path / "dialogues" / "server").glob("*/*.lsd")
+    msgs, saved = _saved_conversation(tmp_path)
     data = bytearray(saved.read_bytes())
     data[len(data) // 2] ^= 0x01                     # in the KV state, past the header
     saved.write_bytes(bytes(data))
     s = Server(tmp_path)
     try:
-        msgs += [{"role": "assistant", "content": r.choices[0].message.content},
-                 {"role": "user", "content": "Which number?"}]
         r2 = _chat(s.client(), msgs)
         assert r2.choices[0].message.content and r2.usage.prompt_tokens_details.cached_tokens == 0
         again = _chat(s.client(), msgs + [{"role": "assistant", "content": r2.choices[0].message.content},
