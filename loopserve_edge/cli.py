@@ -229,7 +229,8 @@ def _resumed_settings(ctx: click.Context, path: Path, opts: dict) -> tuple[dict,
     attention), so that it goes on as it was made. Resumed with the defaults instead, a budgeted
     dialogue went on without its budget, and one made with flash attention (head granularity
     turns it on) failed in llama.cpp's state read: the V cache is laid out otherwise without it.
-    Returns (the options with the saved values in, the config's fields, flash attention or None);
+    Returns (the options with the saved values in, the saved config's fields that no option
+    gives, flash attention or None);
     a file whose header cannot be read gives nothing here (load_dialogue then says why)."""
     try:
         h = state_file.read_header(path)
@@ -243,18 +244,17 @@ def _resumed_settings(ctx: click.Context, path: Path, opts: dict) -> tuple[dict,
                           ("kv_type", kv.get(c.get("type_k")) if c.get("type_k") == c.get("type_v") else None)):
         if value is not None and not _given(ctx, option):
             opts[option] = value
-    known = {f.name for f in dataclasses.fields(LoopServeConfig)} - {"max_resident"}
-    fields = {k: v for k, v in saved.items() if k in known}  # a newer file's extra fields left out
-    for option, field in _CONFIG_OPTIONS.items():
-        if _given(ctx, option) or field not in fields:
-            fields[field] = opts[option]
-    if _given(ctx, "kv_budget"):
-        if not _given(ctx, "kv_interval"):
-            fields["interval"] = None  # the new budget's own
-        if not _given(ctx, "policy") and fields.get("policy") == "full":
-            fields["policy"] = None  # a budget alone asks for compression
-    elif _given(ctx, "policy") and opts["policy"] == "full":
-        fields["budget"] = None
+    # the saved config's fields but those the command line gives (the caller fills those in);
+    # a newer file's extra fields left out
+    given = {field for option, field in _CONFIG_OPTIONS.items() if _given(ctx, option)}
+    known = {f.name for f in dataclasses.fields(LoopServeConfig)} - {"max_resident"} - given
+    fields = {k: v for k, v in saved.items() if k in known}
+    if "budget" in given:
+        fields.pop("interval", None)  # the new budget's own
+        if fields.get("policy") == "full":
+            del fields["policy"]  # a budget alone asks for compression
+    elif opts["policy"] == "full" and "policy" in given:
+        fields.pop("budget", None)
     fa = c.get("flash_attn_type")
     return opts, fields, {0: False, 1: True}.get(fa)
 
@@ -338,10 +338,10 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
             "granularity": granularity, "kv_allocation": kv_allocation, "kv_span": kv_span,
             "sparse_prefill": sparse_prefill, "alpha": alpha}
     fields = {}
-    resumed = bool(name) and dialogue_path(name, dialogues_dir).exists()
+    saved_file = dialogue_path(name, dialogues_dir) if name else None
+    resumed = saved_file is not None and saved_file.exists()
     if resumed:
-        opts, fields, saved_fa = _resumed_settings(click.get_current_context(),
-                                                   dialogue_path(name, dialogues_dir), opts)
+        opts, fields, saved_fa = _resumed_settings(click.get_current_context(), saved_file, opts)
         if saved_fa is False and flash_attn is None and granularity == "head":
             raise click.UsageError(f"dialogue {name!r} was saved with flash attention off, which keeps V "
                                    f"transposed; head granularity needs it on: resume it cell-wise")
@@ -565,9 +565,11 @@ def list_dialogues(dialogues_dir):
 def _kv_settings(header: dict) -> str:
     """What `chat --dialogue` resumes a saved dialogue with: its policy, budget and granularity
     ("loopserve 256 head"), or "full"."""
-    c = header.get("loopserve") or {}
-    if not isinstance(c, dict) or c.get("budget") is None:
-        return str(c.get("policy", "full")) if isinstance(c, dict) else "?"
+    c = header.get("loopserve")
+    if not isinstance(c, dict):
+        return "?"
+    if c.get("budget") is None:
+        return str(c.get("policy", "full"))
     return f"{c.get('policy', '?')} {c['budget']} {c.get('granularity', 'cell')}"
 
 

@@ -301,15 +301,14 @@ class DialogueStore:
                 h = state_file.read_header(path)
                 if h["model"].get("fingerprint") != self.llm.fingerprint:
                     continue
-                why = self.llm.state_mismatch(h["context"])
-                d = h["dialogue"]
-                if why is None and len(d["positions"]) >= self.llm.n_ctx:
-                    why = f"it holds {len(d['positions'])} cells, more than n_ctx={self.llm.n_ctx}"
+                why = self.llm.state_mismatch(h)
                 if why is not None:
                     # a server started with other K/V types, flash attention or a smaller pool:
                     # the file stays as it is (a restart with its settings finds it again), and a
                     # request that repeats its conversation prefills it afresh
-                    raise ValueError(why)
+                    log.warning("skipped %s: %s", path, why)
+                    continue
+                d = h["dialogue"]
                 e = Entry(path.stem, d["system"], list(d["messages"]), used=float(d["updated"]))
             except (LoopServeError, KeyError, TypeError, ValueError) as err:
                 log.warning("skipped %s: %s", path, err)

@@ -57,12 +57,12 @@ class Llama(Context):
         """A path as given, or the default file of a dialogue name."""
         return paths.dialogue_path(name_or_path, self._dialogues_dir)
 
-    def state_mismatch(self, saved: dict) -> str | None:
-        """Why a state file's KV state (its header's context settings) cannot load into this
-        context, or None: the K/V types, and flash attention, without which llama.cpp keeps V
-        transposed and refuses the other layout's state with no word of why (flash_attn_type
-        0: off, 1: on; -1, auto, is resolved when a context starts and left to llama.cpp)."""
-        mine = self.context_settings()
+    def state_mismatch(self, header: dict) -> str | None:
+        """Why a state file's KV state (its header) cannot load into this context, or None: the
+        K/V types; flash attention, without which llama.cpp keeps V transposed and refuses the
+        other layout's state with no word of why (flash_attn_type 0: off, 1: on; -1, auto, is
+        resolved when a context starts and left to llama.cpp); more cells than the pool."""
+        mine, saved = self.context_settings(), header["context"]
         for key in ("type_k", "type_v"):
             if saved.get(key) != mine[key]:
                 return (f"KV cache {key}={saved.get(key)} in the file, {mine[key]} in this context; "
@@ -73,6 +73,9 @@ class Llama(Context):
             return (f"saved with flash attention {on[fa]}, this context has it {on[1 - fa]} (the V cache "
                     f"is laid out otherwise); load it with flash_attn={bool(fa)} (the CLI: "
                     f"--{'' if fa else 'no-'}flash-attn)")
+        n = len(header["dialogue"]["positions"])
+        if n >= self.n_ctx:
+            return f"holds {n} cells, more than this context's n_ctx={self.n_ctx}; load it with a larger n_ctx"
         return None
 
     def load_dialogue(self, name_or_path: str | os.PathLike) -> Dialogue:
@@ -86,13 +89,10 @@ class Llama(Context):
             raise StateFileError(
                 f"{path}: made with another model ({h['model'].get('name', '?')}, fingerprint "
                 f"{h['model'].get('fingerprint')}); this model is {self.fingerprint}")
-        why = self.state_mismatch(h["context"])
+        dlg = Dialogue.from_header(self, self.evictor, h, path, dialogues_dir=self._dialogues_dir)
+        why = self.state_mismatch(h)   # after from_header, which checked the header's fields
         if why is not None:
             raise StateFileError(f"{path}: {why}")
-        dlg = Dialogue.from_header(self, self.evictor, h, path, dialogues_dir=self._dialogues_dir)
-        if len(dlg.positions) >= self.n_ctx:
-            raise StateFileError(f"{path}: holds {len(dlg.positions)} cells, more than this "
-                                 f"context's n_ctx={self.n_ctx}; load it with a larger n_ctx")
         dlg._swapped = st.seq_state
         try:
             self.make_resident(dlg)

@@ -158,6 +158,14 @@ def test_other_flash_attention_setting_is_refused(saved, tiny_model, make_llm, t
     assert make_llm(tiny_model, flash_attn=True).load_dialogue(made_on).tokens == live.tokens
 
 
+def test_a_dialogue_larger_than_the_pool_is_refused(tiny_model, make_llm, tmp_path):
+    big = make_llm(tiny_model, n_ctx=512).dialogue()
+    big.send("x" * 300, **GREEDY)
+    assert 256 < big.n_cells < 512
+    path = big.save(tmp_path / "big.lsd")
+    _assert_refused(make_llm(tiny_model, n_ctx=256), path, "more than this context's n_ctx=256; load it with a larger")
+
+
 def test_missing_file(tiny_model, make_llm, tmp_path):
     llm = make_llm(tiny_model)
     _assert_refused(llm, tmp_path / "absent.lsd", "no such state file")
