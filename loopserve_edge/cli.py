@@ -455,7 +455,7 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (localhost only by default)")
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", default=None, envvar="LOOPSERVE_API_KEY",
-              help="require 'Authorization: Bearer KEY' on /v1/ (also $LOOPSERVE_API_KEY)")
+              help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1/ (also $LOOPSERVE_API_KEY)")
 @click.option("--model-name", default=None, help="the model's id in the API  [default: the file's stem]")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="a web page origin allowed to call the API from a browser (repeatable; '*' for any); "
@@ -494,8 +494,9 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
 def serve(model, host, port, api_key, model_name, cors_origins, prompt_format, n_ctx, kv_type, max_resident,
           ram_limit_mb, max_queue, max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity,
           kv_allocation, kv_span, sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
-    """An OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, GET
-    /v1/models, /health, /metrics, a chat page at /) whose dialogues persist: a request that
+    """An OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, POST
+    /v1/responses, GET /v1/models, Anthropic's POST /v1/messages, /health, /metrics, a chat
+    page at /) whose dialogues persist: a request that
     repeats a known conversation prefills only its new messages. Chat dialogues are saved to
     DIALOGUES_DIR/server/<model> when idle and on shutdown, and found again after a restart.
     LoopServe settings may also be given per request in a "loopserve" object (policy, budget,

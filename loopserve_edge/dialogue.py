@@ -45,6 +45,7 @@ class TurnStats:
     sparse_tokens: int = 0  # prefilled tokens that went through the sparse prefill path
     prefill_density: float | None = None  # share of their causal attention computed
     prefill_chunks: int = 1  # >1: the input went in as chunks, each cut back to the budget
+    stop_string: str | None = None  # the stop string that ended the reply, if one did
 
     @property
     def decode_tps(self) -> float:
@@ -52,6 +53,18 @@ class TurnStats:
 
     def to_dict(self) -> dict:
         return dict(asdict(self), decode_tps=self.decode_tps)
+
+
+def render(template, system: str | None, messages: list[dict]) -> str:
+    """A conversation as the model sees it, its system prompt first where it has one."""
+    head = [{"role": "system", "content": system}] if system else []
+    return template.render(head + messages)
+
+
+def wants_bos(llm, template, rendered: str) -> bool:
+    """Whether the tokenizer adds BOS to the rendered text (not where the template wrote it)."""
+    bos = template.bos_token
+    return llm.add_bos and not (bos and rendered.startswith(bos))
 
 
 def _sparse_fields(ps: dict | None) -> dict:
@@ -128,6 +141,7 @@ class Dialogue:
         self.end_logprob: tuple | None = None
         self._prefill_stats: dict | None = None  # llm.prefill_stats() of this turn's prefill
         self.prefill_chunks = 0  # pieces this turn's input was prefilled in
+        self.prompt_counts = (0, 0)  # this turn's prompt tokens and those reused (send_steps)
         self._seq: int | None = None        # llama.cpp sequence while resident
         self._swapped: bytes | None = None  # sequence state while not resident
         self._held_scores = None  # its scores through a state round trip (held_scores)
@@ -178,6 +192,8 @@ class Dialogue:
             if constraint is not None:
                 constraint.close()
             raise
+        # known before the reply (a stream's first event may report them; TurnStats once it ends)
+        self.prompt_counts = (reused + prefilled, reused)
         return self._generate(params, logits, t0, reused, prefilled, swapped_in, token_fn, stops, reply_prefix,
                               constraint)
 
@@ -202,15 +218,13 @@ class Dialogue:
             steps.close()
 
     def _render(self, messages: list[dict]) -> str:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.template.render(head + messages)
+        return render(self.template, self.system, messages)
 
     def _prefill(self, text: str, reply_prefix: str = "") -> tuple[np.ndarray, int, int]:
         llm = self.llm
         messages = self.messages + [{"role": "user", "content": text}]
         rendered = self._render(messages) + reply_prefix
-        bos = self.template.bos_token
-        add_bos = llm.add_bos and not (bos and rendered.startswith(bos))
+        add_bos = wants_bos(llm, self.template, rendered)
         if self.tokens and rendered.startswith(self.kv_text):
             keep = len(self.tokens)
             new = llm.tokenize(rendered[len(self.kv_text):])
@@ -338,6 +352,7 @@ class Dialogue:
         shown = 0         # cannot be the start of one, and `shown` chars have been yielded
         hold = max((len(s) for s in stops), default=1) - 1
         cut: int | None = None  # where the reply ends, when a stop string ended it
+        matched = None          # that stop string
         ttft = None
         t_dec = time.perf_counter()
         finish = "length"
@@ -385,9 +400,9 @@ class Dialogue:
                         yield text
                     continue
                 reply_text += text
-                hits = [i for i in (reply_text.find(s, max(0, shown - hold)) for s in stops) if i >= 0]
+                hits = [(i, s) for s in stops if (i := reply_text.find(s, max(0, shown - hold))) >= 0]
                 if hits:
-                    cut = min(hits)
+                    cut, matched = min(hits, key=lambda h: h[0])
                     finish = "stop"
                     if cut > shown:
                         yield reply_text[shown:cut]
@@ -417,7 +432,7 @@ class Dialogue:
                 kv_cells=self.n_cells, kv_capacity=llm.n_ctx, finish_reason=finish,
                 swapped_in=swapped_in, kv_evicted=self.evicted, evict_s=self.evict_s,
                 scored_tokens=len(decode_times[True]), score_overhead_s=_overhead(decode_times),
-                prefill_chunks=self.prefill_chunks,
+                prefill_chunks=self.prefill_chunks, stop_string=matched,
                 **_sparse_fields(self._prefill_stats))
 
     # -- state -------------------------------------------------------------------------

@@ -110,13 +110,19 @@ def _text(content, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        out = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{where}.content[{i}]: only text parts are supported", f"{where}.content")
-            out.append(part["text"])
-        return "".join(out)
+        return text_parts(content, f"{where}.content")
     raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+def text_parts(parts: list, where: str, sep: str = "") -> str:
+    """Parts ({"type": "text", "text": ...}; OpenAI's content parts, Anthropic's text blocks)
+    as one text, `sep` between them; any other part is refused, naming `where`."""
+    out = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise _bad(f"{where}[{i}]: only text parts are supported", where)
+        out.append(part["text"])
+    return sep.join(out)
 
 
 def given(body: dict, name: str, default):
@@ -717,7 +723,8 @@ class ChatShapes:
     """A chat request's response and stream chunks, from its reply, TurnStats and the
     log-probability entries that come with the reply or with each piece (the server and the
     Python API build both kinds of answer through these five calls; end's `did`, the dialogue's
-    id, is for the Responses API's shapes). With tools, the stream gives a text reply's content,
+    id, is for the Responses API's shapes, start's `prompt`, the prompt's tokens and those of
+    them reused, for the Messages API's). With tools, the stream gives a text reply's content,
     or a call's name and then its arguments, as they come."""
 
     done_marker = True   # a stream ends with "data: [DONE]"
@@ -730,7 +737,7 @@ class ChatShapes:
     def response(self, text: str, stats, did: str, logprobs) -> dict:
         return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs, self.reader is not None)
 
-    def start(self) -> list[dict]:
+    def start(self, prompt: tuple[int, int] | None = None) -> list[dict]:
         return [chunk(self.cid, self.req.model, self.fp, {"role": "assistant", "content": ""})]
 
     def piece(self, text: str, logprobs) -> list[dict]:
@@ -782,8 +789,8 @@ class StreamChoices:
                 choice["index"] = self.i
         return chunks
 
-    def start(self) -> list[dict]:
-        return self._mark(self.shapes[self.i].start())
+    def start(self, prompt: tuple[int, int] | None = None) -> list[dict]:
+        return self._mark(self.shapes[self.i].start(prompt))
 
     def piece(self, text: str, logprobs) -> list[dict]:
         return self._mark(self.shapes[self.i].piece(text, logprobs))
@@ -817,7 +824,7 @@ class TextShapes:
         return text_response(self.cid, self.req.model, self.fp, start + text, stats, did,
                              text_logprobs(logprobs, 0 if self.req.scores_prompt else len(start)))
 
-    def start(self) -> list[dict]:
+    def start(self, prompt: tuple[int, int] | None = None) -> list[dict]:
         return [text_chunk(self.cid, self.req.model, self.fp, self.req.prompt)] if self.req.echo else []
 
     def piece(self, text: str, logprobs) -> list[dict]:

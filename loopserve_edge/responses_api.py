@@ -207,7 +207,7 @@ class ResponseShapes:
         self.done(obj, _chat_message(self.items))
         return obj
 
-    def start(self) -> list[dict]:
+    def start(self, prompt: tuple[int, int] | None = None) -> list[dict]:
         obj = self._object("in_progress")
         return [self._event("response.created", response=obj), self._event("response.in_progress", response=obj)]
 

@@ -16,7 +16,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 echo "[setup] installing Python dependencies"
 pip install "setuptools>=61" wheel "scikit-build-core>=0.9.2" "numpy>=1.24" "click>=8.1" "platformdirs>=3" "jinja2>=3" \
     "typing-extensions>=4.5" "diskcache>=5.6" "matplotlib>=3.7" "fastapi>=0.110" "uvicorn>=0.29" \
-    "pytest>=7.4" "gguf>=0.10" "psutil>=5.9" "openai>=1.92" "httpx>=0.27" \
+    "pytest>=7.4" "gguf>=0.10" "psutil>=5.9" "openai>=1.92" "anthropic>=0.50" "httpx>=0.27" \
     "websocket-client>=1.6" "clang-format==18.1.8"
 echo "[setup] patched llama.cpp runtime"
 "$VENV/bin/python" scripts/build_runtime.py "$@"

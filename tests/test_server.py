@@ -550,6 +550,114 @@ def test_responses_stream_tool_calls_as_events_and_take_their_outputs(server):
                            and e.item_id == item.id) == item.content[0].text
 
 
+def _anthropic(server, **kw):
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic, anthropic.Anthropic(base_url=server.url, max_retries=0, **dict({"api_key": "none"}, **kw))
+
+
+# the Anthropic SDK takes no sampling settings; the server still reads them from the body
+ANTHROPIC_GREEDY = {"extra_body": {"temperature": 0}}
+
+
+def test_anthropic_messages_go_on_as_chat_would(server):
+    anthropic, client = _anthropic(server)
+    system, question = "You are brief.", "Name a colour."
+    first = client.messages.create(model=MODEL, max_tokens=12, system=system,
+                                   messages=[{"role": "user", "content": question}], **ANTHROPIC_GREEDY)
+    assert first.id.startswith("msg_") and first.type == "message" and first.role == "assistant"
+    (block,) = first.content
+    chat = _chat(server.client(), [{"role": "system", "content": system}, {"role": "user", "content": question}])
+    assert block.type == "text" and block.text == chat.choices[0].message.content
+    assert first.stop_reason == ("max_tokens" if chat.choices[0].finish_reason == "length" else "end_turn")
+    # Anthropic's input_tokens leave out the cache's: the two together are chat's prompt tokens
+    u = first.usage
+    assert u.input_tokens + u.cache_read_input_tokens == chat.usage.prompt_tokens and u.output_tokens >= 1
+    counted = client.messages.count_tokens(model=MODEL, system=system, messages=[{"role": "user", "content": question}])
+    assert counted.input_tokens == chat.usage.prompt_tokens
+    msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": first.content},
+            {"role": "user", "content": [{"type": "text", "text": "And another?"}]}]
+    nxt = client.messages.create(model=MODEL, max_tokens=12, system=system, messages=msgs, **ANTHROPIC_GREEDY)
+    # the first turn's prompt and reply are in the dialogue's cache: only the new message is prefilled
+    assert nxt.usage.cache_read_input_tokens >= u.input_tokens + u.cache_read_input_tokens + u.output_tokens
+    again = _chat(server.client(), [{"role": "system", "content": system}, {"role": "user", "content": question},
+                                    {"role": "assistant", "content": block.text},
+                                    {"role": "user", "content": "And another?"}])
+    assert nxt.content[0].text == again.choices[0].message.content
+    # a stop sequence ends the reply before it and is named; a last assistant message is continued
+    words = block.text.split()
+    assert len(words) >= 3, block.text
+    stopped = client.messages.create(model=MODEL, max_tokens=12, system=system, stop_sequences=["#", words[2]],
+                                     messages=[{"role": "user", "content": question}], **ANTHROPIC_GREEDY)
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == words[2]
+    assert words[2] not in stopped.content[0].text and block.text.startswith(stopped.content[0].text)
+    cont = client.messages.create(model=MODEL, max_tokens=4, system=system, **ANTHROPIC_GREEDY, messages=[
+        {"role": "user", "content": question}, {"role": "assistant", "content": " ".join(words[:2])}])
+    assert cont.content[0].text and not cont.content[0].text.startswith(words[0])
+    hi = [{"role": "user", "content": "x"}]
+    for bad, text in [(dict(messages=[{"role": "system", "content": "x"}]), "messages[0].role"),
+                      (dict(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]),
+                       "messages[0].content[0]"),
+                      (dict(messages=hi, tools=[{"type": "bash_20250124", "name": "bash"}]), "tools[0]"),
+                      (dict(messages=hi, stop_sequences=[""]), "'stop_sequences'"),
+                      (dict(messages=[{"role": "user", "content": [
+                          {"type": "tool_result", "tool_use_id": "t", "content": "1"}]}]), "messages[0]"),
+                      (dict(system="s", messages=[{"role": "assistant", "content": [
+                          {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]), "messages[0]")]:
+        with pytest.raises(anthropic.BadRequestError) as e:
+            client.messages.create(model=MODEL, max_tokens=4, **bad)
+        assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+        assert e.value.body["error"]["message"].startswith(text), (bad, e.value.body)
+    with pytest.raises(anthropic.NotFoundError) as e:
+        client.messages.create(model="claude-x", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["error"]["type"] == "not_found_error" and MODEL in e.value.body["error"]["message"]
+    # the model list in Anthropic's shape as well (the same card carries both APIs' fields)
+    (card,) = client.models.list().data
+    assert card.id == client.models.retrieve(MODEL).id == MODEL and card.type == "model"
+    assert card.created_at.year >= 2024 and card.display_name == MODEL
+
+
+def test_anthropic_messages_stream_tool_use_and_take_its_results(server):
+    anthropic, client = _anthropic(server)
+    tools = [{"name": "get_weather", "description": "The weather in a city now",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                               "required": ["city"], "additionalProperties": False}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    whole = client.messages.create(model=MODEL, max_tokens=64, tools=tools, tool_choice={"type": "any"}, messages=ask,
+                                   **ANTHROPIC_GREEDY)
+    with client.messages.stream(model=MODEL, max_tokens=64, tools=tools, tool_choice={"type": "any"}, messages=ask,
+                                **ANTHROPIC_GREEDY) as stream:
+        events = list(stream)
+        streamed = stream.get_final_message()
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    assert events[0].message.usage.input_tokens + events[0].message.usage.cache_read_input_tokens == \
+        streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens
+    starts = [e.index for e in events if e.type == "content_block_start"]
+    assert starts == [e.index for e in events if e.type == "content_block_stop"] == list(range(len(streamed.content)))
+    # the stream puts together what the whole reply holds
+    assert whole.stop_reason == streamed.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in whole.content] == [(b.type, b.name, b.input) for b in streamed.content]
+    call = whole.content[0]
+    assert call.type == "tool_use" and call.name == "get_weather" and set(call.input) == {"city"}
+    # the client sends the call back (its input parsed) with its result: the dialogue goes on from
+    # the call as the model wrote it, nothing prefilled again
+    msgs = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in whole.content]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C"}]}]
+    after = client.messages.create(model=MODEL, max_tokens=32, tools=tools, messages=msgs, **ANTHROPIC_GREEDY)
+    u = whole.usage
+    assert after.usage.cache_read_input_tokens >= u.input_tokens + u.cache_read_input_tokens + u.output_tokens
+    assert after.stop_reason in ("end_turn", "tool_use", "max_tokens") and after.content
+    # a call this server did not write goes in as its input says (written without spaces)
+    other = ask + [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                       "input": {"city": "Oslo"}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                                 "content": [{"type": "text", "text": "no such city"}]}]}]
+    once = client.messages.create(model=MODEL, max_tokens=64, tools=tools, messages=other, **ANTHROPIC_GREEDY)
+    assert once.content and once.stop_reason in ("end_turn", "tool_use")
+    again = client.messages.create(model=MODEL, max_tokens=4, tools=tools, messages=other, **ANTHROPIC_GREEDY)
+    assert again.usage.cache_read_input_tokens >= once.usage.input_tokens + once.usage.cache_read_input_tokens - 1
+
+
 def test_text_completions_continue_the_prompt_and_reuse_it(server, default_model):
     from loopserve_edge import Llama
 
@@ -993,6 +1101,14 @@ def test_an_api_key_is_required_when_set(tmp_path):
         assert httpx.post(s.url + "/tokenize", json={"content": "hi"}).status_code == 401
         assert httpx.post(s.url + "/tokenize", json={"content": "hi"},
                           headers={"Authorization": "Bearer s3cret"}).json()["tokens"]
+        # Anthropic's clients send the key as x-api-key, and get its error shape
+        anthropic, wrong = _anthropic(s, api_key="wrong")
+        with pytest.raises(anthropic.AuthenticationError) as e:
+            wrong.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert e.value.body["error"]["type"] == "authentication_error"
+        for kw in ({"api_key": "s3cret"}, {"api_key": None, "auth_token": "s3cret"}):
+            assert _anthropic(s, **kw)[1].messages.create(model=MODEL, max_tokens=2,
+                                                         messages=[{"role": "user", "content": "hi"}]).content
     finally:
         s.stop()
 

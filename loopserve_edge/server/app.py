@@ -1,7 +1,9 @@
 """The HTTP API (FastAPI/Starlette, served by uvicorn): OpenAI's /v1/chat/completions,
-/v1/completions and /v1/models, /health, Prometheus /metrics and a small chat page at /.
+/v1/completions, /v1/responses and /v1/models, Anthropic's /v1/messages, /health, Prometheus
+/metrics and a small chat page at /.
 
-Every error is an OpenAI-style JSON body; the server keeps serving after any of them.
+Every error is a JSON body in the shape of the API asked (OpenAI's, or Anthropic's under
+/v1/messages); the server keeps serving after any of them.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import logging
 import threading
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio
@@ -19,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import openai_api, responses_api
+from .. import messages_api, openai_api, responses_api
 from . import protocol
 from .engine import Engine
 from .protocol import ApiError
@@ -32,8 +35,17 @@ DIALOGUE_HEADER = "X-Dialogue-Id"
 KEYED = ("/tokenize", "/detokenize")
 
 
-def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+def _error(e: ApiError, path: str) -> JSONResponse:
+    return JSONResponse(e.body(path), status_code=e.status, headers=e.headers)
+
+
+def _key(request: Request) -> str:
+    """The API key a request gives: OpenAI's clients send 'Authorization: Bearer KEY',
+    Anthropic's 'x-api-key: KEY' (or the Bearer form, given an auth token)."""
+    got = request.headers.get("authorization", "")
+    if got.startswith("Bearer "):
+        return got[len("Bearer "):]
+    return request.headers.get("x-api-key", "")
 
 
 def _piece(b: bytes):
@@ -69,28 +81,27 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         engine.metrics.request(request.url.path, e.status)
-        return _error(e)
+        return _error(e, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         engine.metrics.request(request.url.path, e.status_code)
         code = "not_found" if e.status_code == 404 else None
-        return _error(ApiError(e.status_code, str(e.detail), code=code))
+        return _error(ApiError(e.status_code, str(e.detail), code=code), request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("internal error on %s", request.url.path)
         engine.metrics.request(request.url.path, 500)
-        return _error(ApiError(500, f"internal error ({type(e).__name__})", type="server_error"))
+        return _error(ApiError(500, f"internal error ({type(e).__name__})", type="server_error"), request.url.path)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and (request.url.path.startswith("/v1/") or request.url.path in KEYED):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            if not hmac.compare_digest(_key(request).encode(), api_key.encode()):
                 engine.metrics.request(request.url.path, 401)
-                return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                       code="invalid_api_key"))
+                return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer ..., or x-api-key)",
+                                       code="invalid_api_key"), request.url.path)
         return await call_next(request)
 
     if cors_origins:
@@ -104,13 +115,18 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         return {"status": "ok", "model": opts.model_name}
 
     def model_card() -> dict:
-        return {"id": opts.model_name, "object": "model", "created": int(engine.llm.model_path.stat().st_mtime),
-                "owned_by": "loopserve-edge"}
+        created = int(engine.llm.model_path.stat().st_mtime)
+        # OpenAI's fields, then Anthropic's (each API's clients read their own, ignore the rest)
+        return {"id": opts.model_name, "object": "model", "created": created, "owned_by": "loopserve-edge",
+                "type": "model", "display_name": opts.model_name, "lifecycle": "active",
+                "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z"),
+                "max_input_tokens": engine.llm.n_ctx}
 
     @app.get("/v1/models")
     async def models():
         engine.metrics.request("/v1/models", 200)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()], "has_more": False, "first_id": opts.model_name,
+                "last_id": opts.model_name}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
@@ -216,6 +232,24 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         return await _answer(request, req, None,
                              responses_api.ResponseShapes(req, engine.llm.fingerprint, body, prev, done))
 
+    calls = messages_api.CallTexts()
+
+    @app.post("/v1/messages")
+    async def create_message(request: Request):
+        """Anthropic's Messages API over the chat path (messages_api.py)."""
+        req = protocol.parse_messages_request(await request.body(), calls, opts.model_name)
+        check_model(req)
+        return await _answer(request, req, request.headers.get(DIALOGUE_HEADER),
+                             messages_api.MessageShapes(req, engine.llm.fingerprint, calls))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        req = protocol.parse_messages_request(await request.body(), calls, opts.model_name)
+        check_model(req)
+        n = await anyio.to_thread.run_sync(engine.count_tokens, req)
+        engine.metrics.request("/v1/messages/count_tokens", 200)
+        return {"input_tokens": n}
+
     @app.get("/v1/responses/{rid}")
     async def get_response(rid: str):
         engine.metrics.request("/v1/responses", 200)
@@ -252,8 +286,8 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         def emit(piece: str, logprobs: list | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("piece", (piece, logprobs)))
 
-        def started(did: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ("start", did))
+        def started(did: str, prompt: tuple[int, int]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("start", (did, prompt)))
 
         async def work():
             try:
@@ -278,25 +312,26 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         if kind == "error":
             await task
             engine.metrics.request(path, value.status)
-            return _error(value)
+            return _error(value, path)
+        did, prompt = value
         engine.metrics.request(path, 200)
         shapes = items[0][1] if len(items) == 1 else openai_api.StreamChoices([s for _, s in items], one_prompt)
 
         async def events():
             try:
-                for c in shapes.start():
+                for c in shapes.start(prompt):
                     yield protocol.sse(c)
                 done = 0
                 while done < len(items):
                     k, v = await queue.get()
                     if k == "start":   # the next choice's prompt is in
-                        for c in shapes.start():
+                        for c in shapes.start(v[1]):
                             yield protocol.sse(c)
                     elif k == "piece":
                         for c in shapes.piece(*v):
                             yield protocol.sse(c)
                     elif k == "error":
-                        yield protocol.sse(v.body())
+                        yield protocol.sse(v.body(path))
                         break
                     else:
                         _, stats, did, logprobs = v
@@ -312,6 +347,6 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
                 await asyncio.shield(task)
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", DIALOGUE_HEADER: value})
+                                 headers={"Cache-Control": "no-cache", DIALOGUE_HEADER: did})
 
     return app

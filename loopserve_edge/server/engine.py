@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import openai_api
-from ..dialogue import Step
+from ..dialogue import Step, render, wants_bos
 from ..dialogue_store import DialogueBusy, DialogueStore, Entry
 from ..errors import ChatTemplateError, ContextFullError, LoopServeError
 from ..openai_api import ChatRequest, LogprobCursor, RequestError, TextRequest
@@ -43,7 +43,7 @@ class _Job:
     dialogue_id: str | None
     emit: Callable[[str, list | None], None]
     cancelled: threading.Event
-    started: Callable[[str], None] | None
+    started: Callable[[str, tuple[int, int]], None] | None
     done: threading.Event = field(default_factory=threading.Event)
     result: tuple | None = None
     error: BaseException | None = None
@@ -94,8 +94,9 @@ class Engine:
             self._pending -= 1
 
     def run(self, req: ChatRequest, dialogue_id: str | None, emit: Callable[[str, list | None], None],
-            cancelled: threading.Event, started: Callable[[str], None] | None = None) -> tuple:
-        """Run one request (blocking): started(dialogue id) once the prompt is prefilled,
+            cancelled: threading.Event, started: Callable[[str, tuple[int, int]], None] | None = None) -> tuple:
+        """Run one request (blocking): started(dialogue id, (prompt tokens, tokens of them
+        reused)) once the prompt is prefilled,
         emit(text, logprobs) for each piece of the reply as it comes (from the scheduler thread;
         logprobs: OpenAI's entries of the tokens that start in it, None unless the request asked
         for them). Returns (reply, TurnStats, dialogue id, logprobs of the tokens not emitted
@@ -110,6 +111,17 @@ class Engine:
         if job.error is not None:
             raise job.error
         return job.result
+
+    def count_tokens(self, req: ChatRequest) -> int:
+        """The tokens of the request's prompt, as a dialogue holding nothing yet prefills it
+        (Anthropic's count_tokens)."""
+        llm = self.llm
+        try:
+            text = render(llm.template, req.system, [*req.history, {"role": "user", "content": req.prompt}])
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        text += req.reply_prefix
+        return len(llm.tokenize(text, add_bos=wants_bos(llm, llm.template, text)))
 
     def stop(self) -> None:
         """Finish the replies in progress (as if their clients went away), refuse the waiting."""
@@ -204,7 +216,7 @@ class Engine:
             job.done.set()
             return
         if job.started is not None:
-            job.started(job.entry.id)
+            job.started(job.entry.id, job.dlg.prompt_counts)
         active.append(job)
 
     def _step(self, active: list[_Job]) -> None:

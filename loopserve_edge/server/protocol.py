@@ -1,14 +1,17 @@
-"""The HTTP side of OpenAI's chat-completions and Responses shapes (openai_api.py and
-responses_api.py have the rest): error bodies with their status, a request body decoded,
-server-sent events; llama-server's token endpoints' bodies.
+"""The HTTP side of OpenAI's chat-completions and Responses shapes and of Anthropic's Messages
+(openai_api.py, responses_api.py and messages_api.py have the rest): error bodies with their
+status, a request body decoded, server-sent events; llama-server's token endpoints' bodies.
 """
 from __future__ import annotations
 
 import json
 
-from .. import responses_api
+from .. import messages_api, responses_api
 from ..openai_api import (ChatRequest, RequestError, TextRequest, check_unicode, given, parse_chat,
                           parse_texts, resolve_text)
+
+
+MESSAGES = "/v1/messages"   # Anthropic's API: its paths answer errors in its shape
 
 
 class ApiError(Exception):
@@ -24,7 +27,10 @@ class ApiError(Exception):
     def bad_request(cls, e: RequestError) -> "ApiError":
         return cls(400, e.message, param=e.param, code=e.code)
 
-    def body(self) -> dict:
+    def body(self, path: str = "") -> dict:
+        """The error body as the API at `path` gives it (Anthropic's under /v1/messages)."""
+        if path.startswith(MESSAGES):
+            return messages_api.error_body(self.status, self.message)
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
@@ -62,6 +68,21 @@ def parse_response_request(raw: bytes, store, model: str) -> tuple[dict, ChatReq
     except RequestError as e:
         raise ApiError(400, responses_api.message(e.message, e.param), param=responses_api.param(e.param),
                        code=e.code) from None
+
+
+def parse_messages_request(raw: bytes, calls, model: str) -> ChatRequest:
+    """An Anthropic Messages body as a chat request; `calls` (messages_api.CallTexts) give
+    the text of this server's tool calls; `model` as parse_chat_request."""
+    body = _json(raw)
+    try:
+        chat, origin = messages_api.to_chat(body, calls)
+    except RequestError as e:   # named as this API names them already
+        raise ApiError.bad_request(e) from None
+    try:
+        return parse_chat(chat, model)
+    except RequestError as e:
+        raise ApiError(400, messages_api.message(e.message, e.param, origin),
+                       param=messages_api.param(e.param, origin), code=e.code) from None
 
 
 def parse_tokenize(raw: bytes) -> tuple[str, bool, bool]:
@@ -107,7 +128,9 @@ def _json(raw: bytes) -> dict:
 
 
 def sse(obj) -> bytes:
-    """A server-sent event; a Responses API event is named by its type, as OpenAI's are."""
+    """A server-sent event; a Responses or Messages API event is named by its type, as OpenAI's
+    and Anthropic's are."""
     kind = obj.get("type") if isinstance(obj, dict) else None
-    head = f"event: {kind}\n".encode() if isinstance(kind, str) and kind.startswith("response.") else b""
+    named = isinstance(kind, str) and (kind.startswith("response.") or kind in messages_api.EVENTS)
+    head = f"event: {kind}\n".encode() if named else b""
     return head + b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
