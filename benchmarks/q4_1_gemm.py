@@ -3,7 +3,7 @@
 unpatched build runs), side by side in one process, the two alternating, on the same tokens.
 
     python benchmarks/q4_1_gemm.py [--model M.gguf] [--lengths 512,2048,4096,8192] \\
-        [--threads 2] [--repeats 3] [--flash-attn both|on|off] [--decode 64] [--tiles 256]
+        [--threads 2] [--repeats 3] [--flash-attn both|on|off] [--decode 64] [--tiles 256] [--batch-invariant]
 
 The prompt is real passages (the benchmark's shared data) when they are there, else random
 token ids (the products' time does not depend on the values). Each length gets its own
@@ -48,9 +48,13 @@ def prompt_tokens(llm, n: int) -> tuple[list[int], str]:
     return rng.integers(1000, llm.n_vocab() - 1, n).tolist(), "random token ids"
 
 
-def run(model: str, n: int, threads: int, repeats: int, fa: bool, decode: int, tiles: str = "1") -> dict:
+def run(model: str, n: int, threads: int, repeats: int, fa: bool, decode: int, tiles: str = "1",
+        invariant: bool = False) -> dict:
     llm = llama_cpp.Llama(model, n_ctx=n + decode + 16, n_batch=2048, n_ubatch=2048, n_threads=threads,
                           n_threads_batch=threads, flash_attn=fa, verbose=False)
+    if invariant:   # the server's default: ggml's CPU backend in its reference mode
+        from loopserve_edge import bindings
+        bindings.llama_loopserve_set_batch_invariant(llm._ctx.ctx, True)
     toks, source = prompt_tokens(llm, n + decode)
     prompt, follow = toks[:n], toks[n:]
     times = {"0": [], "1": []}
@@ -93,13 +97,19 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=0)
     ap.add_argument("--tiles", choices=["default", "256"], default="default",
                     help="256: the 256-bit tiles alone (what a machine with AVX2 but no AVX-512 runs)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="batch-invariant attention, as the server runs by default (flash attention on only)")
     a = ap.parse_args()
+    if a.batch_invariant and a.flash_attn != "on":
+        ap.error("--batch-invariant needs --flash-attn on")
     model = a.model or str(default_model())
     fas = {"both": [False, True], "on": [True], "off": [False]}[a.flash_attn]
     tiles = "256" if a.tiles == "256" else "1"
-    rows = [run(model, int(n), a.threads, a.repeats, fa, a.decode, tiles) for fa in fas for n in a.lengths.split(",")]
+    rows = [run(model, int(n), a.threads, a.repeats, fa, a.decode, tiles, a.batch_invariant)
+            for fa in fas for n in a.lengths.split(",")]
     print(f"model {Path(model).name}, {a.threads} threads, n_ubatch 2048, {a.repeats} timed prefills per mode, "
-          f"{'256-bit tiles alone, ' if a.tiles == '256' else ''}{rows[0]['source']}")
+          f"{'256-bit tiles alone, ' if a.tiles == '256' else ''}"
+          f"{'batch-invariant attention, ' if a.batch_invariant else ''}{rows[0]['source']}")
     head = "  length  flash attn  vec_dot loop s  tiles s  loop/tiles [range]  same logits"
     if a.decode:
         head += f"  decode tok/s ({a.decode} steps) loop / tiles"

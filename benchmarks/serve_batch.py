@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--flash-attn", default="on", help="on, off, or on,off: both, side by side")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="batch-invariant attention, as the server runs by default (needs flash attention)")
     a = ap.parse_args()
 
     from loopserve_edge.paths import default_model
@@ -57,7 +59,7 @@ def main() -> None:
     model = Path(a.model) if a.model else default_model()
     clients = [int(c) for c in a.clients.split(",")]
     print(f"{model.name}, {a.threads} threads, n_gpu_layers {a.n_gpu_layers}, replies of {a.tokens} tokens "
-          f"(greedy), max_resident {max(clients)}\n")
+          f"(greedy), max_resident {max(clients)}{', batch-invariant attention' if a.batch_invariant else ''}\n")
     print("| flash attention | clients | mode | wall s | generated tok/s (all clients) | replies per decode step |")
     print("|---|---:|---|---:|---:|---:|")
     for fa in a.flash_attn.split(","):
@@ -69,7 +71,7 @@ def _measure(model, clients, a, fa: str) -> None:
     from loopserve_edge.server.engine import Engine, ServeOptions
 
     with Llama(model, n_ctx=4096, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, flash_attn=fa == "on",
-               loopserve=LoopServeConfig(max_resident=max(clients))) as llm:
+               loopserve=LoopServeConfig(max_resident=max(clients), batch_invariant=a.batch_invariant)) as llm:
         with tempfile.TemporaryDirectory() as tmp:   # warm-up: allocation, graph building
             engine = Engine(llm, ServeOptions(model.stem, Path(tmp)))
             run(engine, 2, 4)

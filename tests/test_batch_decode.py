@@ -376,3 +376,28 @@ def test_batch_invariant_attention_over_cells_that_dialogues_share(tiny_model, m
     for d in (b, a):   # each over the shared cells, then its own
         for x, y in zip(alone, steps(d)):
             assert np.array_equal(x, y)
+
+
+@pytest.mark.skipif(GPU_LAYERS != 0, reason="the CPU backend's flash attention row")
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_batch_invariant_prefill_gives_each_position_its_logits_decoded_alone(default_model, n_threads):
+    """With batch-invariant attention every op sums a row as it would alone: a prompt prefilled at
+    once (its flash attention rows computed a tile of tokens at a time, a block of K/V rows for
+    all of them; its weight products in tiles) gives each position, bit for bit, the logits of
+    its tokens decoded one at a time (one row a step). 300 tokens: two blocks of cells; 1 and 3
+    threads split the rows into chunks that start mid-token."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(default_model), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=n_threads,
+                          n_threads_batch=n_threads, n_gpu_layers=0, flash_attn=True, logits_all=True,
+                          verbose=False)
+    assert bindings.llama_loopserve_set_batch_invariant(llm.ctx, True) >= 1
+    prompt = [int(t) for t in np.random.default_rng(n_threads).integers(300, 40000, 300)]
+    llm.eval(prompt)
+    at_once = np.array(llm.scores[:len(prompt)])
+    llm.reset()
+    for t in prompt:
+        llm.eval([t])
+    alone = np.array(llm.scores[:len(prompt)])
+    assert np.isfinite(at_once).all() and at_once.std() > 0
+    assert np.array_equal(at_once, alone), f"max difference {np.abs(at_once - alone).max()}"

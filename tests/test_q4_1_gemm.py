@@ -64,3 +64,23 @@ def test_tiles_give_the_vec_dot_loops_logits_bit_for_bit(q4_1_model, monkeypatch
         assert _tile_calls() - before == 15 * -(-n // 64)
         assert np.isfinite(loop).all() and loop.std() > 0
         assert np.array_equal(tiled, loop), f"{n} tokens: max difference {np.abs(tiled - loop).max()}"
+
+
+def test_batch_invariant_serving_keeps_the_tiles_and_the_loops_logits(q4_1_model, monkeypatch):
+    """Batch-invariant attention (the server's default) puts ggml's CPU backend in its reference
+    mode; the tiles stay (each output is the loop's sum whatever the batch): same logits, bit
+    for bit, as the loop gives in that mode, with the tiles counted."""
+    from loopserve_edge import bindings
+
+    llm = llama_cpp.Llama(str(q4_1_model), n_ctx=256, n_batch=64, n_ubatch=64, n_threads=2, n_threads_batch=2,
+                          n_gpu_layers=0, op_offload=False, logits_all=True, flash_attn=True, verbose=False)
+    assert bindings.llama_loopserve_set_batch_invariant(llm.ctx, True) >= 1
+    tokens = np.random.default_rng(7).integers(1, llm.n_vocab(), 45).tolist()
+    monkeypatch.setenv("LOOPSERVE_Q4_1_GEMM", "0")
+    loop = _logits(llm, tokens)
+    monkeypatch.setenv("LOOPSERVE_Q4_1_GEMM", "")
+    before = _tile_calls()
+    tiled = _logits(llm, tokens)
+    assert _tile_calls() - before == 15
+    assert np.isfinite(loop).all() and np.array_equal(tiled, loop)
+

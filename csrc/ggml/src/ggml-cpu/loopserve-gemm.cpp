@@ -326,7 +326,9 @@ bool ggml_cpu_loopserve_mul_mat_q4_1(const struct ggml_compute_params * params,
                                      size_t                             row_size) {
     const ggml_tensor * src0 = dst->src[0];
     const ggml_tensor * src1 = dst->src[1];
-    if (params->use_ref || src0->type != GGML_TYPE_Q4_1 || src1->type != GGML_TYPE_F32 || src1->ne[1] < 2) {
+    // ggml's reference mode (use_ref: batch-invariant attention) keeps the tiles: each output is
+    // the vec_dot loop's sum bit for bit whatever the batch, which is all that mode asks of a product
+    if (src0->type != GGML_TYPE_Q4_1 || src1->type != GGML_TYPE_F32 || src1->ne[1] < 2) {
         return false;  // one row: the vec_dot loop, which computes the same
     }
     if (src0->ne[2] != 1 || src0->ne[3] != 1 || src1->ne[2] != 1 || src1->ne[3] != 1) {

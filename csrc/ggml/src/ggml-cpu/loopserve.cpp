@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -987,10 +988,58 @@ static void ls_fa_block(float *       sc,
 }
 #endif
 
-// The visible cells of a mask row in the order of a batch-invariant list
-// (GGML_LOOPSERVE_FA_ORDER_SRC), as last found on this thread: the heads of a query row come one
-// after another, and every layer of a cache has the same mask, so a row's cells serve the next
-// calls with the same mask row, list and ubatch (the list's last value numbers the ubatches).
+// The visible cells of a mask row in [ic0, ic1): in the order of a batch-invariant list
+// (GGML_LOOPSERVE_FA_ORDER_SRC) where there is one (each sequence's cells in position order),
+// else in cell order; without a mask, every cell.
+static void ls_fa_list(const int32_t *        order,
+                       int64_t                n_kv,
+                       const ggml_fp16_t *    mask,
+                       int64_t                ic0,
+                       int64_t                ic1,
+                       std::vector<int32_t> & cells) {
+    cells.clear();
+    if (mask == nullptr) {
+        for (int64_t ic = ic0; ic < ic1; ++ic) {
+            cells.push_back((int32_t) ic);
+        }
+        return;
+    }
+    if (order == nullptr) {
+        for (int64_t ic = ggml_cpu_loopserve_next_visible(mask, ic0, ic1); ic < ic1;
+             ic         = ggml_cpu_loopserve_next_visible(mask, ic + 1, ic1)) {
+            cells.push_back((int32_t) ic);
+        }
+        return;
+    }
+    const int64_t first = ggml_cpu_loopserve_next_visible(mask, ic0, ic1);
+    const int32_t j0    = first < ic1 ? order[n_kv + first] : 0;
+    const int32_t j1    = first < ic1 ? order[2 * n_kv + first] : 0;
+    for (int32_t j = j0; j < j1; ++j) {
+        const int64_t ic = order[j];
+        if (ic < ic0 || ic >= ic1) {
+            continue;
+        }
+        if (GGML_CPU_FP16_TO_FP32(mask[ic]) == -INFINITY) {
+            continue;
+        }
+        cells.push_back((int32_t) ic);
+    }
+}
+
+// dst's batch-invariant list of the cells, or nullptr
+static const int32_t * ls_fa_order(const ggml_tensor * dst) {
+    const ggml_tensor * ord = dst->src[GGML_LOOPSERVE_FA_ORDER_SRC];
+    const ggml_tensor * k   = dst->src[1];
+    if (ord == nullptr || dst->src[3] == nullptr || ord->type != GGML_TYPE_I32 || ord->ne[0] != 3 * k->ne[1] + 1) {
+        return nullptr;
+    }
+    return (const int32_t *) ord->data;
+}
+
+// The visible cells of a mask row as last found on this thread (the stock loop's side, below):
+// the heads of a query row come one after another, and every layer of a cache has the same
+// mask, so a row's cells serve the next calls with the same mask row, list and ubatch (the
+// list's last value numbers the ubatches).
 struct ls_fa_walk {
     const int32_t *      order = nullptr;
     int32_t              gen   = 0;
@@ -1018,25 +1067,46 @@ static const ls_fa_walk & ls_fa_visible(const int32_t *     order,
     w.mask  = mask;
     w.ic0   = ic0;
     w.ic1   = ic1;
-    w.cells.clear();
-    const int64_t first = ggml_cpu_loopserve_next_visible(mask, ic0, ic1);
-    const int32_t j0    = first < ic1 ? order[n_kv + first] : 0;
-    const int32_t j1    = first < ic1 ? order[2 * n_kv + first] : 0;
-    for (int32_t j = j0; j < j1; ++j) {
-        const int64_t ic = order[j];
-        if (ic < ic0 || ic >= ic1) {
-            continue;
-        }
-        const float m = GGML_CPU_FP16_TO_FP32(mask[ic]);
-        if (m == -INFINITY) {
-            continue;
-        }
-        w.cells.push_back((int32_t) ic);
-    }
+    ls_fa_list(order, n_kv, mask, ic0, ic1, w.cells);
     return w;
 }
 
+#if defined(GGML_SIMD) && defined(LS_FA_F16_LOAD)
+// Query tokens of a tile: the rows of up to this many tokens of one chunk are computed together,
+// block by block, so that a block of K and V rows serves every row of the tile while it is in
+// cache (one row at a time read each row's cells from memory again: a long prompt's attention
+// ran ~2-3x slower than the stock tiled path). Each row's own arithmetic is unchanged.
+#    define LS_FA_TILE_T 8
+
+// LOOPSERVE_FA_TILE=N: N tokens a tile; 0: one row at a time, as before the tiles (read per
+// tile, so that a benchmark can compare them in one process)
+static int64_t ls_fa_tile_tokens() {
+    const char * env = getenv("LOOPSERVE_FA_TILE");
+    return env != nullptr && *env != '\0' ? std::max(0, atoi(env)) : LS_FA_TILE_T;
+}
+
+// The rows computed ahead on this thread, handed to the calls that follow (the one-chunk loop
+// asks for its rows one at a time, in order)
+struct ls_fa_tile {
+    const ggml_tensor *               dst = nullptr;
+    int64_t                           iq3 = -1;
+    int64_t                           t0  = 0;  // its first token
+    int64_t                           nt  = 0;  // tokens
+    int64_t                           nh  = 0;  // heads a token (the rows of token t: t * nh + head)
+    int64_t                           DK  = 0;
+    int64_t                           DV  = 0;
+    std::vector<uint8_t>              ready;
+    std::vector<float>                ms;     // M and S of each row
+    std::vector<float>                vkq;    // DV floats a row
+    std::vector<float>                q;      // DK floats a row
+    std::vector<std::vector<int32_t>> cells;  // each token's visible cells, in the order its rows sum them
+    std::vector<const ggml_fp16_t *>  masks;  // each token's mask row
+};
+#endif
+
 bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
+                               int64_t             ir,
+                               int64_t             ir1,
                                int64_t             iq1,
                                int64_t             iq2,
                                int64_t             iq3,
@@ -1051,66 +1121,131 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
     const ggml_tensor * q  = dst->src[0];
     const ggml_tensor * k  = dst->src[1];
     const ggml_tensor * v  = dst->src[2];
+    const ggml_tensor * mt = dst->src[3];
     const int64_t       DK = k->ne[0];
     const int64_t       DV = v->ne[0];
     if (q->type != GGML_TYPE_F32 || k->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 || DK % GGML_F32_EPR != 0 ||
         DV % GGML_F32_EPR != 0 || DK > LS_FA_DK_MAX) {
         return false;
     }
+    static thread_local ls_fa_tile tl;
+    const int64_t                  nh     = q->ne[2];
+    const auto                     served = [&](int64_t t, int64_t h) {
+        const int64_t r = (t - tl.t0) * tl.nh + h;
+        if (tl.dst != dst || tl.iq3 != iq3 || t < tl.t0 || t >= tl.t0 + tl.nt || !tl.ready[r]) {
+            return false;
+        }
+        tl.ready[r] = 0;  // each row once: nothing stale is left for a later call
+        *M          = tl.ms[2 * r];
+        *S          = tl.ms[2 * r + 1];
+        memcpy(VKQ, tl.vkq.data() + r * DV, DV * sizeof(float));
+        return true;
+    };
+    if (served(iq1, iq2)) {
+        return true;
+    }
+
+    // A tile from this row: the rows of the tokens that follow within the chunk (ir < ir1), a
+    // token's heads one after another as the loop goes. One row where the rows of a token do not
+    // share their cells (a mask per head) or their slope (ALiBi), or where asked.
+    const int64_t tile = ls_fa_tile_tokens();
+    const bool    one  = tile == 0 || ls_param_f(dst, 1) != 0.0f || (mt != nullptr && mt->ne[2] != 1);
+    const int64_t nt   = one ? 1 : std::min<int64_t>({ tile, q->ne[1] - iq1, (ir1 - ir + iq2 + nh - 1) / nh });
+    tl.dst             = dst;
+    tl.iq3             = iq3;
+    tl.t0              = iq1;
+    tl.nt              = nt;
+    tl.nh              = nh;
+    tl.DK              = DK;
+    tl.DV              = DV;
+    tl.ready.assign(nt * nh, 0);
+    tl.ms.resize(2 * nt * nh);
+    tl.vkq.resize(nt * nh * DV);
+    tl.q.resize(nt * nh * DK);
+    tl.cells.resize(nt);
+    tl.masks.resize(nt);
+    const int32_t * order = ls_fa_order(dst);
+    for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = iq1 + i;
+        tl.masks[i] =
+            i == 0 || mt == nullptr ?
+                mask :
+                (const ggml_fp16_t *) ((const char *) mt->data + t * mt->nb[1] + (iq3 % mt->ne[3]) * mt->nb[3]);
+        ls_fa_list(order, k->ne[1], tl.masks[i], ic0, ic1, tl.cells[i]);
+    }
+    // the rows: from this one to the chunk's end, within the tokens above
+    const auto in_tile = [&](int64_t i, int64_t h) {
+        const int64_t r = ir + i * nh + h - iq2;
+        return r >= ir && r < ir1 && (!one || h == iq2);
+    };
     const float scale0  = ls_param_f(dst, 0);
     const float softcap = ls_param_f(dst, 2);
     const float scale   = softcap != 0.0f ? scale0 / softcap : scale0;
-
-    // Q in f32 (the stock loop rounds it to f16 for ggml_vec_dot_f16)
-    float         Q[LS_FA_DK_MAX];
-    const float * pq = (const float *) ((const char *) q->data + iq1 * q->nb[1] + iq2 * q->nb[2] + iq3 * q->nb[3]);
-    memcpy(Q, pq, DK * sizeof(float));
-    const char * kh =
-        (const char *) k->data + (iq2 / (q->ne[2] / k->ne[2])) * k->nb[2] + (iq3 / (q->ne[3] / k->ne[3])) * k->nb[3];
-    const char * vh =
-        (const char *) v->data + (iq2 / (q->ne[2] / v->ne[2])) * v->nb[2] + (iq3 / (q->ne[3] / v->ne[3])) * v->nb[3];
-
-    *M = -INFINITY;
-    *S = 0.0f;
-    memset(VKQ, 0, DV * sizeof(float));
-    float           sc[LS_FA_BLOCK];
-    float           mv[LS_FA_BLOCK];
-    int32_t         cells[LS_FA_BLOCK];
-    int             n  = 0;
-    // the row's cells in position order where the graph gives their list (batch invariance)
-    int64_t         nv = 0;
-    const int32_t * vc = ggml_cpu_loopserve_fa_cells(dst, mask, ic0, ic1, &nv);
-    if (vc != nullptr) {
-        for (int64_t b = 0; b < nv; b += LS_FA_BLOCK) {
-            n = (int) std::min<int64_t>(LS_FA_BLOCK, nv - b);
-            for (int i = 0; i < n; ++i) {
-                cells[i] = vc[b + i];
-                mv[i]    = slope * GGML_CPU_FP16_TO_FP32(mask[cells[i]]);
-            }
-            ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
-        }
-        n = 0;
-    } else {
-        for (int64_t ic = ic0; ic < ic1; ++ic) {
-            const float m = mask ? slope * GGML_CPU_FP16_TO_FP32(mask[ic]) : 0.0f;
-            if (m == -INFINITY) {
-                ic = ggml_cpu_loopserve_next_visible(mask, ic + 1, ic1) - 1;
+    for (int64_t i = 0; i < nt; ++i) {
+        for (int64_t h = 0; h < nh; ++h) {
+            if (!in_tile(i, h)) {
                 continue;
             }
-            mv[n]    = m;
-            cells[n] = (int32_t) ic;
-            if (++n == LS_FA_BLOCK) {
-                ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
-                n = 0;
+            const int64_t r = i * nh + h;
+            // Q in f32 (the stock loop rounds it to f16 for ggml_vec_dot_f16)
+            memcpy(tl.q.data() + r * DK, (const char *) q->data + (iq1 + i) * q->nb[1] + h * q->nb[2] + iq3 * q->nb[3],
+                   DK * sizeof(float));
+            tl.ms[2 * r]     = -INFINITY;
+            tl.ms[2 * r + 1] = 0.0f;
+            memset(tl.vkq.data() + r * DV, 0, DV * sizeof(float));
+        }
+    }
+    // each KV head's rows block by block; a row's blocks are its own cells 0-255, 256-511, ...
+    // as when it went alone, so its sums are the same
+    const int64_t g  = nh / k->ne[2];
+    int64_t       nb = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+        nb = std::max<int64_t>(nb, ((int64_t) tl.cells[i].size() + LS_FA_BLOCK - 1) / LS_FA_BLOCK);
+    }
+    float   sc[LS_FA_BLOCK];
+    float   mv[LS_FA_BLOCK];
+    int32_t cells[LS_FA_BLOCK];
+    for (int64_t kvh = 0; kvh < k->ne[2]; ++kvh) {
+        const char * kh = (const char *) k->data + kvh * k->nb[2] + (iq3 / (q->ne[3] / k->ne[3])) * k->nb[3];
+        const char * vh =
+            (const char *) v->data + (kvh * v->ne[2] / k->ne[2]) * v->nb[2] + (iq3 / (q->ne[3] / v->ne[3])) * v->nb[3];
+        for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t i = 0; i < nt; ++i) {
+                const std::vector<int32_t> & list = tl.cells[i];
+                const int64_t                c0   = b * LS_FA_BLOCK;
+                if (c0 >= (int64_t) list.size()) {
+                    continue;
+                }
+                const int n   = (int) std::min<int64_t>(LS_FA_BLOCK, (int64_t) list.size() - c0);
+                bool      any = false;
+                for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
+                    if (!in_tile(i, h)) {
+                        continue;
+                    }
+                    if (!any) {  // the block's cells and mask values, once for the KV head's rows
+                        for (int c = 0; c < n; ++c) {
+                            cells[c] = list[c0 + c];
+                            mv[c]    = tl.masks[i] == nullptr ?
+                                           0.0f :
+                                           (one ? slope : 1.0f) * GGML_CPU_FP16_TO_FP32(tl.masks[i][cells[c]]);
+                        }
+                        any = true;
+                    }
+                    const int64_t r = i * nh + h;
+                    ls_fa_block(sc, cells, mv, n, kh, k->nb[1], tl.q.data() + r * DK, DK, scale, softcap, vh, v->nb[1],
+                                DV, &tl.ms[2 * r], &tl.ms[2 * r + 1], tl.vkq.data() + r * DV);
+                }
             }
         }
     }
-    if (n > 0) {
-        ls_fa_block(sc, cells, mv, n, kh, k->nb[1], Q, DK, scale, softcap, vh, v->nb[1], DV, M, S, VKQ);
+    for (int64_t i = 0; i < nt; ++i) {
+        for (int64_t h = 0; h < nh; ++h) {
+            tl.ready[i * nh + h] = in_tile(i, h);
+        }
     }
-    return true;
+    return served(iq1, iq2);
 #else
-    GGML_UNUSED_VARS(dst, iq1, iq2, iq3, mask, slope, ic0, ic1, M, S, VKQ);
+    GGML_UNUSED_VARS(dst, ir, ir1, iq1, iq2, iq3, mask, slope, ic0, ic1, M, S, VKQ);
     return false;
 #endif
 }
@@ -1120,9 +1255,8 @@ const int32_t * ggml_cpu_loopserve_fa_cells(const ggml_tensor * dst,
                                             int64_t             ic0,
                                             int64_t             ic1,
                                             int64_t *           n) {
-    const ggml_tensor * ord = dst->src[GGML_LOOPSERVE_FA_ORDER_SRC];
-    const ggml_tensor * k   = dst->src[1];
-    if (ord == nullptr || mask == nullptr || ord->type != GGML_TYPE_I32 || ord->ne[0] != 3 * k->ne[1] + 1) {
+    const int32_t * order = ls_fa_order(dst);
+    if (order == nullptr || mask == nullptr) {
         return nullptr;
     }
     const ggml_tensor * mt = dst->src[3];
@@ -1130,7 +1264,7 @@ const int32_t * ggml_cpu_loopserve_fa_cells(const ggml_tensor * dst,
         mt = mt->view_src;
     }
     const bool         keep = (mt->flags & GGML_TENSOR_FLAG_INPUT) != 0;
-    const ls_fa_walk & w    = ls_fa_visible((const int32_t *) ord->data, k->ne[1], mask, ic0, ic1, keep);
+    const ls_fa_walk & w    = ls_fa_visible(order, dst->src[1]->ne[1], mask, ic0, ic1, keep);
     *n                      = (int64_t) w.cells.size();
     return w.cells.data();
 }

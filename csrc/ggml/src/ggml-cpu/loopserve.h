@@ -18,16 +18,21 @@ size_t ggml_cpu_loopserve_work_size(const struct ggml_tensor * node, int n_tasks
 // per-key loop skips a run of masked cells (other dialogues' in a shared pool) at once
 int64_t ggml_cpu_loopserve_next_visible(const ggml_fp16_t * mask, int64_t i0, int64_t n);
 
-// Flash attention's one-chunk path for query row (iq1, iq2, iq3) of dst over cells [ic0, ic1)
+// Flash attention's one-chunk path for query row ir = (iq1, iq2, iq3) of dst over cells [ic0, ic1)
 // with f16 K and V: M, S and VKQ (DV floats) as that path's loop leaves them. Scores of a
 // block of visible cells first, then their exp in SIMD, then V; the per-cell expf and f16
 // accumulator of the stock loop took over a quarter of a 16-client server's attention time. The
 // blocks follow the visible cells alone, so a row's result does not depend on the other
 // rows of the batch or on the masked cells; with the cells' order as a source of dst
 // (GGML_LOOPSERVE_FA_ORDER_SRC) they go in position order, so not on where the cells sit
-// either. False where it does not apply (the stock loop runs, in cell order): other K/V
-// types, head dims that are not whole SIMD steps, no SIMD f16 loads.
+// either. The rows the loop asks for next (up to ir1, a query's heads in a row) are computed
+// with it, a block of K and V rows at a time for all of them, and handed out as they are asked
+// for; each row's arithmetic is the same as alone. False where it does not apply (the stock loop
+// runs, in cell order): other K/V types, head dims that are not whole SIMD steps, no SIMD f16
+// loads.
 bool ggml_cpu_loopserve_fa_row(const struct ggml_tensor * dst,
+                               int64_t                    ir,
+                               int64_t                    ir1,
                                int64_t                    iq1,
                                int64_t                    iq2,
                                int64_t                    iq3,
