@@ -81,3 +81,16 @@ def test_errors_name_the_request_s_own_messages_and_fields():
     assert error({"messages": hi, "tool_choice": {"type": "some"}}).param == "tool_choice"
     body = messages_api.error_body(e.status, e.message)
     assert body == {"type": "error", "error": {"type": "invalid_request_error", "message": e.message}}
+
+
+def test_an_output_format_holds_the_reply_to_its_schema():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}, "thinking": {"type": "disabled"}}
+    chat, _ = to_chat(body, CallTexts())
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    req = _parse(body)
+    assert req.grammar and "city" in req.grammar
+    with pytest.raises(ApiError) as e:
+        _parse(dict(body, output_config={"format": {"type": "xml"}}))
+    assert e.value.param == "output_config.format"
