@@ -22,6 +22,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,8 +42,6 @@ MODES = {"stock": (False, None, None), "invariant": (True, None, None),
 
 
 def run(model: str, n: int, threads: int, repeats: int) -> dict:
-    import time
-
     llms = {}
     for invariant in (False, True):
         llm = llama_cpp.Llama(model, n_ctx=n + 16, n_batch=2048, n_ubatch=2048, n_threads=threads,

@@ -257,6 +257,7 @@ class MessageShapes:
         self.chat, self.req, self.calls = openai_api.ChatShapes(req, fingerprint), req, calls
         self.id = message_id()
         self.blocks: list[dict] = []   # the content blocks so far
+        self.texts: dict[str, str] = {}  # each tool_use block's arguments as the model wrote them
         self.open = False              # the last block is still being streamed
 
     def _usage(self, prompt: int, reused: int, output: int) -> dict:
@@ -284,9 +285,8 @@ class MessageShapes:
                 "loopserve": openai_api.extras(did, stats)}
 
     def _remember(self) -> None:
-        for b in self.blocks:
-            if b["type"] == "tool_use":
-                self.calls.add(b["id"], b.pop("_text"))
+        for cid, text in self.texts.items():
+            self.calls.add(cid, text)
 
     # the answer path's calls
 
@@ -294,7 +294,7 @@ class MessageShapes:
         choice = self.chat.response(text, stats, did, logprobs)["choices"][0]
         msg = choice["message"]
         for c in msg.get("tool_calls") or ():
-            self.blocks.append(_use(c["id"], c["function"]["name"], c["function"]["arguments"]))
+            self.blocks.append(self._use(c["id"], c["function"]["name"], c["function"]["arguments"]))
         if not self.blocks and msg["content"]:
             self.blocks.append({"type": "text", "text": msg["content"]})
         self._remember()
@@ -324,6 +324,11 @@ class MessageShapes:
     def usage(self, stats, did: str) -> dict:   # never asked for: the usage is in message_delta
         raise AssertionError("a Messages stream has no usage chunk")
 
+    def _use(self, cid: str, name: str, arguments: str) -> dict:
+        """A tool_use block, its arguments' text kept apart (`texts`)."""
+        self.texts[cid] = arguments
+        return {"type": "tool_use", "id": cid, "name": name, "input": _input(arguments)}
+
     def _deltas(self, delta: dict) -> list[dict]:
         out = []
         text = delta.get("content")
@@ -340,14 +345,14 @@ class MessageShapes:
         for c in delta.get("tool_calls") or ():
             if "id" in c:
                 out += self._close()
-                self.blocks.append(_use(c["id"], c["function"]["name"], ""))
+                self.blocks.append(self._use(c["id"], c["function"]["name"], ""))
                 self.open = True
                 out.append({"type": "content_block_start", "index": len(self.blocks) - 1,
                             "content_block": {"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
                                               "input": {}}})
             part = c["function"].get("arguments", "")
             if part:
-                self.blocks[-1]["_text"] += part
+                self.texts[self.blocks[-1]["id"]] += part
                 out.append({"type": "content_block_delta", "index": len(self.blocks) - 1,
                             "delta": {"type": "input_json_delta", "partial_json": part}})
         return out
@@ -358,13 +363,8 @@ class MessageShapes:
         self.open = False
         b = self.blocks[-1]
         if b["type"] == "tool_use":
-            b["input"] = _input(b["_text"])
+            b["input"] = _input(self.texts[b["id"]])
         return [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
-
-
-def _use(cid: str, name: str, arguments: str) -> dict:
-    """A tool_use block; `_text` (the arguments as written) is taken out once the reply ends."""
-    return {"type": "tool_use", "id": cid, "name": name, "input": _input(arguments), "_text": arguments}
 
 
 def _input(arguments: str) -> dict:

@@ -1093,14 +1093,12 @@ struct ls_fa_tile {
     int64_t                           t0  = 0;  // its first token
     int64_t                           nt  = 0;  // tokens
     int64_t                           nh  = 0;  // heads a token (the rows of token t: t * nh + head)
-    int64_t                           DK  = 0;
-    int64_t                           DV  = 0;
     std::vector<uint8_t>              ready;
-    std::vector<float>                ms;     // M and S of each row
-    std::vector<float>                vkq;    // DV floats a row
-    std::vector<float>                q;      // DK floats a row
-    std::vector<std::vector<int32_t>> cells;  // each token's visible cells, in the order its rows sum them
-    std::vector<const ggml_fp16_t *>  masks;  // each token's mask row
+    std::vector<float>                ms;       // M and S of each row
+    std::vector<float>                vkq;      // DV floats a row
+    std::vector<float>                q;        // DK floats a row
+    std::vector<std::vector<int32_t>> cells;    // each token's visible cells, in the order its rows sum them
+    std::vector<const ggml_fp16_t *>  masks;    // each token's mask row
 };
 #endif
 
@@ -1156,8 +1154,6 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
     tl.t0              = iq1;
     tl.nt              = nt;
     tl.nh              = nh;
-    tl.DK              = DK;
-    tl.DV              = DV;
     tl.ready.assign(nt * nh, 0);
     tl.ms.resize(2 * nt * nh);
     tl.vkq.resize(nt * nh * DV);
