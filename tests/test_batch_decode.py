@@ -378,6 +378,50 @@ def test_batch_invariant_attention_over_cells_that_dialogues_share(tiny_model, m
             assert np.array_equal(x, y)
 
 
+@pytest.mark.skipif(GPU_LAYERS != 0, reason="the CPU backend's flash attention tiles")
+def test_batch_invariant_steps_decoded_together_over_a_shared_prefix(default_model, make_llm):
+    """Two dialogues sharing a 300-cell prefix (two blocks of cells in the CPU's attention tiles)
+    decoded together: the tile computes the rows of tokens whose block of cells is the same once
+    for both (the first block) and apart where their cells part (the second), and each dialogue
+    gets, bit for bit, the logits of the same steps over its own copy of the prefix alone. One
+    thread: the step's rows in one chunk, so one tile holds both tokens. (The default model: the
+    tiny one's float32 products sum a row differently beside another.)"""
+    from loopserve_edge.bindings import llama_c
+
+    llm = make_llm(default_model, n_ctx=1024, n_threads=1, n_threads_batch=1, flash_attn=True,
+                   loopserve=LoopServeConfig(max_resident=3, batch_invariant=True))
+    rng = np.random.default_rng(12)
+    prompt = [int(t) for t in rng.integers(300, 40000, 300)]
+    n = len(prompt)
+    feeds = {0: [905, 1701, 3303, 2002], 1: [909, 4101, 707, 12000]}
+
+    def fresh():
+        d = llm.dialogue()
+        llm.decode(d, prompt, list(range(n)))
+        d.tokens, d.positions = list(prompt), list(range(n))
+        return d
+
+    alone = {}
+    for i, feed in feeds.items():
+        d = fresh()
+        alone[i] = [llm.decode_batch([(d, t, n + j)])[0] for j, t in enumerate(feed)]
+        d.close()
+
+    a, b = fresh(), llm.dialogue()
+    llm.make_resident(b)
+    llama_c.llama_memory_seq_cp(llm._mem, a._seq, b._seq, -1, -1)   # a's cells now b's too
+    b.tokens, b.positions = list(prompt), list(range(n))
+    together = {0: [], 1: []}
+    for j in range(4):
+        x, y = llm.decode_batch([(a, feeds[0][j], n + j), (b, feeds[1][j], n + j)])
+        together[0].append(x)
+        together[1].append(y)
+    for i in feeds:
+        assert all(np.isfinite(x).all() for x in together[i])
+        for x, y in zip(alone[i], together[i]):
+            assert np.array_equal(x, y), f"dialogue {i}: max difference {np.abs(x - y).max()}"
+
+
 @pytest.mark.skipif(GPU_LAYERS != 0, reason="the CPU backend's flash attention row")
 @pytest.mark.parametrize("n_threads", [1, 3])
 def test_batch_invariant_prefill_gives_each_position_its_logits_decoded_alone(default_model, n_threads):

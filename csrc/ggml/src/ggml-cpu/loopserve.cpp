@@ -848,20 +848,79 @@ static __m512 ls_fa_hsum16(const __m512 * x) {
                          _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// sc[i] = sum_d K[cells[i]][d] Q[d] for a group of LS_FA_GROUP cells; DK a multiple of 16
-static void ls_fa_dots(float * sc, const int32_t * cells, const char * k, size_t nbk1, const float * Q, int64_t DK) {
-    __m512 x[LS_FA_GROUP];
-    for (int i = 0; i < LS_FA_GROUP; ++i) {
-        const ggml_fp16_t * kr = (const ggml_fp16_t *) (k + cells[i] * nbk1);
-        x[i]                   = _mm512_mul_ps(LS_FA_F16_LOAD(kr), _mm512_loadu_ps(Q));
-        for (int64_t d = 16; d < DK; d += 16) {
-            x[i] = _mm512_fmadd_ps(LS_FA_F16_LOAD(kr + d), _mm512_loadu_ps(Q + d), x[i]);
+// x[r][c] for NR rows and a group of 16 cells over NCP chunks of 16 from d0, the rows' Q in
+// registers and each cell's K converted once for all of them (one row at a time converted every
+// K row again for each row, and its chains of FMAs waited on each other). Each (row, cell) is
+// K*Q over the first chunk, then FMAs in the order of d: ls_fa_dots' arithmetic.
+template <int NR, int NCP>
+static void ls_fa_dots_piece(__m512 *              xs,
+                             const int32_t *       cells,
+                             const char *          k,
+                             size_t                nbk1,
+                             const float * const * Q,
+                             int64_t               d0) {
+    __m512 q[NR][NCP];
+    for (int r = 0; r < NR; ++r) {
+        for (int j = 0; j < NCP; ++j) {
+            q[r][j] = _mm512_loadu_ps(Q[r] + d0 + 16 * j);
         }
     }
-    _mm512_storeu_ps(sc, ls_fa_hsum16(x));
+    for (int c = 0; c < LS_FA_GROUP; ++c) {
+        const ggml_fp16_t * kr = (const ggml_fp16_t *) (k + cells[c] * nbk1) + d0;
+        __m512              kc[NCP];
+        for (int j = 0; j < NCP; ++j) {
+            kc[j] = LS_FA_F16_LOAD(kr + 16 * j);
+        }
+        for (int r = 0; r < NR; ++r) {
+            __m512 x =
+                d0 == 0 ? _mm512_mul_ps(kc[0], q[r][0]) : _mm512_fmadd_ps(kc[0], q[r][0], xs[r * LS_FA_GROUP + c]);
+            for (int j = 1; j < NCP; ++j) {
+                x = _mm512_fmadd_ps(kc[j], q[r][j], x);
+            }
+            xs[r * LS_FA_GROUP + c] = x;
+        }
+    }
 }
+
+// sc[r][0 .. 16) for NR rows and a group of 16 cells (DK a multiple of 16)
+template <int NR>
+static void ls_fa_dots_rows(float * const *       sc,
+                            const int32_t *       cells,
+                            const char *          k,
+                            size_t                nbk1,
+                            const float * const * Q,
+                            int64_t               DK) {
+    __m512  xs[NR * LS_FA_GROUP];
+    int64_t d0 = 0;
+    for (; d0 + 64 <= DK; d0 += 64) {
+        ls_fa_dots_piece<NR, 4>(xs, cells, k, nbk1, Q, d0);
+    }
+    switch ((DK - d0) / 16) {
+        case 1:
+            ls_fa_dots_piece<NR, 1>(xs, cells, k, nbk1, Q, d0);
+            break;
+        case 2:
+            ls_fa_dots_piece<NR, 2>(xs, cells, k, nbk1, Q, d0);
+            break;
+        case 3:
+            ls_fa_dots_piece<NR, 3>(xs, cells, k, nbk1, Q, d0);
+            break;
+        default:
+            break;
+    }
+    for (int r = 0; r < NR; ++r) {
+        _mm512_storeu_ps(sc[r], ls_fa_hsum16(xs + r * LS_FA_GROUP));
+    }
+}
+
+// V rows shared by this many query rows at once, over this many vectors of d (8 x 2
+// accumulators, 2 V vectors)
+#        define LS_FA_VROWS 8
+#        define LS_FA_VARR  1
 #    else
 #        define LS_FA_GROUP 1
+#        define LS_FA_VROWS 1
+#        define LS_FA_VARR  GGML_F32_ARR
 
 // DK a multiple of GGML_F32_EPR: whole steps of GGML_F32_STEP, then one vector at a time
 static void ls_fa_dots(float * sc, const int32_t * cells, const char * k, size_t nbk1, const float * Q, int64_t DK) {
@@ -886,63 +945,80 @@ static void ls_fa_dots(float * sc, const int32_t * cells, const char * k, size_t
 }
 #    endif
 
-// VKQ[0 .. ARR vectors) += sum_i sc[i] V[cells[i]] in registers over the whole block: the even
-// cells into one set of sums, the odd into another (one chain of FMAs waited on itself)
-template <int ARR>
-static void ls_fa_v_step(float * VKQ, const float * sc, const int32_t * cells, int n, const char * v, size_t nbv1) {
-    GGML_F32_VEC a0[ARR];
-    GGML_F32_VEC a1[ARR];
-    for (int j = 0; j < ARR; ++j) {
-        a0[j] = GGML_F32_VEC_LOAD(VKQ + j * GGML_F32_EPR);
-        a1[j] = GGML_F32_VEC_ZERO;
+// The rows of one KV head that share a block of cells: their Q, scores, mask values, cells
+// (their first n[r] of the block's), M, S and VKQ
+struct ls_fa_rows {
+    std::vector<const float *> q;
+    std::vector<float *>       sc;
+    std::vector<const float *> mv;
+    std::vector<int>           n;
+    std::vector<float *>       ms;
+    std::vector<float *>       vkq;
+
+    void clear() {
+        q.clear();
+        sc.clear();
+        mv.clear();
+        n.clear();
+        ms.clear();
+        vkq.clear();
     }
-    int i = 0;
-    for (; i + 2 <= n; i += 2) {
-        const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1);
-        const ggml_fp16_t * v1 = (const ggml_fp16_t *) (v + cells[i + 1] * nbv1);
-        const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
-        const GGML_F32_VEC  w1 = GGML_F32_VEC_SET1(sc[i + 1]);
-        for (int j = 0; j < ARR; ++j) {
-            a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
-            a1[j] = GGML_F32_VEC_FMA(a1[j], LS_FA_F16_LOAD(v1 + j * GGML_F32_EPR), w1);
+};
+
+// sc of every row over the block's first n cells, whole groups (the last one padded with the
+// last cell by the caller; the extra scores unused)
+static void ls_fa_scores(const ls_fa_rows & rows,
+                         const int32_t *    cells,
+                         int                n,
+                         const char *       k,
+                         size_t             nbk1,
+                         int64_t            DK) {
+    const int R = (int) rows.q.size();
+#    if defined(__AVX512F__)
+    for (int c0 = 0; c0 < n; c0 += LS_FA_GROUP) {
+        float * sc[4];
+        int     r = 0;
+        for (; r < R; r += 4) {
+            const int nr = std::min(4, R - r);
+            for (int i = 0; i < nr; ++i) {
+                sc[i] = rows.sc[r + i] + c0;
+            }
+            const float * const * Q = rows.q.data() + r;
+            switch (nr) {
+                case 4:
+                    ls_fa_dots_rows<4>(sc, cells + c0, k, nbk1, Q, DK);
+                    break;
+                case 3:
+                    ls_fa_dots_rows<3>(sc, cells + c0, k, nbk1, Q, DK);
+                    break;
+                case 2:
+                    ls_fa_dots_rows<2>(sc, cells + c0, k, nbk1, Q, DK);
+                    break;
+                default:
+                    ls_fa_dots_rows<1>(sc, cells + c0, k, nbk1, Q, DK);
+                    break;
+            }
         }
     }
-    if (i < n) {
-        const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1);
-        const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(sc[i]);
-        for (int j = 0; j < ARR; ++j) {
-            a0[j] = GGML_F32_VEC_FMA(a0[j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
+#    else
+    for (int r = 0; r < R; ++r) {
+        for (int c0 = 0; c0 < n; c0 += LS_FA_GROUP) {
+            ls_fa_dots(rows.sc[r] + c0, cells + c0, k, nbk1, rows.q[r], DK);
         }
     }
-    for (int j = 0; j < ARR; ++j) {
-        GGML_F32_VEC_STORE(VKQ + j * GGML_F32_EPR, GGML_F32_VEC_ADD(a0[j], a1[j]));
-    }
+#    endif
 }
 
-// a block of n visible cells (their mask values mv) into M, S and VKQ
-static void ls_fa_block(float *       sc,
-                        int32_t *     cells,
-                        const float * mv,
-                        int           n,
-                        const char *  k,
-                        size_t        nbk1,
-                        const float * Q,
-                        int64_t       DK,
-                        float         scale,
-                        float         softcap,
-                        const char *  v,
-                        size_t        nbv1,
-                        int64_t       DV,
-                        float *       M,
-                        float *       S,
-                        float *       VKQ) {
-    // scores, whole groups: the last one padded with the last cell (its extra scores unused)
-    for (int i = n; i % LS_FA_GROUP != 0; ++i) {
-        cells[i] = cells[n - 1];
-    }
-    for (int i = 0; i < n; i += LS_FA_GROUP) {
-        ls_fa_dots(sc + i, cells + i, k, nbk1, Q, DK);
-    }
+// a row's scores of its n cells (mask values mv) into probabilities, M, S and VKQ rescaled
+static void ls_fa_softmax(float *       sc,
+                          const float * mv,
+                          int           n,
+                          float         scale,
+                          float         softcap,
+                          int64_t       DV,
+                          float *       M,
+                          float *       S,
+                          float *       VKQ) {
     if (softcap != 0.0f) {
         for (int i = 0; i < n; ++i) {
             sc[i] = softcap * tanhf(sc[i] * scale) + mv[i];
@@ -952,20 +1028,31 @@ static void ls_fa_block(float *       sc,
             sc[i] = sc[i] * scale + mv[i];
         }
     }
-    // the maximum over 8 running maxima (one chain of dependent maxss took longer)
-    float m8[8] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY };
-    int   i8    = 0;
-    for (; i8 + 8 <= n; i8 += 8) {
-        for (int e = 0; e < 8; ++e) {
-            m8[e] = std::max(m8[e], sc[i8 + e]);
+    // the maximum over 16 running maxima, each as MAXPS takes it (a > b ? a : b; one chain of
+    // dependent maxss took longer, and the compiler left 16 of them scalar)
+    float m16[16];
+    for (int e = 0; e < 16; ++e) {
+        m16[e] = -INFINITY;
+    }
+    int i16 = 0;
+#    if defined(__AVX512F__)
+    __m512 mv16 = _mm512_loadu_ps(m16);
+    for (; i16 + 16 <= n; i16 += 16) {
+        mv16 = _mm512_max_ps(mv16, _mm512_loadu_ps(sc + i16));
+    }
+    _mm512_storeu_ps(m16, mv16);
+#    endif
+    for (; i16 + 16 <= n; i16 += 16) {
+        for (int e = 0; e < 16; ++e) {
+            m16[e] = m16[e] > sc[i16 + e] ? m16[e] : sc[i16 + e];
         }
     }
-    for (; i8 < n; ++i8) {
-        m8[0] = std::max(m8[0], sc[i8]);
+    for (; i16 < n; ++i16) {
+        m16[0] = m16[0] > sc[i16] ? m16[0] : sc[i16];
     }
     float mx = -INFINITY;
-    for (int e = 0; e < 8; ++e) {
-        mx = std::max(mx, m8[e]);
+    for (int e = 0; e < 16; ++e) {
+        mx = std::max(mx, m16[e]);
     }
     if (mx > *M) {
         if (*M != -INFINITY) {
@@ -976,14 +1063,137 @@ static void ls_fa_block(float *       sc,
         *M = mx;
     }
     *S += (float) ggml_vec_soft_max_f32(n, sc, sc, *M);
-    // VKQ += sum_i sc[i] V[cell i]: whole steps of GGML_F32_STEP, then one vector at a time (a
-    // head dim of 32 on AVX-512, whose step is 64)
+}
+
+// VKQ[r][0 .. ARR vectors) += sum_i p[r][i] V[cells[i]] over each row's first n[r] cells, in
+// registers over the whole block: per row the even cells into one set of sums and the odd into
+// another (one chain of FMAs waited on itself), the cells all the rows have converted once
+template <int ARR, int NR>
+static void ls_fa_v_rows(float * const *       VKQ,
+                         const float * const * p,
+                         const int *           n,
+                         const int32_t *       cells,
+                         const char *          v,
+                         size_t                nbv1) {
+    GGML_F32_VEC a0[NR][ARR];
+    GGML_F32_VEC a1[NR][ARR];
+    int          nmin = n[0];
+    for (int r = 0; r < NR; ++r) {
+        for (int j = 0; j < ARR; ++j) {
+            a0[r][j] = GGML_F32_VEC_LOAD(VKQ[r] + j * GGML_F32_EPR);
+            a1[r][j] = GGML_F32_VEC_ZERO;
+        }
+        nmin = std::min(nmin, n[r]);
+    }
+    int i = 0;
+    for (; i + 2 <= nmin; i += 2) {
+        const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[i] * nbv1);
+        const ggml_fp16_t * v1 = (const ggml_fp16_t *) (v + cells[i + 1] * nbv1);
+        GGML_F32_VEC        x0[ARR];
+        GGML_F32_VEC        x1[ARR];
+        for (int j = 0; j < ARR; ++j) {
+            x0[j] = LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR);
+            x1[j] = LS_FA_F16_LOAD(v1 + j * GGML_F32_EPR);
+        }
+        for (int r = 0; r < NR; ++r) {
+            const GGML_F32_VEC w0 = GGML_F32_VEC_SET1(p[r][i]);
+            const GGML_F32_VEC w1 = GGML_F32_VEC_SET1(p[r][i + 1]);
+            for (int j = 0; j < ARR; ++j) {
+                a0[r][j] = GGML_F32_VEC_FMA(a0[r][j], x0[j], w0);
+                a1[r][j] = GGML_F32_VEC_FMA(a1[r][j], x1[j], w1);
+            }
+        }
+    }
+    // each row's cells past the shortest row's, paired as above
+    for (int r = 0; r < NR; ++r) {
+        int e = i;
+        for (; e + 2 <= n[r]; e += 2) {
+            const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[e] * nbv1);
+            const ggml_fp16_t * v1 = (const ggml_fp16_t *) (v + cells[e + 1] * nbv1);
+            const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(p[r][e]);
+            const GGML_F32_VEC  w1 = GGML_F32_VEC_SET1(p[r][e + 1]);
+            for (int j = 0; j < ARR; ++j) {
+                a0[r][j] = GGML_F32_VEC_FMA(a0[r][j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
+                a1[r][j] = GGML_F32_VEC_FMA(a1[r][j], LS_FA_F16_LOAD(v1 + j * GGML_F32_EPR), w1);
+            }
+        }
+        if (e < n[r]) {
+            const ggml_fp16_t * v0 = (const ggml_fp16_t *) (v + cells[e] * nbv1);
+            const GGML_F32_VEC  w0 = GGML_F32_VEC_SET1(p[r][e]);
+            for (int j = 0; j < ARR; ++j) {
+                a0[r][j] = GGML_F32_VEC_FMA(a0[r][j], LS_FA_F16_LOAD(v0 + j * GGML_F32_EPR), w0);
+            }
+        }
+        for (int j = 0; j < ARR; ++j) {
+            GGML_F32_VEC_STORE(VKQ[r] + j * GGML_F32_EPR, GGML_F32_VEC_ADD(a0[r][j], a1[r][j]));
+        }
+    }
+}
+
+// VKQ of every row += its probabilities times V, LS_FA_VARR vectors of d at a time, then one
+// (each lane of d sums on its own, so the pieces change nothing in a row's arithmetic), NR rows
+// at a time
+template <int NR>
+static void ls_fa_values_rows(const ls_fa_rows & rows,
+                              int                r,
+                              const int32_t *    cells,
+                              const char *       v,
+                              size_t             nbv1,
+                              int64_t            DV) {
+    float *       vkq[NR];
+    const float * p[NR];
+    for (int i = 0; i < NR; ++i) {
+        p[i] = rows.sc[r + i];
+    }
     int64_t d0 = 0;
-    for (; d0 + GGML_F32_STEP <= DV; d0 += GGML_F32_STEP) {
-        ls_fa_v_step<GGML_F32_ARR>(VKQ + d0, sc, cells, n, v + d0 * sizeof(ggml_fp16_t), nbv1);
+    for (; d0 + LS_FA_VARR * GGML_F32_EPR <= DV; d0 += LS_FA_VARR * GGML_F32_EPR) {
+        for (int i = 0; i < NR; ++i) {
+            vkq[i] = rows.vkq[r + i] + d0;
+        }
+        ls_fa_v_rows<LS_FA_VARR, NR>(vkq, p, rows.n.data() + r, cells, v + d0 * sizeof(ggml_fp16_t), nbv1);
     }
     for (; d0 < DV; d0 += GGML_F32_EPR) {
-        ls_fa_v_step<1>(VKQ + d0, sc, cells, n, v + d0 * sizeof(ggml_fp16_t), nbv1);
+        for (int i = 0; i < NR; ++i) {
+            vkq[i] = rows.vkq[r + i] + d0;
+        }
+        ls_fa_v_rows<1, NR>(vkq, p, rows.n.data() + r, cells, v + d0 * sizeof(ggml_fp16_t), nbv1);
+    }
+}
+
+// the rows' block of cells (n: the longest row's; cells padded to a whole group) into their M, S
+// and VKQ; each row's arithmetic that of the row alone
+static void ls_fa_block_rows(const ls_fa_rows & rows,
+                             const int32_t *    cells,
+                             int                n,
+                             const char *       k,
+                             size_t             nbk1,
+                             int64_t            DK,
+                             float              scale,
+                             float              softcap,
+                             const char *       v,
+                             size_t             nbv1,
+                             int64_t            DV) {
+    ls_fa_scores(rows, cells, n, k, nbk1, DK);
+    const int R = (int) rows.q.size();
+    for (int r = 0; r < R; ++r) {
+        ls_fa_softmax(rows.sc[r], rows.mv[r], rows.n[r], scale, softcap, DV, rows.ms[r], rows.ms[r] + 1, rows.vkq[r]);
+    }
+    int r = 0;
+    for (; r + LS_FA_VROWS <= R; r += LS_FA_VROWS) {
+        ls_fa_values_rows<LS_FA_VROWS>(rows, r, cells, v, nbv1, DV);
+    }
+#    if LS_FA_VROWS == 8
+    if (R - r >= 4) {
+        ls_fa_values_rows<4>(rows, r, cells, v, nbv1, DV);
+        r += 4;
+    }
+    if (R - r >= 2) {
+        ls_fa_values_rows<2>(rows, r, cells, v, nbv1, DV);
+        r += 2;
+    }
+#    endif
+    for (; r < R; ++r) {
+        ls_fa_values_rows<1>(rows, r, cells, v, nbv1, DV);
     }
 }
 #endif
@@ -1099,6 +1309,10 @@ struct ls_fa_tile {
     std::vector<float>                q;        // DK floats a row
     std::vector<std::vector<int32_t>> cells;    // each token's visible cells, in the order its rows sum them
     std::vector<const ggml_fp16_t *>  masks;    // each token's mask row
+    std::vector<float>                sc;       // LS_FA_BLOCK scores a row of a KV head
+    std::vector<std::vector<float>>   mv;       // each token's mask values of its cells
+    std::vector<int64_t>              left;     // the tokens of a block not yet computed
+    ls_fa_rows                        rows;     // the rows computed together
 };
 #endif
 
@@ -1160,6 +1374,7 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
     tl.q.resize(nt * nh * DK);
     tl.cells.resize(nt);
     tl.masks.resize(nt);
+    tl.mv.resize(nt);
     const int32_t * order = ls_fa_order(dst);
     for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = iq1 + i;
@@ -1168,6 +1383,13 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
                 mask :
                 (const ggml_fp16_t *) ((const char *) mt->data + t * mt->nb[1] + (iq3 % mt->ne[3]) * mt->nb[3]);
         ls_fa_list(order, k->ne[1], tl.masks[i], ic0, ic1, tl.cells[i]);
+        // the mask's values once for all the token's KV heads
+        tl.mv[i].resize(tl.cells[i].size());
+        for (size_t c = 0; c < tl.cells[i].size(); ++c) {
+            tl.mv[i][c] = tl.masks[i] == nullptr ?
+                              0.0f :
+                              (one ? slope : 1.0f) * GGML_CPU_FP16_TO_FP32(tl.masks[i][tl.cells[i][c]]);
+        }
     }
     // the rows: from this one to the chunk's end, within the tokens above
     const auto in_tile = [&](int64_t i, int64_t h) {
@@ -1192,45 +1414,71 @@ bool ggml_cpu_loopserve_fa_row(const ggml_tensor * dst,
         }
     }
     // each KV head's rows block by block; a row's blocks are its own cells 0-255, 256-511, ...
-    // as when it went alone, so its sums are the same
+    // as when it went alone, so its sums are the same. Tokens whose block is the start of another
+    // token's (a prompt's tokens: each sees the cells of those before it) go together over the
+    // longer one's cells, so that a K or V row is read and converted once for all their rows.
     const int64_t g  = nh / k->ne[2];
     int64_t       nb = 0;
     for (int64_t i = 0; i < nt; ++i) {
         nb = std::max<int64_t>(nb, ((int64_t) tl.cells[i].size() + LS_FA_BLOCK - 1) / LS_FA_BLOCK);
     }
-    float   sc[LS_FA_BLOCK];
-    float   mv[LS_FA_BLOCK];
-    int32_t cells[LS_FA_BLOCK];
+    tl.sc.resize(nt * g * LS_FA_BLOCK);
+    int32_t    cells[LS_FA_BLOCK];
+    const auto length = [&](int64_t i, int64_t c0) {
+        return (int) std::clamp<int64_t>((int64_t) tl.cells[i].size() - c0, 0, LS_FA_BLOCK);
+    };
     for (int64_t kvh = 0; kvh < k->ne[2]; ++kvh) {
         const char * kh = (const char *) k->data + kvh * k->nb[2] + (iq3 / (q->ne[3] / k->ne[3])) * k->nb[3];
         const char * vh =
             (const char *) v->data + (kvh * v->ne[2] / k->ne[2]) * v->nb[2] + (iq3 / (q->ne[3] / v->ne[3])) * v->nb[3];
         for (int64_t b = 0; b < nb; ++b) {
+            const int64_t c0 = b * LS_FA_BLOCK;
+            tl.left.clear();
             for (int64_t i = 0; i < nt; ++i) {
-                const std::vector<int32_t> & list = tl.cells[i];
-                const int64_t                c0   = b * LS_FA_BLOCK;
-                if (c0 >= (int64_t) list.size()) {
-                    continue;
-                }
-                const int n   = (int) std::min<int64_t>(LS_FA_BLOCK, (int64_t) list.size() - c0);
-                bool      any = false;
+                bool rows = false;
                 for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
-                    if (!in_tile(i, h)) {
+                    rows = rows || in_tile(i, h);
+                }
+                if (rows && length(i, c0) > 0) {
+                    tl.left.push_back(i);
+                }
+            }
+            while (!tl.left.empty()) {
+                // the longest block left, with the tokens whose block starts it
+                int64_t ref = tl.left[0];
+                for (const int64_t i : tl.left) {
+                    ref = length(i, c0) > length(ref, c0) ? i : ref;
+                }
+                const int32_t * rc    = tl.cells[ref].data() + c0;
+                const int       n_ref = length(ref, c0);
+                size_t          kept  = 0;
+                tl.rows.clear();
+                for (const int64_t i : tl.left) {
+                    const int n = length(i, c0);
+                    if (memcmp(tl.cells[i].data() + c0, rc, n * sizeof(int32_t)) != 0) {
+                        tl.left[kept++] = i;
                         continue;
                     }
-                    if (!any) {  // the block's cells and mask values, once for the KV head's rows
-                        for (int c = 0; c < n; ++c) {
-                            cells[c] = list[c0 + c];
-                            mv[c]    = tl.masks[i] == nullptr ?
-                                           0.0f :
-                                           (one ? slope : 1.0f) * GGML_CPU_FP16_TO_FP32(tl.masks[i][cells[c]]);
+                    for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
+                        if (!in_tile(i, h)) {
+                            continue;
                         }
-                        any = true;
+                        const int64_t r = i * nh + h;
+                        tl.rows.q.push_back(tl.q.data() + r * DK);
+                        tl.rows.sc.push_back(tl.sc.data() + tl.rows.sc.size() * LS_FA_BLOCK);
+                        tl.rows.mv.push_back(tl.mv[i].data() + c0);
+                        tl.rows.n.push_back(n);
+                        tl.rows.ms.push_back(&tl.ms[2 * r]);
+                        tl.rows.vkq.push_back(tl.vkq.data() + r * DV);
                     }
-                    const int64_t r = i * nh + h;
-                    ls_fa_block(sc, cells, mv, n, kh, k->nb[1], tl.q.data() + r * DK, DK, scale, softcap, vh, v->nb[1],
-                                DV, &tl.ms[2 * r], &tl.ms[2 * r + 1], tl.vkq.data() + r * DV);
                 }
+                tl.left.resize(kept);
+                // the cells, whole groups: the last one padded with the last cell
+                memcpy(cells, rc, n_ref * sizeof(int32_t));
+                for (int c = n_ref; c % LS_FA_GROUP != 0; ++c) {
+                    cells[c] = rc[n_ref - 1];
+                }
+                ls_fa_block_rows(tl.rows, cells, n_ref, kh, k->nb[1], DK, scale, softcap, vh, v->nb[1], DV);
             }
         }
     }
