@@ -1,9 +1,12 @@
 """Renders a dialogue's messages with the model's own chat template."""
 from __future__ import annotations
 
+import functools
+
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from . import reasoning
 from .errors import ChatTemplateError
 
 # For GGUFs that carry no template (tiny test models, some base models).
@@ -100,6 +103,16 @@ class ChatTemplate:
             return self._fmt(messages=messages).prompt
         except (ValueError, jinja2.TemplateError) as e:
             raise ChatTemplateError(f"the model's chat template cannot render these messages: {e}") from None
+
+
+    @functools.cached_property
+    def opens_thinking(self) -> bool:
+        """Whether the generation prompt opens a thinking block (DeepSeek-R1's template): a
+        reasoning model's reply then starts inside it (reasoning.py)."""
+        try:
+            return reasoning.opens_thinking(self.render([{"role": "user", "content": "?"}]))
+        except ChatTemplateError:
+            return False
 
 
 class RawText:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import chat_template, context, state_file
+from . import chat_template, context, reasoning, state_file
 from .config import ALLOCATIONS, GRANULARITIES, POLICIES, LoopServeConfig
 from .context import KV_TYPES, kv_type_kwargs
 from .errors import LoopServeError
@@ -488,12 +488,17 @@ def chat(model, name, system, prompt_format, n_ctx, kv_type, max_tokens, tempera
               help="CPU attention that sums in the same order alone or batched, so that concurrent "
                    "greedy replies equal single-client ones; prefill of long prompts is slower "
                    "(needs flash attention; GPU layers are not covered)")
+@click.option("--reasoning-format", type=click.Choice(reasoning.FORMATS), default="auto", show_default=True,
+              help="a reasoning model's thinking (<think>...</think>): apart from the answer (auto, deepseek: "
+                   "the message's reasoning_content, Anthropic's thinking block, a Responses reasoning item) "
+                   "or left in the content (none); a request's reasoning_format overrides it")
 @click.option("--verbose", is_flag=True, help="show llama.cpp's log")
 @dialogues_dir_option
 @_guard
 def serve(model, host, port, api_key, model_name, cors_origins, prompt_format, n_ctx, kv_type, max_resident,
           ram_limit_mb, max_queue, max_tokens, save_idle, n_gpu_layers, threads, policy, kv_budget, granularity,
-          kv_allocation, kv_span, sparse_prefill, flash_attn, batch_invariant, verbose, dialogues_dir):
+          kv_allocation, kv_span, sparse_prefill, flash_attn, batch_invariant, reasoning_format, verbose,
+          dialogues_dir):
     """An OpenAI-compatible server (POST /v1/chat/completions, POST /v1/completions, POST
     /v1/responses, GET /v1/models, Anthropic's POST /v1/messages, /health, /metrics, a chat
     page at /) whose dialogues persist: a request that
@@ -520,7 +525,7 @@ def serve(model, host, port, api_key, model_name, cors_origins, prompt_format, n
     name = model_name or model_path.stem
     opts = ServeOptions(model_name=name, dialogues_dir=resolve(dialogues_dir) / "server" / llm.fingerprint,
                         ram_limit=ram_limit_mb << 20, max_queue=max_queue, max_tokens=max_tokens,
-                        save_idle_s=save_idle)
+                        save_idle_s=save_idle, reasoning_format=reasoning_format)
     engine = Engine(llm, opts)
     kv = "full" if config.budget is None else f"{config.policy} budget {config.budget} {config.granularity}-wise"
     click.echo(f"loopserve-edge serve: {name} on http://{host}:{port} (n_ctx {llm.n_ctx}, KV {kv}, "

@@ -31,7 +31,8 @@ class Completions:
         its chunks. The prompt is prefilled before this returns, so that a bad request or a full
         context raises here (RequestError, ContextFullError), even when streaming."""
         openai_api.check_unicode(body)
-        req = openai_api.parse_chat(body, model=str(self.llm.model_path))
+        req = openai_api.with_thinking(openai_api.parse_chat(body, model=str(self.llm.model_path)), "auto",
+                                       self.llm.template.opens_thinking)
         sampling = self._sampling(req, CHAT_DEFAULTS)
         entry, _ = self.store.for_request(req.system, list(req.history), req.prompt, None,
                                           self.store.evictor(req.loopserve))
@@ -64,13 +65,15 @@ class Completions:
         except BaseException:
             self.store.failed(entry)
             raise
-        return self._chunks(req, entry, pieces, shapes) if req.stream else self._whole(entry, pieces, shapes, head)
+        return (self._chunks(req, entry, pieces, shapes) if req.stream
+                else self._whole(req, entry, pieces, shapes, head))
 
-    def _whole(self, entry: Entry, pieces: Iterator[str], shapes, head: list[dict] | None = None) -> dict:
+    def _whole(self, req: ChatRequest, entry: Entry, pieces: Iterator[str], shapes,
+               head: list[dict] | None = None) -> dict:
         try:
             text = "".join(pieces)
         finally:
-            self._end(entry, pieces)
+            self._end(req, entry, pieces)
         dlg = entry.dialogue
         logprobs = LogprobCursor(self.llm, dlg).take(len(text.encode()))
         if head is not None:
@@ -87,12 +90,13 @@ class Completions:
                 shown += len(piece.encode())
                 yield from shapes.piece(piece, logprobs.take(shown))   # the tokens that start in it
         finally:
-            self._end(entry, pieces)   # also when the caller stops early
+            self._end(req, entry, pieces)   # also when the caller stops early
         yield from shapes.end(dlg.last_stats, None, entry.id)   # a stop string's tokens, after the last piece: none
         if req.include_usage:
             yield shapes.usage(dlg.last_stats, entry.id)
 
-    def _end(self, entry: Entry, pieces: Iterator[str]) -> None:
+    def _end(self, req: ChatRequest, entry: Entry, pieces: Iterator[str]) -> None:
         pieces.close()          # ends the turn: the reply so far is the dialogue's last message
+        openai_api.answer_only(req, entry.dialogue)
         entry.busy = False
         self.store.updated(entry)

@@ -101,6 +101,14 @@ class Resident(Protocol):
     _held_scores: held_scores.HeldScores | None   # scores kept through a state round trip
 
 
+def utf8(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as e:   # a lone surrogate (say, from a JSON "\ud800" escape)
+        raise LoopServeError(f"the text is not valid Unicode: it holds a lone UTF-16 surrogate "
+                             f"(\\u{ord(text[e.start]):04x})") from None
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many tokens a and b share from their start."""
     n = min(len(a), len(b))
@@ -253,12 +261,9 @@ class Context:
 
     # -- tokens ------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
-        try:
-            data = text.encode()
-        except UnicodeEncodeError as e:   # a lone surrogate (say, from a JSON "\ud800" escape)
-            raise LoopServeError(f"the text is not valid Unicode: it holds a lone UTF-16 surrogate "
-                                 f"(\\u{ord(text[e.start]):04x})") from None
+    def tokenize(self, text: str | bytes, *, add_bos: bool = False) -> list[int]:
+        """`text` as str, or as bytes of UTF-8 (utf8())."""
+        data = text if isinstance(text, bytes) else utf8(text)
         return self._llm.tokenize(data, add_bos=add_bos, special=True)
 
     def _piece(self, token: int, special: bool = True) -> bytes:

@@ -2,7 +2,8 @@
 
 The KV state always corresponds to `kv_text` (the rendered conversation up to the last
 decoded token), so a new turn renders the template, checks that the old text is a prefix
-of the new, and prefills only the difference.
+of the new, and prefills only the difference; where the template rewrote some of it, the
+cells from the first one the rewrite reaches are recomputed (text_spans).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from . import paths, state_file
-from .context import common_prefix
+from . import paths, state_file, text_spans
+from .context import utf8
 from .errors import ContextFullError, LoopServeError, StateFileError
 from .held_scores import HeldScores
 from .sampling import Sampler, SamplingParams, logprobs
@@ -122,6 +123,8 @@ class Dialogue:
         self.tokens: list[int] = []
         self.positions: list[int] = []
         self.kv_text = ""
+        # each cell's token as a byte span of kv_text (text_spans), in cell order like tokens
+        self.spans: list[tuple[int, int]] = []
         self.turns = 0
         self.evicted = 0       # cells removed by the eviction policy, all turns
         self.layout = "cell"   # "head" once a head-wise cut gave each KV head its own tokens
@@ -224,31 +227,26 @@ class Dialogue:
         llm = self.llm
         messages = self.messages + [{"role": "user", "content": text}]
         rendered = self._render(messages) + reply_prefix
-        add_bos = wants_bos(llm, self.template, rendered)
-        if self.tokens and rendered.startswith(self.kv_text):
-            keep = len(self.tokens)
-            new = llm.tokenize(rendered[len(self.kv_text):])
+        kv, r = self.kv_text.encode(), utf8(rendered)
+        if self.tokens and r.startswith(kv):
+            keep, b = len(self.tokens), len(kv)
         else:
-            # The template rewrote earlier text, or the conversation differs from the cache's
-            # (an edited or regenerated turn, a branch; or this is the first turn): reuse the
-            # cache as far as the texts agree (else the longest common token prefix) and
-            # recompute the rest.
-            by_text = self._text_prefix(rendered)
-            if by_text is not None:
-                keep, new = by_text
-            else:
-                full = llm.tokenize(rendered, add_bos=add_bos)
-                keep = common_prefix(self.tokens, full)
-                new = full[keep:]
+            # The template rewrote earlier text (a reply's reasoning dropped, its whitespace
+            # trimmed), or the conversation differs from the cache's (an edited or regenerated
+            # turn, a branch; or this is the first turn): keep the cells wholly within the text
+            # the two share, cut or not, and recompute the rest. By text, not tokens: a reply's
+            # generated tokens need not be the ones the tokenizer makes of its text.
+            keep, b = text_spans.rewind(self.spans, common_start(kv, r), r)
+        if keep < len(self.tokens) and not llm.can_truncate(self, self._next_pos(keep)):
+            # a sliding-window cache no longer holds the window the recomputed tokens attend to
+            # (llama.cpp drops older cells from it): recompute everything
+            keep, b = 0, 0
+        bos = keep == 0 and wants_bos(llm, self.template, rendered)
+        new = llm.tokenize(r[b:], add_bos=bos)
+        spans = text_spans.of_pieces([llm._piece(t) for t in new], b, r[b:], skip=int(bos))
         if not new:  # nothing new to compute, but the last token's logits are needed
             keep -= 1
-            new = self.tokens[keep:keep + 1]
-        # the new tokens take the positions after the last kept one: below the next cell's
-        # where an eviction left a gap, whose last window a sliding-window cache still holds
-        if keep < len(self.tokens) and not llm.can_truncate(self, self._next_pos(keep)):
-            # a sliding-window cache no longer holds the window the recomputed tokens attend
-            # to (llama.cpp drops older cells from it): recompute everything
-            keep, new = 0, llm.tokenize(rendered, add_bos=add_bos)
+            new, spans = self.tokens[keep:keep + 1], self.spans[keep:keep + 1]
         chunked = self.evictor.active and keep + len(new) >= llm.n_ctx
         if not chunked and keep + len(new) >= llm.n_ctx:
             raise ContextFullError(
@@ -256,17 +254,21 @@ class Dialogue:
                 "dialogue (/reset in the chat), use a larger n_ctx (--n-ctx), or set a KV budget "
                 "(--kv-budget; a longer input is then prefilled in chunks)")
         if keep < len(self.tokens):
+            # the new tokens take the positions after the last kept one: below the next cell's
+            # where an eviction left a gap, whose last window a sliding-window cache still holds
             llm.make_resident(self)
             llm.remove_positions(self._seq, self._next_pos(keep))
-            del self.tokens[keep:], self.positions[keep:]
+            # what the kept cells spell, should this prefill fail (the cells that go begin at b or
+            # later, but the last one where nothing was new)
+            self.kv_text = r[:min(b, self.spans[keep][0])].decode(errors="replace")
+            del self.tokens[keep:], self.positions[keep:], self.spans[keep:]
             if self.hidden is not None and self.hidden.shape[1] > keep:
                 self.hidden = self.hidden[:, :keep]
-            self.kv_text = ""  # no longer a rendered text; the next turn compares tokens
         self.prefill_chunks = 0
         if chunked:
-            logits = self._prefill_in_chunks(new)
+            logits = self._prefill_in_chunks(new, spans)
         else:
-            logits = self._prefill_chunk(new)
+            logits = self._prefill_chunk(new, spans)
         self._prefill_stats = llm.prefill_stats() if llm.config.sparse_prefill else None
         self.kv_text = rendered
         self.messages = messages
@@ -277,43 +279,18 @@ class Dialogue:
         """The position of the first token computed after the first `keep` cells."""
         return self.positions[keep - 1] + 1 if keep else 0
 
-    def _text_prefix(self, rendered: str) -> tuple[int, list[int]] | None:
-        """(cache tokens to keep, tokens of the rest of rendered) by the text the cache and
-        rendered share: a reply's generated tokens need not be the ones the tokenizer makes of
-        its text, so a common token prefix would stop at the first reply that the texts still
-        share (a branch after it would recompute it and all that follows). The rest is
-        tokenized apart, as a turn going on in place tokenizes its new text. None where the
-        cache's tokens do not spell kv_text (after a cut, or a BOS the text lacks), or the texts
-        share no whole token."""
-        if not self.kv_text or self.evicted:   # (a cut took tokens out of the list)
-            return None
-        pieces = [self.llm._piece(t) for t in self.tokens]
-        kv, r = self.kv_text.encode(), rendered.encode()
-        if b"".join(pieces) != kv:
-            return None
-        common, n, pos = common_start(kv, r), 0, 0
-        while n < len(pieces) and pos + len(pieces[n]) <= common:
-            pos += len(pieces[n])
-            n += 1
-        while n > 0:   # the rest must start on a character (a token can end inside one)
-            try:
-                return n, self.llm.tokenize(r[pos:].decode())
-            except UnicodeDecodeError:
-                n -= 1
-                pos -= len(pieces[n])
-        return None
-
-    def _prefill_chunk(self, new: list[int]) -> np.ndarray:
+    def _prefill_chunk(self, new: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
         self.evictor.begin_prefill(self, len(new))  # may renumber the kept cells first
         start = self.positions[-1] + 1 if self.positions else 0
         positions = list(range(start, start + len(new)))
         logits = self.llm.decode(self, new, positions)
         self.tokens += new
         self.positions += positions
+        self.spans += spans
         self.prefill_chunks += 1
         return logits
 
-    def _prefill_in_chunks(self, new: list[int]) -> np.ndarray:
+    def _prefill_in_chunks(self, new: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
         """Budgeted prefill of an input that does not fit beside the history: it goes in as
         chunks that fill the free cells, each followed by a cut back to the budget scored by
         the input's last tokens decoded after it (Evictor.chunk_probe; llama.cpp needs every
@@ -322,19 +299,19 @@ class Dialogue:
         before the input's first chunk."""
         llm = self.llm
         llm.make_resident(self)
-        saved = (llm.sequence_state(self._seq), list(self.tokens), list(self.positions), self.evicted, self.layout,
-                 self.hidden)
+        saved = (llm.sequence_state(self._seq), list(self.tokens), list(self.positions), list(self.spans),
+                 self.evicted, self.layout, self.hidden)
         try:
             done, probe = 0, self.evictor.chunk_probe(new)
             while True:
                 n = self.evictor.next_chunk(self, len(new) - done, len(probe))
-                logits = self._prefill_chunk(new[done:done + n])
+                logits = self._prefill_chunk(new[done:done + n], spans[done:done + n])
                 done += n
                 if done == len(new):
                     return logits
                 self.evictor.after_chunk(self, probe)
         except BaseException:
-            state, self.tokens, self.positions, self.evicted, self.layout, self.hidden = saved
+            state, self.tokens, self.positions, self.spans, self.evicted, self.layout, self.hidden = saved
             llm.restore(self, state)
             raise
 
@@ -357,6 +334,7 @@ class Dialogue:
         t_dec = time.perf_counter()
         finish = "length"
         decode_times: dict[bool, list[float]] = {False: [], True: []}  # by scoring on/off
+        start = off = len(self.kv_text.encode())   # where the reply's text begins in kv_text
         try:
             for _ in range(params.max_tokens):
                 tok = sampler(logits)
@@ -389,6 +367,9 @@ class Dialogue:
                 decode_times[scored].append(time.perf_counter() - t_tok)
                 self.tokens.append(tok)
                 self.positions.append(pos)
+                piece = llm._piece(tok)
+                self.spans.append((off, off + len(piece)))
+                off += len(piece)
                 out.append(tok)
                 if self.reply_logprobs is not None:
                     self.reply_logprobs.append(logprobs(chosen_from, tok, params.logprobs))
@@ -422,6 +403,13 @@ class Dialogue:
             if cut is not None:
                 reply = reply_text[:cut]
             self.kv_text += llm.detokenize(out, special=True)
+            if len(self.kv_text.encode()) != off:
+                # bytes that are not UTF-8, replaced in the text: the reply's cells (the last
+                # ones, wherever cuts left them) span the whole reply
+                whole, i = (start, len(self.kv_text.encode())), len(self.spans)
+                while i and self.spans[i - 1][0] >= start:
+                    i -= 1
+                    self.spans[i] = whole
             self.messages.append({"role": "assistant", "content": reply_prefix + reply})
             self.turns += 1
             self.updated = time.time()
@@ -448,7 +436,7 @@ class Dialogue:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.llm.forget(self)
-        self.messages, self.tokens, self.positions = [], [], []
+        self.messages, self.tokens, self.positions, self.spans = [], [], [], []
         self.kv_text = ""
         self.turns = 0
         self.evicted = 0
@@ -469,7 +457,8 @@ class Dialogue:
             "loopserve": llm.config.to_dict(),
             "dialogue": {"name": self.name, "system": self.system, "messages": self.messages,
                          "tokens": self.tokens, "positions": self.positions,
-                         "kv_text": self.kv_text, "turns": self.turns, "evicted": self.evicted,
+                         "spans": [x for span in self.spans for x in span], "kv_text": self.kv_text,
+                         "turns": self.turns, "evicted": self.evicted,
                          "layout": self.layout, **_hidden_field(self.hidden),
                          **_scores_field(llm.scores_to_hold(self)),
                          "created": self.created, "updated": self.updated},
@@ -485,6 +474,7 @@ class Dialogue:
             dlg.tokens = [int(t) for t in d["tokens"]]
             dlg.positions = [int(p) for p in d["positions"]]
             dlg.kv_text = str(d["kv_text"])
+            dlg.spans = _read_spans(d.get("spans"), dlg, llm)
             dlg.turns = int(d["turns"])
             dlg.evicted = int(d.get("evicted", 0))
             dlg.layout = str(d.get("layout", "cell"))  # version 1: always cell-wise
@@ -495,8 +485,8 @@ class Dialogue:
             raise StateFileError(f"{path}: malformed dialogue header ({e!r})") from None
         if dlg.layout not in ("cell", "head"):
             raise StateFileError(f"{path}: unknown cell layout {dlg.layout!r}")
-        if len(dlg.tokens) != len(dlg.positions):
-            raise StateFileError(f"{path}: token and position lists differ in length")
+        if not len(dlg.tokens) == len(dlg.positions) == len(dlg.spans):
+            raise StateFileError(f"{path}: token, position and span lists differ in length")
         if dlg.hidden is not None and (dlg.layout != "head" or dlg.hidden.shape[1] > len(dlg.positions)
                                        or dlg.hidden.shape[0] != sum(llm.layer_heads())):
             raise StateFileError(f"{path}: hidden rows that do not fit the dialogue's cells or the model's heads")
@@ -517,6 +507,20 @@ class Dialogue:
         seq_state = self.llm.sequence_state(self._seq) if self._seq is not None else (self._swapped or b"")
         state_file.write(target, state_file.StateFile(self.to_header(), seq_state))
         return target
+
+
+def _read_spans(field, dlg: Dialogue, llm: "Context") -> list[tuple[int, int]]:
+    """The header's spans (flat: start, end, ...), each within kv_text; a file written before
+    them has none: exact where the cells spell kv_text whole (no cut), else each cell spans all
+    of it (a rewrite then recomputes the conversation, as it always did after a cut)."""
+    n = len(kv := dlg.kv_text.encode())
+    if field is None:
+        return text_spans.of_pieces([llm._piece(t) for t in dlg.tokens], 0, kv)
+    flat = [int(x) for x in field]
+    spans = list(zip(flat[0::2], flat[1::2]))
+    if len(flat) % 2 or any(not 0 <= a <= b <= n for a, b in spans):
+        raise ValueError("token spans outside the dialogue's text")
+    return spans
 
 
 def _hidden_field(hidden: np.ndarray | None) -> dict:

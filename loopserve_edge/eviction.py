@@ -207,6 +207,7 @@ class Tracked(Protocol):
 
     tokens: list[int]
     positions: list[int]
+    spans: list[tuple[int, int]]  # each cell's token as a byte span of the dialogue's text (text_spans)
     evicted: int      # cells removed so far
     layout: str       # "cell", or "head" after a head-wise cut
     hidden: np.ndarray | None  # rows hidden by a cut's allocation ([n_heads, K] of the first K cells)
@@ -470,6 +471,7 @@ class Evictor:
         idx = np.asarray(kept).tolist()
         dlg.tokens = [dlg.tokens[i] for i in idx]
         dlg.positions = [dlg.positions[i] for i in idx]
+        dlg.spans = [dlg.spans[i] for i in idx]
         if self._should_compact(dlg):
             self._compact(dlg)
         dlg.evicted += dropped

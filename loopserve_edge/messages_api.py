@@ -293,9 +293,11 @@ class MessageShapes:
     def response(self, text: str, stats, did: str, logprobs) -> dict:
         choice = self.chat.response(text, stats, did, logprobs)["choices"][0]
         msg = choice["message"]
+        if msg.get("reasoning_content") is not None:
+            self.blocks.append(_thinking(msg["reasoning_content"]))
         for c in msg.get("tool_calls") or ():
             self.blocks.append(self._use(c["id"], c["function"]["name"], c["function"]["arguments"]))
-        if not self.blocks and msg["content"]:
+        if not msg.get("tool_calls") and msg["content"]:
             self.blocks.append({"type": "text", "text": msg["content"]})
         self._remember()
         return self._message(stats, did, choice["finish_reason"])
@@ -331,6 +333,17 @@ class MessageShapes:
 
     def _deltas(self, delta: dict) -> list[dict]:
         out = []
+        thought = delta.get("reasoning_content")
+        if thought:
+            if not self.open or self.blocks[-1]["type"] != "thinking":
+                out += self._close()
+                self.blocks.append(_thinking(""))
+                self.open = True
+                out.append({"type": "content_block_start", "index": len(self.blocks) - 1,
+                            "content_block": _thinking("")})
+            self.blocks[-1]["thinking"] += thought
+            out.append({"type": "content_block_delta", "index": len(self.blocks) - 1,
+                        "delta": {"type": "thinking_delta", "thinking": thought}})
         text = delta.get("content")
         if text and not delta.get("role"):
             if not self.open or self.blocks[-1]["type"] != "text":
@@ -365,6 +378,13 @@ class MessageShapes:
         if b["type"] == "tool_use":
             b["input"] = _input(self.texts[b["id"]])
         return [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
+
+
+def _thinking(text: str) -> dict:
+    """A thinking block: a reasoning model's thinking (reasoning.py). Its signature, which
+    Anthropic's models give to verify it when it comes back, is empty: this server drops thinking
+    blocks sent back, as the model's template drops its past thinking."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
 
 
 def _input(arguments: str) -> dict:

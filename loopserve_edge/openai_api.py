@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import grammar, tool_calls
+from . import grammar, reasoning, tool_calls
 from .config import LoopServeConfig
 from .dialogue import TurnStats
 from .errors import LoopServeError
@@ -70,6 +70,10 @@ class ChatRequest:
     grammar: str | None = None         # the reply's form (GBNF): response_format, "grammar" as given, tools
     tools: tool_calls.ToolMode | None = None   # the reply is a tool call or text, in tool_calls.py's form
     n: int = 1                         # choices asked for (the server runs them one after another)
+    reasoning_format: str | None = None  # llama-server's (reasoning.FORMATS); None: the server's
+    # how the reply's thinking is read (with_thinking): "off" (not split from the content),
+    # "tagged" (a reply that starts with <think>), "open" (the prompt opened it)
+    thinking: str = "off"
 
 
 @dataclass(frozen=True)
@@ -199,8 +203,31 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     if reply_prefix and gen["grammar"]:
         raise _bad("a reply held to a form (response_format, grammar, tools) cannot continue a last "
                    "assistant message: it is held from its first token", "messages")
+    fmt = body.get("reasoning_format")
+    if fmt is not None and fmt not in reasoning.FORMATS:
+        raise _bad(f"'reasoning_format' must be one of {', '.join(reasoning.FORMATS)}", "reasoning_format")
     return ChatRequest(model=model, system=system, history=tuple(rest[:-1]), prompt=rest[-1]["content"],
-                       reply_prefix=reply_prefix, tools=tools, **gen)
+                       reply_prefix=reply_prefix, tools=tools, reasoning_format=fmt, **gen)
+
+
+def with_thinking(req: ChatRequest, default_format: str, opened: bool) -> ChatRequest:
+    """The request with its reply's thinking to be read apart (reasoning.py) or not: its own
+    reasoning_format, else `default_format`; `opened`: the model's generation prompt opens the
+    block (ChatTemplate.opens_thinking). A reply held to a form from its first token (a grammar,
+    tools) and a text completion have none."""
+    fmt = req.reasoning_format or default_format
+    if fmt == "none" or req.grammar is not None or isinstance(req, TextRequest):
+        return replace(req, thinking="off")
+    return replace(req, thinking="open" if opened and not req.reply_prefix else "tagged")
+
+
+def answer_only(req: ChatRequest, dialogue) -> None:
+    """After a turn whose thinking was read apart: the dialogue's reply message is the answer, as
+    the client has it and sends it back (the history then matches; the template renders it as it
+    renders a past reply)."""
+    if req.thinking != "off" and dialogue.messages and dialogue.messages[-1]["role"] == "assistant":
+        msg = dialogue.messages[-1]
+        msg["content"] = reasoning.split(msg["content"], req.thinking == "open")[1]
 
 
 def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tuple[str | None, list[dict]]:
@@ -592,11 +619,16 @@ def _logprobs_field(content: list[dict] | None) -> dict | None:
 
 
 def response(cid: str, model: str, fingerprint: str, text: str, stats, dialogue_id: str,
-             logprobs: list[dict] | None = None, tools: bool = False) -> dict:
+             logprobs: list[dict] | None = None, tools: bool = False, thinking: str = "off") -> dict:
     """`tools`: the reply is in tool_calls.py's form: a call becomes the message's tool_calls,
     a text reply its content (cut short: what there is of either; a reply in neither form, its
-    text as it is)."""
+    text as it is). `thinking` (ChatRequest's): a reply that thinks has its thinking as the
+    message's reasoning_content, its answer as the content."""
     message, finish = {"role": "assistant", "content": text}, FINISH[stats.finish_reason]
+    if thinking != "off":
+        thought, message["content"] = reasoning.split(text, thinking == "open")
+        if thought is not None:
+            message["reasoning_content"] = thought
     if tools:
         reader = tool_calls.ReplyReader()
         deltas = reader.feed(text)
@@ -732,19 +764,24 @@ class ChatShapes:
     def __init__(self, req: ChatRequest, fingerprint: str):
         self.req, self.cid, self.fp = req, completion_id(), fingerprint
         self.reader = tool_calls.ReplyReader() if req.tools is not None else None
+        # a reply's thinking as reasoning_content deltas (with_thinking)
+        self.thinking = None if req.thinking == "off" else reasoning.Splitter(req.thinking == "open")
         self.held: list[dict] | None = None   # log-probabilities of pieces that showed nothing yet
 
     def response(self, text: str, stats, did: str, logprobs) -> dict:
-        return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs, self.reader is not None)
+        return response(self.cid, self.req.model, self.fp, text, stats, did, logprobs, self.reader is not None,
+                        self.req.thinking)
 
     def start(self, prompt: tuple[int, int] | None = None) -> list[dict]:
         return [chunk(self.cid, self.req.model, self.fp, {"role": "assistant", "content": ""})]
 
     def piece(self, text: str, logprobs) -> list[dict]:
-        if self.reader is None:
+        if self.reader is None and self.thinking is None:
             return [chunk(self.cid, self.req.model, self.fp, {"content": text}, logprobs=logprobs)]
         if logprobs is not None:
             self.held = (self.held or []) + logprobs
+        if self.thinking is not None:
+            return [self._chunk(d) for d in _thinking_deltas(self.thinking.feed(text))]
         return [self._chunk(d) for d in self.reader.feed(text)]
 
     def _chunk(self, delta: dict) -> dict:
@@ -754,6 +791,11 @@ class ChatShapes:
 
     def end(self, stats, logprobs, did: str | None = None) -> list[dict]:
         finish, out = FINISH[stats.finish_reason], []
+        if self.thinking is not None:
+            if logprobs is not None:
+                self.held = (self.held or []) + logprobs
+            out += [self._chunk(d) for d in _thinking_deltas(self.thinking.finish())]
+            logprobs, self.held = self.held, None
         if self.reader is not None:
             if logprobs is not None:
                 self.held = (self.held or []) + logprobs
@@ -768,6 +810,10 @@ class ChatShapes:
 
     def usage(self, stats, did: str) -> dict:
         return usage_chunk(self.cid, self.req.model, self.fp, stats, did)
+
+
+def _thinking_deltas(parts: list[tuple[str, str]]) -> list[dict]:
+    return [{"reasoning_content" if kind == "reasoning" else "content": text} for kind, text in parts]
 
 
 class StreamChoices:

@@ -92,13 +92,15 @@ def _messages(inp) -> list[dict]:
                 out[-1]["tool_calls"] = [call]
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "reasoning":
+            continue   # a reply's thinking, sent back: the model's template drops it from the history too
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str) or not isinstance(item.get("output"), str):
                 raise RequestError(f"{where}: a function_call_output item has string call_id and output", where)
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
         else:
-            raise RequestError(f"{where}: only message, function_call and function_call_output items are "
-                               "supported", f"{where}.type")
+            raise RequestError(f"{where}: only message, reasoning, function_call and function_call_output items "
+                               "are supported", f"{where}.type")
     return out
 
 
@@ -203,6 +205,8 @@ class ResponseShapes:
             self.items = [_call_item(c, "completed") for c in msg["tool_calls"]]
         else:
             self.items = [_message_item(msg["content"] or "", "completed")]
+        if msg.get("reasoning_content") is not None:
+            self.items.insert(0, _reasoning_item(msg["reasoning_content"], "completed"))
         obj = self._object("completed", stats, did)
         self.done(obj, _chat_message(self.items))
         return obj
@@ -219,8 +223,8 @@ class ResponseShapes:
         Response with its usage (so the chat request asks for no usage chunk)."""
         out = [e for c in self.chat.end(stats, logprobs) for e in self._deltas(c["choices"][0]["delta"])]
         out += self._close()
-        if not self.items:
-            out += self._deltas({"content": ""}) + self._close()   # an empty reply: an empty message
+        if all(it["type"] == "reasoning" for it in self.items):   # no answer: an empty message
+            out += self._deltas({"content": ""}) + self._close()
         obj = self._object("completed", stats, did)
         self.done(obj, _chat_message(self.items))
         return out + [self._event("response.completed" if obj["status"] == "completed" else "response.incomplete",
@@ -230,6 +234,21 @@ class ResponseShapes:
 
     def _deltas(self, delta: dict) -> list[dict]:
         out = []
+        if delta.get("reasoning_content"):
+            if not self.items or self.items[-1]["type"] != "reasoning" or self.items[-1]["status"] != "in_progress":
+                out += self._close()
+                item = _reasoning_item("", "in_progress")
+                self.items.append(item)
+                out.append(self._event("response.output_item.added", output_index=len(self.items) - 1,
+                                       item=dict(item, content=[])))
+                out.append(self._event("response.content_part.added", item_id=item["id"],
+                                       output_index=len(self.items) - 1, content_index=0,
+                                       part={"type": "reasoning_text", "text": ""}))
+            item = self.items[-1]
+            item["content"][0]["text"] += delta["reasoning_content"]
+            out.append(self._event("response.reasoning_text.delta", item_id=item["id"],
+                                   output_index=len(self.items) - 1, content_index=0,
+                                   delta=delta["reasoning_content"]))
         if "content" in delta and delta["content"] is not None and not delta.get("role"):
             if not self.items or self.items[-1]["type"] != "message" or self.items[-1]["status"] != "in_progress":
                 out += self._close()
@@ -268,6 +287,13 @@ class ResponseShapes:
             return []
         item, i = self.items[-1], len(self.items) - 1
         item["status"] = "completed"
+        if item["type"] == "reasoning":
+            part = item["content"][0]
+            return [self._event("response.reasoning_text.done", item_id=item["id"], output_index=i,
+                                content_index=0, text=part["text"]),
+                    self._event("response.content_part.done", item_id=item["id"], output_index=i, content_index=0,
+                                part=part),
+                    self._event("response.output_item.done", output_index=i, item=item)]
         if item["type"] == "message":
             part = item["content"][0]
             return [self._event("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,
@@ -285,6 +311,12 @@ def _message_item(text: str, status: str) -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": []}]}
 
 
+def _reasoning_item(text: str, status: str) -> dict:
+    """A reasoning model's thinking (reasoning.py), as OpenAI's open-weight models give it."""
+    return {"type": "reasoning", "id": "rs_" + uuid.uuid4().hex[:24], "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
 def _call_item(c: dict, status: str) -> dict:
     return {"type": "function_call", "id": "fc_" + uuid.uuid4().hex[:24], "call_id": c["id"], "status": status,
             "name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}
@@ -296,4 +328,5 @@ def _chat_message(items: list[dict]) -> dict:
              for it in items if it["type"] == "function_call"]
     if calls:
         return {"role": "assistant", "content": None, "tool_calls": calls}
-    return {"role": "assistant", "content": "".join(p["text"] for it in items for p in it["content"])}
+    return {"role": "assistant", "content": "".join(p["text"] for it in items if it["type"] == "message"
+                                                    for p in it["content"])}

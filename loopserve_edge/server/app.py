@@ -167,9 +167,13 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
             raise ApiError(404, f"the model {req.model!r} does not exist; this server has {opts.model_name!r}",
                            param="model", code="model_not_found")
 
+    def thinking(req):
+        """A chat request with its reply's thinking read apart or not (reasoning.py)."""
+        return openai_api.with_thinking(req, opts.reasoning_format, engine.llm.template.opens_thinking)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = protocol.parse_chat_request(await request.body(), opts.model_name)
+        req = thinking(protocol.parse_chat_request(await request.body(), opts.model_name))
         check_model(req)
         did = request.headers.get(DIALOGUE_HEADER)
         if req.n == 1:
@@ -222,6 +226,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
         """OpenAI's Responses API over the chat path; previous_response_id finds the conversation
         (responses_api.py), stored responses are kept beside the dialogues' state files."""
         body, req, added = protocol.parse_response_request(await request.body(), responses, opts.model_name)
+        req = thinking(req)
         check_model(req)
         prev = body.get("previous_response_id")
 
@@ -237,7 +242,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
     @app.post("/v1/messages")
     async def create_message(request: Request):
         """Anthropic's Messages API over the chat path (messages_api.py)."""
-        req = protocol.parse_messages_request(await request.body(), calls, opts.model_name)
+        req = thinking(protocol.parse_messages_request(await request.body(), calls, opts.model_name))
         check_model(req)
         return await _answer(request, req, request.headers.get(DIALOGUE_HEADER),
                              messages_api.MessageShapes(req, engine.llm.fingerprint, calls))

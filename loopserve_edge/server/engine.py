@@ -35,6 +35,7 @@ class ServeOptions:
     top_p: float = 0.95
     top_k: int = 40
     save_idle_s: float = 5.0          # a changed dialogue is saved once idle this long
+    reasoning_format: str = "auto"    # a reply's thinking apart from its content (reasoning.py)
 
 
 @dataclass(eq=False)
@@ -296,6 +297,7 @@ class Engine:
         job.entry.busy = False
         try:
             job.gen.close()     # ends the turn: the reply so far is the dialogue's last message
+            openai_api.answer_only(job.req, job.dlg)
             self.store.updated(job.entry)
         except Exception as e:  # noqa: BLE001
             error = error or e
