@@ -1,13 +1,17 @@
 """Renders a dialogue's messages with the model's own chat template."""
 from __future__ import annotations
 
-import functools
+import json
 
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from . import reasoning
 from .errors import ChatTemplateError
+
+# what the formatter itself gives a template: a request's chat_template_kwargs may not name them
+RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
+                      "functions", "function_call", "tools", "tool_choice", "strftime_now"})
 
 # For GGUFs that carry no template (tiny test models, some base models).
 CHATML = (
@@ -82,6 +86,7 @@ class ChatTemplate:
         self.stops = tuple(stops)
         self._fmt = Jinja2ChatFormatter(self.source, eos_token=eos_token, bos_token=bos_token,
                                         add_generation_prompt=True)
+        self._opens: dict[str, bool] = {}   # opens_thinking by kwargs
 
     @classmethod
     def for_format(cls, fmt: str, template: str | None, bos_token: str, eos_token: str,
@@ -94,25 +99,28 @@ class ChatTemplate:
             return cls(COMPLETION, bos_token, eos_token, stops=COMPLETION_STOPS)
         raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(FORMATS)}")
 
-    def render(self, messages: list[dict]) -> str:
-        """The whole conversation as the model sees it, ending with the assistant's cue. A
-        template's own refusal (`raise_exception`, which llama-cpp-python's formatter raises as
-        ValueError: Gemma's and Mistral's templates refuse a conversation that opens with the
-        assistant) is a ChatTemplateError naming it."""
+    def render(self, messages: list[dict], kwargs: dict | None = None) -> str:
+        """The whole conversation as the model sees it, ending with the assistant's cue;
+        `kwargs`: the template's own variables (llama-server's chat_template_kwargs, such as
+        Qwen3's enable_thinking; names in RESERVED are the formatter's). A template's own refusal
+        (`raise_exception`, which llama-cpp-python's formatter raises as ValueError: Gemma's and
+        Mistral's templates refuse a conversation that opens with the assistant) is a
+        ChatTemplateError naming it."""
         try:
-            return self._fmt(messages=messages).prompt
+            return self._fmt(messages=messages, **(kwargs or {})).prompt
         except (ValueError, jinja2.TemplateError) as e:
             raise ChatTemplateError(f"the model's chat template cannot render these messages: {e}") from None
 
-
-    @functools.cached_property
-    def opens_thinking(self) -> bool:
+    def opens_thinking(self, kwargs: dict | None = None) -> bool:
         """Whether the generation prompt opens a thinking block (DeepSeek-R1's template): a
         reasoning model's reply then starts inside it (reasoning.py)."""
-        try:
-            return reasoning.opens_thinking(self.render([{"role": "user", "content": "?"}]))
-        except ChatTemplateError:
-            return False
+        key = json.dumps(kwargs or {}, sort_keys=True)
+        if key not in self._opens:
+            try:
+                self._opens[key] = reasoning.opens_thinking(self.render([{"role": "user", "content": "?"}], kwargs))
+            except ChatTemplateError:
+                self._opens[key] = False
+        return self._opens[key]
 
 
 class RawText:
@@ -124,5 +132,5 @@ class RawText:
     def __init__(self, bos_token: str):
         self.bos_token = bos_token
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], kwargs: dict | None = None) -> str:
         return "".join(m["content"] for m in messages)

@@ -32,7 +32,7 @@ class Completions:
         context raises here (RequestError, ContextFullError), even when streaming."""
         openai_api.check_unicode(body)
         req = openai_api.with_thinking(openai_api.parse_chat(body, model=str(self.llm.model_path)), "auto",
-                                       self.llm.template.opens_thinking)
+                                       self.llm.template)
         sampling = self._sampling(req, CHAT_DEFAULTS)
         entry, _ = self.store.for_request(req.system, list(req.history), req.prompt, None,
                                           self.store.evictor(req.loopserve))
@@ -61,6 +61,7 @@ class Completions:
         entry.busy = True
         try:
             pieces = entry.dialogue.send(req.prompt, stream=True, stop=list(req.stop),
+                                         chat_template_kwargs=req.chat_template_kwargs or None,
                                          reply_prefix=req.reply_prefix, **sampling)
         except BaseException:
             self.store.failed(entry)

@@ -56,10 +56,11 @@ class TurnStats:
         return dict(asdict(self), decode_tps=self.decode_tps)
 
 
-def render(template, system: str | None, messages: list[dict]) -> str:
-    """A conversation as the model sees it, its system prompt first where it has one."""
+def render(template, system: str | None, messages: list[dict], kwargs: dict | None = None) -> str:
+    """A conversation as the model sees it, its system prompt first where it has one; `kwargs`:
+    the template's own variables (ChatTemplate.render)."""
     head = [{"role": "system", "content": system}] if system else []
-    return template.render(head + messages)
+    return template.render(head + messages, kwargs)
 
 
 def wants_bos(llm, template, rendered: str) -> bool:
@@ -152,7 +153,7 @@ class Dialogue:
     # -- turns -------------------------------------------------------------------------
 
     def send(self, text: str, stream: bool = False, token_fn=None, stop: str | list[str] | None = None,
-             reply_prefix: str = "", **sampling) -> str | Iterator[str]:
+             reply_prefix: str = "", chat_template_kwargs: dict | None = None, **sampling) -> str | Iterator[str]:
         """Add a user message and generate the reply. Prefill happens here, before
         returning, so a context that is too small raises at once even when streaming.
 
@@ -164,13 +165,15 @@ class Dialogue:
         line in the completion format); the reply is cut before the first one (the tokens
         that made it stay in the KV cache, as an end-of-turn does).
         token_fn(logits) -> token replaces sampling (evaluations: teacher forcing, logit
-        capture)."""
+        capture).
+        chat_template_kwargs: the chat template's own variables for this turn's render (Qwen3's
+        enable_thinking, say); a later turn rendered without them recomputes what they changed."""
         gen = self._drive(self.send_steps(text, token_fn=token_fn, stop=stop, reply_prefix=reply_prefix,
-                                          **sampling))
+                                          chat_template_kwargs=chat_template_kwargs, **sampling))
         return gen if stream else "".join(gen)
 
     def send_steps(self, text: str, token_fn=None, stop: str | list[str] | None = None,
-                   reply_prefix: str = "", **sampling) -> Iterator:
+                   reply_prefix: str = "", chat_template_kwargs: dict | None = None, **sampling) -> Iterator:
         """send() for a caller that decodes the reply's tokens itself, so that several dialogues
         can be decoded in one batch (Context.decode_batch): the prompt is prefilled here, then
         the generator yields the reply's text pieces and `Step`s; for each Step the caller
@@ -190,7 +193,7 @@ class Dialogue:
         self.evict_s = 0.0
         swapped_in = self._seq is None and self._swapped is not None
         try:
-            logits, reused, prefilled = self._prefill(text, reply_prefix)
+            logits, reused, prefilled = self._prefill(text, reply_prefix, chat_template_kwargs)
         except BaseException:
             if constraint is not None:
                 constraint.close()
@@ -220,13 +223,13 @@ class Dialogue:
         finally:
             steps.close()
 
-    def _render(self, messages: list[dict]) -> str:
-        return render(self.template, self.system, messages)
+    def _render(self, messages: list[dict], kwargs: dict | None = None) -> str:
+        return render(self.template, self.system, messages, kwargs)
 
-    def _prefill(self, text: str, reply_prefix: str = "") -> tuple[np.ndarray, int, int]:
+    def _prefill(self, text: str, reply_prefix: str = "", kwargs: dict | None = None) -> tuple[np.ndarray, int, int]:
         llm = self.llm
         messages = self.messages + [{"role": "user", "content": text}]
-        rendered = self._render(messages) + reply_prefix
+        rendered = self._render(messages, kwargs) + reply_prefix
         kv, r = self.kv_text.encode(), utf8(rendered)
         if self.tokens and r.startswith(kv):
             keep, b = len(self.tokens), len(kv)

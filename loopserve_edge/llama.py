@@ -112,7 +112,8 @@ class Llama(Context):
                                tools: list | None = None, tool_choice=None, parallel_tool_calls: bool | None = None,
                                model: str | None = None,
                                stream_options: dict | None = None, grammar=None, loopserve: dict | None = None,
-                               reasoning_format: str | None = None, **unsupported) -> dict | Iterator[dict]:
+                               reasoning_format: str | None = None, chat_template_kwargs: dict | None = None,
+                               **unsupported) -> dict | Iterator[dict]:
         """llama-cpp-python's `create_chat_completion`: OpenAI's response (or, with stream, its
         chunks). Calls that repeat a conversation's messages go on in the dialogue that holds
         them, prefilling only what is new (completions.py); `loopserve`: this call's
@@ -122,7 +123,8 @@ class Llama(Context):
         `tools` with `tool_choice` "auto" (the default with tools), "required" or a named tool give
         a tool call (the message's tool_calls) or, with "auto", text (tool_calls.py). A reasoning
         model's thinking is the message's `reasoning_content`, its answer the content, unless
-        `reasoning_format` is "none" (reasoning.py).
+        `reasoning_format` is "none" (reasoning.py); `chat_template_kwargs` are the chat template's
+        own variables for this call (Qwen3's `enable_thinking`, say), as llama-server's.
         Bad arguments raise `openai_api.RequestError` (a ValueError) naming the parameter, as do
         llama-cpp-python's samplers that are not offered (mirostat, typical_p, tfs_z) unless
         left at values that do nothing. `repeat_penalty` acts over the last `last_n_tokens_size`
@@ -136,7 +138,7 @@ class Llama(Context):
                     response_format=response_format, tools=tools, tool_choice=tool_choice,
                     parallel_tool_calls=parallel_tool_calls, model=model,
                     stream_options=stream_options, grammar=_gbnf(grammar), loopserve=loopserve,
-                    reasoning_format=reasoning_format)
+                    reasoning_format=reasoning_format, chat_template_kwargs=chat_template_kwargs)
         return self._calls().chat({k: v for k, v in body.items() if v is not None})
 
     def create_completion(self, prompt: str | list[int], *, max_tokens: int | None = 16, temperature: float = 0.8,

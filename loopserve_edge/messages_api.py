@@ -99,6 +99,10 @@ def to_chat(body: dict, calls: CallTexts) -> tuple[dict, list[int | None]]:
             chat["parallel_tool_calls"] = parallel
     elif tools:
         chat["parallel_tool_calls"] = True   # Anthropic's default: one reply may call several tools
+    kind = (body.get("thinking") or {}).get("type")
+    if kind in ("enabled", "disabled"):
+        # a template that reads the variable (Qwen3's, SmolLM3's) lets the model think or not
+        chat["chat_template_kwargs"] = {"enable_thinking": kind == "enabled"}
     fmt = (body.get("output_config") or {}).get("format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import grammar, reasoning, tool_calls
+from .chat_template import RESERVED
 from .config import LoopServeConfig
 from .dialogue import TurnStats
 from .errors import LoopServeError
@@ -71,6 +72,7 @@ class ChatRequest:
     tools: tool_calls.ToolMode | None = None   # the reply is a tool call or text, in tool_calls.py's form
     n: int = 1                         # choices asked for (the server runs them one after another)
     reasoning_format: str | None = None  # llama-server's (reasoning.FORMATS); None: the server's
+    chat_template_kwargs: dict = field(default_factory=dict)  # llama-server's: the template's own variables
     # how the reply's thinking is read (with_thinking): "off" (not split from the content),
     # "tagged" (a reply that starts with <think>), "open" (the prompt opened it)
     thinking: str = "off"
@@ -207,18 +209,34 @@ def parse_chat(body: dict, model: str | None = None) -> ChatRequest:
     if fmt is not None and fmt not in reasoning.FORMATS:
         raise _bad(f"'reasoning_format' must be one of {', '.join(reasoning.FORMATS)}", "reasoning_format")
     return ChatRequest(model=model, system=system, history=tuple(rest[:-1]), prompt=rest[-1]["content"],
-                       reply_prefix=reply_prefix, tools=tools, reasoning_format=fmt, **gen)
+                       reply_prefix=reply_prefix, tools=tools, reasoning_format=fmt,
+                       chat_template_kwargs=_template_kwargs(body.get("chat_template_kwargs")), **gen)
 
 
-def with_thinking(req: ChatRequest, default_format: str, opened: bool) -> ChatRequest:
+def _template_kwargs(v) -> dict:
+    """llama-server's chat_template_kwargs: variables the chat template reads (Qwen3's and
+    SmolLM3's enable_thinking), none of the formatter's own."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    taken = sorted(set(v) & RESERVED)
+    if taken:
+        raise _bad(f"'chat_template_kwargs' may not set {', '.join(taken)}: the server gives the template those",
+                   "chat_template_kwargs")
+    return dict(v)
+
+
+def with_thinking(req: ChatRequest, default_format: str, template) -> ChatRequest:
     """The request with its reply's thinking to be read apart (reasoning.py) or not: its own
-    reasoning_format, else `default_format`; `opened`: the model's generation prompt opens the
-    block (ChatTemplate.opens_thinking). A reply held to a form from its first token (a grammar,
-    tools) and a text completion have none."""
+    reasoning_format, else `default_format`; "open" where the model's chat template (rendered with
+    the request's kwargs) opens the block in its generation prompt. A reply held to a form from
+    its first token (a grammar, tools) and a text completion have none."""
     fmt = req.reasoning_format or default_format
     if fmt == "none" or req.grammar is not None or isinstance(req, TextRequest):
         return replace(req, thinking="off")
-    return replace(req, thinking="open" if opened and not req.reply_prefix else "tagged")
+    opened = not req.reply_prefix and template.opens_thinking(req.chat_template_kwargs)
+    return replace(req, thinking="open" if opened else "tagged")
 
 
 def answer_only(req: ChatRequest, dialogue) -> None:

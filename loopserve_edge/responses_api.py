@@ -60,6 +60,8 @@ def to_chat(body: dict, previous: list[dict]) -> tuple[dict, list[dict]]:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    if (reasoning or {}).get("effort") == "none":   # a template that reads it (Qwen3's) turns thinking off
+        chat["chat_template_kwargs"] = {"enable_thinking": False}
     fmt = (body.get("text") or {}).get("format")
     if fmt is not None:
         chat["response_format"] = _format(fmt)

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from loopserve_edge import LoopServeConfig, messages_api, openai_api, responses_api
+from loopserve_edge.chat_template import CHATML, ChatTemplate
 from loopserve_edge.dialogue import TurnStats
 from loopserve_edge.random_gguf import write_random_llama
 from loopserve_edge.reasoning import Splitter, opens_thinking, split
@@ -20,15 +21,21 @@ REPLIES = [
     ("\n<b>html</b> <think> later is text", (None, "\n<b>html</b> <think> later is text")),
     ("<thi", (None, "<thi")),
 ]
-# ChatML whose generation prompt opens the thinking and whose history drops it, as DeepSeek-R1's
-OPENS = (
-    "{% for message in messages %}"
-    "{% set c = message['content'] %}"
-    "{% if message['role'] == 'assistant' %}{% set c = c.split('</think>')[-1] %}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + c + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
-)
+
+
+def chatml(generation: str = "") -> str:
+    """ChatML whose history drops each past reply's thinking, as reasoning models' templates do,
+    `generation` (Jinja) after the assistant's header that ends the prompt."""
+    return ("{% for message in messages %}"
+            "{% set c = message['content'] %}"
+            "{% if message['role'] == 'assistant' %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+            "{{ '<|im_start|>' + message['role'] + '\n' + c + '<|im_end|>' + '\n' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}" + generation + "{% endif %}")
+
+
+# the prompt opens the thinking, as DeepSeek-R1's does (unless told `think` false)
+OPENS = chatml("{% if think is not defined or think %}{{ '<think>\n' }}{% endif %}")
 
 
 def _pieces(text: str, rng: random.Random) -> list[str]:
@@ -59,9 +66,9 @@ def _stats(n: int = 5) -> TurnStats:
                      decode_s=0.1, kv_cells=15, kv_capacity=64, finish_reason="stop", swapped_in=False)
 
 
-def _req(body: dict | None = None, opened: bool = False, fmt: str = "auto"):
+def _req(body: dict | None = None, fmt: str = "auto", template: str = CHATML):
     body = {"model": "m", "messages": [{"role": "user", "content": "q"}], **(body or {})}
-    return openai_api.with_thinking(openai_api.parse_chat(body), fmt, opened)
+    return openai_api.with_thinking(openai_api.parse_chat(body), fmt, ChatTemplate(template, "", ""))
 
 
 def test_chat_shapes_give_the_thinking_as_reasoning_content():
@@ -124,7 +131,7 @@ def opening_model(tmp_path_factory):
 @pytest.mark.parametrize("cfg", [None, LoopServeConfig(policy="loopserve", budget=48, recent=16)], ids=["full", "cut"])
 def test_a_thinking_reply_goes_back_as_its_answer_and_the_dialogue_goes_on(opening_model, make_llm, cfg):
     llm = make_llm(opening_model, n_ctx=1024, loopserve=cfg)
-    assert llm.template.opens_thinking
+    assert llm.template.opens_thinking()
     messages = [{"role": "user", "content": "first question"}]
     turns = []
     for k in range(3):
@@ -166,6 +173,11 @@ def test_the_server_streams_the_thinking_in_each_api(opening_model, tmp_path):
             assert thought and not "".join(d.get("content", "") for d in deltas)
             whole = client.post("/v1/chat/completions", json=dict(body, stream=False)).json()
             assert whole["choices"][0]["message"]["reasoning_content"] == thought
+            # the template told not to open it: the prompt lacks <think>, the reply is the answer
+            plain = client.post("/v1/chat/completions", json=dict(body, stream=False,
+                                                                  chat_template_kwargs={"think": False})).json()
+            assert "reasoning_content" not in plain["choices"][0]["message"]
+            assert plain["usage"]["prompt_tokens"] < whole["usage"]["prompt_tokens"]
             none = client.post("/v1/chat/completions", json=dict(body, stream=False, reasoning_format="none")).json()
             assert none["choices"][0]["message"]["content"] == thought and \
                 "reasoning_content" not in none["choices"][0]["message"]
@@ -179,3 +191,43 @@ def test_the_server_streams_the_thinking_in_each_api(opening_model, tmp_path):
     finally:
         engine.stop()
         llm.close()
+
+
+# an empty thinking block closed in the prompt when told not to think, as Qwen3's
+QWEN3 = chatml("{% if enable_thinking is defined and enable_thinking is false %}"
+               "{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template_and_the_apis_that_switch_thinking(tmp_path, make_llm):
+    template = ChatTemplate(QWEN3, "", "")
+    assert template.render([{"role": "user", "content": "q"}], {"enable_thinking": False}).endswith(
+        "assistant\n<think>\n\n</think>\n\n")
+    opens = ChatTemplate(OPENS, "", "")
+    assert opens.opens_thinking() and not opens.opens_thinking({"think": False})
+    assert _req({"chat_template_kwargs": {"enable_thinking": False}}).chat_template_kwargs == {"enable_thinking": False}
+    for bad in ({"messages": []}, {"add_generation_prompt": False}, ["enable_thinking"]):
+        with pytest.raises(openai_api.RequestError) as e:
+            _req({"chat_template_kwargs": bad})
+        assert e.value.param == "chat_template_kwargs"
+    # Anthropic's thinking switch and the Responses API's effort "none": the same variable
+    chat, _ = messages_api.to_chat({"model": "m", "max_tokens": 5, "thinking": {"type": "disabled"},
+                                    "messages": [{"role": "user", "content": "q"}]}, messages_api.CallTexts())
+    assert chat["chat_template_kwargs"] == {"enable_thinking": False}
+    chat, _ = responses_api.to_chat({"model": "m", "input": "q", "reasoning": {"effort": "none"}}, [])
+    assert chat["chat_template_kwargs"] == {"enable_thinking": False}
+
+    llm = make_llm(write_random_llama(tmp_path / "qwen3.gguf", seed=0, chat_template=QWEN3), n_ctx=1024,
+                   loopserve=LoopServeConfig(policy="loopserve", budget=48, recent=16))
+    messages = [{"role": "user", "content": "no thinking please"}]
+    r = llm.create_chat_completion(messages, temperature=0, max_tokens=40,
+                                   chat_template_kwargs={"enable_thinking": False})
+    d = next(iter(llm._completions.store.entries.values())).dialogue
+    assert "assistant\n<think>\n\n</think>\n\n" in d.kv_text
+    msg = r["choices"][0]["message"]
+    assert "reasoning_content" not in msg and msg["content"]   # it did not think: the reply is the answer
+    # the next call without them: its template's prompt differs where the kwargs acted, and the
+    # dialogue goes on from there
+    messages += [{"role": "assistant", "content": msg["content"]}, {"role": "user", "content": "and now?"}]
+    r = llm.create_chat_completion(messages, temperature=0, max_tokens=8)
+    assert len(llm._completions.store.entries) == 1 and r["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert "<think>\n\n</think>" not in d.kv_text

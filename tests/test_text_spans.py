@@ -1,24 +1,18 @@
 """Turns whose chat template rewrites earlier text (a reasoning model's template drops a reply's
 thinking once the next user message follows it): only what the rewrite reaches is recomputed,
 with or without cuts before it (text_spans)."""
+import dataclasses
+
 import numpy as np
 import pytest
+from test_reasoning import chatml
 
 from loopserve_edge import LoopServeConfig, StateFileError
 from loopserve_edge.dialogue import Dialogue, common_start
 from loopserve_edge.random_gguf import write_random_llama
 from loopserve_edge.text_spans import of_pieces, rewind
 
-# ChatML whose replies lose their reasoning in the history, as Qwen3's and DeepSeek-R1's
-# templates render them
-THINKING = (
-    "{% for message in messages %}"
-    "{% set c = message['content'] %}"
-    "{% if message['role'] == 'assistant' %}{% set c = c.split('</think>')[-1] %}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + c + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+THINKING = chatml()   # replies lose their thinking in the history, as Qwen3's and DeepSeek-R1's
 # a reply that thinks, then answers
 REPLY = dict(temperature=0, max_tokens=120, grammar='root ::= "<think>" [a-z ]{40,60} "</think>" [a-z ]{4,12}')
 BUDGET = LoopServeConfig(policy="loopserve", budget=48, recent=16, interval=16, window=4)
@@ -56,7 +50,7 @@ def _spelled(llm, d) -> bool:
     return all(kv[s:e] == llm._piece(t) for t, (s, e) in zip(d.tokens, d.spans))
 
 
-@pytest.mark.parametrize("cfg", [None, BUDGET], ids=["full", "cut"])
+@pytest.mark.parametrize("cfg", [None, BUDGET, dataclasses.replace(BUDGET, granularity="head")], ids=["full", "cut", "head-wise"])
 def test_a_template_dropping_past_reasoning_recomputes_only_the_last_reply(thinking_model, make_llm, cfg):
     llm = make_llm(thinking_model, n_ctx=1024, loopserve=cfg)
     d = llm.dialogue()

@@ -169,7 +169,7 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: tuple[s
 
     def thinking(req):
         """A chat request with its reply's thinking read apart or not (reasoning.py)."""
-        return openai_api.with_thinking(req, opts.reasoning_format, engine.llm.template.opens_thinking)
+        return openai_api.with_thinking(req, opts.reasoning_format, engine.llm.template)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -118,7 +118,8 @@ class Engine:
         (Anthropic's count_tokens)."""
         llm = self.llm
         try:
-            text = render(llm.template, req.system, [*req.history, {"role": "user", "content": req.prompt}])
+            text = render(llm.template, req.system, [*req.history, {"role": "user", "content": req.prompt}],
+                          req.chat_template_kwargs)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
         text += req.reply_prefix
@@ -200,6 +201,7 @@ class Engine:
             job.logprobs = LogprobCursor(self.llm, job.dlg)
             try:
                 job.gen = job.dlg.send_steps(req.prompt, stop=list(req.stop), reply_prefix=req.reply_prefix,
+                                             chat_template_kwargs=req.chat_template_kwargs or None,
                                              **sampling)
             except ContextFullError as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
