@@ -232,7 +232,7 @@ for step in "$@"; do
           tests/test_scores.py tests/test_eviction.py tests/test_head_wise.py tests/test_prefill.py tests/test_gemma.py \
           tests/test_kv_pool.py tests/test_budgeted_prefill.py tests/test_kv_types.py tests/test_batch_decode.py \
           tests/test_allocation.py tests/test_completions.py tests/test_grammar.py tests/test_tool_calls.py \
-          tests/test_q4_1_gemm.py \
+          tests/test_q4_1_gemm.py tests/test_text_spans.py tests/test_reasoning.py \
           -k 'not default_model and not kept_content and not carried_runtime and not pack_refuses' ;;
     turns)
       for shape in 135m 1b; do
