@@ -50,19 +50,26 @@ def _spelled(llm, d) -> bool:
     return all(kv[s:e] == llm._piece(t) for t, (s, e) in zip(d.tokens, d.spans))
 
 
-@pytest.mark.parametrize("cfg", [None, BUDGET, dataclasses.replace(BUDGET, granularity="head")], ids=["full", "cut", "head-wise"])
-def test_a_template_dropping_past_reasoning_recomputes_only_the_last_reply(thinking_model, make_llm, cfg):
-    llm = make_llm(thinking_model, n_ctx=1024, loopserve=cfg)
+@pytest.mark.parametrize("cfg,n_ctx,words", [(None, 1024, 1), (BUDGET, 1024, 1),
+                                             (dataclasses.replace(BUDGET, granularity="head"), 1024, 1),
+                                             (BUDGET, 256, 60)], ids=["full", "cut", "head-wise", "chunked"])
+def test_a_template_dropping_past_reasoning_recomputes_only_the_last_reply(thinking_model, make_llm, cfg, n_ctx,
+                                                                           words):
+    """`chunked`: each question longer than the cells free beside the history, prefilled in chunks
+    cut back to the budget one by one (budgeted prefill)."""
+    llm = make_llm(thinking_model, n_ctx=n_ctx, loopserve=cfg)
     d = llm.dialogue()
     for k in range(5):
+        question = f"question {k} " + "lorem ipsum " * words
         if k:
             before = [e for _, e in d.spans]
             kv = d.kv_text.encode()
             reply_start = len(kv) - len(d.messages[-1]["content"].encode())
-            rendered = d._render(d.messages + [{"role": "user", "content": f"question {k}"}]).encode()
+            rendered = d._render(d.messages + [{"role": "user", "content": question}]).encode()
             assert common_start(kv, rendered) == reply_start   # the template dropped the thinking
-        d.send(f"question {k}", **REPLY)
+        d.send(question, **REPLY)
         s = d.last_stats
+        assert (s.prefill_chunks > 1) == (words > 1)
         assert "</think>" in d.messages[-1]["content"] and _spelled(llm, d)
         if k:
             # the cells before the reply stayed, cut or not; the answer without its thinking, the
