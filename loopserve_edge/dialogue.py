@@ -47,6 +47,7 @@ class TurnStats:
     prefill_density: float | None = None  # share of their causal attention computed
     prefill_chunks: int = 1  # >1: the input went in as chunks, each cut back to the budget
     stop_string: str | None = None  # the stop string that ended the reply, if one did
+    reasoning_tokens: int = 0  # of decode_tokens, the thinking's (set where an API reads it apart)
 
     @property
     def decode_tps(self) -> float:
@@ -141,6 +142,7 @@ class Dialogue:
         # sampling.logprobs() of each token of the reply in progress or last, when its
         # sampling asked for them (SamplingParams.logprobs), else None
         self.reply_logprobs: list[tuple] | None = None
+        self.reply_tokens: list[int] = []   # the last reply's tokens, as generated
         # the same of the end-of-generation token that ended that reply (never decoded), if one did
         self.end_logprob: tuple | None = None
         self._prefill_stats: dict | None = None  # llm.prefill_stats() of this turn's prefill
@@ -406,6 +408,7 @@ class Dialogue:
             if cut is not None:
                 reply = reply_text[:cut]
             self.kv_text += llm.detokenize(out, special=True)
+            self.reply_tokens = out
             if len(self.kv_text.encode()) != off:
                 # bytes that are not UTF-8, replaced in the text: the reply's cells (the last
                 # ones, wherever cuts left them) span the whole reply

@@ -242,10 +242,15 @@ def with_thinking(req: ChatRequest, default_format: str, template) -> ChatReques
 def answer_only(req: ChatRequest, dialogue) -> None:
     """After a turn whose thinking was read apart: the dialogue's reply message is the answer, as
     the client has it and sends it back (the history then matches; the template renders it as it
-    renders a past reply)."""
-    if req.thinking != "off" and dialogue.messages and dialogue.messages[-1]["role"] == "assistant":
-        msg = dialogue.messages[-1]
-        msg["content"] = reasoning.split(msg["content"], req.thinking == "open")[1]
+    renders a past reply), and the turn's reasoning_tokens are counted."""
+    if req.thinking == "off" or not dialogue.messages or dialogue.messages[-1]["role"] != "assistant":
+        return
+    opened = req.thinking == "open"
+    msg = dialogue.messages[-1]
+    msg["content"] = reasoning.split(msg["content"], opened)[1]
+    if dialogue.last_stats is not None:
+        n = reasoning.thinking_tokens([dialogue.llm._piece(t) for t in dialogue.reply_tokens], opened)
+        dialogue.last_stats = replace(dialogue.last_stats, reasoning_tokens=n)
 
 
 def _turns(msgs: list, tools: tool_calls.ToolMode | None, parallel: bool) -> tuple[str | None, list[dict]]:
@@ -595,7 +600,8 @@ def completion_id(text: bool = False) -> str:
 def usage(stats) -> dict:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.decode_tokens,
             "total_tokens": stats.prompt_tokens + stats.decode_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens},
+            "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens}}
 
 
 def extras(dialogue_id: str, stats) -> dict:
@@ -735,7 +741,9 @@ def sum_usage(usages: list[dict], one_prompt: bool) -> dict:
     n_prompt = sum(u["prompt_tokens"] for u in prompts)
     return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done,
             "prompt_tokens_details": {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
-                                                           for u in prompts)}}
+                                                           for u in prompts)},
+            "completion_tokens_details": {"reasoning_tokens": sum(u["completion_tokens_details"]["reasoning_tokens"]
+                                                                  for u in usages)}}
 
 
 def run_order(reqs: list[ChatRequest]) -> list[int]:

@@ -14,6 +14,8 @@ reply that thinks (a reply that does not is all content); `none` leaves the tags
 """
 from __future__ import annotations
 
+import codecs
+
 OPEN, CLOSE = "<think>", "</think>"
 FORMATS = ("auto", "deepseek", "none")
 
@@ -99,3 +101,15 @@ def split(text: str, opened: bool = False) -> tuple[str | None, str]:
     parts = s.feed(text) + s.finish()
     reasoning = "".join(t for k, t in parts if k == "reasoning")
     return (reasoning if s.thought else None), "".join(t for k, t in parts if k == "content")
+
+
+def thinking_tokens(pieces: list[bytes], opened: bool = False) -> int:
+    """How many of a reply's tokens (their pieces, in order) are its thinking: those up to the one
+    that completes `</think>`, all where the thinking never closes, none where the reply does not
+    think."""
+    s, text = Splitter(opened), codecs.getincrementaldecoder("utf-8")("replace")
+    for i, piece in enumerate(pieces):
+        s.feed(text.decode(piece))
+        if s.state == "answer":
+            return i + 1 if s.thought else 0
+    return len(pieces) if s.thought else 0

@@ -190,7 +190,7 @@ class ResponseShapes:
                 obj["status"], obj["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
             obj["usage"] = {"input_tokens": stats.prompt_tokens,
                             "input_tokens_details": {"cached_tokens": stats.reused_tokens},
-                            "output_tokens": stats.decode_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                            "output_tokens": stats.decode_tokens, "output_tokens_details": {"reasoning_tokens": stats.reasoning_tokens},
                             "total_tokens": stats.prompt_tokens + stats.decode_tokens}
             obj["loopserve"] = openai_api.extras(did, stats)
         return obj

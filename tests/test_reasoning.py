@@ -10,7 +10,7 @@ from loopserve_edge import LoopServeConfig, messages_api, openai_api, responses_
 from loopserve_edge.chat_template import CHATML, ChatTemplate
 from loopserve_edge.dialogue import TurnStats
 from loopserve_edge.random_gguf import write_random_llama
-from loopserve_edge.reasoning import Splitter, opens_thinking, split
+from loopserve_edge.reasoning import Splitter, opens_thinking, split, thinking_tokens
 
 REPLIES = [
     ("<think>\nThe user asks.\n</think>\n\nThe answer.", ("The user asks.", "The answer.")),
@@ -52,6 +52,14 @@ def test_the_splitter_gives_the_same_parts_however_the_reply_comes(text, want):
         parts = [p for piece in _pieces(text, rng) for p in s.feed(piece)] + s.finish()
         got = "".join(t for k, t in parts if k == "reasoning"), "".join(t for k, t in parts if k == "content")
         assert (got[0] if s.thought else None, got[1]) == want
+
+
+def test_the_tokens_of_the_thinking_are_counted_to_the_one_that_closes_it():
+    assert thinking_tokens([b"<think>", b"\nab", b"c\n</th", b"ink>", b"\n\nans", b"wer"]) == 4
+    assert thinking_tokens([b"mulling", b"</think>", b"ok"], opened=True) == 2
+    assert thinking_tokens([b"<think>", b"never closed"]) == 2
+    assert thinking_tokens([b"Hello", b" <think>"]) == 0 and thinking_tokens([]) == 0
+    assert thinking_tokens([b"<think>\xc3", b"\xa9</think>", b"a"]) == 2   # a character across tokens
 
 
 def test_a_prompt_that_opens_the_thinking():
@@ -139,6 +147,7 @@ def test_a_thinking_reply_goes_back_as_its_answer_and_the_dialogue_goes_on(openi
         msg = r["choices"][0]["message"]
         # the random model never closes its thinking: all of it is reasoning, the answer empty
         assert msg["content"] == "" and len(msg["reasoning_content"]) > 0
+        assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == r["usage"]["completion_tokens"] > 0
         turns.append(r["usage"])
         messages += [{"role": "assistant", "content": msg["content"]}, {"role": "user", "content": f"next {k}"}]
     store = llm._completions.store
@@ -188,6 +197,7 @@ def test_the_server_streams_the_thinking_in_each_api(opening_model, tmp_path):
                                                    "input": "hi"}).json()
             assert [it["type"] for it in o["output"]] == ["reasoning", "message"]
             assert o["output"][0]["content"][0]["text"] == thought
+            assert o["usage"]["output_tokens_details"]["reasoning_tokens"] == o["usage"]["output_tokens"] > 0
     finally:
         engine.stop()
         llm.close()
@@ -225,6 +235,7 @@ def test_chat_template_kwargs_reach_the_template_and_the_apis_that_switch_thinki
     assert "assistant\n<think>\n\n</think>\n\n" in d.kv_text
     msg = r["choices"][0]["message"]
     assert "reasoning_content" not in msg and msg["content"]   # it did not think: the reply is the answer
+    assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
     # the next call without them: its template's prompt differs where the kwargs acted, and the
     # dialogue goes on from there
     messages += [{"role": "assistant", "content": msg["content"]}, {"role": "user", "content": "and now?"}]
