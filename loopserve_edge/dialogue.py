@@ -381,11 +381,12 @@ class Dialogue:
                 self.evictor.after_token(self, len(out))
                 pending += llm._piece(tok, special=False)
                 text, pending = _split_utf8(pending)
+                reply_text += text
                 if not stops:
                     if text:
                         yield text
+                        shown = len(reply_text)
                     continue
-                reply_text += text
                 hits = [(i, s) for s in stops if (i := reply_text.find(s, max(0, shown - hold))) >= 0]
                 if hits:
                     cut, matched = min(hits, key=lambda h: h[0])
@@ -404,9 +405,9 @@ class Dialogue:
             if constraint is not None:
                 constraint.close()
             self.evictor.end_turn(self)
-            reply = llm.detokenize(out, special=False)
-            if cut is not None:
-                reply = reply_text[:cut]
+            # the text as it was given out (bytes that are not UTF-8 replaced as they came), which
+            # clients send back: a decoding of all the tokens at once could replace them otherwise
+            reply = reply_text[:cut] if cut is not None else reply_text + pending.decode(errors="replace")
             self.kv_text += llm.detokenize(out, special=True)
             self.reply_tokens = out
             if len(self.kv_text.encode()) != off:

@@ -216,3 +216,18 @@ def test_a_tokens_text_is_the_runtimes_asked_again_or_not(tiny_model, make_llm):
     for special in (True, False, True):
         assert [llm._piece(t, special) for t in range(llm.n_vocab)] == \
             [runtime(t, special) for t in range(llm.n_vocab)]
+
+
+def test_a_replys_message_is_the_text_given_out_even_where_it_is_not_utf8(tiny_model, make_llm):
+    """Clients send a reply back as they got it: the message the dialogue keeps (whose text the
+    next request's history must match, or the dialogue branches) is that text, bytes that are not
+    UTF-8 replaced as they came, not as a decoding of all the tokens at once would replace them."""
+    llm = make_llm(tiny_model)
+    differs = 0
+    for seed in range(12):
+        d = llm.dialogue()
+        pieces = list(d.send("hello", stream=True, temperature=1.0, seed=seed, max_tokens=80))
+        assert d.messages[-1]["content"] == "".join(pieces)
+        differs += "".join(pieces) != llm.detokenize(d.reply_tokens, special=False)
+        d.close()
+    assert differs > 0   # the random model wrote such replies: the case this covers
