@@ -114,7 +114,7 @@ class ChatTemplate:
     def opens_thinking(self, kwargs: dict | None = None) -> bool:
         """Whether the generation prompt opens a thinking block (DeepSeek-R1's template): a
         reasoning model's reply then starts inside it (reasoning.py)."""
-        key = json.dumps(kwargs or {}, sort_keys=True)
+        key = json.dumps(kwargs or {}, sort_keys=True, default=repr)   # (the Python API's values: any object)
         if key not in self._opens:
             try:
                 self._opens[key] = reasoning.opens_thinking(self.render([{"role": "user", "content": "?"}], kwargs))

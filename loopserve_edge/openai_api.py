@@ -218,8 +218,8 @@ def _template_kwargs(v) -> dict:
     SmolLM3's enable_thinking), none of the formatter's own."""
     if v is None:
         return {}
-    if not isinstance(v, dict):
-        raise _bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise _bad("'chat_template_kwargs' must be an object (names to values)", "chat_template_kwargs")
     taken = sorted(set(v) & RESERVED)
     if taken:
         raise _bad(f"'chat_template_kwargs' may not set {', '.join(taken)}: the server gives the template those",

@@ -84,8 +84,8 @@ class Splitter:
         out: list[tuple[str, str]] = []
         if self.state == "think":
             self._give(out, "reasoning", self.buf.strip() if self.fresh else self.buf.rstrip())
-        else:
-            self._give(out, "content", self.buf.lstrip() if self.fresh and self.state == "answer" else self.buf)
+        else:   # (an answer is given whole as it comes: only a start that could still be a tag waits)
+            self._give(out, "content", self.buf)
         self.buf = ""
         return out
 

@@ -214,8 +214,9 @@ def test_chat_template_kwargs_reach_the_template_and_the_apis_that_switch_thinki
         "assistant\n<think>\n\n</think>\n\n")
     opens = ChatTemplate(OPENS, "", "")
     assert opens.opens_thinking() and not opens.opens_thinking({"think": False})
+    assert opens.opens_thinking({"think": object()})   # any value the Python API passes
     assert _req({"chat_template_kwargs": {"enable_thinking": False}}).chat_template_kwargs == {"enable_thinking": False}
-    for bad in ({"messages": []}, {"add_generation_prompt": False}, ["enable_thinking"]):
+    for bad in ({"messages": []}, {"add_generation_prompt": False}, ["enable_thinking"], {1: True}):
         with pytest.raises(openai_api.RequestError) as e:
             _req({"chat_template_kwargs": bad})
         assert e.value.param == "chat_template_kwargs"
